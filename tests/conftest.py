@@ -1,0 +1,56 @@
+"""Shared fixtures: example raw datasets and an isolated folder environment per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from threedino_pipe.dataset.examples import build_mni_dataset, build_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+THREEDINO = [sys.executable, "-m", "threedino_pipe.cli"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fail fast: unit tests first, end-to-end (``e2e``) tests last."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch) -> dict[str, Path]:
+    """Fresh raw/preprocessed/results folders, exported as THREEDINO_* for this test."""
+    out = {name: tmp_path / name for name in ("raw", "preprocessed", "results")}
+    for name, path in out.items():
+        path.mkdir()
+        monkeypatch.setenv(f"THREEDINO_{name.upper()}", str(path))
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mni_raw(tmp_path_factory) -> Path:
+    """A read-only real-scan raw dataset (8 MNI152 resamplings, grey/white matter labels)."""
+    root = tmp_path_factory.mktemp("mni_raw")
+    build_mni_dataset(root, 990, 8, seed=0, num_test=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> Path:
+    """A read-only generated dataset: 0.8 x 0.8 x 3 mm (jittered), oblique direction."""
+    root = tmp_path_factory.mktemp("synthetic_raw")
+    build_synthetic_dataset(root, 991, 6, spacing_jitter=0.1, seed=1)
+    return root
+
+
+def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``3dino`` command in a subprocess; returns the completed process (text)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([*THREEDINO, *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)

@@ -1,0 +1,224 @@
+"""The ``3dino`` command line: one thin command per stage.
+
+Each command parses its options and calls one ``run(...)`` function of its stage module; no
+logic lives here. User errors (:class:`~threedino_pipe.errors.UserError`) are printed without a
+traceback and give a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from threedino_pipe import __version__, progress
+from threedino_pipe.errors import UserError
+
+app = typer.Typer(
+    name="3dino",
+    help="3DINO pipeline: plan, preprocess, pretrain, adapt-highres, finetune, predict and evaluate "
+    "3D self-supervised ViTs on CT/MRI/PET volumes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug messages.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (they are also hidden "
+                                          "when stderr is not a terminal).")]
+Dataset = Annotated[str, typer.Option("--dataset", "-d", help="Dataset id (501) or folder name (Dataset501_Name).")]
+NumProcesses = Annotated[int, typer.Option("--num-processes", "-np", min=1,
+                                           help="Worker processes for reading and preprocessing cases.")]
+
+
+def _common(verbose: bool, no_progress: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    progress.set_enabled(not no_progress)
+
+
+def _not_built(stage: str, issue: int) -> None:
+    raise UserError(f"`3dino {stage}` is not yet built in threedino-pipe {__version__} (tracked in issue {issue})",
+                    fix="update threedino-pipe")
+
+
+@app.command()
+def verify(
+    dataset: Dataset,
+    allow_nan: Annotated[bool, typer.Option("--allow-nan", help="Report NaN/Inf voxels as a warning instead of "
+                                            "an error; preprocess then replaces them by the volume mean.")] = False,
+    num_processes: NumProcesses = 2,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Check a raw dataset and report every problem at once (exit 1 if any error)."""
+    _common(verbose, no_progress)
+    from threedino_pipe.dataset import verify as stage
+    raise typer.Exit(stage.run(dataset, allow_nan=allow_nan, num_processes=num_processes))
+
+
+@app.command()
+def plan(
+    dataset: Dataset,
+    preset: Annotated[str | None, typer.Option("--preset", help="Model preset tiny|small|base|large "
+                                               "(default: chosen for the memory target).")] = None,
+    norm: Annotated[str | None, typer.Option("--norm", help="Finetune normalisation: dataset (dataset-level "
+                                             "percentiles, the CT default) or volume (per-volume percentiles, "
+                                             "the default for other modalities).")] = None,
+    target_spacing: Annotated[str | None, typer.Option("--target-spacing", help="Finetune spacing in mm, "
+                                                       "i,j,k order, e.g. 0.8,0.8,3 (default: median rule).")] = None,
+    patch_size: Annotated[str | None, typer.Option("--patch-size", help="Finetune patch in voxels, e.g. "
+                                                   "112,112,64 (default: 112^3 clipped to the data).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Finetune batch size "
+                                                   "(default: from the memory target).")] = None,
+    memory_gb: Annotated[float, typer.Option("--memory-gb", min=1.0, help="GPU memory target the plans are "
+                                             "made for, in GB (not the memory of this machine).")] = 8.0,
+    allow_nan: Annotated[bool, typer.Option("--allow-nan", help="Accept NaN/Inf voxels (replaced by the "
+                                            "volume mean in preprocess).")] = False,
+    num_processes: NumProcesses = 2,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Verify a raw dataset, write dataset_fingerprint.json and plans.json."""
+    _common(verbose, no_progress)
+    from threedino_pipe.planning import plan as stage
+    stage.run(dataset, preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
+              batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes)
+
+
+@app.command()
+def preprocess(
+    dataset: Dataset,
+    configurations: Annotated[list[str] | None, typer.Option("--configuration", "-c", help="Configuration(s) "
+                              "to preprocess: pretrain, pretrain_highres, finetune (default: all in plans.json "
+                              "that apply to the dataset's task).")] = None,
+    num_processes: NumProcesses = 2,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Crop, resample and normalise every case as plans.json says; write splits.json."""
+    _common(verbose, no_progress)
+    from threedino_pipe.preprocessing import preprocess as stage
+    stage.run(dataset, configurations=configurations or None, num_processes=num_processes)
+
+
+@app.command()
+def pretrain(
+    datasets: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset ids to pool.")],
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
+    _common(verbose, no_progress)
+    _not_built("pretrain", 3)
+
+
+@app.command("adapt-highres")
+def adapt_highres(
+    from_run: Annotated[Path, typer.Option("--from", help="Pretrain run folder to continue from.")],
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """High-resolution adaptation of a pretrain run (112/64 crops, 7^3 position grid)."""
+    _common(verbose, no_progress)
+    _not_built("adapt-highres", 3)
+
+
+@app.command()
+def finetune(
+    dataset: Dataset,
+    pct: Annotated[float, typer.Option("--pct", help="Percent of the fold's training cases to use.")] = 100.0,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Finetune a segmentation head or a classification probe on a label subset."""
+    _common(verbose, no_progress)
+    _not_built("finetune", 4)
+
+
+@app.command()
+def predict(
+    input_dir: Annotated[Path, typer.Option("--input", "-i", help="Folder (or list file) of cases.")],
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder(s) or model zip.")],
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Predict every case of a folder into the input's exact geometry."""
+    _common(verbose, no_progress)
+    _not_built("predict", 5)
+
+
+@app.command()
+def evaluate(
+    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Reference labels folder or "
+                                                   "case_id,label CSV.")] = None,
+    prediction: Annotated[Path | None, typer.Option("--prediction", "-p", help="Predictions folder.")] = None,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Dice/HD95 or AUC/F1 per case with bootstrap CIs; paired comparison of two models."""
+    _common(verbose, no_progress)
+    _not_built("evaluate", 5)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Export a finetune run as a model zip, or a pretrain backbone in the released 3DINO layout."""
+    _common(verbose, no_progress)
+    _not_built("export", 3)
+
+
+@app.command()
+def visualize(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run folder or backbone checkpoint.")],
+    scan: Annotated[Path, typer.Option("--input", "-i", help="Scan to visualise.")],
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """PCA and CLS-attention maps of a backbone on a scan (PNG + NIfTI)."""
+    _common(verbose, no_progress)
+    _not_built("visualize", 6)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data and results.")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smallest run (for CI).")] = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """The whole chain on bundled real scans, CPU-sized (currently: verify, plan, preprocess)."""
+    _common(verbose, no_progress)
+    from threedino_pipe import demo as stage
+    stage.run(out=out, quick=quick)
+
+
+@app.callback(invoke_without_command=True)
+def _version(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    """Console entry point: run the app, print user errors without a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        typer.secho(f"error: {exc.render()}", err=True, fg=typer.colors.RED)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The raw-data convention (nnU-Net v2 compatible, with extensions).
+
+A raw dataset is a folder ``DatasetNNN_Name`` holding:
+
+- ``dataset.json``: ``channel_names`` ({"0": "CT"}), ``labels`` ({"background": 0, "liver": 1} or
+  regions {"whole_tumor": [1, 2, 3]} with ``regions_class_order``), ``numTraining``,
+  ``file_ending``; our extensions: ``task`` ("segmentation", the default when labels are given;
+  "classification" with ``class_names``; "unlabeled" for pretraining-only collections).
+- ``imagesTr/{case}_{XXXX}{ending}``: one file per channel XXXX (0000, 0001, ...), or a folder
+  ``{case}_{XXXX}/`` holding one DICOM series.
+- ``labelsTr/{case}{ending}`` (segmentation) or ``labelsTr.csv`` with ``case_id,label``
+  (classification); optional ``imagesTs/``.
+
+Discovery is tolerant: it returns what it found plus a list of :class:`Problem` so that
+``3dino verify`` can report every problem at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from threedino_pipe.dataset.problems import Problem
+from threedino_pipe.errors import UserError
+from threedino_pipe.jsonio import read_json
+
+TASKS = ("segmentation", "classification", "unlabeled")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass
+class DatasetSpec:
+    """The parsed ``dataset.json``.
+
+    Attributes:
+        channel_names: channel index -> name (modality), ordered by index.
+        labels: label name -> int value, or list of values for a region.
+        task: "segmentation", "classification" or "unlabeled".
+        file_ending: e.g. ".nii.gz".
+        num_training: the declared ``numTraining``.
+        class_names: classification class names, index = class id.
+        regions_class_order: for region-based labels, the label value written for each region.
+        raw: the whole JSON, for fields this code does not interpret.
+    """
+
+    channel_names: dict[int, str]
+    labels: dict[str, int | list[int]]
+    task: str
+    file_ending: str
+    num_training: int | None
+    class_names: list[str] = field(default_factory=list)
+    regions_class_order: list[int] | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def has_regions(self) -> bool:
+        return any(isinstance(v, list) for v in self.labels.values())
+
+    @property
+    def label_values(self) -> set[int]:
+        """Every integer value a label image may contain (0 included)."""
+        values = {0}
+        for v in self.labels.values():
+            values.update(v if isinstance(v, list) else [v])
+        return values
+
+    @property
+    def foreground_classes(self) -> list[int]:
+        """Label values other than background, sorted."""
+        return sorted(self.label_values - {0})
+
+
+@dataclass
+class CaseFiles:
+    """Where one training case's files are.
+
+    Attributes:
+        case_id: the case name.
+        images: one path per channel index (None where the channel is missing).
+        label: label image (segmentation), else None.
+        class_label: class index (classification), else None.
+    """
+
+    case_id: str
+    images: list[Path | None]
+    label: Path | None = None
+    class_label: int | None = None
+
+
+def _spec_error(folder: Path, problem: str, fix: str) -> UserError:
+    return UserError(problem, file=folder / "dataset.json", fix=fix)
+
+
+def load_spec(folder: Path) -> DatasetSpec:
+    """Parse and check ``dataset.json`` of a raw dataset folder.
+
+    Raises:
+        UserError: when the file is missing or a required field is absent or malformed.
+    """
+    path = folder / "dataset.json"
+    if not path.is_file():
+        raise UserError("dataset.json is missing", file=path,
+                        fix="create it (see dataset_templates/ and docs/raw_convention.md)")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise _spec_error(folder, "dataset.json must hold a JSON object", "see dataset_templates/")
+    channels = raw.get("channel_names", raw.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise _spec_error(folder, "'channel_names' is missing or empty",
+                          'add e.g. "channel_names": {"0": "CT"}')
+    try:
+        channel_names = {int(k): str(v) for k, v in channels.items()}
+    except ValueError:
+        raise _spec_error(folder, "'channel_names' keys must be channel indices \"0\", \"1\", ...",
+                          'write e.g. "channel_names": {"0": "T1", "1": "T2"}') from None
+    if sorted(channel_names) != list(range(len(channel_names))):
+        raise _spec_error(folder, f"channel indices {sorted(channel_names)} are not 0..{len(channel_names) - 1}",
+                          "number the channels 0, 1, 2, ... without gaps")
+    file_ending = raw.get("file_ending")
+    if not isinstance(file_ending, str) or not file_ending.startswith("."):
+        raise _spec_error(folder, "'file_ending' is missing or does not start with '.'",
+                          'add e.g. "file_ending": ".nii.gz"')
+    labels_raw = raw.get("labels", {})
+    task = raw.get("task") or ("segmentation" if labels_raw else "unlabeled")
+    if task not in TASKS:
+        raise _spec_error(folder, f"unknown task '{task}'", f"use one of {', '.join(TASKS)}")
+    labels: dict[str, int | list[int]] = {}
+    if task == "segmentation":
+        if not isinstance(labels_raw, dict) or not labels_raw:
+            raise _spec_error(folder, "'labels' is missing", 'add e.g. "labels": {"background": 0, "organ": 1}')
+        for name, value in labels_raw.items():
+            if isinstance(value, bool) or not (isinstance(value, int) or (
+                    isinstance(value, list | tuple) and value and all(isinstance(x, int) for x in value))):
+                raise _spec_error(folder, f"label '{name}' has value {value!r}; expected an integer or a list "
+                                  "of integers (a region)", "fix the 'labels' entry")
+            labels[name] = list(value) if isinstance(value, list | tuple) else int(value)
+        if 0 not in [v for v in labels.values() if isinstance(v, int)]:
+            raise _spec_error(folder, "'labels' has no background (value 0)", 'add "background": 0')
+    class_names: list[str] = []
+    if task == "classification":
+        class_names = raw.get("class_names")
+        if not isinstance(class_names, list) or len(class_names) < 2:
+            raise _spec_error(folder, "a classification dataset needs 'class_names' with at least 2 classes",
+                              'add e.g. "class_names": ["benign", "malignant"]')
+        class_names = [str(c) for c in class_names]
+    num_training = raw.get("numTraining")
+    if num_training is not None and not isinstance(num_training, int):
+        raise _spec_error(folder, f"'numTraining' is {num_training!r}, expected an integer",
+                          "set it to the number of training cases")
+    order = raw.get("regions_class_order")
+    if any(isinstance(v, list) for v in labels.values()) and order is None:
+        raise _spec_error(folder, "region labels need 'regions_class_order'",
+                          "add the label value written for each region, in the order of 'labels'")
+    return DatasetSpec(channel_names=dict(sorted(channel_names.items())), labels=labels, task=task,
+                       file_ending=file_ending, num_training=num_training, class_names=class_names,
+                       regions_class_order=order, raw=raw)
+
+
+def split_channel_name(name: str, file_ending: str) -> tuple[str, int] | None:
+    """``case_0001.nii.gz`` -> (``case``, 1); a DICOM folder ``case_0001`` too; else None."""
+    stem = name[: -len(file_ending)] if file_ending and name.endswith(file_ending) else name
+    match = _CHANNEL_RE.match(stem)
+    return (match.group("case"), int(match.group("channel"))) if match else None
+
+
+def _is_image_entry(path: Path, file_ending: str) -> bool:
+    return (path.is_file() and path.name.endswith(file_ending)) or (path.is_dir() and not path.name.startswith("."))
+
+
+def scan_images(images_dir: Path, file_ending: str, num_channels: int,
+                rel_to: Path) -> tuple[dict[str, list[Path | None]], list[Problem]]:
+    """Group ``{case}_{XXXX}`` entries of a folder by case; report stray and missing files."""
+    problems: list[Problem] = []
+    found: dict[str, dict[int, Path]] = {}
+    for entry in sorted(images_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        rel = str(entry.relative_to(rel_to))
+        if not _is_image_entry(entry, file_ending):
+            problems.append(Problem("error", rel, f"file does not end with the dataset's file_ending '{file_ending}'",
+                                    "remove it or fix its ending (all images of a dataset share one format)"))
+            continue
+        parsed = split_channel_name(entry.name, file_ending)
+        if parsed is None:
+            problems.append(Problem("error", rel, "name is not {case}_{XXXX}" + file_ending,
+                                    "rename it with a 4-digit channel suffix, e.g. case001_0000" + file_ending))
+            continue
+        case, channel = parsed
+        if channel >= num_channels:
+            problems.append(Problem("error", rel, f"extra channel file: channel {channel:04d} is not in "
+                                    f"channel_names (channels 0..{num_channels - 1})",
+                                    "remove the file or declare the channel in dataset.json", case))
+            continue
+        found.setdefault(case, {})[channel] = entry
+    cases: dict[str, list[Path | None]] = {}
+    for case, channels in sorted(found.items()):
+        files = [channels.get(c) for c in range(num_channels)]
+        for c, f in enumerate(files):
+            if f is None:
+                problems.append(Problem("error", str((images_dir / f"{case}_{c:04d}{file_ending}").relative_to(rel_to)),
+                                        f"missing channel file {c:04d}", "add the file or remove the case", case))
+        cases[case] = files
+    return cases, problems
+
+
+def read_class_labels(csv_path: Path, class_names: list[str], rel_to: Path) -> tuple[dict[str, int], list[Problem]]:
+    """Read ``labelsTr.csv`` (``case_id,label``; label = class index or class name)."""
+    problems: list[Problem] = []
+    labels: dict[str, int] = {}
+    rel = str(csv_path.relative_to(rel_to))
+    if not csv_path.is_file():
+        return labels, [Problem("error", rel, "labelsTr.csv is missing",
+                                "a classification dataset needs labelsTr.csv with columns case_id,label")]
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"case_id", "label"} <= set(reader.fieldnames):
+            return labels, [Problem("error", rel, f"header is {reader.fieldnames}, expected case_id,label",
+                                    "make the first line 'case_id,label'")]
+        for line_no, row in enumerate(reader, start=2):
+            case, value = (row["case_id"] or "").strip(), (row["label"] or "").strip()
+            if value in class_names:
+                labels[case] = class_names.index(value)
+            elif value.isdigit() and int(value) < len(class_names):
+                labels[case] = int(value)
+            else:
+                problems.append(Problem("error", f"{rel}:{line_no}", f"label '{value}' of case '{case}' is not a "
+                                        f"declared class ({', '.join(class_names)})",
+                                        "use a class index or a name from class_names", case))
+    return labels, problems
+
+
+def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
+    """Every training case of a raw dataset with its files, and the layout problems found."""
+    images_dir = folder / "imagesTr"
+    if not images_dir.is_dir():
+        return [], [Problem("error", "imagesTr", "folder imagesTr/ is missing", "put the training images there")]
+    images, problems = scan_images(images_dir, spec.file_ending, spec.num_channels, folder)
+    cases = [CaseFiles(case_id=c, images=files) for c, files in images.items()]
+    if spec.task == "segmentation":
+        labels_dir = folder / "labelsTr"
+        if not labels_dir.is_dir():
+            problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing",
+                                    "add the label images, or set \"task\": \"unlabeled\" in dataset.json"))
+        else:
+            names = {c.case_id for c in cases}
+            for case in cases:
+                label = labels_dir / f"{case.case_id}{spec.file_ending}"
+                if label.exists():
+                    case.label = label
+                else:
+                    problems.append(Problem("error", str(label.relative_to(folder)), "label file is missing",
+                                            "add the label image or remove the case", case.case_id))
+            for entry in sorted(labels_dir.iterdir()):
+                stem = entry.name[: -len(spec.file_ending)] if entry.name.endswith(spec.file_ending) else None
+                if not entry.name.startswith(".") and stem not in names:
+                    problems.append(Problem("error", str(entry.relative_to(folder)),
+                                            "label file without images in imagesTr/",
+                                            "add the case's images or remove the label"))
+    elif spec.task == "classification":
+        labels, label_problems = read_class_labels(folder / "labelsTr.csv", spec.class_names, folder)
+        problems += label_problems
+        for case in cases:
+            case.class_label = labels.get(case.case_id)
+            if case.class_label is None and not any(p.case == case.case_id for p in label_problems):
+                problems.append(Problem("error", "labelsTr.csv", f"case '{case.case_id}' has no label",
+                                        "add a line case_id,label for it", case.case_id))
+        for extra in sorted(set(labels) - {c.case_id for c in cases}):
+            problems.append(Problem("error", "labelsTr.csv", f"case '{extra}' has a label but no images",
+                                    "add its images or remove the line", extra))
+    if spec.num_training is not None and spec.num_training != len(cases):
+        problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but imagesTr/ "
+                                f"holds {len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
+    return cases, problems

@@ -1,0 +1,75 @@
+"""Atomic file writing and versioned JSON artifacts.
+
+Every artifact is written to a temporary name in the target folder and renamed, so a killed
+process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from threedino_pipe.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The temporary name keeps ``path``'s full suffix (e.g. ``.nii.gz``) so writers that pick a
+    format from the extension work unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".partial{suffix}",
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented, key-ordered-as-given JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("file not found", file=path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"not valid JSON ({exc})", file=path, fix="repair or regenerate the file") from None
+
+
+def read_artifact(path: str | Path, kind: str, schema_version: int, rerun: str) -> dict:
+    """Read a JSON artifact and check its ``kind`` and ``schema_version``.
+
+    Args:
+        path: the JSON file.
+        kind: the expected value of the ``kind`` field (e.g. ``"plans"``).
+        schema_version: the version this code understands.
+        rerun: the command that regenerates the artifact, named in the error message.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise UserError(f"not a {kind} file", file=path, fix=f"rerun `{rerun}`")
+    if data.get("schema_version") != schema_version:
+        raise UserError(
+            f"{kind} schema_version {data.get('schema_version')} is not the supported version {schema_version}",
+            file=path, fix=f"rerun `{rerun}` with this version of threedino-pipe")
+    return data

@@ -1,0 +1,40 @@
+"""Rich progress bars that switch themselves off when not on a terminal or when asked."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn progress bars on or off for this process (``--no-progress``)."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    """True when bars are wanted and stderr is a terminal."""
+    return _enabled and sys.stderr.isatty()
+
+
+def make_progress() -> Progress:
+    """A progress display with count, elapsed time and ETA, drawn on stderr."""
+    from rich.console import Console
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not enabled(), transient=False)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate ``items`` with a progress bar (a no-op wrapper when bars are off)."""
+    if not enabled():
+        yield from items
+        return
+    with make_progress() as progress:
+        yield from progress.track(items, total=total, description=description)

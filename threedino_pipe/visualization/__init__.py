@@ -1,0 +1,1 @@
+"""visualization stage package."""
