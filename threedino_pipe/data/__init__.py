@@ -1,1 +1,1 @@
-"""data stage package."""
+"""Data loading: splits and label-efficiency subsets, crops, augmentations, loaders."""

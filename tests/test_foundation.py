@@ -1,0 +1,110 @@
+"""Folders, dataset ids, atomic writes, image io geometry and the CLI shell."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.conftest import run_3dino
+from threedino_pipe import paths
+from threedino_pipe.dataset.examples import oblique_direction
+from threedino_pipe.dataset.image_io import Geometry, count_nonfinite, read_image, read_image_with_nonfinite, write_image
+from threedino_pipe.errors import UserError
+from threedino_pipe.jsonio import atomic_path, read_artifact, write_json
+
+STAGES = ["verify", "plan", "preprocess", "pretrain", "adapt-highres", "finetune", "predict", "evaluate",
+          "export", "visualize", "demo"]
+
+
+def test_folder_env_vars_and_nnunet_fallback(tmp_path, monkeypatch):
+    for name in ("THREEDINO_RAW", "THREEDINO_PREPROCESSED", "THREEDINO_RESULTS", "nnUNet_raw"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert paths.raw_root() == tmp_path / "3dino_data" / "raw"
+    assert any("THREEDINO_RAW is not set" in line for line in paths.describe_defaults())
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "nn"))
+    assert paths.raw_root() == tmp_path / "nn"
+    monkeypatch.setenv("THREEDINO_RAW", str(tmp_path / "mine"))
+    assert paths.raw_root() == tmp_path / "mine"
+    monkeypatch.setenv("THREEDINO_RESULTS", str(tmp_path / "res"))
+    assert paths.results_root() == tmp_path / "res"
+
+
+def test_dataset_ids_resolve_and_errors_list_what_exists(tmp_path):
+    for name in ("Dataset501_Liver", "Dataset502_Lung", "Dataset0502_Other", "notes"):
+        (tmp_path / name).mkdir()
+    assert paths.resolve_dataset(501, tmp_path).name == "Dataset501_Liver"
+    assert paths.resolve_dataset("Dataset502_Lung", tmp_path).name == "Dataset502_Lung"
+    with pytest.raises(UserError) as missing:
+        paths.resolve_dataset(503, tmp_path)
+    assert "Dataset501_Liver" in missing.value.render() and "Dataset502_Lung" in missing.value.render()
+    with pytest.raises(UserError) as ambiguous:
+        paths.resolve_dataset("502", tmp_path)
+    assert "ambiguous" in ambiguous.value.render()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_artifact_refuses_other_kind_or_version(tmp_path):
+    write_json(tmp_path / "plans.json", {"kind": "plans", "schema_version": 99})
+    with pytest.raises(UserError) as err:
+        read_artifact(tmp_path / "plans.json", "plans", 1, rerun="3dino plan -d 1")
+    assert "3dino plan -d 1" in err.value.render()
+    with pytest.raises(UserError):
+        read_artifact(tmp_path / "plans.json", "splits", 99, rerun="x")
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nrrd", ".mha"])
+def test_image_round_trip_keeps_axis_order_and_oblique_geometry(tmp_path, ending):
+    array = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)  # X x Y x Z
+    geometry = Geometry(size=(5, 6, 7), spacing=(0.8, 0.9, 3.0), origin=(10.0, -20.0, 30.5),
+                        direction=oblique_direction(20.0))
+    write_image(array, geometry, tmp_path / f"img{ending}")
+    back, geo = read_image(tmp_path / f"img{ending}")
+    np.testing.assert_array_equal(back, array)
+    assert geo.size == (5, 6, 7)
+    np.testing.assert_allclose(geo.spacing, geometry.spacing, atol=1e-6)
+    np.testing.assert_allclose(geo.origin, geometry.origin, atol=1e-5)
+    np.testing.assert_allclose(geo.direction, geometry.direction, atol=1e-6)
+    # voxel (i, j, k) of our array is SimpleITK's index (i, j, k)
+    image = sitk.ReadImage(str(tmp_path / f"img{ending}"))
+    assert image.GetPixel(4, 1, 2) == array[4, 1, 2]
+
+
+def test_nan_in_nifti_is_seen_although_simpleitk_reads_zero(tmp_path):
+    import nibabel as nib
+    data = np.ones((6, 6, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    data[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    assert count_nonfinite(tmp_path / "nan.nii.gz") == (1, 1)
+    plain, _ = read_image(tmp_path / "nan.nii.gz")
+    assert np.isfinite(plain).all()  # the SimpleITK trap
+    seen, _ = read_image_with_nonfinite(tmp_path / "nan.nii.gz")
+    assert np.isnan(seen[1, 2, 3]) and np.isinf(seen[0, 0, 0])
+
+
+def test_unreadable_image_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UserError) as err:
+        read_image(bad)
+    assert "bad.nii.gz" in err.value.render()
+
+
+def test_cli_lists_every_stage_and_errors_without_traceback(folders):
+    result = run_3dino("--help")
+    assert result.returncode == 0
+    for stage in STAGES:
+        assert stage in result.stdout
+    missing = run_3dino("plan", "-d", "777")
+    assert missing.returncode != 0
+    assert "Traceback" not in missing.stderr and "no dataset '777'" in missing.stderr

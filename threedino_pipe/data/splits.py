@@ -1,0 +1,161 @@
+"""Cross-validation folds, a held-out test list and nested label-efficiency subsets.
+
+``splits.json`` (docs/schemas.md) holds, per fold, for each subset seed 0-4, the fold's training
+cases in a seeded draw order. ``--pct P`` with subset seed S takes the first round(P % of n)
+cases of that order (half rounds up), so subsets are nested (1 % ⊂ 10 % ⊂ ... ⊂ 100 %) and the
+same ``--pct --fold --seed`` gives the same cases for every backbone and head compared. For
+classification the draw order is stratified: every prefix holds the classes in proportion.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from threedino_pipe import __version__
+from threedino_pipe.errors import UserError
+from threedino_pipe.jsonio import read_artifact, write_json
+
+SCHEMA_VERSION = 1
+STANDARD_PCTS = (1, 10, 25, 50, 100)
+NUM_SUBSET_SEEDS = 5
+MIN_CASES_FOR_TEST = 20
+TEST_FRACTION = 0.2
+
+
+def subset_size(num_cases: int, pct: float) -> int:
+    """round(pct % of num_cases), halves rounded up (2.5 -> 3)."""
+    return int(math.floor(num_cases * pct / 100.0 + 0.5))
+
+
+def stratified_order(case_ids: list[str], class_labels: dict[str, int] | None,
+                     rng: np.random.Generator) -> list[str]:
+    """A random draw order of ``case_ids``; with class labels every prefix is class-proportional.
+
+    Classes are shuffled separately, then merged by always taking the class furthest behind its
+    share (largest remainder; ties to the smaller class index).
+    """
+    ids = sorted(case_ids)
+    if not class_labels:
+        return [ids[i] for i in rng.permutation(len(ids))]
+    by_class: dict[int, list[str]] = {}
+    for case in ids:
+        by_class.setdefault(class_labels[case], []).append(case)
+    queues = {c: [members[i] for i in rng.permutation(len(members))] for c, members in sorted(by_class.items())}
+    total = len(ids)
+    taken = dict.fromkeys(queues, 0)
+    order = []
+    for step in range(1, total + 1):
+        best = max((c for c in queues if taken[c] < len(queues[c])),
+                   key=lambda c: (step * len(queues[c]) / total - taken[c], -c))
+        order.append(queues[best][taken[best]])
+        taken[best] += 1
+    return order
+
+
+def _assign_folds(ids: list[str], class_labels: dict[str, int] | None, num_folds: int,
+                  rng: np.random.Generator) -> list[list[str]]:
+    """Split ``ids`` into ``num_folds`` validation groups (class-stratified when labelled)."""
+    order = stratified_order(ids, class_labels, rng)
+    return [sorted(order[f::num_folds]) for f in range(num_folds)]
+
+
+def make_splits(case_ids: list[str], class_labels: dict[str, int] | None = None, *, seed: int = 12345,
+                num_folds: int = 5) -> dict:
+    """Folds, held-out test list and nested subsets for ``case_ids`` (see module docstring).
+
+    Datasets of at least 20 cases hold out 20 % as a test list; the rest is split into
+    min(num_folds, n) folds. A single case gives one fold whose train and val are that case.
+    """
+    if not case_ids:
+        raise ValueError("no cases to split")
+    rng = np.random.default_rng(seed)
+    ids = sorted(case_ids)
+    test: list[str] = []
+    if len(ids) >= MIN_CASES_FOR_TEST:
+        order = stratified_order(ids, class_labels, rng)
+        test = sorted(order[: subset_size(len(ids), TEST_FRACTION * 100)])
+    pool = [c for c in ids if c not in set(test)]
+    folds = []
+    if len(pool) == 1:
+        groups = [pool]
+    else:
+        groups = _assign_folds(pool, class_labels, min(num_folds, len(pool)), rng)
+    for f, val in enumerate(groups):
+        train = [c for c in pool if c not in set(val)] or list(val)
+        orders = {}
+        for s in range(NUM_SUBSET_SEEDS):
+            sub_rng = np.random.default_rng([seed, f, s])
+            orders[str(s)] = stratified_order(train, class_labels, sub_rng)
+        subsets = {s: {str(p): sorted(order[: subset_size(len(order), p)]) for p in STANDARD_PCTS
+                       if _min_prefix(order, class_labels) <= subset_size(len(order), p)}
+                   for s, order in orders.items()}
+        folds.append({"train": train, "val": sorted(val), "subset_order": orders, "subsets": subsets})
+    return {"kind": "splits", "schema_version": SCHEMA_VERSION, "version": __version__, "seed": seed,
+            "test": test, "folds": folds}
+
+
+def _min_prefix(order: list[str], class_labels: dict[str, int] | None) -> int:
+    """Smallest prefix length of ``order`` holding one case (or one case of every class)."""
+    if not class_labels:
+        return 1
+    needed = {class_labels[c] for c in order}
+    seen: set[int] = set()
+    for i, case in enumerate(order, start=1):
+        seen.add(class_labels[case])
+        if seen == needed:
+            return i
+    return len(order)
+
+
+def min_pct(num_cases: int, min_cases: int) -> float:
+    """The smallest percentage P (2 decimals, rounded up) with subset_size(num_cases, P) >= min_cases."""
+    pct = math.ceil((min_cases - 0.5) * 100.0 / num_cases * 100) / 100
+    while subset_size(num_cases, pct) < min_cases:
+        pct = round(pct + 0.01, 2)
+    return pct
+
+
+def select_subset(splits: dict, fold: int, seed: int, pct: float, class_labels: dict[str, int] | None = None,
+                  splits_file: str | Path | None = None) -> list[str]:
+    """The training cases of ``fold`` for ``--pct pct --seed seed`` (sorted).
+
+    Raises:
+        UserError: unknown fold or seed, or a pct that gives fewer than one case (one per class
+            for classification); the message names the smallest valid pct.
+    """
+    folds = splits["folds"]
+    if not 0 <= fold < len(folds):
+        raise UserError(f"fold {fold} does not exist (folds 0..{len(folds) - 1})", file=splits_file,
+                        fix=f"pass --fold between 0 and {len(folds) - 1}")
+    orders = folds[fold]["subset_order"]
+    if str(seed) not in orders:
+        raise UserError(f"subset seed {seed} does not exist (seeds {', '.join(orders)})", file=splits_file,
+                        fix="pass --seed between 0 and 4")
+    if not 0 < pct <= 100:
+        raise UserError(f"--pct {pct} is outside (0, 100]", fix="pass a percentage such as 1, 10, 25, 50 or 100")
+    order = orders[str(seed)]
+    needed = _min_prefix(order, class_labels)
+    size = subset_size(len(order), pct)
+    if size < needed:
+        what = "one case of every class" if class_labels else "one case"
+        raise UserError(f"--pct {pct:g} of the {len(order)} training cases of fold {fold} gives {size} cases, "
+                        f"fewer than {what}", file=splits_file,
+                        fix=f"pass --pct {min_pct(len(order), needed):g} or more")
+    return sorted(order[:size])
+
+
+def write_splits(preprocessed_folder: Path, case_ids: list[str], class_labels: dict[str, int] | None = None,
+                 seed: int = 12345) -> Path:
+    """Write ``splits.json`` for the dataset's cases into its preprocessed folder; returns the path."""
+    path = Path(preprocessed_folder) / "splits.json"
+    write_json(path, make_splits(case_ids, class_labels, seed=seed))
+    return path
+
+
+def load_splits(preprocessed_folder: Path, dataset_arg: str = "N") -> dict:
+    """Read and check ``splits.json`` of a preprocessed dataset."""
+    return read_artifact(Path(preprocessed_folder) / "splits.json", "splits", SCHEMA_VERSION,
+                         rerun=f"3dino preprocess -d {dataset_arg}")
