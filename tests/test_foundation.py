@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import run_3dino
 
-from tests.conftest import run_3dino
 from threedino_pipe import paths
 from threedino_pipe.dataset.examples import oblique_direction
-from threedino_pipe.dataset.image_io import Geometry, count_nonfinite, read_image, read_image_with_nonfinite, write_image
+from threedino_pipe.dataset.image_io import (
+    Geometry,
+    count_nonfinite,
+    read_image,
+    read_image_with_nonfinite,
+    write_image,
+)
 from threedino_pipe.errors import UserError
 from threedino_pipe.jsonio import atomic_path, read_artifact, write_json
 

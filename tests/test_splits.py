@@ -46,7 +46,7 @@ def test_subsets_are_nested_and_sized_by_rounding():
     splits = make_splits(_ids(90))  # 18 test, 72 pool, train 57 or 58 per fold
     for fold in splits["folds"]:
         n = len(fold["train"])
-        for seed, subsets in fold["subsets"].items():
+        for subsets in fold["subsets"].values():
             previous: set[str] = set()
             for pct in ("1", "10", "25", "50", "100"):
                 if pct not in subsets:
