@@ -1,1 +1,1 @@
-"""training stage package."""
+"""Training loops and their infrastructure: run folders, checkpoints, logs, distributed set-up."""

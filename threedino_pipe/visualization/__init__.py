@@ -1,1 +1,1 @@
-"""visualization stage package."""
+"""Plots and visual maps: training curves, PCA and attention maps."""
