@@ -211,7 +211,7 @@ def _check_expect(dims: dict, expect: str | dict | None, path: Path) -> None:
                         fix="pass a checkpoint of the expected size, or the matching --preset")
 
 
-def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, what: str) -> None:
+def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, what: str, note: str = "") -> None:
     """Strict key and shape comparison; a :class:`UserError` listing the differences."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -222,7 +222,8 @@ def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, w
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches file vs model",
                                                                             mismatched)) if keys]
     if parts:
-        raise UserError(f"{what} weights do not match the architecture inferred from the file; " + "; ".join(parts),
+        raise UserError(f"{what} weights do not match the architecture inferred from the file{note}; "
+                        + "; ".join(parts),
                         file=path, fix="the file is incomplete or of another architecture; " + _FIX_SOURCE)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -274,7 +275,7 @@ def load_backbone(path: str | Path, *, expect: str | dict | None = None, num_hea
     dims = {k: info[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "mlp_ratio",
                                  "pos_grid", "layerscale")}
     model = build_backbone(dims, drop_path_rate=drop_path_rate)
-    _match_state(model, state, path, "backbone")
+    _match_state(model, state, path, "backbone", " (key names without the 'backbone.' prefix and block chunk index)")
     model.load_state_dict(state, strict=True)
     return model.eval(), {**info, "path": str(path)}
 
