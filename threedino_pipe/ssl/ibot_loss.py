@@ -18,7 +18,7 @@ def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
     return (1.0 / per_crop).unsqueeze(-1).expand_as(masks)[masks]
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 (the method's name)
+class iBOTPatchLoss(nn.Module):
     """Masked-patch cross-entropy (eq. 2 of the 3DINO paper), normalised as METHOD.md states.
 
     With ``CE_m = -sum_k P_t[m, k] * log_softmax(z_s[m] / student_temp)[k]`` for masked patch m of crop
