@@ -145,10 +145,13 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
                         file=raw, fix=f"run `3dino verify -d {dataset}` and fix what it reports")
     if not cases:
         raise UserError("imagesTr/ holds no cases", file=raw / "imagesTr", fix="add the training images")
-    for configuration in _chosen(plans, configurations, plans_path):
-        jobs, skipped = _jobs(raw, out, cases, plans, configuration)
-        log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(jobs), skipped)
-        _run_jobs(jobs, num_processes, f"preprocess {configuration}")
+    jobs: list[CaseJob] = []
+    chosen = _chosen(plans, configurations, plans_path)
+    for configuration in chosen:
+        todo, skipped = _jobs(raw, out, cases, plans, configuration)
+        log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(todo), skipped)
+        jobs += todo
+    _run_jobs(jobs, num_processes, f"preprocess {', '.join(chosen)}")
     if spec.task != "unlabeled":
         from threedino_pipe.data.splits import write_splits
         class_labels = ({c.case_id: int(c.class_label) for c in cases}
