@@ -1,0 +1,88 @@
+"""MONAI augmentation pipelines of 3DINO's multi-crop views (METHOD.md, "Data and augmentation").
+
+Each function returns a MONAI :class:`~monai.transforms.Compose` of array transforms for one
+channel-first crop ``C x S x S x S`` (cubic, values normalised to about [-1, 1]). Seed a pipeline
+with ``compose.set_random_state(seed=...)``: the seed propagates to every random transform.
+Ranges not fixed by the method are chosen for [-1, 1] intensities and 48-112 voxel cubes and
+documented in ``docs/augmentation.md``. Outputs are not clipped (noise, sharpening and Gibbs
+ringing may overshoot [-1, 1] slightly).
+"""
+
+from __future__ import annotations
+
+from monai.transforms import (
+    Compose,
+    OneOf,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandGaussianSharpen,
+    RandGaussianSmooth,
+    RandGibbsNoise,
+    RandHistogramShift,
+    RandRotate90,
+)
+
+FLIP_PROB = 0.3
+ROTATE_PROB = 0.3
+INTENSITY_PROB = 0.8
+GAMMA_RANGE = (0.5, 2.0)
+NOISE_STD = 0.002
+HISTOGRAM_POINTS = 10
+BLUR_SIGMA = (0.25, 1.5)            # voxels, drawn per axis (MONAI's default range)
+SHARPEN_SIGMA1 = (0.5, 1.0)         # voxels, first blur (MONAI's default range)
+SHARPEN_SIGMA2 = 0.5                # second blur drawn in [0.5, sigma1] (MONAI's rule)
+SHARPEN_ALPHA = (1.0, 5.0)          # MONAI's default (10, 30) overshoots [-1, 1] up to about +-4
+GIBBS_ALPHA = (0.0, 0.8)            # alpha near 1 removes almost all of k-space (a blank crop)
+GLOBAL1_BLUR_SHARPEN_PROB = 1.0
+GLOBAL2_BLUR_SHARPEN_PROB = 0.1
+GLOBAL2_GIBBS_PROB = 0.2
+LOCAL_BLUR_PROB = 0.5
+
+
+def _geometric() -> list:
+    """Flips (p 0.3 per axis) then 90-degree rotations (p 0.3 per plane, k in 1..3)."""
+    flips = [RandFlip(prob=FLIP_PROB, spatial_axis=axis) for axis in range(3)]
+    rotations = [RandRotate90(prob=ROTATE_PROB, max_k=3, spatial_axes=plane) for plane in ((0, 1), (0, 2), (1, 2))]
+    return flips + rotations
+
+
+def _intensity() -> OneOf:
+    """One of gamma / Gaussian noise / histogram shift, the chosen one applied with p 0.8.
+
+    A uniform choice followed by a p-0.8 application is the same as "apply one of them with
+    p 0.8", so no extra random-apply wrapper is needed.
+    """
+    return OneOf([
+        RandAdjustContrast(prob=INTENSITY_PROB, gamma=GAMMA_RANGE),
+        RandGaussianNoise(prob=INTENSITY_PROB, mean=0.0, std=NOISE_STD),
+        RandHistogramShift(num_control_points=HISTOGRAM_POINTS, prob=INTENSITY_PROB),
+    ])
+
+
+def _blur(prob: float) -> RandGaussianSmooth:
+    return RandGaussianSmooth(sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, sigma_z=BLUR_SIGMA, prob=prob)
+
+
+def _blur_or_sharpen(prob: float) -> OneOf:
+    """Gaussian blur or Gaussian sharpening (equal odds), applied with probability ``prob``."""
+    sharpen = RandGaussianSharpen(sigma1_x=SHARPEN_SIGMA1, sigma1_y=SHARPEN_SIGMA1, sigma1_z=SHARPEN_SIGMA1,
+                                  sigma2_x=SHARPEN_SIGMA2, sigma2_y=SHARPEN_SIGMA2, sigma2_z=SHARPEN_SIGMA2,
+                                  alpha=SHARPEN_ALPHA, prob=prob)
+    return OneOf([_blur(prob), sharpen])
+
+
+def global_transform_1() -> Compose:
+    """First global crop: geometric, intensity (p 0.8), then blur or sharpen (p 1.0)."""
+    return Compose([*_geometric(), _intensity(), _blur_or_sharpen(GLOBAL1_BLUR_SHARPEN_PROB)])
+
+
+def global_transform_2() -> Compose:
+    """Second global crop: geometric, intensity (p 0.8), blur or sharpen (p 0.1), Gibbs noise (p 0.2)."""
+    return Compose([*_geometric(), _intensity(), _blur_or_sharpen(GLOBAL2_BLUR_SHARPEN_PROB),
+                    RandGibbsNoise(prob=GLOBAL2_GIBBS_PROB, alpha=GIBBS_ALPHA)])
+
+
+def local_transform() -> Compose:
+    """Local crops: geometric, intensity (p 0.8), then Gaussian blur (p 0.5)."""
+    return Compose([*_geometric(), _intensity(), _blur(LOCAL_BLUR_PROB)])

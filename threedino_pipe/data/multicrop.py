@@ -1,0 +1,81 @@
+"""Multi-crop views of one volume: 2 augmented global crops and ``n_local`` augmented local crops."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+from monai.utils import MAX_SEED, convert_to_tensor
+
+from threedino_pipe.data.augmentations import global_transform_1, global_transform_2, local_transform
+from threedino_pipe.data.crops import (
+    DEFAULT_RATIO,
+    GLOBAL_CROSSSLICE_SCALE,
+    GLOBAL_INPLANE_SCALE,
+    LOCAL_CROSSSLICE_SCALE,
+    LOCAL_INPLANE_SCALE,
+    RandomResizedCrop3D,
+)
+
+
+class MultiCropper:
+    """Turns one ``C x X x Y x Z`` volume (cross-slice axis last) into DINO's multi-crop views.
+
+    Every random draw (boxes, augmentation seeds) comes from the numpy Generator passed to
+    :meth:`__call__`, so a view set is a pure function of the volume and the generator's state.
+
+    Args:
+        global_size, local_size: output cube edge (voxels) of the global and local crops.
+        n_local: local crops per volume.
+        global_inplane_scale, global_crossslice_scale, local_inplane_scale, local_crossslice_scale:
+            :class:`RandomResizedCrop3D` scale ranges (in-plane: AREA fraction; cross-slice: LENGTH fraction).
+        ratio: in-plane aspect ratio range.
+        augment: apply the MONAI pipelines of :mod:`threedino_pipe.data.augmentations`
+            (False: crops only, e.g. for throughput measurements of the reading alone).
+    """
+
+    def __init__(self, global_size: int = 96, local_size: int = 48, n_local: int = 8, *,
+                 global_inplane_scale: tuple[float, float] = GLOBAL_INPLANE_SCALE,
+                 global_crossslice_scale: tuple[float, float] = GLOBAL_CROSSSLICE_SCALE,
+                 local_inplane_scale: tuple[float, float] = LOCAL_INPLANE_SCALE,
+                 local_crossslice_scale: tuple[float, float] = LOCAL_CROSSSLICE_SCALE,
+                 ratio: tuple[float, float] = DEFAULT_RATIO, augment: bool = True) -> None:
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        self.global_crop = RandomResizedCrop3D(global_size, tuple(global_inplane_scale),
+                                               tuple(global_crossslice_scale), tuple(ratio))
+        self.local_crop = RandomResizedCrop3D(local_size, tuple(local_inplane_scale),
+                                              tuple(local_crossslice_scale), tuple(ratio))
+        self.augment = augment
+        self.transforms: tuple[Compose, Compose, Compose] | None = (
+            (global_transform_1(), global_transform_2(), local_transform()) if augment else None)
+
+    @staticmethod
+    def _apply(transform: Compose | None, crop: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if transform is None:
+            return crop
+        transform.set_random_state(seed=int(rng.integers(MAX_SEED)))
+        with warnings.catch_warnings():
+            # a crop of pure background is constant: MONAI then skips the histogram shift, and says so
+            warnings.filterwarnings("ignore", message="The image's intensity is a single value")
+            out = convert_to_tensor(transform(crop), track_meta=False)
+        return out.to(torch.float32).contiguous()
+
+    def __call__(self, volume: Any, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Views of ``volume`` (``C x X x Y x Z`` tensor, numpy or blosc2 array; only the boxes are read).
+
+        Returns:
+            {"global": float32 ``[2, C, g, g, g]`` (crop 1 then crop 2),
+             "local": float32 ``[n_local, C, l, l, l]``}.
+        """
+        t1, t2, tl = self.transforms if self.transforms is not None else (None, None, None)
+        globals_ = [self._apply(t, self.global_crop(volume, rng), rng) for t in (t1, t2)]
+        locals_ = [self._apply(tl, self.local_crop(volume, rng), rng) for _ in range(self.n_local)]
+        channels = int(volume.shape[0])
+        local = (torch.stack(locals_) if locals_ else
+                 torch.zeros((0, channels, self.local_size, self.local_size, self.local_size)))
+        return {"global": torch.stack(globals_), "local": local}
