@@ -48,8 +48,9 @@ def _outputs(vit: VisionTransformer3D) -> dict[str, torch.Tensor]:
 
 
 def _assert_same(a: VisionTransformer3D, b: VisionTransformer3D) -> None:
+    theirs = _outputs(b)
     for key, value in _outputs(a).items():
-        assert torch.equal(value, _outputs(b)[key]), key
+        assert torch.equal(value, theirs[key]), key
 
 
 def _released(tmp_path, model, heads=None):

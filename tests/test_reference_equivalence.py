@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from threedino_pipe.models.checkpoint import load_backbone, load_heads
+from threedino_pipe.models.checkpoint import export_3dino, load_backbone, load_heads
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 CHECKPOINT = REFERENCE / "ref3dino_small_teacher_checkpoint.pth"
@@ -95,3 +95,15 @@ def test_non_cubic_input_with_interpolated_position_embedding(reference):
 def test_dino_head_matches(reference):
     _, heads, _, io = reference
     assert _maxdiff(heads["dino_head"](io["cube"]["cls"]), io["dino_head_on_cube_cls"]) <= TOL
+
+
+def test_export_reproduces_the_released_layout(reference, tmp_path):
+    """Our export of the loaded reference weights has exactly the released file's keys and tensors."""
+    model, heads, _, _ = reference
+    path = tmp_path / "teacher_checkpoint.pth"
+    export_3dino(model, heads, path)
+    ours = torch.load(path, map_location="cpu", weights_only=True)["teacher"]
+    theirs = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)["teacher"]
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        assert ours[key].shape == value.shape and torch.equal(ours[key], value), key

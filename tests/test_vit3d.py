@@ -126,6 +126,9 @@ def test_sdpa_attention_equals_manual_softmax():
     manual = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
     assert torch.allclose(attn(x), manual, atol=1e-6)
     assert torch.allclose(attn.attention_map(x), weights, atol=1e-6)
+    maps = model.last_attention(torch.randn(2, 1, 16, 24, 32))
+    assert maps.shape == (2, 2, 1 + 24, 1 + 24)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 25), atol=1e-5)
 
 
 def test_masks_replace_patch_embeddings_before_position():

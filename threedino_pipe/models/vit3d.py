@@ -143,7 +143,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
@@ -287,6 +287,14 @@ class VisionTransformer3D(nn.Module):
                 patch = patch.transpose(1, 2).reshape(out.shape[0], -1, *grid)
             result.append((patch, cls) if return_cls else patch)
         return result
+
+    def last_attention(self, x: Tensor) -> Tensor:
+        """Attention weights of the last block, ``[B, heads, 1 + N, 1 + N]`` (row 0: the CLS query)."""
+        h = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            h = block(h)
+        last = self.blocks[-1]
+        return last.attn.attention_map(last.norm1(h))
 
     def forward(self, x: Tensor) -> Tensor:
         """CLS token after the final norm, ``[B, dim]``."""
