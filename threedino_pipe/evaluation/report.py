@@ -1,0 +1,57 @@
+"""A self-contained ``report.html``: inputs, metric tables and figures embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+
+import pandas as pd
+
+from threedino_pipe import __version__
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.warn { color: #a33; } figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
+img { max-width: 100%; }
+"""
+
+
+def png_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` of PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def render(title: str, info: Sequence[tuple[str, str]], tables: Sequence[tuple[str, pd.DataFrame]],
+           figures: Sequence[tuple[str, bytes]], warnings: Sequence[str] = ()) -> str:
+    """The whole HTML page as a string (no external file or network reference)."""
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<table>"]
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in info]
+    parts.append("</table>")
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>")
+        parts += [f"<li class='warn'>{html.escape(w)}</li>" for w in warnings]
+        parts.append("</ul>")
+    for heading, table in tables:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(table.to_html(index=False, escape=True, na_rep="n/a", float_format=lambda v: f"{v:.4g}",
+                                   border=0))
+    for caption, png in figures:
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='{png_data_uri(png)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append(f"<p style='font-size:0.8em;color:#777'>threedino-pipe {html.escape(__version__)}</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def ci_text(ci: Sequence[float]) -> str:
+    """``[lo, hi]`` as text with 4 significant digits (``n/a`` for NaN bounds)."""
+    lo, hi = ci
+    if lo != lo or hi != hi:  # NaN
+        return "n/a"
+    return f"[{lo:.4g}, {hi:.4g}]"

@@ -1,0 +1,135 @@
+"""Summary statistics and tests: bootstrap CIs over cases, paired Wilcoxon, Welch's t-test.
+
+Bootstrap: percentile method, cases resampled with replacement, ``numpy.random.default_rng(seed)``
+so a given seed always gives the same interval.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).ravel()
+    return array[~np.isnan(array)]
+
+
+def _percentiles(samples: np.ndarray, confidence: float) -> list[float]:
+    samples = samples[~np.isnan(samples)]
+    if samples.size == 0:
+        return [float("nan"), float("nan")]
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(samples, [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, num_resamples: int = 1000, seed: int = 0,
+                      confidence: float = CONFIDENCE) -> list[float]:
+    """Percentile bootstrap CI ``[lo, hi]`` of the mean of ``values`` (NaNs dropped first).
+
+    NaN bounds when no finite value remains; a single value gives ``[v, v]``.
+    """
+    data = _finite(values)
+    if data.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples)
+    chunk = max(1, 2_000_000 // data.size)  # bound memory of the index matrix
+    for start in range(0, num_resamples, chunk):
+        stop = min(num_resamples, start + chunk)
+        means[start:stop] = data[rng.integers(0, data.size, size=(stop - start, data.size))].mean(axis=1)
+    return _percentiles(means, confidence)
+
+
+def bootstrap_statistic_ci(num_cases: int, statistic: Callable[[np.ndarray], np.ndarray], *,
+                           num_resamples: int = 1000, seed: int = 0,
+                           confidence: float = CONFIDENCE) -> tuple[list[list[float]], list[int]]:
+    """Percentile bootstrap CIs of statistics computed on resampled case indices.
+
+    Args:
+        num_cases: number of cases n.
+        statistic: takes an index array (n,) into the cases and returns m floats (NaN where a
+            statistic is undefined on that resample, e.g. an AUC on a single class).
+        num_resamples, seed, confidence: bootstrap settings.
+
+    Returns:
+        (m intervals ``[lo, hi]``, m counts of resamples where the statistic was undefined).
+    """
+    if num_cases < 1:
+        raise ValueError("bootstrap needs at least one case")
+    rng = np.random.default_rng(seed)
+    samples = np.array([np.atleast_1d(statistic(rng.integers(0, num_cases, size=num_cases)))
+                        for _ in range(num_resamples)], dtype=np.float64)
+    return ([_percentiles(samples[:, j], confidence) for j in range(samples.shape[1])],
+            np.isnan(samples).sum(axis=0).astype(int).tolist())
+
+
+def summarize(values: Sequence[float] | np.ndarray, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+    """Mean, median, 95 % bootstrap CI of the mean, ``n`` (finite values) and ``n_nan`` of per-case values."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    data = _finite(array)
+    empty = data.size == 0
+    return {"mean": float("nan") if empty else float(data.mean()),
+            "median": float("nan") if empty else float(np.median(data)),
+            "ci95": bootstrap_mean_ci(data, num_resamples=num_resamples, seed=seed),
+            "n": int(data.size), "n_nan": int(array.size - data.size)}
+
+
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """Student-t CI ``[lo, hi]`` of the mean across runs; NaN bounds with fewer than 2 values."""
+    data = _finite(values)
+    if data.size < 2:
+        return [float("nan"), float("nan")]
+    sem = stats.sem(data)
+    if sem == 0:
+        return [float(data.mean()), float(data.mean())]
+    lo, hi = stats.t.interval(confidence, data.size - 1, loc=data.mean(), scale=sem)
+    return [float(lo), float(hi)]
+
+
+def paired_wilcoxon(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict:
+    """Two-sided Wilcoxon signed-rank test of paired per-case values (scipy defaults).
+
+    Pairs where either value is NaN are dropped. Returns ``statistic``, ``p_value``, ``n_pairs``
+    and a ``note`` when the test is undefined (no pairs, or every difference is zero: p = NaN).
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    out = {"test": "wilcoxon_signed_rank", "statistic": float("nan"), "p_value": float("nan"),
+           "n_pairs": int(x.size), "note": None}
+    if x.size == 0:
+        out["note"] = "no case has a value on both sides"
+    elif np.all(x == y):
+        out["note"] = "every paired difference is zero"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.wilcoxon(x, y)
+        out["statistic"], out["p_value"] = float(result.statistic), float(result.pvalue)
+    return out
+
+
+def welch_ttest(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict:
+    """Welch's two-sided t-test (unequal variances) between two groups of run-level values.
+
+    NaNs are dropped. Returns ``statistic``, ``p_value``, ``n_a``, ``n_b`` and a ``note`` when
+    undefined (fewer than 2 runs on a side: p = NaN).
+    """
+    x, y = _finite(a), _finite(b)
+    out = {"test": "welch_t_test", "statistic": float("nan"), "p_value": float("nan"),
+           "n_a": int(x.size), "n_b": int(y.size), "note": None}
+    if x.size < 2 or y.size < 2:
+        out["note"] = "Welch's t-test needs at least 2 runs on each side"
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.ttest_ind(x, y, equal_var=False)
+    out["statistic"], out["p_value"] = float(result.statistic), float(result.pvalue)
+    return out
