@@ -153,15 +153,37 @@ def predict(
 
 @app.command()
 def evaluate(
-    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Reference labels folder or "
-                                                   "case_id,label CSV.")] = None,
-    prediction: Annotated[Path | None, typer.Option("--prediction", "-p", help="Predictions folder.")] = None,
+    reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference: a folder of label images "
+                                            "(segmentation) or a case_id,label CSV (classification).")],
+    prediction: Annotated[Path | None, typer.Option("--prediction", "-p", help="Predictions: a folder of label "
+                                                    "images named like the references, or predictions.csv (or "
+                                                    "its folder).")] = None,
+    compare: Annotated[tuple[str, str] | None, typer.Option("--compare", metavar="A B", help="Compare two models "
+                       "instead of -p: A and B are each a prediction folder or `3dino evaluate` output folder, or "
+                       "several comma-separated (one per run, e.g. run1,run2,run3).")] = None,
+    names: Annotated[str | None, typer.Option("--names", metavar="NAME_A,NAME_B", help="Names of the two "
+                     "--compare sides in tables and plots (default: from the folder names).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset id or name: labels, regions "
+                       "and classes from its dataset.json (default: every label value found; classes from the "
+                       "prob_<class> columns).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: "
+                      "PRED_DIR/evaluation; with --compare ./evaluation_compare).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap resampling.")] = 0,
+    num_bootstrap: Annotated[int, typer.Option("--num-bootstrap", min=1, help="Bootstrap resamples for the 95 % "
+                                               "confidence intervals.")] = 1000,
+    num_processes: NumProcesses = 2,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Dice/HD95 or AUC/F1 per case with bootstrap CIs; paired comparison of two models."""
+    """Dice/HD95 or AUC/F1/accuracy per case with bootstrap CIs, or a statistical comparison of two models.
+
+    Exit code 1 when a reference case has no prediction or a prediction could not be evaluated.
+    """
     _common(verbose, no_progress)
-    _not_built("evaluate", 5)
+    from threedino_pipe.evaluation import evaluate as stage
+    raise typer.Exit(stage.run(reference, prediction, compare=compare, names=names.split(",") if names else None,
+                               dataset=dataset, output=output, seed=seed, num_bootstrap=num_bootstrap,
+                               num_processes=num_processes))
 
 
 @app.command()
