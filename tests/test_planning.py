@@ -306,3 +306,30 @@ def test_unlabeled_and_classification_datasets(synthetic_raw, folders):
             tune = plans["configurations"]["finetune"]
             assert tune["label_interpolation"] is None and tune["normalization"][0]["scheme"] == "dataset_percentile"
             assert plans["class_names"] == ["no", "yes"] and 1 <= tune["batch_size"] <= 32
+
+
+def test_nonfinite_voxels_are_refused_or_left_out_of_the_statistics(synthetic_raw, folders):
+    folder = folders["raw"] / "Dataset991_Ellipsoids"
+    shutil.copytree(synthetic_raw / "Dataset991_Ellipsoids", folder)
+    path = folder / "imagesTr" / "case_000_0000.nii.gz"
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "case_000.nii.gz")))
+    inside = np.argwhere(label > 0)[:50]
+    array[tuple(inside.T)] = np.nan                  # NaN inside the foreground (SimpleITK reads them as 0)
+    array[tuple(np.argwhere(label > 0)[50:60].T)] = np.inf
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(path))
+    with pytest.raises(UserError, match="error"):
+        plan.run("991", num_processes=1)
+    assert list(folders["preprocessed"].iterdir()) == []
+
+    plan.run("991", allow_nan=True, num_processes=1)
+    fp, plans = load_outputs(folders["preprocessed"], folder.name)
+    stats = fp["channels"]["0"]["foreground"]
+    assert all(np.isfinite(v) for v in stats.values())
+    others = [c["image"][c["label"] > 0] for c in read_raw(folder) if c["case"] != "case_000"]
+    population = np.concatenate([array[(label > 0) & np.isfinite(array)], *others])   # NaN/Inf as written
+    check_foreground_stats(stats, population)
+    assert plans["options"]["allow_nan"] is True
