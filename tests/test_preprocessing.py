@@ -328,6 +328,9 @@ def test_classification_and_unlabeled_datasets(tmp_path, monkeypatch):
     assert [case_json(folder, "finetune", f"case_{i:03d}")["class_label"] for i in range(4)] == [0, 1, 1, 0]
     assert case_json(folder, "pretrain", "case_001")["class_label"] == 1
     assert not list(folder.rglob("*_seg.b2nd")) and (folder / "splits.json").is_file()
+    (base / "labelsTr.csv").write_text("case_id,label\ncase_000,b\ncase_001,b\ncase_002,1\ncase_003,0\n")
+    preprocess.run(base.name, configurations=["finetune"], num_processes=1)  # a changed class label is redone
+    assert case_json(folder, "finetune", "case_000")["class_label"] == 1
     folder = preprocess_with(monkeypatch, base.parent, tmp_path / "pre", unl, make_plans(unl.name, task="unlabeled"),
                              num_processes=1)
     assert sorted(p.name for p in folder.iterdir()) == ["plans.json", "pretrain"]

@@ -63,8 +63,8 @@ def case_json_text(case: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def is_finished(folder: Path, case_id: str, checksum: str, with_seg: bool) -> bool:
-    """True when the case JSON is valid for these plans and its arrays exist."""
+def is_finished(folder: Path, case_id: str, checksum: str, with_seg: bool, class_label: int | None = None) -> bool:
+    """True when the case JSON is valid for these plans (and this class label) and its arrays exist."""
     path = json_path(folder, case_id)
     if not path.is_file() or not image_path(folder, case_id).is_file():
         return False
@@ -75,7 +75,8 @@ def is_finished(folder: Path, case_id: str, checksum: str, with_seg: bool) -> bo
     except (OSError, ValueError):
         return False
     return (isinstance(data, dict) and data.get("kind") == "case" and data.get("schema_version") == SCHEMA_VERSION
-            and data.get("case_id") == case_id and data.get("plans_checksum") == checksum)
+            and data.get("case_id") == case_id and data.get("plans_checksum") == checksum
+            and data.get("class_label") == class_label)
 
 
 def remove_partials(folder: Path) -> list[Path]:

@@ -115,7 +115,7 @@ def _jobs(raw: Path, out: Path, cases: list[CaseFiles], plans: dict, configurati
     checksum = plans_checksum(plans, configuration)
     with_seg = uses_labels(configuration, plans)
     jobs = [CaseJob(raw, case, plans, configuration, folder, checksum) for case in cases
-            if not is_finished(folder, case.case_id, checksum, with_seg)]
+            if not is_finished(folder, case.case_id, checksum, with_seg, case.class_label)]
     return jobs, len(cases) - len(jobs)
 
 
