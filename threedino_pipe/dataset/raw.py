@@ -10,6 +10,12 @@ A raw dataset is a folder ``DatasetNNN_Name`` holding:
   ``{case}_{XXXX}/`` holding one DICOM series.
 - ``labelsTr/{case}{ending}`` (segmentation) or ``labelsTr.csv`` with ``case_id,label``
   (classification); optional ``imagesTs/``.
+- Instead of the two folders, nnU-Net v2's optional ``"dataset"`` key may list each case's files:
+  ``{"case": {"images": ["imagesTr/case_0000.nii.gz"], "label": "labelsTr/case.nii.gz"}}``
+  (paths relative to the dataset folder or absolute; ``$VARS`` expanded).
+
+Files nnU-Net v2 ignores are ignored here too, with a warning: files in ``imagesTr/`` without the
+dataset's ``file_ending`` and label files without images. Full description: ``docs/raw_convention.md``.
 
 Discovery is tolerant: it returns what it found plus a list of :class:`Problem` so that
 ``3dino verify`` can report every problem at once.
@@ -18,6 +24,7 @@ Discovery is tolerant: it returns what it found plus a list of :class:`Problem` 
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +144,11 @@ def load_spec(folder: Path) -> DatasetSpec:
         for name, value in labels_raw.items():
             if isinstance(value, bool) or not (isinstance(value, int) or (
                     isinstance(value, list | tuple) and value and all(isinstance(x, int) for x in value))):
+                v1 = isinstance(value, str) and str(name).isdigit()
                 raise _spec_error(folder, f"label '{name}' has value {value!r}; expected an integer or a list "
-                                  "of integers (a region)", "fix the 'labels' entry")
+                                  "of integers (a region)",
+                                  f'write name -> value, e.g. "{value}": {name} (nnU-Net v2 style; '
+                                  'nnU-Net v1 wrote value -> name)' if v1 else "fix the 'labels' entry")
             labels[name] = list(value) if isinstance(value, list | tuple) else int(value)
         if 0 not in [v for v in labels.values() if isinstance(v, int)]:
             raise _spec_error(folder, "'labels' has no background (value 0)", 'add "background": 0')
@@ -157,9 +167,27 @@ def load_spec(folder: Path) -> DatasetSpec:
     if any(isinstance(v, list) for v in labels.values()) and order is None:
         raise _spec_error(folder, "region labels need 'regions_class_order'",
                           "add the label value written for each region, in the order of 'labels'")
+    _check_listing(folder, raw.get("dataset"), task)
     return DatasetSpec(channel_names=dict(sorted(channel_names.items())), labels=labels, task=task,
                        file_ending=file_ending, num_training=num_training, class_names=class_names,
                        regions_class_order=order, raw=raw)
+
+
+def _check_listing(folder: Path, listing: object, task: str) -> None:
+    """Check the shape of nnU-Net v2's optional ``"dataset"`` key (explicit file lists)."""
+    if listing is None:
+        return
+    example = '"dataset": {"case1": {"images": ["imagesTr/case1_0000.nii.gz"], "label": "labelsTr/case1.nii.gz"}}'
+    if not isinstance(listing, dict):
+        raise _spec_error(folder, "'dataset' must map case ids to their files", f"write e.g. {example}")
+    for case, item in listing.items():
+        images = item.get("images") if isinstance(item, dict) else None
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            raise _spec_error(folder, f"'dataset' entry '{case}' needs 'images': a list of file paths",
+                              f"write e.g. {example}")
+        if task == "segmentation" and not isinstance(item.get("label"), str):
+            raise _spec_error(folder, f"'dataset' entry '{case}' needs 'label': the label file's path",
+                              f"write e.g. {example}")
 
 
 def split_channel_name(name: str, file_ending: str) -> tuple[str, int] | None:
@@ -183,8 +211,9 @@ def scan_images(images_dir: Path, file_ending: str, num_channels: int,
             continue
         rel = str(entry.relative_to(rel_to))
         if not _is_image_entry(entry, file_ending):
-            problems.append(Problem("error", rel, f"file does not end with the dataset's file_ending '{file_ending}'",
-                                    "remove it or fix its ending (all images of a dataset share one format)"))
+            problems.append(Problem("warning", rel, f"ignored: the name does not end with the dataset's file_ending "
+                                    f"'{file_ending}'", "remove it, or fix its ending if it is an image (all images "
+                                    "of a dataset share one format)"))
             continue
         parsed = split_channel_name(entry.name, file_ending)
         if parsed is None:
@@ -196,6 +225,10 @@ def scan_images(images_dir: Path, file_ending: str, num_channels: int,
             problems.append(Problem("error", rel, f"extra channel file: channel {channel:04d} is not in "
                                     f"channel_names (channels 0..{num_channels - 1})",
                                     "remove the file or declare the channel in dataset.json", case))
+            continue
+        if channel in found.get(case, {}):
+            problems.append(Problem("error", rel, f"channel {channel:04d} of case '{case}' is given twice "
+                                    f"(also {found[case][channel].name})", "keep one of the two", case))
             continue
         found.setdefault(case, {})[channel] = entry
     cases: dict[str, list[Path | None]] = {}
@@ -235,34 +268,91 @@ def read_class_labels(csv_path: Path, class_names: list[str], rel_to: Path) -> t
     return labels, problems
 
 
-def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
-    """Every training case of a raw dataset with its files, and the layout problems found."""
+def display_path(path: Path, folder: Path) -> str:
+    """``path`` relative to the dataset folder when inside it, else as given."""
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def _cases_from_listing(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
+    """Cases of nnU-Net v2's ``"dataset"`` key: explicit image and label paths per case."""
+    def resolve(value: str) -> Path:
+        path = Path(os.path.expandvars(value))
+        return path if path.is_absolute() else folder / path
+
+    cases: list[CaseFiles] = []
+    problems: list[Problem] = []
+    for case_id, item in spec.raw["dataset"].items():
+        images: list[Path | None] = [resolve(v) for v in item["images"]]
+        if len(images) != spec.num_channels:
+            problems.append(Problem("error", "dataset.json", f"'dataset' entry '{case_id}' lists {len(images)} "
+                                    f"images but channel_names declares {spec.num_channels} channels",
+                                    "list one image per channel, in channel order", case_id))
+            images = (images + [None] * spec.num_channels)[: spec.num_channels]
+        for c, path in enumerate(images):
+            if path is not None and not path.exists():
+                problems.append(Problem("error", display_path(path, folder), f"missing channel file {c:04d} (listed "
+                                        "in dataset.json 'dataset')", "add the file or fix its path", case_id))
+                images[c] = None
+        case = CaseFiles(case_id=str(case_id), images=images)
+        if spec.task == "segmentation":
+            label = resolve(item["label"])
+            if label.is_file():
+                case.label = label
+            else:
+                problems.append(Problem("error", display_path(label, folder), "label file is missing (listed in "
+                                        "dataset.json 'dataset')", "add the label image or fix its path", case_id))
+        cases.append(case)
+    return cases, problems
+
+
+def _cases_from_folders(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]] | None:
+    """Cases found in ``imagesTr/`` (+ ``labelsTr/``); None when ``imagesTr/`` is missing."""
     images_dir = folder / "imagesTr"
     if not images_dir.is_dir():
-        return [], [Problem("error", "imagesTr", "folder imagesTr/ is missing", "put the training images there")]
+        return None
     images, problems = scan_images(images_dir, spec.file_ending, spec.num_channels, folder)
     cases = [CaseFiles(case_id=c, images=files) for c, files in images.items()]
-    if spec.task == "segmentation":
-        labels_dir = folder / "labelsTr"
-        if not labels_dir.is_dir():
-            problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing",
-                                    "add the label images, or set \"task\": \"unlabeled\" in dataset.json"))
+    if spec.task != "segmentation":
+        return cases, problems
+    labels_dir = folder / "labelsTr"
+    if not labels_dir.is_dir():
+        problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing",
+                                "add the label images, or set \"task\": \"unlabeled\" in dataset.json"))
+        return cases, problems
+    names = {c.case_id for c in cases}
+    for case in cases:
+        label = labels_dir / f"{case.case_id}{spec.file_ending}"
+        if label.is_file():
+            case.label = label
         else:
-            names = {c.case_id for c in cases}
-            for case in cases:
-                label = labels_dir / f"{case.case_id}{spec.file_ending}"
-                if label.exists():
-                    case.label = label
-                else:
-                    problems.append(Problem("error", str(label.relative_to(folder)), "label file is missing",
-                                            "add the label image or remove the case", case.case_id))
-            for entry in sorted(labels_dir.iterdir()):
-                stem = entry.name[: -len(spec.file_ending)] if entry.name.endswith(spec.file_ending) else None
-                if not entry.name.startswith(".") and stem not in names:
-                    problems.append(Problem("error", str(entry.relative_to(folder)),
-                                            "label file without images in imagesTr/",
-                                            "add the case's images or remove the label"))
-    elif spec.task == "classification":
+            problems.append(Problem("error", str(label.relative_to(folder)), "label file is missing",
+                                    "add the label image or remove the case", case.case_id))
+    for entry in sorted(labels_dir.iterdir()):
+        stem = entry.name[: -len(spec.file_ending)] if entry.name.endswith(spec.file_ending) else None
+        if not entry.name.startswith(".") and stem not in names:
+            problems.append(Problem("warning", str(entry.relative_to(folder)),
+                                    "ignored: label file without images in imagesTr/",
+                                    "add the case's images or remove the label"))
+    return cases, problems
+
+
+def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
+    """Every training case of a raw dataset with its files, and the layout problems found.
+
+    Cases come from nnU-Net v2's ``"dataset"`` key when dataset.json has one, else from
+    ``imagesTr/`` and ``labelsTr/`` (segmentation) or ``labelsTr.csv`` (classification).
+    """
+    if isinstance(spec.raw.get("dataset"), dict):
+        cases, problems = _cases_from_listing(folder, spec)
+    else:
+        found = _cases_from_folders(folder, spec)
+        if found is None:
+            return [], [Problem("error", "imagesTr", "folder imagesTr/ is missing", "put the training images there")]
+        cases, problems = found
+    if spec.task == "classification":
         labels, label_problems = read_class_labels(folder / "labelsTr.csv", spec.class_names, folder)
         problems += label_problems
         for case in cases:
@@ -274,6 +364,7 @@ def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], li
             problems.append(Problem("error", "labelsTr.csv", f"case '{extra}' has a label but no images",
                                     "add its images or remove the line", extra))
     if spec.num_training is not None and spec.num_training != len(cases):
-        problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but imagesTr/ "
-                                f"holds {len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
+        where = "dataset.json's 'dataset' lists" if isinstance(spec.raw.get("dataset"), dict) else "imagesTr/ holds"
+        problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but {where} "
+                                f"{len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
     return cases, problems
