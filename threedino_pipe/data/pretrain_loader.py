@@ -200,7 +200,7 @@ class _MultiCropDataLoader(DataLoader):
     def __init__(self, dataset: PretrainDataset, cropper: MultiCropper, batch_size: int, seed: int,
                  num_workers: int, start: int) -> None:
         super().__init__(dataset, batch_size, num_threads_in_multithreaded=max(1, num_workers),
-                         seed_for_shuffle=seed, infinite=True)
+                         seed_for_shuffle=None, infinite=True)  # sampling uses make_batch's own generator
         self.indices = list(range(len(dataset)))
         self.cropper, self.seed, self.start = cropper, int(seed), int(start)
         self.in_worker = num_workers > 0
