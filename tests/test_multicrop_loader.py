@@ -55,9 +55,9 @@ def pooled(tmp_path) -> list[Path]:
     Dataset801: 3 kept cases + 1 with a 20-voxel axis; Dataset802: 1 kept two-channel case + 1 too small.
     """
     a, b = tmp_path / "Dataset801_A", tmp_path / "Dataset802_B"
-    write_case(a / "pretrain", "a0", np.full((1, 32, 30, 24), 0.1))
+    write_case(a / "pretrain", "a0", np.full((1, 32, 30, 25), 0.1))
     write_case(a / "pretrain", "a1", np.full((1, 28, 32, 26), 0.2))
-    write_case(a / "pretrain", "a2", np.full((1, 40, 36, 24), 0.3))
+    write_case(a / "pretrain", "a2", np.full((1, 40, 36, 25), 0.3))
     write_case(a / "pretrain", "a_small", np.full((1, 40, 40, 20), 0.9))
     write_case(b / "pretrain", "b0", np.stack([np.full((30, 30, 28), 0.4), np.full((30, 30, 28), 0.5)]))
     write_case(b / "pretrain", "b_small", np.full((1, 23, 50, 50), 0.9))
@@ -142,7 +142,7 @@ def test_dataset_pools_datasets_splits_channels_and_skips_small_volumes(pooled, 
     assert ds.open(ds.items.index(item))[:, 0:2, 0:2, 0:2].shape == (1, 2, 2, 2)
     assert float(ds.open(ds.items.index(item))[:, 0:2, 0:2, 0:2].mean()) == pytest.approx(0.5)
     # a lower threshold keeps everything; a higher one keeps less
-    assert len(PretrainDataset(pooled, min_axis=20)) == 7
+    assert len(PretrainDataset(pooled, min_axis=19)) == 7
     assert len(PretrainDataset(pooled, min_axis=25)) == 3  # a1 (26) and b0's two channels (28)
 
 

@@ -79,7 +79,8 @@ class PretrainDataset:
     Args:
         folders: preprocessed dataset folders (``<preprocessed>/DatasetNNN_Name``).
         configuration: subfolder to read (``pretrain`` or ``pretrain_highres``).
-        min_axis: volumes whose smallest axis (case JSON ``shape``, voxels) is below this are skipped.
+        min_axis: volumes whose smallest axis (case JSON ``shape``, voxels) is not above this are skipped
+            (METHOD.md: volumes kept have min axis > 24 voxels; > 48 for adapt-highres).
         split_channels: True (default): each channel of a multi-channel case is its own
             single-channel sample (the 3DINO backbone takes one channel, and datasets with
             different channel counts can be pooled). False: samples keep all channels, which
@@ -115,7 +116,7 @@ class PretrainDataset:
         self.channels = 1 if split_channels else next(iter(channel_counts), 1)
         if not self.items:
             raise UserError(f"no volume left to pretrain on: all {len(self.skipped)} volumes have an axis shorter "
-                            f"than min_axis={self.min_axis} voxels", file=self.folders[0],
+                            f"of at most min_axis={self.min_axis} voxels", file=self.folders[0],
                             fix="add larger volumes, or lower the minimum axis size (plans.json min_axis)")
 
     def _scan(self, folder: Path) -> list[tuple[PretrainItem, int]]:
@@ -140,7 +141,7 @@ class PretrainDataset:
             if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) for s in shape)):
                 raise UserError(f"'shape' must be 3 integers, got {shape!r}", file=meta_path, fix=f"run `{rerun}`")
             shape = tuple(shape)
-            if min(shape) < self.min_axis:
+            if min(shape) <= self.min_axis:
                 self.skipped.append((folder.name, case_id, shape))
                 skipped += 1
                 continue
@@ -158,7 +159,7 @@ class PretrainDataset:
             for channel in per_channel:
                 item = PretrainItem(folder.name, case_id, array_path, shape, spacing, channel)
                 found.append((item, 1 if self.split_channels else channels))
-        logger.info("%s/%s: %d volumes kept, %d skipped (smallest axis below %d voxels)", folder.name,
+        logger.info("%s/%s: %d volumes kept, %d skipped (smallest axis of at most %d voxels)", folder.name,
                     self.configuration, len(arrays) - skipped, skipped, self.min_axis)
         return found
 
@@ -174,19 +175,25 @@ class PretrainDataset:
     def summary(self) -> str:
         """One line: samples kept, volumes skipped, and the rule."""
         return (f"{len(self.items)} samples from {len(self.folders)} dataset(s) ({self.configuration}); "
-                f"{len(self.skipped)} volumes skipped with an axis shorter than {self.min_axis} voxels")
+                f"{len(self.skipped)} volumes skipped with an axis of at most {self.min_axis} voxels")
 
 
 def make_batch(dataset: PretrainDataset, cropper: MultiCropper, seed: int, index: int,
-               batch_size: int) -> dict[str, Any]:
-    """Batch number ``index`` of the stream for ``seed`` (numpy arrays, crop-major order).
+               batch_size: int, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """This rank's share of batch number ``index`` of the stream for ``seed`` (numpy, crop-major order).
 
-    Samples are drawn uniformly over the pooled samples, without replacement within a batch when
-    there are at least ``batch_size`` of them.
+    The global batch holds ``batch_size * world_size`` samples drawn uniformly over the pooled
+    samples (without replacement when there are enough); rank r makes positions
+    ``r*batch_size .. (r+1)*batch_size - 1``, each from its own generator ``[seed, index, position]``,
+    so the union over ranks equals the batch one process makes with ``batch_size * world_size``.
     """
-    rng = np.random.default_rng([int(seed), int(index)])
-    picks = rng.choice(len(dataset), size=batch_size, replace=len(dataset) < batch_size)
-    views = [cropper(dataset.open(int(i)), rng) for i in picks]
+    total = batch_size * world_size
+    picks = np.random.default_rng([int(seed), int(index)]).choice(len(dataset), size=total,
+                                                                  replace=len(dataset) < total)
+    positions = range(rank * batch_size, (rank + 1) * batch_size)
+    picks = [picks[j] for j in positions]
+    views = [cropper(dataset.open(int(i)), np.random.default_rng([int(seed), int(index), j]))
+             for i, j in zip(picks, positions, strict=True)]
     # crop-major: [crop 0 of images 0..B-1, crop 1 of images 0..B-1, ...]
     global_crops = torch.stack([v["global"] for v in views], dim=1).flatten(0, 1)
     local_crops = torch.stack([v["local"] for v in views], dim=1).flatten(0, 1)
@@ -198,12 +205,13 @@ class _MultiCropDataLoader(DataLoader):
     """batchgenerators loader: in worker ``w`` of ``W`` it makes batches ``start + w + k*W`` (k = 0, 1, ...)."""
 
     def __init__(self, dataset: PretrainDataset, cropper: MultiCropper, batch_size: int, seed: int,
-                 num_workers: int, start: int) -> None:
+                 num_workers: int, start: int, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(dataset, batch_size, num_threads_in_multithreaded=max(1, num_workers),
                          seed_for_shuffle=None, infinite=True)  # sampling uses make_batch's own generator
         self.indices = list(range(len(dataset)))
         self.cropper, self.seed, self.start = cropper, int(seed), int(start)
         self.in_worker = num_workers > 0
+        self.rank, self.world_size = int(rank), int(world_size)
         self.made = 0
 
     def generate_train_batch(self) -> dict[str, Any]:
@@ -213,14 +221,15 @@ class _MultiCropDataLoader(DataLoader):
             blosc2.set_nthreads(1)
         index = self.start + self.thread_id + self.made * self.number_of_threads_in_multithreaded
         self.made += 1
-        return make_batch(self._data, self.cropper, self.seed, index, self.batch_size)
+        return make_batch(self._data, self.cropper, self.seed, index, self.batch_size, self.rank, self.world_size)
 
 
 class PretrainLoader:
     """Endless iterator of multi-crop batches; see :func:`make_pretrain_loader`."""
 
     def __init__(self, dataset: PretrainDataset, cropper: MultiCropper, batch_size: int, num_workers: int,
-                 seed: int, *, deterministic: bool = True, num_cached_per_worker: int = 2) -> None:
+                 seed: int, *, deterministic: bool = True, num_cached_per_worker: int = 2,
+                 rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -228,12 +237,13 @@ class PretrainLoader:
         self.dataset, self.cropper = dataset, cropper
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
         self.deterministic, self.num_cached_per_worker = deterministic, num_cached_per_worker
+        self.rank, self.world_size = int(rank), int(world_size)
         self.batches_drawn = 0
         self._augmenter: Any = None
 
     def _start(self) -> None:
         loader = _MultiCropDataLoader(self.dataset, self.cropper, self.batch_size, self.seed, self.num_workers,
-                                      start=self.batches_drawn)
+                                      start=self.batches_drawn, rank=self.rank, world_size=self.world_size)
         if self.num_workers == 0:
             self._augmenter = SingleThreadedAugmenter(loader, None)
             return
@@ -288,7 +298,7 @@ class PretrainLoader:
 def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, num_workers: int, seed: int,
                          global_size: int = 96, local_size: int = 48, n_local: int = 8, *,
                          augment: bool = True, deterministic: bool = True, num_cached_per_worker: int = 2,
-                         **crop_options: Any) -> PretrainLoader:
+                         rank: int = 0, world_size: int = 1, **crop_options: Any) -> PretrainLoader:
     """An endless iterator of multi-crop batches of ``batch_size`` samples B.
 
     Each batch is a dict:
@@ -302,8 +312,10 @@ def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, num_workers:
         num_workers: 0 = in-process (batchgenerators' SingleThreadedAugmenter); W > 0 = W worker
             processes (MultiThreadedAugmenter, order-preserving; NonDet... with ``deterministic=False``).
         seed: the stream's seed; the same seed gives the same batches for every ``num_workers``.
+        rank, world_size: under torchrun each rank makes its own share of the global batch
+            (``batch_size`` per rank; see :func:`make_batch`).
         crop_options: scale/ratio overrides passed to :class:`MultiCropper`.
     """
     cropper = MultiCropper(global_size, local_size, n_local, augment=augment, **crop_options)
     return PretrainLoader(dataset, cropper, batch_size, num_workers, seed, deterministic=deterministic,
-                          num_cached_per_worker=num_cached_per_worker)
+                          num_cached_per_worker=num_cached_per_worker, rank=rank, world_size=world_size)
