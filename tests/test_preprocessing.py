@@ -406,3 +406,30 @@ def test_separable_bspline_equals_scipy_3d_cubic_spline_and_linear_labels_keep_v
     label[5:25, 4:20, 2:10], label[10:12, 10:12, 5:6] = 3, 7  # a 2x2x1 class survives 1.4x downsampling
     resampled = resample_label(label, (1.0, 1.0, 1.0), (1.4, 1.4, 1.0))
     assert set(np.unique(resampled)) == {0, 3, 7} and resampled.dtype == np.uint8
+
+
+@pytest.mark.e2e
+def test_cli_plan_then_preprocess_on_the_oblique_anisotropic_dataset(synthetic_raw, folders):
+    env = {"THREEDINO_RAW": str(synthetic_raw)}
+    result = run_3dino("plan", "-d", "991", "-np", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    result = run_3dino("preprocess", "-d", "991", "-np", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    folder = folders["preprocessed"] / "Dataset991_Ellipsoids"
+    plans = json.loads((folder / "plans.json").read_text())
+    assert set(plans["configurations"]) >= {"pretrain", "finetune"}
+    for name, config in plans["configurations"].items():
+        infos = [json.loads(p.read_text()) for p in sorted((folder / name).glob("*.json"))]
+        assert len(infos) == 6
+        for info in infos:
+            arr = load(folder, name, info["case_id"])
+            assert arr.min() >= -1 and arr.max() <= 1 and list(arr.shape[1:]) == info["shape"]
+            assert info["transpose"] == plans["transpose"]
+            if config["resample"]:
+                spacing_t = np.array(info["original_geometry"]["spacing"])[plans["transpose"]]
+                assert info["spacing"] == config["spacing"]
+                assert info["shape"] == np.round(np.array(info["shape_after_crop"]) * spacing_t
+                                                 / np.array(config["spacing"])).astype(int).tolist()
+                seg = load(folder, name, f"{info['case_id']}_seg")
+                assert set(np.unique(seg)) <= {0, 1, 2} and seg.shape[1:] == arr.shape[1:]
+    assert (folder / "splits.json").is_file()
