@@ -29,9 +29,12 @@ def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
 
 def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
     """Bounding box (slices) of ``a | b``; both must be non-empty."""
-    coords = np.argwhere(a | b)
-    lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
-    return tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(i for i in range(union.ndim) if i != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
@@ -53,7 +56,9 @@ def directed_surface_distances(source: np.ndarray, target: np.ndarray, spacing: 
     box = _union_box(source, target)
     src = surface_voxels(source[box]) * scale
     tgt = surface_voxels(target[box]) * scale
-    distances, _ = cKDTree(tgt).query(src, k=1)
+    # Sliding-midpoint splits (balanced_tree=False) keep queries fast for points far inside a
+    # surface (e.g. a missed lesion's hole in an organ), where median splits are ~8x slower.
+    distances, _ = cKDTree(tgt, balanced_tree=False, compact_nodes=False).query(src, k=1)
     return np.asarray(distances, dtype=np.float64)
 
 
