@@ -104,26 +104,89 @@ def preprocess(
     stage.run(dataset, configurations=configurations or None, num_processes=num_processes)
 
 
+Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option("--precision", help="auto (bf16 where supported, fp16 on GPUs without bf16, "
+                                        "else fp32), fp32, bf16 or fp16.")]
+Workers = Annotated[int, typer.Option("--num-workers", min=0, help="Data-loading worker processes per training "
+                                      "process (0 = in-process; the batches are the same for any number).")]
+StopAfter = Annotated[int | None, typer.Option("--stop-after", min=1, help="Checkpoint and exit cleanly after this "
+                                               "many iterations of this invocation (rerun to continue).")]
+Restart = Annotated[bool, typer.Option("--restart", help="Discard the run folder's previous content and start over.")]
+SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Iterations between checkpoint_latest.pt saves.")]
+SnapshotEvery = Annotated[int | None, typer.Option("--snapshot-every", min=0, help="Iterations between kept "
+                                                   "checkpoint_<iteration>.pt snapshots (default: a tenth of "
+                                                   "--iters; 0 = none).")]
+GradCheckpointing = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute block activations in the "
+                                                 "backward pass (less memory, about 30 % slower).")]
+
+
 @app.command()
 def pretrain(
-    datasets: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset ids to pool.")],
+    datasets: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset id(s) to pool (repeat -d, or give "
+                                                "several ids after one -d).")],
+    more: Annotated[list[str] | None, typer.Argument(help="Further dataset ids (3dino pretrain -d 501 502 503).",
+                                                     show_default=False)] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Backbone preset tiny|small|base|large (default: "
+                                               "plans.json's).")] = None,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Training iterations (the paper: 125,000).")] = 125_000,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
+                                                   "(default: plans.json's, capped at 4 on a CPU).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run", help="Run folder name under results/pretrain/ (default: "
+                                                 "<preset>__<dataset ids>).")] = None,
+    stop_after: StopAfter = None,
+    restart: Restart = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, crops, augmentations and masks.")] = 0,
+    num_workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    drop_path: Annotated[float, typer.Option("--drop-path", min=0.0, max=1.0, help="Stochastic depth rate.")] = 0.3,
+    koleo_weight: Annotated[float, typer.Option("--koleo-weight", min=0.0, help="Weight of the KoLeo term.")] = 0.1,
+    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.002,
+    prototypes: Annotated[int | None, typer.Option("--prototypes", min=2, help="DINO/iBOT prototypes (default: "
+                                                   "65,536; 1,024 for tiny).")] = None,
+    save_every: SaveEvery = 100,
+    snapshot_every: SnapshotEvery = None,
+    grad_checkpointing: GradCheckpointing = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
     _common(verbose, no_progress)
-    _not_built("pretrain", 3)
+    from threedino_pipe.training import pretrain as stage
+    stage.run(list(datasets) + list(more or []), preset=preset, iters=iters, batch_size=batch_size,
+              run_name=run_name, stop_after=stop_after, restart=restart, seed=seed, num_workers=num_workers,
+              device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
+              prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
+              grad_checkpointing=grad_checkpointing)
 
 
 @app.command("adapt-highres")
 def adapt_highres(
     from_run: Annotated[Path, typer.Option("--from", help="Pretrain run folder to continue from.")],
+    iteration: Annotated[int | None, typer.Option("--iteration", help="Start from snapshot checkpoint_<N>.pt "
+                                                  "(default: checkpoint_final.pt, else checkpoint_latest.pt).")] = None,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Iterations (the paper: 12,500).")] = 12_500,
+    run_name: Annotated[str | None, typer.Option("--run", help="Run folder name (default: <from>__highres).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
+                                                   "(default: plans.json's highres batch, 4 on a CPU).")] = None,
+    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.001,
+    stop_after: StopAfter = None,
+    restart: Restart = False,
+    num_workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    save_every: SaveEvery = 100,
+    snapshot_every: SnapshotEvery = None,
+    grad_checkpointing: GradCheckpointing = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """High-resolution adaptation of a pretrain run (112/64 crops, 7^3 position grid)."""
     _common(verbose, no_progress)
-    _not_built("adapt-highres", 3)
+    from threedino_pipe.training import adapt_highres as stage
+    stage.run(from_run, iteration=iteration, iters=iters, run_name=run_name, batch_size=batch_size, base_lr=base_lr,
+              stop_after=stop_after, restart=restart, num_workers=num_workers, device=device, precision=precision,
+              save_every=save_every, snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing)
 
 
 @app.command()
@@ -190,12 +253,18 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder to export.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="3dino: a pretrain run's teacher backbone and heads in the "
+                                     "released 3DINO layout; zip: a finetune run as a model zip (not yet built).")]
+    = "3dino",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Export a finetune run as a model zip, or a pretrain backbone in the released 3DINO layout."""
     _common(verbose, no_progress)
-    _not_built("export", 3)
+    if fmt != "3dino":
+        _not_built("export --format zip", 5)
+    from threedino_pipe.training import export as stage
+    stage.run(run_dir, output)
 
 
 @app.command()
