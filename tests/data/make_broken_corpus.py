@@ -62,8 +62,9 @@ def write_dicom_series(array_xyz: np.ndarray, folder: Path, series_uid: str, *, 
     """Write an X x Y x Z volume as a DICOM series (int16, one file per k slice) with SimpleITK.
 
     UIDs and dates are fixed so the files are reproducible; ``skip_slices`` leaves slices out
-    (a series with a gap). GDCM's writer sets the process locale to "C" (text files would then
-    default to ASCII): the locale is restored afterwards.
+    (a series with a gap). Slice spacing (0018|0088) is set explicitly: GDCM otherwise writes it
+    from the second file a process writes on, not in the first. GDCM's writer also sets the
+    process locale to "C" (text files would then default to ASCII): it is restored afterwards.
     """
     saved_locale = locale.setlocale(locale.LC_ALL)
     try:
@@ -83,11 +84,11 @@ def _write_dicom_slices(array_xyz, folder, series_uid, spacing, origin, directio
               "0008|0020": "20260101", "0008|0021": "20260101", "0008|0030": "120000", "0008|0031": "120000",
               "0008|0060": "CT", "0008|103e": "threedino-pipe test series", "0010|0010": "ANONYMOUS",
               "0010|0020": "0", "0020|000d": series_uid + ".0", "0020|000e": series_uid, "0020|0037": orientation,
-              "0018|0050": f"{spacing[2]:g}", "0028|1052": "0", "0028|1053": "1"}
+              "0018|0050": f"{spacing[2]:g}", "0018|0088": f"{spacing[2]:g}", "0028|1052": "0", "0028|1053": "1"}
     for k in range(image.GetSize()[2]):
         if k in skip_slices:
             continue
-        slice_k = image[:, :, k]
+        slice_k = image[:, :, k:k + 1]  # one slice, kept 3D
         for tag, value in common.items():
             slice_k.SetMetaData(tag, value)
         position = image.TransformIndexToPhysicalPoint((0, 0, k))

@@ -80,9 +80,7 @@ def check_dataset(folder: Path, *, allow_nan: bool = False,
             log.debug("checked %s: %d problem(s)", case.case_id, len(per_case[case.case_id]))
     else:
         per_case = _check_in_pool(folder, checkable, spec, allow_nan, min(num_processes, len(checkable)))
-    order = {case.case_id: index for index, case in enumerate(cases)}
-    problems = sorted(problems, key=lambda p: order.get(p.case, -1))  # stable: discovery order within a case
-    by_case: dict[str, list[Problem]] = {}
+    by_case: dict[str, list[Problem]] = {}  # layout problems, grouped by case in discovery order
     for problem in problems:
         by_case.setdefault(problem.case, []).append(problem)
     ordered = by_case.pop("", [])
@@ -127,9 +125,9 @@ def run(dataset: str, *, allow_nan: bool = False, num_processes: int = 2) -> int
     Returns:
         1 if any error was found, else 0 (warnings do not fail).
     """
-    folder = paths.resolve_dataset(dataset)
-    for note in paths.describe_defaults():
+    for note in paths.describe_defaults():  # first: it explains a "no dataset" error too
         print(f"note: {note}", file=sys.stderr)
+    folder = paths.resolve_dataset(dataset)
     _, cases, problems = check_dataset(folder, allow_nan=allow_nan, num_processes=num_processes)
     print_report(folder, len(cases), problems)
     return 1 if any(p.is_error for p in problems) else 0
