@@ -49,7 +49,7 @@ class Side:
 
 def _default_name(runs: list[Path]) -> str:
     first = runs[0].resolve()
-    name = first.parent.name if first.name == "evaluation" else first.name
+    name = first.parent.name if first.name == "evaluation" or first.is_file() else first.name
     if len(runs) == 1:
         return name
     return f"{name} +{len(runs) - 1} run" + ("s" if len(runs) > 2 else "")
@@ -108,7 +108,7 @@ def _load_segmentation_run(path: Path, reference: Path, references: dict[str, Pa
         raise UserError(f"per_case.csv lacks column(s) {', '.join(missing)}", file=path / PER_CASE_FILE,
                         fix="rerun `3dino evaluate` for this run")
     cases = summary.get("cases", {})
-    return SegmentationResult(per_case=per_case[COLUMNS],
+    return SegmentationResult(per_case=per_case[COLUMNS], evaluated=list(dict.fromkeys(per_case["case_id"])),
                               labels={k: tuple(v) for k, v in summary.get("labels", {}).items()},
                               missing=list(cases.get("missing", [])), failed=list(cases.get("failed", [])),
                               ignored=list(cases.get("ignored", [])))
@@ -145,7 +145,7 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec |
     if labels is None:
         merged = {k: v for results in runs.values() for r in results for k, v in r.labels.items()}
         labels = dict(sorted(merged.items(), key=lambda item: list(item[1])))
-    evaluated = [set(r.per_case["case_id"]) for results in runs.values() for r in results]
+    evaluated = [set(r.evaluated) for results in runs.values() for r in results]
     paired = sorted(set.intersection(*evaluated))
     unpaired = sorted(set(references) - set(paired))
     if not paired:
@@ -154,7 +154,8 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec |
     side_tables = {}
     for key, results in runs.items():
         tables = [fill_absent_labels(r.per_case[r.per_case["case_id"].isin(paired)
-                                                & r.per_case["label"].isin(list(labels))], labels) for r in results]
+                                                & r.per_case["label"].isin(list(labels))], labels, paired)
+                  for r in results]
         side_tables[key] = pd.concat(tables).groupby(["case_id", "label"], sort=False)[list(SEGMENTATION_METRICS)] \
             .mean()
     index = pd.MultiIndex.from_tuples([(c, name) for c in paired for name in labels], names=["case_id", "label"])

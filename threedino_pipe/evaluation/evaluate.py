@@ -103,7 +103,7 @@ def _evaluate_segmentation(reference: Path, prediction: Path, spec: DatasetSpec 
                "prediction": str(prediction.resolve()), "dataset": dataset,
                "options": {"seed": seed, "num_bootstrap": num_bootstrap, "confidence": 0.95},
                "labels": {k: list(v) for k, v in result.labels.items()},
-               "cases": {"reference": len(references), "evaluated": int(result.per_case["case_id"].nunique()),
+               "cases": {"reference": len(references), "evaluated": len(result.evaluated),
                          "missing": result.missing, "failed": result.failed, "ignored": result.ignored},
                "metrics": metrics, "mean_over_labels": mean_over_labels}
     figures = {"metrics_per_label.png": plots.segmentation_boxplot(result.per_case, list(result.labels))}

@@ -32,12 +32,15 @@ def segmentation_boxplot(per_case: pd.DataFrame, labels: Sequence[str]) -> bytes
     for ax, (metric, title) in zip(fig.subplots(1, 2), (("dice", "Dice"), ("hd95_mm", "HD95 (mm)")), strict=True):
         data = [per_case.loc[per_case["label"] == name, metric].dropna().to_numpy() for name in labels]
         positions = np.arange(1, len(labels) + 1)
+        ax.set_title(title)
+        if not labels:
+            ax.text(0.5, 0.5, "no label", ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.boxplot([d if d.size else [np.nan] for d in data], positions=positions, widths=0.55, showfliers=False)
         for pos, values in zip(positions, data, strict=True):
             ax.scatter(pos + rng.uniform(-0.15, 0.15, values.size), values, s=10, alpha=0.6, color=SIDE_COLOURS[0])
         ax.set_xticks(positions, list(labels), rotation=30 if len(labels) > 3 else 0, ha="right"
                       if len(labels) > 3 else "center")
-        ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
         if metric == "dice":
             ax.set_ylim(-0.02, 1.02)

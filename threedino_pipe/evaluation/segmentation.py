@@ -39,10 +39,12 @@ class SegmentationResult:
         missing: reference cases without a prediction.
         failed: ``{"case_id", "file", "problem"}`` for predictions that could not be evaluated.
         ignored: predictions without a reference.
+        evaluated: cases whose metrics are in ``per_case``.
     """
 
     per_case: pd.DataFrame
     labels: dict[str, tuple[int, ...]]
+    evaluated: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -148,13 +150,15 @@ def evaluate_folder(reference_dir: Path, prediction_dir: Path, labels: Mapping[s
             results = list(track(pool.map(_evaluate_star, jobs), description, total=len(jobs)))
     else:
         results = [evaluate_case(*job) for job in track(jobs, description, total=len(jobs))]
-    rows, failed, undeclared = [], [], set()
-    for case_rows, failure, extra in results:
+    rows, failed, undeclared, evaluated = [], [], set(), []
+    for case, (case_rows, failure, extra) in zip(paired, results, strict=True):
         rows += case_rows
         undeclared.update(extra)
         if failure:
             log.error("error: case '%s': %s (%s)", failure["case_id"], failure["problem"], failure["file"])
             failed.append(failure)
+        else:
+            evaluated.append(case)
     if undeclared:
         log.warning("warning: predictions hold label values %s that dataset.json does not declare; not evaluated",
                     sorted(undeclared))
@@ -163,18 +167,26 @@ def evaluate_folder(reference_dir: Path, prediction_dir: Path, labels: Mapping[s
         labels = {name: tuple(int(v) for v in values.split("+")) for name, values in
                   sorted(set(zip(per_case["label"], per_case["label_values"], strict=True)),
                          key=lambda item: [int(v) for v in item[1].split("+")])}
-        per_case = fill_absent_labels(per_case, labels)
-    return SegmentationResult(per_case=per_case, labels=dict(labels), missing=missing, failed=failed,
-                              ignored=ignored)
+        per_case = fill_absent_labels(per_case, labels, evaluated)
+        if not labels and evaluated:
+            log.warning("warning: every reference and prediction is background only: no label to evaluate "
+                        "(pass -d to evaluate the dataset's labels)")
+    return SegmentationResult(per_case=per_case, labels=dict(labels), evaluated=evaluated, missing=missing,
+                              failed=failed, ignored=ignored)
 
 
-def fill_absent_labels(per_case: pd.DataFrame, labels: Mapping[str, tuple[int, ...]]) -> pd.DataFrame:
-    """Add rows (Dice and HD95 NaN, no voxels) for labels absent from both images of a case."""
+def fill_absent_labels(per_case: pd.DataFrame, labels: Mapping[str, tuple[int, ...]],
+                       cases: list[str] | None = None) -> pd.DataFrame:
+    """Add rows (Dice and HD95 NaN, no voxels) for labels absent from both images of a case.
+
+    Args:
+        cases: the cases to complete (default: those in ``per_case``).
+    """
     have = set(zip(per_case["case_id"], per_case["label"], strict=True))
     extra = [{"case_id": case, "label": name, "label_values": "+".join(map(str, values)), "dice": np.nan,
               "hd95_mm": np.nan, "ref_voxels": 0, "pred_voxels": 0, "ref_volume_ml": 0.0, "pred_volume_ml": 0.0}
-             for case in dict.fromkeys(per_case["case_id"]) for name, values in labels.items()
-             if (case, name) not in have]
+             for case in (cases if cases is not None else dict.fromkeys(per_case["case_id"]))
+             for name, values in labels.items() if (case, name) not in have]
     if extra:
         per_case = pd.concat([per_case, pd.DataFrame(extra, columns=COLUMNS)], ignore_index=True)
     order = {name: i for i, name in enumerate(labels)}
