@@ -158,7 +158,8 @@ def test_allow_nan_turns_nan_into_a_warning(tmp_path):
 
 
 def test_good_real_and_generated_datasets_pass(mni_raw, synthetic_raw, tmp_path):
-    proc = run_3dino("verify", "-d", "990", "-v", "--no-progress", env=_env(mni_raw, tmp_path), cwd=tmp_path)
+    proc = run_3dino("verify", "-d", "990", "-np", "1", "-v", "--no-progress", env=_env(mni_raw, tmp_path),
+                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "8 cases, 0 errors" in proc.stdout and "checked mni_007" in proc.stderr  # -v: one line per case
     proc = run_3dino("verify", "-d", "Dataset991_Ellipsoids", "-np", "2", env=_env(synthetic_raw, tmp_path),

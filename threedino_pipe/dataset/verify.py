@@ -105,7 +105,7 @@ def print_report(folder: Path, num_cases: int, problems: list[Problem]) -> None:
     console = Console(soft_wrap=False) if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
     console.print(f"[bold]verify[/bold] {folder}", highlight=False)
     if problems:
-        table = Table(show_lines=False, highlight=False)
+        table = Table(show_lines=sys.stdout.isatty(), highlight=False)  # row rules help wrapped rows
         for name in ("severity", "case", "file", "problem", "fix"):
             table.add_column(name, overflow="fold")
         for p in problems:
