@@ -54,3 +54,17 @@ def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
     full_env.update(env or {})
     return subprocess.run([*THREEDINO, *args], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mni_preprocessed(mni_raw, tmp_path_factory) -> dict[str, str]:
+    """The MNI dataset planned and preprocessed once (real CLI); returns THREEDINO_* env for it.
+
+    Read-only for tests: each test sets its own THREEDINO_RESULTS.
+    """
+    pre = tmp_path_factory.mktemp("mni_preprocessed")
+    env = {"THREEDINO_RAW": str(mni_raw), "THREEDINO_PREPROCESSED": str(pre)}
+    for args in (("plan", "-d", "990"), ("preprocess", "-d", "990")):
+        result = run_3dino(*args, env=env)
+        assert result.returncode == 0, result.stderr
+    return env

@@ -114,3 +114,18 @@ def test_cli_lists_every_stage_and_errors_without_traceback(folders):
     missing = run_3dino("plan", "-d", "777")
     assert missing.returncode != 0
     assert "Traceback" not in missing.stderr and "no dataset '777'" in missing.stderr
+
+
+def test_truncated_nifti_is_refused_although_simpleitk_reads_it(tmp_path):
+    geometry = Geometry(size=(20, 20, 20), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rng = np.random.default_rng(0)
+    for ending in (".nii.gz", ".nii"):
+        path = tmp_path / f"img{ending}"
+        write_image(rng.normal(size=(20, 20, 20)).astype(np.float32), geometry, path)
+        assert read_image(path)[0].shape == (20, 20, 20)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(UserError) as err:
+            read_image(path)
+        assert "truncated" in err.value.render() and path.name in err.value.render()

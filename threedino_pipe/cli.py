@@ -131,8 +131,9 @@ def pretrain(
     iters: Annotated[int, typer.Option("--iters", min=1, help="Training iterations (the paper: 125,000).")] = 125_000,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
                                                    "(default: plans.json's, capped at 4 on a CPU).")] = None,
-    run_name: Annotated[str | None, typer.Option("--run", help="Run folder name under results/pretrain/ (default: "
-                                                 "<preset>__<dataset ids>).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run", "--run-name", help="Run folder name under "
+                                                 "results/pretrain/ (default: <preset>__<dataset ids>); under "
+                                                 "torchrun write --run-name (torchrun reads --run itself).")] = None,
     stop_after: StopAfter = None,
     restart: Restart = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, crops, augmentations and masks.")] = 0,
@@ -166,7 +167,8 @@ def adapt_highres(
     iteration: Annotated[int | None, typer.Option("--iteration", help="Start from snapshot checkpoint_<N>.pt "
                                                   "(default: checkpoint_final.pt, else checkpoint_latest.pt).")] = None,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Iterations (the paper: 12,500).")] = 12_500,
-    run_name: Annotated[str | None, typer.Option("--run", help="Run folder name (default: <from>__highres).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run", "--run-name", help="Run folder name (default: "
+                                                 "<from>__highres); --run-name under torchrun.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
                                                    "(default: plans.json's highres batch, 4 on a CPU).")] = None,
     base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.001,

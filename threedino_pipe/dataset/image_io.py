@@ -88,6 +88,42 @@ def _dicom_reader(folder: Path) -> sitk.ImageSeriesReader:
     return reader
 
 
+def nifti_is_truncated(path: str | Path) -> bool:
+    """True when a NIfTI file holds fewer voxel bytes than its header declares.
+
+    SimpleITK reads such a file without an error and fills the missing voxels with zeros. For
+    ``.nii`` the file size is compared with the header's offset + data size; for ``.nii.gz`` the
+    gzip trailer's uncompressed size (ISIZE, mod 2^32), which a cut-off file does not hold. Only
+    the header and the last 4 bytes are read.
+    """
+    import gzip
+    import struct
+
+    import nibabel as nib
+    path = Path(path)
+    try:
+        header = nib.load(str(path)).header
+    except Exception:  # unreadable header: SimpleITK will report it
+        return False
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * \
+        header.get_data_dtype().itemsize
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size < expected
+    with path.open("rb") as fh:
+        fh.seek(-4, 2)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == expected % 2**32:
+        return False
+    try:  # trailer mismatch: a multi-member gzip is legal; decompress to be sure
+        with gzip.open(path, "rb") as fh:
+            total = 0
+            while chunk := fh.read(1 << 24):
+                total += len(chunk)
+        return total < expected
+    except (EOFError, OSError):
+        return True
+
+
 def read_sitk(path: str | Path) -> sitk.Image:
     """Read an image file, or a folder holding one DICOM series, as a SimpleITK image.
 
@@ -97,6 +133,9 @@ def read_sitk(path: str | Path) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise UserError("file not found", file=path)
+    if is_nifti(path) and path.is_file() and nifti_is_truncated(path):
+        raise UserError("the file is truncated: it holds fewer voxels than its header declares", file=path,
+                        fix="re-export or copy the file again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
