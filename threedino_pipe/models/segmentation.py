@@ -1,0 +1,137 @@
+"""Segmentation networks: a 3D ViT backbone plus one of the heads ``adapter``, ``unetr``, ``linear``.
+
+Build with :func:`build_segmentation_model`; ``net.model_args()`` returns the builder's keyword
+arguments (JSON-able, head options resolved), so ``build_segmentation_model(**net.model_args())``
+rebuilds the same architecture (weights come from a checkpoint, never from the backbone file).
+
+Input ``[B, in_channels, X, Y, Z]`` (cross-slice axis last), each spatial side a multiple of the
+backbone's patch size (16); output logits ``[B, num_outputs, X, Y, Z]``. A single-channel
+backbone runs once per input channel (channels folded into the batch); the heads mix the
+channels back (:mod:`threedino_pipe.models.channel_mixing`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from threedino_pipe.models.channel_mixing import fold_channels
+from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
+from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.vit3d import VisionTransformer3D
+
+HEADS = ("adapter", "unetr", "linear")
+
+# Finetuning defaults per head (METHOD.md, "Downstream"): AdamW lr and batch size.
+HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
+    "adapter": {"lr": 1e-4, "batch_size": 8},
+    "unetr": {"lr": 1e-4, "batch_size": 8},
+    "linear": {"lr": 1e-3, "batch_size": 16},
+}
+
+
+class SegmentationNetwork(nn.Module):
+    """Backbone + head. ``forward(x [B, in_channels, X, Y, Z]) -> logits [B, num_outputs, X, Y, Z]``.
+
+    Frozen backbone (default): its parameters have ``requires_grad=False`` and stay in eval mode;
+    the layer-tapping heads (``linear``, ``unetr``) run it without autograd, while the adapter
+    runs it with autograd so gradients flow through every block to the injectors.
+    """
+
+    def __init__(self, backbone: VisionTransformer3D, head: nn.Module, head_name: str, in_channels: int,
+                 num_outputs: int, *, freeze_backbone: bool = True, backbone_spec: str | dict | None = None) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.head_name, self.in_channels, self.num_outputs = head_name, in_channels, num_outputs
+        self.fold = backbone.in_chans == 1 and in_channels > 1
+        self._backbone_spec = backbone_spec if backbone_spec is not None else backbone.dims
+        self.frozen = False
+        self.set_backbone_frozen(freeze_backbone)
+
+    # ----- configuration -----------------------------------------------------------------
+    def model_args(self) -> dict:
+        """Keyword arguments of :func:`build_segmentation_model` that rebuild this architecture."""
+        spec = self._backbone_spec
+        return {"head": self.head_name, "backbone_dims": dict(spec) if isinstance(spec, dict) else spec,
+                "in_channels": self.in_channels, "num_outputs": self.num_outputs,
+                "freeze_backbone": self.frozen, **self.head.options}
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze (``requires_grad=False``, eval mode) or unfreeze the backbone's parameters."""
+        self.frozen = bool(frozen)
+        for p in self.backbone.parameters():
+            p.requires_grad_(not self.frozen)
+        self.backbone.train(self.training and not self.frozen)
+
+    def train(self, mode: bool = True) -> SegmentationNetwork:
+        super().train(mode)
+        self.backbone.train(mode and not self.frozen)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters to optimise: the head's, plus the backbone's when it is not frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- forward -----------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, X, Y, Z]`` with sides multiples of the patch."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got {tuple(x.shape)}")
+        self.backbone.patch_grid(x.shape[2:])
+
+    def backbone_input(self, x: Tensor) -> Tensor:
+        """The backbone's input: channels folded into the batch for a single-channel backbone."""
+        return fold_channels(x) if self.fold else x
+
+    def tapped_features(self, x: Tensor, layers: list[int]) -> list[Tensor]:
+        """Patch tokens ``[B*C, N, dim]`` (final norm applied) after the given 0-based blocks."""
+        track = torch.is_grad_enabled() and not self.frozen
+        with torch.set_grad_enabled(track):
+            return self.backbone.get_intermediate_layers(self.backbone_input(x), layers, norm=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if self.head_name == "adapter":
+            return self.head(self.backbone, self.backbone_input(x), x)
+        features = self.tapped_features(x, self.head.layers)
+        if self.head_name == "unetr":
+            return self.head(features, x)
+        return self.head(features, x.shape[2:])
+
+
+def _build_head(head: str, backbone: VisionTransformer3D, in_channels: int, num_outputs: int,
+                options: dict) -> nn.Module:
+    channels = in_channels if backbone.in_chans == 1 else 1
+    if head == "linear":
+        return LinearDecoder(backbone.embed_dim, backbone.depth, channels, num_outputs,
+                             patch_size=backbone.patch_size, **options)
+    if head == "unetr":
+        return UNETRDecoder(backbone.embed_dim, backbone.depth, channels, num_outputs, image_channels=in_channels,
+                            patch_size=backbone.patch_size, **options)
+    raise NotImplementedError(f"the {head} head is not implemented yet")
+
+
+def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
+                             freeze_backbone: bool = True, **head_options) -> SegmentationNetwork:
+    """Build a segmentation network with a randomly initialised backbone.
+
+    Args:
+        head: ``adapter``, ``unetr`` or ``linear``.
+        backbone_dims: a preset name or :attr:`VisionTransformer3D.dims` (any
+            :func:`~threedino_pipe.models.presets.build_backbone` keywords).
+        in_channels: input image channels C; a 1-channel backbone runs once per channel.
+        num_outputs: output channels K (classes incl. background, or regions).
+        freeze_backbone: backbone parameters get ``requires_grad=False``.
+        head_options: head-specific options (see the head classes), recorded by ``model_args()``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if in_channels < 1 or num_outputs < 1:
+        raise ValueError(f"in_channels ({in_channels}) and num_outputs ({num_outputs}) must be >= 1")
+    backbone = build_backbone(backbone_dims)
+    if backbone.in_chans not in (1, in_channels):
+        raise ValueError(f"a backbone with {backbone.in_chans} input channels cannot take {in_channels} channels")
+    module = _build_head(head, backbone, in_channels, num_outputs, dict(head_options))
+    spec = backbone.dims if isinstance(backbone_dims, str) else {**backbone.dims, **backbone_dims}
+    return SegmentationNetwork(backbone, module, head, in_channels, num_outputs,
+                               freeze_backbone=freeze_backbone, backbone_spec=spec)
