@@ -46,6 +46,7 @@ from threedino_pipe.visualization.curves import plot_curves
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.ssl_checkpoint"
 COLLAPSE_STD = 1e-4
+COLLAPSE_AFTER = 50  # iterations before the collapse check starts (a fresh ViT's CLS tokens all look alike)
 
 
 @dataclass
@@ -134,8 +135,9 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
         init_state: ``{"student": ..., "teacher": ...}`` state dicts to start from (adapt-highres).
     """
     device = dist.device
-    torch.manual_seed(config.seed + dist.rank)
+    torch.manual_seed(config.seed)  # the same initialisation on every rank (teacher included)
     student, teacher = _build(config)
+    torch.manual_seed(config.seed * 1_000_003 + 7919 * dist.rank)  # per-rank stream (drop path)
     if init_state is not None:
         student.load_state_dict(init_state["student"])
         teacher.load_state_dict(init_state["teacher"])
@@ -221,7 +223,7 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
                            "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
                            "last_layer_lr": values["last_layer_lr"], "crops_per_s": crops / seconds,
                            "seconds": seconds, "memory_mb": _memory_mb(device)})
-            if dist.is_main and not warned and iteration > max(1, config.iters // 10) and \
+            if dist.is_main and not warned and iteration >= max(COLLAPSE_AFTER, config.iters // 10) and \
                     (terms["cls_std"] < COLLAPSE_STD or terms["teacher_entropy"] < 0.01):
                 logger.warning("representation collapse suspected at iteration %d: CLS feature std %.2e, teacher "
                                "entropy %.3f of its maximum", iteration, terms["cls_std"], terms["teacher_entropy"])
@@ -238,8 +240,9 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
                                          "teacher_temp", "teacher_entropy", "crops_per_s"], title=folder.name)
                 barrier()
     loader.close()
+    if end == config.iters:
+        state = checkpoint_state(end)  # every rank: it gathers the RNG states
     if end == config.iters and dist.is_main:
-        state = checkpoint_state(end)
         _save(folder, "checkpoint_final.pt", state)
         save_backbone(teacher.backbone, folder / "backbone.pt", preset=config.preset,
                       meta={"run": folder.name, "iteration": end, "datasets": config.datasets,
