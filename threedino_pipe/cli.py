@@ -205,15 +205,35 @@ def finetune(
 
 @app.command()
 def predict(
-    input_dir: Annotated[Path, typer.Option("--input", "-i", help="Folder (or list file) of cases.")],
-    output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
-    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder(s) or model zip.")],
+    input_dir: Annotated[Path, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz channel "
+                         "files, plain single-channel files, or one DICOM series folder per case), a text file listing "
+                         "one scan per line, or one scan.")],
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat -m "
+                     "for several folds (their probabilities are averaged).")],
+    overlap: Annotated[float, typer.Option("--overlap", help="Overlap of neighbouring sliding windows per axis, "
+                       "in [0, 1) (the paper used 0.75).")] = 0.5,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the 8 flip combinations "
+                   "of the three axes (8x slower).")] = False,
+    resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists; refuses a "
+                      "folder that another model (or other --overlap/--tta) wrote.")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write "
+                                  "<case>_probabilities.npz (float16 probabilities on the input grid).")] = False,
+    window_batch_size: Annotated[int, typer.Option("--window-batch-size", min=1, help="Sliding windows per forward "
+                                 "pass.")] = 1,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Cases read and preprocessed ahead in "
+                           "background threads while the current one is predicted (0 = none).")] = 1,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Predict every case of a folder into the input's exact geometry."""
+    """Predict every case of a folder into the input's exact geometry (exit 1 if any case failed)."""
     _common(verbose, no_progress)
-    _not_built("predict", 5)
+    from threedino_pipe.inference import predict as stage
+    raise typer.Exit(stage.run(input_dir, output_dir, model, overlap=overlap, tta=tta, resume=resume,
+                               save_probabilities=save_probabilities, window_batch_size=window_batch_size,
+                               device=device, precision=precision, num_workers=num_workers))
 
 
 @app.command()
@@ -256,15 +276,20 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder to export.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
     fmt: Annotated[str, typer.Option("--format", help="3dino: a pretrain run's teacher backbone and heads in the "
-                                     "released 3DINO layout; zip: a finetune run as a model zip (not yet built).")]
+                                     "released 3DINO layout; zip: a finetune run as a model zip (model.json + "
+                                     "checkpoint_best.pt) for `3dino predict -m`.")]
     = "3dino",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Export a finetune run as a model zip, or a pretrain backbone in the released 3DINO layout."""
     _common(verbose, no_progress)
+    if fmt == "zip":
+        from threedino_pipe.inference.model_zip import export_zip
+        export_zip(run_dir, output)
+        return
     if fmt != "3dino":
-        _not_built("export --format zip", 5)
+        raise UserError(f"unknown --format {fmt!r}", fix="pass --format zip or --format 3dino")
     from threedino_pipe.training import export as stage
     stage.run(run_dir, output)
 

@@ -1,0 +1,205 @@
+"""Back to the input's geometry: from scores on the preprocessed grid to a label image on the input grid.
+
+Preprocessing (``threedino_pipe.preprocessing.pipeline.preprocess_case``) transposed the case
+(cross-slice axis last), cropped it to the box of nonzero voxels and resampled the crop onto a
+grid of the plan's spacing centred on it (docs/schemas.md, "Preprocessed case"). This module
+inverts those steps using the case's ``properties``:
+
+1. resample each output channel (class probability or region probability) from the
+   preprocessed grid back to the cropped grid (linear interpolation, SimpleITK; the same centred
+   grid convention as preprocessing, with input and output swapped), **one channel and one slab
+   of rows at a time**, so no ``K x`` volume exists at the original resolution;
+2. softmax models: argmax over the channels (a running maximum per slab); sigmoid (region)
+   models: each region thresholded at 0.5 and written with its ``regions_class_order`` value,
+   later regions over earlier ones (nnU-Net's rule);
+3. undo the transpose and paste the crop into a zero volume of the input's size.
+
+Axis words: *transposed* order is the preprocessed arrays' axis order; *original* order is the
+input image's index order (i, j, k). ``crop_box`` is in original order, ``shape_after_crop`` and
+``spacing`` in transposed order.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from threedino_pipe.jsonio import atomic_path
+
+SLAB_VOXELS = 8_000_000  # output voxels resampled at once (one channel): 32 MB of float32
+
+
+def inverse_permutation(transpose: Sequence[int]) -> list[int]:
+    """Axes that undo ``np.transpose(a, transpose)``."""
+    return [int(a) for a in np.argsort(transpose)]
+
+
+def original_spacing_transposed(properties: dict) -> list[float]:
+    """Spacing (mm) of the input image per transposed axis."""
+    spacing = properties["original_geometry"]["spacing"]
+    return [float(spacing[a]) for a in properties["transpose"]]
+
+
+def needs_resampling(properties: dict) -> bool:
+    """False when the preprocessed grid is the cropped input grid (same shape and spacing)."""
+    same_shape = list(properties["shape"]) == list(properties["shape_after_crop"])
+    return not (same_shape and np.allclose(properties["spacing"], original_spacing_transposed(properties),
+                                           rtol=0, atol=1e-6))
+
+
+def grid_positions(n_out: int, s_out: float, n_in: int, s_in: float) -> np.ndarray:
+    """Continuous input index of each output voxel for two grids centred on each other (mm spacings)."""
+    return (np.arange(n_out) - (n_out - 1) / 2) * s_out / s_in + (n_in - 1) / 2
+
+
+def slabs(n: int, other_voxels: int, slab_voxels: int | None = None) -> Iterator[tuple[int, int]]:
+    """Half-open row ranges covering ``n`` rows of ``other_voxels`` each, at most ``slab_voxels``
+    (default :data:`SLAB_VOXELS`) voxels per range, at least one row."""
+    rows = max(1, (slab_voxels or SLAB_VOXELS) // max(1, other_voxels))
+    for lo in range(0, n, rows):
+        yield lo, min(n, lo + rows)
+
+
+def _as_numpy(block: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(block, torch.Tensor):
+        return block.to(torch.float32).numpy()
+    return np.asarray(block, dtype=np.float32)
+
+
+def resample_rows(channel: torch.Tensor | np.ndarray, properties: dict, axis: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``[lo, hi)`` (along transposed ``axis``) of one channel restored onto the cropped input grid.
+
+    Args:
+        channel: ``X' x Y' x Z'`` values on the preprocessed grid (any float dtype, CPU).
+        properties: the case properties of ``preprocess_case``.
+
+    Returns:
+        float32 array of ``shape_after_crop`` with ``hi - lo`` rows along ``axis`` (transposed order).
+    """
+    out_shape = [int(n) for n in properties["shape_after_crop"]]
+    if not needs_resampling(properties):
+        index = [slice(None)] * 3
+        index[axis] = slice(lo, hi)
+        return _as_numpy(channel[tuple(index)])
+    in_shape = [int(n) for n in channel.shape]
+    s_in = [float(s) for s in properties["spacing"]]
+    s_out = original_spacing_transposed(properties)
+    positions = grid_positions(out_shape[axis], s_out[axis], in_shape[axis], s_in[axis])
+    first = max(0, int(math.floor(positions[lo])) - 1)
+    last = min(in_shape[axis], int(math.floor(positions[hi - 1])) + 3)
+    index = [slice(None)] * 3
+    index[axis] = slice(first, last)
+    block = _as_numpy(channel[tuple(index)])
+    starts = [0, 0, 0]
+    starts[axis] = first
+    image = sitk.GetImageFromArray(np.ascontiguousarray(block.transpose(2, 1, 0)))
+    image.SetSpacing(s_in)
+    image.SetOrigin([(starts[d] - (in_shape[d] - 1) / 2) * s_in[d] for d in range(3)])
+    size = list(out_shape)
+    size[axis] = hi - lo
+    out_starts = [0, 0, 0]
+    out_starts[axis] = lo
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(size)
+    resampler.SetOutputSpacing(s_out)
+    resampler.SetOutputOrigin([(out_starts[d] - (out_shape[d] - 1) / 2) * s_out[d] for d in range(3)])
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampler.Execute(image)).transpose(2, 1, 0)
+
+
+def label_dtype(values: Sequence[int]) -> np.dtype:
+    """uint8 when every written label value fits, else int16."""
+    return np.dtype(np.uint8) if 0 <= min(values, default=0) and max(values, default=0) < 256 else np.dtype(np.int16)
+
+
+def labels_on_crop(scores: torch.Tensor, properties: dict, *, output: str, values: Sequence[int]) -> np.ndarray:
+    """The label image of the cropped region (transposed order) from ``K x X' x Y' x Z'`` scores.
+
+    Args:
+        scores: probabilities on the preprocessed grid (CPU, float16 or float32).
+        output: ``softmax`` (``values[c]`` is the label of channel ``c``; argmax) or ``sigmoid``
+            (``values[r]`` is region ``r``'s ``regions_class_order`` value; threshold 0.5, later
+            regions written over earlier ones).
+    """
+    shape = [int(n) for n in properties["shape_after_crop"]]
+    dtype = label_dtype(values)
+    lookup = np.asarray(values, dtype=dtype)
+    labels = np.zeros(shape, dtype)
+    for lo, hi in slabs(shape[0], shape[1] * shape[2]):
+        if output == "softmax":
+            best = resample_rows(scores[0], properties, 0, lo, hi)
+            index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
+            for c in range(1, scores.shape[0]):
+                value = resample_rows(scores[c], properties, 0, lo, hi)
+                np.putmask(index, value > best, c)
+                np.maximum(best, value, out=best)
+            labels[lo:hi] = lookup[index]
+        else:
+            out = labels[lo:hi]
+            for r in range(scores.shape[0]):
+                out[resample_rows(scores[r], properties, 0, lo, hi) > 0.5] = lookup[r]
+    return labels
+
+
+def paste_into_input(cropped: np.ndarray, properties: dict) -> np.ndarray:
+    """Undo the transpose of a cropped ``shape_after_crop`` array and paste it into zeros of the input's size."""
+    original = np.transpose(cropped, inverse_permutation(properties["transpose"]))
+    full = np.zeros([int(n) for n in properties["original_geometry"]["size"]], cropped.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in properties["crop_box"])] = original
+    return full
+
+
+def restore_labels(scores: torch.Tensor, properties: dict, *, output: str, values: Sequence[int]) -> np.ndarray:
+    """``X x Y x Z`` labels on the input grid (original order) from scores on the preprocessed grid."""
+    return paste_into_input(labels_on_crop(scores, properties, output=output, values=values), properties)
+
+
+def _restored_rows_original(channel: torch.Tensor, properties: dict, fill: float) -> Iterator[np.ndarray]:
+    """One channel on the whole input grid, yielded as blocks of rows of original axis 0 (float16)."""
+    transpose = [int(a) for a in properties["transpose"]]
+    inverse = inverse_permutation(transpose)
+    axis = transpose.index(0)  # the transposed axis that is original axis 0
+    size = [int(n) for n in properties["original_geometry"]["size"]]
+    box = properties["crop_box"]
+    (x0, x1), (y0, y1), (z0, z1) = box
+    other = size[1] * size[2]
+    for lo, hi in slabs(size[0], other):
+        block = np.full((hi - lo, size[1], size[2]), fill, np.float16)
+        a, b = max(lo, x0), min(hi, x1)
+        if a < b:
+            rows = resample_rows(channel, properties, axis, a - x0, b - x0)
+            block[a - lo:b - lo, y0:y1, z0:z1] = np.transpose(rows, inverse)
+        yield block
+
+
+def write_probabilities(scores: torch.Tensor, properties: dict, path: Path, *, output: str,
+                        names: Sequence[str]) -> None:
+    """Write ``<case>_probabilities.npz`` on the input grid, one channel and slab at a time (atomically).
+
+    Members: ``probabilities`` (``K x X x Y x Z`` float16, input voxel order i, j, k; outside the
+    crop box softmax channel 0 (background) is 1 and every other channel 0) and ``names``
+    (``K`` channel names). Loads with ``np.load(path)`` (no pickle).
+    """
+    size = [int(n) for n in properties["original_geometry"]["size"]]
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": (int(scores.shape[0]), *size)}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
+                                                   compresslevel=1, allowZip64=True) as archive:
+        with archive.open("probabilities.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(member, header)
+            for c in range(scores.shape[0]):
+                fill = 1.0 if (output == "softmax" and c == 0) else 0.0
+                for block in _restored_rows_original(scores[c], properties, fill):
+                    member.write(np.ascontiguousarray(block).tobytes())
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(list(names), dtype=str))
+        archive.writestr("names.npy", buffer.getvalue())

@@ -1,0 +1,122 @@
+"""Model zips: one file holding a finetune run's ``model.json`` and weights (``3dino export --format zip``).
+
+A model zip holds exactly two members at its top level: ``model.json`` (which carries the
+dataset's whole plans) and the weights file it names (``checkpoint_best.pt``). ``predict -m
+model.zip`` unpacks it into a temporary folder, but only after checking that every member is a
+plain file whose path stays inside that folder (no absolute path, no ``..``, no link), so a zip
+from elsewhere cannot write anywhere else; the weights are then loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from rich.console import Console
+
+from threedino_pipe.errors import UserError
+from threedino_pipe.jsonio import atomic_path, read_artifact
+
+MODEL_JSON = "model.json"
+DEFAULT_WEIGHTS = "checkpoint_best.pt"
+_RERUN = "3dino finetune"
+
+
+def weights_name(model_json: dict, where: Path) -> str:
+    """The weights file name ``model.json`` names (a plain file name, default ``checkpoint_best.pt``)."""
+    name = str(model_json.get("weights") or DEFAULT_WEIGHTS)
+    if PurePosixPath(name).name != name or name in ("", ".", ".."):
+        raise UserError(f"model.json names the weights file {name!r}, which is not a plain file name", file=where,
+                        fix=f"rerun `{_RERUN}` (model.json must name a file inside the run folder)")
+    return name
+
+
+def read_model_json(run_dir: Path) -> dict:
+    """``run_dir/model.json`` after checking its kind and schema version."""
+    return read_artifact(Path(run_dir) / MODEL_JSON, "model", 1, _RERUN)
+
+
+def export_zip(run_dir: Path, output: Path) -> Path:
+    """Write ``run_dir``'s ``model.json`` and weights into the zip ``output`` (atomically).
+
+    Raises:
+        UserError: ``run_dir`` is not a finetune run folder or lacks its weights.
+    """
+    run_dir, output = Path(run_dir), Path(output)
+    if not (run_dir / MODEL_JSON).is_file():
+        raise UserError("not a finetune run folder (no model.json)", file=run_dir,
+                        fix="pass a finetune run folder (results/DatasetNNN_Name/finetune__...)")
+    model_json = read_model_json(run_dir)
+    weights = weights_name(model_json, run_dir / MODEL_JSON)
+    if not (run_dir / weights).is_file():
+        raise UserError(f"the run folder has no {weights} (finetuning has not saved a best checkpoint yet)",
+                        file=run_dir, fix=f"let `{_RERUN}` finish, then export again")
+    if output.suffix.lower() != ".zip":
+        raise UserError("a model zip's name must end in .zip", file=output, fix=f"use e.g. -o {output.stem}.zip")
+    with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+        archive.write(run_dir / MODEL_JSON, MODEL_JSON, compress_type=zipfile.ZIP_DEFLATED)
+        archive.write(run_dir / weights, weights, compress_type=zipfile.ZIP_STORED)
+    Console(stderr=True).print(f"wrote {output} ({MODEL_JSON} + {weights} of {run_dir.name})")
+    return output
+
+
+def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename
+    path = PurePosixPath(name.replace("\\", "/"))
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if ".." in path.parts:
+        return "climbs out of the folder with '..'"
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no file type (plain file)
+    if kind == stat.S_IFLNK:
+        return "is a symbolic link"
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "is not a plain file"
+    return None
+
+
+def check_members(zip_path: Path) -> list[zipfile.ZipInfo]:
+    """The zip's members after checking that each one unpacks inside the target folder.
+
+    Raises:
+        UserError: the file is not a zip, a member would land outside the target, or ``model.json``
+            is missing.
+    """
+    zip_path = Path(zip_path)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"not a readable zip file ({exc})", file=zip_path,
+                        fix="pass a model zip written by `3dino export RUN -o model.zip --format zip`") from None
+    for info in members:
+        reason = _unsafe_reason(info)
+        if reason:
+            raise UserError(f"refused to unpack: the member '{info.filename}' {reason}", file=zip_path,
+                            fix="use a model zip written by `3dino export --format zip`; this one may be malicious")
+    if MODEL_JSON not in {info.filename for info in members}:
+        raise UserError(f"the zip has no top-level {MODEL_JSON}", file=zip_path,
+                        fix="pass a model zip written by `3dino export RUN -o model.zip --format zip`")
+    return members
+
+
+def unpack_model_zip(zip_path: Path, target: Path) -> Path:
+    """Unpack a checked model zip into the (empty) folder ``target``; returns ``target`` (a run folder)."""
+    zip_path, target = Path(zip_path), Path(target)
+    members = check_members(zip_path)
+    root = target.resolve()
+    with zipfile.ZipFile(zip_path) as archive:
+        for info in members:
+            destination = (root / info.filename).resolve()
+            if root != destination and root not in destination.parents:  # belt and braces after check_members
+                raise UserError(f"refused to unpack: the member '{info.filename}' leaves the target folder",
+                                file=zip_path, fix="use a model zip written by `3dino export --format zip`")
+            if info.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as src, destination.open("wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+    return target

@@ -1,0 +1,214 @@
+"""``3dino predict``: every case of an input into the input's exact geometry (docs/predict.md).
+
+Writes into the output folder: one label image per case (``<case><ending>``, the input's format;
+NIfTI for DICOM series), optionally ``<case>_probabilities.npz``, ``predictions.csv`` for
+classification models, ``predict_args.json`` (models, checksums, version, options) and
+``failures.csv`` (``case,file,error``; header only when every case succeeded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from threedino_pipe import __version__
+from threedino_pipe.errors import UserError
+from threedino_pipe.inference import batch
+from threedino_pipe.inference.inputs import InputCase, discover_cases
+from threedino_pipe.inference.model_loading import LoadedModel, channel_names, load_models, pick_device
+from threedino_pipe.inference.predictor import CaseResult, InferenceOptions, predict_case, prepare_case
+from threedino_pipe.jsonio import read_artifact, write_json
+from threedino_pipe.training.precision import PRECISIONS, resolve_precision
+
+log = logging.getLogger(__name__)
+
+PREDICT_ARGS = "predict_args.json"
+SCHEMA_VERSION = 1
+OUTPUT_OPTIONS = ("overlap", "tta")  # options that change the outputs: --continue refuses other values
+_DIST_TIMEOUT = timedelta(days=7)  # ranks wait for each other only at the end; a shard may take long
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place under ``torchrun`` (rank 0 of 1 without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def _ranks() -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ranks = Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():  # gloo: only barriers are needed, whatever the device
+            dist.init_process_group(backend="gloo", timeout=_DIST_TIMEOUT)
+    return ranks
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _device(requested: str, ranks: Ranks) -> torch.device:
+    device = pick_device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _check_options(overlap: float, window_batch_size: int, num_workers: int, precision: str) -> None:
+    if not 0.0 <= overlap < 1.0:
+        raise UserError(f"--overlap {overlap} is outside [0, 1)", fix="pass e.g. --overlap 0.5 (the paper: 0.75)")
+    if window_batch_size < 1:
+        raise UserError(f"--window-batch-size {window_batch_size} is below 1", fix="pass 1 or more")
+    if num_workers < 0:
+        raise UserError(f"--num-workers {num_workers} is negative", fix="pass 0 (no read-ahead) or more")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}", fix=f"pass one of {', '.join(PRECISIONS)}")
+
+
+def _check_outputs_spare_inputs(cases: list[InputCase], output_dir: Path) -> None:
+    inputs = {Path(f).resolve() for case in cases for f in case.files}
+    for case in cases:
+        target = (output_dir / case.output_name).resolve()
+        if target in inputs:
+            raise UserError(f"the output of case '{case.case_id}' would overwrite its input", file=target,
+                            fix="write the predictions into another folder (-o)")
+
+
+def _identity(args: dict) -> list[list[str]]:
+    return sorted([m.get("model_json_sha256", ""), m.get("weights_sha256", "")] for m in args.get("models", []))
+
+
+def check_resume(path: Path, args: dict) -> None:
+    """Refuse ``--continue`` into a folder whose ``predict_args.json`` names other models or output options."""
+    if not path.is_file():
+        return
+    try:
+        old = read_artifact(path, "predict_args", SCHEMA_VERSION, "3dino predict")
+    except UserError as exc:
+        raise UserError(f"--continue into a folder whose predict_args.json cannot be used ({exc.problem})",
+                        file=path, fix="predict into a new output folder, or leave out --continue") from None
+    if _identity(old) != _identity(args):
+        sources = ", ".join(str(m.get("source")) for m in old.get("models", [])) or "unknown models"
+        raise UserError(f"--continue into a folder written by another model ({sources}); its outputs would mix "
+                        "two models", file=path,
+                        fix="predict into a new output folder (or leave out --continue to predict every case again)")
+    for key in OUTPUT_OPTIONS:
+        before, now = old.get("options", {}).get(key), args["options"][key]
+        if before != now:
+            raise UserError(f"--continue with --{key} {now} into a folder predicted with --{key} {before}", file=path,
+                            fix=f"pass --{key} {before}, or predict into a new output folder")
+
+
+def _predict_args(models: list[LoadedModel], input_path: Path, output_dir: Path, options: dict,
+                  num_cases: int, world_size: int) -> dict:
+    return {"kind": "predict_args", "schema_version": SCHEMA_VERSION, "version": __version__,
+            "models": [m.record() for m in models], "input": str(Path(input_path).resolve()),
+            "output": str(Path(output_dir).resolve()), "num_cases": num_cases, "world_size": world_size,
+            "options": options}
+
+
+def _prediction_row(result: CaseResult, class_names: list[str]) -> list[str]:
+    probs = result.probabilities
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return [result.case_id, class_names[best], *(f"{p:.6f}" for p in probs)]
+
+
+def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: float = 0.5, tta: bool = False,
+        resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
+        precision: str = "auto", num_workers: int = 1) -> int:
+    """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
+
+    Returns:
+        The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
+
+    Raises:
+        UserError: bad options, unusable models or inputs, or ``--continue`` into another model's folder;
+            nothing is written then.
+    """
+    _check_options(overlap, window_batch_size, num_workers, precision)
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    ranks = _ranks()
+    dev = _device(device, ranks)
+    with contextlib.ExitStack() as stack:
+        loaded = load_models(list(models), stack)
+        model_json = loaded[0].model_json
+        cases = discover_cases(input_path, len(channel_names(model_json)))
+        _check_outputs_spare_inputs(cases, output_dir)
+        inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
+                                     save_probabilities=save_probabilities,
+                                     precision=resolve_precision(precision, dev))
+        options = {**asdict(inference), "precision_requested": precision, "device": device,
+                   "device_used": str(dev), "num_workers": num_workers, "continue": resume}
+        args = _predict_args(loaded, input_path, output_dir, options, len(cases), ranks.world_size)
+        if resume:
+            check_resume(output_dir / PREDICT_ARGS, args)
+        _barrier(ranks)  # every rank has checked the old predict_args.json before rank 0 replaces it
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if ranks.rank == 0:
+            write_json(output_dir / PREDICT_ARGS, args)
+        for model in loaded:
+            model.network.to(dev)
+        return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers)
+
+
+def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
+               dev: torch.device, output_dir: Path, ranks: Ranks, resume: bool, num_workers: int) -> int:
+    model_json = loaded[0].model_json
+    classification = model_json["task"] == "classification"
+    mine = batch.shard(cases, ranks.rank, ranks.world_size)
+    predictions_path = batch.part_path(output_dir, batch.PREDICTIONS, ranks.rank, ranks.world_size)
+    header = ["case_id", "predicted_class", *(f"prob_{c}" for c in model_json.get("class_names") or [])]
+    rows: list[list[str]] = []
+    if classification:
+        _, existing = batch.read_csv_rows(output_dir / batch.PREDICTIONS) if resume else ([], [])
+        done = {row[0] for row in existing if row}
+        if ranks.world_size == 1:
+            rows = [row for row in existing if row]
+            batch.write_csv(predictions_path, header, rows)
+        elif ranks.rank == 0 and not resume:
+            (output_dir / batch.PREDICTIONS).unlink(missing_ok=True)
+    else:
+        done = {c.case_id for c in mine if resume and (output_dir / c.output_name).is_file()}
+    todo = [c for c in mine if c.case_id not in done]
+    where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
+    log.info("%d case(s)%s; %d already predicted (--continue), predicting %d on %s", len(cases), where,
+             len(mine) - len(todo), len(todo), dev)
+    plans = model_json["plans"]
+    configuration = model_json.get("configuration") or "finetune"
+
+    def on_result(result: CaseResult) -> None:
+        if classification:
+            rows.append(_prediction_row(result, list(model_json["class_names"])))
+            batch.write_csv(predictions_path, header, rows)
+
+    outcome = batch.run_cases(
+        todo, prepare=lambda case: prepare_case(case, plans, configuration),
+        predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir),
+        failures_path=batch.part_path(output_dir, batch.FAILURES, ranks.rank, ranks.world_size),
+        num_workers=num_workers, on_result=on_result)
+    failures = len(outcome.failures)
+    _barrier(ranks)
+    if ranks.world_size > 1 and ranks.rank == 0:
+        failures = len(batch.merge_parts(output_dir, batch.FAILURES, ranks.world_size))
+        if classification:
+            batch.merge_parts(output_dir, batch.PREDICTIONS, ranks.world_size, key_column=0)
+    predicted = len(outcome.results)
+    if failures:
+        log.warning("%d case(s) failed (listed in %s); %d predicted", failures, output_dir / batch.FAILURES, predicted)
+    else:
+        log.info("%d case(s) predicted into %s", predicted, output_dir)
+    return 1 if failures else 0

@@ -1,0 +1,245 @@
+"""One case through the model(s): read, preprocess as in training, sliding window, back to the input.
+
+Sliding window (segmentation): MONAI's ``sliding_window_inference`` with gaussian blending
+(sigma 0.125 of the window), windows of the model's ``patch_size``, ``overlap`` between windows
+and ``window_batch_size`` windows per forward pass. Memory layout, chosen so a 512 x 512 x 400
+CT with 14 classes stays within about 4 GiB:
+
+- the preprocessed case stays a float32 CPU array; each window batch is read from it and moved
+  to the device (MONAI's ``with_coord``: MONAI is handed a zero-strided float16 placeholder of
+  the case's shape, so it allocates its blending accumulator in **float16 on the CPU** and never
+  copies the case);
+- per window, every model (and, with TTA, every flip of the window: the 7 flip combinations of
+  the three axes plus the identity) is run, the activation (softmax or sigmoid) applied and the
+  probabilities averaged, so the accumulator holds blended probabilities ``K x X' x Y' x Z'``;
+- on a GPU, MONAI buffers a row of windows on the GPU before adding it to the CPU accumulator.
+
+Classification: the whole preprocessed case resized to the patch size (the centre view of
+``threedino_pipe.inference.features``, as the probe saw in finetuning), averaged the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from torch import Tensor, nn
+
+from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
+from threedino_pipe.errors import UserError
+from threedino_pipe.inference import geometry
+from threedino_pipe.inference.inputs import InputCase
+from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
+from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.training.precision import autocast
+
+log = logging.getLogger(__name__)
+
+SIGMA_SCALE = 0.125
+PAD_VALUE = 0.0  # value of the preprocessed (normalised) image outside a case smaller than a window
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Options of the per-case pipeline (the CLI's names).
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour, per axis, in [0, 1).
+        tta: average over the 8 flip combinations of the three axes.
+        window_batch_size: windows per forward pass.
+        save_probabilities: also write ``<case>_probabilities.npz``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward pass), resolved.
+    """
+
+    overlap: float = 0.5
+    tta: bool = False
+    window_batch_size: int = 1
+    save_probabilities: bool = False
+    precision: str = "fp32"
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed: ``data`` is ``C x X' x Y' x Z'`` float32 (transposed order)."""
+
+    case: InputCase
+    data: np.ndarray
+    properties: dict
+    geometry: Geometry
+    seconds: float
+
+
+@dataclass
+class CaseResult:
+    """What predicting one case gave: timings, output file and, for classification, probabilities."""
+
+    case_id: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: Path | None = None
+    probabilities: list[float] | None = None
+
+
+def _failure(problem: str, file: Path, fix: str | None = None) -> UserError:
+    return UserError(problem, file=file, fix=fix)
+
+
+def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
+    """Channel arrays (``X x Y x Z``, NaN/Inf kept) and channel 0's geometry.
+
+    Raises:
+        UserError: an unreadable, truncated, non-3D or multi-component file, or channels whose sizes differ.
+    """
+    images, geometry_0 = [], None
+    for index, path in enumerate(case.files):
+        array, geo = read_image_with_nonfinite(path)
+        if geometry_0 is None:
+            geometry_0 = geo
+        elif tuple(geo.size) != tuple(geometry_0.size):
+            raise _failure(f"channel {index:04d} has {'x'.join(map(str, geo.size))} voxels but channel 0000 has "
+                           f"{'x'.join(map(str, geometry_0.size))}", path, "give every channel of a case one grid")
+        images.append(array)
+    return images, geometry_0
+
+
+def prepare_case(case: InputCase, plans: dict, configuration: str) -> PreparedCase:
+    """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``)."""
+    start = time.perf_counter()
+    images, geo = read_case(case)
+    try:
+        data, _, properties = preprocess_case(images, geo, plans, configuration)
+    except UserError as exc:
+        raise _failure(exc.problem, case.files[0], exc.fix) from None
+    return PreparedCase(case, data, properties, geo, time.perf_counter() - start)
+
+
+def flip_sets(tta: bool) -> list[tuple[int, ...]]:
+    """Spatial dims (of a ``B x C x X x Y x Z`` tensor) to flip: identity only, or all 8 combinations."""
+    if not tta:
+        return [()]
+    return [dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r)]
+
+
+class EnsembleProbabilities(nn.Module):
+    """``forward(x [B, C, X, Y, Z]) -> [B, K, ...]`` probabilities averaged over networks and flips."""
+
+    def __init__(self, networks: Sequence[nn.Module], activation: str, tta: bool, precision: str) -> None:
+        super().__init__()
+        self.networks = list(networks)
+        self.activation, self.flips, self.precision = activation, flip_sets(tta), precision
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = None
+        for network in self.networks:
+            for dims in self.flips:
+                inputs = torch.flip(x, dims) if dims else x
+                with autocast(self.precision, x.device):
+                    logits = network(inputs)
+                logits = logits.float()
+                if dims and logits.ndim == 5:
+                    logits = torch.flip(logits, dims)
+                probs = torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
+                total = probs if total is None else total.add_(probs)
+        return total / (len(self.networks) * len(self.flips))
+
+
+class _WindowReader:
+    """MONAI predictor (``with_coord=True``): reads each window batch from the float32 case, runs the ensemble."""
+
+    def __init__(self, source: Tensor, ensemble: EnsembleProbabilities, device: torch.device) -> None:
+        self.source, self.ensemble, self.device = source, ensemble, device
+
+    def __call__(self, _placeholder: Tensor, coords: list[list[slice]]) -> Tensor:
+        batch = torch.cat([self.source[tuple(c)] for c in coords]).to(self.device, non_blocking=True)
+        return self.ensemble(batch).to(torch.float16)
+
+
+def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
+    """Pad ``C x X x Y x Z`` (centred, ``PAD_VALUE``) to at least ``size``; returns it and the slices of the case."""
+    pads, region = [], []
+    for n, s in zip(data.shape[1:], size, strict=True):
+        diff = max(int(s) - int(n), 0)
+        pads.append((diff // 2, diff - diff // 2))
+        region.append(slice(diff // 2, diff // 2 + int(n)))
+    if not any(a or b for a, b in pads):
+        return data, region
+    flat = [v for a, b in reversed(pads) for v in (a, b)]
+    return F.pad(data, flat, mode="constant", value=PAD_VALUE), region
+
+
+@torch.inference_mode()
+def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], options: InferenceOptions,
+                         device: torch.device) -> Tensor:
+    """Blended probabilities ``K x X' x Y' x Z'`` (float16, CPU) of a preprocessed case ``C x X' x Y' x Z'``.
+
+    Models with different patch sizes run in separate passes whose results are averaged.
+    """
+    activation = models[0].model_json["output"]
+    groups: dict[tuple[int, ...], list[LoadedModel]] = {}
+    for model in models:
+        groups.setdefault(model.patch_size, []).append(model)
+    total = None
+    for patch, members in groups.items():
+        source, region = _pad_to(torch.from_numpy(data), patch)
+        placeholder = torch.zeros((), dtype=torch.float16).expand(1, *source.shape)
+        ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision)
+        on_gpu = device.type == "cuda"
+        out = sliding_window_inference(
+            placeholder, roi_size=patch, sw_batch_size=options.window_batch_size,
+            predictor=_WindowReader(source[None], ensemble, device), overlap=options.overlap, mode="gaussian",
+            sigma_scale=SIGMA_SCALE, sw_device=device, device=torch.device("cpu"), with_coord=True,
+            buffer_steps=1 if on_gpu else None)
+        del source, placeholder
+        probs = out[0][(slice(None), *region)]
+        weight = len(members) / len(models)
+        if len(groups) == 1:
+            return probs
+        total = probs.float().mul_(weight) if total is None else total.add_(probs.float(), alpha=weight)
+    return total.to(torch.float16)
+
+
+@torch.inference_mode()
+def classify(data: np.ndarray, models: Sequence[LoadedModel], options: InferenceOptions,
+             device: torch.device) -> list[float]:
+    """Class probabilities of a preprocessed case (the whole case resized to each model's patch size)."""
+    from threedino_pipe.inference.features import centre_view
+    total = None
+    for model in models:
+        view = centre_view(data, model.patch_size)[None].to(device)
+        probs = EnsembleProbabilities([model.network], "softmax", options.tta, options.precision)(view)[0].cpu()
+        total = probs if total is None else total + probs
+    return (total / len(models)).double().tolist()
+
+
+def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
+                 device: torch.device, output_dir: Path) -> CaseResult:
+    """Predict a prepared case; segmentation writes ``<case><ending>`` (and probabilities) into ``output_dir``."""
+    model_json = models[0].model_json
+    result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds})
+    start = time.perf_counter()
+    if model_json["task"] == "classification":
+        result.probabilities = classify(prepared.data, models, options, device)
+        result.seconds["inference"] = time.perf_counter() - start
+        return result
+    probs = window_probabilities(prepared.data, models, options, device)
+    prepared.data = None  # the preprocessed case is no longer needed: free it before restoring
+    result.seconds["inference"] = time.perf_counter() - start
+    start = time.perf_counter()
+    output = model_json["output"]
+    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=output_values(model_json))
+    if options.save_probabilities:  # before the label file, whose presence marks the case done
+        geometry.write_probabilities(probs, prepared.properties,
+                                     Path(output_dir) / f"{prepared.case.case_id}_probabilities.npz",
+                                     output=output, names=output_names(model_json))
+    result.output = Path(output_dir) / prepared.case.output_name
+    write_image(labels, prepared.geometry, result.output)
+    del labels
+    result.seconds["export"] = time.perf_counter() - start
+    return result
