@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from threedino_pipe.models.adapter3d import AdapterSegmentationHead
 from threedino_pipe.models.channel_mixing import fold_channels
 from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
 from threedino_pipe.models.presets import build_backbone
@@ -108,7 +109,7 @@ def _build_head(head: str, backbone: VisionTransformer3D, in_channels: int, num_
     if head == "unetr":
         return UNETRDecoder(backbone.embed_dim, backbone.depth, channels, num_outputs, image_channels=in_channels,
                             patch_size=backbone.patch_size, **options)
-    raise NotImplementedError(f"the {head} head is not implemented yet")
+    return AdapterSegmentationHead(backbone.embed_dim, backbone.depth, in_channels, channels, num_outputs, **options)
 
 
 def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
