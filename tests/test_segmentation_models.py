@@ -94,14 +94,16 @@ def test_adapter_gradients_flow_through_every_frozen_vit_block() -> None:
         assert torch.equal(injector.gamma.detach(), torch.zeros_like(injector.gamma))
 
 
-@pytest.mark.parametrize("head", ["linear", "adapter"])
+@pytest.mark.parametrize("head", HEADS)
 def test_unfrozen_backbone_is_trained(head: str) -> None:
     net = build_segmentation_model(head, "tiny", 1, 2, freeze_backbone=False).train()
     assert net.model_args()["freeze_backbone"] is False
-    assert len(net.trainable_parameters()) == len(list(net.parameters()))
+    unused = {"backbone." + n for n in net.unused_backbone_parameters()}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {n for n, _ in net.named_parameters()} - unused
     net(torch.randn(2, 1, *SMALL)).sum().backward()
-    grads = [p.grad for n, p in net.backbone.named_parameters() if n.startswith("blocks.")]
-    assert all(g is not None for g in grads)
+    without_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not without_grad  # every trainable parameter is used (DDP without find_unused_parameters)
+    assert all(p.grad is not None for n, p in net.backbone.named_parameters() if n.startswith("blocks."))
     net.set_backbone_frozen(True)
     assert not net.backbone.training and net.training
     assert {id(p) for p in net.trainable_parameters()} == {id(p) for p in net.head.parameters()}

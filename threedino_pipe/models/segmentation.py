@@ -57,11 +57,18 @@ class SegmentationNetwork(nn.Module):
                 "in_channels": self.in_channels, "num_outputs": self.num_outputs,
                 "freeze_backbone": self.frozen, **self.head.options}
 
+    def unused_backbone_parameters(self) -> set[str]:
+        """Backbone parameters this network never uses (the mask token; the final norm for the
+        adapter, which takes pre-norm tokens); they stay frozen so every trainable parameter gets
+        a gradient (DDP needs no ``find_unused_parameters``)."""
+        return {"mask_token"} | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
+
     def set_backbone_frozen(self, frozen: bool) -> None:
         """Freeze (``requires_grad=False``, eval mode) or unfreeze the backbone's parameters."""
         self.frozen = bool(frozen)
-        for p in self.backbone.parameters():
-            p.requires_grad_(not self.frozen)
+        unused = self.unused_backbone_parameters()
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not self.frozen and name not in unused)
         self.backbone.train(self.training and not self.frozen)
 
     def train(self, mode: bool = True) -> SegmentationNetwork:
