@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,6 +79,26 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     reloaded, _ = load_backbone(exported)
     x = torch.randn(1, 1, 32, 48, 64)
     torch.testing.assert_close(reloaded.eval()(x), backbone.eval()(x), rtol=0, atol=0)
+
+
+def test_killed_pretrain_resumes_from_its_latest_checkpoint(env, tmp_path):
+    args = ("pretrain", "-d", "990", *FAST, "--iters", "5", "--save-every", "1", "--run", "killed")
+    latest = tmp_path / "results" / "pretrain" / "killed" / "checkpoint_latest.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "threedino_pipe.cli", *args], env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no checkpoint before the kill"
+    done = torch.load(latest, weights_only=True)["iteration"]
+    rerun = run_3dino(*args, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    if done < 5:
+        assert "resuming" in rerun.stderr and f"at iteration {done}" in rerun.stderr
+    assert torch.load(latest.parent / "checkpoint_final.pt", weights_only=True)["iteration"] == 5
+    assert not list(latest.parent.glob("*.partial*"))
 
 
 def _free_port() -> int:
