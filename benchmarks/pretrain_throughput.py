@@ -1,0 +1,593 @@
+"""Benchmark: throughput, FLOPs and MFU of one 3DINO pretraining step, and of the data pipeline feeding it.
+
+Usage (from the repository root, with the project's virtual environment)::
+
+    .venv/bin/python benchmarks/pretrain_throughput.py [--presets tiny small] [--iters 7] [--profile]
+
+What it measures, all in one process:
+
+1. **Training step** (:func:`ssl_step`): one iteration of ``threedino_pipe.training.ssl_trainer.train_ssl``
+   reproduced call for call (schedules, the iteration's patch masks, teacher targets, student pass,
+   DINO + iBOT + KoLeo with Sinkhorn-Knopp, backward, per-part gradient clipping, AdamW step, EMA
+   update), on synthetic crops already in memory (2 global ``96^3`` + 8 local ``48^3`` per volume;
+   the data is "prefetched", so the loader costs nothing here). Student and teacher are the
+   trainer's own (``_build``, ``_optimizer``), heads as ``HEAD_DIMS`` of the preset. fp32 and bf16
+   (autocast) steps alternate round by round with the same iteration index (same masks), so both
+   dtypes see the same load; ``--warmup`` rounds are dropped, the median of ``--iters`` rounds is
+   reported as crops/s.
+2. **FLOPs per step**, counted with ``torch.utils.flop_counter.FlopCounterMode`` on the same
+   iterations (student forward + backward, teacher forward, heads included; the counter counts
+   matrix products, convolutions and attention only: Sinkhorn, softmax, norms, AdamW and EMA add
+   no counted FLOPs). They vary a little with the number of masked patches, so each round has its own
+   count; achieved FLOP/s = median over rounds of (FLOPs / seconds).
+3. **Matrix-multiply peak** of this machine in each dtype: a loop of ``--matmul-size`` square
+   products (fp32 tensors, or bf16 tensors for bf16), best of ``--matmul-repeats``, measured before
+   and after the steps of each preset; MFU = achieved FLOP/s / best peak of that dtype.
+4. **Data pipeline alone**: ``make_pretrain_loader`` on real preprocessed MNI152 data (built with
+   ``build_mni_dataset``, ``3dino plan``, ``3dino preprocess -c pretrain`` into a temporary folder),
+   with 0 and 2 worker processes, the batch size of each preset; crops/s over ``--loader-batches``
+   batches after the warm-up ones, and its ratio to the crops/s of the step it feeds.
+
+``torch.set_num_threads`` = the cores this process may use. Prints a table and writes everything,
+with machine information and the exact command, to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import os
+import pstats
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import format_table, machine_info, median, write_json
+from torch.utils.flop_counter import FlopCounterMode
+
+from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
+from threedino_pipe.models.presets import param_count
+from threedino_pipe.ssl import (
+    DINOLoss,
+    apply_schedules,
+    clip_gradients,
+    iBOTPatchLoss,
+    make_schedules,
+    random_patch_masks,
+    schedule_values,
+    update_teacher,
+)
+from threedino_pipe.training.precision import autocast
+from threedino_pipe.training.ssl_model import HEAD_DIMS, SSLLosses
+from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build, _optimizer, _rank_rows
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_CROP, LOCAL_CROP, N_LOCAL = 96, 48, 8
+# Volumes per step: fits this machine's 23 GB of RAM with room for the other engineers (tiny needs
+# ~1 GB at 4, small ~6 GB at 4 in fp32); base/large are for a GPU.
+DEFAULT_BATCH = {"tiny": 4, "small": 4, "base": 16, "large": 8}
+MFU_TARGET = 0.5
+LOADER_RATIO_TARGET = 2.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=None,
+                   help="presets to measure (default: tiny small, plus base large when CUDA is available)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--batch", nargs="+", default=[], metavar="PRESET=B",
+                   help=f"volumes per step, overriding {DEFAULT_BATCH}")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds (each round = one step per dtype)")
+    p.add_argument("--iters", type=int, default=7, help="timed rounds")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-loops", type=int, default=4, help="products per timed matmul repeat")
+    p.add_argument("--matmul-repeats", type=int, default=5)
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 2])
+    p.add_argument("--loader-batches", type=int, default=8, help="timed batches per loader measurement")
+    p.add_argument("--loader-warmup", type=int, default=2,
+                   help="untimed batches per loader measurement (plus the prefetch queue for workers)")
+    p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--profile", nargs="*", default=None, metavar="PRESET",
+                   help="profile one step of these presets (all measured ones when empty) with torch.profiler, "
+                        "and the loader with cProfile")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "pretrain_throughput.json")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class StepState:
+    """Student, teacher, optimiser, losses and schedules of one preset, as ``train_ssl`` builds them."""
+
+    def __init__(self, preset: str, batch: int, total_iters: int, device: torch.device, seed: int = 0) -> None:
+        self.config = SSLRunConfig(datasets=["synthetic"], configuration="pretrain", preset=preset, iters=total_iters,
+                                   batch_size=batch, global_crop=GLOBAL_CROP, local_crop=LOCAL_CROP,
+                                   num_local_crops=N_LOCAL, min_axis=24, base_lr=0.002, seed=seed,
+                                   head_dims=dict(HEAD_DIMS[preset]), pos_grid=GLOBAL_CROP // 16)
+        torch.manual_seed(seed)
+        self.student, self.teacher = _build(self.config)
+        self.student.to(device)
+        self.teacher.to(device)
+        self.optimizer = _optimizer(self.student)
+        self.schedules = make_schedules(total_iters, batch, base_lr=self.config.base_lr)
+        out_dim = self.config.head_dims["out_dim"]
+        self.losses = SSLLosses(DINOLoss(out_dim), iBOTPatchLoss(out_dim), koleo_weight=self.config.koleo_weight)
+        self.device = device
+        self.grid = (GLOBAL_CROP // self.student.backbone.patch_size,) * 3
+
+
+def synthetic_batch(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Crop-major float32 crops in [-1, 1] like the loader's: ``[2B, 1, 96^3]`` and ``[8B, 1, 48^3]``."""
+    g = torch.Generator().manual_seed(seed)
+    return {"global_crops": torch.rand(2 * batch, 1, *(GLOBAL_CROP,) * 3, generator=g) * 2 - 1,
+            "local_crops": torch.rand(N_LOCAL * batch, 1, *(LOCAL_CROP,) * 3, generator=g) * 2 - 1}
+
+
+def ssl_step(state: StepState, batch: dict[str, torch.Tensor], it: int, precision: str, *,
+             optimizer_step: bool = True, phases: dict[str, float] | None = None) -> dict[str, float]:
+    """One training iteration exactly as ``train_ssl`` runs it (single process); returns the loss terms.
+
+    ``optimizer_step=False`` stops after the backward pass (for FLOP counting; the clip, AdamW and
+    EMA add no counted FLOPs): the weights stay unchanged, the gradients stay in ``.grad``.
+    ``phases``, when given, receives the seconds of each phase (``masks``, ``teacher``, ``student``,
+    ``loss``, ``backward``, ``clip``, ``adamw``, ``ema``; CPU wall time, no device synchronisation).
+    """
+    config, student, teacher, optimizer = state.config, state.student, state.teacher, state.optimizer
+    clock = [time.perf_counter()]
+
+    def mark(name: str) -> None:
+        if phases is not None:
+            clock.append(time.perf_counter())
+            phases[name] = phases.get(name, 0.0) + clock[-1] - clock[-2]
+
+    values = schedule_values(state.schedules, it)
+    apply_schedules(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
+    masks = _rank_rows(random_patch_masks(2 * config.batch_size, state.grid, generator=generator),
+                       config.batch_size, 0)
+    global_crops = batch["global_crops"].to(state.device, non_blocking=True)
+    local_crops = batch["local_crops"].to(state.device, non_blocking=True)
+    mark("masks")
+    with autocast(precision, state.device):
+        targets = teacher.teacher_targets(global_crops, masks)
+        mark("teacher")
+        outputs = student(global_crops, local_crops, masks)
+        mark("student")
+        loss, terms = state.losses(outputs, targets, masks, values["teacher_temp"])
+    if not math.isfinite(terms["loss"]):
+        raise FloatingPointError(f"non-finite loss at iteration {it}: {terms}")
+    mark("loss")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    mark("backward")
+    terms["n_masked"] = float(masks.mask_indices.numel())
+    if not optimizer_step:
+        return terms
+    for part in (student.backbone, student.dino_head, student.ibot_head):
+        clip_gradients(part, 3.0)
+    mark("clip")
+    optimizer.step()
+    mark("adamw")
+    update_teacher(student, teacher, values["momentum"])
+    mark("ema")
+    return terms
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _register_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode the CPU flash-attention kernels (torch 2.13 counts only the CUDA ones).
+
+    Same formulas as torch's own for ``_scaled_dot_product_flash_attention`` (forward: two batched
+    products; backward: the four of the gradient), so attention FLOPs are counted on every device.
+    """
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    if forward is not None and forward.default not in fc.flop_registry:
+        fc.register_flop_formula(forward)(forward_flops)
+    if backward is not None and backward.default not in fc.flop_registry:
+        fc.register_flop_formula(backward)(backward_flops)
+
+
+def count_flops(state: StepState, batch: dict[str, torch.Tensor], it: int) -> dict[str, int]:
+    """FLOPs of iteration ``it``: ``total`` (student forward + backward, teacher forward) and ``teacher``.
+
+    Counted in fp32 (the count does not depend on the dtype), weights left unchanged.
+    """
+    _register_cpu_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        ssl_step(state, batch, it, "fp32", optimizer_step=False)
+    state.optimizer.zero_grad(set_to_none=True)
+    total = int(counter.get_total_flops())
+    generator = torch.Generator().manual_seed(state.config.seed * 1_000_003 + it)
+    masks = _rank_rows(random_patch_masks(2 * state.config.batch_size, state.grid, generator=generator),
+                       state.config.batch_size, 0)
+    with FlopCounterMode(display=False) as counter:
+        state.teacher.teacher_targets(batch["global_crops"].to(state.device), masks)
+    teacher = int(counter.get_total_flops())
+    return {"total": total, "teacher": teacher, "student": total - teacher}
+
+
+def analytic_flops(state: StepState, batch: int, n_masked: float) -> float:
+    """A cross-check of the counter: 2 x multiply-adds of every linear layer, convolution and attention
+    product; student x 3 (forward + backward) except the patch embedding (no input gradient: x 2)."""
+    bb = state.student.backbone
+    d, depth, hd = bb.embed_dim, bb.depth, state.config.head_dims
+
+    def vit(tokens: int) -> tuple[float, float]:
+        per_layer = 2 * tokens * (4 * d * d + 2 * d * round(d * bb.mlp_ratio)) + 4 * tokens * tokens * d
+        return depth * per_layer, 2 * (tokens - 1) * d * bb.patch_size ** 3 * bb.in_chans
+
+    head = 2 * (d * hd["hidden_dim"] + hd["hidden_dim"] ** 2 + hd["hidden_dim"] * hd["bottleneck_dim"]
+                + hd["bottleneck_dim"] * hd["out_dim"])
+    (g_blocks, g_embed), (l_blocks, l_embed) = vit((GLOBAL_CROP // 16) ** 3 + 1), vit((LOCAL_CROP // 16) ** 3 + 1)
+    student = (3 * (2 * batch * g_blocks + N_LOCAL * batch * l_blocks + ((2 + N_LOCAL) * batch + n_masked) * head)
+               + 2 * (2 * batch * g_embed + N_LOCAL * batch * l_embed))
+    teacher = 2 * batch * (g_blocks + g_embed) + (2 * batch + n_masked) * head
+    return student + teacher
+
+
+# --------------------------------------------------------------------------- matmul peak
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, loops: int, repeats: int) -> dict[str, Any]:
+    """Best FLOP/s of ``loops`` products of two ``size x size`` matrices of ``dtype``, over ``repeats``.
+
+    Two layouts: ``a @ b`` (``mm``) and ``a @ b.T`` (``linear``, as ``nn.Linear`` calls it); the
+    peak is the better of the two (on CPUs without native bf16 they differ by 10x).
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=g, device=device).to(dtype)
+    b = torch.randn(size, size, generator=g, device=device).to(dtype)
+    layouts = {"mm": lambda: torch.mm(a, b), "linear": lambda: torch.nn.functional.linear(a, b)}
+    flops = 2 * size ** 3 * loops
+    result: dict[str, Any] = {"size": size, "loops": loops}
+    for name, product in layouts.items():
+        product()  # warm-up
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(loops):
+                product()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        result[name] = {"seconds": times, "best_flops_per_s": flops / min(times),
+                        "median_flops_per_s": flops / median(times)}
+    result["best_flops_per_s"] = max(result[name]["best_flops_per_s"] for name in layouts)
+    return result
+
+
+# --------------------------------------------------------------------------- data pipeline
+
+
+def prepare_mni(work: Path, num_cases: int = 12) -> Path:
+    """Raw MNI152 dataset 990 -> ``3dino plan`` -> ``3dino preprocess -c pretrain``; the preprocessed folder."""
+    from threedino_pipe.dataset.examples import build_mni_dataset
+    env = dict(os.environ)
+    for name in ("raw", "preprocessed", "results"):
+        (work / name).mkdir(parents=True, exist_ok=True)
+        env[f"THREEDINO_{name.upper()}"] = str(work / name)
+    build_mni_dataset(work / "raw", 990, num_cases)
+    cli = [sys.executable, "-m", "threedino_pipe.cli"]
+    for args in (["plan", "-d", "990"], ["preprocess", "-d", "990", "-c", "pretrain"]):
+        done = subprocess.run([*cli, *args, "--no-progress"], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"3dino {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return next((work / "preprocessed").glob("Dataset990_*"))
+
+
+def loader_throughput(folder: Path, batch: int, workers: int, n_batches: int, warmup: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """Crops/s of ``make_pretrain_loader`` alone (augmented multi-crop batches of ``batch`` volumes)."""
+    dataset = PretrainDataset([folder], "pretrain", 24)
+    loader = make_pretrain_loader(dataset, batch, workers, seed, GLOBAL_CROP, LOCAL_CROP, N_LOCAL)
+    crops = (2 + N_LOCAL) * batch
+    try:
+        # for workers, drain the prefetch queue too so the timed batches are made while we wait
+        for _ in range(warmup + workers * loader.num_cached_per_worker):
+            next(loader)
+        gaps = []
+        start = last = time.perf_counter()
+        for _ in range(n_batches):
+            next(loader)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        elapsed = time.perf_counter() - start
+    finally:
+        loader.close()
+    return {"workers": workers, "batch": batch, "batches": n_batches, "seconds": elapsed,
+            "crops_per_s": crops * n_batches / elapsed, "median_batch_s": median(gaps)}
+
+
+def profile_loader(folder: Path, batch: int, n_batches: int, seed: int = 0, top: int = 15) -> list[dict]:
+    """cProfile of the in-process loader: the functions with the most cumulative time."""
+    dataset = PretrainDataset([folder], "pretrain", 24)
+    loader = make_pretrain_loader(dataset, batch, 0, seed, GLOBAL_CROP, LOCAL_CROP, N_LOCAL)
+    next(loader)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n_batches):
+        next(loader)
+    profiler.disable()
+    loader.close()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (file, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": calls, "tottime_s": tottime,
+                     "cumtime_s": cumtime})
+    return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:top]
+
+
+# --------------------------------------------------------------------------- profile of a step
+
+
+def profile_step(state: StepState, batch: dict[str, torch.Tensor], it: int, precision: str,
+                 top: int = 15) -> dict[str, Any]:
+    """torch.profiler of one step: the operators with the most self CPU time, and their share."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ssl_step(state, batch, it, precision)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"precision": precision, "self_cpu_total_s": total / 1e6,
+            "top": [{"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
+                     "share": e.self_cpu_time_total / total} for e in rows]}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def optimizer_variants(state: StepState, batch: dict[str, torch.Tensor], repeats: int = 3) -> dict[str, float]:
+    """Median seconds of the AdamW step alone as the trainer builds it (``default``: for-loop on CPU)
+    and with ``foreach=True`` / ``fused=True``, on the gradients of one real backward pass."""
+    ssl_step(state, batch, 0, "fp32", optimizer_step=False)
+    keys = ("params", "names", "lr_multiplier", "wd_multiplier", "is_last_layer")
+    groups = [{k: g[k] for k in keys if k in g} for g in state.optimizer.param_groups]
+    result = {}
+    for name, options in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        try:
+            optimizer = torch.optim.AdamW([dict(g) for g in groups], betas=(0.9, 0.999), **options)
+        except (RuntimeError, ValueError) as exc:
+            result[name] = f"unavailable: {exc}"
+            continue
+        apply_schedules(optimizer, 1e-6, 0.04, 1e-6)
+        times = []
+        for _ in range(repeats + 1):
+            _sync(state.device)
+            start = time.perf_counter()
+            optimizer.step()
+            _sync(state.device)
+            times.append(time.perf_counter() - start)
+        result[name] = median(times[1:])
+    state.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def patch_embed_as_linear(x: torch.Tensor, proj: torch.nn.Conv3d) -> torch.Tensor:
+    """The patch embedding (a Conv3d with kernel = stride = p) as one matrix product: ``[B, C, W, H, D]``
+    -> ``[B, N, dim]`` (W-major tokens, the same as ``PatchEmbed3D``)."""
+    p = proj.kernel_size[0]
+    b, c, w, h, d = x.shape
+    patches = x.reshape(b, c, w // p, p, h // p, p, d // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return torch.nn.functional.linear(patches.reshape(b, -1, c * p ** 3), proj.weight.reshape(proj.out_channels, -1),
+                                      proj.bias)
+
+
+def patch_embed_variants(state: StepState, batch: dict[str, torch.Tensor], precision: str,
+                         repeats: int = 3) -> dict[str, Any]:
+    """Forward + backward seconds (median) of the patch embedding on the global crops: the model's
+    Conv3d against the same map as reshape + linear; max abs difference of their outputs."""
+    embed = state.student.backbone.patch_embed
+    x = batch["global_crops"].to(state.device)
+    variants = {"conv3d": lambda: embed(x), "reshape_linear": lambda: patch_embed_as_linear(x, embed.proj)}
+    result: dict[str, Any] = {"precision": precision}
+    outputs = {}
+    for name, run in variants.items():
+        times = []
+        for _ in range(repeats + 1):
+            _sync(state.device)
+            start = time.perf_counter()
+            with autocast(precision, state.device):
+                out = run()
+            out.float().sum().backward()
+            _sync(state.device)
+            times.append(time.perf_counter() - start)
+        outputs[name] = out.detach().float()
+        result[name] = median(times[1:])
+    state.optimizer.zero_grad(set_to_none=True)
+    result["max_abs_diff"] = float((outputs["conv3d"] - outputs["reshape_linear"]).abs().max())
+    return result
+
+
+def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Namespace, device: torch.device,
+                   peaks: dict[str, list[dict]]) -> dict[str, Any]:
+    """Steps of one preset in every dtype, alternating round by round, with FLOP counts and phase times."""
+    rounds = args.warmup + args.iters
+    state = StepState(preset, batch, total_iters=max(rounds + 1, 100), device=device, seed=args.seed)
+    data = synthetic_batch(batch, args.seed)
+    crops = (2 + N_LOCAL) * batch
+    for precision in dtypes:
+        peaks[precision].append(matmul_peak(DTYPES[precision], device, args.matmul_size, args.matmul_loops,
+                                            args.matmul_repeats))
+    times: dict[str, list[float]] = {p: [] for p in dtypes}
+    phases: dict[str, list[dict[str, float]]] = {p: [] for p in dtypes}
+    counts: list[dict[str, int]] = []
+    masked: list[float] = []
+    for it in range(rounds):
+        for precision in dtypes:
+            split: dict[str, float] = {}
+            _sync(device)
+            start = time.perf_counter()
+            terms = ssl_step(state, data, it, precision, phases=split)
+            _sync(device)
+            if it >= args.warmup:
+                times[precision].append(time.perf_counter() - start)
+                phases[precision].append(split)
+        if it >= args.warmup:
+            counts.append(count_flops(state, data, it))
+            masked.append(terms["n_masked"])
+        print(f"  {preset} round {it + 1}/{rounds}: " + (", ".join(f"{p} {times[p][-1]:.2f} s" for p in dtypes)
+                                                        if it >= args.warmup else "warm-up"), flush=True)
+    for precision in dtypes:
+        peaks[precision].append(matmul_peak(DTYPES[precision], device, args.matmul_size, args.matmul_loops,
+                                            args.matmul_repeats))
+    flops = [c["total"] for c in counts]
+    result = {"preset": preset, "batch": batch, "crops_per_step": crops, "rounds_timed": args.iters,
+              "rounds_warmup": args.warmup, "flops_per_step": flops, "flops_per_step_median": median(flops),
+              "flops_teacher_median": median([c["teacher"] for c in counts]),
+              "flops_student_median": median([c["student"] for c in counts]),
+              "masked_patches": masked, "flops_analytic": analytic_flops(state, batch, median(masked)),
+              "params_student": param_count(state.student), "params_backbone": param_count(state.student.backbone),
+              "head_dims": state.config.head_dims, "dtypes": {}}
+    for precision in dtypes:
+        secs = times[precision]
+        achieved = median([f / s for f, s in zip(flops, secs, strict=True)])
+        result["dtypes"][precision] = {
+            "step_seconds": secs, "median_step_s": median(secs), "crops_per_s": crops / median(secs),
+            "achieved_flops_per_s": achieved,
+            "phases_median_s": {k: median([ph[k] for ph in phases[precision]]) for k in phases[precision][0]}}
+    result["adamw_step_s"] = optimizer_variants(state, data)
+    result["patch_embed_fwd_bwd_s"] = [patch_embed_variants(state, data, p) for p in dtypes]
+    if args.profile is not None and (not args.profile or preset in args.profile):
+        result["profile"] = [profile_step(state, data, rounds, p) for p in dtypes]
+    del state, data
+    return result
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _gf(value: float) -> str:
+    return f"{value / 1e9:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads or cores)
+    presets = args.presets or (["tiny", "small"] + (["base", "large"] if device.type == "cuda" else []))
+    batches = dict(DEFAULT_BATCH)
+    for item in args.batch:
+        name, _, value = item.partition("=")
+        batches[name] = int(value)
+    info = {**machine_info(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    print(f"{info['cpu_model']}, {cores} cores, torch {info['torch']} ({info['cpu_capability']}, mkldnn bf16 "
+          f"{info['mkldnn_bf16_supported']}), {info['torch_threads']} threads, load {info['load_average_at_start']}",
+          flush=True)
+
+    peaks: dict[str, list[dict]] = {p: [] for p in args.dtypes}
+    steps = []
+    for preset in presets:
+        print(f"{preset}: batch {batches[preset]} volumes ({(2 + N_LOCAL) * batches[preset]} crops) per step",
+              flush=True)
+        steps.append(measure_preset(preset, batches[preset], args.dtypes, args, device, peaks))
+    peak = {p: max(m["best_flops_per_s"] for m in peaks[p]) for p in args.dtypes}
+    for step in steps:
+        for precision, d in step["dtypes"].items():
+            d["mfu"] = d["achieved_flops_per_s"] / peak[precision]
+
+    loaders: list[dict] = []
+    loader_profile = None
+    if not args.skip_loader and args.loader_workers:
+        work = args.work_dir or Path(tempfile.mkdtemp(prefix="pretrain_bench_"))
+        try:
+            start = time.perf_counter()
+            folder = prepare_mni(work)
+            print(f"MNI data preprocessed in {time.perf_counter() - start:.0f} s: {folder}", flush=True)
+            for batch in sorted({batches[p] for p in presets}):
+                for workers in args.loader_workers:
+                    loaders.append(loader_throughput(folder, batch, workers, args.loader_batches, args.loader_warmup,
+                                                     args.seed))
+                    print(f"  loader batch {batch}, {workers} workers: {loaders[-1]['crops_per_s']:.1f} crops/s",
+                          flush=True)
+            if args.profile is not None:
+                loader_profile = profile_loader(folder, min(batches[p] for p in presets), 2, args.seed)
+        finally:
+            if args.work_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+    rows = []
+    for step in steps:
+        for precision, d in step["dtypes"].items():
+            feeds = {f"loader_w{lo['workers']}_ratio": lo["crops_per_s"] / d["crops_per_s"]
+                     for lo in loaders if lo["batch"] == step["batch"]}
+            d.update(feeds)
+            rows.append([step["preset"], precision, step["batch"], f"{d['median_step_s']:.2f}",
+                         f"{d['crops_per_s']:.1f}", _gf(step["flops_per_step_median"]),
+                         _gf(d["achieved_flops_per_s"]), _gf(peak[precision]), f"{100 * d['mfu']:.1f}",
+                         *[f"{feeds.get(f'loader_w{w}_ratio', float('nan')):.2f}" for w in args.loader_workers]])
+    headers = ["preset", "dtype", "B", "step s", "crops/s", "GFLOP/step", "GFLOP/s", "peak GFLOP/s", "MFU %",
+               *[f"loader w{w} / step" for w in args.loader_workers]]
+    print()
+    print(format_table(headers, rows))
+    for lo in loaders:
+        print(f"loader: batch {lo['batch']}, {lo['workers']} workers: {lo['crops_per_s']:.1f} crops/s "
+              f"({lo['median_batch_s']:.2f} s per batch median)")
+    for step in steps:
+        for precision, d in step["dtypes"].items():
+            split = ", ".join(f"{k} {v:.2f}" for k, v in d["phases_median_s"].items())
+            print(f"phases {step['preset']} {precision} (s): {split}")
+        adamw = ", ".join(f"{k} {v:.3f} s" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in step["adamw_step_s"].items())
+        print(f"AdamW step {step['preset']}: {adamw}")
+        for pe in step["patch_embed_fwd_bwd_s"]:
+            print(f"patch embedding fwd+bwd {step['preset']} {pe['precision']}: Conv3d {pe['conv3d']:.3f} s, "
+                  f"reshape+linear {pe['reshape_linear']:.3f} s (max |diff| {pe['max_abs_diff']:.1e})")
+    fastest = None
+    small = next((s for s in steps if s["preset"] == "small"), None)
+    if small:
+        fastest = max(small["dtypes"], key=lambda p: small["dtypes"][p]["crops_per_s"])
+        mfu = small["dtypes"][fastest]["mfu"]
+        print(f"target MFU >= {MFU_TARGET:.0%} (small, {fastest}, the faster dtype): {mfu:.1%} -> "
+              f"{'met' if mfu >= MFU_TARGET else 'missed'}")
+    try:
+        load_end = os.getloadavg()
+    except OSError:
+        load_end = None
+    info["load_average_at_end"] = load_end
+    write_json(args.out, {"command": command, "machine": info, "settings": vars(args) | {
+        "out": str(args.out), "work_dir": str(args.work_dir) if args.work_dir else None,
+        "global_crop": GLOBAL_CROP, "local_crop": LOCAL_CROP, "n_local": N_LOCAL, "batches": batches},
+        "matmul_peak": {"best_flops_per_s": peak, "runs": peaks}, "steps": steps, "loader": loaders,
+        "loader_profile": loader_profile,
+        "targets": {"mfu_small_faster_dtype": MFU_TARGET, "loader_over_step": LOADER_RATIO_TARGET,
+                    "small_faster_dtype": fastest}})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
