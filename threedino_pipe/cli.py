@@ -204,6 +204,28 @@ def finetune(
 
 
 @app.command()
+def embed(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A finetune run folder or model zip (cases are "
+                                        "preprocessed as in finetuning), or a pretrain run folder or backbone "
+                                        "checkpoint (per-volume 0.05/99.95 percentile normalisation).")],
+    input_dir: Annotated[Path, typer.Option("--input", "-i", help="Folder (or list file) of cases: "
+                                            "{case}_{XXXX} files per channel, or one file per case.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write (or a folder: "
+                                         "features.csv inside it), one row per case.")],
+    layers: Annotated[int, typer.Option("--layers", help="CLS tokens of the last 1 or 4 blocks.")] = 4,
+    avgpool: Annotated[bool, typer.Option("--avgpool/--no-avgpool", help="Also the last block's mean patch "
+                                          "token.")] = True,
+    device: Device = "auto",
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Frozen-backbone features (CLS, mean patch token) of a folder of cases into one CSV table."""
+    _common(verbose, no_progress)
+    from threedino_pipe.inference import embed as stage
+    stage.run(model, input_dir, output, layers=layers, avgpool=avgpool, device=device)
+
+
+@app.command()
 def predict(
     input_dir: Annotated[Path, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz channel "
                          "files, plain single-channel files, or one DICOM series folder per case), a text file listing "
