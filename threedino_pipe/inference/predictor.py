@@ -14,6 +14,11 @@ CT with 14 classes stays within about 4 GiB:
   probabilities averaged, so the accumulator holds blended probabilities ``K x X' x Y' x Z'``;
 - on a GPU, MONAI buffers a row of windows on the GPU before adding it to the CPU accumulator.
 
+Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
+normalisation range). ``inference/sliding_window.py`` (finetune's validation) blends float32 logits
+over the whole case; predict keeps its own call so the accumulator is float16 and never copies
+the case (a float32 ``K x`` accumulator of a 512 x 512 x 400 CT with 14 classes alone is 5.9 GB).
+
 Classification: the whole preprocessed case resized to the patch size (the centre view of
 ``threedino_pipe.inference.features``, as the probe saw in finetuning), averaged the same way.
 """
@@ -38,13 +43,13 @@ from threedino_pipe.errors import UserError
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.inputs import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
+from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
 from threedino_pipe.preprocessing.pipeline import preprocess_case
 from threedino_pipe.training.precision import autocast
 
 log = logging.getLogger(__name__)
 
-SIGMA_SCALE = 0.125
-PAD_VALUE = 0.0  # value of the preprocessed (normalised) image outside a case smaller than a window
+SIGMA_SCALE = 0.125  # gaussian blending, as finetune's validation window (inference/sliding_window.py)
 
 
 @dataclass(frozen=True)
@@ -145,9 +150,17 @@ class EnsembleProbabilities(nn.Module):
                 logits = logits.float()
                 if dims and logits.ndim == 5:
                     logits = torch.flip(logits, dims)
-                probs = torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
+                probs = _activate_(logits, self.activation)
                 total = probs if total is None else total.add_(probs)
-        return total / (len(self.networks) * len(self.flips))
+        return total.div_(len(self.networks) * len(self.flips))
+
+
+def _activate_(logits: Tensor, activation: str) -> Tensor:
+    """Softmax over dim 1, or sigmoid, in place (no second full-size window tensor)."""
+    if activation == "sigmoid":
+        return logits.sigmoid_()
+    logits.sub_(logits.amax(1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(1, keepdim=True))
 
 
 class _WindowReader:
