@@ -47,6 +47,8 @@ def prepare_run_folder(folder: Path, options: dict[str, Any], *, restart: bool =
         shutil.rmtree(folder)
     stable = {k: v for k, v in options.items() if k not in volatile}
     if run_json.is_file():
+        for stale in folder.glob(".*.partial*"):  # temp files of a killed process (atomic_path)
+            stale.unlink(missing_ok=True)
         recorded = read_json(run_json)
         old = {k: v for k, v in recorded.get("options", {}).items() if k not in volatile}
         diffs = _differences(old, stable)
