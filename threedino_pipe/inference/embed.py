@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import re
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from threedino_pipe.inference.predictor import prepare_case
 from threedino_pipe.jsonio import atomic_path, write_json
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, probe_input
 from threedino_pipe.models.vit3d import VisionTransformer3D
+
+logging.getLogger("numexpr").setLevel(logging.WARNING)  # imported on the way (MONAI), logs its thread count
 
 BARE_CONFIGURATION = "embed"
 BARE_NORMALIZATION = {"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1],
@@ -79,6 +82,9 @@ def _load(model: Path, stack: contextlib.ExitStack) -> tuple[VisionTransformer3D
                         "a backbone checkpoint file")
     choice = resolve_backbone(str(model), model.parent)
     net = choice.model
+    if net.in_chans != 1:
+        raise UserError(f"the backbone takes {net.in_chans} input channels; embed runs a single-channel backbone "
+                        "once per channel", file=model, fix="pass a single-channel 3D ViT backbone")
     record = {"kind": "backbone checkpoint", "source": choice.source, "sha256": choice.sha256,
               "preset": choice.info.get("preset")}
     return net, {}, BARE_CONFIGURATION, [net.pos_grid * net.patch_size] * 3, record
