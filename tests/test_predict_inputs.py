@@ -254,3 +254,23 @@ def test_probabilities_file_on_the_input_grid(tmp_path, monkeypatch):
     np.testing.assert_array_equal(probs.argmax(0), label)
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=2e-3)
     assert [p.name for p in tmp_path.iterdir()] == ["c_probabilities.npz"]
+
+
+def test_implicit_background_gives_the_same_labels_and_probabilities(tmp_path):
+    """Predict keeps softmax channels 1..K-1 only; the background derived as 1 - their sum changes nothing."""
+    image, label, geo = _case(seed=5)
+    data, seg, props = preprocess_case([image], geo, _plans([1.2, 1.0, 2.0], [0, 2, 1]), "finetune", label=label)
+    rng = np.random.default_rng(0)
+    probs = torch.softmax(torch.from_numpy(_one_hot(seg[0], [0, 1, 2]).numpy() * 4
+                                           + rng.normal(0, 1, (3, *seg.shape[1:]))), 0)
+    full = probs.to(torch.float16)
+    implicit = geometry.Channels(full[1:], implicit_background=True)
+    assert len(implicit) == 3
+    np.testing.assert_allclose(implicit[0][:, :, :].numpy(), full[0].float().numpy(), atol=2e-3)
+    a = geometry.restore_labels(full, props, output="softmax", values=[0, 1, 2])
+    b = geometry.restore_labels(implicit, props, output="softmax", values=[0, 1, 2])
+    assert (a == b).mean() > 0.999
+    geometry.write_probabilities(implicit, props, tmp_path / "p.npz", output="softmax", names=["a", "b", "c"])
+    geometry.write_probabilities(full, props, tmp_path / "q.npz", output="softmax", names=["a", "b", "c"])
+    with np.load(tmp_path / "p.npz") as p, np.load(tmp_path / "q.npz") as q:
+        np.testing.assert_allclose(p["probabilities"].astype(float), q["probabilities"].astype(float), atol=3e-3)

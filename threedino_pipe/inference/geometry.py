@@ -36,6 +36,46 @@ from threedino_pipe.jsonio import atomic_path
 SLAB_VOXELS = 8_000_000  # output voxels resampled at once (one channel): 32 MB of float32
 
 
+class ImplicitBackground:
+    """Softmax channel 0 of probabilities stored without it: ``1 - sum`` of the stored channels.
+
+    Indexing (``[x0:x1, y0:y1, z0:z1]``) computes only the requested block (float32).
+    """
+
+    def __init__(self, rest: torch.Tensor) -> None:
+        self.rest = rest
+        self.shape = tuple(rest.shape[1:])
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        return 1.0 - self.rest[(slice(None), *index)].to(torch.float32).sum(0)
+
+
+class Channels:
+    """``K`` output channels on the preprocessed grid, ``X' x Y' x Z'`` each (CPU tensors).
+
+    Args:
+        stored: ``K x X' x Y' x Z'`` probabilities, or ``K - 1`` (channels 1..K-1) when
+            ``implicit_background``: softmax probabilities sum to 1, so predict's accumulator leaves
+            the background out (one channel less of memory) and it is derived here.
+    """
+
+    def __init__(self, stored: torch.Tensor, implicit_background: bool = False) -> None:
+        self.stored, self.implicit = stored, bool(implicit_background)
+
+    def __len__(self) -> int:
+        return int(self.stored.shape[0]) + int(self.implicit)
+
+    def __getitem__(self, c: int):
+        if not self.implicit:
+            return self.stored[c]
+        return ImplicitBackground(self.stored) if c == 0 else self.stored[c - 1]
+
+
+def as_channels(scores: torch.Tensor | Channels) -> Channels:
+    """``scores`` as :class:`Channels` (a plain ``K x X' x Y' x Z'`` tensor holds every channel)."""
+    return scores if isinstance(scores, Channels) else Channels(scores)
+
+
 def inverse_permutation(transpose: Sequence[int]) -> list[int]:
     """Axes that undo ``np.transpose(a, transpose)``."""
     return [int(a) for a in np.argsort(transpose)]
@@ -73,11 +113,12 @@ def _as_numpy(block: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
-def resample_rows(channel: torch.Tensor | np.ndarray, properties: dict, axis: int, lo: int, hi: int) -> np.ndarray:
+def resample_rows(channel, properties: dict, axis: int, lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` (along transposed ``axis``) of one channel restored onto the cropped input grid.
 
     Args:
-        channel: ``X' x Y' x Z'`` values on the preprocessed grid (any float dtype, CPU).
+        channel: ``X' x Y' x Z'`` values on the preprocessed grid (a CPU tensor of any float dtype,
+            an array, or :class:`ImplicitBackground`), sliced one block at a time.
         properties: the case properties of ``preprocess_case``.
 
     Returns:
@@ -121,15 +162,17 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if 0 <= min(values, default=0) and max(values, default=0) < 256 else np.dtype(np.int16)
 
 
-def labels_on_crop(scores: torch.Tensor, properties: dict, *, output: str, values: Sequence[int]) -> np.ndarray:
+def labels_on_crop(scores: torch.Tensor | Channels, properties: dict, *, output: str,
+                   values: Sequence[int]) -> np.ndarray:
     """The label image of the cropped region (transposed order) from ``K x X' x Y' x Z'`` scores.
 
     Args:
-        scores: probabilities on the preprocessed grid (CPU, float16 or float32).
+        scores: probabilities on the preprocessed grid (CPU, float16 or float32), or :class:`Channels`.
         output: ``softmax`` (``values[c]`` is the label of channel ``c``; argmax) or ``sigmoid``
             (``values[r]`` is region ``r``'s ``regions_class_order`` value; threshold 0.5, later
             regions written over earlier ones).
     """
+    scores = as_channels(scores)
     shape = [int(n) for n in properties["shape_after_crop"]]
     dtype = label_dtype(values)
     lookup = np.asarray(values, dtype=dtype)
@@ -138,14 +181,14 @@ def labels_on_crop(scores: torch.Tensor, properties: dict, *, output: str, value
         if output == "softmax":
             best = resample_rows(scores[0], properties, 0, lo, hi)
             index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
-            for c in range(1, scores.shape[0]):
+            for c in range(1, len(scores)):
                 value = resample_rows(scores[c], properties, 0, lo, hi)
                 np.putmask(index, value > best, c)
                 np.maximum(best, value, out=best)
             labels[lo:hi] = lookup[index]
         else:
             out = labels[lo:hi]
-            for r in range(scores.shape[0]):
+            for r in range(len(scores)):
                 out[resample_rows(scores[r], properties, 0, lo, hi) > 0.5] = lookup[r]
     return labels
 
@@ -158,12 +201,13 @@ def paste_into_input(cropped: np.ndarray, properties: dict) -> np.ndarray:
     return full
 
 
-def restore_labels(scores: torch.Tensor, properties: dict, *, output: str, values: Sequence[int]) -> np.ndarray:
+def restore_labels(scores: torch.Tensor | Channels, properties: dict, *, output: str,
+                   values: Sequence[int]) -> np.ndarray:
     """``X x Y x Z`` labels on the input grid (original order) from scores on the preprocessed grid."""
     return paste_into_input(labels_on_crop(scores, properties, output=output, values=values), properties)
 
 
-def _restored_rows_original(channel: torch.Tensor, properties: dict, fill: float) -> Iterator[np.ndarray]:
+def _restored_rows_original(channel, properties: dict, fill: float) -> Iterator[np.ndarray]:
     """One channel on the whole input grid, yielded as blocks of rows of original axis 0 (float16)."""
     transpose = [int(a) for a in properties["transpose"]]
     inverse = inverse_permutation(transpose)
@@ -181,7 +225,7 @@ def _restored_rows_original(channel: torch.Tensor, properties: dict, fill: float
         yield block
 
 
-def write_probabilities(scores: torch.Tensor, properties: dict, path: Path, *, output: str,
+def write_probabilities(scores: torch.Tensor | Channels, properties: dict, path: Path, *, output: str,
                         names: Sequence[str]) -> None:
     """Write ``<case>_probabilities.npz`` on the input grid, one channel and slab at a time (atomically).
 
@@ -189,14 +233,15 @@ def write_probabilities(scores: torch.Tensor, properties: dict, path: Path, *, o
     crop box softmax channel 0 (background) is 1 and every other channel 0) and ``names``
     (``K`` channel names). Loads with ``np.load(path)`` (no pickle).
     """
+    scores = as_channels(scores)
     size = [int(n) for n in properties["original_geometry"]["size"]]
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-              "shape": (int(scores.shape[0]), *size)}
+              "shape": (len(scores), *size)}
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
                                                    compresslevel=1, allowZip64=True) as archive:
         with archive.open("probabilities.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_2_0(member, header)
-            for c in range(scores.shape[0]):
+            for c in range(len(scores)):
                 fill = 1.0 if (output == "softmax" and c == 0) else 0.0
                 for block in _restored_rows_original(scores[c], properties, fill):
                     member.write(np.ascontiguousarray(block).tobytes())

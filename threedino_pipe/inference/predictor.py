@@ -133,12 +133,17 @@ def flip_sets(tta: bool) -> list[tuple[int, ...]]:
 
 
 class EnsembleProbabilities(nn.Module):
-    """``forward(x [B, C, X, Y, Z]) -> [B, K, ...]`` probabilities averaged over networks and flips."""
+    """``forward(x [B, C, X, Y, Z]) -> [B, K, ...]`` probabilities averaged over networks and flips.
 
-    def __init__(self, networks: Sequence[nn.Module], activation: str, tta: bool, precision: str) -> None:
+    With ``drop_background`` (softmax) channel 0 is left out of the result (``[B, K - 1, ...]``).
+    """
+
+    def __init__(self, networks: Sequence[nn.Module], activation: str, tta: bool, precision: str,
+                 drop_background: bool = False) -> None:
         super().__init__()
         self.networks = list(networks)
         self.activation, self.flips, self.precision = activation, flip_sets(tta), precision
+        self.drop_background = drop_background
 
     def forward(self, x: Tensor) -> Tensor:
         total = None
@@ -152,6 +157,7 @@ class EnsembleProbabilities(nn.Module):
                     logits = torch.flip(logits, dims)
                 probs = _activate_(logits, self.activation)
                 total = probs if total is None else total.add_(probs)
+        total = total[:, 1:] if self.drop_background else total
         return total.div_(len(self.networks) * len(self.flips))
 
 
@@ -189,12 +195,15 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 @torch.inference_mode()
 def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], options: InferenceOptions,
-                         device: torch.device) -> Tensor:
+                         device: torch.device) -> geometry.Channels:
     """Blended probabilities ``K x X' x Y' x Z'`` (float16, CPU) of a preprocessed case ``C x X' x Y' x Z'``.
 
-    Models with different patch sizes run in separate passes whose results are averaged.
+    Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
+    restoring): one channel less of the largest array. Models with different patch sizes run in
+    separate passes whose results are averaged.
     """
     activation = models[0].model_json["output"]
+    implicit = activation == "softmax" and int(models[0].model_json["num_outputs"]) > 1
     groups: dict[tuple[int, ...], list[LoadedModel]] = {}
     for model in models:
         groups.setdefault(model.patch_size, []).append(model)
@@ -202,7 +211,8 @@ def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], option
     for patch, members in groups.items():
         source, region = _pad_to(torch.from_numpy(data), patch)
         placeholder = torch.zeros((), dtype=torch.float16).expand(1, *source.shape)
-        ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision)
+        ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision,
+                                         drop_background=implicit)
         on_gpu = device.type == "cuda"
         out = sliding_window_inference(
             placeholder, roi_size=patch, sw_batch_size=options.window_batch_size,
@@ -213,9 +223,9 @@ def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], option
         probs = out[0][(slice(None), *region)]
         weight = len(members) / len(models)
         if len(groups) == 1:
-            return probs
+            return geometry.Channels(probs, implicit_background=implicit)
         total = probs.float().mul_(weight) if total is None else total.add_(probs.float(), alpha=weight)
-    return total.to(torch.float16)
+    return geometry.Channels(total.to(torch.float16), implicit_background=implicit)
 
 
 @torch.inference_mode()
