@@ -47,7 +47,10 @@ class ImplicitBackground:
         self.shape = tuple(rest.shape[1:])
 
     def __getitem__(self, index: tuple) -> torch.Tensor:
-        return 1.0 - self.rest[(slice(None), *index)].to(torch.float32).sum(0)
+        total = self.rest[0][index].to(torch.float32, copy=True)  # never a view of the accumulator
+        for channel in self.rest[1:]:  # one channel at a time: no K x block float32 temporary
+            total.add_(channel[index])
+        return total.neg_().add_(1.0)
 
 
 class Channels:
@@ -108,9 +111,10 @@ def slabs(n: int, other_voxels: int, slab_voxels: int | None = None) -> Iterator
 
 
 def _as_numpy(block: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A float32 copy (callers update it in place; it must never alias the accumulator)."""
     if isinstance(block, torch.Tensor):
-        return block.to(torch.float32).numpy()
-    return np.asarray(block, dtype=np.float32)
+        return block.to(torch.float32, copy=True).numpy()
+    return np.array(block, dtype=np.float32, copy=True)
 
 
 def resample_rows(channel, properties: dict, axis: int, lo: int, hi: int) -> np.ndarray:

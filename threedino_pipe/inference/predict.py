@@ -22,7 +22,7 @@ from threedino_pipe.errors import UserError
 from threedino_pipe.inference import batch
 from threedino_pipe.inference.inputs import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, channel_names, load_models, pick_device
-from threedino_pipe.inference.predictor import CaseResult, InferenceOptions, predict_case, prepare_case
+from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
 from threedino_pipe.jsonio import read_artifact, write_json
 from threedino_pipe.training.precision import PRECISIONS, resolve_precision
 
@@ -181,8 +181,9 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             batch.write_csv(predictions_path, header, rows)
         elif ranks.rank == 0 and not resume:
             (output_dir / batch.PREDICTIONS).unlink(missing_ok=True)
-    else:
-        done = {c.case_id for c in mine if resume and (output_dir / c.output_name).is_file()}
+    else:  # a label file is written last, so its presence marks a finished case
+        done = {c.case_id for c in mine if resume and (output_dir / c.output_name).is_file()
+                and (not inference.save_probabilities or (output_dir / f"{c.case_id}{PROBABILITIES}").is_file())}
     todo = [c for c in mine if c.case_id not in done]
     where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
     log.info("%d case(s)%s; %d already predicted (--continue), predicting %d on %s", len(cases), where,

@@ -49,6 +49,7 @@ from threedino_pipe.training.precision import autocast
 
 log = logging.getLogger(__name__)
 
+PROBABILITIES = "_probabilities.npz"  # <case>_probabilities.npz
 SIGMA_SCALE = 0.125  # gaussian blending, as finetune's validation window (inference/sliding_window.py)
 
 
@@ -259,7 +260,7 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
     labels = geometry.restore_labels(probs, prepared.properties, output=output, values=output_values(model_json))
     if options.save_probabilities:  # before the label file, whose presence marks the case done
         geometry.write_probabilities(probs, prepared.properties,
-                                     Path(output_dir) / f"{prepared.case.case_id}_probabilities.npz",
+                                     Path(output_dir) / f"{prepared.case.case_id}{PROBABILITIES}",
                                      output=output, names=output_names(model_json))
     result.output = Path(output_dir) / prepared.case.output_name
     write_image(labels, prepared.geometry, result.output)
