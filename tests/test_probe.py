@@ -210,7 +210,7 @@ def test_probe_run_reports_auc_f1_and_beats_chance_on_held_out_scans(tissue, mon
         (model_json["probe"]["lr"], model_json["probe"]["layers"], model_json["probe"]["avgpool"])
     assert model_json["best_metric"] == {"name": "auc", "value": validation["metrics"]["auc"]["macro"]}
     subset = json.loads((run_dir / "subset.json").read_text())
-    assert len(subset["train"]) == 15 and len(subset["val"]) == 4 and not set(subset["train"]) & set(subset["val"])
+    assert len(subset["ids"]) == 15 and len(subset["val_ids"]) == 4 and not set(subset["ids"]) & set(subset["val_ids"])
 
     # the rebuilt network (model_args + checkpoint_best.pt) reproduces validation_predictions.csv from the
     # preprocessed arrays: training on cached features and predicting with the network agree
@@ -267,7 +267,7 @@ def test_features_are_computed_once_per_case_and_view_and_reused_on_resume(tissu
     options = dict(pct=50, fold=1, backbone=str(tissue["backbone"]), iters=40, num_augmentations=2, device="cpu")
     folder = probe.run("995", **options, stop_after=15)
     subset = json.loads((folder / "subset.json").read_text())
-    expected = len(subset["train"]) * (1 + 2) + len(subset["val"])  # one channel
+    expected = len(subset["ids"]) * (1 + 2) + len(subset["val_ids"])  # one channel
     assert sum(passes) == expected
     assert not (folder / "model.json").exists()
     assert torch.load(folder / "checkpoint_latest.pt", weights_only=True)["iteration"] == 15

@@ -279,7 +279,7 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
         return folder
     write_json(folder / "subset.json", {
         "kind": "subset", "schema_version": 1, "version": __version__, "dataset": pre.name, "fold": fold,
-        "seed": seed, "pct": float(pct), "num_fold_train": len(fold_train), "train": train_ids, "val": val_ids,
+        "seed": seed, "pct": float(pct), "ids": train_ids, "val_ids": val_ids, "num_fold_train": len(fold_train),
         "class_counts": {name: sum(labels[c] == k for c in train_ids) for k, name in enumerate(class_names)}})
     dev = pick_device(device)
     console.print(f"probe run {folder} ({'resuming' if resume else 'new'}): {len(train_ids)} training cases x "
