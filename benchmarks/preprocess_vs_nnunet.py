@@ -258,6 +258,7 @@ def nnunet_commands(bin_dir: Path, dataset_id: int, nproc: int) -> list[list[str
 def run_tool(tool: str, commands: list[list[str]], env: dict, interval: float) -> dict:
     """Run ``commands`` one after the other; wall time is their sum, peak memory their maximum."""
     stages = []
+    load = list(os.getloadavg())
     for command in commands:
         m = run_measured(command, env=env, interval=interval)
         if m.returncode != 0:
@@ -266,7 +267,7 @@ def run_tool(tool: str, commands: list[list[str]], env: dict, interval: float) -
         stages.append(m.to_dict())
     for stage in stages:
         stage["output_tail"] = stage["output_tail"][-1500:]
-    return {"tool": tool, "wall_s": sum(s["wall_s"] for s in stages),
+    return {"tool": tool, "load_average_before": load, "wall_s": sum(s["wall_s"] for s in stages),
             "peak_rss": max(s["peak_rss"] for s in stages), "peak_pss": max(s["peak_pss"] for s in stages),
             "stages": stages}
 
@@ -345,24 +346,30 @@ def compare(ours_pre: Path, nnunet_pre: Path, dataset: str, cases: list[str]) ->
 
 # --------------------------------------------------------------------------- profile
 
-def profile_ours(raw: Path, plan_run: Path, work: Path, dataset: str, dataset_id: int, top: int = 25) -> dict:
-    """Our preprocess in one process (``-np 1``) under cProfile, on a copy of a run's plans."""
+def profile_ours(raw: Path, work: Path, dataset_id: int, spacing_ijk: list[float], top: int = 30) -> dict:
+    """Our plan and preprocess, each in one process (``-np 1``) under cProfile, into a fresh folder.
+
+    With one process every case runs in the profiled process (no pool), so the figures cover the
+    whole work; SimpleITK keeps its own threads.
+    """
     run = work / "profile"
     shutil.rmtree(run, ignore_errors=True)
-    (run / "preprocessed" / dataset).mkdir(parents=True)
-    for name in ("plans.json", "dataset_fingerprint.json"):
-        shutil.copy2(plan_run / "preprocessed" / dataset / name, run / "preprocessed" / dataset / name)
-    stats_file = run / "preprocess.prof"
-    command = [sys.executable, "-m", "cProfile", "-o", str(stats_file), "-m", "threedino_pipe.cli",
-               "preprocess", "-d", str(dataset_id), "-c", "finetune", "-np", "1"]
-    start = time.perf_counter()
-    subprocess.run(command, env=ours_env(raw, run), check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    report = {"command": shlex.join(command), "wall_s": wall}
-    for key in ("tottime", "cumulative"):
-        text = io.StringIO()
-        pstats.Stats(str(stats_file), stream=text).sort_stats(key).print_stats(top)
-        report[f"top_by_{key}"] = text.getvalue().splitlines()
+    run.mkdir(parents=True)
+    report = {}
+    for stage, command in zip(("plan", "preprocess"), ours_commands(dataset_id, 1, spacing_ijk), strict=True):
+        stats_file = run / f"{stage}.prof"
+        args = command[command.index("plan" if stage == "plan" else "preprocess"):]
+        profiled = [sys.executable, "-m", "cProfile", "-o", str(stats_file), "-m", "threedino_pipe.cli", *args]
+        start = time.perf_counter()
+        subprocess.run(profiled, env=ours_env(raw, run), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        entry = {"command": shlex.join(profiled), "wall_s": time.perf_counter() - start}
+        for key in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(str(stats_file), stream=text).sort_stats(key).print_stats(top)
+            entry[f"top_by_{key}"] = text.getvalue().splitlines()
+        report[stage] = entry
+        print(f"profiled our {stage} (-np 1): {entry['wall_s']:.1f} s", flush=True)
     return report
 
 
@@ -370,6 +377,7 @@ def profile_ours(raw: Path, plan_run: Path, work: Path, dataset: str, dataset_id
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()
     nproc = args.num_processes
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="preprocess_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -439,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                "same_shapes": quality["all_same_shape"],
                "pearson": quality["min_pearson"] is not None and quality["min_pearson"] >= PEARSON_TARGET}
 
-    profile = profile_ours(raw, last["ours"], work, dataset, args.dataset_id) if args.profile else None
+    profile = profile_ours(raw, work, args.dataset_id, spacing_ijk) if args.profile else None
 
     rows = [[tool, summary[tool]["wall_s"], f"{summary[tool]['peak_rss'] / MIB:.0f}",
              f"{summary[tool]['peak_pss'] / MIB:.0f}"] for tool in ("ours", "nnunet")]
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "preprocess_vs_nnunet",
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_info(),
+        "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
         "versions": {"ours": ours_versions, "ours_git_commit": git_commit(), "nnunet_env": nnunet_versions},
         "settings": {"num_processes": nproc, "repeats": args.repeats, "num_cases": args.num_cases,
                      "shape_ijk": triple(args.shape, int), "spacing_ijk_mm": triple(args.spacing),
