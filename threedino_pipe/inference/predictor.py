@@ -5,13 +5,14 @@ Sliding window (segmentation): MONAI's ``sliding_window_inference`` with gaussia
 and ``window_batch_size`` windows per forward pass. Memory layout, chosen so a 512 x 512 x 400
 CT with 14 classes stays within about 4 GiB:
 
-- the preprocessed case stays a float32 CPU array; each window batch is read from it and moved
-  to the device (MONAI's ``with_coord``: MONAI is handed a zero-strided float16 placeholder of
-  the case's shape, so it allocates its blending accumulator in **float16 on the CPU** and never
-  copies the case);
+- the preprocessed case stays a float32 array (on the GPU when predicting on one, else on the
+  CPU); each window batch is read from it and moved to the device (MONAI's ``with_coord``:
+  MONAI is handed a zero-strided float16 placeholder of the case's shape, so it allocates its
+  blending accumulator in **float16 on the CPU** and never copies the case);
 - per window, every model (and, with TTA, every flip of the window: the 7 flip combinations of
-  the three axes plus the identity) is run, the activation (softmax or sigmoid) applied and the
-  probabilities averaged, so the accumulator holds blended probabilities ``K x X' x Y' x Z'``;
+  the three axes plus the identity) is run, the activation (softmax or sigmoid) applied in place
+  and the probabilities averaged, so the accumulator holds blended probabilities; softmax models
+  leave the background channel out of it (it is 1 minus the others' sum);
 - on a GPU, MONAI buffers a row of windows on the GPU before adding it to the CPU accumulator.
 
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
@@ -195,14 +196,20 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 
 @torch.inference_mode()
-def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], options: InferenceOptions,
+def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
                          device: torch.device) -> geometry.Channels:
-    """Blended probabilities ``K x X' x Y' x Z'`` (float16, CPU) of a preprocessed case ``C x X' x Y' x Z'``.
+    """Blended probabilities ``K x X' x Y' x Z'`` (float16, CPU) of a prepared case (``C x X' x Y' x Z'``).
 
     Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
     restoring): one channel less of the largest array. Models with different patch sizes run in
-    separate passes whose results are averaged.
+    separate passes whose results are averaged. On a GPU the case moves to GPU memory and
+    ``prepared.data`` is released, so host memory holds only the accumulator; on the CPU
+    ``prepared.data`` is released after the last pass.
     """
+    data = torch.from_numpy(prepared.data)
+    if device.type == "cuda":
+        data = data.to(device)
+        prepared.data = None
     activation = models[0].model_json["output"]
     implicit = activation == "softmax" and int(models[0].model_json["num_outputs"]) > 1
     groups: dict[tuple[int, ...], list[LoadedModel]] = {}
@@ -210,7 +217,7 @@ def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], option
         groups.setdefault(model.patch_size, []).append(model)
     total = None
     for patch, members in groups.items():
-        source, region = _pad_to(torch.from_numpy(data), patch)
+        source, region = _pad_to(data, patch)
         placeholder = torch.zeros((), dtype=torch.float16).expand(1, *source.shape)
         ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision,
                                          drop_background=implicit)
@@ -222,10 +229,12 @@ def window_probabilities(data: np.ndarray, models: Sequence[LoadedModel], option
             buffer_steps=1 if on_gpu else None)
         del source, placeholder
         probs = out[0][(slice(None), *region)]
-        weight = len(members) / len(models)
         if len(groups) == 1:
+            prepared.data = None
             return geometry.Channels(probs, implicit_background=implicit)
+        weight = len(members) / len(models)
         total = probs.float().mul_(weight) if total is None else total.add_(probs.float(), alpha=weight)
+    prepared.data = None
     return geometry.Channels(total.to(torch.float16), implicit_background=implicit)
 
 
@@ -252,8 +261,7 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
         result.probabilities = classify(prepared.data, models, options, device)
         result.seconds["inference"] = time.perf_counter() - start
         return result
-    probs = window_probabilities(prepared.data, models, options, device)
-    prepared.data = None  # the preprocessed case is no longer needed: free it before restoring
+    probs = window_probabilities(prepared, models, options, device)  # releases prepared.data
     result.seconds["inference"] = time.perf_counter() - start
     start = time.perf_counter()
     output = model_json["output"]
