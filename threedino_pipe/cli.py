@@ -194,13 +194,54 @@ def adapt_highres(
 @app.command()
 def finetune(
     dataset: Dataset,
-    pct: Annotated[float, typer.Option("--pct", help="Percent of the fold's training cases to use.")] = 100.0,
+    pct: Annotated[float, typer.Option("--pct", help="Percent of the fold's training cases to train on (the nested "
+                                       "label-efficiency subset of splits.json: round(P % of the cases); too few "
+                                       "cases is an error naming the minimum).")] = 100.0,
+    fold: Annotated[int, typer.Option("--fold", min=0, help="Cross-validation fold of splits.json.")] = 0,
+    head: Annotated[str | None, typer.Option("--head", help="adapter (ViT-Adapter + UNet decoder), unetr, linear, or "
+                                             "probe (classification datasets). Default: adapter with a pretrained "
+                                             "backbone, unetr with --backbone none, probe for classification.")] = None,
+    backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
+                                          "pretrain run), a pretrain run folder, a backbone file (ours or the "
+                                          "official 3DINO-ViT), or none (random init, trained end to end).")]
+    = "auto",
+    unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
+                                           "frozen).")] = False,
+    preset: Annotated[str | None, typer.Option("--preset", help="Backbone preset tiny|small|base|large for "
+                                               "--backbone none (default: plans.json's); with a pretrained backbone "
+                                               "the file must match it.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", min=1, help="Training iterations (default: the paper's "
+                                              "30,000 with 10 % linear warmup, then cosine; 12,500 for the "
+                                              "probe).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Patches per process and iteration "
+                                                   "(default: plans.json's, capped at 2 on a CPU).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW peak learning rate (default: 1e-4 for "
+                                             "adapter and unetr, 1e-3 for linear).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 1e-5,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Subset draw of splits.json (0-4), initialisation and "
+                                      "patch sampling seed.")] = 0,
+    val_every: Annotated[int | None, typer.Option("--val-every", min=1, help="Iterations between validations on "
+                                                  "the fold's validation cases (default: a tenth of --iters, at "
+                                                  "most 1,000).")] = None,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.99, help="Sliding-window overlap for "
+                                           "validation.")] = 0.5,
+    save_every: SaveEvery = 500,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Train without data augmentation.")] = False,
+    num_workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    stop_after: StopAfter = None,
+    restart: Restart = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Finetune a segmentation head or a classification probe on a label subset."""
+    """Finetune a segmentation head (or a classification probe) on a label subset; resumes when rerun."""
     _common(verbose, no_progress)
-    _not_built("finetune", 4)
+    from threedino_pipe.training import finetune as stage
+    stage.run(dataset, pct=pct, fold=fold, head=head, backbone=backbone, unfreeze=unfreeze, preset=preset,
+              iters=iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, val_every=val_every,
+              overlap=overlap, num_workers=num_workers, device=device, precision=precision, stop_after=stop_after,
+              restart=restart, save_every=save_every, augment=not no_augment)
 
 
 @app.command()
