@@ -100,6 +100,12 @@ def test_dicom_folders_are_cases_written_as_nifti(tmp_path):
                                                                               "mr.nii.gz")
 
 
+def test_output_folder_inside_the_input_folder_is_not_a_case(tmp_path):
+    _touch(tmp_path, "a.nii.gz")
+    _touch(tmp_path / "predictions", "a.nii.gz", "predict_args.json")
+    assert [c.case_id for c in discover_cases(tmp_path, 1, exclude=tmp_path / "predictions")] == ["a"]
+
+
 def test_list_file_paths_are_relative_to_the_list(tmp_path):
     _touch(tmp_path / "scans", "x.nii.gz", "y.nii.gz")
     listing = tmp_path / "cases.txt"

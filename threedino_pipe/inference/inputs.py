@@ -79,8 +79,10 @@ def _folder_is_one_series(folder: Path) -> bool:
         return False
 
 
-def list_entries(source: Path) -> list[Path]:
+def list_entries(source: Path, exclude: Path | None = None) -> list[Path]:
     """The image files and DICOM folders an input names (see the module docstring), sorted for folders.
+
+    ``exclude`` (the output folder) is left out when it lies inside the input folder.
 
     Raises:
         UserError: the input does not exist, is empty, or a list file names nothing.
@@ -93,8 +95,9 @@ def list_entries(source: Path) -> list[Path]:
             return [source]
         return _read_list_file(source)
     entries, skipped = [], []
+    excluded = None if exclude is None else Path(exclude).resolve()
     for entry in sorted(source.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or (excluded is not None and entry.resolve() == excluded):
             continue
         if entry.is_dir() or is_image_file(entry):
             entries.append(entry)
@@ -187,6 +190,9 @@ def _grouping_problems(matches: dict, stems: dict[str, Path], num_channels: int)
     return lines
 
 
-def discover_cases(source: Path, num_channels: int) -> list[InputCase]:
-    """The cases of an input (folder, list file or single scan) for a model with ``num_channels`` channels."""
-    return group_cases(list_entries(source), num_channels, source)
+def discover_cases(source: Path, num_channels: int, exclude: Path | None = None) -> list[InputCase]:
+    """The cases of an input (folder, list file or single scan) for a model with ``num_channels`` channels.
+
+    ``exclude``: a folder inside the input folder that is not an input (the output folder).
+    """
+    return group_cases(list_entries(source, exclude), num_channels, source)

@@ -146,7 +146,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
     with contextlib.ExitStack() as stack:
         loaded = load_models(list(models), stack)
         model_json = loaded[0].model_json
-        cases = discover_cases(input_path, len(channel_names(model_json)))
+        cases = discover_cases(input_path, len(channel_names(model_json)), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,

@@ -78,7 +78,7 @@ class PreparedCase:
     """A case read and preprocessed: ``data`` is ``C x X' x Y' x Z'`` float32 (transposed order)."""
 
     case: InputCase
-    data: np.ndarray
+    data: np.ndarray | None  # released (None) once the sliding window no longer needs it
     properties: dict
     geometry: Geometry
     seconds: float
