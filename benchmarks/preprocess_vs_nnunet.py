@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[tool]["stages_wall_s"] = [median([r["stages"][i]["wall_s"] for r in mine])
                                           for i in range(len(mine[0]["stages"]))]
     ratios = {key: summary["ours"][key] / summary["nnunet"][key] for key in ("wall_s", "peak_rss", "peak_pss")}
+    pairs = [[r for r in runs if r["repeat"] == repeat] for repeat in range(args.repeats)]
+    ratios["wall_s_per_repeat"] = [ours["wall_s"] / theirs["wall_s"] for ours, theirs in pairs]
     targets = {"wall_time": ratios["wall_s"] <= TIME_TARGET, "peak_memory_rss": ratios["peak_rss"] <= MEMORY_TARGET,
                "same_shapes": quality["all_same_shape"],
                "pearson": quality["min_pearson"] is not None and quality["min_pearson"] >= PEARSON_TARGET}
@@ -454,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(["ours/nnU-Net", ratios["wall_s"], f"{ratios['peak_rss']:.3f}", f"{ratios['peak_pss']:.3f}"])
     print()
     print(format_table(["tool", "wall s (median)", "peak RSS MiB", "peak PSS MiB"], rows))
-    print(f"\nour stages (plan, preprocess) median wall s: {[round(s, 1) for s in summary['ours']['stages_wall_s']]}")
+    print(f"\nwall-time ratio per repeat (ours/nnU-Net, alternating runs): "
+          f"{[round(r, 3) for r in ratios['wall_s_per_repeat']]}")
+    print(f"our stages (plan, preprocess) median wall s: {[round(s, 1) for s in summary['ours']['stages_wall_s']]}")
     print(f"quality: same shapes {quality['all_same_shape']}, Pearson min {quality['min_pearson']}, "
           f"median {quality['median_pearson']}")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
@@ -465,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "scipy", "acvl-utils", "batchgenerators"])
     report = {
         "benchmark": "preprocess_vs_nnunet",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+        "cwd": os.getcwd(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
         "versions": {"ours": ours_versions, "ours_git_commit": git_commit(), "nnunet_env": nnunet_versions},
