@@ -58,3 +58,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_rng_state(rank: int, world_size: int) -> Any:
+    """RNG state of every rank as a list (rank 0 writes the checkpoint), or this process's alone.
+
+    Every rank must call it: it gathers across the process group.
+    """
+    state = rng_state()
+    if world_size == 1:
+        return state
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng_state(saved: Any, rank: int) -> None:
+    """Restore this rank's entry of :func:`gathered_rng_state` (a list under torchrun)."""
+    set_rng_state(saved[rank] if isinstance(saved, list) else saved)

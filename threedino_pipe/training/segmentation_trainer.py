@@ -33,7 +33,12 @@ from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, Segmenta
 from threedino_pipe.inference.sliding_window import predict_logits
 from threedino_pipe.jsonio import write_json
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
-from threedino_pipe.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from threedino_pipe.training.checkpointing import (
+    gathered_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from threedino_pipe.training.csv_log import CsvLog
 from threedino_pipe.training.distributed import DistInfo, barrier
 from threedino_pipe.training.precision import autocast, make_scaler
@@ -238,8 +243,7 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
             scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         start, history, best = int(state["iteration"]), list(state["history"]), state["best"]
-        rng = state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"]
-        set_rng_state(rng)
+        restore_rng_state(state["rng"], dist.rank)
         if dist.is_main:
             logger.info("resuming %s at iteration %d of %d", folder.name, start, config.iters)
     model = DistributedDataParallel(net) if dist.world_size > 1 else net
@@ -251,7 +255,7 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
         return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": config.options(),
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "loader": loader.state_dict(),
-                "rng": _gather_rng(dist), "history": history, "best": best}
+                "rng": gathered_rng_state(dist.rank, dist.world_size), "history": history, "best": best}
 
     with progress.make_progress() as bar:
         task = bar.add_task(folder.name, total=config.iters, completed=start)
@@ -308,12 +312,4 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
     loader.close()
     return best
 
-
-def _gather_rng(dist: DistInfo) -> Any:
-    state = rng_state()
-    if dist.world_size == 1:
-        return state
-    gathered: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
 

@@ -36,7 +36,12 @@ from threedino_pipe.ssl import (
     schedule_values,
     update_teacher,
 )
-from threedino_pipe.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from threedino_pipe.training.checkpointing import (
+    gathered_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from threedino_pipe.training.csv_log import CsvLog
 from threedino_pipe.training.distributed import DistInfo, barrier
 from threedino_pipe.training.precision import autocast, make_scaler
@@ -167,8 +172,7 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
             scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         start = int(state["iteration"])
-        rng = state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"]
-        set_rng_state(rng)
+        restore_rng_state(state["rng"], dist.rank)
         if dist.is_main:
             logger.info("resuming %s at iteration %d of %d", folder.name, start, config.iters)
     model = DistributedDataParallel(student) if dist.world_size > 1 else student
@@ -181,7 +185,7 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
         return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": config.options(),
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "loader": loader.state_dict(), "rng": _gather_rng(dist)}
+                "loader": loader.state_dict(), "rng": gathered_rng_state(dist.rank, dist.world_size)}
 
     with progress.make_progress() as bar:
         task = bar.add_task(f"{folder.name}", total=config.iters, completed=start)
@@ -250,12 +254,3 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
     barrier()
     return folder
 
-
-def _gather_rng(dist: DistInfo) -> Any:
-    """RNG state of every rank (rank 0 writes the checkpoint), or this process's alone."""
-    state = rng_state()
-    if dist.world_size == 1:
-        return state
-    gathered: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
