@@ -12,6 +12,7 @@ resumes; one with other options refuses (``--restart``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -113,7 +114,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         augment: bool = True) -> Path:
     """Finetune on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder (see the module docstring)."""
     _check_options(head, precision, preset, overlap, iters)
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
     pre, plans, checksum = load_plans(dataset)
     task = plans.get("task")
     if task == "classification" or head == "probe":
