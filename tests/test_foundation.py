@@ -59,6 +59,14 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+    write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_read_artifact_refuses_other_kind_or_version(tmp_path):
     write_json(tmp_path / "plans.json", {"kind": "plans", "schema_version": 99})
     with pytest.raises(UserError) as err:
