@@ -93,6 +93,8 @@ class TreeMemorySampler:
         with TreeMemorySampler(proc.pid) as sampler:
             proc.wait()
         sampler.peak_rss, sampler.peak_pss  # bytes
+
+    ``interval`` is in seconds; PSS is read every ``pss_every``-th sample (0: never).
     """
 
     def __init__(self, pid: int, interval: float = 0.05, pss_every: int = 5) -> None:
