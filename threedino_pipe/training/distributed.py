@@ -6,6 +6,7 @@ Without torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) everything runs i
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +56,10 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: allocated on a GPU, resident (max RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from threedino_pipe.training.checkpointing import (
     save_checkpoint,
 )
 from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.distributed import DistInfo, barrier
+from threedino_pipe.training.distributed import DistInfo, barrier, peak_memory_mb
 from threedino_pipe.training.precision import autocast, make_scaler
 from threedino_pipe.visualization.curves import plot_curves
 
@@ -100,12 +99,6 @@ class SegRunConfig:
 
     def options(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class TargetMaker:
@@ -283,7 +276,7 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
             seconds = time.perf_counter() - tick
             row = {"iteration": iteration, "loss": float(loss.detach()), "lr": lr, "val_dice": None,
                    "patches_per_s": image.shape[0] * dist.world_size / seconds, "seconds": seconds,
-                   "memory_mb": _memory_mb(device)}
+                   "memory_mb": peak_memory_mb(device)}
             validate_now = iteration % config.val_every == 0 or iteration == config.iters
             if validate_now and dist.is_main:
                 record = {"iteration": iteration, **validate(net, config, val_cases, targets, device)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -43,7 +42,7 @@ from threedino_pipe.training.checkpointing import (
     save_checkpoint,
 )
 from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.distributed import DistInfo, barrier
+from threedino_pipe.training.distributed import DistInfo, barrier, peak_memory_mb
 from threedino_pipe.training.precision import autocast, make_scaler
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
 from threedino_pipe.visualization.curves import plot_curves
@@ -91,12 +90,6 @@ class SSLRunConfig:
 
     def options(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _build(config: SSLRunConfig) -> tuple[SSLNetwork, SSLNetwork]:
@@ -226,7 +219,7 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
                 log.write({"iteration": iteration, **terms, "lr": values["lr"], "wd": values["wd"],
                            "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
                            "last_layer_lr": values["last_layer_lr"], "crops_per_s": crops / seconds,
-                           "seconds": seconds, "memory_mb": _memory_mb(device)})
+                           "seconds": seconds, "memory_mb": peak_memory_mb(device)})
             if dist.is_main and not warned and iteration >= max(COLLAPSE_AFTER, config.iters // 10) and \
                     (terms["cls_std"] < COLLAPSE_STD or terms["teacher_entropy"] < 0.01):
                 logger.warning("representation collapse suspected at iteration %d: CLS feature std %.2e, teacher "
