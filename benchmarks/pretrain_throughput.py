@@ -71,9 +71,9 @@ from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build, _optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_CROP, LOCAL_CROP, N_LOCAL = 96, 48, 8
-# Volumes per step: fits this machine's 23 GB of RAM with room for the other engineers (tiny needs
-# ~1 GB at 4, small ~6 GB at 4 in fp32); base/large are for a GPU.
-DEFAULT_BATCH = {"tiny": 4, "small": 4, "base": 16, "large": 8}
+# Volumes per step (x 10 crops). Memory is not the limit on a CPU (small at 4 needs about 4 GB); time is:
+# small's bf16 step takes minutes on a CPU without native bf16, so it runs at 2. base/large are for a GPU.
+DEFAULT_BATCH = {"tiny": 4, "small": 2, "base": 16, "large": 8}
 MFU_TARGET = 0.5
 LOADER_RATIO_TARGET = 2.0
 
@@ -89,8 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (each round = one step per dtype)")
     p.add_argument("--iters", type=int, default=7, help="timed rounds")
     p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--matmul-loops", type=int, default=4, help="products per timed matmul repeat")
-    p.add_argument("--matmul-repeats", type=int, default=5)
+    p.add_argument("--matmul-loops", type=int, default=4,
+                   help="products per timed matmul repeat (at most; fewer when one product takes over 1 s)")
+    p.add_argument("--matmul-repeats", type=int, default=5, help="timed matmul repeats (at most)")
+    p.add_argument("--matmul-budget", type=float, default=20.0,
+                   help="seconds per matmul layout after which no further repeat starts (2 repeats at least)")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--loader-batches", type=int, default=8, help="timed batches per loader measurement")
     p.add_argument("--loader-warmup", type=int, default=2,
@@ -208,9 +211,9 @@ def _register_cpu_attention_flops() -> None:
     def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out, query, key, value)
 
-    if forward is not None and forward.default not in fc.flop_registry:
+    if forward is not None and forward not in fc.flop_registry:
         fc.register_flop_formula(forward)(forward_flops)
-    if backward is not None and backward.default not in fc.flop_registry:
+    if backward is not None and backward not in fc.flop_registry:
         fc.register_flop_formula(backward)(backward_flops)
 
 
@@ -255,31 +258,56 @@ def analytic_flops(state: StepState, batch: int, n_masked: float) -> float:
 # --------------------------------------------------------------------------- matmul peak
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, loops: int, repeats: int) -> dict[str, Any]:
-    """Best FLOP/s of ``loops`` products of two ``size x size`` matrices of ``dtype``, over ``repeats``.
+def _time_products(product, loops: int, repeats: int, budget_s: float, device: torch.device) -> list[float]:
+    """Seconds of ``repeats`` runs of ``loops`` products (fewer repeats once ``budget_s`` is spent, at least 2)."""
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
+        start = time.perf_counter()
+        for _ in range(loops):
+            product()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
 
-    Two layouts: ``a @ b`` (``mm``) and ``a @ b.T`` (``linear``, as ``nn.Linear`` calls it); the
-    peak is the better of the two (on CPUs without native bf16 they differ by 10x).
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, loops: int, repeats: int,
+                budget_s: float = 20.0, probe: int = 512) -> dict[str, Any]:
+    """Best FLOP/s of ``size x size`` matrix products of ``dtype``: up to ``repeats`` runs of up to ``loops``
+    products (fewer when one product takes over a second, or once ``budget_s`` is spent), best run.
+
+    Two layouts: ``a @ b.T`` (``linear``, as ``nn.Linear`` calls it) and ``a @ b`` (``mm``). On a CPU
+    without native bf16 the ``mm`` layout in bf16 is ~10x slower than ``linear`` (minutes for one
+    2048^3 product): each layout is first timed at ``probe``^3, and one whose probe reaches less than
+    a quarter of the best probe is not run at full size (it cannot be the peak). The peak is the
+    best layout.
     """
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, generator=g, device=device).to(dtype)
-    b = torch.randn(size, size, generator=g, device=device).to(dtype)
-    layouts = {"mm": lambda: torch.mm(a, b), "linear": lambda: torch.nn.functional.linear(a, b)}
-    flops = 2 * size ** 3 * loops
-    result: dict[str, Any] = {"size": size, "loops": loops}
-    for name, product in layouts.items():
-        product()  # warm-up
+    result: dict[str, Any] = {"size": size}
+    probes: dict[str, float] = {}
+    for name in ("linear", "mm"):
+        def make(n: int, name: str = name):
+            a = torch.randn(n, n, generator=g, device=device).to(dtype)
+            b = torch.randn(n, n, generator=g, device=device).to(dtype)
+            return (lambda: torch.nn.functional.linear(a, b)) if name == "linear" else (lambda: torch.mm(a, b))
+        small = make(probe)
+        small()
+        probes[name] = 2 * probe ** 3 / min(_time_products(small, 1, 3, 1.0, device))
+        if probes[name] < 0.25 * max(probes.values()):
+            result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name],
+                            "skipped": "probe under a quarter of the best layout's"}
+            continue
+        product = make(size)
+        start = time.perf_counter()
+        product()  # warm-up, also sizes the loop
         _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(loops):
-                product()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        result[name] = {"seconds": times, "best_flops_per_s": flops / min(times),
-                        "median_flops_per_s": flops / median(times)}
-    result["best_flops_per_s"] = max(result[name]["best_flops_per_s"] for name in layouts)
+        one = time.perf_counter() - start
+        n_loops = max(1, min(loops, round(1.0 / max(one, 1e-9))))
+        times = _time_products(product, n_loops, repeats, budget_s, device)
+        flops = 2 * size ** 3 * n_loops
+        result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name], "loops": n_loops, "seconds": times,
+                        "best_flops_per_s": flops / min(times), "median_flops_per_s": flops / median(times)}
+    result["best_flops_per_s"] = max(v["best_flops_per_s"] for v in result.values()
+                                     if isinstance(v, dict) and "best_flops_per_s" in v)
     return result
 
 
@@ -436,7 +464,7 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
     crops = (2 + N_LOCAL) * batch
     for precision in dtypes:
         peaks[precision].append(matmul_peak(DTYPES[precision], device, args.matmul_size, args.matmul_loops,
-                                            args.matmul_repeats))
+                                            args.matmul_repeats, args.matmul_budget))
     times: dict[str, list[float]] = {p: [] for p in dtypes}
     phases: dict[str, list[dict[str, float]]] = {p: [] for p in dtypes}
     counts: list[dict[str, int]] = []
@@ -458,7 +486,7 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
                                                         if it >= args.warmup else "warm-up"), flush=True)
     for precision in dtypes:
         peaks[precision].append(matmul_peak(DTYPES[precision], device, args.matmul_size, args.matmul_loops,
-                                            args.matmul_repeats))
+                                            args.matmul_repeats, args.matmul_budget))
     flops = [c["total"] for c in counts]
     result = {"preset": preset, "batch": batch, "crops_per_step": crops, "rounds_timed": args.iters,
               "rounds_warmup": args.warmup, "flops_per_step": flops, "flops_per_step_median": median(flops),
@@ -515,9 +543,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         steps.append(measure_preset(preset, batches[preset], args.dtypes, args, device, peaks))
     peak = {p: max(m["best_flops_per_s"] for m in peaks[p]) for p in args.dtypes}
+    peak_median = {p: median([m["best_flops_per_s"] for m in peaks[p]]) for p in args.dtypes}
     for step in steps:
         for precision, d in step["dtypes"].items():
             d["mfu"] = d["achieved_flops_per_s"] / peak[precision]
+            d["mfu_vs_median_peak"] = d["achieved_flops_per_s"] / peak_median[precision]
 
     loaders: list[dict] = []
     loader_profile = None
@@ -573,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         mfu = small["dtypes"][fastest]["mfu"]
         print(f"target MFU >= {MFU_TARGET:.0%} (small, {fastest}, the faster dtype): {mfu:.1%} -> "
               f"{'met' if mfu >= MFU_TARGET else 'missed'}")
+    for step in steps:
+        for precision, d in step["dtypes"].items():
+            for key in (k for k in d if k.startswith("loader_w")):
+                print(f"target loader >= {LOADER_RATIO_TARGET:g}x the step ({step['preset']} {precision}, "
+                      f"{key[8:-6]} workers): {d[key]:.2f}x -> {'met' if d[key] >= LOADER_RATIO_TARGET else 'missed'}")
     try:
         load_end = os.getloadavg()
     except OSError:
@@ -581,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"command": command, "machine": info, "settings": vars(args) | {
         "out": str(args.out), "work_dir": str(args.work_dir) if args.work_dir else None,
         "global_crop": GLOBAL_CROP, "local_crop": LOCAL_CROP, "n_local": N_LOCAL, "batches": batches},
-        "matmul_peak": {"best_flops_per_s": peak, "runs": peaks}, "steps": steps, "loader": loaders,
+        "matmul_peak": {"best_flops_per_s": peak, "median_of_measurements": peak_median, "runs": peaks},
+        "steps": steps, "loader": loaders,
         "loader_profile": loader_profile,
         "targets": {"mfu_small_faster_dtype": MFU_TARGET, "loader_over_step": LOADER_RATIO_TARGET,
                     "small_faster_dtype": fastest}})
