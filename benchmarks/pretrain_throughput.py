@@ -354,8 +354,8 @@ def loader_throughput(folder: Path, batch: int, workers: int, n_batches: int, wa
             "crops_per_s": crops * n_batches / elapsed, "median_batch_s": median(gaps)}
 
 
-def profile_loader(folder: Path, batch: int, n_batches: int, seed: int = 0, top: int = 15) -> list[dict]:
-    """cProfile of the in-process loader: the functions with the most cumulative time."""
+def profile_loader(folder: Path, batch: int, n_batches: int, seed: int = 0, top: int = 15) -> dict[str, Any]:
+    """cProfile of the in-process loader: total seconds and the functions with the most own time."""
     dataset = PretrainDataset([folder], "pretrain", 24)
     loader = make_pretrain_loader(dataset, batch, 0, seed, GLOBAL_CROP, LOCAL_CROP, N_LOCAL)
     next(loader)
@@ -366,11 +366,13 @@ def profile_loader(folder: Path, batch: int, n_batches: int, seed: int = 0, top:
     profiler.disable()
     loader.close()
     stats = pstats.Stats(profiler, stream=io.StringIO())
+    total = sum(v[2] for v in stats.stats.values())
     rows = []
     for (file, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():
         rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": calls, "tottime_s": tottime,
-                     "cumtime_s": cumtime})
-    return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:top]
+                     "cumtime_s": cumtime, "share": tottime / total})
+    return {"batches": n_batches, "batch": batch, "total_s": total,
+            "top": sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:top]}
 
 
 # --------------------------------------------------------------------------- profile of a step
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  loader batch {batch}, {workers} workers: {loaders[-1]['crops_per_s']:.1f} crops/s",
                           flush=True)
             if args.profile is not None:
-                loader_profile = profile_loader(folder, min(batches[p] for p in presets), 2, args.seed)
+                loader_profile = profile_loader(folder, min(batches[p] for p in presets), 4, args.seed)
         finally:
             if args.work_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
