@@ -50,6 +50,17 @@ def test_dataset_ids_resolve_and_errors_list_what_exists(tmp_path):
     assert "ambiguous" in ambiguous.value.render()
 
 
+def test_missing_preprocessed_dataset_names_the_preprocessed_folder(tmp_path, monkeypatch):
+    (tmp_path / "Dataset501_Liver").mkdir()
+    monkeypatch.setenv("THREEDINO_PREPROCESSED", str(tmp_path))
+    assert paths.resolve_preprocessed("501") == tmp_path / "Dataset501_Liver"
+    with pytest.raises(UserError) as missing:
+        paths.resolve_preprocessed("503")
+    text = missing.value.render()
+    assert "preprocessed folder" in text and "raw folder" not in text and "Dataset501_Liver" in text
+    assert "3dino preprocess -d 503" in text and "THREEDINO_PREPROCESSED" in text and "THREEDINO_RAW" not in text
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.nii.gz"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:

@@ -58,8 +58,11 @@ def dataset_id(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def resolve_dataset(spec: str | int, root: Path | None = None) -> Path:
-    """Resolve ``501`` or ``Dataset501_Name`` to the one matching raw dataset folder.
+def resolve_dataset(spec: str | int, root: Path | None = None, *, kind: str = "raw") -> Path:
+    """Resolve ``501`` or ``Dataset501_Name`` to the one matching dataset folder under ``root``.
+
+    ``kind`` (``raw`` or ``preprocessed``) names the folder in the error messages: which folder was
+    searched and which environment variable points to it.
 
     Raises:
         UserError: when no folder or several folders match; the message lists what exists.
@@ -76,8 +79,10 @@ def resolve_dataset(spec: str | int, root: Path | None = None) -> Path:
         return root / matches[0]
     listing = ", ".join(existing) if existing else "none"
     if not matches:
-        raise UserError(f"no dataset '{spec}' in the raw folder (datasets there: {listing})", file=root,
-                        fix="pass an existing id or name, or set THREEDINO_RAW to the folder holding it")
+        fix = (f"run `3dino plan -d {spec}` and `3dino preprocess -d {spec}` first, or set THREEDINO_PREPROCESSED "
+               "to the folder holding the preprocessed dataset" if kind == "preprocessed" else
+               "pass an existing id or name, or set THREEDINO_RAW to the folder holding it")
+        raise UserError(f"no dataset '{spec}' in the {kind} folder (datasets there: {listing})", file=root, fix=fix)
     raise UserError(f"dataset id {spec} is ambiguous: {', '.join(matches)}", file=root,
                     fix="pass the full folder name, e.g. -d " + matches[0])
 
@@ -89,4 +94,4 @@ def preprocessed_dataset(raw_dataset: Path) -> Path:
 
 def resolve_preprocessed(spec: str | int) -> Path:
     """Resolve a dataset id or name to its preprocessed folder (the raw folder need not exist)."""
-    return resolve_dataset(spec, preprocessed_root())
+    return resolve_dataset(spec, preprocessed_root(), kind="preprocessed")
