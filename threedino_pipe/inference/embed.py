@@ -66,8 +66,13 @@ def _bare_channels(entries: list[Path]) -> int:
     return 1
 
 
-def _load(model: Path, stack: contextlib.ExitStack) -> tuple[VisionTransformer3D, dict, str, list[int], dict]:
-    """(backbone, plans, configuration, view size, record) for ``-m``."""
+def load_backbone_and_plans(model: Path, stack: contextlib.ExitStack
+                            ) -> tuple[VisionTransformer3D, dict, str, list[int], dict]:
+    """(backbone, plans, configuration, view size, record) for ``-m`` (also used by ``3dino visualize``).
+
+    A bare checkpoint gets empty plans (the caller uses :func:`bare_plans`); ``stack`` holds an
+    unpacked model zip until the caller is done.
+    """
     model = Path(model)
     if (model.is_dir() and (model / "model.json").is_file()) or (model.is_file() and model.suffix.lower() == ".zip"):
         loaded = load_models([model], stack)[0]
@@ -83,8 +88,9 @@ def _load(model: Path, stack: contextlib.ExitStack) -> tuple[VisionTransformer3D
     choice = resolve_backbone(str(model), model.parent)
     net = choice.model
     if net.in_chans != 1:
-        raise UserError(f"the backbone takes {net.in_chans} input channels; embed runs a single-channel backbone "
-                        "once per channel", file=model, fix="pass a single-channel 3D ViT backbone")
+        raise UserError(f"the backbone takes {net.in_chans} input channels; embed and visualize run a "
+                        "single-channel backbone once per channel", file=model,
+                        fix="pass a single-channel 3D ViT backbone")
     record = {"kind": "backbone checkpoint", "source": choice.source, "sha256": choice.sha256,
               "preset": choice.info.get("preset")}
     return net, {}, BARE_CONFIGURATION, [net.pos_grid * net.patch_size] * 3, record
@@ -117,7 +123,7 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
     csv_path = _output_csv(output)
     dev = pick_device(device)
     with contextlib.ExitStack() as stack:
-        backbone, plans, configuration, view_size, record = _load(model, stack)
+        backbone, plans, configuration, view_size, record = load_backbone_and_plans(model, stack)
         if layers > backbone.depth:
             raise UserError(f"--layers {layers} but the backbone has {backbone.depth} blocks", file=model,
                             fix="pass --layers 1")
