@@ -135,6 +135,24 @@ def _bar_values(entries: list[dict], side: str) -> list[tuple[float, float, floa
     return [(e[side]["mean"], *e[side]["ci95"]) for e in entries]
 
 
+def segmentation_comparison_table(comparisons: dict, mean_over_labels: dict, names: dict[str, str]) -> pd.DataFrame:
+    """One row per metric and label (and the mean over labels): each side's mean with 95 % CI, B - A, Wilcoxon p.
+
+    Args:
+        comparisons, mean_over_labels: as in a segmentation comparison's ``summary.json``.
+        names: display name of side ``"a"`` and ``"b"``.
+    """
+    rows = []
+    for metric in SEGMENTATION_METRICS:
+        for name, e in [*comparisons[metric].items(), ("mean over labels", mean_over_labels[metric])]:
+            rows.append({"metric": metric, "label": name, f"{names['a']} mean": e["a"]["mean"],
+                         f"{names['a']} 95% CI": report.ci_text(e["a"]["ci95"]), f"{names['b']} mean": e["b"]["mean"],
+                         f"{names['b']} 95% CI": report.ci_text(e["b"]["ci95"]),
+                         "difference (B-A)": e["difference"]["mean"], "Wilcoxon p": e["p_value"],
+                         "pairs": e["n_pairs"]})
+    return pd.DataFrame(rows)
+
+
 def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec | None, dataset: str | None, *,
                          seed: int, num_bootstrap: int, num_processes: int) -> tuple[dict, dict, bool]:
     """(summary, outputs for :func:`write_outputs`, whether any run had missing or failed cases)."""
@@ -189,18 +207,11 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec |
             [*labels, "mean"], {names[k]: _bar_values(entries, k) for k in SIDE_KEYS}, ylabel=ylabel,
             title=f"{ylabel}: mean and 95 % CI over {len(paired)} cases (Wilcoxon p)",
             p_values=[e["p_value"] for e in entries])
-    rows = []
-    for metric in SEGMENTATION_METRICS:
-        for name, e in [*comparisons[metric].items(), ("mean over labels", mean_over_labels[metric])]:
-            rows.append({"metric": metric, "label": name, f"{names['a']} mean": e["a"]["mean"],
-                         f"{names['a']} 95% CI": report.ci_text(e["a"]["ci95"]), f"{names['b']} mean": e["b"]["mean"],
-                         f"{names['b']} 95% CI": report.ci_text(e["b"]["ci95"]),
-                         "difference (B-A)": e["difference"]["mean"], "Wilcoxon p": e["p_value"],
-                         "pairs": e["n_pairs"]})
     warnings = [f"case '{c}' is not evaluated in every run; left out of the comparison" for c in unpaired]
     html = report.render(f"Comparison: {names['a']} vs {names['b']}", _report_info(reference, sides, seed,
                                                                                     num_bootstrap, len(paired)),
-                         [("Paired comparison per label (Wilcoxon signed-rank over cases)", pd.DataFrame(rows))],
+                         [("Paired comparison per label (Wilcoxon signed-rank over cases)",
+                           segmentation_comparison_table(comparisons, mean_over_labels, names))],
                          [(f"{ylabel} per label, mean with 95 % bootstrap CI", figures[f])
                           for f, ylabel in (("compare_dice.png", "Dice"), ("compare_hd95.png", "HD95 (mm)"))],
                          warnings)

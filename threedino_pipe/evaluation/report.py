@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -18,7 +19,18 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .warn { color: #a33; } figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; }
+.note { border-left: 4px solid #d08a00; background: #fff6e0; padding: 0.6em 1em; margin: 1em 0; }
 """
+
+
+@dataclass
+class Section:
+    """A titled part of the page: paragraphs, then tables, then figures (PNG bytes with a caption)."""
+
+    heading: str
+    paragraphs: Sequence[str] = ()
+    tables: Sequence[tuple[str, pd.DataFrame]] = ()
+    figures: Sequence[tuple[str, bytes]] = ()
 
 
 def png_data_uri(png: bytes) -> str:
@@ -26,11 +38,38 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _table_html(table: pd.DataFrame) -> str:
+    return table.to_html(index=False, escape=True, na_rep="n/a", float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def _figure_html(caption: str, png: bytes) -> str:
+    return (f"<figure><img alt='{html.escape(caption)}' src='{png_data_uri(png)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _section_html(section: Section) -> list[str]:
+    parts = [f"<h2>{html.escape(section.heading)}</h2>"]
+    parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+    for caption, table in section.tables:
+        if caption:
+            parts.append(f"<h3>{html.escape(caption)}</h3>")
+        parts.append(_table_html(table))
+    parts += [_figure_html(caption, png) for caption, png in section.figures]
+    return parts
+
+
 def render(title: str, info: Sequence[tuple[str, str]], tables: Sequence[tuple[str, pd.DataFrame]],
-           figures: Sequence[tuple[str, bytes]], warnings: Sequence[str] = ()) -> str:
-    """The whole HTML page as a string (no external file or network reference)."""
+           figures: Sequence[tuple[str, bytes]], warnings: Sequence[str] = (), *, notes: Sequence[str] = (),
+           sections: Sequence[Section] = ()) -> str:
+    """The whole HTML page as a string (no external file or network reference).
+
+    Order: title, ``notes`` (highlighted paragraphs), the ``info`` table, warnings, ``tables``,
+    ``figures``, then each of ``sections``.
+    """
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>", "<table>"]
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
+    parts.append("<table>")
     parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in info]
     parts.append("</table>")
     if warnings:
@@ -39,11 +78,10 @@ def render(title: str, info: Sequence[tuple[str, str]], tables: Sequence[tuple[s
         parts.append("</ul>")
     for heading, table in tables:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts.append(table.to_html(index=False, escape=True, na_rep="n/a", float_format=lambda v: f"{v:.4g}",
-                                   border=0))
-    for caption, png in figures:
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='{png_data_uri(png)}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(_table_html(table))
+    parts += [_figure_html(caption, png) for caption, png in figures]
+    for section in sections:
+        parts += _section_html(section)
     parts.append(f"<p style='font-size:0.8em;color:#777'>threedino-pipe {html.escape(__version__)}</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
