@@ -25,10 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -222,3 +225,104 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+# --------------------------------------------------------------------------- torch: FLOPs and matmul peak
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(device)
+
+
+def register_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode the CPU flash-attention kernels (torch 2.13 counts only the CUDA ones).
+
+    Same formulas as torch's own for ``_scaled_dot_product_flash_attention`` (forward: two batched
+    products; backward: the four of the gradient), so attention FLOPs are counted on every device.
+    """
+    import torch
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+    def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    if forward is not None and forward not in fc.flop_registry:
+        fc.register_flop_formula(forward)(forward_flops)
+    if backward is not None and backward not in fc.flop_registry:
+        fc.register_flop_formula(backward)(backward_flops)
+
+
+def counted_flops(run: Callable[[], Any]) -> tuple[int, Any]:
+    """FLOPs that ``torch.utils.flop_counter.FlopCounterMode`` counts while ``run()`` runs, and its result.
+
+    The counter counts matrix products, convolutions and attention (the CPU flash-attention kernels
+    too, see :func:`register_cpu_attention_flops`); element-wise work, norms, ``grid_sample`` and
+    optimiser steps add nothing.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    register_cpu_attention_flops()
+    with FlopCounterMode(display=False) as counter:
+        result = run()
+    return int(counter.get_total_flops()), result
+
+
+def time_products(product, loops: int, repeats: int, budget_s: float, device: torch.device) -> list[float]:
+    """Seconds of ``repeats`` runs of ``loops`` products (fewer repeats once ``budget_s`` is spent, at least 2)."""
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
+        start = time.perf_counter()
+        for _ in range(loops):
+            product()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, loops: int, repeats: int,
+                budget_s: float = 20.0, probe: int = 512) -> dict[str, Any]:
+    """Best FLOP/s of ``size x size`` matrix products of ``dtype``: up to ``repeats`` runs of up to ``loops``
+    products (fewer when one product takes over a second, or once ``budget_s`` is spent), best run.
+
+    Two layouts: ``a @ b.T`` (``linear``, as ``nn.Linear`` calls it) and ``a @ b`` (``mm``). On a CPU
+    without native bf16 the ``mm`` layout in bf16 is ~10x slower than ``linear`` (minutes for one
+    2048^3 product): each layout is first timed at ``probe``^3, and one whose probe reaches less than
+    a quarter of the best probe is not run at full size (it cannot be the peak). The peak is the
+    best layout.
+    """
+    import torch
+    g = torch.Generator(device=device).manual_seed(0)
+    result: dict[str, Any] = {"size": size}
+    probes: dict[str, float] = {}
+    for name in ("linear", "mm"):
+        def make(n: int, name: str = name):
+            a = torch.randn(n, n, generator=g, device=device).to(dtype)
+            b = torch.randn(n, n, generator=g, device=device).to(dtype)
+            return (lambda: torch.nn.functional.linear(a, b)) if name == "linear" else (lambda: torch.mm(a, b))
+        small = make(probe)
+        small()
+        probes[name] = 2 * probe ** 3 / min(time_products(small, 1, 3, 1.0, device))
+        if probes[name] < 0.25 * max(probes.values()):
+            result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name],
+                            "skipped": "probe under a quarter of the best layout's"}
+            continue
+        product = make(size)
+        start = time.perf_counter()
+        product()  # warm-up, also sizes the loop
+        sync(device)
+        one = time.perf_counter() - start
+        n_loops = max(1, min(loops, round(1.0 / max(one, 1e-9))))
+        times = time_products(product, n_loops, repeats, budget_s, device)
+        flops = 2 * size ** 3 * n_loops
+        result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name], "loops": n_loops, "seconds": times,
+                        "best_flops_per_s": flops / min(times), "median_flops_per_s": flops / median(times)}
+    result["best_flops_per_s"] = max(v["best_flops_per_s"] for v in result.values()
+                                     if isinstance(v, dict) and "best_flops_per_s" in v)
+    return result

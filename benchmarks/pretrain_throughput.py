@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_table, machine_info, median, write_json
+from common import format_table, machine_info, matmul_peak, median, register_cpu_attention_flops, sync, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
@@ -190,39 +190,12 @@ def ssl_step(state: StepState, batch: dict[str, torch.Tensor], it: int, precisio
     return terms
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _register_cpu_attention_flops() -> None:
-    """Teach FlopCounterMode the CPU flash-attention kernels (torch 2.13 counts only the CUDA ones).
-
-    Same formulas as torch's own for ``_scaled_dot_product_flash_attention`` (forward: two batched
-    products; backward: the four of the gradient), so attention FLOPs are counted on every device.
-    """
-    from torch.utils import flop_counter as fc
-    aten = torch.ops.aten
-    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query, key, value)
-
-    def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
-
-    if forward is not None and forward not in fc.flop_registry:
-        fc.register_flop_formula(forward)(forward_flops)
-    if backward is not None and backward not in fc.flop_registry:
-        fc.register_flop_formula(backward)(backward_flops)
-
-
 def count_flops(state: StepState, batch: dict[str, torch.Tensor], it: int) -> dict[str, int]:
     """FLOPs of iteration ``it``: ``total`` (student forward + backward, teacher forward) and ``teacher``.
 
     Counted in fp32 (the count does not depend on the dtype), weights left unchanged.
     """
-    _register_cpu_attention_flops()
+    register_cpu_attention_flops()
     with FlopCounterMode(display=False) as counter:
         ssl_step(state, batch, it, "fp32", optimizer_step=False)
     state.optimizer.zero_grad(set_to_none=True)
@@ -253,62 +226,6 @@ def analytic_flops(state: StepState, batch: int, n_masked: float) -> float:
                + 2 * (2 * batch * g_embed + N_LOCAL * batch * l_embed))
     teacher = 2 * batch * (g_blocks + g_embed) + (2 * batch + n_masked) * head
     return student + teacher
-
-
-# --------------------------------------------------------------------------- matmul peak
-
-
-def _time_products(product, loops: int, repeats: int, budget_s: float, device: torch.device) -> list[float]:
-    """Seconds of ``repeats`` runs of ``loops`` products (fewer repeats once ``budget_s`` is spent, at least 2)."""
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
-        start = time.perf_counter()
-        for _ in range(loops):
-            product()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, loops: int, repeats: int,
-                budget_s: float = 20.0, probe: int = 512) -> dict[str, Any]:
-    """Best FLOP/s of ``size x size`` matrix products of ``dtype``: up to ``repeats`` runs of up to ``loops``
-    products (fewer when one product takes over a second, or once ``budget_s`` is spent), best run.
-
-    Two layouts: ``a @ b.T`` (``linear``, as ``nn.Linear`` calls it) and ``a @ b`` (``mm``). On a CPU
-    without native bf16 the ``mm`` layout in bf16 is ~10x slower than ``linear`` (minutes for one
-    2048^3 product): each layout is first timed at ``probe``^3, and one whose probe reaches less than
-    a quarter of the best probe is not run at full size (it cannot be the peak). The peak is the
-    best layout.
-    """
-    g = torch.Generator(device=device).manual_seed(0)
-    result: dict[str, Any] = {"size": size}
-    probes: dict[str, float] = {}
-    for name in ("linear", "mm"):
-        def make(n: int, name: str = name):
-            a = torch.randn(n, n, generator=g, device=device).to(dtype)
-            b = torch.randn(n, n, generator=g, device=device).to(dtype)
-            return (lambda: torch.nn.functional.linear(a, b)) if name == "linear" else (lambda: torch.mm(a, b))
-        small = make(probe)
-        small()
-        probes[name] = 2 * probe ** 3 / min(_time_products(small, 1, 3, 1.0, device))
-        if probes[name] < 0.25 * max(probes.values()):
-            result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name],
-                            "skipped": "probe under a quarter of the best layout's"}
-            continue
-        product = make(size)
-        start = time.perf_counter()
-        product()  # warm-up, also sizes the loop
-        _sync(device)
-        one = time.perf_counter() - start
-        n_loops = max(1, min(loops, round(1.0 / max(one, 1e-9))))
-        times = _time_products(product, n_loops, repeats, budget_s, device)
-        flops = 2 * size ** 3 * n_loops
-        result[name] = {"probe_size": probe, "probe_flops_per_s": probes[name], "loops": n_loops, "seconds": times,
-                        "best_flops_per_s": flops / min(times), "median_flops_per_s": flops / median(times)}
-    result["best_flops_per_s"] = max(v["best_flops_per_s"] for v in result.values()
-                                     if isinstance(v, dict) and "best_flops_per_s" in v)
-    return result
 
 
 # --------------------------------------------------------------------------- data pipeline
@@ -411,10 +328,10 @@ def optimizer_variants(state: StepState, batch: dict[str, torch.Tensor], repeats
         apply_schedules(optimizer, 1e-6, 0.04, 1e-6)
         times = []
         for _ in range(repeats + 1):
-            _sync(state.device)
+            sync(state.device)
             start = time.perf_counter()
             optimizer.step()
-            _sync(state.device)
+            sync(state.device)
             times.append(time.perf_counter() - start)
         result[name] = median(times[1:])
     state.optimizer.zero_grad(set_to_none=True)
@@ -443,12 +360,12 @@ def patch_embed_variants(state: StepState, batch: dict[str, torch.Tensor], preci
     for name, run in variants.items():
         times = []
         for _ in range(repeats + 1):
-            _sync(state.device)
+            sync(state.device)
             start = time.perf_counter()
             with autocast(precision, state.device):
                 out = run()
             out.float().sum().backward()
-            _sync(state.device)
+            sync(state.device)
             times.append(time.perf_counter() - start)
         outputs[name] = out.detach().float()
         result[name] = median(times[1:])
@@ -474,10 +391,10 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
     for it in range(rounds):
         for precision in dtypes:
             split: dict[str, float] = {}
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             terms = ssl_step(state, data, it, precision, phases=split)
-            _sync(device)
+            sync(device)
             if it >= args.warmup:
                 times[precision].append(time.perf_counter() - start)
                 phases[precision].append(split)
