@@ -359,24 +359,47 @@ def export(
 
 @app.command()
 def visualize(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Run folder or backbone checkpoint.")],
-    scan: Annotated[Path, typer.Option("--input", "-i", help="Scan to visualise.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A pretrain or adapt-highres run folder or backbone "
+                                        "checkpoint (per-volume 0.05/99.95 percentile normalisation), or a finetune "
+                                        "run folder or model zip (the scan is preprocessed as in finetuning).")],
+    scan: Annotated[Path, typer.Option("--input", "-i", help="One scan: an image file or a DICOM series folder.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (created) [default: "
+                                                "./visualize/<scan name without ending>].")] = None,
+    size: Annotated[int, typer.Option("--size", min=0, help="Longest side, in voxels, of the network input: the "
+                                      "preprocessed scan is resized to it (sides rounded to multiples of the patch "
+                                      "size); 0 keeps the preprocessed scale.")] = 192,
+    threshold: Annotated[float, typer.Option("--threshold", help="Foreground threshold on the first principal "
+                                             "component, in standard deviations over the patches.")] = 0.0,
+    rgb_pca: Annotated[str, typer.Option("--rgb-pca", help="Colours: 'foreground' = first 3 components of a second "
+                                         "PCA on the foreground patches; 'all' = components 2-4 of the first "
+                                         "PCA.")] = "foreground",
+    channel: Annotated[int | None, typer.Option("--channel", min=0, help="Which channel of a multi-channel finetune "
+                                                "model the scan is [default: its _XXXX name suffix, else 0].")] = None,
+    per_head: Annotated[bool, typer.Option("--per-head", help="Also one attention map per head (NIfTI and "
+                                           "attention_heads.png).")] = False,
+    device: Device = "auto",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """PCA and CLS-attention maps of a backbone on a scan (PNG + NIfTI)."""
+    """PCA and CLS-attention maps of a backbone's last layer on one scan: PNG planes and NIfTI volumes."""
     _common(verbose, no_progress)
-    _not_built("visualize", 6)
+    from threedino_pipe.visualization import visualize as stage
+    stage.run(model, scan, output, size=size, threshold=threshold, rgb_from=rgb_pca, channel=channel,
+              per_head=per_head, device=device)
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data and results.")] = Path("demo_out"),
-    quick: Annotated[bool, typer.Option("--quick", help="Smallest run (for CI).")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, runs, predictions, evaluations, "
+                                      "report.html and timings.json (rerun with the same options to reuse finished "
+                                      "stages).")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smallest run, under 3 minutes on 2 CPU cores (for CI): "
+                                        "fewer cases and iterations.")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """The whole chain on bundled real scans, CPU-sized (currently: verify, plan, preprocess)."""
+    """The whole chain on bundled real scans (MNI152), CPU-sized: plan, preprocess, pretrain, adapt-highres,
+    finetune (pretrained and none), predict, evaluate --compare, and an HTML report."""
     _common(verbose, no_progress)
     from threedino_pipe import demo as stage
     stage.run(out=out, quick=quick)
