@@ -16,8 +16,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         if requested == "fp16" and device.type != "cuda":
             return "bf16"
         return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # native bf16 only: by default torch also reports emulated bf16 (slow) on pre-Ampere GPUs
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     try:
         native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
