@@ -1,0 +1,287 @@
+"""Every ``3dino`` command's options and its docs page agree, in both directions.
+
+Conventions checked here (docs/cli.md states them for readers):
+
+- **One page per command**: ``docs/<command>.md`` with ``-`` replaced by ``_``
+  (``adapt-highres`` -> ``docs/adapt_highres.md``). Its H1 title names the command in a code span
+  (`` # `3dino adapt-highres`: ... ``). Other pages may name a command in their title too
+  (``docs/probe.md``: `` `3dino finetune --head probe` ``); their options are checked against
+  that command in the reverse direction only.
+- **The options table**: a section headed ``Options``; the first cell of each row names options
+  (``-d, --dataset``, ``--avgpool/--no-avgpool``). Every long and short name of the command is in
+  its page's table (forward), and every name in the table is one of the command's (reverse).
+- **Shared options**: ``--verbose``/``-v`` and ``--no-progress`` (every command has them) may be
+  documented once, in the options table of ``docs/cli.md``, together with the top-level
+  ``--version``. Every other option is documented on each command's page, because defaults and
+  meanings differ between commands (``--num-workers``, ``--device``, ``--num-processes``).
+- **Command lines anywhere in docs/, README.md and DEVELOPERS.md**: every ``3dino <command> ...`` (or
+  ``-m threedino_pipe.cli <command> ...``) in a code block or code span names an existing command
+  and only that command's options.
+- **Other mentions**: an option written elsewhere on a command's page (prose, table cells, code
+  spans) is one of that command's; on other pages, one of some command's. A foreign program's
+  option is written after the program's name in the same code span or line
+  (`` `torchrun --nproc-per-node 4` ``), and is then not checked.
+
+The commands come from the typer app (``typer.main.get_command``), and a subprocess of the real
+``3dino`` checks that the app is what the installed command runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import typer.main
+from conftest import REPO, run_3dino
+from typer.testing import CliRunner
+
+from threedino_pipe.cli import app
+
+DOCS = REPO / "docs"
+CLI_PAGE = DOCS / "cli.md"
+COMMON = ("--verbose", "-v", "--no-progress")
+TOP_LEVEL = ("--version", "--help")
+# a code span starting with one of these is another program's command line, whose options are not ours
+FOREIGN_PROGRAM_RE = re.compile(r"(torchrun|srun|sbatch|#SBATCH|salloc|python3?|pip|nvidia-smi|nnUNetv2_\w+|\S+\.py)$")
+# pages whose prose may name options of something else than a command (their command lines are still checked)
+MENTIONS_EXEMPT = {"benchmarks.md": "names the options of the benchmarks/ scripts"}
+
+OPTION_RE = re.compile(r"(?<![\w.<-])--?[A-Za-z][\w-]*")
+LONG_OPTION_RE = re.compile(r"(?<![\w.<-])--[A-Za-z][\w-]*")
+INVOCATION_RE = re.compile(r"(?:(?<![\w/.-])3dino|-m threedino_pipe\.cli)[ \t]+(\S+)")
+SPAN_RE = re.compile(r"`([^`\n]+)`")
+HEADING_RE = re.compile(r"^(#+)\s+(.*)$")
+
+
+def _group():
+    return typer.main.get_command(app)
+
+
+COMMANDS = dict(_group().commands)
+
+
+def page_of(command: str) -> Path:
+    """The docs page of ``command``: docs/<command>.md, ``-`` -> ``_``."""
+    return DOCS / (command.replace("-", "_") + ".md")
+
+
+def option_names(command: str | None) -> set[str]:
+    """Every long and short name (both sides of ``--a/--no-a`` pairs) of a command's options."""
+    params = _group().params if command is None else COMMANDS[command].params
+    names = {name for p in params if p.param_type_name == "option" for name in (*p.opts, *p.secondary_opts)}
+    return names | {"--help"}
+
+
+@dataclass
+class Page:
+    """What a docs page says about options, each with its line number."""
+
+    path: Path
+    title_command: str | None = None
+    table: list[tuple[str, int]] = field(default_factory=list)  # names in the options tables' first cells
+    invocations: list[tuple[str, list[str], int]] = field(default_factory=list)  # (command word, names, line)
+    mentions: list[tuple[str, int]] = field(default_factory=list)  # other option names
+
+
+def _invocations(snippet: str, lineno: int, page: Page) -> str:
+    """Record the ``3dino <command> ...`` invocations of a snippet; return the text before the first."""
+    snippet = re.split(r"\s#", snippet)[0]
+    matches = list(INVOCATION_RE.finditer(snippet))
+    if not matches:
+        return snippet
+    ends = [m.start() for m in matches[1:]] + [len(snippet)]
+    for m, end in zip(matches, ends, strict=True):
+        rest = snippet[m.end():end]
+        rest = re.split(r"&&|;|\|\||\|", rest)[0]
+        word = m.group(1)
+        if word.startswith("-"):  # 3dino --version
+            page.invocations.append(("", [word, *OPTION_RE.findall(rest)], lineno))
+        else:
+            page.invocations.append((word, OPTION_RE.findall(rest), lineno))
+    return snippet[:matches[0].start()]
+
+
+def parse_page(path: Path) -> Page:
+    """Options tables, command lines and other option mentions of one markdown page."""
+    page = Page(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    in_code = False
+    options_level = None  # heading level of the current Options section, None outside one
+    table_row = 0
+    pending = ""  # a code line continued with a backslash
+    continued = None  # the command of the code line above, which indented lines continue
+    for lineno, line in enumerate(lines, 1):
+        if line.lstrip().startswith("```"):
+            in_code, continued = not in_code, None
+            continue
+        if in_code:
+            if line.lstrip().startswith("#"):
+                continue
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            if line[:1].isspace() and continued is not None and not pending:  # indented: goes on with the command
+                names = OPTION_RE.findall(re.split(r"\s#", line)[0])
+                page.invocations.append((continued, names, lineno))
+                continue
+            known = len(page.invocations)
+            _invocations(pending + line, lineno, page)  # other lines of code blocks belong to other programs
+            continued = page.invocations[-1][0] if len(page.invocations) > known else None
+            pending = ""
+            continue
+        heading = HEADING_RE.match(line)
+        if heading:
+            level, text = len(heading.group(1)), heading.group(2)
+            if level == 1 and page.title_command is None:
+                m = re.search(r"`3dino ([a-z][a-z-]*)", text)
+                page.title_command = m.group(1) if m else None
+            if options_level is not None and level <= options_level:
+                options_level = None
+            if re.match(r"options\b", text.strip(), re.IGNORECASE):
+                options_level = level
+        is_row = line.startswith("|")
+        table_row = table_row + 1 if is_row else 0
+        first_cell = ""
+        if is_row and options_level is not None and table_row > 2:  # skip the header and separator rows
+            first_cell = line.split("|")[1]
+            page.table += [(name, lineno) for name in OPTION_RE.findall(first_cell)]
+        prose = line.replace(first_cell, "", 1) if first_cell else line
+        for span in SPAN_RE.findall(prose):
+            before = _invocations(span, lineno, page)
+            words = [w for w in before.split() if not re.fullmatch(r"\w+=\S*", w)]  # skip VAR=value prefixes
+            if words and FOREIGN_PROGRAM_RE.match(words[0]):
+                continue
+            page.mentions += [(name, lineno) for name in LONG_OPTION_RE.findall(before)]
+        bare = SPAN_RE.sub(" ", prose)
+        page.mentions += [(name, lineno) for name in LONG_OPTION_RE.findall(bare)]
+    return page
+
+
+def all_pages() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def _where(page: Page, lineno: int) -> str:
+    return f"{page.path.relative_to(REPO)}:{lineno}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_page_documents_every_option_of_the_command(command):
+    path = page_of(command)
+    assert path.is_file(), f"`3dino {command}` has no docs page: write {path.relative_to(REPO)}"
+    page = parse_page(path)
+    assert page.title_command == command, f"{path.name}: the H1 title must name `3dino {command}`"
+    documented = {name for name, _ in page.table}
+    shared = {name for name, _ in parse_page(CLI_PAGE).table} if CLI_PAGE.is_file() else set()
+    missing = sorted(name for name in option_names(command) - {"--help"}
+                     if name not in documented and not (name in COMMON and name in shared))
+    assert not missing, f"{path.name}: options of `3dino {command}` missing from its Options table: {missing}"
+
+
+@pytest.mark.parametrize("path", [*all_pages(), REPO / "README.md", REPO / "DEVELOPERS.md"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_page_names_only_existing_options(path):
+    page = parse_page(path)
+    everything = set().union(*(option_names(c) for c in COMMANDS), option_names(None))
+    errors = []
+    own = option_names(page.title_command) if page.title_command in COMMANDS else None
+    if page.title_command is not None and own is None:
+        errors.append(f"{path.name}: the title names `3dino {page.title_command}`, which is not a command")
+    if path == CLI_PAGE:
+        own = everything
+    for name, lineno in page.table:
+        if own is None:
+            errors.append(f"{_where(page, lineno)}: an Options table on a page whose title names no command")
+        elif name not in own:
+            errors.append(f"{_where(page, lineno)}: {name} in the Options table is not an option of "
+                          f"`3dino {page.title_command}`")
+    for word, names, lineno in page.invocations:
+        if word and not re.fullmatch(r"[a-z][a-z-]*", word):  # a placeholder: 3dino <command> --help
+            valid = set(COMMON) | {"--help"}
+        elif word and word not in COMMANDS:
+            errors.append(f"{_where(page, lineno)}: `3dino {word}` is not a command ({', '.join(COMMANDS)})")
+            continue
+        else:
+            valid = option_names(word or None)
+        errors += [f"{_where(page, lineno)}: `3dino {word}` has no option {name}" for name in names
+                   if name not in valid]
+    for name, lineno in [] if path.name in MENTIONS_EXEMPT else page.mentions:
+        if name not in (own if own is not None else everything):
+            whose = f"`3dino {page.title_command}`" if own is not None else "any command"
+            errors.append(f"{_where(page, lineno)}: {name} is not an option of {whose} (write the command "
+                          "before it, e.g. `3dino plan --memory-gb`, or `torchrun --nnodes` for another program)")
+    assert not errors, "\n".join(errors)
+
+
+def test_shared_options_page():
+    """docs/cli.md documents the shared options (present in every command) and the top-level ones."""
+    for command in COMMANDS:
+        assert set(COMMON) <= option_names(command), f"`3dino {command}` lacks a shared option of {COMMON}"
+    assert set(TOP_LEVEL) <= option_names(None)
+    page = parse_page(CLI_PAGE)
+    assert page.title_command is None
+    documented = {name for name, _ in page.table}
+    missing = sorted((set(COMMON) | option_names(None)) - {"--help"} - documented)
+    assert not missing, f"docs/cli.md: shared or top-level options missing from its Options table: {missing}"
+
+
+def test_index_lists_every_page():
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"\]\(([^)#]+\.md)(?:#[^)]*)?\)", index))
+    pages = {p.name for p in all_pages()} - {"README.md"}
+    assert not pages - linked, f"docs/README.md does not list {sorted(pages - linked)}"
+    assert not linked - pages, f"docs/README.md links missing pages {sorted(linked - pages)}"
+
+
+def _help_options(text: str) -> set[str]:
+    """Option names in the Options panel of a rich ``--help`` screen (``--run,--run-name``, ``-v``)."""
+    names = set()
+    for line in text.splitlines():
+        m = re.match(r"^│\s+(?:\*\s+)?((?:-[\w,-]+\s+)+)", line)
+        if m:
+            names |= {n for chunk in m.group(1).split() for n in chunk.split(",") if n}
+    return names
+
+
+def test_real_cli_has_the_commands_and_options_of_the_app():
+    """`3dino --help` (subprocess) lists the app's commands; two commands' real --help list their options."""
+    env = {"COLUMNS": "1000", "TERM": "dumb", "NO_COLOR": "1"}
+    top = run_3dino("--help", env=env)
+    assert top.returncode == 0, top.stderr
+    listed = set(re.findall(r"^│\s+([a-z][a-z-]*)\s", top.stdout, re.MULTILINE))
+    assert listed == set(COMMANDS), (listed, set(COMMANDS))
+    for command in ("pretrain", "embed"):  # the most options incl. two long names; a --x/--no-x pair
+        result = run_3dino(command, "--help", env=env)
+        assert result.returncode == 0, result.stderr
+        assert _help_options(result.stdout) == option_names(command), command
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_rendered_help_lists_the_introspected_options(command):
+    """typer's rendered --help of every command shows exactly the options the docs are checked against."""
+    result = CliRunner().invoke(app, [command, "--help"], env={**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"},
+                                terminal_width=1000)
+    assert result.exit_code == 0, result.output
+    assert _help_options(result.output) == option_names(command)
+
+
+def test_parser_sees_tables_invocations_and_mentions(tmp_path):
+    """The page parser on a small page: what counts as table, command line and mention."""
+    page = tmp_path / "x.md"
+    page.write_text("\n".join([
+        "# `3dino embed`: x", "", "```", "3dino embed -m RUN \\", "   --layers 1   # --not-this", "      [--avgpool]",
+        "", "torchrun --nnodes 2 -m threedino_pipe.cli embed --device cpu", "#SBATCH --gres=gpu:1", "```", "",
+        "## Options", "| option | default |", "| --- | --- |", "| `-m, --model` | `--layers` text |",
+        "| `--avgpool/--no-avgpool` | on |", "", "## Other", "| `--ignored-table` | x |",
+        "Prose --bare and `--span`, `3dino plan --memory-gb`, `torchrun --nproc-per-node 2`.",
+    ]))
+    parsed = parse_page(page)
+    assert parsed.title_command == "embed"
+    assert [n for n, _ in parsed.table] == ["-m", "--model", "--avgpool", "--no-avgpool"]
+    assert [(w, n) for w, n, _ in parsed.invocations] == [("embed", []), ("embed", ["-m", "--layers"]),
+                                                          ("embed", ["--avgpool"]), ("embed", ["--device"]),
+                                                          ("plan", ["--memory-gb"])]
+    assert sorted(n for n, _ in parsed.mentions) == ["--bare", "--ignored-table", "--layers", "--span"]
