@@ -113,6 +113,7 @@ def parse_page(path: Path) -> Page:
     table_row = 0
     pending = ""  # a code line continued with a backslash
     continued = None  # the command of the code line above, which indented lines continue
+    open_span = ""  # the start of a code span that a prose line left open
     for lineno, line in enumerate(lines, 1):
         if line.lstrip().startswith("```"):
             in_code, continued = not in_code, None
@@ -149,6 +150,11 @@ def parse_page(path: Path) -> Page:
             first_cell = line.split("|")[1]
             page.table += [(name, lineno) for name in OPTION_RE.findall(first_cell)]
         prose = line.replace(first_cell, "", 1) if first_cell else line
+        if open_span and line.strip() and not is_row and not heading:  # a code span goes on from the line above
+            prose = open_span + " " + prose
+        open_span = ""
+        if prose.count("`") % 2:  # a code span that goes on to the next line
+            prose, open_span = prose[:prose.rindex("`")], prose[prose.rindex("`"):]
         for span in SPAN_RE.findall(prose):
             before = _invocations(span, lineno, page)
             words = [w for w in before.split() if not re.fullmatch(r"\w+=\S*", w)]  # skip VAR=value prefixes
@@ -276,12 +282,13 @@ def test_parser_sees_tables_invocations_and_mentions(tmp_path):
         "", "torchrun --nnodes 2 -m threedino_pipe.cli embed --device cpu", "#SBATCH --gres=gpu:1", "```", "",
         "## Options", "| option | default |", "| --- | --- |", "| `-m, --model` | `--layers` text |",
         "| `--avgpool/--no-avgpool` | on |", "", "## Other", "| `--ignored-table` | x |",
-        "Prose --bare and `--span`, `3dino plan --memory-gb`, `torchrun --nproc-per-node 2`.",
+        "Prose --bare and `--span`, `3dino plan --memory-gb`, `torchrun --nproc-per-node 2`, `3dino predict",
+        "--tta` and `torchrun", "--nnodes 2`.",
     ]))
     parsed = parse_page(page)
     assert parsed.title_command == "embed"
     assert [n for n, _ in parsed.table] == ["-m", "--model", "--avgpool", "--no-avgpool"]
     assert [(w, n) for w, n, _ in parsed.invocations] == [("embed", []), ("embed", ["-m", "--layers"]),
                                                           ("embed", ["--avgpool"]), ("embed", ["--device"]),
-                                                          ("plan", ["--memory-gb"])]
+                                                          ("plan", ["--memory-gb"]), ("predict", ["--tta"])]
     assert sorted(n for n, _ in parsed.mentions) == ["--bare", "--ignored-table", "--layers", "--span"]
