@@ -170,7 +170,8 @@ def adapt_highres(
     run_name: Annotated[str | None, typer.Option("--run", "--run-name", help="Run folder name (default: "
                                                  "<from>__highres); --run-name under torchrun.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
-                                                   "(default: plans.json's highres batch, 4 on a CPU).")] = None,
+                                                   "(default: plans.json's highres batch, capped at 4 on a "
+                                                   "CPU).")] = None,
     base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.001,
     stop_after: StopAfter = None,
     restart: Restart = False,
