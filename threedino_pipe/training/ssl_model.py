@@ -46,13 +46,16 @@ class SSLNetwork(nn.Module):
         """
         out = self.backbone.forward_features(global_crops, masks=None if masks is None else masks.masks)
         cls, patch = out["cls"], out["patch"]
-        dino_local = None
         if local_crops is not None and local_crops.shape[0]:
-            dino_local = self.dino_head(self.backbone.forward_features(local_crops)["cls"])
+            # one head call for global and local CLS tokens: its weight-normalised last layer
+            # (up to 65,536 x 256) is normalised once, forward and backward
+            local_cls = self.backbone.forward_features(local_crops)["cls"]
+            dino_global, dino_local = self.dino_head(torch.cat([cls, local_cls])).split([len(cls), len(local_cls)])
+        else:
+            dino_global, dino_local = self.dino_head(cls), None
         indices = masks.mask_indices.to(patch.device) if masks is not None else None
         masked = patch.flatten(0, 1)[indices] if indices is not None else patch.new_zeros((0, patch.shape[-1]))
-        return {"cls": cls, "dino_global": self.dino_head(cls), "dino_local": dino_local,
-                "ibot": self.ibot_head(masked)}
+        return {"cls": cls, "dino_global": dino_global, "dino_local": dino_local, "ibot": self.ibot_head(masked)}
 
     @torch.no_grad()
     def teacher_targets(self, global_crops: Tensor, masks: PatchMasks) -> dict[str, Tensor]:
