@@ -56,10 +56,10 @@ def principal_components(features: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     """Scores ``[N, k']`` and explained-variance ratios ``[k']`` of the first ``k' = min(k, N - 1, D)``
     components of ``features [N, D]`` (centred; signs: largest loading positive)."""
     x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
     k = max(0, min(int(k), x.shape[0] - 1, x.shape[1]))
     if k == 0:
         return np.zeros((x.shape[0], 0)), np.zeros(0)
+    x = x - x.mean(axis=0, keepdims=True)
     _, singular, vt = np.linalg.svd(x, full_matrices=False)
     vt = vt[:k]
     signs = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,17 +33,19 @@ import numpy as np
 import SimpleITK as sitk
 from rich.console import Console
 
-from threedino_pipe import __version__, progress
-from threedino_pipe.dataset.image_io import Geometry, write_image
-from threedino_pipe.errors import UserError
-from threedino_pipe.inference.embed import BARE_CONFIGURATION, bare_plans, load_backbone_and_plans
-from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending
-from threedino_pipe.inference.model_loading import pick_device
-from threedino_pipe.inference.predictor import read_case
-from threedino_pipe.jsonio import atomic_path, write_json
-from threedino_pipe.preprocessing.pipeline import preprocess_case
-from threedino_pipe.visualization import backbone_maps, planes
-from threedino_pipe.visualization.pca import RGB_FROM, pca_maps
+logging.getLogger("numexpr").setLevel(logging.WARNING)  # imported on the way (MONAI), logs its thread count
+
+from threedino_pipe import __version__, progress  # noqa: E402
+from threedino_pipe.dataset.image_io import Geometry, write_image  # noqa: E402
+from threedino_pipe.errors import UserError  # noqa: E402
+from threedino_pipe.inference.embed import BARE_CONFIGURATION, bare_plans, load_backbone_and_plans  # noqa: E402
+from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending  # noqa: E402
+from threedino_pipe.inference.model_loading import pick_device  # noqa: E402
+from threedino_pipe.inference.predictor import read_case  # noqa: E402
+from threedino_pipe.jsonio import atomic_path, write_json  # noqa: E402
+from threedino_pipe.preprocessing.pipeline import preprocess_case  # noqa: E402
+from threedino_pipe.visualization import backbone_maps, planes  # noqa: E402
+from threedino_pipe.visualization.pca import RGB_FROM, pca_maps  # noqa: E402
 
 DEFAULT_SIZE = 192
 NIFTI = ".nii.gz"
@@ -77,6 +80,8 @@ def default_output(scan: Path) -> Path:
 
 
 def _one_scan(scan: Path) -> Path:
+    if not Path(scan).exists():
+        raise UserError("scan not found", file=scan, fix="pass one image file (or one DICOM series folder)")
     entries = list_entries(Path(scan))
     if len(entries) != 1:
         raise UserError(f"-i names {len(entries)} scans; visualize reads one", file=scan,
@@ -161,6 +166,9 @@ def run(model: Path, scan: Path, output: Path | None = None, *, size: int = DEFA
                         "backbone on one scan", file=model, fix="pass a model with a single-channel 3D ViT backbone")
     if plans:
         plans, channel = _channel_plans(plans, configuration, scan, channel)
+    elif channel not in (None, 0):
+        raise UserError(f"--channel {channel} but a backbone checkpoint has no channels: the scan is normalised on "
+                        "its own", file=model, fix="leave out --channel (it chooses among a finetune model's channels)")
     else:
         plans, configuration, channel = bare_plans(1), BARE_CONFIGURATION, 0
     case = InputCase(split_ending(scan)[0], (scan,))
