@@ -41,13 +41,11 @@ from typing import Any
 import blosc2
 import numpy as np
 import torch
-from batchgenerators.dataloading.data_loader import DataLoader
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import BrightnessMultiplicativeTransform, GammaTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
+from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
 from threedino_pipe.errors import UserError
 from threedino_pipe.jsonio import read_artifact
 
@@ -252,30 +250,20 @@ def _intensity_and_mirror(aug: Augmentation) -> Compose:
     ])
 
 
-class _PatchDataLoader(DataLoader):
+class _PatchDataLoader(IndexedBatchLoader):
     """batchgenerators loader: in worker ``w`` of ``W`` it makes batches ``start + w + k*W``."""
 
     def __init__(self, cases: SegmentationCases, patch: tuple[int, ...], aug: Augmentation | None, batch_size: int,
                  seed: int, num_workers: int, start: int, rank: int, world_size: int) -> None:
-        super().__init__(cases, batch_size, num_threads_in_multithreaded=max(1, num_workers), seed_for_shuffle=None,
-                         infinite=True)
-        self.indices = list(range(len(cases)))
-        self.patch, self.aug, self.seed, self.start = patch, aug, int(seed), int(start)
-        self.in_worker = num_workers > 0
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.made = 0
+        super().__init__(cases, batch_size, seed, num_workers, start, rank, world_size)
+        self.patch, self.aug = patch, aug
 
-    def generate_train_batch(self) -> dict[str, Any]:
-        if self.in_worker and self.made == 0:
-            torch.set_num_threads(1)  # the workers are the parallelism
-            blosc2.set_nthreads(1)
-        index = self.start + self.thread_id + self.made * self.number_of_threads_in_multithreaded
-        self.made += 1
+    def make(self, index: int) -> dict[str, Any]:
         return make_batch(self._data, self.patch, self.aug, self.seed, index, self.batch_size, self.rank,
                           self.world_size)
 
 
-class PatchLoader:
+class PatchLoader(BatchStream):
     """Endless iterator of training batches ``{"data": Tensor [B, C, *patch], "seg": Tensor [B, 1, *patch]
     (int64), "case_ids", "batch_index"}``; see the module docstring.
 
@@ -288,60 +276,23 @@ class PatchLoader:
         augmentation: None turns augmentation off.
     """
 
+    size_key = "num_cases"
+    stream_name = "patch stream"
+    resume_fix = "resume with the same options, or pass --restart"
+
     def __init__(self, cases: SegmentationCases, patch: tuple[int, ...], batch_size: int, num_workers: int,
                  seed: int, augmentation: Augmentation | None = Augmentation(), *, rank: int = 0,
                  world_size: int = 1, num_cached_per_worker: int = 2) -> None:
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        super().__init__(cases, batch_size, num_workers, seed, num_cached_per_worker=num_cached_per_worker,
+                         rank=rank, world_size=world_size)
         self.cases, self.patch, self.aug = cases, tuple(int(p) for p in patch), augmentation
-        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
-        self.rank, self.world_size, self.num_cached = int(rank), int(world_size), num_cached_per_worker
-        self.batches_drawn = 0
-        self._augmenter: Any = None
 
-    def _start(self) -> None:
-        loader = _PatchDataLoader(self.cases, self.patch, self.aug, self.batch_size, self.seed, self.num_workers,
-                                  self.batches_drawn, self.rank, self.world_size)
-        if self.num_workers == 0:
-            self._augmenter = SingleThreadedAugmenter(loader, None)
-            return
-        seeds = [int(np.random.SeedSequence([self.seed, w]).generate_state(1)[0]) for w in range(self.num_workers)]
-        self._augmenter = MultiThreadedAugmenter(loader, None, self.num_workers, self.num_cached, seeds=seeds,
-                                                 pin_memory=False)
+    def _loader(self, start: int) -> _PatchDataLoader:
+        return _PatchDataLoader(self.cases, self.patch, self.aug, self.batch_size, self.seed, self.num_workers,
+                                start, self.rank, self.world_size)
 
-    def __iter__(self) -> PatchLoader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._augmenter is None:
-            self._start()
-        batch = next(self._augmenter)
-        self.batches_drawn += 1
+    def _convert(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"data": torch.from_numpy(batch["data"]), "seg": torch.from_numpy(batch["seg"]).long(),
                 "case_ids": list(batch["case_ids"]), "batch_index": batch["batch_index"]}
-
-    def state_dict(self) -> dict[str, int]:
-        """Seed, batch size, number of cases and batches consumed: enough to continue the same stream."""
-        return {"seed": self.seed, "batch_size": self.batch_size, "num_cases": len(self.cases),
-                "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue after ``state["batches_drawn"]`` batches; refuses a state of another stream."""
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("num_cases", len(self.cases))):
-            if int(state[key]) != mine:
-                raise UserError(f"the checkpoint's patch stream has {key}={state[key]}, this run has {mine}",
-                                fix="resume with the same options, or pass --restart")
-        self.close()
-        self.batches_drawn = int(state["batches_drawn"])
-
-    def close(self) -> None:
-        """Stop the worker processes (a later ``next`` restarts them where the stream stands)."""
-        if self._augmenter is not None and hasattr(self._augmenter, "_finish"):
-            self._augmenter._finish()
-        self._augmenter = None
-
-    def __enter__(self) -> PatchLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -24,11 +24,8 @@ from typing import Any
 import blosc2
 import numpy as np
 import torch
-from batchgenerators.dataloading.data_loader import DataLoader
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
+from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
 from threedino_pipe.data.multicrop import MultiCropper
 from threedino_pipe.errors import UserError
 from threedino_pipe.jsonio import read_artifact
@@ -201,98 +198,40 @@ def make_batch(dataset: PretrainDataset, cropper: MultiCropper, seed: int, index
             "case_ids": [dataset.items[int(i)].name for i in picks], "batch_index": int(index)}
 
 
-class _MultiCropDataLoader(DataLoader):
+class _MultiCropDataLoader(IndexedBatchLoader):
     """batchgenerators loader: in worker ``w`` of ``W`` it makes batches ``start + w + k*W`` (k = 0, 1, ...)."""
 
     def __init__(self, dataset: PretrainDataset, cropper: MultiCropper, batch_size: int, seed: int,
                  num_workers: int, start: int, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(dataset, batch_size, num_threads_in_multithreaded=max(1, num_workers),
-                         seed_for_shuffle=None, infinite=True)  # sampling uses make_batch's own generator
-        self.indices = list(range(len(dataset)))
-        self.cropper, self.seed, self.start = cropper, int(seed), int(start)
-        self.in_worker = num_workers > 0
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.made = 0
+        super().__init__(dataset, batch_size, seed, num_workers, start, rank, world_size)
+        self.cropper = cropper
 
-    def generate_train_batch(self) -> dict[str, Any]:
-        if self.in_worker and self.made == 0:
-            # one thread per worker process: the workers are the parallelism (and OpenMP is not fork-safe)
-            torch.set_num_threads(1)
-            blosc2.set_nthreads(1)
-        index = self.start + self.thread_id + self.made * self.number_of_threads_in_multithreaded
-        self.made += 1
+    def make(self, index: int) -> dict[str, Any]:
         return make_batch(self._data, self.cropper, self.seed, index, self.batch_size, self.rank, self.world_size)
 
 
-class PretrainLoader:
+class PretrainLoader(BatchStream):
     """Endless iterator of multi-crop batches; see :func:`make_pretrain_loader`."""
+
+    size_key = "num_samples"
+    stream_name = "data stream"
+    resume_fix = "resume with the same datasets and options, or start a new run"
 
     def __init__(self, dataset: PretrainDataset, cropper: MultiCropper, batch_size: int, num_workers: int,
                  seed: int, *, deterministic: bool = True, num_cached_per_worker: int = 2,
                  rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        super().__init__(dataset, batch_size, num_workers, seed, deterministic=deterministic,
+                         num_cached_per_worker=num_cached_per_worker, rank=rank, world_size=world_size)
         self.dataset, self.cropper = dataset, cropper
-        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
-        self.deterministic, self.num_cached_per_worker = deterministic, num_cached_per_worker
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.batches_drawn = 0
-        self._augmenter: Any = None
 
-    def _start(self) -> None:
-        loader = _MultiCropDataLoader(self.dataset, self.cropper, self.batch_size, self.seed, self.num_workers,
-                                      start=self.batches_drawn, rank=self.rank, world_size=self.world_size)
-        if self.num_workers == 0:
-            self._augmenter = SingleThreadedAugmenter(loader, None)
-            return
-        seeds = [int(np.random.SeedSequence([self.seed, w]).generate_state(1)[0]) for w in range(self.num_workers)]
-        if self.deterministic:
-            self._augmenter = MultiThreadedAugmenter(loader, None, self.num_workers, self.num_cached_per_worker,
-                                                     seeds=seeds, pin_memory=False)
-        else:
-            self._augmenter = NonDetMultiThreadedAugmenter(loader, None, self.num_workers,
-                                                           self.num_cached_per_worker * self.num_workers,
-                                                           seeds=seeds, pin_memory=False)
+    def _loader(self, start: int) -> _MultiCropDataLoader:
+        return _MultiCropDataLoader(self.dataset, self.cropper, self.batch_size, self.seed, self.num_workers,
+                                    start=start, rank=self.rank, world_size=self.world_size)
 
-    def __iter__(self) -> PretrainLoader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._augmenter is None:
-            self._start()
-        batch = next(self._augmenter)
-        self.batches_drawn += 1
+    def _convert(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"global_crops": torch.from_numpy(batch["global_crops"]),
                 "local_crops": torch.from_numpy(batch["local_crops"]),
                 "case_ids": list(batch["case_ids"]), "batch_index": batch["batch_index"]}
-
-    def state_dict(self) -> dict[str, int]:
-        """What a checkpoint needs to continue the exact same stream: seed, batch size, samples, batches consumed."""
-        return {"seed": self.seed, "batch_size": self.batch_size, "num_samples": len(self.dataset),
-                "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue after ``state["batches_drawn"]`` batches; refuses a state made for another stream."""
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("num_samples", len(self.dataset))):
-            if int(state[key]) != mine:
-                raise UserError(f"the checkpoint's data stream has {key}={state[key]}, this run has {mine}",
-                                fix="resume with the same datasets and options, or start a new run")
-        self.close()
-        self.batches_drawn = int(state["batches_drawn"])
-
-    def close(self) -> None:
-        """Stop the worker processes (a later ``next`` starts them again where the stream stands)."""
-        if self._augmenter is not None and hasattr(self._augmenter, "_finish"):
-            self._augmenter._finish()
-        self._augmenter = None
-
-    def __enter__(self) -> PretrainLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def make_pretrain_loader(dataset: PretrainDataset, batch_size: int, num_workers: int, seed: int,
