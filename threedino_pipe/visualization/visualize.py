@@ -45,7 +45,7 @@ from threedino_pipe.inference.predictor import read_case  # noqa: E402
 from threedino_pipe.jsonio import atomic_path, write_json  # noqa: E402
 from threedino_pipe.preprocessing.pipeline import preprocess_case  # noqa: E402
 from threedino_pipe.visualization import backbone_maps, planes  # noqa: E402
-from threedino_pipe.visualization.pca import RGB_FROM, pca_maps  # noqa: E402
+from threedino_pipe.visualization.pca import RGB_FROM, PCAMaps, pca_maps  # noqa: E402
 
 DEFAULT_SIZE = 192
 NIFTI = ".nii.gz"
@@ -115,7 +115,7 @@ def _write_rgb(rgb: np.ndarray, geometry: Geometry, path: Path) -> None:
         sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
-def _foreground_rgb(pca, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def _foreground_rgb(pca: PCAMaps, shape: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Foreground mask and colours on the preprocessed grid.
 
     The mask is the resized first-component score above the threshold. Colours are interpolated
