@@ -17,8 +17,7 @@ from threedino_pipe.errors import UserError
 from threedino_pipe.jsonio import read_artifact
 from threedino_pipe.training.checkpointing import load_checkpoint
 from threedino_pipe.training.distributed import cleanup, init_distributed
-from threedino_pipe.training.precision import resolve_precision
-from threedino_pipe.training.pretrain import _prepare, configuration_of, default_batch, load_plans
+from threedino_pipe.training.pretrain import _prepare, config_from_plans, configuration_of, finished_already, load_plans
 from threedino_pipe.training.run_folder import RUN_SCHEMA_VERSION
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build, train_ssl
 
@@ -64,21 +63,16 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
         grid = config["global_crop"] // 16
         for net in (student, teacher):
             net.backbone.interpolate_pos_embed_to(grid)
-        run_config = SSLRunConfig(
-            datasets=options["datasets"], configuration="pretrain_highres", preset=src_config.preset, iters=iters,
-            batch_size=default_batch(config, src_config.preset, dist, batch_size, console),
-            global_crop=config["global_crop"], local_crop=config["local_crop"],
-            num_local_crops=config["num_local_crops"], min_axis=config["min_axis"], base_lr=base_lr,
-            seed=src_config.seed, precision=resolve_precision(precision, dist.device), drop_path=src_config.drop_path,
-            koleo_weight=src_config.koleo_weight, head_dims=src_config.head_dims, pos_grid=grid,
-            world_size=dist.world_size, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
-            num_workers=num_workers, save_every=save_every,
-            snapshot_every=max(1, iters // 10) if snapshot_every is None else snapshot_every,
+        run_config = config_from_plans(
+            config, dist, console, datasets=options["datasets"], configuration="pretrain_highres",
+            preset=src_config.preset, iters=iters, batch_size=batch_size, base_lr=base_lr, seed=src_config.seed,
+            precision=precision, drop_path=src_config.drop_path, koleo_weight=src_config.koleo_weight,
+            head_dims=src_config.head_dims, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
+            num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
             grad_checkpointing=grad_checkpointing)
         folder = from_run.parent / (run_name or f"{from_run.name}__highres")
         resume = _prepare(folder, run_config.options(), restart, dist, SSLRunConfig.VOLATILE)
-        if (folder / "checkpoint_final.pt").is_file() and resume and not stop_after:
-            console.print(f"{folder} is finished already (checkpoint_final.pt); pass --restart to train again")
+        if finished_already(folder, resume, stop_after, console):
             return folder
         if dist.is_main:
             console.print(f"adapt-highres run {folder} from {checkpoint_path} (iteration {state['iteration']}): "

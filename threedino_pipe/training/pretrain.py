@@ -94,23 +94,17 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         head_dims = dict(HEAD_DIMS[preset])
         if prototypes:
             head_dims["out_dim"] = int(prototypes)
-        run_config = SSLRunConfig(
-            datasets=names, configuration="pretrain", preset=preset, iters=iters,
-            batch_size=default_batch(config, preset, dist, batch_size, console),
-            global_crop=config["global_crop"], local_crop=config["local_crop"],
-            num_local_crops=config["num_local_crops"], min_axis=config["min_axis"], base_lr=base_lr, seed=seed,
-            precision=resolve_precision(precision, dist.device), drop_path=drop_path, koleo_weight=koleo_weight,
-            head_dims=head_dims, pos_grid=config["global_crop"] // 16, world_size=dist.world_size,
-            num_workers=num_workers, save_every=save_every,
-            snapshot_every=max(1, iters // 10) if snapshot_every is None else snapshot_every,
-            grad_checkpointing=grad_checkpointing)
+        run_config = config_from_plans(
+            config, dist, console, datasets=names, configuration="pretrain", preset=preset, iters=iters,
+            batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision, drop_path=drop_path,
+            koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
+            snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing)
         ids = "+".join(str(paths.dataset_id(n)) for n in names)
         folder = paths.results_root() / "pretrain" / (run_name or f"{preset}__{ids}")
         options = {**run_config.options(), "plans_checksums": {n: c for (_, _, c), n in zip(plans_list, names,
                                                                                          strict=True)}}
         resume = _prepare(folder, options, restart, dist, SSLRunConfig.VOLATILE)
-        if (folder / "checkpoint_final.pt").is_file() and resume and not stop_after:
-            console.print(f"{folder} is finished already (checkpoint_final.pt); pass --restart to train again")
+        if finished_already(folder, resume, stop_after, console):
             return folder
         if dist.is_main:
             console.print(f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {preset}, "
@@ -122,6 +116,29 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         return folder
     finally:
         cleanup()
+
+
+def config_from_plans(config: dict, dist: DistInfo, console: Console, *, preset: str, iters: int,
+                      batch_size: int | None, precision: str, snapshot_every: int | None, **fields) -> SSLRunConfig:
+    """The run's :class:`SSLRunConfig`: crop sizes, batch and position grid from the plans' ``config``.
+
+    ``fields`` are the remaining :class:`SSLRunConfig` fields (datasets, configuration, lr, seed, ...);
+    ``precision`` is resolved for the device, ``snapshot_every`` defaults to a tenth of ``iters``.
+    """
+    return SSLRunConfig(
+        preset=preset, iters=iters, batch_size=default_batch(config, preset, dist, batch_size, console),
+        global_crop=config["global_crop"], local_crop=config["local_crop"], num_local_crops=config["num_local_crops"],
+        min_axis=config["min_axis"], precision=resolve_precision(precision, dist.device),
+        pos_grid=config["global_crop"] // 16, world_size=dist.world_size,
+        snapshot_every=max(1, iters // 10) if snapshot_every is None else snapshot_every, **fields)
+
+
+def finished_already(folder: Path, resume: bool, stop_after: int | None, console: Console) -> bool:
+    """True (and says so) when the run in ``folder`` already holds ``checkpoint_final.pt``."""
+    if (folder / "checkpoint_final.pt").is_file() and resume and not stop_after:
+        console.print(f"{folder} is finished already (checkpoint_final.pt); pass --restart to train again")
+        return True
+    return False
 
 
 def _prepare(folder: Path, options: dict, restart: bool, dist: DistInfo, volatile: tuple[str, ...]) -> bool:
