@@ -39,11 +39,6 @@ def _common(verbose: bool, no_progress: bool) -> None:
     progress.set_enabled(not no_progress)
 
 
-def _not_built(stage: str, issue: int) -> None:
-    raise UserError(f"`3dino {stage}` is not yet built in threedino-pipe {__version__} (tracked in issue {issue})",
-                    fix="update threedino-pipe")
-
-
 @app.command()
 def verify(
     dataset: Dataset,
