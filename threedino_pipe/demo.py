@@ -59,7 +59,7 @@ class DemoSize:
     finetune_batch: int = 2
 
 
-FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=30, highres_iters=10, finetune_iters=120)
+FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=100)
 QUICK = DemoSize(train_cases=6, test_cases=2, pretrain_iters=6, highres_iters=2, finetune_iters=30)
 
 

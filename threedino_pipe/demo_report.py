@@ -160,9 +160,11 @@ def write(layout: DemoLayout, runs: Mapping[str, Path], *, quick: bool, timings:
              f"average {load:.2f} at the start")]
     sections = [
         report.Section("Comparison: pretrained vs none", paragraphs=[
-            "Side A: the tiny ViT pretrained with 3DINO (pretrain, then adapt-highres), frozen, with the default "
-            "adapter head. Side B: no pretraining (random initialisation, trained end to end, the default UNETR "
-            "head). Both on the same 25 % subset of fold 0; Wilcoxon signed-rank test over the held-out cases."],
+            "Side A: the tiny ViT pretrained with 3DINO (pretrain, then adapt-highres), frozen, with the adapter "
+            "head. Side B: no pretraining (random initialisation, trained end to end), with the same adapter "
+            "head. Both on the same 25 % subset of fold 0; Wilcoxon signed-rank test over the held-out cases.",
+            "Expect side B to win here: after so few pretraining iterations the frozen backbone is still close to "
+            "its random initialisation, while side B trains its backbone end to end."],
             tables=[("", comparison_table(compare_dir))], figures=compare_figures),
         report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, sides)),
         report.Section("Predictions on held-out cases",
