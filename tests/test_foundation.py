@@ -148,3 +148,19 @@ def test_truncated_nifti_is_refused_although_simpleitk_reads_it(tmp_path):
         with pytest.raises(UserError) as err:
             read_image(path)
         assert "truncated" in err.value.render() and path.name in err.value.render()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_makes_idle_openmp_threads_sleep_unless_the_user_chose(preset, expected):
+    """`3dino` sets OMP_WAIT_POLICY=PASSIVE before torch loads; a value the user set wins."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys; sys.argv = ['3dino', '--version']; from threedino_pipe import cli\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "import torch; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == [expected, "True"]

@@ -16,6 +16,7 @@ import typer
 
 from threedino_pipe import __version__, progress
 from threedino_pipe.errors import UserError
+from threedino_pipe.openmp import passive_openmp
 
 app = typer.Typer(
     name="3dino",
@@ -410,6 +411,7 @@ def _version(version: Annotated[bool, typer.Option("--version", help="Print the 
 
 def main() -> None:
     """Console entry point: run the app, print user errors without a traceback."""
+    passive_openmp()
     try:
         app()
     except UserError as exc:
