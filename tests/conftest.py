@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from threedino_pipe.dataset.examples import build_mni_dataset, build_synthetic_dataset
+from threedino_pipe.openmp import passive_openmp
+
+passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
+
+from threedino_pipe.dataset.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREEDINO = [sys.executable, "-m", "threedino_pipe.cli"]
