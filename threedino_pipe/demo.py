@@ -173,7 +173,11 @@ def run(out: Path, quick: bool = False) -> Path:
             and report.
         quick: the smallest run (fewer cases and iterations, for CI).
     """
+    layout = DemoLayout(Path(out).resolve())
+    size = QUICK if quick else FULL
+    _check_options(layout, {"quick": quick, "head": HEAD, **asdict(size)})  # before any slow import
     _passive_openmp()
+    console = Console(stderr=True, soft_wrap=True)
     from threedino_pipe import demo_report
     from threedino_pipe.dataset.examples import build_mni_dataset
     from threedino_pipe.evaluation import evaluate
@@ -183,10 +187,6 @@ def run(out: Path, quick: bool = False) -> Path:
     from threedino_pipe.training import adapt_highres, finetune, pretrain
     from threedino_pipe.visualization import visualize
 
-    console = Console(stderr=True, soft_wrap=True)
-    layout = DemoLayout(Path(out).resolve())
-    size = QUICK if quick else FULL
-    _check_options(layout, {"quick": quick, "head": HEAD, **asdict(size)})
     for name in ("raw", "preprocessed", "results"):
         os.environ[f"THREEDINO_{name.upper()}"] = str(layout.out / name)
     clock = StageClock(layout.timings, console, quick, total=15)
