@@ -25,7 +25,6 @@ already", predict runs with ``--continue``, evaluation and the report are redone
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from rich.console import Console
 from threedino_pipe import __version__
 from threedino_pipe.errors import UserError
 from threedino_pipe.jsonio import read_json, write_json
+from threedino_pipe.openmp import passive_openmp
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_MNITissue"
@@ -153,18 +153,6 @@ def _exit_ok(code: int, what: str, file: Path) -> None:
                         fix="read the listed failures, fix the cause and rerun `3dino demo` with the same options")
 
 
-def _passive_openmp() -> None:
-    """Idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the user set it.
-
-    On the shared 2-core machine, with other processes running (load average 4), a tiny adapter
-    finetune step (batch 2, 48 x 64 x 48) took 18.5 s with torch's default spinning threads,
-    1.6 s with passive waiting and 1.2 s with one thread (0.8 s on a quiet machine).
-    libgomp reads the variable when torch loads it, so this only acts before torch is imported.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run(out: Path, quick: bool = False) -> Path:
     """Build the MNI example dataset under ``out`` and run the whole chain on it; returns report.html.
 
@@ -176,7 +164,7 @@ def run(out: Path, quick: bool = False) -> Path:
     layout = DemoLayout(Path(out).resolve())
     size = QUICK if quick else FULL
     _check_options(layout, {"quick": quick, "head": HEAD, **asdict(size)})  # before any slow import
-    _passive_openmp()
+    passive_openmp()  # as `3dino` does; for callers of this function from Python
     console = Console(stderr=True, soft_wrap=True)
     from threedino_pipe import demo_report
     from threedino_pipe.dataset.examples import build_mni_dataset
