@@ -176,6 +176,21 @@ def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, c
                        sampler.samples, returncode, text[-tail_chars:])
 
 
+def openmp_like_3dino() -> None:
+    """Re-execute this script with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
+
+    Every ``3dino`` command sets it before torch loads (``threedino_pipe/openmp.py``: idle OpenMP
+    threads sleep instead of spinning), so a benchmark that compares in-process work with a
+    ``3dino`` subprocess, or stands for a ``3dino`` command, must run under the same policy.
+    libgomp reads the variable once, when torch is imported: a script that has imported torch
+    has to start again. Call it first thing under ``if __name__ == "__main__":``.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def machine_info() -> dict:
     """CPU model, core counts, memory, OS and Python of this machine."""
     model = ""
@@ -199,7 +214,8 @@ def machine_info() -> dict:
         load = None
     return {"cpu_model": model or platform.processor(), "nproc": len(os.sched_getaffinity(0)),
             "cpu_count": os.cpu_count(), "memory_total_bytes": mem_total, "platform": platform.platform(),
-            "python": sys.version.split()[0], "load_average_at_start": load}
+            "python": sys.version.split()[0], "load_average_at_start": load,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def median(values: Sequence[float]) -> float:

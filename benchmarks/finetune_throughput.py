@@ -40,8 +40,10 @@ What it measures, all in one process:
 CPU defaults keep the whole run to a few minutes on 2 cores (patch 64^3, batch 2 = the trainer's
 CPU batch cap); ``--patch 112 112 112`` is the paper's and the planner's default patch. On CUDA
 the defaults are the paper's (patch 112^3, batch 8, 16 for the linear head) and the presets
-include ``large``. ``torch.set_num_threads`` = the usable cores. Prints tables and writes
-everything, with machine information and the exact command, to ``--out`` (JSON).
+include ``large``. ``torch.set_num_threads`` = the usable cores; ``OMP_WAIT_POLICY=PASSIVE`` as
+``3dino finetune`` runs (the script re-executes itself with it unless the variable is set).
+Prints tables and writes everything, with machine information and the exact command, to
+``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import counted_flops, format_table, machine_info, matmul_peak, median, sync, write_json
+from common import counted_flops, format_table, machine_info, matmul_peak, median, openmp_like_3dino, sync, write_json
 from monai.optimizers import WarmupCosineSchedule
 from rich.console import Console
 
@@ -429,4 +431,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    openmp_like_3dino()
     sys.exit(main())

@@ -30,10 +30,11 @@ What it measures:
      (computed once, untimed, by predict's own ``prepare_case``).
 
    Both use ``torch.set_num_threads`` = the usable cores (the subprocess by torch's default, which
-   is the same here; recorded). Ratio = ours / MONAI per repeat; the summary is the median of the
-   per-repeat ratios (target <= 1.25).
-   Our per-stage times are read from predict's log line (``read+preprocess``, ``inference``,
-   ``export``). ``--profile`` runs predict's stages once more in this process under cProfile.
+   is the same here; recorded) and ``OMP_WAIT_POLICY=PASSIVE``, which every ``3dino`` command sets
+   (the script re-executes itself with it unless the variable is set). Ratio = ours / MONAI per
+   repeat; the summary is the median of the per-repeat ratios (target <= 1.25). Our per-stage
+   times are read from predict's log line (``read+preprocess``, ``inference``, ``export``).
+   ``--profile`` runs predict's stages once more in this process under cProfile.
 2. **Peak memory** of the whole process tree (RSS and PSS sampled every 50 / 250 ms,
    :class:`common.TreeMemorySampler`) of ``3dino predict`` on a 512 x 512 x 400 CT-like case
    (int16 HU, the plans' spacing) with a 14-class model (13 labels + background; no TTA, no
@@ -66,7 +67,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import MIB, Measurement, format_table, machine_info, median, run_measured, write_json
+from common import MIB, Measurement, format_table, machine_info, median, openmp_like_3dino, run_measured, write_json
 from monai.inferers import sliding_window_inference
 
 from threedino_pipe import jsonio
@@ -385,4 +386,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    openmp_like_3dino()
     sys.exit(main())
