@@ -42,7 +42,7 @@ What it measures:
    windows only changes the time, not the memory (the float16 accumulator, the weight map and
    the preprocessed case have the case's size; the network's activations are those of one
    window), so ``--memory-overlap`` defaults to 0 (100 windows instead of 567 at 0.5: about
-   20 minutes on 2 CPU cores instead of 2 hours). Target <= 4 GiB.
+   25 minutes on 2 shared CPU cores instead of over 2 hours). Target <= 4 GiB.
 
 Prints a table and writes everything, with machine information and the exact command, to
 ``--out`` (JSON). The scratch folder is deleted unless ``--keep`` or ``--work-dir``.
