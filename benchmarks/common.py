@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,17 @@ def run_measured(command: Sequence[str], env: Mapping[str, str] | None = None, c
                        sampler.samples, returncode, text[-tail_chars:])
 
 
+def invocation(argv: Sequence[str] | None = None) -> str:
+    """The command line that ran this script, for the JSON (``python benchmarks/x.py ...``; ``argv``
+    when ``main(argv)`` was called directly)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
+
+
+def gflop(value: float) -> str:
+    """FLOPs (or FLOP/s) in units of 1e9, one decimal."""
+    return f"{value / 1e9:.1f}"
+
+
 def openmp_like_3dino() -> None:
     """Re-execute this script with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
 
@@ -250,6 +262,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 # --------------------------------------------------------------------------- torch: FLOPs and matmul peak
+
+
+def torch_device(requested: str | None = None, threads: int | None = None) -> torch.device:
+    """``requested``, else CUDA when available, else the CPU; sets torch's threads to ``threads``
+    or the cores this process may use."""
+    import torch
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def sync(device: torch.device) -> None:

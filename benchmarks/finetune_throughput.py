@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -61,7 +60,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import counted_flops, format_table, machine_info, matmul_peak, median, openmp_like_3dino, sync, write_json
+from common import (
+    counted_flops,
+    format_table,
+    gflop,
+    invocation,
+    machine_info,
+    matmul_peak,
+    median,
+    openmp_like_3dino,
+    sync,
+    torch_device,
+    write_json,
+)
 from monai.optimizers import WarmupCosineSchedule
 from rich.console import Console
 
@@ -365,24 +376,18 @@ def probe_grid_ratio(args: argparse.Namespace, device: torch.device) -> dict[str
 # --------------------------------------------------------------------------- main
 
 
-def _gf(value: float) -> str:
-    return f"{value / 1e9:.1f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(args.threads or cores)
+    command = invocation(argv)
+    device = torch_device(args.device, args.threads)
     precision = resolve_precision(args.precision, device)
     presets = args.presets or (["tiny", "small"] + (["large"] if device.type == "cuda" else []))
     patch = list(args.patch or ([112] * 3 if device.type == "cuda" else [64] * 3))
     info = {**machine_info(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "device": str(device), "precision": precision,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    print(f"{info['cpu_model']}, {cores} cores, torch {info['torch']}, {info['torch_threads']} threads, {precision}, "
-          f"device {device}, load {info['load_average_at_start']}", flush=True)
+    print(f"{info['cpu_model']}, {info['nproc']} cores, torch {info['torch']}, {info['torch_threads']} threads, "
+          f"{precision}, device {device}, load {info['load_average_at_start']}", flush=True)
 
     peaks: list[dict] = []
     steps: list[dict] = []
@@ -397,13 +402,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if steps:
         rows = [[s["preset"], s["variant"], s["batch"], f"{s['median_step_s']:.2f}", f"{s['patches_per_s']:.2f}",
-                 _gf(s["flops_per_step"]), _gf(s["achieved_flops_per_s"]), f"{100 * s['mfu']:.1f}",
+                 gflop(s["flops_per_step"]), gflop(s["achieved_flops_per_s"]), f"{100 * s['mfu']:.1f}",
                  f"{s['params_trainable'] / 1e6:.1f}/{s['params_total'] / 1e6:.1f}"] for s in steps]
         print()
         print(format_table(["preset", "head", "B", "step s", "patches/s", "GFLOP/step", "GFLOP/s", "MFU %",
                             "trainable/all M params"], rows))
-        print(f"matmul peak ({precision}, {args.matmul_size}^3, best of {len(peaks)} measurements): {_gf(peak)} "
-              f"GFLOP/s (measurements {', '.join(_gf(m['best_flops_per_s']) for m in peaks)})")
+        print(f"matmul peak ({precision}, {args.matmul_size}^3, best of {len(peaks)} measurements): {gflop(peak)} "
+              f"GFLOP/s (measurements {', '.join(gflop(m['best_flops_per_s']) for m in peaks)})")
         for s in steps:
             split = ", ".join(f"{k} {v:.2f}" for k, v in s["phases_median_s"].items())
             print(f"phases {s['preset']} {s['variant']} (s): {split}")

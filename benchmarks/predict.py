@@ -56,7 +56,6 @@ import io
 import os
 import pstats
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -67,7 +66,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import MIB, Measurement, format_table, machine_info, median, openmp_like_3dino, run_measured, write_json
+from common import (
+    MIB,
+    Measurement,
+    format_table,
+    invocation,
+    machine_info,
+    median,
+    openmp_like_3dino,
+    run_measured,
+    torch_device,
+    write_json,
+)
 from monai.inferers import sliding_window_inference
 
 from threedino_pipe import jsonio
@@ -324,10 +334,18 @@ def memory(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
+def _ratio_row(what: str, ours: list[float], monai: list[float], ratios: list[float]) -> list[str]:
+    """A summary row: medians, the median of the per-repeat ratios (and each), the target and the verdict."""
+    ratio = median(ratios)
+    return [what, f"{median(ours):.1f} s / {median(monai):.1f} s",
+            f"{ratio:.3f} (" + ", ".join(f"{r:.3f}" for r in ratios) + ")", f"<= {RATIO_TARGET:g}",
+            "met" if ratio <= RATIO_TARGET else "missed"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    command = invocation(argv)
+    torch_device("cpu")  # sets the threads
     precision = resolve_precision(args.precision, torch.device("cpu"))
     info = {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "precision": precision}
@@ -352,16 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if "overhead" in results:
         o = results["overhead"]
-        rows.append(["one case (whole command) / MONAI alone",
-                     f"{o['ours_median_s']:.1f} s / {o['monai_median_s']:.1f} s",
-                     f"{o['ratio']:.3f} (" + ", ".join(f"{r:.3f}" for r in o["ratio_per_repeat"]) + ")",
-                     f"<= {RATIO_TARGET:g}", "met" if o["ratio"] <= RATIO_TARGET else "missed"])
+        rows.append(_ratio_row("one case (whole command) / MONAI alone", o["ours_s"], o["monai_s"],
+                               o["ratio_per_repeat"]))
         if "batch" in o:
-            b = o["batch"]
-            rows.append([f"per case in a batch of {b['cases']} / MONAI alone",
-                         f"{median(b['per_case_s']):.1f} s / {o['monai_median_s']:.1f} s",
-                         f"{b['ratio']:.3f} (" + ", ".join(f"{r:.3f}" for r in b["ratio_per_repeat"]) + ")",
-                         f"<= {RATIO_TARGET:g}", "met" if b["ratio"] <= RATIO_TARGET else "missed"])
+            rows.append(_ratio_row(f"per case in a batch of {o['batch']['cases']} / MONAI alone",
+                                   o["batch"]["per_case_s"], o["monai_s"], o["batch"]["ratio_per_repeat"]))
     if "memory" in results:
         mem = results["memory"]
         rows.append([f"peak memory {'x'.join(map(str, MEMORY_SHAPE))}, {MEMORY_CLASSES} classes",

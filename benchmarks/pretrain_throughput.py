@@ -40,7 +40,6 @@ import io
 import math
 import os
 import pstats
-import shlex
 import shutil
 import subprocess
 import sys
@@ -50,7 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_table, machine_info, matmul_peak, median, register_cpu_attention_flops, sync, write_json
+from common import (
+    format_table,
+    gflop,
+    invocation,
+    machine_info,
+    matmul_peak,
+    median,
+    register_cpu_attention_flops,
+    sync,
+    torch_device,
+    write_json,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
@@ -432,16 +442,10 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _gf(value: float) -> str:
-    return f"{value / 1e9:.1f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(args.threads or cores)
+    command = invocation(argv)
+    device = torch_device(args.device, args.threads)
     presets = args.presets or (["tiny", "small"] + (["base", "large"] if device.type == "cuda" else []))
     batches = dict(DEFAULT_BATCH)
     for item in args.batch:
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "torch_threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    print(f"{info['cpu_model']}, {cores} cores, torch {info['torch']} ({info['cpu_capability']}, mkldnn bf16 "
+    print(f"{info['cpu_model']}, {info['nproc']} cores, torch {info['torch']} ({info['cpu_capability']}, mkldnn bf16 "
           f"{info['mkldnn_bf16_supported']}), {info['torch_threads']} threads, load {info['load_average_at_start']}",
           flush=True)
 
@@ -495,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                      for lo in loaders if lo["batch"] == step["batch"]}
             d.update(feeds)
             rows.append([step["preset"], precision, step["batch"], f"{d['median_step_s']:.2f}",
-                         f"{d['crops_per_s']:.1f}", _gf(step["flops_per_step_median"]),
-                         _gf(d["achieved_flops_per_s"]), _gf(peak[precision]), f"{100 * d['mfu']:.1f}",
+                         f"{d['crops_per_s']:.1f}", gflop(step["flops_per_step_median"]),
+                         gflop(d["achieved_flops_per_s"]), gflop(peak[precision]), f"{100 * d['mfu']:.1f}",
                          *[f"{feeds.get(f'loader_w{w}_ratio', float('nan')):.2f}" for w in args.loader_workers]])
     headers = ["preset", "dtype", "B", "step s", "crops/s", "GFLOP/step", "GFLOP/s", "peak GFLOP/s", "MFU %",
                *[f"loader w{w} / step" for w in args.loader_workers]]
