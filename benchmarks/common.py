@@ -16,6 +16,7 @@ a spike shorter than the interval (``interval * pss_every`` for PSS) can be miss
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -262,6 +263,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 # --------------------------------------------------------------------------- torch: FLOPs and matmul peak
+
+
+def add_torch_options(parser: argparse.ArgumentParser) -> None:
+    """The options every torch benchmark shares: the matmul peak (``--matmul-*``), ``--threads``,
+    ``--device`` and ``--seed``."""
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--matmul-loops", type=int, default=4,
+                        help="products per timed matmul repeat (at most; fewer when one product takes over 1 s)")
+    parser.add_argument("--matmul-repeats", type=int, default=5, help="timed matmul repeats (at most)")
+    parser.add_argument("--matmul-budget", type=float, default=20.0,
+                        help="seconds per matmul layout after which no further repeat starts (2 repeats at least)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def torch_device(requested: str | None = None, threads: int | None = None) -> torch.device:

@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 from common import (
+    add_torch_options,
     counted_flops,
     format_table,
     gflop,
@@ -108,10 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="auto (as the trainer resolves it), fp32, bf16 or fp16")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds (each round = one step per variant)")
     p.add_argument("--iters", type=int, default=3, help="timed rounds")
-    p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--matmul-loops", type=int, default=4)
-    p.add_argument("--matmul-repeats", type=int, default=5)
-    p.add_argument("--matmul-budget", type=float, default=20.0)
+    add_torch_options(p)
     p.add_argument("--skip-steps", action="store_true", help="only the probe grid part")
     p.add_argument("--skip-probe", action="store_true", help="only the segmentation steps")
     p.add_argument("--probe-preset", default="small")
@@ -125,9 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-batch", type=int, default=probe.DEFAULT_BATCH)
     p.add_argument("--recompute-points", type=int, default=3,
                    help="grid points run for real in the recompute arm (0: all of them)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "finetune_throughput.json")
     return p.parse_args(argv)
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from common import (
+    add_torch_options,
     format_table,
     gflop,
     invocation,
@@ -98,12 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"volumes per step, overriding {DEFAULT_BATCH}")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (each round = one step per dtype)")
     p.add_argument("--iters", type=int, default=7, help="timed rounds")
-    p.add_argument("--matmul-size", type=int, default=2048)
-    p.add_argument("--matmul-loops", type=int, default=4,
-                   help="products per timed matmul repeat (at most; fewer when one product takes over 1 s)")
-    p.add_argument("--matmul-repeats", type=int, default=5, help="timed matmul repeats (at most)")
-    p.add_argument("--matmul-budget", type=float, default=20.0,
-                   help="seconds per matmul layout after which no further repeat starts (2 repeats at least)")
+    add_torch_options(p)
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 2])
     p.add_argument("--loader-batches", type=int, default=8, help="timed batches per loader measurement")
     p.add_argument("--loader-warmup", type=int, default=2,
@@ -112,9 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", nargs="*", default=None, metavar="PRESET",
                    help="profile one step of these presets (all measured ones when empty) with torch.profiler, "
                         "and the loader with cProfile")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "pretrain_throughput.json")
     return p.parse_args(argv)
