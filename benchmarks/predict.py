@@ -83,9 +83,10 @@ from monai.inferers import sliding_window_inference
 from threedino_pipe import jsonio
 from threedino_pipe.dataset.examples import build_synthetic_dataset, oblique_direction
 from threedino_pipe.dataset.image_io import Geometry, write_image
+from threedino_pipe.inference.blended_rows import SIGMA_SCALE
 from threedino_pipe.inference.inputs import discover_cases
 from threedino_pipe.inference.model_loading import load_run
-from threedino_pipe.inference.predictor import SIGMA_SCALE, InferenceOptions, predict_case, prepare_case
+from threedino_pipe.inference.predictor import InferenceOptions, predict_case, prepare_case
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.training.precision import autocast, resolve_precision
 

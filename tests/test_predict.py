@@ -273,6 +273,11 @@ def test_folds_are_averaged_and_probabilities_saved(project, tmp_path):
     assert probs["ab"].shape == (3, *geo.size)
     np.testing.assert_allclose(probs["ab"], (probs["a"] + probs["b"]) / 2, atol=3e-3)
     assert np.abs(probs["a"] - probs["b"]).max() > 0.05, "the two runs must differ for this test to mean anything"
+    # without probabilities the windows are blended row block by row block while the labels are restored
+    assert predict.run(scans, tmp_path / "streamed", [run_a, run_b], num_workers=0) == 0
+    assert not (tmp_path / "streamed" / "p_probabilities.npz").exists()
+    np.testing.assert_array_equal(read_image(tmp_path / "streamed" / "p.nii.gz")[0],
+                                  read_image(tmp_path / "ab" / "p.nii.gz")[0])
 
 
 def test_tta_makes_the_prediction_flip_equivariant(project, tmp_path):

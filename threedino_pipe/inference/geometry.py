@@ -48,8 +48,8 @@ class ImplicitBackground:
 
     def __getitem__(self, index: tuple) -> torch.Tensor:
         total = self.rest[0][index].to(torch.float32, copy=True)  # never a view of the accumulator
-        for channel in self.rest[1:]:  # one channel at a time: no K x block float32 temporary
-            total.add_(channel[index])
+        for c in range(1, self.rest.shape[0]):  # one channel at a time: no K x block float32 temporary
+            total.add_(self.rest[c][index])
         return total.neg_().add_(1.0)
 
 

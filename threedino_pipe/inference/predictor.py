@@ -1,24 +1,24 @@
 """One case through the model(s): read, preprocess as in training, sliding window, back to the input.
 
-Sliding window (segmentation): MONAI's ``sliding_window_inference`` with gaussian blending
-(sigma 0.125 of the window), windows of the model's ``patch_size``, ``overlap`` between windows
-and ``window_batch_size`` windows per forward pass. Memory layout, chosen so a 512 x 512 x 400
-CT with 14 classes stays within about 4 GiB:
+Sliding window (segmentation): MONAI's window grid and gaussian blending (sigma 0.125 of the
+window), windows of the model's ``patch_size``, ``overlap`` between windows and
+``window_batch_size`` windows per forward pass, blended by ``inference/blended_rows`` so that a
+512 x 512 x 400 CT with 14 classes stays within 4 GiB:
 
 - the preprocessed case stays a float32 array (on the GPU when predicting on one, else on the
-  CPU); each window batch is read from it and moved to the device (MONAI's ``with_coord``:
-  MONAI is handed a zero-strided float16 placeholder of the case's shape, so it allocates its
-  blending accumulator in **float16 on the CPU** and never copies the case);
+  CPU); each window batch is read from it and moved to the device;
 - per window, every model (and, with TTA, every flip of the window: the 7 flip combinations of
   the three axes plus the identity) is run, the activation (softmax or sigmoid) applied in place
-  and the probabilities averaged, so the accumulator holds blended probabilities; softmax models
-  leave the background channel out of it (it is 1 minus the others' sum);
-- on a GPU, MONAI buffers a row of windows on the GPU before adding it to the CPU accumulator.
+  and the probabilities averaged, so what is blended are probabilities; softmax models leave the
+  background channel out (it is 1 minus the others' sum);
+- the blended sum covers one row of windows only (``patch[0]`` rows along the first axis, float32,
+  on the device), and the label map is restored from the finished rows as they come (no array of
+  the whole case's probabilities exists). Saving probabilities needs them all at once: then the
+  finished rows fill a float16 ``K x`` array of the case on the CPU.
 
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
 normalisation range). ``inference/sliding_window.py`` (finetune's validation) blends float32 logits
-over the whole case; predict keeps its own call so the accumulator is float16 and never copies
-the case (a float32 ``K x`` accumulator of a 512 x 512 x 400 CT with 14 classes alone is 5.9 GB).
+of the whole case with MONAI's ``sliding_window_inference``.
 
 Classification: the whole preprocessed case resized to the patch size (the centre view of
 ``threedino_pipe.inference.features``, as the probe saw in finetuning), averaged the same way.
@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
 from threedino_pipe.errors import UserError
 from threedino_pipe.inference import geometry
+from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.inputs import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
 from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
@@ -51,7 +51,6 @@ from threedino_pipe.training.precision import autocast
 log = logging.getLogger(__name__)
 
 PROBABILITIES = "_probabilities.npz"  # <case>_probabilities.npz
-SIGMA_SCALE = 0.125  # gaussian blending, as finetune's validation window (inference/sliding_window.py)
 
 
 @dataclass(frozen=True)
@@ -171,17 +170,6 @@ def _activate_(logits: Tensor, activation: str) -> Tensor:
     return logits.div_(logits.sum(1, keepdim=True))
 
 
-class _WindowReader:
-    """MONAI predictor (``with_coord=True``): reads each window batch from the float32 case, runs the ensemble."""
-
-    def __init__(self, source: Tensor, ensemble: EnsembleProbabilities, device: torch.device) -> None:
-        self.source, self.ensemble, self.device = source, ensemble, device
-
-    def __call__(self, _placeholder: Tensor, coords: list[list[slice]]) -> Tensor:
-        batch = torch.cat([self.source[tuple(c)] for c in coords]).to(self.device, non_blocking=True)
-        return self.ensemble(batch).to(torch.float16)
-
-
 def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
     """Pad ``C x X x Y x Z`` (centred, ``PAD_VALUE``) to at least ``size``; returns it and the slices of the case."""
     pads, region = [], []
@@ -197,45 +185,40 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 @torch.inference_mode()
 def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
-                         device: torch.device) -> geometry.Channels:
-    """Blended probabilities ``K x X' x Y' x Z'`` (float16, CPU) of a prepared case (``C x X' x Y' x Z'``).
+                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
+    """Blended probabilities ``K x X' x Y' x Z'`` of a prepared case (``C x X' x Y' x Z'``).
 
     Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
-    restoring): one channel less of the largest array. Models with different patch sizes run in
-    separate passes whose results are averaged. On a GPU the case moves to GPU memory and
-    ``prepared.data`` is released, so host memory holds only the accumulator; on the CPU
-    ``prepared.data`` is released after the last pass.
+    restoring). Models with different patch sizes run in separate passes whose results are
+    averaged. ``prepared.data`` is released (the returned channels hold the case while they need it;
+    on a GPU the case moves to GPU memory).
+
+    Args:
+        streamed: return a forward-only :class:`~threedino_pipe.inference.blended_rows.RowSource` whose
+            windows run as rows are read (``geometry.restore_labels`` reads them in order); else a
+            float16 CPU tensor of the whole case (random access, for saving probabilities).
     """
     data = torch.from_numpy(prepared.data)
+    prepared.data = None
     if device.type == "cuda":
         data = data.to(device)
-        prepared.data = None
     activation = models[0].model_json["output"]
-    implicit = activation == "softmax" and int(models[0].model_json["num_outputs"]) > 1
+    num_outputs = int(models[0].model_json["num_outputs"])
+    implicit = activation == "softmax" and num_outputs > 1
     groups: dict[tuple[int, ...], list[LoadedModel]] = {}
     for model in models:
         groups.setdefault(model.patch_size, []).append(model)
-    total = None
+    parts = []
     for patch, members in groups.items():
         source, region = _pad_to(data, patch)
-        placeholder = torch.zeros((), dtype=torch.float16).expand(1, *source.shape)
         ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision,
                                          drop_background=implicit)
-        on_gpu = device.type == "cuda"
-        out = sliding_window_inference(
-            placeholder, roi_size=patch, sw_batch_size=options.window_batch_size,
-            predictor=_WindowReader(source[None], ensemble, device), overlap=options.overlap, mode="gaussian",
-            sigma_scale=SIGMA_SCALE, sw_device=device, device=torch.device("cpu"), with_coord=True,
-            buffer_steps=1 if on_gpu else None)
-        del source, placeholder
-        probs = out[0][(slice(None), *region)]
-        if len(groups) == 1:
-            prepared.data = None
-            return geometry.Channels(probs, implicit_background=implicit)
-        weight = len(members) / len(models)
-        total = probs.float().mul_(weight) if total is None else total.add_(probs.float(), alpha=weight)
-    prepared.data = None
-    return geometry.Channels(total.to(torch.float16), implicit_background=implicit)
+        rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
+                           batch_size=options.window_batch_size, device=device)
+        parts.append((rows, len(members) / len(models)))
+    del data
+    scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
+    return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
 
 
 @torch.inference_mode()
@@ -261,15 +244,17 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
         result.probabilities = classify(prepared.data, models, options, device)
         result.seconds["inference"] = time.perf_counter() - start
         return result
-    probs = window_probabilities(prepared, models, options, device)  # releases prepared.data
-    result.seconds["inference"] = time.perf_counter() - start
-    start = time.perf_counter()
+    # streamed (no probabilities saved): the windows run while the labels are restored row block by row block
+    probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities)
     output = model_json["output"]
     labels = geometry.restore_labels(probs, prepared.properties, output=output, values=output_values(model_json))
+    result.seconds["inference"] = time.perf_counter() - start
+    start = time.perf_counter()
     if options.save_probabilities:  # before the label file, whose presence marks the case done
         geometry.write_probabilities(probs, prepared.properties,
                                      Path(output_dir) / f"{prepared.case.case_id}{PROBABILITIES}",
                                      output=output, names=output_names(model_json))
+    del probs
     result.output = Path(output_dir) / prepared.case.output_name
     write_image(labels, prepared.geometry, result.output)
     del labels

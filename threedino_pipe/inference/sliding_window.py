@@ -16,6 +16,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from threedino_pipe.inference.blended_rows import SIGMA_SCALE
 from threedino_pipe.training.precision import autocast
 
 PAD_VALUE = -1.0
@@ -50,7 +51,7 @@ def predict_logits(network: nn.Module, image: Tensor | np.ndarray, patch_size: S
             return network(window.to(device)).float()
 
     out = sliding_window_inference(x[None], roi_size=tuple(int(p) for p in patch_size), sw_batch_size=batch_size,
-                                   predictor=predictor, overlap=overlap, mode="gaussian", sigma_scale=0.125,
+                                   predictor=predictor, overlap=overlap, mode="gaussian", sigma_scale=SIGMA_SCALE,
                                    padding_mode="constant", cval=PAD_VALUE, sw_device=device, device="cpu",
                                    progress=progress)
     return torch.as_tensor(out)[0].float()
