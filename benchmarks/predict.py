@@ -39,10 +39,12 @@ What it measures:
    :class:`common.TreeMemorySampler`) of ``3dino predict`` on a 512 x 512 x 400 CT-like case
    (int16 HU, the plans' spacing) with a 14-class model (13 labels + background; no TTA, no
    probabilities saved): ``--memory-head`` (default the same ``small`` adapter). The number of
-   windows only changes the time, not the memory (the float16 accumulator, the weight map and
-   the preprocessed case have the case's size; the network's activations are those of one
-   window), so ``--memory-overlap`` defaults to 0 (100 windows instead of 567 at 0.5: about
-   25 minutes on 2 shared CPU cores instead of over 2 hours). Target <= 4 GiB.
+   windows changes the time far more than the memory (the running sum of one row of windows and
+   the preprocessed case have fixed sizes; the network's activations are those of one window);
+   what overlap 0 changes is that rows finish in blocks of a whole window (112 rows) instead of
+   half a window, which holds more finished rows, so it is the worst case as well as the fast one:
+   ``--memory-overlap`` defaults to 0 (100 windows instead of 567 at 0.5: 8-25 minutes on 2 CPU
+   cores instead of over 2 hours). Target <= 4 GiB.
 
 Prints a table and writes everything, with machine information and the exact command, to
 ``--out`` (JSON). The scratch folder is deleted unless ``--keep`` or ``--work-dir``.

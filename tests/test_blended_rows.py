@@ -6,7 +6,14 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from threedino_pipe.inference.blended_rows import SIGMA_SCALE, BlendedRows, WeightedRows, materialise, window_starts
+from threedino_pipe.inference.blended_rows import (
+    RESERVE_ROWS,
+    SIGMA_SCALE,
+    BlendedRows,
+    WeightedRows,
+    materialise,
+    window_starts,
+)
 
 
 def _softmax_net(channels_in: int, channels_out: int, seed: int) -> torch.nn.Module:
@@ -26,6 +33,7 @@ def _monai(image: torch.Tensor, net: torch.nn.Module, patch, overlap: float) -> 
     ((37, 30, 26), (16, 12, 10), 0.75, 3),
     ((33, 24, 20), (16, 12, 20), 0.0, 2),  # no overlap; the window spans the last axis
     ((16, 25, 21), (16, 8, 8), 0.6, 4),  # one row of windows
+    ((40, 20, 20), (8, 8, 8), 0.5, 20),  # batches span rows of windows
 ])
 def test_blended_rows_equal_monai_sliding_window(size, patch, overlap, batch):
     torch.manual_seed(0)
@@ -41,9 +49,9 @@ def test_blended_rows_equal_monai_sliding_window(size, patch, overlap, batch):
     rows = BlendedRows(image, [slice(None)] * 3, patch, 4, predict, overlap=overlap, batch_size=batch)
     got = materialise(rows, rows_per_block=5)
     assert got.dtype == torch.float16 and got.shape == expected.shape
-    torch.testing.assert_close(got.float(), expected, atol=1e-3, rtol=0)  # float16 storage of [0, 1] values
+    torch.testing.assert_close(got.float(), expected, atol=1e-3, rtol=0)  # float16 result of [0, 1] values
     assert sum(calls) == len(window_starts(size, patch, overlap)) and max(calls) <= batch
-    assert rows.peak_rows <= 5 + 2 * patch[0]  # a read block, plus finished blocks of at most a window each
+    assert rows.peak_rows == min(size[0], patch[0] + 5 + RESERVE_ROWS)  # a row of windows, a read block, spare
 
 
 def test_padding_is_cropped_and_rows_are_released_as_read():
@@ -58,8 +66,8 @@ def test_padding_is_cropped_and_rows_are_released_as_read():
     assert rows.shape == (3, 54, 20, 12)
     for lo in range(0, 54, 6):  # the order geometry.labels_on_crop reads in: rows, one channel at a time
         for c in range(3):
-            torch.testing.assert_close(rows[c][lo:lo + 6, :, :].float(), expected[c, lo:lo + 6], atol=1e-3, rtol=0)
-    assert rows.peak_rows <= 6 + 2 * 16 < 54
+            torch.testing.assert_close(rows[c][lo:lo + 6, :, :], expected[c, lo:lo + 6], atol=1e-5, rtol=0)
+    assert rows.peak_rows == 16 + 6 + RESERVE_ROWS < 54
     with pytest.raises(ValueError, match="forward only"):
         rows.rows(10, 12)
 
@@ -78,3 +86,15 @@ def test_weighted_rows_average_two_window_sizes():
 def test_a_source_smaller_than_the_window_is_refused():
     with pytest.raises(ValueError, match="smaller than the window"):
         BlendedRows(torch.zeros(1, 10, 20, 20), [slice(None)] * 3, (16, 16, 16), 2, lambda w: w, overlap=0.5)
+
+
+def test_a_larger_read_block_grows_the_running_sum_without_losing_rows():
+    torch.manual_seed(6)
+    image = torch.randn(1, 50, 18, 18)
+    net = _softmax_net(1, 2, seed=7)
+    expected = _monai(image, net, (12, 12, 12), 0.5)
+    rows = BlendedRows(image, [slice(None)] * 3, (12, 12, 12), 2, net, overlap=0.5, batch_size=5)
+    got = [rows.rows(0, 2), rows.rows(1, 3), rows.rows(3, 20), rows.rows(20, 50)]  # overlapping, then larger
+    torch.testing.assert_close(torch.cat([got[0], got[1][:, 1:], got[2], got[3]], dim=1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1][:, 0], expected[:, 1], atol=1e-5, rtol=0)
+    assert rows.peak_rows == min(50, 12 + 30 + RESERVE_ROWS)

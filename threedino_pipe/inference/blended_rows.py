@@ -1,18 +1,18 @@
-"""Sliding-window probabilities handed over row block by row block, without a whole-case accumulator.
+"""Sliding-window probabilities read row block by row block, without a whole-case accumulator.
 
 The windows and weights are MONAI's (``sliding_window_inference``): its window grid
 (``monai.data.utils.dense_patch_slices`` with the interval ``int(patch * (1 - overlap))``, at least 1,
 the whole axis where the window spans it, the last window flush with the end) and its gaussian
 importance map (``monai.data.utils.compute_importance_map``, sigma 0.125 of the window). What differs
-is where the blended sum lives: windows run in MONAI's order (start along axis 0 slowest), and the
-weighted sum covers only the rows of the current row of windows (``patch[0]`` rows, float32, on the
-device the windows run on). Once the next row of windows starts at row ``s``, the rows before ``s``
-are final: they are divided by the summed weights, cropped to the case and kept (float16, CPU)
-until the reader has passed them.
+is where the blended sum lives: windows run in MONAI's order (start along axis 0 slowest) only as
+far as the reader needs (rows before the next row of windows' start are final), and the weighted
+sum is a float32 buffer of rows on the device the windows run on, holding the current row of
+windows (``patch[0]`` rows) and the final rows the reader has not passed yet (at most its largest
+read block). Rows are divided by the summed weights as they are read.
 
-For a 512 x 512 x 400 case with 13 stored channels and 112^3 windows that is 1.2 GB of running sum
-plus about 0.5 GB of finished rows, instead of a 2.5 GB float16 accumulator of the whole case
-(``docs/benchmarks.md``, "Predict").
+For a 512 x 512 x 400 case with 13 blended channels, 112^3 windows and 43-row read blocks that
+is 1.9 GB (buffer and weights), instead of a whole-case accumulator (2.5 GB in float16 for MONAI's,
+plus its weight map; ``docs/benchmarks.md``, "Predict").
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import Tensor
 
+RESERVE_ROWS = 8  # spare rows of the running sum beyond a row of windows and the first read block
 SIGMA_SCALE = 0.125  # gaussian blending of predict and of finetune's validation window (inference/sliding_window.py)
 
 
@@ -68,7 +69,7 @@ class RowChannel:
 class BlendedRows(RowSource):
     """Gaussian-blended window probabilities of one case, computed as rows are asked for.
 
-    Reading is forward only: asking for rows from ``lo`` drops the finished rows before ``lo``.
+    Reading is forward only: asking for rows from ``lo`` lets the rows before ``lo`` go.
 
     Args:
         source: ``[C, X+, Y+, Z+]`` case, at least ``patch`` along every axis (padded if need be), on any device.
@@ -78,7 +79,7 @@ class BlendedRows(RowSource):
         predict: ``[B, C, *patch]`` windows (on ``device``) -> ``[B, K, *patch]`` probabilities.
         overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
         batch_size: windows per ``predict`` call.
-        device: where windows are predicted and blended; finished rows are kept on the CPU (float16).
+        device: where windows are predicted and blended; rows are read as float32 CPU tensors.
     """
 
     def __init__(self, source: Tensor, region: Sequence[slice], patch: Sequence[int], channels: int,
@@ -88,83 +89,88 @@ class BlendedRows(RowSource):
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.source, self.predict, self.batch_size = source, predict, max(1, int(batch_size))
         self.patch = tuple(int(p) for p in patch)
-        self.region = [slice(*r.indices(n)[:2]) for r, n in zip(region, source.shape[1:], strict=True)]
+        self.padded = tuple(int(n) for n in source.shape[1:])
+        self.region = [slice(*r.indices(n)[:2]) for r, n in zip(region, self.padded, strict=True)]
         self.device = torch.device(device)
-        padded = tuple(int(n) for n in source.shape[1:])
-        if any(n < p for n, p in zip(padded, self.patch, strict=True)):
-            raise ValueError(f"source {padded} is smaller than the window {self.patch}")
+        if any(n < p for n, p in zip(self.padded, self.patch, strict=True)):
+            raise ValueError(f"source {self.padded} is smaller than the window {self.patch}")
         self.shape = (int(channels), *(r.stop - r.start for r in self.region))
-        self.starts = window_starts(padded, self.patch, overlap)
+        self.starts = window_starts(self.padded, self.patch, overlap)
         self.weight = compute_importance_map(self.patch, mode="gaussian", sigma_scale=SIGMA_SCALE, device=self.device)
-        self.total = torch.zeros((int(channels), self.patch[0], *padded[1:]), device=self.device)
-        self.weights = torch.zeros((self.patch[0], *padded[1:]), device=self.device)
-        self.base = 0  # padded row of total[:, 0]
+        self.total: Tensor | None = None  # [K, capacity, Y+, Z+]: padded rows base .. base + capacity - 1
+        self.weights: Tensor | None = None  # [capacity, Y+, Z+]
+        self.base = 0
         self.next_window = 0
-        self.finished: list[tuple[int, int, Tensor]] = []  # (lo, hi, [K, hi - lo, Y, Z]) in case rows
-        self.finished_to = 0  # case rows < finished_to are final
-        self.read_from = 0  # the lowest row a reader may still ask for
-        self.peak_rows = 0  # most finished rows held at once (a read block plus at most 2 windows' rows)
+        self.read_from = 0  # padded row: the reader has passed the rows before it
+        self.peak_rows = 0  # rows of the running sum (for tests and benchmarks)
 
     def rows(self, lo: int, hi: int, channel: int | None = None) -> Tensor:
         if not 0 <= lo < hi <= self.shape[1]:
             raise ValueError(f"rows [{lo}, {hi}) outside [0, {self.shape[1]})")
-        if lo < self.read_from:
-            raise ValueError(f"rows from {lo} asked for after rows from {self.read_from} (reading is forward only)")
-        self.read_from = lo
-        self.finished = [block for block in self.finished if block[1] > lo]
-        while self.finished_to < hi:
+        offset = self.region[0].start
+        if lo + offset < self.read_from:
+            raise ValueError(f"rows from {lo} asked for after rows from {self.read_from - offset} "
+                             "(reading is forward only)")
+        self.read_from = lo + offset
+        self._reserve(hi - lo)
+        while self._final_until() < hi + offset:
             self._next_batch()
-        pick = slice(None) if channel is None else channel
-        pieces = [block[pick][..., max(lo, a) - a:min(hi, b) - a, :, :] for a, b, block in self.finished
-                  if a < hi and b > lo]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-3)
+        rows = slice(lo + offset - self.base, hi + offset - self.base)
+        inplane = (self.region[1], self.region[2])
+        total = self.total[(slice(None) if channel is None else channel, rows, *inplane)]
+        return (total / self.weights[(rows, *inplane)]).cpu()
+
+    def _final_until(self) -> int:
+        """Padded rows before this one have every window added (the next row of windows starts there)."""
+        return self.starts[self.next_window][0] if self.next_window < len(self.starts) else self.padded[0]
+
+    def _reserve(self, read_rows: int) -> None:
+        """Size the running sum for a row of windows plus ``read_rows`` read rows (allocated on first read)."""
+        capacity = min(self.padded[0], self.patch[0] + read_rows + RESERVE_ROWS)
+        if self.total is not None and self.total.shape[1] >= min(self.padded[0], self.patch[0] + read_rows):
+            return
+        total = torch.zeros((self.shape[0], capacity, *self.padded[1:]), device=self.device)
+        weights = torch.zeros((capacity, *self.padded[1:]), device=self.device)
+        if self.total is not None:  # a larger read block than before: move the rows held over
+            held = min(self.total.shape[1], capacity)
+            total[:, :held], weights[:held] = self.total[:, :held], self.weights[:held]
+        self.total, self.weights = total, weights
+        self.peak_rows = max(self.peak_rows, capacity)
 
     @torch.inference_mode()
     def _next_batch(self) -> None:
-        batch = self.starts[self.next_window:self.next_window + self.batch_size]
+        batch, capacity = [], self.total.shape[1]
+        for start in self.starts[self.next_window:self.next_window + self.batch_size]:
+            if batch and start[0] + self.patch[0] - min(start[0], self.read_from) > capacity:
+                break  # a later row of windows that would not fit beside the rows not yet read: next batch
+            batch.append(start)
         windows = torch.stack([self.source[(slice(None), *self._slices(start))] for start in batch])
         probabilities = self.predict(windows.to(self.device, non_blocking=True))
         for start, window in zip(batch, probabilities, strict=True):
-            self._move_to(start[0])
+            self._make_room(start[0])
             rows = slice(start[0] - self.base, start[0] - self.base + self.patch[0])
             inplane = self._slices(start)[1:]
             self.total[(slice(None), rows, *inplane)].addcmul_(window.float(), self.weight)
             self.weights[(rows, *inplane)].add_(self.weight)
         self.next_window += len(batch)
-        if self.next_window == len(self.starts):
-            self._finish(self.source.shape[1] - self.base)
 
     def _slices(self, start: Sequence[int]) -> tuple[slice, ...]:
         return tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
 
-    def _move_to(self, row: int) -> None:
-        """Make ``row`` the first row of the running sum, finishing the rows before it."""
-        shift = row - self.base
-        if shift <= 0:
+    def _make_room(self, row: int) -> None:
+        """Make the running sum hold padded rows ``row .. row + patch[0] - 1``, dropping rows the reader passed."""
+        capacity = self.total.shape[1]
+        if row + self.patch[0] - self.base <= capacity:
             return
-        self._finish(shift)
-        keep = self.patch[0] - shift
-        if keep > 0:
-            self.total[:, :keep] = self.total[:, shift:].clone()
-            self.weights[:keep] = self.weights[shift:].clone()
-        self.total[:, max(keep, 0):] = 0
-        self.weights[max(keep, 0):] = 0
-        self.base = row
-
-    def _finish(self, count: int) -> None:
-        """Hand over the first ``count`` rows of the running sum (those in the case region)."""
-        region = self.region
-        lo, hi = max(self.base, region[0].start), min(self.base + count, region[0].stop)
-        if lo < hi:
-            rows = slice(lo - self.base, hi - self.base)
-            block = self.total[(slice(None), rows, region[1], region[2])]
-            block = block / self.weights[(rows, region[1], region[2])]
-            a, b = lo - region[0].start, hi - region[0].start
-            self.finished.append((a, b, block.to("cpu", torch.float16)))
-            self.finished_to = b
-            self.peak_rows = max(self.peak_rows, b - self.finished[0][0])
-        if self.base + count >= region[0].stop:
-            self.finished_to = self.shape[1]
+        shift = min(row, self.read_from) - self.base
+        if row + self.patch[0] - (self.base + shift) > capacity:
+            raise RuntimeError("running sum too small for a row of windows and the rows not yet read")
+        for r in range(capacity - shift):  # in place, row by row towards 0: no row is overwritten before it moves
+            self.total[:, r].copy_(self.total[:, r + shift])
+            self.weights[r].copy_(self.weights[r + shift])
+        self.total[:, capacity - shift:] = 0
+        self.weights[capacity - shift:] = 0
+        self.base += shift
 
 
 class WeightedRows(RowSource):
@@ -183,7 +189,8 @@ class WeightedRows(RowSource):
 
 
 def materialise(source: RowSource, rows_per_block: int = 16) -> Tensor:
-    """The whole ``[K, X, Y, Z]`` (float16, CPU) of a row source, read in blocks of rows."""
+    """The whole ``[K, X, Y, Z]`` (float16, CPU) of a row source, read in blocks of rows (whole-case
+    probabilities take half the memory in float16)."""
     out = torch.empty(source.shape, dtype=torch.float16)
     for lo in range(0, source.shape[1], rows_per_block):
         hi = min(source.shape[1], lo + rows_per_block)
