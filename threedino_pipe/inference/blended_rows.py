@@ -153,6 +153,8 @@ class BlendedRows(RowSource):
             self.total[(slice(None), rows, *inplane)].addcmul_(window.float(), self.weight)
             self.weights[(rows, *inplane)].add_(self.weight)
         self.next_window += len(batch)
+        if self.next_window == len(self.starts):
+            self.source = None  # every window read: the case can go (the rows may still be read)
 
     def _slices(self, start: Sequence[int]) -> tuple[slice, ...]:
         return tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
