@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", nargs="*", default=None, metavar="PRESET",
                    help="profile one step of these presets (all measured ones when empty) with torch.profiler, "
                         "and the loader with cProfile")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="after the eager rounds, time --iters more with every transformer block of student and "
+                        "teacher under torch.compile (an experiment: the trainer runs eagerly)")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "pretrain_throughput.json")
     return p.parse_args(argv)
@@ -381,7 +384,7 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
                    peaks: dict[str, list[dict]]) -> dict[str, Any]:
     """Steps of one preset in every dtype, alternating round by round, with FLOP counts and phase times."""
     rounds = args.warmup + args.iters
-    state = StepState(preset, batch, total_iters=max(rounds + 1, 100), device=device, seed=args.seed)
+    state = StepState(preset, batch, total_iters=max(2 * rounds + 2, 100), device=device, seed=args.seed)
     data = synthetic_batch(batch, args.seed)
     crops = (2 + N_LOCAL) * batch
     for precision in dtypes:
@@ -428,8 +431,41 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
     result["patch_embed_fwd_bwd_s"] = [patch_embed_variants(state, data, p) for p in dtypes]
     if args.profile is not None and (not args.profile or preset in args.profile):
         result["profile"] = [profile_step(state, data, rounds, p) for p in dtypes]
+    if args.compile_blocks:
+        result["compiled_blocks"] = compiled_block_rounds(state, data, dtypes, args.iters, rounds + 1, device,
+                                                          median(flops), crops)
     del state, data
     return result
+
+
+def compiled_block_rounds(state: StepState, data: dict[str, torch.Tensor], dtypes: list[str], n_rounds: int,
+                          first_it: int, device: torch.device, flops: float, crops: int) -> dict[str, dict]:
+    """Steps with every transformer block of student and teacher compiled (``nn.Module.compile``; heads,
+    losses and optimiser stay eager), alternating dtypes; the first step per dtype compiles and is timed
+    apart (``compile_step_s``). ``flops`` per step as counted eagerly."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for backbone in (state.student.backbone, state.teacher.backbone):
+        for block in backbone.blocks:
+            block.compile()
+
+    def timed(it: int, precision: str) -> float:
+        sync(device)
+        start = time.perf_counter()
+        ssl_step(state, data, it, precision)
+        sync(device)
+        return time.perf_counter() - start
+
+    out = {p: {"compile_step_s": timed(first_it, p), "step_seconds": []} for p in dtypes}
+    for r in range(n_rounds):
+        for precision in dtypes:
+            out[precision]["step_seconds"].append(timed(first_it + 1 + r, precision))
+        print(f"  {state.config.preset} compiled round {r + 1}/{n_rounds}: "
+              + ", ".join(f"{p} {out[p]['step_seconds'][-1]:.2f} s" for p in dtypes), flush=True)
+    for d in out.values():
+        d["median_step_s"] = median(d["step_seconds"])
+        d["crops_per_s"] = crops / d["median_step_s"]
+        d["achieved_flops_per_s"] = flops / d["median_step_s"]
+    return out
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -461,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = {p: max(m["best_flops_per_s"] for m in peaks[p]) for p in args.dtypes}
     peak_median = {p: median([m["best_flops_per_s"] for m in peaks[p]]) for p in args.dtypes}
     for step in steps:
-        for precision, d in step["dtypes"].items():
+        for precision, d in [*step["dtypes"].items(), *step.get("compiled_blocks", {}).items()]:
             d["mfu"] = d["achieved_flops_per_s"] / peak[precision]
             d["mfu_vs_median_peak"] = d["achieved_flops_per_s"] / peak_median[precision]
 
@@ -512,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         for pe in step["patch_embed_fwd_bwd_s"]:
             print(f"patch embedding fwd+bwd {step['preset']} {pe['precision']}: Conv3d {pe['conv3d']:.3f} s, "
                   f"reshape+linear {pe['reshape_linear']:.3f} s (max |diff| {pe['max_abs_diff']:.1e})")
+    for step in steps:
+        for precision, d in step.get("compiled_blocks", {}).items():
+            eager = step["dtypes"][precision]["median_step_s"]
+            print(f"compiled blocks {step['preset']} {precision}: step {d['median_step_s']:.2f} s "
+                  f"(eager {eager:.2f} s, x{d['median_step_s'] / eager:.2f}), MFU {100 * d['mfu']:.1f} %, compile step "
+                  f"{d['compile_step_s']:.0f} s")
     fastest = None
     small = next((s for s in steps if s["preset"] == "small"), None)
     if small:
