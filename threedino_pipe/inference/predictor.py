@@ -11,10 +11,10 @@ window), windows of the model's ``patch_size``, ``overlap`` between windows and
   the three axes plus the identity) is run, the activation (softmax or sigmoid) applied in place
   and the probabilities averaged, so what is blended are probabilities; softmax models leave the
   background channel out (it is 1 minus the others' sum);
-- the blended sum covers one row of windows only (``patch[0]`` rows along the first axis, float32,
-  on the device), and the label map is restored from the finished rows as they come (no array of
-  the whole case's probabilities exists). Saving probabilities needs them all at once: then the
-  finished rows fill a float16 ``K x`` array of the case on the CPU.
+- the blended sum covers one row of windows (``patch[0]`` rows along the first axis) and the
+  finished rows not yet read (float32, on the device); the label map is restored from the rows
+  as they finish (no array of the whole case's probabilities exists). Saving probabilities needs
+  them all at once: then the rows fill a float16 ``K x`` array of the case on the CPU.
 
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
 normalisation range). ``inference/sliding_window.py`` (finetune's validation) blends float32 logits
