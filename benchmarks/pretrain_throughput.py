@@ -380,6 +380,16 @@ def patch_embed_variants(state: StepState, batch: dict[str, torch.Tensor], preci
     return result
 
 
+def timed_step(state: StepState, data: dict[str, torch.Tensor], it: int, precision: str, device: torch.device,
+               phases: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    """Wall seconds (device synchronised) and loss terms of one :func:`ssl_step`."""
+    sync(device)
+    start = time.perf_counter()
+    terms = ssl_step(state, data, it, precision, phases=phases)
+    sync(device)
+    return time.perf_counter() - start, terms
+
+
 def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Namespace, device: torch.device,
                    peaks: dict[str, list[dict]]) -> dict[str, Any]:
     """Steps of one preset in every dtype, alternating round by round, with FLOP counts and phase times."""
@@ -397,12 +407,9 @@ def measure_preset(preset: str, batch: int, dtypes: list[str], args: argparse.Na
     for it in range(rounds):
         for precision in dtypes:
             split: dict[str, float] = {}
-            sync(device)
-            start = time.perf_counter()
-            terms = ssl_step(state, data, it, precision, phases=split)
-            sync(device)
+            seconds, terms = timed_step(state, data, it, precision, device, phases=split)
             if it >= args.warmup:
-                times[precision].append(time.perf_counter() - start)
+                times[precision].append(seconds)
                 phases[precision].append(split)
         if it >= args.warmup:
             counts.append(count_flops(state, data, it))
@@ -448,17 +455,11 @@ def compiled_block_rounds(state: StepState, data: dict[str, torch.Tensor], dtype
         for block in backbone.blocks:
             block.compile()
 
-    def timed(it: int, precision: str) -> float:
-        sync(device)
-        start = time.perf_counter()
-        ssl_step(state, data, it, precision)
-        sync(device)
-        return time.perf_counter() - start
-
-    out = {p: {"compile_step_s": timed(first_it, p), "step_seconds": []} for p in dtypes}
+    out = {p: {"compile_step_s": timed_step(state, data, first_it, p, device)[0], "step_seconds": []}
+           for p in dtypes}
     for r in range(n_rounds):
         for precision in dtypes:
-            out[precision]["step_seconds"].append(timed(first_it + 1 + r, precision))
+            out[precision]["step_seconds"].append(timed_step(state, data, first_it + 1 + r, precision, device)[0])
         print(f"  {state.config.preset} compiled round {r + 1}/{n_rounds}: "
               + ", ".join(f"{p} {out[p]['step_seconds'][-1]:.2f} s" for p in dtypes), flush=True)
     for d in out.values():

@@ -126,9 +126,10 @@ class BlendedRows(RowSource):
 
     def _reserve(self, read_rows: int) -> None:
         """Size the running sum for a row of windows plus ``read_rows`` read rows (allocated on first read)."""
-        capacity = min(self.padded[0], self.patch[0] + read_rows + RESERVE_ROWS)
-        if self.total is not None and self.total.shape[1] >= min(self.padded[0], self.patch[0] + read_rows):
+        needed = min(self.padded[0], self.patch[0] + read_rows)
+        if self.total is not None and self.total.shape[1] >= needed:
             return
+        capacity = min(self.padded[0], needed + RESERVE_ROWS)
         total = torch.zeros((self.shape[0], capacity, *self.padded[1:]), device=self.device)
         weights = torch.zeros((capacity, *self.padded[1:]), device=self.device)
         if self.total is not None:  # a larger read block than before: move the rows held over
