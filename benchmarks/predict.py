@@ -82,7 +82,6 @@ from common import (
 )
 from monai.inferers import sliding_window_inference
 
-from threedino_pipe import jsonio
 from threedino_pipe.dataset.examples import build_synthetic_dataset, oblique_direction
 from threedino_pipe.dataset.image_io import Geometry, write_image
 from threedino_pipe.inference.blended_rows import SIGMA_SCALE
@@ -90,7 +89,8 @@ from threedino_pipe.inference.inputs import discover_cases
 from threedino_pipe.inference.model_loading import load_run
 from threedino_pipe.inference.predictor import InferenceOptions, predict_case, prepare_case
 from threedino_pipe.models.segmentation import build_segmentation_model
-from threedino_pipe.training.precision import autocast, resolve_precision
+from threedino_pipe.runtime import atomic_files
+from threedino_pipe.runtime.precision import autocast, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_ID = 960
@@ -155,7 +155,7 @@ def make_plans(work: Path, preset: str) -> dict:
                           capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"3dino plan failed:\n{done.stdout}\n{done.stderr}")
-    return jsonio.read_json(work / "preprocessed" / DATASET / "plans.json")
+    return atomic_files.read_json(work / "preprocessed" / DATASET / "plans.json")
 
 
 def save_run(folder: Path, plans: dict, head: str, preset: str, labels: dict[str, int], seed: int) -> Path:
@@ -165,7 +165,7 @@ def save_run(folder: Path, plans: dict, head: str, preset: str, labels: dict[str
     plans = {**plans, "labels": labels}
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model": net.state_dict()}, folder / "checkpoint_best.pt")
-    jsonio.write_json(folder / "model.json", {
+    atomic_files.write_json(folder / "model.json", {
         "kind": "model", "schema_version": 1, "version": "0.1.0", "task": "segmentation", "dataset": DATASET,
         "plans": plans, "configuration": "finetune", "channel_names": plans["channel_names"], "labels": labels,
         "regions_class_order": None, "class_names": [], "head": head, "model_args": net.model_args(),

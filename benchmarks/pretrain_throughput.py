@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
 from threedino_pipe.models.presets import param_count
+from threedino_pipe.runtime.precision import autocast
 from threedino_pipe.ssl import (
     DINOLoss,
     apply_schedules,
@@ -76,7 +77,6 @@ from threedino_pipe.ssl import (
     schedule_values,
     update_teacher,
 )
-from threedino_pipe.training.precision import autocast
 from threedino_pipe.training.ssl_model import HEAD_DIMS, SSLLosses
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build, _optimizer, _rank_rows
 

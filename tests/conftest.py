@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from threedino_pipe.openmp import passive_openmp
+from threedino_pipe.runtime.openmp import passive_openmp
 
 passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
 

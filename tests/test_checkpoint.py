@@ -8,7 +8,6 @@ import zipfile
 import pytest
 import torch
 
-from threedino_pipe.errors import UserError
 from threedino_pipe.models.checkpoint import (
     export_3dino,
     load_backbone,
@@ -18,6 +17,7 @@ from threedino_pipe.models.checkpoint import (
 )
 from threedino_pipe.models.heads import DINOHead
 from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.runtime.errors import UserError
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from monai.metrics import compute_dice
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases, make_batch
 from threedino_pipe.data.splits import make_splits
 from threedino_pipe.inference.sliding_window import logits_to_labels, predict_logits
-from threedino_pipe.jsonio import write_json
 from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.segmentation import build_segmentation_model
+from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.training.backbone_choice import resolve_backbone
 from threedino_pipe.training.finetune import output_targets
 
@@ -84,10 +84,9 @@ def test_patch_stream_same_for_any_worker_count_and_oversamples_foreground(env):
 
 
 def test_region_targets_and_label_maps():
-    plans = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
-    assert output_targets(plans) == ("sigmoid", [[1, 2], [2]], ["whole", "core"])
-    plans = {"labels": {"background": 0, "a": 1, "b": 4}}
-    assert output_targets(plans) == ("softmax", [0, 1, 4], ["a", "b"])
+    regions = {"background": 0, "whole": [1, 2], "core": 2}
+    assert output_targets(regions) == ("sigmoid", [[1, 2], [2]], ["whole", "core"])
+    assert output_targets({"background": 0, "a": 1, "b": 4}) == ("softmax", [0, 1, 4], ["a", "b"])
     logits = torch.tensor([[[[0.0]], [[5.0]]], [[[1.0]], [[-5.0]]], [[[3.0]], [[0.0]]]])  # [3, 2, 1, 1]
     assert logits_to_labels(logits, "softmax", [0, 1, 4]).flatten().tolist() == [4, 0]
     sig = torch.tensor([[[[1.0]], [[1.0]], [[-1.0]]], [[[1.0]], [[-1.0]], [[-1.0]]]])  # [2, 3, 1, 1]
@@ -146,7 +145,7 @@ def test_random_init_unetr_learns_tissue_model_json_reproduces_validation_same_s
     assert model_json["kind"] == "model" and model_json["schema_version"] == 1 and model_json["task"] == "segmentation"
     assert model_json["plans"]["kind"] == "plans" and model_json["head"] == "unetr"
     assert model_json["backbone"] == {"tag": "none", "source": "none", "sha256": None, "frozen": False,
-                                      "preset": None}
+                                      "preset": None, "family": "vit3d"}
     assert model_json["num_outputs"] == 3 and model_json["output"] == "softmax" and model_json["in_channels"] == 1
     assert model_json["patch_size"] == model_json["plans"]["configurations"]["finetune"]["patch_size"]
     assert (model_json["fold"], model_json["pct"], model_json["seed"]) == (0, 50.0, 0)

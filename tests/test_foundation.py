@@ -7,7 +7,6 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_3dino
 
-from threedino_pipe import paths
 from threedino_pipe.dataset.examples import oblique_direction
 from threedino_pipe.dataset.image_io import (
     Geometry,
@@ -16,8 +15,9 @@ from threedino_pipe.dataset.image_io import (
     read_image_with_nonfinite,
     write_image,
 )
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import atomic_path, read_artifact, write_json
+from threedino_pipe.runtime import paths
+from threedino_pipe.runtime.atomic_files import atomic_path, read_artifact, write_json
+from threedino_pipe.runtime.errors import UserError
 
 STAGES = ["verify", "plan", "preprocess", "pretrain", "adapt-highres", "finetune", "predict", "evaluate",
           "export", "visualize", "demo"]

@@ -26,7 +26,7 @@ from threedino_pipe.data.augmentations import global_transform_1, global_transfo
 from threedino_pipe.data.crops import crop_and_resize
 from threedino_pipe.data.multicrop import MultiCropper
 from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 
 def write_case(config_dir: Path, case_id: str, array: np.ndarray, configuration: str = "pretrain",

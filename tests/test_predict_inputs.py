@@ -17,12 +17,12 @@ import torch
 
 from threedino_pipe.dataset.examples import oblique_direction
 from threedino_pipe.dataset.image_io import Geometry
-from threedino_pipe.errors import UserError
 from threedino_pipe.evaluation.segmentation_metrics import dice
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.inputs import discover_cases, group_cases, list_entries
 from threedino_pipe.inference.model_zip import check_members, unpack_model_zip
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.runtime.errors import UserError
 
 
 def _touch(folder: Path, *names: str) -> list[Path]:

@@ -19,7 +19,7 @@ from conftest import REPO
 from threedino_pipe.dataset import case_checks
 from threedino_pipe.dataset.raw import discover_cases, load_spec
 from threedino_pipe.dataset.verify import check_dataset
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 TEMPLATES = REPO / "dataset_templates"
 _spec = importlib.util.spec_from_file_location("make_broken_corpus", REPO / "tests" / "data" / "make_broken_corpus.py")

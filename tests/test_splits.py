@@ -7,7 +7,7 @@ import json
 import pytest
 
 from threedino_pipe.data.splits import load_splits, make_splits, min_pct, select_subset, subset_size, write_splits
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 
 def _ids(n: int) -> list[str]:

@@ -8,24 +8,32 @@ import numpy as np
 import pytest
 import torch
 
-from threedino_pipe.errors import UserError
-from threedino_pipe.training.checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.run_folder import prepare_run_folder
+from threedino_pipe.artifacts import RunRecord, open_run_folder
+from threedino_pipe.runtime.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from threedino_pipe.runtime.csv_log import CsvLog
+from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.visualization.curves import plot_curves
 
 
 def test_rerun_resumes_and_different_options_refuse(tmp_path):
     run = tmp_path / "run"
     options = {"iters": 10, "preset": "tiny", "stop_after": 5}
-    assert prepare_run_folder(run, options, volatile=("stop_after",)) is False
+
+    def record(**changes):
+        return RunRecord(options={**options, **changes}, volatile=["stop_after"],
+                         plans={"Dataset990_X": {"patch_size": [64, 64, 64]}})
+
+    assert open_run_folder(run, record()) is False
     (run / "checkpoint_latest.pt").write_bytes(b"x")
-    assert prepare_run_folder(run, {**options, "stop_after": None}, volatile=("stop_after",)) is True
+    assert open_run_folder(run, record(stop_after=None)) is True
     with pytest.raises(UserError) as err:
-        prepare_run_folder(run, {**options, "iters": 20}, volatile=("stop_after",))
+        open_run_folder(run, record(iters=20))
     text = err.value.render()
-    assert "iters: 10 -> 20" in text and "--restart" in text and "--run" in text
-    assert prepare_run_folder(run, {**options, "iters": 20}, restart=True) is False
+    assert "options.iters: 10 -> 20" in text and "--restart" in text and "--run" in text
+    with pytest.raises(UserError) as err:
+        open_run_folder(run, record().model_copy(update={"plans": {"Dataset990_X": {"patch_size": [48, 64, 64]}}}))
+    assert "plans.Dataset990_X.patch_size: [64, 64, 64] -> [48, 64, 64]" in err.value.render()
+    assert open_run_folder(run, record(iters=20), restart=True) is False
     assert not (run / "checkpoint_latest.pt").exists()
 
 

@@ -19,7 +19,7 @@ from conftest import REPO, run_3dino
 
 from threedino_pipe.dataset.examples import oblique_direction
 from threedino_pipe.dataset.verify import check_dataset
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 CORPUS = REPO / "tests" / "data" / "broken"
 _spec = importlib.util.spec_from_file_location("make_broken_corpus", REPO / "tests" / "data" / "make_broken_corpus.py")

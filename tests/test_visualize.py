@@ -26,9 +26,9 @@ from PIL import Image
 from scipy import ndimage
 
 from threedino_pipe.dataset.examples import oblique_direction
-from threedino_pipe.errors import UserError
 from threedino_pipe.models.checkpoint import export_3dino, save_backbone
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.visualization import backbone_maps, planes, visualize
 from threedino_pipe.visualization.pca import border_mask, pca_maps
 

@@ -1,22 +1,23 @@
 """The ``3dino`` command line: one thin command per stage.
 
 Each command parses its options and calls one ``run(...)`` function of its stage module; no
-logic lives here. User errors (:class:`~threedino_pipe.errors.UserError`) are printed without a
+logic lives here. User errors (:class:`~threedino_pipe.runtime.errors.UserError`) are printed without a
 traceback and give a non-zero exit code.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from threedino_pipe import __version__, progress
-from threedino_pipe.errors import UserError
-from threedino_pipe.openmp import passive_openmp
+from threedino_pipe import __version__
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.logs import configure_logging
+from threedino_pipe.runtime.openmp import passive_openmp
 
 app = typer.Typer(
     name="3dino",
@@ -36,7 +37,7 @@ NumProcesses = Annotated[int, typer.Option("--num-processes", "-np", min=1,
 
 
 def _common(verbose: bool, no_progress: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging(verbose)
     progress.set_enabled(not no_progress)
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from rich.console import Console
 
 from threedino_pipe import __version__
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_json, write_json
-from threedino_pipe.openmp import passive_openmp
+from threedino_pipe.runtime.atomic_files import read_json, write_json
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.openmp import passive_openmp
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_MNITissue"

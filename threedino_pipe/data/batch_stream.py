@@ -20,7 +20,7 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 
 class IndexedBatchLoader(DataLoader):

@@ -46,8 +46,8 @@ from batchgenerators.transforms.color_transforms import BrightnessMultiplicative
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_artifact
+from threedino_pipe.runtime.atomic_files import read_artifact
+from threedino_pipe.runtime.errors import UserError
 
 CASE_SCHEMA_VERSION = 1
 IMAGE_PAD = -1.0

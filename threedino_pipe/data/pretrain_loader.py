@@ -27,9 +27,9 @@ import torch
 
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
 from threedino_pipe.data.multicrop import MultiCropper
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_artifact
-from threedino_pipe.paths import dataset_id
+from threedino_pipe.runtime.atomic_files import read_artifact
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.paths import dataset_id
 
 logger = logging.getLogger(__name__)
 

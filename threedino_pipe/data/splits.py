@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from threedino_pipe import __version__
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_artifact, write_json
+from threedino_pipe.runtime.atomic_files import read_artifact, write_json
+from threedino_pipe.runtime.errors import UserError
 
 SCHEMA_VERSION = 1
 STANDARD_PCTS = (1, 10, 25, 50, 100)

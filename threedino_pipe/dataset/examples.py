@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 MNI_LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import atomic_path
+from threedino_pipe.runtime.atomic_files import atomic_path
+from threedino_pipe.runtime.errors import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_json
+from threedino_pipe.runtime.atomic_files import read_json
+from threedino_pipe.runtime.errors import UserError
 
 TASKS = ("segmentation", "classification", "unlabeled")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

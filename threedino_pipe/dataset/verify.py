@@ -14,10 +14,10 @@ import multiprocessing
 import sys
 from pathlib import Path
 
-from threedino_pipe import paths, progress
 from threedino_pipe.dataset.case_checks import check_case
 from threedino_pipe.dataset.problems import Problem
 from threedino_pipe.dataset.raw import CaseFiles, DatasetSpec, discover_cases, load_spec
+from threedino_pipe.runtime import paths, progress
 
 log = logging.getLogger(__name__)
 _CRASH_FIX = ("the reading process died (out of memory, or a reader crash on a damaged file): open the case's files "

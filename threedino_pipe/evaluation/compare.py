@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from threedino_pipe.dataset.raw import DatasetSpec
-from threedino_pipe.errors import UserError
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
 from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images
@@ -32,6 +31,7 @@ from threedino_pipe.evaluation.outputs import (
 from threedino_pipe.evaluation.segmentation import COLUMNS, SegmentationResult, evaluate_folder, fill_absent_labels
 from threedino_pipe.evaluation.statistics import paired_wilcoxon, summarize, t_interval, welch_ttest
 from threedino_pipe.evaluation.summary import SEGMENTATION_METRICS, classification_metrics_summary
+from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 SIDE_KEYS = ("a", "b")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 from threedino_pipe.dataset.raw import DatasetSpec, load_spec
-from threedino_pipe.errors import UserError
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
 from threedino_pipe.evaluation.classification_metrics import confusion
@@ -23,7 +22,8 @@ from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images, 
 from threedino_pipe.evaluation.outputs import summary_header, write_outputs
 from threedino_pipe.evaluation.segmentation import SegmentationResult, evaluate_folder
 from threedino_pipe.evaluation.summary import classification_metrics_summary, segmentation_metrics_summary
-from threedino_pipe.paths import resolve_dataset
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.paths import resolve_dataset
 
 log = logging.getLogger(__name__)
 

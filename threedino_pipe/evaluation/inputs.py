@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from threedino_pipe.dataset.raw import DatasetSpec
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 PREDICTIONS_CSV = "predictions.csv"

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from threedino_pipe import __version__
-from threedino_pipe.jsonio import atomic_path, read_artifact, write_json
+from threedino_pipe.runtime.atomic_files import atomic_path, read_artifact, write_json
 
 SUMMARY_KIND = "evaluation_summary"
 SUMMARY_SCHEMA_VERSION = 1

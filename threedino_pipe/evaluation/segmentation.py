@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from threedino_pipe.dataset.image_io import Geometry, read_image
-from threedino_pipe.errors import UserError
 from threedino_pipe.evaluation.inputs import list_label_images
 from threedino_pipe.evaluation.segmentation_metrics import case_metrics
-from threedino_pipe.progress import track
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import track
 
 log = logging.getLogger(__name__)
 GEOMETRY_TOLERANCE = 1e-4

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from threedino_pipe import progress
-from threedino_pipe.errors import UserError
 from threedino_pipe.inference.inputs import InputCase
-from threedino_pipe.jsonio import atomic_path
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.atomic_files import atomic_path
+from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -26,24 +26,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import re
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from threedino_pipe import __version__, progress
-from threedino_pipe.errors import UserError
+from threedino_pipe import __version__
 from threedino_pipe.inference.features import centre_view, extract
 from threedino_pipe.inference.inputs import InputCase, group_cases, list_entries, split_ending
-from threedino_pipe.inference.model_loading import load_models, pick_device
+from threedino_pipe.inference.model_loading import load_models
 from threedino_pipe.inference.predictor import prepare_case
-from threedino_pipe.jsonio import atomic_path, write_json
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, probe_input
 from threedino_pipe.models.vit3d import VisionTransformer3D
-
-logging.getLogger("numexpr").setLevel(logging.WARNING)  # imported on the way (MONAI), logs its thread count
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.atomic_files import atomic_path, write_json
+from threedino_pipe.runtime.device import pick_device
+from threedino_pipe.runtime.errors import UserError
 
 BARE_CONFIGURATION = "embed"
 BARE_NORMALIZATION = {"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1],

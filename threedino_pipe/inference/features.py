@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from threedino_pipe import progress
 from threedino_pipe.data.crops import RandomResizedCrop3D
 from threedino_pipe.models.classification import FrozenFeatures
-from threedino_pipe.training.checkpointing import save_checkpoint
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.checkpoints import save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from threedino_pipe.jsonio import atomic_path
+from threedino_pipe.runtime.atomic_files import atomic_path
 
 SLAB_VOXELS = 8_000_000  # output voxels resampled at once (one channel): 32 MB of float32
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

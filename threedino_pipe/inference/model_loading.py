@@ -17,12 +17,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from threedino_pipe.errors import UserError
 from threedino_pipe.inference.model_zip import read_model_json, unpack_model_zip, weights_name
-from threedino_pipe.training.checkpointing import load_checkpoint
+from threedino_pipe.runtime.checkpoints import load_checkpoint
+from threedino_pipe.runtime.errors import UserError
 
 TASKS = ("segmentation", "classification")
 OUTPUTS = ("softmax", "sigmoid")
@@ -234,16 +233,3 @@ def check_compatible(models: list[LoadedModel]) -> None:
             raise UserError(f"the models were trained on differently preprocessed data (plans differ from "
                             f"{first.source})", file=other.source,
                             fix="ensemble only models trained with the same plans.json")
-
-
-def pick_device(requested: str) -> torch.device:
-    """``auto``: the first GPU when one is present, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown device {requested!r}", fix="pass --device auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {requested} but no CUDA GPU is available", fix="pass --device cpu (or auto)")
-    return device

@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from rich.console import Console
 
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import atomic_path, read_artifact
+from threedino_pipe.runtime.atomic_files import atomic_path, read_artifact
+from threedino_pipe.runtime.errors import UserError
 
 MODEL_JSON = "model.json"
 DEFAULT_WEIGHTS = "checkpoint_best.pt"

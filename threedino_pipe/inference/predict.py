@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from threedino_pipe import __version__
-from threedino_pipe.errors import UserError
 from threedino_pipe.inference import batch
 from threedino_pipe.inference.inputs import InputCase, discover_cases
-from threedino_pipe.inference.model_loading import LoadedModel, channel_names, load_models, pick_device
+from threedino_pipe.inference.model_loading import LoadedModel, channel_names, load_models
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
-from threedino_pipe.jsonio import read_artifact, write_json
-from threedino_pipe.training.precision import PRECISIONS, resolve_precision
+from threedino_pipe.runtime.atomic_files import read_artifact, write_json
+from threedino_pipe.runtime.device import pick_device
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
 

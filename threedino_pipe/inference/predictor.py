@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
-from threedino_pipe.errors import UserError
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.inputs import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
 from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
 from threedino_pipe.preprocessing.pipeline import preprocess_case
-from threedino_pipe.training.precision import autocast
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.precision import autocast
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from threedino_pipe.inference.blended_rows import SIGMA_SCALE
-from threedino_pipe.training.precision import autocast
+from threedino_pipe.runtime.precision import autocast
 
 PAD_VALUE = -1.0
 

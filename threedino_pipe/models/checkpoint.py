@@ -18,20 +18,19 @@ the keys, never a model left with random weights.
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import atomic_path
 from threedino_pipe.models.heads import RELEASED_TO_PARAM, DINOHead, head_state_released
 from threedino_pipe.models.presets import build_backbone, default_num_heads, preset_dims, preset_for
 from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.runtime.atomic_files import atomic_path
+from threedino_pipe.runtime.checkpoints import read_checkpoint
+from threedino_pipe.runtime.errors import UserError
 
 FORMAT = "threedino_pipe.backbone"
 FORMAT_VERSION = 1
@@ -43,53 +42,6 @@ _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _FIX_SOURCE = ("pass a 3DINO-ViT teacher checkpoint, a threedino-pipe backbone.pt, "
                "or a state dict of the same 3D ViT")
-
-
-# ----- reading files ---------------------------------------------------------------------------
-def _check_zip_crc(path: Path) -> None:
-    """Raise if a member of a zip-format checkpoint fails its CRC32 (torch.load does not check)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.CRC == 0:  # writer did not record a checksum
-                    continue
-                with zf.open(info) as member:
-                    while member.read(1 << 24):
-                        pass
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise UserError(f"checkpoint is corrupted ({exc})", file=path,
-                        fix="download or copy the file again; it does not match its own checksums") from None
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """Load a ``.pt`` / ``.pth`` file safely (``weights_only=True``, CPU tensors).
-
-    A missing path, a folder, a truncated or corrupted file, or a pickle holding arbitrary Python
-    objects is a :class:`UserError` naming the file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError("checkpoint file not found", file=path, fix="check the path")
-    if path.is_dir():
-        raise UserError("is a folder, not a checkpoint file", file=path,
-                        fix="pass the weights file itself (for a pretrain run folder: its backbone.pt)")
-    if zipfile.is_zipfile(path):
-        _check_zip_crc(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
-            raise UserError("holds Python objects besides tensors and plain containers; refusing to unpickle it",
-                            file=path, fix="re-save just the state dict: torch.save(model.state_dict(), ...)") from None
-        raise _unreadable(path, exc) from None
-    except Exception as exc:  # torch raises RuntimeError, OSError, EOFError, UnicodeDecodeError, ...
-        raise _unreadable(path, exc) from None
-
-
-def _unreadable(path: Path, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return UserError(f"cannot be read as a PyTorch checkpoint (truncated, corrupted or not a .pt file): "
-                     f"{type(exc).__name__}: {first}", file=path, fix=_FIX_SOURCE)
 
 
 def _few(items: list[str], n: int = 5) -> str:
@@ -240,7 +192,7 @@ def load_backbone_state(path: str | Path, *, num_heads: int | None = None) -> tu
     ``num_heads_source``.
     """
     path = Path(path)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, fix=_FIX_SOURCE)
     flat, meta, layout = _tensor_dict(obj, path)
     state, ignored = _backbone_part(flat, path, list(obj) if isinstance(obj, dict) else [])
     dims, source = _infer_dims(state, meta, num_heads, path)
@@ -361,7 +313,7 @@ def load_heads(path: str | Path) -> dict[str, DINOHead]:
     Released ``last_layer.weight_g/_v`` and parametrization names are both accepted.
     """
     path = Path(path)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, fix=_FIX_SOURCE)
     flat, _, _ = _tensor_dict(obj, path)
     heads: dict[str, DINOHead] = {}
     for name in HEAD_NAMES:

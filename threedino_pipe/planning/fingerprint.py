@@ -20,10 +20,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from threedino_pipe import __version__, progress
+from threedino_pipe import __version__
 from threedino_pipe.dataset.image_io import read_image, read_image_with_nonfinite
 from threedino_pipe.dataset.raw import CaseFiles, DatasetSpec
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.errors import UserError
 
 SCHEMA_VERSION = 1
 SAMPLES_PER_CASE = 10_000

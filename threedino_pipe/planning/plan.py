@@ -14,11 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from threedino_pipe import paths
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import write_json
+from threedino_pipe.artifacts import Plans
 from threedino_pipe.planning import memory
 from threedino_pipe.planning.planner import NORMS, PATCH_MULTIPLE, PlanOptions, make_plans
+from threedino_pipe.runtime import paths
+from threedino_pipe.runtime.atomic_files import write_json
+from threedino_pipe.runtime.errors import UserError
 
 FINETUNE_FLAGS = ("--norm", "--target-spacing", "--patch-size", "--batch-size")
 
@@ -137,7 +138,7 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
     plans_path: Path = out / "plans.json"
     changed = plans_path.is_file() and _load(plans_path) != plans
     write_json(out / "dataset_fingerprint.json", fingerprint)
-    write_json(plans_path, plans)
+    Plans.model_validate(plans).write(plans_path)  # validated against the schema before it is written
     print_summary(plans, fingerprint, console)
     if any(min(c["shape_after_crop"]) <= plans["configurations"]["pretrain"]["min_axis"]
            for c in fingerprint["cases"].values()):

@@ -12,16 +12,13 @@ so the bytes of a file would differ from run to run (checked with blosc2 4.14).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
-
-logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports numexpr, which logs its thread count
 
 import blosc2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from threedino_pipe.jsonio import atomic_path  # noqa: E402
+from threedino_pipe.runtime.atomic_files import atomic_path  # noqa: E402
 
 BLOCK_BYTES = 32 * 1024
 

@@ -1,12 +1,11 @@
 """Read one raw case, preprocess it, write ``<case>.b2nd`` (+ ``<case>_seg.b2nd``) and ``<case>.json``.
 
-Every file goes through :func:`threedino_pipe.jsonio.atomic_path`; the case JSON is written
+Every file goes through :func:`threedino_pipe.runtime.atomic_files.atomic_path`; the case JSON is written
 last, so its presence (with the current ``plans_checksum``) marks a finished case.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,15 @@ from pathlib import Path
 from threedino_pipe import __version__
 from threedino_pipe.dataset.image_io import read_image, read_image_with_nonfinite
 from threedino_pipe.dataset.raw import CaseFiles
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import atomic_path
 from threedino_pipe.preprocessing.arrays import write_array
 from threedino_pipe.preprocessing.class_locations import case_seed
 from threedino_pipe.preprocessing.pipeline import preprocess_case, uses_labels
+from threedino_pipe.runtime.atomic_files import atomic_path
+from threedino_pipe.runtime.errors import UserError
 
 SCHEMA_VERSION = 1
 PARTIAL_MARK = ".partial"
 # Fields of a configuration that change the stored bytes (batch size, preset, reasons do not).
-_CHECKSUM_FIELDS = ("resample", "spacing", "normalization", "crop", "image_interpolation", "label_interpolation",
-                    "patch_size", "global_crop")
 
 
 def image_path(folder: Path, case_id: str) -> Path:
@@ -44,14 +41,6 @@ def crop_size(config: dict) -> list[int]:
     if config.get("patch_size"):
         return [int(v) for v in config["patch_size"]]
     return [int(config.get("global_crop") or 128)] * 3
-
-
-def plans_checksum(plans: dict, configuration: str) -> str:
-    """sha256 (16 hex digits) of everything in plans that changes this configuration's output."""
-    config = plans["configurations"][configuration]
-    relevant = {"task": plans.get("task"), "labels": plans.get("labels"), "transpose": plans.get("transpose"),
-                "configuration": configuration, **{k: config.get(k) for k in _CHECKSUM_FIELDS}}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def case_json_text(case: dict) -> str:

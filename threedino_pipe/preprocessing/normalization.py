@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 SCHEMES = ("volume_percentile", "dataset_percentile")
 

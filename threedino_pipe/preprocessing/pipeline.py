@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from threedino_pipe.dataset.image_io import Geometry
-from threedino_pipe.errors import UserError
 from threedino_pipe.preprocessing import cropping
 from threedino_pipe.preprocessing.class_locations import sample_class_locations
 from threedino_pipe.preprocessing.normalization import SCHEMES, normalize_channel, replace_nonfinite
@@ -31,6 +30,7 @@ from threedino_pipe.preprocessing.resampling import (
     resample_label,
     target_shape,
 )
+from threedino_pipe.runtime.errors import UserError
 
 CROPS = ("nonzero", "foreground_after_normalization", "none")
 _REPLAN = "rerun `3dino plan` with this version of threedino-pipe"

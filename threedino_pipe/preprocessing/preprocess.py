@@ -14,19 +14,18 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from threedino_pipe import progress
+from threedino_pipe.artifacts import Plans
 from threedino_pipe.dataset.raw import CaseFiles, discover_cases, load_spec
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_artifact
-from threedino_pipe.paths import preprocessed_dataset, resolve_dataset
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
     is_finished,
-    plans_checksum,
     remove_partials,
     write_case,
 )
 from threedino_pipe.preprocessing.pipeline import check_configuration, preprocess_case, uses_labels
+from threedino_pipe.runtime import progress
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.paths import preprocessed_dataset, resolve_dataset
 
 __all__ = ["run", "preprocess_case", "load_plans"]
 
@@ -34,13 +33,13 @@ log = logging.getLogger(__name__)
 SPLITS_SEED = 12345
 
 
-def load_plans(preprocessed_folder: Path, dataset: str) -> dict:
-    """Read ``plans.json`` of a preprocessed dataset (a missing or foreign file is a UserError)."""
-    path = Path(preprocessed_folder) / "plans.json"
+def load_plans(preprocessed_folder: Path, dataset: str) -> Plans:
+    """Read ``plans.json`` of a preprocessed dataset (a missing, foreign or malformed file is a UserError)."""
+    path = Path(preprocessed_folder) / Plans.FILE
     rerun = f"3dino plan -d {dataset}"
     if not path.is_file():
         raise UserError("plans.json is missing", file=path, fix=f"run `{rerun}` first")
-    return read_artifact(path, "plans", 1, rerun=rerun)
+    return Plans.read(path, rerun=rerun)
 
 
 def _init_worker(threads: int) -> None:
@@ -107,12 +106,14 @@ def _chosen(plans: dict, configurations: list[str] | None, plans_path: Path) -> 
     return list(dict.fromkeys(configurations))
 
 
-def _jobs(raw: Path, out: Path, cases: list[CaseFiles], plans: dict, configuration: str) -> tuple[list[CaseJob], int]:
+def _jobs(raw: Path, out: Path, cases: list[CaseFiles], typed: Plans, configuration: str
+          ) -> tuple[list[CaseJob], int]:
     folder = out / configuration
     removed = remove_partials(folder)
     if removed:
         log.info("%s: removed %d partial file(s) of an interrupted run", configuration, len(removed))
-    checksum = plans_checksum(plans, configuration)
+    checksum = typed.stored_checksum(configuration)
+    plans = typed.to_data()
     with_seg = uses_labels(configuration, plans)
     jobs = [CaseJob(raw, case, plans, configuration, folder, checksum) for case in cases
             if not is_finished(folder, case.case_id, checksum, with_seg, case.class_label)]
@@ -133,8 +134,9 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     """
     raw = resolve_dataset(dataset)
     out = preprocessed_dataset(raw)
-    plans = load_plans(out, dataset)
-    plans_path = out / "plans.json"
+    typed = load_plans(out, dataset)
+    plans = typed.to_data()
+    plans_path = out / Plans.FILE
     spec = load_spec(raw)
     _check_plans(plans, raw, plans_path, spec.num_channels, dataset)
     cases, problems = discover_cases(raw, spec)
@@ -148,7 +150,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     jobs: list[CaseJob] = []
     chosen = _chosen(plans, configurations, plans_path)
     for configuration in chosen:
-        todo, skipped = _jobs(raw, out, cases, plans, configuration)
+        todo, skipped = _jobs(raw, out, cases, typed, configuration)
         log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(todo), skipped)
         jobs += todo
     _run_jobs(jobs, num_processes, f"preprocess {', '.join(chosen)}")

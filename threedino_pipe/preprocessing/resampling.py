@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import spline_filter1d
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 IMAGE_INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,

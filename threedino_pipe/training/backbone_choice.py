@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threedino_pipe.errors import UserError
 from threedino_pipe.models.checkpoint import load_backbone
 from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.runtime.errors import UserError
 
 BACKBONE_FILE = "backbone.pt"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")

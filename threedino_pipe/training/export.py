@@ -6,11 +6,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe.errors import UserError
 from threedino_pipe.models.checkpoint import export_3dino
-from threedino_pipe.training.adapt_highres import source_checkpoint
-from threedino_pipe.training.checkpointing import load_checkpoint
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build
+from threedino_pipe.runtime.checkpoints import load_checkpoint
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.training.ssl_setup import source_checkpoint
+from threedino_pipe.training.ssl_trainer import load_ssl_pair
 
 
 def run(run_dir: Path, output: Path) -> Path:
@@ -20,12 +20,9 @@ def run(run_dir: Path, output: Path) -> Path:
         raise UserError("not a run folder (no run.json)", file=run_dir, fix="pass a pretrain run folder")
     path = source_checkpoint(run_dir, None)
     state = load_checkpoint(path, rerun="3dino pretrain")
-    if "teacher" not in state or "config" not in state:
+    if "teacher" not in state or "student" not in state or "config" not in state:
         raise UserError("not a pretrain checkpoint", file=path, fix="pass a pretrain or adapt-highres run folder")
-    fields = SSLRunConfig.__dataclass_fields__
-    config = SSLRunConfig(**{k: v for k, v in state["config"].items() if k in fields})
-    _, teacher = _build(config)
-    teacher.load_state_dict(state["teacher"])
+    config, _, teacher = load_ssl_pair(state)
     export_3dino(teacher.backbone, {"dino_head": teacher.dino_head, "ibot_head": teacher.ibot_head}, output,
                  meta={"run": run_dir.name, "iteration": int(state["iteration"]), "preset": config.preset})
     Console(stderr=True).print(f"wrote {output} (teacher of {path.name}, iteration {state['iteration']})")

@@ -17,17 +17,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe import __version__, paths
+from threedino_pipe import __version__
+from threedino_pipe.artifacts import BackboneRecord, FinetuneConfiguration, ModelCard, Plans, RunRecord
 from threedino_pipe.data.patch_loader import Augmentation
 from threedino_pipe.data.splits import load_splits, select_subset
-from threedino_pipe.errors import UserError
-from threedino_pipe.jsonio import read_json, write_json
 from threedino_pipe.models.presets import PRESETS
 from threedino_pipe.models.segmentation import HEAD_TRAINING_DEFAULTS, HEADS
+from threedino_pipe.runtime import paths
+from threedino_pipe.runtime.atomic_files import read_json, write_json
+from threedino_pipe.runtime.distributed import cleanup, init_distributed
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 from threedino_pipe.training.backbone_choice import BackboneChoice, resolve_backbone
-from threedino_pipe.training.distributed import DistInfo, cleanup, init_distributed
-from threedino_pipe.training.precision import PRECISIONS, resolve_precision
-from threedino_pipe.training.pretrain import _prepare, load_plans
+from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ CPU_BATCH_CAP = 2
 DEFAULT_ITERS = 30_000
 WARMUP_FRACTION = 0.1      # METHOD.md: 3,000 warmup iterations of 30,000
 DEFAULT_WEIGHT_DECAY = 1e-5
-MODEL_SCHEMA_VERSION = 1
 
 
 def run_folder_name(head: str, tag: str, pct: float, fold: int, seed: int) -> str:
@@ -50,7 +51,7 @@ def default_val_every(iters: int) -> int:
     return max(1, min(1000, iters // 10))
 
 
-def output_targets(plans: dict) -> tuple[str, list, list[str]]:
+def output_targets(labels: dict | None) -> tuple[str, list, list[str]]:
     """``(output, targets, names)`` of the dataset's labels.
 
     Plain labels: softmax over the declared values, sorted (background 0 first); ``targets`` are
@@ -58,7 +59,7 @@ def output_targets(plans: dict) -> tuple[str, list, list[str]]:
     values): sigmoid, one channel per region in the order of ``labels``; ``targets`` are each
     region's value lists, ``names`` the region names.
     """
-    labels = plans.get("labels") or {}
+    labels = labels or {}
     if any(isinstance(v, list) for v in labels.values()):
         regions = [(name, v if isinstance(v, list) else [v]) for name, v in labels.items()
                    if not (not isinstance(v, list) and int(v) == 0)]
@@ -66,17 +67,6 @@ def output_targets(plans: dict) -> tuple[str, list, list[str]]:
     by_value = {int(v): name for name, v in labels.items()}
     values = sorted(set(by_value) | {0})
     return "softmax", values, [by_value.get(v, f"label_{v}") for v in values if v != 0]
-
-
-def _default_batch(config: dict, dist: DistInfo, requested: int | None, console: Console) -> int:
-    if requested is not None:
-        return requested
-    batch = int(config["batch_size"])
-    if dist.device.type == "cpu" and batch > CPU_BATCH_CAP:
-        console.print(f"note: running on the CPU: batch capped at {CPU_BATCH_CAP} patches (plans.json says {batch} "
-                      "for a GPU); pass --batch-size to override")
-        batch = CPU_BATCH_CAP
-    return batch
 
 
 def _run_probe(dataset: str, **options) -> Path:
@@ -101,11 +91,6 @@ def _check_options(head: str | None, precision: str, preset: str | None, overlap
         raise UserError(f"--iters {iters} must be at least 1", fix="pass --iters 1 or more")
 
 
-def _backbone_record(choice: BackboneChoice, frozen: bool) -> dict:
-    return {"tag": choice.tag, "source": choice.source, "sha256": choice.sha256, "frozen": frozen,
-            "preset": choice.info.get("preset") if choice.pretrained else None}
-
-
 def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = None, backbone: str = "auto",
         unfreeze: bool = False, preset: str | None = None, iters: int | None = None, batch_size: int | None = None,
         lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int = 0,
@@ -115,68 +100,45 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     """Finetune on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder (see the module docstring)."""
     _check_options(head, precision, preset, overlap, iters)
     console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
-    pre, plans, checksum = load_plans(dataset)
-    task = plans.get("task")
-    if task == "classification" or head == "probe":
-        if task != "classification":
-            raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {task} dataset",
-                            file=pre / "plans.json", fix="use --head adapter, unetr or linear for segmentation")
-        if head not in (None, "probe"):
-            raise UserError(f"{pre.name} is a classification dataset: the {head} head segments",
-                            file=pre / "plans.json",
-                            fix="pass --head probe (the linear probe on the frozen backbone), or leave --head out")
+    pre, plans = dataset_plans(dataset)
+    if plans.task == "classification" or head == "probe":
+        _check_probe(pre, plans, head)
         more = {} if iters is None else {"iters": iters}  # the probe has its own default (12,500)
         return _run_probe(dataset, pct=pct, fold=fold, seed=seed, backbone=backbone, preset=preset,
                           batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
                           stop_after=stop_after, **more)
-    config = plans["configurations"].get(CONFIGURATION)
-    finetune_dir = pre / CONFIGURATION
-    if task != "segmentation" or config is None:
-        raise UserError(f"{pre.name} is a {task} dataset: there is nothing to finetune on", file=pre / "plans.json",
-                        fix="finetune on a labelled (segmentation or classification) dataset")
-    if not finetune_dir.is_dir():
-        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
-                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
-    splits_file = pre / "splits.json"
+    config, finetune_dir = _segmentation_configuration(pre, plans, dataset)
     splits = load_splits(pre, dataset)
-    train_ids = select_subset(splits, fold, seed, pct, None, splits_file=splits_file)
+    train_ids = select_subset(splits, fold, seed, pct, None, splits_file=pre / "splits.json")
     val_ids = list(splits["folds"][fold]["val"])
-
     choice = resolve_backbone(backbone, paths.results_root(), expect=preset)
     console.print(choice.how)
     head = head or ("adapter" if choice.pretrained else "unetr")
     frozen = choice.pretrained and not unfreeze
-    if choice.pretrained:
-        backbone_dims: str | dict = choice.dims
-        preset_name = choice.info.get("preset")
-    else:
-        preset_name = preset or config["preset"]
-        backbone_dims = preset_name
-    output, targets, names = output_targets(plans)
-    patch_size = [int(v) for v in config["patch_size"]]
-    if any(p % 16 for p in patch_size):
-        raise UserError(f"the finetune patch size {patch_size} is not a multiple of the ViT's 16-voxel patches",
-                        file=pre / "plans.json", fix=f"rerun `3dino plan -d {dataset} --patch-size ...` with "
-                        "multiples of 16")
     iters = iters or DEFAULT_ITERS
-    val_every = val_every or default_val_every(iters)
     dist = init_distributed(device)
     try:
+        output, targets, names = output_targets(plans.labels)
         run_config = SegRunConfig(
             dataset=pre.name, head=head, backbone_tag=choice.tag, backbone_source=choice.source,
-            backbone_sha256=choice.sha256, backbone_dims=backbone_dims, frozen=frozen, preset=preset_name,
+            backbone_sha256=choice.sha256, backbone_dims=choice.dims if choice.pretrained else
+            (preset or config.preset), frozen=frozen,
+            preset=choice.info.get("preset") if choice.pretrained else (preset or config.preset),
             pct=float(pct), fold=fold, seed=seed, train_ids=train_ids, val_ids=val_ids, iters=iters,
-            batch_size=_default_batch(config, dist, batch_size, console),
+            batch_size=batch_for_device(config.batch_size, batch_size, dist, CPU_BATCH_CAP, console, "patches"),
             lr=float(lr if lr is not None else HEAD_TRAINING_DEFAULTS[head]["lr"]), weight_decay=weight_decay,
-            warmup_iters=round(WARMUP_FRACTION * iters), patch_size=patch_size,
-            in_channels=len(plans["channel_names"]), output=output, targets=targets, target_names=names,
-            val_every=val_every, overlap=overlap, precision=resolve_precision(precision, dist.device),
-            plans_checksum=checksum, world_size=dist.world_size,
-            augmentation=Augmentation.for_spacing(config.get("spacing")).options() if augment else {},
+            warmup_iters=round(WARMUP_FRACTION * iters), patch_size=list(config.patch_size),
+            in_channels=plans.num_channels, output=output, targets=targets, target_names=names,
+            val_every=val_every or default_val_every(iters), overlap=overlap,
+            precision=resolve_precision(precision, dist.device), world_size=dist.world_size,
+            augmentation=Augmentation.for_spacing(config.spacing).options() if augment else {},
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
         folder = paths.results_root() / pre.name / run_folder_name(head, tag, pct, fold, seed)
-        resume = _prepare(folder, run_config.options(), restart, dist, SegRunConfig.VOLATILE)
+        record = RunRecord(stage="finetune", options=run_config.options(), volatile=list(SegRunConfig.VOLATILE),
+                           plans={pre.name: plans.dependencies(CONFIGURATION)})
+        resume = open_run(folder, record, restart=restart, dist=dist,
+                          new_run_fix="pass other --seed/--fold/--pct values to start another run")
         if resume and _finished(folder, iters) and not stop_after:
             console.print(f"{folder} is finished already ({iters} iterations); pass --restart to train again")
             return folder
@@ -184,22 +146,14 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             _write_subset(folder, run_config)
             console.print(f"finetune run {folder} ({'resuming' if resume else 'new'}): head {head}, backbone "
                           f"{choice.tag} ({'frozen' if frozen else 'trained'}), {len(train_ids)} training / "
-                          f"{len(val_ids)} validation cases, patch {patch_size}, batch {run_config.batch_size} x "
-                          f"{dist.world_size} process(es), {iters} iterations, lr {run_config.lr:g}, "
-                          f"{run_config.precision}, device {dist.device}")
-        model_json = {
-            "kind": "model", "schema_version": MODEL_SCHEMA_VERSION, "version": __version__, "task": task,
-            "dataset": pre.name, "plans": plans, "configuration": CONFIGURATION,
-            "channel_names": plans["channel_names"], "labels": plans.get("labels"),
-            "regions_class_order": plans.get("regions_class_order"), "class_names": plans.get("class_names") or [],
-            "head": head, "model_args": None, "backbone": _backbone_record(choice, frozen),
-            "in_channels": run_config.in_channels, "num_outputs": run_config.num_outputs, "output": output,
-            "patch_size": patch_size, "weights": "checkpoint_best.pt", "fold": fold, "pct": float(pct),
-            "seed": seed, "best_iteration": None, "best_metric": None}
-        state = choice.model.state_dict() if choice.pretrained else None
+                          f"{len(val_ids)} validation cases, patch {run_config.patch_size}, batch "
+                          f"{run_config.batch_size} x {dist.world_size} process(es), {iters} iterations, lr "
+                          f"{run_config.lr:g}, {run_config.precision}, device {dist.device}")
         best = train_segmentation(run_config, folder, finetune_dir, dist, resume=resume,
-                                  rerun=f"3dino preprocess -d {dataset} -c finetune", model_json=model_json,
-                                  backbone_state=state, stop_after=stop_after)
+                                  rerun=f"3dino preprocess -d {dataset} -c finetune",
+                                  model_card=_model_card(plans, run_config, choice),
+                                  backbone_state=choice.model.state_dict() if choice.pretrained else None,
+                                  stop_after=stop_after)
         if dist.is_main:
             if best is not None:
                 console.print(f"best validation Dice {best['mean_dice']:.4f} at iteration {best['iteration']}")
@@ -207,6 +161,44 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         return folder
     finally:
         cleanup()
+
+
+def _check_probe(pre: Path, plans: Plans, head: str | None) -> None:
+    if plans.task != "classification":
+        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
+                        file=pre / Plans.FILE, fix="use --head adapter, unetr or linear for segmentation")
+    if head not in (None, "probe"):
+        raise UserError(f"{pre.name} is a classification dataset: the {head} head segments", file=pre / Plans.FILE,
+                        fix="pass --head probe (the linear probe on the frozen backbone), or leave --head out")
+
+
+def _segmentation_configuration(pre: Path, plans: Plans, dataset: str) -> tuple[FinetuneConfiguration, Path]:
+    """The finetune configuration of a segmentation dataset and its preprocessed folder, checked."""
+    finetune_dir = pre / CONFIGURATION
+    if plans.task != "segmentation" or plans.configurations.finetune is None:
+        raise UserError(f"{pre.name} is a {plans.task} dataset: there is nothing to finetune on",
+                        file=pre / Plans.FILE, fix="finetune on a labelled (segmentation or classification) dataset")
+    if not finetune_dir.is_dir():
+        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
+                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
+    config = plans.configurations.finetune
+    if any(p % 16 for p in config.patch_size):
+        raise UserError(f"the finetune patch size {config.patch_size} is not a multiple of the ViT's 16-voxel "
+                        "patches", file=pre / Plans.FILE,
+                        fix=f"rerun `3dino plan -d {dataset} --patch-size ...` with multiples of 16")
+    return config, finetune_dir
+
+
+def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice) -> ModelCard:
+    """model.json before training: the network's arguments and best checkpoint are filled in at each new best."""
+    return ModelCard(
+        task="segmentation", dataset=config.dataset, plans=plans, configuration=CONFIGURATION,
+        channel_names=plans.channel_names, labels=plans.labels, regions_class_order=plans.regions_class_order,
+        class_names=plans.class_names, head=config.head, model_args={},
+        backbone=BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=config.frozen,
+                                preset=choice.info.get("preset") if choice.pretrained else None),
+        in_channels=config.in_channels, num_outputs=config.num_outputs, output=config.output,
+        patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed)
 
 
 def _write_subset(folder: Path, config: SegRunConfig) -> None:

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from threedino_pipe import __version__, paths
+from threedino_pipe import __version__
+from threedino_pipe.artifacts import BackboneRecord, FinetuneConfiguration, ModelCard, Plans, RunRecord, open_run_folder
+from threedino_pipe.artifacts.model_card import BestMetric
 from threedino_pipe.data.splits import load_splits, select_subset
-from threedino_pipe.errors import UserError
 from threedino_pipe.evaluation.classification_metrics import classification_metrics, fast_metrics
 from threedino_pipe.inference.features import (
     FLIP_AXIS,
@@ -39,16 +40,16 @@ from threedino_pipe.inference.features import (
     FeatureCache,
     extract_cases,
 )
-from threedino_pipe.jsonio import atomic_path, read_json, write_json
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, ProbeClassifier, probe_input
 from threedino_pipe.models.presets import PRESETS, build_backbone
 from threedino_pipe.preprocessing.arrays import open_array
-from threedino_pipe.preprocessing.case_writer import plans_checksum
+from threedino_pipe.runtime import paths
+from threedino_pipe.runtime.atomic_files import atomic_path, read_json, write_json
+from threedino_pipe.runtime.checkpoints import load_checkpoint, save_checkpoint
+from threedino_pipe.runtime.csv_log import CsvLog
+from threedino_pipe.runtime.device import pick_device
+from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.backbone_choice import resolve_backbone
-from threedino_pipe.training.checkpointing import load_checkpoint, save_checkpoint
-from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.distributed import pick_device
-from threedino_pipe.training.pretrain import load_plans
 from threedino_pipe.training.probe_grid import (
     LEARNING_RATES,
     GridPoint,
@@ -57,7 +58,7 @@ from threedino_pipe.training.probe_grid import (
     cosine_factor,
     grid_points,
 )
-from threedino_pipe.training.run_folder import prepare_run_folder
+from threedino_pipe.training.run_setup import dataset_plans
 from threedino_pipe.visualization.curves import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -93,21 +94,21 @@ def _case_labels(finetune_dir: Path, case_ids: list[str], dataset: str) -> dict[
     return labels
 
 
-def _backbone(spec: str, preset: str | None, config: dict, seed: int, console: Console) -> tuple:
+def _backbone(spec: str, preset: str | None, config: FinetuneConfiguration, seed: int, console: Console) -> tuple:
     """(backbone, tag, record for model.json, cache key)."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(PRESETS)}")
     choice = resolve_backbone(spec, paths.results_root(), expect=preset)
     console.print(choice.how)
     if choice.model is None:
-        name = preset or config["preset"]
+        name = preset or config.preset
         torch.manual_seed(seed)
         model = build_backbone(name)
         console.print(f"probe on a frozen, randomly initialised {name} backbone (seed {seed})")
-        record = {"tag": choice.tag, "source": "none", "sha256": None, "frozen": True, "preset": name}
+        record = BackboneRecord(tag=choice.tag, source="none", sha256=None, frozen=True, preset=name)
         return model, choice.tag, record, f"none:{name}:{seed}"
-    record = {"tag": choice.tag, "source": choice.source, "sha256": choice.sha256, "frozen": True,
-              "preset": choice.info.get("preset")}
+    record = BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=True,
+                            preset=choice.info.get("preset"))
     return choice.model, choice.tag, record, choice.sha256
 
 
@@ -235,18 +236,18 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
         raise UserError(f"--iters {iters} must be at least 1", fix="pass --iters 1 or more")
     if num_augmentations < 0:
         raise UserError(f"num_augmentations {num_augmentations} must be >= 0", fix="pass 0 or more")
-    pre, plans, _ = load_plans(dataset)
-    if plans.get("task") != "classification":
-        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.get('task')} dataset",
-                        file=pre / "plans.json", fix="use --head adapter, unetr or linear for segmentation")
-    config = plans["configurations"].get(CONFIGURATION)
+    pre, plans = dataset_plans(dataset)
+    if plans.task != "classification":
+        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
+                        file=pre / Plans.FILE, fix="use --head adapter, unetr or linear for segmentation")
+    config = plans.configurations.finetune
     finetune_dir = pre / CONFIGURATION
     if config is None or not finetune_dir.is_dir():
         raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
                         fix=f"run `3dino preprocess -d {dataset} -c finetune`")
-    class_names = list(plans.get("class_names") or [])
-    in_channels = len(plans["channel_names"])
-    patch_size = [int(v) for v in config["patch_size"]]
+    class_names = list(plans.class_names)
+    in_channels = plans.num_channels
+    patch_size = list(config.patch_size)
     splits_file = pre / "splits.json"
     splits = load_splits(pre, dataset)
     if not 0 <= fold < len(splits["folds"]):
@@ -262,18 +263,18 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     net, tag, backbone_record, backbone_key = _backbone(backbone, preset, config, seed, console)
     if net.in_chans != 1:
         raise UserError(f"the backbone takes {net.in_chans} input channels; the probe needs a single-channel "
-                        "backbone (channels run through it separately)", file=backbone_record["source"],
+                        "backbone (channels run through it separately)", file=backbone_record.source,
                         fix="pass a single-channel 3D ViT backbone")
     batch = int(batch_size or DEFAULT_BATCH)
     folder = paths.results_root() / pre.name / run_folder_name(tag, pct, fold, seed)
     options = {"dataset": pre.name, "head": HEAD, "pct": float(pct), "fold": fold, "seed": seed,
-               "backbone": backbone_record["source"], "backbone_sha256": backbone_record["sha256"],
-               "preset": backbone_record["preset"], "iters": iters, "batch_size": batch,
-               "num_augmentations": num_augmentations, "learning_rates": list(LEARNING_RATES),
-               "plans_checksum": plans_checksum(plans, CONFIGURATION), "device": device}
-    resume = prepare_run_folder(folder, options, restart=restart, volatile=VOLATILE,
-                                extra={"datasets": [pre.name], "plans": plans},
-                                command="the same `3dino finetune` command")
+               "backbone": backbone_record.source, "backbone_sha256": backbone_record.sha256,
+               "preset": backbone_record.preset, "iters": iters, "batch_size": batch,
+               "num_augmentations": num_augmentations, "learning_rates": list(LEARNING_RATES), "device": device}
+    record = RunRecord(stage="finetune", options=options, volatile=list(VOLATILE),
+                       plans={pre.name: plans.dependencies(CONFIGURATION)})
+    resume = open_run_folder(folder, record, restart=restart,
+                             new_run_fix="pass other --seed/--fold/--pct values to start another run")
     if resume and _finished(folder, iters):
         console.print(f"{folder} is finished already; pass --restart to train again")
         return folder
@@ -289,8 +290,8 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     extractor = FrozenFeatures(net, MAX_LAYERS).to(dev)
     cache = FeatureCache(folder / "features.pt", {
         "backbone": backbone_key, "patch_size": patch_size, "seed": seed, "num_layers": extractor.num_layers,
-        "plans_checksum": options["plans_checksum"], "views": [list(VIEW_INPLANE_SCALE), list(VIEW_CROSSSLICE_SCALE),
-                                                               FLIP_AXIS]})
+        "plans_checksum": plans.stored_checksum(CONFIGURATION),
+        "views": [list(VIEW_INPLANE_SCALE), list(VIEW_CROSSSLICE_SCALE), FLIP_AXIS]})
     wanted = [(c, 1 + num_augmentations) for c in train_ids] + [(c, 1) for c in val_ids if c not in train_ids]
     features = extract_cases(extractor, wanted, lambda c: open_array(finetune_dir / f"{c}.b2nd")[:], patch_size,
                              cache, seed=seed, device=dev, batch_size=EXTRACT_BATCH, description="frozen features")
@@ -320,8 +321,8 @@ def _finished(folder: Path, iters: int) -> bool:
 
 
 def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Tensor, y: torch.Tensor,
-            x_val: torch.Tensor, y_val: torch.Tensor, val_ids: list[str], net, plans: dict, dataset: str,
-            class_names: list[str], in_channels: int, patch_size: list[int], backbone_record: dict, *,
+            x_val: torch.Tensor, y_val: torch.Tensor, val_ids: list[str], net, plans: Plans, dataset: str,
+            class_names: list[str], in_channels: int, patch_size: list[int], backbone_record: BackboneRecord, *,
             fold: int, pct: float, seed: int, iters: int, console: Console) -> None:
     """Pick the best grid point; write grid.csv, checkpoint_best.pt, model.json, validation.json, curves.png."""
     scores = _val_scores(grid, x_val, y_val, class_names)
@@ -344,20 +345,17 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
         "kind": "validation", "schema_version": 1, "version": __version__, "task": "classification", "head": HEAD,
         "iteration": iters, "num_cases": len(val_ids), "best": point.to_dict(), "metrics": metrics,
         "selection": "highest macro AUC, ties by accuracy, then by validation cross-entropy"})
-    config = plans["configurations"][CONFIGURATION]
-    write_json(folder / "model.json", {
-        "kind": "model", "schema_version": 1, "version": __version__, "task": "classification",
-        "dataset": dataset, "plans": plans, "configuration": CONFIGURATION,
-        "channel_names": plans["channel_names"], "labels": plans.get("labels") or {},
-        "regions_class_order": plans.get("regions_class_order"), "class_names": class_names,
-        "head": HEAD, "model_args": probe.model_args(), "backbone": backbone_record, "in_channels": in_channels,
-        "num_outputs": len(class_names), "output": "softmax", "patch_size": patch_size,
-        "normalization": config["normalization"], "weights": "checkpoint_best.pt",
-        "input_view": "centre: the whole preprocessed volume resized (trilinear) to patch_size "
-                      "(threedino_pipe.inference.features.centre_view)",
-        "probe": {**point.to_dict(), "grid_size": len(points)},
-        "fold": fold, "pct": float(pct), "seed": seed, "best_iteration": iters,
-        "best_metric": {"name": "auc", "value": metrics["auc"]["macro"]}})
+    ModelCard(
+        task="classification", dataset=dataset, plans=plans, configuration=CONFIGURATION,
+        channel_names=plans.channel_names, labels=plans.labels or {}, regions_class_order=plans.regions_class_order,
+        class_names=class_names, head=HEAD, model_args=probe.model_args(), backbone=backbone_record,
+        in_channels=in_channels, num_outputs=len(class_names), output="softmax", patch_size=patch_size,
+        normalization=plans.configurations.finetune.normalization, weights="checkpoint_best.pt",
+        input_view="centre: the whole preprocessed volume resized (trilinear) to patch_size "
+                   "(threedino_pipe.inference.features.centre_view)",
+        probe={**point.to_dict(), "grid_size": len(points)}, fold=fold, pct=float(pct), seed=seed,
+        best_iteration=iters, best_metric=BestMetric(name="auc", value=metrics["auc"]["macro"])).write(
+        folder / ModelCard.FILE)
     plot_curves(folder / "log.csv", folder / "curves.png", title=f"{dataset} probe: best of {len(points)} grid points")
     console.print(f"[green]probe[/]: {folder}: best lr {point.lr:g}, layers {point.layers}, avgpool "
                   f"{point.avgpool}: validation AUC {metrics['auc']['macro']:.3f}, F1 {metrics['f1']['macro']:.3f}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,25 +28,23 @@ from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from threedino_pipe import __version__, progress
+from threedino_pipe import __version__
+from threedino_pipe.artifacts import ModelCard
+from threedino_pipe.artifacts.model_card import BestMetric
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases
 from threedino_pipe.inference.sliding_window import predict_logits
-from threedino_pipe.jsonio import write_json
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
-from threedino_pipe.training.checkpointing import (
-    gathered_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.distributed import DistInfo, barrier, peak_memory_mb
-from threedino_pipe.training.precision import autocast, make_scaler
-from threedino_pipe.visualization.curves import plot_curves
+from threedino_pipe.runtime.atomic_files import write_json
+from threedino_pipe.runtime.checkpoints import save_checkpoint
+from threedino_pipe.runtime.device import peak_memory_mb
+from threedino_pipe.runtime.distributed import DistInfo
+from threedino_pipe.runtime.precision import autocast, make_scaler
+from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.finetune_checkpoint"
 VALIDATION_SCHEMA_VERSION = 1
+CURVES = ["loss", "val_dice", "lr", "patches_per_s"]
 
 
 @dataclass
@@ -83,7 +82,6 @@ class SegRunConfig:
     val_every: int
     overlap: float
     precision: str
-    plans_checksum: str
     world_size: int = 1
     augmentation: dict = field(default_factory=dict)
     # volatile: may differ between a run and its resumption
@@ -197,8 +195,97 @@ def _write_validation(folder: Path, config: SegRunConfig, history: list[dict], b
                     for h in history]})
 
 
+class SegmentationTask:
+    """The finetuning step, validation and best-model bookkeeping on the shared training loop."""
+
+    def __init__(self, config: SegRunConfig, folder: Path, finetune_dir: Path, dist: DistInfo, *, rerun: str,
+                 model_card: ModelCard, backbone_state: dict | None = None) -> None:
+        self.config, self.folder, self.dist, self.card = config, Path(folder), dist, model_card
+        device = dist.device
+        self.net = build_network(config, backbone_state).to(device)
+        self.targets = TargetMaker(config.output, config.targets)
+        self.loss_fn = make_loss(config.output)
+        self.optimizer = torch.optim.AdamW(self.net.trainable_parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = WarmupCosineSchedule(self.optimizer, warmup_steps=config.warmup_iters, t_total=config.iters)
+        self.scaler = make_scaler(config.precision, device)
+        train_cases = SegmentationCases(finetune_dir, config.train_ids, rerun)
+        self.val_cases = SegmentationCases(finetune_dir, config.val_ids, rerun) if dist.is_main else None
+        aug = Augmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.augmentation.items()}) \
+            if config.augmentation else None
+        self.loader = PatchLoader(train_cases, tuple(config.patch_size), config.batch_size, config.num_workers,
+                                  config.seed, aug, rank=dist.rank, world_size=dist.world_size)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.model = DistributedDataParallel(self.net) if dist.world_size > 1 else self.net
+        self.net.train()
+
+    def step(self, it: int) -> dict[str, Any]:
+        device = self.dist.device
+        tick = time.perf_counter()
+        batch = next(self.loader)
+        image = batch["data"].to(device, non_blocking=True)
+        target = self.targets(batch["seg"]).to(device, non_blocking=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        with autocast(self.config.precision, device):
+            logits = self.model(image)
+        loss = self.loss_fn(logits.float(), target)
+        check_finite([float(loss.detach())], it, {"loss": float(loss.detach())})
+        optimizer_step(loss, self.optimizer, self.scaler)
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "lr": lr, "val_dice": None,
+                "patches_per_s": image.shape[0] * self.dist.world_size / (time.perf_counter() - tick),
+                "memory_mb": peak_memory_mb(device)}
+
+    def after_step(self, iteration: int, row: dict[str, Any], say: Callable[[str], None]) -> bool:
+        config = self.config
+        validate_now = iteration % config.val_every == 0 or iteration == config.iters
+        if validate_now and self.dist.is_main:
+            record = {"iteration": iteration,
+                      **validate(self.net, config, self.val_cases, self.targets, self.dist.device)}
+            self.history.append(record)
+            row["val_dice"] = record["mean_dice"]
+            if self.best is None or record["mean_dice"] > self.best["mean_dice"]:
+                self.best = record
+                save_checkpoint({"model": self.net.state_dict()}, self.folder / "checkpoint_best.pt")
+                self.card.model_copy(update={
+                    "model_args": self.net.model_args(), "best_iteration": iteration,
+                    "best_metric": BestMetric(name="dice", value=record["mean_dice"])}).write(
+                    self.folder / ModelCard.FILE)
+            say(f"iteration {iteration}: validation Dice {record['mean_dice']:.4f} "
+                f"(best {self.best['mean_dice']:.4f} at iteration {self.best['iteration']})")
+        return validate_now
+
+    def status(self, row: dict[str, Any]) -> str:
+        best = f" best Dice {self.best['mean_dice']:.3f}" if self.best else ""
+        return f"loss {row['loss']:.3f}{best}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "loader": self.loader.state_dict(), "history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        self.history, self.best = list(state["history"]), state["best"]
+
+    def on_save(self, folder: Path, iteration: int) -> None:
+        _write_validation(folder, self.config, self.history, self.best, iteration)
+
+    def finish(self, folder: Path, iteration: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.loader.close()
+
+
 def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, dist: DistInfo, *, resume: bool,
-                       rerun: str, model_json: dict, backbone_state: dict | None = None,
+                       rerun: str, model_card: ModelCard, backbone_state: dict | None = None,
                        stop_after: int | None = None) -> dict | None:
     """Run (or resume) finetuning into ``folder``; returns the best validation record (rank 0).
 
@@ -209,100 +296,14 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
         dist: rank and device.
         resume: continue from ``checkpoint_latest.pt``.
         rerun: the preprocess command named in errors about missing cases.
-        model_json: model.json without ``model_args`` and the best-checkpoint fields (filled in here).
+        model_card: model.json as known before training (``model_args`` and the best-checkpoint fields are
+            filled in at each new best).
         backbone_state: pretrained backbone weights (None: random initialisation).
         stop_after: checkpoint and return after this many iterations of this invocation.
     """
-    device = dist.device
-    net = build_network(config, backbone_state).to(device)
-    targets = TargetMaker(config.output, config.targets)
-    loss_fn = make_loss(config.output)
-    optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=config.warmup_iters, t_total=config.iters)
-    scaler = make_scaler(config.precision, device)
-    train_cases = SegmentationCases(finetune_dir, config.train_ids, rerun)
-    val_cases = SegmentationCases(finetune_dir, config.val_ids, rerun) if dist.is_main else None
-    aug = Augmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.augmentation.items()}) \
-        if config.augmentation else None
-    loader = PatchLoader(train_cases, tuple(config.patch_size), config.batch_size, config.num_workers, config.seed,
-                         aug, rank=dist.rank, world_size=dist.world_size)
-    start, history, best = 0, [], None
-    if resume:
-        state = load_checkpoint(folder / "checkpoint_latest.pt", rerun="the same command with --restart")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        start, history, best = int(state["iteration"]), list(state["history"]), state["best"]
-        restore_rng_state(state["rng"], dist.rank)
-        if dist.is_main:
-            logger.info("resuming %s at iteration %d of %d", folder.name, start, config.iters)
-    model = DistributedDataParallel(net) if dist.world_size > 1 else net
-    log = CsvLog(folder / "log.csv", resume_iteration=start if resume else None) if dist.is_main else None
-    end = config.iters if stop_after is None else min(config.iters, start + stop_after)
-    net.train()
-
-    def checkpoint_state(iteration: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": config.options(),
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "loader": loader.state_dict(),
-                "rng": gathered_rng_state(dist.rank, dist.world_size), "history": history, "best": best}
-
-    with progress.make_progress() as bar:
-        task = bar.add_task(folder.name, total=config.iters, completed=start)
-        for it in range(start, end):
-            tick = time.perf_counter()
-            batch = next(loader)
-            image = batch["data"].to(device, non_blocking=True)
-            target = targets(batch["seg"]).to(device, non_blocking=True)
-            lr = optimizer.param_groups[0]["lr"]
-            with autocast(config.precision, device):
-                logits = model(image)
-            loss = loss_fn(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            iteration = it + 1
-            seconds = time.perf_counter() - tick
-            row = {"iteration": iteration, "loss": float(loss.detach()), "lr": lr, "val_dice": None,
-                   "patches_per_s": image.shape[0] * dist.world_size / seconds, "seconds": seconds,
-                   "memory_mb": peak_memory_mb(device)}
-            validate_now = iteration % config.val_every == 0 or iteration == config.iters
-            if validate_now and dist.is_main:
-                record = {"iteration": iteration, **validate(net, config, val_cases, targets, device)}
-                history.append(record)
-                row["val_dice"] = record["mean_dice"]
-                if best is None or record["mean_dice"] > best["mean_dice"]:
-                    best = record
-                    save_checkpoint({"model": net.state_dict()}, folder / "checkpoint_best.pt")
-                    write_json(folder / "model.json", {
-                        **model_json, "model_args": net.model_args(), "best_iteration": iteration,
-                        "best_metric": {"name": "dice", "value": record["mean_dice"]}})
-                message = (f"iteration {iteration}: validation Dice {record['mean_dice']:.4f} "
-                           f"(best {best['mean_dice']:.4f} at iteration {best['iteration']})")
-                bar.console.print(message) if progress.enabled() else logger.info(message)
-            if log is not None:
-                log.write(row)
-            bar.update(task, completed=iteration)
-            if validate_now or iteration % config.save_every == 0 or iteration == end:
-                state = checkpoint_state(iteration)
-                if dist.is_main:
-                    save_checkpoint(state, folder / "checkpoint_latest.pt")
-                    _write_validation(folder, config, history, best, iteration)
-                    plot_curves(folder / "log.csv", folder / "curves.png",
-                                columns=["loss", "val_dice", "lr", "patches_per_s"], title=folder.name)
-                barrier()
-    loader.close()
-    return best
-
-
+    task = SegmentationTask(config, folder, finetune_dir, dist, rerun=rerun, model_card=model_card,
+                            backbone_state=backbone_state)
+    settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=CHECKPOINT_FORMAT,
+                            config=config.options(), curves=CURVES, stop_after=stop_after)
+    TrainingLoop(task, folder, dist, settings).run(resume=resume)
+    return task.best

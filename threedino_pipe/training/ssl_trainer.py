@@ -10,9 +10,9 @@ DDP (gloo on CPU, NCCL on GPU) and Sinkhorn-Knopp sums are all-reduced across ra
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,13 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from threedino_pipe import progress
 from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
 from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.runtime.device import peak_memory_mb
+from threedino_pipe.runtime.distributed import DistInfo
+from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.precision import autocast, make_scaler
 from threedino_pipe.ssl import (
     DINOLoss,
     apply_schedules,
@@ -35,22 +38,14 @@ from threedino_pipe.ssl import (
     schedule_values,
     update_teacher,
 )
-from threedino_pipe.training.checkpointing import (
-    gathered_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from threedino_pipe.training.csv_log import CsvLog
-from threedino_pipe.training.distributed import DistInfo, barrier, peak_memory_mb
-from threedino_pipe.training.precision import autocast, make_scaler
+from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
-from threedino_pipe.visualization.curves import plot_curves
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.ssl_checkpoint"
 COLLAPSE_STD = 1e-4
 COLLAPSE_AFTER = 50  # iterations before the collapse check starts (a fresh ViT's CLS tokens all look alike)
+CURVES = ["loss", "dino_global", "dino_local", "ibot", "koleo", "lr", "teacher_temp", "teacher_entropy", "crops_per_s"]
 
 
 @dataclass
@@ -91,11 +86,32 @@ class SSLRunConfig:
     def options(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SSLRunConfig:
+        """The config a checkpoint or run.json recorded (fields this version does not know are dropped)."""
+        fields = cls.__dataclass_fields__
+        missing = [k for k, f in fields.items() if k not in options and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise UserError(f"not the record of a pretrain or adapt-highres run (no {', '.join(missing)})",
+                            fix="pass the folder of a `3dino pretrain` or `3dino adapt-highres` run")
+        return cls(**{k: v for k, v in options.items() if k in fields})
 
-def _build(config: SSLRunConfig) -> tuple[SSLNetwork, SSLNetwork]:
+
+def build_ssl_pair(config: SSLRunConfig) -> tuple[SSLNetwork, SSLNetwork]:
+    """Student and teacher networks of ``config`` (call under the run's seed)."""
     backbone = build_backbone(config.preset, drop_path_rate=config.drop_path, pos_grid=config.pos_grid)
     student = build_ssl_network(backbone, config.head_dims)
     return student, make_teacher(student)
+
+
+def load_ssl_pair(state: dict[str, Any]) -> tuple[SSLRunConfig, SSLNetwork, SSLNetwork]:
+    """Config, student and teacher of an SSL checkpoint ``state`` (weights loaded strictly)."""
+    config = SSLRunConfig.from_options(state["config"])
+    student, teacher = build_ssl_pair(config)
+    student.load_state_dict(state["student"])
+    teacher.load_state_dict(state["teacher"])
+    return config, student, teacher
 
 
 def _optimizer(student: SSLNetwork) -> torch.optim.AdamW:
@@ -116,8 +132,100 @@ def _rank_rows(masks_all: Any, batch: int, rank: int, n_global: int = 2):
                       weights=masked_patch_weights(masks), n_masked=masks.sum(1), ratios=masks_all.ratios[rows])
 
 
-def _save(folder: Path, name: str, state: dict) -> None:
-    save_checkpoint(state, folder / name)
+class SSLTask:
+    """The 3DINO step on the shared :class:`~threedino_pipe.training.loop.TrainingLoop` (module docstring)."""
+
+    def __init__(self, config: SSLRunConfig, dataset_folders: list[Path], dist: DistInfo,
+                 init_state: dict | None = None) -> None:
+        self.config, self.dist = config, dist
+        device = dist.device
+        torch.manual_seed(config.seed)  # the same initialisation on every rank (teacher included)
+        self.student, self.teacher = build_ssl_pair(config)
+        torch.manual_seed(config.seed * 1_000_003 + 7919 * dist.rank)  # per-rank stream (drop path)
+        if init_state is not None:
+            self.student.load_state_dict(init_state["student"])
+            self.teacher.load_state_dict(init_state["teacher"])
+        self.student.to(device)
+        self.teacher.to(device)
+        if config.grad_checkpointing:
+            self.student.backbone.set_grad_checkpointing(True)
+        self.optimizer = _optimizer(self.student)
+        self.scaler = make_scaler(config.precision, device)
+        self.total_batch = config.batch_size * dist.world_size
+        self.schedules = make_schedules(config.iters, self.total_batch, base_lr=config.base_lr)
+        out_dim = config.head_dims["out_dim"]
+        self.losses = SSLLosses(DINOLoss(out_dim), iBOTPatchLoss(out_dim), koleo_weight=config.koleo_weight)
+        dataset = PretrainDataset(dataset_folders, config.configuration, config.min_axis)
+        if dist.is_main:
+            logger.info(dataset.summary())
+        self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
+                                           config.global_crop, config.local_crop, config.num_local_crops,
+                                           rank=dist.rank, world_size=dist.world_size)
+        self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
+        self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)
+        self.warned = False
+
+    def step(self, it: int) -> dict[str, Any]:
+        config, device = self.config, self.dist.device
+        tick = time.perf_counter()
+        batch = next(self.loader)
+        values = schedule_values(self.schedules, it)
+        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
+        masks = _rank_rows(random_patch_masks(2 * self.total_batch, self.grid, generator=generator),
+                           config.batch_size, self.dist.rank)
+        global_crops = batch["global_crops"].to(device, non_blocking=True)
+        local_crops = batch["local_crops"].to(device, non_blocking=True)
+        with autocast(config.precision, device):
+            targets = self.teacher.teacher_targets(global_crops, masks)
+            outputs = self.model(global_crops, local_crops, masks)
+            loss, terms = self.losses(outputs, targets, masks, values["teacher_temp"])
+        check_finite([terms["loss"]], it, terms)
+        optimizer_step(loss, self.optimizer, self.scaler, clip=self._clip)
+        update_teacher(self.student, self.teacher, values["momentum"])
+        crops = (global_crops.shape[0] + local_crops.shape[0]) * self.dist.world_size
+        return {**terms, "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
+                "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"],
+                "crops_per_s": crops / (time.perf_counter() - tick), "memory_mb": peak_memory_mb(device)}
+
+    def _clip(self) -> None:
+        for part in (self.student.backbone, self.student.dino_head, self.student.ibot_head):
+            clip_gradients(part, 3.0)
+
+    def after_step(self, iteration: int, row: dict[str, Any], say: Callable[[str], None]) -> bool:
+        if self.dist.is_main and not self.warned and iteration >= max(COLLAPSE_AFTER, self.config.iters // 10) and \
+                (row["cls_std"] < COLLAPSE_STD or row["teacher_entropy"] < 0.01):
+            logger.warning("representation collapse suspected at iteration %d: CLS feature std %.2e, teacher "
+                           "entropy %.3f of its maximum", iteration, row["cls_std"], row["teacher_entropy"])
+            self.warned = True
+        return False
+
+    def status(self, row: dict[str, Any]) -> str:
+        return f"loss {row['loss']:.3f} entropy {row['teacher_entropy']:.3f}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+
+    def on_save(self, folder: Path, iteration: int) -> None:
+        pass
+
+    def finish(self, folder: Path, iteration: int) -> None:
+        save_backbone(self.teacher.backbone, folder / "backbone.pt", preset=self.config.preset,
+                      meta={"run": folder.name, "iteration": iteration, "datasets": self.config.datasets,
+                            "configuration": self.config.configuration, "kind": "teacher_backbone"})
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], dist: DistInfo, *,
@@ -133,118 +241,9 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
         stop_after: checkpoint and return after this many iterations of this invocation.
         init_state: ``{"student": ..., "teacher": ...}`` state dicts to start from (adapt-highres).
     """
-    device = dist.device
-    torch.manual_seed(config.seed)  # the same initialisation on every rank (teacher included)
-    student, teacher = _build(config)
-    torch.manual_seed(config.seed * 1_000_003 + 7919 * dist.rank)  # per-rank stream (drop path)
-    if init_state is not None:
-        student.load_state_dict(init_state["student"])
-        teacher.load_state_dict(init_state["teacher"])
-    student.to(device)
-    teacher.to(device)
-    if config.grad_checkpointing:
-        student.backbone.set_grad_checkpointing(True)
-    optimizer = _optimizer(student)
-    scaler = make_scaler(config.precision, device)
-    total_batch = config.batch_size * dist.world_size
-    schedules = make_schedules(config.iters, total_batch, base_lr=config.base_lr)
-    out_dim = config.head_dims["out_dim"]
-    losses = SSLLosses(DINOLoss(out_dim), iBOTPatchLoss(out_dim), koleo_weight=config.koleo_weight)
-    dataset = PretrainDataset(dataset_folders, config.configuration, config.min_axis)
-    if dist.is_main:
-        logger.info(dataset.summary())
-    loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed, config.global_crop,
-                                  config.local_crop, config.num_local_crops, rank=dist.rank,
-                                  world_size=dist.world_size)
-    start = 0
-    if resume:
-        state = load_checkpoint(folder / "checkpoint_latest.pt", rerun="the same command with --restart")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        start = int(state["iteration"])
-        restore_rng_state(state["rng"], dist.rank)
-        if dist.is_main:
-            logger.info("resuming %s at iteration %d of %d", folder.name, start, config.iters)
-    model = DistributedDataParallel(student) if dist.world_size > 1 else student
-    log = CsvLog(folder / "log.csv", resume_iteration=start if resume else None) if dist.is_main else None
-    grid = tuple([config.global_crop // student.backbone.patch_size] * 3)
-    end = config.iters if stop_after is None else min(config.iters, start + stop_after)
-    warned = False
-
-    def checkpoint_state(iteration: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "iteration": iteration, "config": config.options(),
-                "student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "loader": loader.state_dict(), "rng": gathered_rng_state(dist.rank, dist.world_size)}
-
-    with progress.make_progress() as bar:
-        task = bar.add_task(f"{folder.name}", total=config.iters, completed=start)
-        for it in range(start, end):
-            tick = time.perf_counter()
-            batch = next(loader)
-            values = schedule_values(schedules, it)
-            apply_schedules(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
-            masks = _rank_rows(random_patch_masks(2 * total_batch, grid, generator=generator),
-                               config.batch_size, dist.rank)
-            global_crops = batch["global_crops"].to(device, non_blocking=True)
-            local_crops = batch["local_crops"].to(device, non_blocking=True)
-            with autocast(config.precision, device):
-                targets = teacher.teacher_targets(global_crops, masks)
-                outputs = model(global_crops, local_crops, masks)
-                loss, terms = losses(outputs, targets, masks, values["teacher_temp"])
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(f"non-finite loss at iteration {it}: {terms}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            for part in (student.backbone, student.dino_head, student.ibot_head):
-                clip_gradients(part, 3.0)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            update_teacher(student, teacher, values["momentum"])
-            iteration = it + 1
-            seconds = time.perf_counter() - tick
-            crops = (global_crops.shape[0] + local_crops.shape[0]) * dist.world_size
-            if log is not None and (iteration % config.log_every == 0 or iteration == end):
-                log.write({"iteration": iteration, **terms, "lr": values["lr"], "wd": values["wd"],
-                           "momentum": values["momentum"], "teacher_temp": values["teacher_temp"],
-                           "last_layer_lr": values["last_layer_lr"], "crops_per_s": crops / seconds,
-                           "seconds": seconds, "memory_mb": peak_memory_mb(device)})
-            if dist.is_main and not warned and iteration >= max(COLLAPSE_AFTER, config.iters // 10) and \
-                    (terms["cls_std"] < COLLAPSE_STD or terms["teacher_entropy"] < 0.01):
-                logger.warning("representation collapse suspected at iteration %d: CLS feature std %.2e, teacher "
-                               "entropy %.3f of its maximum", iteration, terms["cls_std"], terms["teacher_entropy"])
-                warned = True
-            bar.update(task, completed=iteration)
-            if iteration % config.save_every == 0 or iteration == end:
-                state = checkpoint_state(iteration)
-                if dist.is_main:
-                    _save(folder, "checkpoint_latest.pt", state)
-                    if config.snapshot_every and iteration % config.snapshot_every == 0:
-                        _save(folder, f"checkpoint_{iteration}.pt", state)
-                    plot_curves(folder / "log.csv", folder / "curves.png",
-                                columns=["loss", "dino_global", "dino_local", "ibot", "koleo", "lr",
-                                         "teacher_temp", "teacher_entropy", "crops_per_s"], title=folder.name)
-                barrier()
-    loader.close()
-    if end == config.iters:
-        state = checkpoint_state(end)  # every rank: it gathers the RNG states
-    if end == config.iters and dist.is_main:
-        _save(folder, "checkpoint_final.pt", state)
-        save_backbone(teacher.backbone, folder / "backbone.pt", preset=config.preset,
-                      meta={"run": folder.name, "iteration": end, "datasets": config.datasets,
-                            "configuration": config.configuration, "kind": "teacher_backbone"})
-    barrier()
+    task = SSLTask(config, dataset_folders, dist, init_state)
+    settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=CHECKPOINT_FORMAT,
+                            config=config.options(), curves=CURVES, snapshot_every=config.snapshot_every,
+                            log_every=config.log_every, final_checkpoint=True, stop_after=stop_after)
+    TrainingLoop(task, folder, dist, settings).run(resume=resume)
     return folder
-

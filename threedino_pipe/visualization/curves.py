@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from threedino_pipe.jsonio import atomic_path  # noqa: E402
+from threedino_pipe.runtime.atomic_files import atomic_path  # noqa: E402
 
 
 def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] | None = None,

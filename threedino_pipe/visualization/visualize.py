@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,17 +32,16 @@ import numpy as np
 import SimpleITK as sitk
 from rich.console import Console
 
-logging.getLogger("numexpr").setLevel(logging.WARNING)  # imported on the way (MONAI), logs its thread count
-
-from threedino_pipe import __version__, progress  # noqa: E402
+from threedino_pipe import __version__  # noqa
 from threedino_pipe.dataset.image_io import Geometry, write_image  # noqa: E402
-from threedino_pipe.errors import UserError  # noqa: E402
 from threedino_pipe.inference.embed import BARE_CONFIGURATION, bare_plans, load_backbone_and_plans  # noqa: E402
 from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending  # noqa: E402
-from threedino_pipe.inference.model_loading import pick_device  # noqa: E402
 from threedino_pipe.inference.predictor import read_case  # noqa: E402
-from threedino_pipe.jsonio import atomic_path, write_json  # noqa: E402
 from threedino_pipe.preprocessing.pipeline import preprocess_case  # noqa: E402
+from threedino_pipe.runtime import progress  # noqa
+from threedino_pipe.runtime.atomic_files import atomic_path, write_json  # noqa: E402
+from threedino_pipe.runtime.device import pick_device  # noqa: E402
+from threedino_pipe.runtime.errors import UserError  # noqa: E402
 from threedino_pipe.visualization import backbone_maps, planes  # noqa: E402
 from threedino_pipe.visualization.pca import RGB_FROM, PCAMaps, pca_maps  # noqa: E402
 

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from threedino_pipe.jsonio import atomic_path
+from threedino_pipe.runtime.atomic_files import atomic_path
 
 
 class CsvLog:

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 _DEFAULT_BASE = "3dino_data"
 _DATASET_RE = re.compile(r"^Dataset(\d{3,})_(.+)$")

@@ -1,4 +1,4 @@
-"""Atomic file writing and versioned JSON artifacts.
+"""Atomic file writing: temporary name in the target folder, then rename; JSON read and write.
 
 Every artifact is written to a temporary name in the target folder and renamed, so a killed
 process never leaves a half-written file under the final name.
@@ -14,16 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from threedino_pipe.errors import UserError
+from threedino_pipe.runtime.errors import UserError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _file_mode() -> int:
+    """``0o666`` less the process's umask: the mode ``open()`` would give a new file.
+
+    Read from ``/proc/self/status`` where Linux offers it, so the process umask is never changed.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read the mask by setting it, and put it back at once
     os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -42,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600 files; give the usual umask-based mode
+        os.chmod(tmp_path, _file_mode())  # mkstemp makes 0600 files; give the usual umask-based mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

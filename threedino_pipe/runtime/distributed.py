@@ -6,11 +6,12 @@ Without torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) everything runs i
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from threedino_pipe.runtime.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; or an explicit ``cpu``/``cuda``/``cuda:N``."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -56,10 +50,3 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process in MiB: allocated on a GPU, resident (max RSS) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

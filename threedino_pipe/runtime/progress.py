@@ -6,7 +6,16 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 T = TypeVar("T")
 _enabled = True
@@ -23,11 +32,18 @@ def enabled() -> bool:
     return _enabled and sys.stderr.isatty()
 
 
+class _StatusColumn(ProgressColumn):
+    """The task's ``status`` field (e.g. a training run's latest loss), empty when it has none."""
+
+    def render(self, task) -> Text:
+        return Text(str(task.fields.get("status", "")), style="cyan")
+
+
 def make_progress() -> Progress:
-    """A progress display with count, elapsed time and ETA, drawn on stderr."""
+    """A progress display with count, elapsed time, ETA and a status text, drawn on stderr."""
     from rich.console import Console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                    TimeElapsedColumn(), TimeRemainingColumn(), _StatusColumn(), console=Console(stderr=True),
                     disable=not enabled(), transient=False)
 
 

@@ -1,0 +1,119 @@
+"""``model.json``: everything ``predict`` needs to rebuild and run a finetuned model (docs/schemas.md).
+
+Written by ``finetune`` (segmentation heads and the classification probe) beside
+``checkpoint_best.pt``; a run folder, or a zip of the two files, is self-contained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from threedino_pipe.artifacts.base import Artifact, Record
+from threedino_pipe.artifacts.plans import Normalization, Plans
+
+HEADS = ("adapter", "unetr", "linear", "probe")
+PROBE_ONLY = ("normalization", "input_view", "probe")
+
+
+class BackboneRecord(Record):
+    """Which backbone the model started from (``source`` ``none``: random initialisation)."""
+
+    tag: str
+    source: str
+    sha256: str | None = None
+    frozen: bool
+    preset: str | None = None
+    family: str = "vit3d"
+
+
+class BestMetric(Record):
+    name: str
+    value: float
+
+
+class ModelCard(Artifact):
+    """The whole ``model.json``."""
+
+    KIND = "model"
+    SCHEMA_VERSION = 1
+    WRITER = "3dino finetune"
+    FILE = "model.json"
+
+    kind: Literal["model"] = "model"
+    schema_version: Literal[1] = 1
+    task: Literal["segmentation", "classification"]
+    dataset: str
+    plans: Plans
+    configuration: str = "finetune"
+    channel_names: dict[str, str] = Field(min_length=1)
+    labels: dict[str, int | list[int]] | None = None
+    regions_class_order: list[int] | None = None
+    class_names: list[str] = []
+    head: str
+    model_args: dict[str, Any]
+    backbone: BackboneRecord
+    in_channels: int = Field(gt=0)
+    num_outputs: int = Field(gt=0)
+    output: Literal["softmax", "sigmoid"]
+    patch_size: list[int] = Field(min_length=3, max_length=3)
+    weights: str = "checkpoint_best.pt"
+    fold: int
+    pct: float
+    seed: int
+    best_iteration: int | None = None
+    best_metric: BestMetric | None = None
+    # classification probe only
+    normalization: list[Normalization] | None = None
+    input_view: str | None = None
+    probe: dict[str, Any] | None = None
+
+    OMIT_WHEN_NONE = PROBE_ONLY
+
+    @model_validator(mode="after")
+    def _outputs_agree(self) -> ModelCard:
+        if any(p <= 0 for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} is not 3 positive sizes")
+        self.plans.configuration(self.configuration)
+        if self.task == "classification":
+            if len(self.class_names) != self.num_outputs:
+                raise ValueError(f"num_outputs {self.num_outputs} but {len(self.class_names)} class_names")
+        elif self.output == "sigmoid" and len(self.regions_class_order or []) != self.num_outputs:
+            raise ValueError(f"num_outputs {self.num_outputs} but regions_class_order has "
+                             f"{len(self.regions_class_order or [])} entries")
+        elif self.output == "softmax" and len(self.softmax_values()) != self.num_outputs:
+            raise ValueError(f"num_outputs {self.num_outputs} but labels declare {len(self.softmax_values())}")
+        return self
+
+    def softmax_values(self) -> list[int]:
+        """Label value of each softmax output channel: the declared label values, sorted (0 first)."""
+        return sorted({int(v) for v in (self.labels or {}).values() if not isinstance(v, list)} | {0})
+
+    def output_values(self) -> list[int]:
+        """The label value each output channel is written as (sigmoid: regions_class_order)."""
+        if self.output == "sigmoid":
+            return [int(v) for v in self.regions_class_order or []]
+        return self.softmax_values()
+
+    def output_names(self) -> list[str]:
+        """A name per output channel: classes, regions, or labels (background first)."""
+        if self.task == "classification":
+            return list(self.class_names)
+        labels = self.labels or {}
+        if self.output == "sigmoid":
+            regions = [name for name in labels if name != "background"]
+            return regions if len(regions) == self.num_outputs else [f"region_{r}" for r in range(self.num_outputs)]
+        by_value = {int(v): k for k, v in labels.items() if not isinstance(v, list)}
+        return [by_value.get(v, f"label_{v}") for v in self.softmax_values()]
+
+    def ordered_channel_names(self) -> dict[str, str]:
+        """Channel index (string) -> name, in index order."""
+        return dict(sorted(self.channel_names.items(), key=lambda kv: int(kv[0])))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What must agree for two models' outputs to be averaged: transpose and the resampling/normalisation."""
+        config = self.plans.configuration(self.configuration)
+        return {"transpose": list(self.plans.transpose),
+                **{k: getattr(config, k, None) for k in ("resample", "spacing", "normalization", "crop",
+                                                         "image_interpolation")}}

@@ -1,0 +1,91 @@
+"""Label-free signals that tell whether self-supervised pretraining learns (docs/pretrain.md).
+
+- ``target_entropy``: mean per-sample entropy of the centred teacher targets divided by log K;
+  1 = every target is uniform over the K prototypes (nothing is distilled), 0 = one-hot targets.
+- ``prototypes_used``: distinct argmax prototypes of the teacher targets over a window of recent
+  iterations, divided by K; ``1/K`` means every input maps to one prototype (collapse).
+- ``effective_rank`` (RankMe, Garrido et al. 2023): ``exp`` of the entropy of the normalised
+  singular values of an embedding matrix; between 1 (all rows on a line) and min(rows, dims).
+- ``spread``: mean over feature dimensions of the standard deviation across inputs; near 0 when
+  the network ignores its input.
+- ``agreement``: fraction of crops whose student argmax equals the teacher target's argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def target_entropy(probs: Tensor) -> float:
+    """Mean entropy of the rows of ``probs`` ``[N, K]`` (each summing to 1) divided by ``log K``."""
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probs must be [N, K] with K >= 2, got {tuple(probs.shape)}")
+    p = probs.float()
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    return float(entropy / math.log(p.shape[1]))
+
+
+@torch.no_grad()
+def effective_rank(embeddings: Tensor) -> float:
+    """RankMe of ``embeddings`` ``[N, D]``: ``exp(-sum_i s_i log s_i)`` with ``s = sigma / ||sigma||_1``."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got {tuple(embeddings.shape)}")
+    sigma = torch.linalg.svdvals(embeddings.float())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    s = sigma / total + 1e-12
+    return float(torch.exp(-(s * s.log()).sum()))
+
+
+@torch.no_grad()
+def spread(embeddings: Tensor) -> float:
+    """Mean over dimensions of the standard deviation across the rows of ``embeddings`` ``[N, D]`` (0 for N < 2)."""
+    if embeddings.shape[0] < 2:
+        return 0.0
+    return float(embeddings.float().std(dim=0).mean())
+
+
+@torch.no_grad()
+def agreement(student_logits: Tensor, teacher_probs: Tensor) -> float:
+    """Fraction of rows where the student's argmax prototype equals the teacher target's (same crops, ``[N, K]``)."""
+    if student_logits.shape != teacher_probs.shape:
+        raise ValueError(f"shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_probs.shape)}")
+    return float((student_logits.argmax(-1) == teacher_probs.argmax(-1)).float().mean())
+
+
+class PrototypeUsage:
+    """Distinct teacher-target argmax prototypes over the last ``window`` iterations.
+
+    ``update`` takes one iteration's targets ``[N, K]`` (all ranks' rows when gathered);
+    ``fraction`` = distinct prototypes / K. The window is part of a training checkpoint
+    (:meth:`state_dict`), so a resumed run logs what an uninterrupted one would.
+    """
+
+    def __init__(self, num_prototypes: int, window: int = 50) -> None:
+        self.num_prototypes, self.window = int(num_prototypes), int(window)
+        self.recent: deque[list[int]] = deque(maxlen=self.window)
+
+    @torch.no_grad()
+    def update(self, targets: Tensor) -> float:
+        """Add an iteration's targets; returns :meth:`fraction`."""
+        self.recent.append(targets.argmax(-1).flatten().tolist())
+        return self.fraction()
+
+    def count(self) -> int:
+        return len({p for row in self.recent for p in row})
+
+    def fraction(self) -> float:
+        return self.count() / self.num_prototypes
+
+    def state_dict(self) -> dict:
+        return {"num_prototypes": self.num_prototypes, "window": self.window, "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_prototypes, self.window = int(state["num_prototypes"]), int(state["window"])
+        self.recent = deque((list(r) for r in state["recent"]), maxlen=self.window)
