@@ -11,7 +11,7 @@ What it measures, all in one process:
    DINO + iBOT + KoLeo with Sinkhorn-Knopp, backward, per-part gradient clipping, AdamW step, EMA
    update), on synthetic crops already in memory (2 global ``96^3`` + 8 local ``48^3`` per volume;
    the data is "prefetched", so the loader costs nothing here). Student and teacher are the
-   trainer's own (``_build``, ``_optimizer``), heads as ``HEAD_DIMS`` of the preset. fp32 and bf16
+   trainer's own (``build_ssl_pair``, ``_optimizer``), heads as ``HEAD_DIMS`` of the preset. fp32 and bf16
    (autocast) steps alternate round by round with the same iteration index (same masks), so both
    dtypes see the same load; ``--warmup`` rounds are dropped, the median of ``--iters`` rounds is
    reported as crops/s.
@@ -77,8 +77,9 @@ from threedino_pipe.ssl import (
     schedule_values,
     update_teacher,
 )
+from threedino_pipe.ssl.centering import TeacherCentring
 from threedino_pipe.training.ssl_model import HEAD_DIMS, SSLLosses
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, _build, _optimizer, _rank_rows
+from threedino_pipe.training.ssl_trainer import SSLRunConfig, _optimizer, _rank_rows, build_ssl_pair
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_CROP, LOCAL_CROP, N_LOCAL = 96, 48, 8
@@ -128,13 +129,14 @@ class StepState:
                                    num_local_crops=N_LOCAL, min_axis=24, base_lr=0.002, seed=seed,
                                    head_dims=dict(HEAD_DIMS[preset]), pos_grid=GLOBAL_CROP // 16)
         torch.manual_seed(seed)
-        self.student, self.teacher = _build(self.config)
+        self.student, self.teacher = build_ssl_pair(self.config)
         self.student.to(device)
         self.teacher.to(device)
         self.optimizer = _optimizer(self.student)
         self.schedules = make_schedules(total_iters, batch, base_lr=self.config.base_lr)
         out_dim = self.config.head_dims["out_dim"]
         self.losses = SSLLosses(DINOLoss(out_dim), iBOTPatchLoss(out_dim), koleo_weight=self.config.koleo_weight)
+        self.centring = {"dino": TeacherCentring("sinkhorn"), "ibot": TeacherCentring("sinkhorn")}  # the paper's
         self.device = device
         self.grid = (GLOBAL_CROP // self.student.backbone.patch_size,) * 3
 
@@ -172,11 +174,14 @@ def ssl_step(state: StepState, batch: dict[str, torch.Tensor], it: int, precisio
     local_crops = batch["local_crops"].to(state.device, non_blocking=True)
     mark("masks")
     with autocast(precision, state.device):
-        targets = teacher.teacher_targets(global_crops, masks)
+        targets = teacher.teacher_outputs(global_crops, masks)
+        temp = values["teacher_temp"]
+        dino_probs = state.centring["dino"].targets(targets["dino"], teacher.dino_head.prototypes, temp)
+        ibot_probs = state.centring["ibot"].targets(targets["ibot"], teacher.ibot_head.prototypes, temp)
         mark("teacher")
         outputs = student(global_crops, local_crops, masks)
         mark("student")
-        loss, terms = state.losses(outputs, targets, masks, values["teacher_temp"])
+        loss, terms = state.losses(outputs, dino_probs, ibot_probs, masks)
     if not math.isfinite(terms["loss"]):
         raise FloatingPointError(f"non-finite loss at iteration {it}: {terms}")
     mark("loss")
@@ -210,7 +215,7 @@ def count_flops(state: StepState, batch: dict[str, torch.Tensor], it: int) -> di
     masks = _rank_rows(random_patch_masks(2 * state.config.batch_size, state.grid, generator=generator),
                        state.config.batch_size, 0)
     with FlopCounterMode(display=False) as counter:
-        state.teacher.teacher_targets(batch["global_crops"].to(state.device), masks)
+        state.teacher.teacher_outputs(batch["global_crops"].to(state.device), masks)
     teacher = int(counter.get_total_flops())
     return {"total": total, "teacher": teacher, "student": total - teacher}
 

@@ -113,6 +113,9 @@ SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Iterations 
 SnapshotEvery = Annotated[int | None, typer.Option("--snapshot-every", min=0, help="Iterations between kept "
                                                    "checkpoint_<iteration>.pt snapshots (default: a tenth of "
                                                    "--iters; 0 = none).")]
+ProbeEvery = Annotated[int | None, typer.Option("--probe-every", min=0, help="Iterations between patch probes of the "
+                                                "teacher when a pooled dataset is labelled (default: a tenth of "
+                                                "--iters; 0 = never).")]
 GradCheckpointing = Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute block activations in the "
                                                  "backward pass (less memory, about 30 % slower).")]
 
@@ -142,6 +145,27 @@ def pretrain(
     base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.002,
     prototypes: Annotated[int | None, typer.Option("--prototypes", min=2, help="DINO/iBOT prototypes (default: "
                                                    "65,536; 1,024 for tiny).")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="auto: the paper's settings adapted to this run's batch "
+                                        "and length (docs/pretrain.md); paper: the paper's settings unchanged.")
+                      ] = "auto",
+    centering: Annotated[str | None, typer.Option("--centering", help="Teacher centring: sinkhorn (over the "
+                                                  "batch), sinkhorn_queue (over a queue of recent teacher outputs) "
+                                                  "or softmax (DINO v1). Default: the recipe's.")] = None,
+    queue_size: Annotated[int | None, typer.Option("--queue-size", min=1, help="Teacher embeddings per process "
+                                                   "in the sinkhorn_queue (default: the recipe's).")] = None,
+    peak_lr: Annotated[float | None, typer.Option("--peak-lr", min=0.0, help="Peak learning rate, replacing the "
+                                                  "recipe's rule (default: the recipe's).")] = None,
+    momentum_start: Annotated[float | None, typer.Option("--momentum-start", min=0.0, max=1.0, help="Teacher EMA "
+                                                         "momentum at the start, cosine to 1 (default: the "
+                                                         "recipe's; the paper: 0.992).")] = None,
+    layerscale_init: Annotated[float | None, typer.Option("--layerscale-init", min=0.0, help="Initial LayerScale "
+                                                          "of the blocks (default: the recipe's; the paper: "
+                                                          "1e-5).")] = None,
+    probe_every: ProbeEvery = None,
+    budget_hours: Annotated[float | None, typer.Option("--budget-hours", min=0.0, help="Train for about this many "
+                                                       "hours: the iterations come from the step time measured at "
+                                                       "the start (recorded in run.json); replaces --iters.")
+                            ] = None,
     save_every: SaveEvery = 100,
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
@@ -151,11 +175,14 @@ def pretrain(
     """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
     _common(verbose, no_progress)
     from threedino_pipe.training import pretrain as stage
+    overrides = {"centering": centering, "queue_size": queue_size, "peak_lr": peak_lr,
+                 "momentum_start": momentum_start, "layerscale_init": layerscale_init}
     stage.run(list(datasets) + list(more or []), preset=preset, iters=iters, batch_size=batch_size,
               run_name=run_name, stop_after=stop_after, restart=restart, seed=seed, num_workers=num_workers,
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
-              grad_checkpointing=grad_checkpointing)
+              grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
+              probe_every=probe_every, budget_hours=budget_hours)
 
 
 @app.command("adapt-highres")
@@ -170,6 +197,7 @@ def adapt_highres(
                                                    "(default: plans.json's highres batch, capped at 4 on a "
                                                    "CPU).")] = None,
     base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.001,
+    probe_every: ProbeEvery = None,
     stop_after: StopAfter = None,
     restart: Restart = False,
     num_workers: Workers = 2,
@@ -186,7 +214,8 @@ def adapt_highres(
     from threedino_pipe.training import adapt_highres as stage
     stage.run(from_run, iteration=iteration, iters=iters, run_name=run_name, batch_size=batch_size, base_lr=base_lr,
               stop_after=stop_after, restart=restart, num_workers=num_workers, device=device, precision=precision,
-              save_every=save_every, snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing)
+              save_every=save_every, snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing,
+              probe_every=probe_every)
 
 
 @app.command()

@@ -8,7 +8,7 @@ these files.
 from threedino_pipe.artifacts.base import Artifact, checksum
 from threedino_pipe.artifacts.model_card import BackboneRecord, ModelCard
 from threedino_pipe.artifacts.plans import FinetuneConfiguration, Plans, PretrainConfiguration
-from threedino_pipe.artifacts.run_record import RunRecord, open_run_folder
+from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
 
-__all__ = ["Artifact", "BackboneRecord", "FinetuneConfiguration", "ModelCard", "Plans", "PretrainConfiguration",
-           "RunRecord", "checksum", "open_run_folder"]
+__all__ = ["Artifact", "BackboneRecord", "BudgetRecord", "FinetuneConfiguration", "ModelCard", "Plans",
+           "PretrainConfiguration", "RunRecord", "checksum", "open_run_folder"]

@@ -14,8 +14,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from threedino_pipe.artifacts.base import Artifact
+from threedino_pipe.artifacts.base import Artifact, Record
 from threedino_pipe.runtime.errors import UserError
+
+
+class BudgetRecord(Record):
+    """``--budget-hours``: the step time measured at the start of the run and the iterations it allows."""
+
+    hours: float
+    measured_step_seconds: float
+    measured_steps: int
+    iters: int
 
 
 class RunRecord(Artifact):
@@ -33,6 +42,9 @@ class RunRecord(Artifact):
     volatile: list[str] = []
     plans: dict[str, dict[str, Any]] = {}
     decisions: dict[str, Any] = {}
+    budget: BudgetRecord | None = None
+
+    OMIT_WHEN_NONE = ("budget",)
 
     def compared(self) -> dict[str, Any]:
         """The values a resume must find unchanged: options (less the volatile ones) and the plans' fields."""

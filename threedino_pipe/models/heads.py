@@ -51,10 +51,17 @@ class DINOHead(nn.Module):
         return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden_dim": self.hidden_dim,
                 "bottleneck_dim": self.bottleneck_dim, "nlayers": self.nlayers}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """``[..., in_dim]`` -> the L2-normalised bottleneck ``[..., bottleneck_dim]``."""
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+
+    def prototypes(self, z: Tensor) -> Tensor:
+        """Normalised bottleneck ``[..., bottleneck_dim]`` -> logits ``[..., out_dim]`` (cosines to the prototypes)."""
+        return self.last_layer(z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prototypes(self.embed(x))
 
 
 def _rename_released_keys(module, state_dict, prefix, *_args) -> None:

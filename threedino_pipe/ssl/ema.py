@@ -52,3 +52,16 @@ def clip_gradients(module: nn.Module, max_norm: float = 3.0) -> torch.Tensor:
     if hasattr(module, "clip_grad_norm_"):
         return module.clip_grad_norm_(max_norm)
     return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+@torch.no_grad()
+def relative_distance(student: nn.Module, teacher: nn.Module) -> float:
+    """``||theta_student - theta_teacher|| / ||theta_teacher||`` over the paired parameters: how far the EMA
+    teacher lags behind the student (0 at the start, when the teacher is a copy)."""
+    s_params, t_params = _params_by_name(student), _params_by_name(teacher)
+    names = [n for n in t_params if n in s_params]
+    teacher_list = [t_params[n].float() for n in names]
+    diffs = torch._foreach_sub([s_params[n].detach().float() for n in names], teacher_list)
+    num = torch.stack(torch._foreach_norm(diffs)).norm()
+    den = torch.stack(torch._foreach_norm(teacher_list)).norm()
+    return float(num / den.clamp_min(1e-12))

@@ -59,11 +59,15 @@ def make_schedules(total_iters: int, total_batch: int, *, base_lr: float = 0.002
                    warmup_frac: float = 0.1, weight_decay: float = 0.04, weight_decay_end: float = 0.4,
                    momentum: float = 0.992, momentum_end: float = 1.0, teacher_temp: float = 0.07,
                    warmup_teacher_temp: float = 0.04, teacher_temp_warmup_frac: float = 0.3,
-                   freeze_last_layer_frac: float = 0.01) -> dict[str, CosineSchedule]:
+                   freeze_last_layer_frac: float = 0.01, peak_lr: float | None = None,
+                   warmup_iters: int | None = None, teacher_temp_warmup_iters: int | None = None,
+                   freeze_last_layer_iters: int | None = None) -> dict[str, CosineSchedule]:
     """Every schedule of a run of ``total_iters`` iterations, with METHOD.md's defaults.
 
     Fractions are of ``total_iters`` (rounded to whole iterations), so adapt-highres rebuilds the same
     shapes compressed to its own length by calling this with its own ``total_iters`` and base lr.
+    ``peak_lr`` and the ``*_iters`` counts, when given, replace the rule and the fractions (the
+    self-configured recipe, :mod:`threedino_pipe.ssl.recipe`).
 
     Returns:
         ``{"lr", "wd", "momentum", "teacher_temp", "last_layer_lr"}``:
@@ -74,10 +78,12 @@ def make_schedules(total_iters: int, total_batch: int, *, base_lr: float = 0.002
     """
     if total_iters < 1 or total_batch < 1:
         raise ValueError(f"need total_iters >= 1 and total_batch >= 1, got {total_iters}, {total_batch}")
-    peak = scaled_lr(base_lr, total_batch)
-    warmup = round(warmup_frac * total_iters)
-    temp_warmup = round(teacher_temp_warmup_frac * total_iters)
-    freeze = round(freeze_last_layer_frac * total_iters)
+    peak = scaled_lr(base_lr, total_batch) if peak_lr is None else peak_lr
+    warmup = round(warmup_frac * total_iters) if warmup_iters is None else warmup_iters
+    temp_warmup = round(teacher_temp_warmup_frac * total_iters) if teacher_temp_warmup_iters is None else \
+        teacher_temp_warmup_iters
+    freeze = round(freeze_last_layer_frac * total_iters) if freeze_last_layer_iters is None else \
+        freeze_last_layer_iters
     return {
         "lr": CosineSchedule(peak, min_lr, total_iters, warmup_iters=warmup),
         "wd": CosineSchedule(weight_decay, weight_decay_end, total_iters),

@@ -89,3 +89,78 @@ class PrototypeUsage:
     def load_state_dict(self, state: dict) -> None:
         self.num_prototypes, self.window = int(state["num_prototypes"]), int(state["window"])
         self.recent = deque((list(r) for r in state["recent"]), maxlen=self.window)
+
+
+def _gathered(tensor: Tensor) -> Tensor:
+    """``tensor`` of every rank concatenated along dim 0 (itself without torch.distributed; equal sizes)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class LearningSignals:
+    """Every signal of one SSL step, with the windows that span steps (docs/pretrain.md, "Is it learning?").
+
+    Args:
+        num_prototypes: K of the DINO head.
+        window: iterations of the prototype-usage window (50).
+        rank_rows: teacher CLS tokens kept for their effective rank (the last 512 over recent steps).
+        max_patch_rows: patch tokens (of this step) subsampled for their effective rank.
+    """
+
+    UNIFORM = 0.99      # target entropy above this: the targets say nothing (no learning)
+    COLLAPSED = 0.02    # target entropy below this, or at most 2 prototypes in use: collapse
+
+    def __init__(self, num_prototypes: int, window: int = 50, rank_rows: int = 512, max_patch_rows: int = 2048):
+        self.usage = PrototypeUsage(num_prototypes, window)
+        self.rank_rows, self.max_patch_rows = rank_rows, max_patch_rows
+        self.cls_rows: Tensor | None = None
+        self.warned: set[str] = set()
+
+    @torch.no_grad()
+    def update(self, student: dict[str, Tensor], teacher: dict[str, Tensor], dino_probs: Tensor,
+               ibot_probs: Tensor) -> dict[str, float]:
+        """Signals of this step: ``student`` / ``teacher`` outputs as :class:`SSLNetwork` returns them."""
+        cls = teacher["cls"].float()
+        rows = cls if self.cls_rows is None else torch.cat([self.cls_rows.to(cls.device), cls])
+        self.cls_rows = rows[-self.rank_rows:].detach().cpu()
+        patch = teacher["patch"].float().flatten(0, 1)
+        if patch.shape[0] > self.max_patch_rows:
+            patch = patch[torch.linspace(0, patch.shape[0] - 1, self.max_patch_rows).long()]
+        return {
+            "target_entropy": target_entropy(dino_probs),
+            "ibot_entropy": target_entropy(ibot_probs) if ibot_probs.shape[0] else math.nan,
+            "prototypes_used": self.usage.update(_gathered(dino_probs)),
+            "cls_rank": effective_rank(self.cls_rows),
+            "patch_rank": effective_rank(patch),
+            "teacher_cls_std": spread(cls),
+            "cls_std": spread(student["cls"]),
+            "agreement": agreement(student["dino_global"], dino_probs),
+        }
+
+    def warning(self, row: dict[str, float], iteration: int, iters: int, after: int = 50) -> str | None:
+        """A warning (once per kind) when the signals show no learning or a collapse after the warm-up."""
+        if iteration < min(max(after, iters // 5), iters):
+            return None
+        used = round(row["prototypes_used"] * self.usage.num_prototypes)
+        if row["target_entropy"] > self.UNIFORM and "uniform" not in self.warned:
+            self.warned.add("uniform")
+            return (f"iteration {iteration}: the teacher's targets are uniform (entropy {row['target_entropy']:.4f} of "
+                    "its maximum): the student is taught nothing. Use the self-configured recipe (--recipe auto), "
+                    "or --centering sinkhorn_queue / a larger batch; see docs/pretrain.md")
+        if (row["target_entropy"] < self.COLLAPSED or used <= 2) and "collapse" not in self.warned:
+            self.warned.add("collapse")
+            return (f"iteration {iteration}: representation collapse suspected ({used} prototype(s) in use over the "
+                    f"last {self.usage.window} iterations, target entropy {row['target_entropy']:.3f}); "
+                    "see docs/pretrain.md")
+        return None
+
+    def state_dict(self) -> dict:
+        return {"usage": self.usage.state_dict(), "cls_rows": self.cls_rows, "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.usage.load_state_dict(state["usage"])
+        self.cls_rows, self.warned = state["cls_rows"], set(state["warned"])

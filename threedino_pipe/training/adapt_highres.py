@@ -20,9 +20,11 @@ from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.run_setup import dataset_plans, open_run
 from threedino_pipe.training.ssl_setup import (
     config_from_plans,
+    describe,
     finished_already,
     plans_dependencies,
     pooled_configuration,
+    recipe_decisions,
     source_checkpoint,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair, train_ssl
@@ -31,8 +33,13 @@ from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair, tra
 def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, run_name: str | None = None,
         batch_size: int | None = None, base_lr: float = 0.001, stop_after: int | None = None,
         restart: bool = False, num_workers: int = 2, device: str = "auto", precision: str = "auto",
-        save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False) -> Path:
-    """Adapt a pretrain run to 112^3 / 64^3 crops; returns the new run folder."""
+        save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
+        probe_every: int | None = None) -> Path:
+    """Adapt a pretrain run to 112^3 / 64^3 crops; returns the new run folder.
+
+    The SSL recipe (``auto`` or ``paper``, as the source run) is configured anew for this run's batch
+    and length; ``probe_every`` as in ``pretrain``.
+    """
     from_run = Path(from_run)
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
     recorded = SSLRunConfig.from_options(source.options)
@@ -56,17 +63,19 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             precision=precision, drop_path=src_config.drop_path, koleo_weight=src_config.koleo_weight,
             head_dims=src_config.head_dims, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
             num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
-            grad_checkpointing=grad_checkpointing)
+            grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
+            probe_every=probe_every)
         folder = from_run.parent / (run_name or f"{from_run.name}__highres")
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
-                           plans=plans_dependencies(plans_list, "pretrain_highres"))
+                           plans=plans_dependencies(plans_list, "pretrain_highres"),
+                           decisions=recipe_decisions(run_config))
         resume = open_run(folder, record, restart=restart, dist=dist)
         if finished_already(folder, resume, stop_after, console):
             return folder
         if dist.is_main:
             console.print(f"adapt-highres run {folder} from {checkpoint_path} (iteration {state['iteration']}): "
                           f"{iters} iterations, crops {config.global_crop}/{config.local_crop}, position grid "
-                          f"{src_config.pos_grid}^3 -> {grid}^3")
+                          f"{src_config.pos_grid}^3 -> {grid}^3, recipe {describe(run_config)}")
         train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after,
                   init_state=None if resume else {"student": student.state_dict(), "teacher": teacher.state_dict()})
         return folder

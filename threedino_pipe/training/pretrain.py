@@ -20,10 +20,13 @@ from threedino_pipe.runtime.precision import PRECISIONS
 from threedino_pipe.training.run_setup import dataset_plans, open_run
 from threedino_pipe.training.ssl_model import HEAD_DIMS
 from threedino_pipe.training.ssl_setup import (
+    budget_iterations,
     config_from_plans,
+    describe,
     finished_already,
     plans_dependencies,
     pooled_configuration,
+    recipe_decisions,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, train_ssl
 
@@ -34,8 +37,16 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         run_name: str | None = None, stop_after: int | None = None, restart: bool = False, seed: int = 0,
         num_workers: int = 2, device: str = "auto", precision: str = "auto", drop_path: float = 0.3,
         koleo_weight: float = 0.1, base_lr: float = 0.002, prototypes: int | None = None,
-        save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False) -> Path:
-    """Pretrain a 3D ViT with 3DINO on the pooled ``datasets``; returns the run folder."""
+        save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
+        recipe: str = "auto", recipe_overrides: dict | None = None, probe_every: int | None = None,
+        budget_hours: float | None = None) -> Path:
+    """Pretrain a 3D ViT with 3DINO on the pooled ``datasets``; returns the run folder.
+
+    ``recipe`` ``auto`` adapts the paper's settings to the run's batch and length, ``paper`` keeps them
+    (:mod:`threedino_pipe.ssl.recipe`); ``recipe_overrides`` sets single settings (None = the recipe's).
+    ``probe_every`` (default a tenth of the run; 0 = never) runs the patch probe when a pooled dataset is
+    labelled. ``budget_hours`` replaces ``iters`` by what fits, from the step time measured at the start.
+    """
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision}", fix=f"use one of {', '.join(PRECISIONS)}")
     console = Console(stderr=True)
@@ -44,28 +55,39 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     preset = preset or config.preset
     if preset not in HEAD_DIMS:
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(HEAD_DIMS)}")
+    names = [folder.name for folder, _ in plans_list]
+    ids = "+".join(str(paths.dataset_id(n)) for n in names)
+    folder = paths.results_root() / "pretrain" / (run_name or f"{preset}__{ids}")
     dist = init_distributed(device)
     try:
-        names = [folder.name for folder, _ in plans_list]
         head_dims = dict(HEAD_DIMS[preset])
         if prototypes:
             head_dims["out_dim"] = int(prototypes)
-        run_config = config_from_plans(
-            config, dist, console, datasets=names, configuration="pretrain", preset=preset, iters=iters,
-            batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision, drop_path=drop_path,
-            koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
-            snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing)
-        ids = "+".join(str(paths.dataset_id(n)) for n in names)
-        folder = paths.results_root() / "pretrain" / (run_name or f"{preset}__{ids}")
-        record = RunRecord(stage="pretrain", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
-                           plans=plans_dependencies(plans_list, "pretrain"))
+
+        def make_config(n_iters: int) -> SSLRunConfig:
+            return config_from_plans(
+                config, dist, console, datasets=names, configuration="pretrain", preset=preset, iters=n_iters,
+                batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision, drop_path=drop_path,
+                koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
+                snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing, recipe_name=recipe,
+                recipe_overrides=recipe_overrides or {}, probe_every=probe_every)
+
+        budget = None
+        if budget_hours is not None:
+            budget = budget_iterations(folder, budget_hours, restart, make_config, [f for f, _ in plans_list], dist,
+                                       console)
+            iters = budget.iters
+        run_config = make_config(iters)
+        record = RunRecord(stage="pretrain", options={**run_config.options(), "budget_hours": budget_hours},
+                           volatile=list(SSLRunConfig.VOLATILE), plans=plans_dependencies(plans_list, "pretrain"),
+                           decisions=recipe_decisions(run_config), budget=budget)
         resume = open_run(folder, record, restart=restart, dist=dist)
         if finished_already(folder, resume, stop_after, console):
             return folder
         if dist.is_main:
             console.print(f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {preset}, "
                           f"{iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
-                          f"{run_config.precision}, device {dist.device}")
+                          f"{run_config.precision}, device {dist.device}, recipe {describe(run_config)}")
         train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after)
         if dist.is_main:
             console.print(f"[green]pretrain[/]: {folder}")

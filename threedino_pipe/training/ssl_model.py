@@ -58,11 +58,18 @@ class SSLNetwork(nn.Module):
         return {"cls": cls, "dino_global": dino_global, "dino_local": dino_local, "ibot": self.ibot_head(masked)}
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, masks: PatchMasks) -> dict[str, Tensor]:
-        """Teacher pass on unmasked global crops: ``dino`` ``[2B, K]`` and ``ibot`` ``[M, K]`` logits, ``cls``."""
+    def teacher_outputs(self, global_crops: Tensor, masks: PatchMasks) -> dict[str, Tensor]:
+        """Teacher pass on unmasked global crops.
+
+        Returns:
+            ``cls`` ``[2B, D]`` and ``patch`` ``[2B, n, D]`` (normed tokens), ``dino`` ``[2B, d]`` and
+            ``ibot`` ``[M, d]``: the heads' L2-normalised bottleneck embeddings (of the CLS tokens and of
+            the masked patches), which the centring turns into targets with the heads' prototypes.
+        """
         out = self.backbone.forward_features(global_crops)
         masked = out["patch"].flatten(0, 1)[masks.mask_indices.to(out["patch"].device)]
-        return {"cls": out["cls"], "dino": self.dino_head(out["cls"]), "ibot": self.ibot_head(masked)}
+        return {"cls": out["cls"], "patch": out["patch"], "dino": self.dino_head.embed(out["cls"]),
+                "ibot": self.ibot_head.embed(masked)}
 
 
 def build_ssl_network(backbone: VisionTransformer3D, head_dims: dict) -> SSLNetwork:
@@ -92,20 +99,19 @@ class SSLLosses:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
 
-    def __call__(self, student: dict[str, Tensor], teacher: dict[str, Tensor], masks: PatchMasks,
-                 teacher_temp: float) -> tuple[Tensor, dict[str, float]]:
-        """Total loss and its terms for logging (``dino_global``, ``dino_local``, ``ibot``, ``koleo``)."""
-        dino_probs = self.dino.teacher_probabilities(teacher["dino"], teacher_temp)
-        ibot_probs = self.ibot.teacher_probabilities(teacher["ibot"], teacher_temp)
+    def __call__(self, student: dict[str, Tensor], dino_probs: Tensor, ibot_probs: Tensor,
+                 masks: PatchMasks) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and its terms for logging (``dino_global``, ``dino_local``, ``ibot``, ``koleo``).
+
+        ``dino_probs`` ``[2B, K]`` and ``ibot_probs`` ``[M, K]`` are the centred teacher targets
+        (:mod:`threedino_pipe.ssl.centering`).
+        """
         dino_terms = self.dino.terms(student["dino_global"], student["dino_local"], dino_probs)
         dino = dino_terms["dino_global"] + dino_terms["dino_local"]
         ibot = self.ibot(student["ibot"], ibot_probs, masks.masks.to(student["ibot"].device),
                          masks.weights.to(student["ibot"].device))
         koleo = koleo_per_chunk(student["cls"].float(), 2) if self.koleo_weight else dino.new_zeros(())
         total = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
-        entropy = -(dino_probs * dino_probs.clamp_min(1e-12).log()).sum(-1).mean()
         terms = {"loss": total.item(), "dino_global": dino_terms["dino_global"].item(),
-                 "dino_local": dino_terms["dino_local"].item(), "ibot": ibot.item(), "koleo": koleo.item(),
-                 "teacher_entropy": (entropy / torch.log(torch.tensor(float(dino_probs.shape[-1])))).item(),
-                 "cls_std": student["cls"].float().std(dim=0).mean().item() if student["cls"].shape[0] > 1 else 0.0}
+                 "dino_local": dino_terms["dino_local"].item(), "ibot": ibot.item(), "koleo": koleo.item()}
         return total, terms

@@ -10,6 +10,7 @@ DDP (gloo on CPU, NCCL on GPU) and Sinkhorn-Knopp sums are all-reduced across ra
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
@@ -33,19 +34,24 @@ from threedino_pipe.ssl import (
     build_param_groups,
     clip_gradients,
     iBOTPatchLoss,
-    make_schedules,
     random_patch_masks,
     schedule_values,
     update_teacher,
 )
+from threedino_pipe.ssl.centering import TeacherCentring
+from threedino_pipe.ssl.ema import relative_distance
+from threedino_pipe.ssl.recipe import SSLRecipe, paper, recipe_schedules
+from threedino_pipe.ssl.signals import LearningSignals
+from threedino_pipe.training.feature_probe import ProbeCases, load_probe_cases, probe_score
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.ssl_checkpoint"
-COLLAPSE_STD = 1e-4
 COLLAPSE_AFTER = 50  # iterations before the collapse check starts (a fresh ViT's CLS tokens all look alike)
-CURVES = ["loss", "dino_global", "dino_local", "ibot", "koleo", "lr", "teacher_temp", "teacher_entropy", "crops_per_s"]
+CURVES = ["loss", "dino_global", "dino_local", "ibot", "koleo", "target_entropy", "prototypes_used", "cls_rank",
+          "patch_rank", "teacher_cls_std", "agreement", "st_distance", "probe_bacc", "lr", "momentum", "teacher_temp",
+          "crops_per_s"]
 
 
 @dataclass
@@ -73,15 +79,24 @@ class SSLRunConfig:
     pos_grid: int = 6
     world_size: int = 1
     init_from: str | None = None
+    recipe: dict = field(default_factory=dict)  # SSLRecipe.options() (ssl/recipe.py); empty: the paper's
+    recipe_reasons: dict = field(default_factory=dict)  # why each setting deviates from the paper (not compared)
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
     snapshot_every: int = 0
     log_every: int = 1
     grad_checkpointing: bool = False
+    probe_every: int = 0
 
     VOLATILE = ("num_workers", "save_every", "snapshot_every", "log_every", "grad_checkpointing", "stop_after",
-                "device")
+                "device", "probe_every", "recipe_reasons")
+
+    def ssl_recipe(self) -> SSLRecipe:
+        """The run's recipe (a run recorded before recipes existed ran the paper's)."""
+        if self.recipe:
+            return SSLRecipe(**self.recipe, deviations=dict(self.recipe_reasons))
+        return paper(self.batch_size * self.world_size, self.iters, self.head_dims["out_dim"], self.base_lr)
 
     def options(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +115,8 @@ class SSLRunConfig:
 
 def build_ssl_pair(config: SSLRunConfig) -> tuple[SSLNetwork, SSLNetwork]:
     """Student and teacher networks of ``config`` (call under the run's seed)."""
-    backbone = build_backbone(config.preset, drop_path_rate=config.drop_path, pos_grid=config.pos_grid)
+    backbone = build_backbone(config.preset, drop_path_rate=config.drop_path, pos_grid=config.pos_grid,
+                              layerscale_init=config.ssl_recipe().layerscale_init)
     student = build_ssl_network(backbone, config.head_dims)
     return student, make_teacher(student)
 
@@ -152,18 +168,22 @@ class SSLTask:
         self.optimizer = _optimizer(self.student)
         self.scaler = make_scaler(config.precision, device)
         self.total_batch = config.batch_size * dist.world_size
-        self.schedules = make_schedules(config.iters, self.total_batch, base_lr=config.base_lr)
+        self.recipe = config.ssl_recipe()
+        self.schedules = recipe_schedules(self.recipe, config.iters, self.total_batch)
         out_dim = config.head_dims["out_dim"]
         self.losses = SSLLosses(DINOLoss(out_dim), iBOTPatchLoss(out_dim), koleo_weight=config.koleo_weight)
+        self.dino_centring = TeacherCentring(self.recipe.centering, queue_size=self.recipe.queue_size)
+        self.ibot_centring = TeacherCentring(self.recipe.ibot_centering, queue_size=self.recipe.queue_size)
+        self.signals = LearningSignals(out_dim)
         dataset = PretrainDataset(dataset_folders, config.configuration, config.min_axis)
         if dist.is_main:
             logger.info(dataset.summary())
         self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
                                            config.global_crop, config.local_crop, config.num_local_crops,
                                            rank=dist.rank, world_size=dist.world_size)
+        self.probe_cases = _probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
         self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
         self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)
-        self.warned = False
 
     def step(self, it: int) -> dict[str, Any]:
         config, device = self.config, self.dist.device
@@ -176,16 +196,21 @@ class SSLTask:
                            config.batch_size, self.dist.rank)
         global_crops = batch["global_crops"].to(device, non_blocking=True)
         local_crops = batch["local_crops"].to(device, non_blocking=True)
+        temp = values["teacher_temp"]
         with autocast(config.precision, device):
-            targets = self.teacher.teacher_targets(global_crops, masks)
+            teacher = self.teacher.teacher_outputs(global_crops, masks)
+            dino_probs = self.dino_centring.targets(teacher["dino"], self.teacher.dino_head.prototypes, temp)
+            ibot_probs = self.ibot_centring.targets(teacher["ibot"], self.teacher.ibot_head.prototypes, temp)
             outputs = self.model(global_crops, local_crops, masks)
-            loss, terms = self.losses(outputs, targets, masks, values["teacher_temp"])
+            loss, terms = self.losses(outputs, dino_probs, ibot_probs, masks)
         check_finite([terms["loss"]], it, terms)
         optimizer_step(loss, self.optimizer, self.scaler, clip=self._clip)
         update_teacher(self.student, self.teacher, values["momentum"])
+        signals = self.signals.update(outputs, teacher, dino_probs, ibot_probs)
         crops = (global_crops.shape[0] + local_crops.shape[0]) * self.dist.world_size
-        return {**terms, "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
-                "teacher_temp": values["teacher_temp"], "last_layer_lr": values["last_layer_lr"],
+        return {**terms, **signals, "st_distance": relative_distance(self.student.backbone, self.teacher.backbone),
+                "probe_bacc": math.nan, "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
+                "teacher_temp": temp, "last_layer_lr": values["last_layer_lr"],
                 "crops_per_s": crops / (time.perf_counter() - tick), "memory_mb": peak_memory_mb(device)}
 
     def _clip(self) -> None:
@@ -193,20 +218,30 @@ class SSLTask:
             clip_gradients(part, 3.0)
 
     def after_step(self, iteration: int, row: dict[str, Any], say: Callable[[str], None]) -> bool:
-        if self.dist.is_main and not self.warned and iteration >= max(COLLAPSE_AFTER, self.config.iters // 10) and \
-                (row["cls_std"] < COLLAPSE_STD or row["teacher_entropy"] < 0.01):
-            logger.warning("representation collapse suspected at iteration %d: CLS feature std %.2e, teacher "
-                           "entropy %.3f of its maximum", iteration, row["cls_std"], row["teacher_entropy"])
-            self.warned = True
+        if not self.dist.is_main:
+            return False
+        probe_now = self.probe_cases is not None and (iteration % self.config.probe_every == 0
+                                                      or iteration == self.config.iters)
+        if probe_now:
+            score = probe_score(self.teacher.backbone, self.probe_cases, self.dist.device, self.config.precision)
+            row["probe_bacc"] = score["balanced_accuracy"]
+            say(f"iteration {iteration}: patch probe of the teacher on {self.probe_cases.dataset} (fold 0 validation "
+                f"patches): balanced accuracy {score['balanced_accuracy']:.3f}")
+        warning = self.signals.warning(row, iteration, self.config.iters, COLLAPSE_AFTER)
+        if warning:
+            say(f"warning: {warning}")
         return False
 
     def status(self, row: dict[str, Any]) -> str:
-        return f"loss {row['loss']:.3f} entropy {row['teacher_entropy']:.3f}"
+        probe = "" if math.isnan(row["probe_bacc"]) else f" probe {row['probe_bacc']:.3f}"
+        return (f"loss {row['loss']:.3f} entropy {row['target_entropy']:.3f} prototypes "
+                f"{row['prototypes_used']:.1%} rank {row['cls_rank']:.1f}{probe}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "loader": self.loader.state_dict()}
+                "loader": self.loader.state_dict(), "dino_centring": self.dino_centring.state_dict(),
+                "ibot_centring": self.ibot_centring.state_dict(), "signals": self.signals.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -215,6 +250,10 @@ class SSLTask:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
+        if "dino_centring" in state:
+            self.dino_centring.load_state_dict(state["dino_centring"])
+            self.ibot_centring.load_state_dict(state["ibot_centring"])
+            self.signals.load_state_dict(state["signals"])
 
     def on_save(self, folder: Path, iteration: int) -> None:
         pass
@@ -226,6 +265,15 @@ class SSLTask:
 
     def close(self) -> None:
         self.loader.close()
+
+
+def _probe_cases(dataset_folders: list[Path]) -> ProbeCases | None:
+    """The first pooled dataset with labelled finetune arrays and splits, for the patch probe."""
+    for folder in dataset_folders:
+        cases = load_probe_cases(folder)
+        if cases is not None:
+            return cases
+    return None
 
 
 def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], dist: DistInfo, *,

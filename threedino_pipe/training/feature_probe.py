@@ -1,0 +1,135 @@
+"""A cheap frozen-feature probe: how well a backbone's patch tokens separate the labels of 16^3 patches.
+
+Used during pretraining (``3dino pretrain`` probes its teacher every ``--probe-every``
+iterations when a pooled dataset is labelled) and by the pretraining benchmark (pretrained vs
+random initialisation). Protocol:
+
+1. Cases: the labelled dataset's ``finetune`` arrays (``C x X x Y x Z``, normalised, with their
+   ``_seg`` label maps); the probe trains on up to ``max_train`` cases of fold 0's training list
+   and scores on up to ``max_val`` cases of fold 0's validation list. The held-out test cases are
+   never used. Each case is centre-cropped to at most ``max_size`` voxels per axis, then padded
+   to a multiple of 16 with -1.
+2. Features: the backbone's last-layer (normed) patch tokens, one per 16^3 patch; a case with
+   several channels runs each channel through the single-channel backbone and averages.
+3. Labels: each patch's most frequent label value; patches made mostly of padding are left out.
+4. Probe: standardised features, class-balanced logistic regression (scikit-learn), balanced
+   accuracy on the validation patches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from threedino_pipe.data.splits import load_splits
+from threedino_pipe.preprocessing.arrays import open_array
+from threedino_pipe.runtime.precision import autocast
+
+PATCH = 16
+PAD_VALUE = -1.0
+PAD_LABEL = -1
+
+
+@dataclass
+class ProbeCases:
+    """Cropped arrays of the probe: ``images`` ``[C, X, Y, Z]`` float32 and ``labels`` ``[X, Y, Z]`` int64."""
+
+    train_images: list[np.ndarray]
+    train_labels: list[np.ndarray]
+    val_images: list[np.ndarray]
+    val_labels: list[np.ndarray]
+    dataset: str
+
+
+def _crop_pad(image: np.ndarray, seg: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre crop to ``max_size`` per axis, then pad to multiples of 16 (image -1, labels ``PAD_LABEL``)."""
+    starts = [max(0, (s - max_size) // 2) for s in seg.shape]
+    box = tuple(slice(a, a + min(s, max_size)) for a, s in zip(starts, seg.shape, strict=True))
+    image, seg = image[(slice(None), *box)], seg[box]
+    pad = [(0, math.ceil(s / PATCH) * PATCH - s) for s in seg.shape]
+    image = np.pad(image, [(0, 0), *pad], constant_values=PAD_VALUE)
+    seg = np.pad(seg, pad, constant_values=PAD_LABEL)
+    return image.astype(np.float32), seg.astype(np.int64)
+
+
+def load_probe_cases(preprocessed: Path, *, max_train: int = 8, max_val: int = 4, max_size: int = 128,
+                     configuration: str = "finetune") -> ProbeCases | None:
+    """The probe's cases of a preprocessed labelled dataset (None when it has no labelled arrays or splits)."""
+    folder = Path(preprocessed) / configuration
+    if not (Path(preprocessed) / "splits.json").is_file() or not folder.is_dir():
+        return None
+    fold = load_splits(preprocessed, Path(preprocessed).name)["folds"][0]
+
+    def load(ids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        images, labels = [], []
+        for case in ids:
+            seg_path = folder / f"{case}_seg.b2nd"
+            if not seg_path.is_file():
+                return [], []
+            image, seg = _crop_pad(open_array(folder / f"{case}.b2nd")[:], open_array(seg_path)[0], max_size)
+            images.append(image)
+            labels.append(seg)
+        return images, labels
+
+    train = load(sorted(fold["train"])[:max_train])
+    val = load(sorted(fold["val"])[:max_val])
+    if not train[0] or not val[0]:
+        return None
+    return ProbeCases(*train, *val, dataset=Path(preprocessed).name)
+
+
+def patch_labels(seg: np.ndarray) -> np.ndarray:
+    """``[X, Y, Z]`` labels (multiples of 16) -> ``[N]`` majority label per 16^3 patch, W-major order.
+
+    A patch whose majority is padding gets ``PAD_LABEL``.
+    """
+    gx, gy, gz = (s // PATCH for s in seg.shape)
+    blocks = seg.reshape(gx, PATCH, gy, PATCH, gz, PATCH).transpose(0, 2, 4, 1, 3, 5).reshape(gx * gy * gz, -1)
+    shifted = blocks - PAD_LABEL  # 0 = padding, so bincount works
+    return np.array([np.bincount(row).argmax() for row in shifted]) + PAD_LABEL
+
+
+@torch.no_grad()
+def patch_features(backbone: nn.Module, image: np.ndarray, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """``[C, X, Y, Z]`` -> ``[N, D]`` last-layer patch tokens (mean over channels), float32."""
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.from_numpy(image).to(device)[:, None]  # channels as a batch of single-channel volumes
+    with autocast(precision, device):
+        tokens = backbone.forward_features(x)["patch"]
+    backbone.train(was_training)
+    return tokens.float().mean(0).cpu().numpy()
+
+
+def probe_score(backbone: nn.Module, cases: ProbeCases, device: torch.device, precision: str = "fp32",
+                regularisation: float = 0.1) -> dict[str, float]:
+    """Balanced accuracy of the logistic-regression patch probe (``nan`` when a split lacks two classes).
+
+    Returns ``{"balanced_accuracy", "train_patches", "val_patches", "classes"}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.preprocessing import StandardScaler
+
+    def stack(images: list[np.ndarray], segs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([patch_features(backbone, im, device, precision) for im in images])
+        y = np.concatenate([patch_labels(s) for s in segs])
+        keep = y != PAD_LABEL
+        return x[keep], y[keep]
+
+    x, y = stack(cases.train_images, cases.train_labels)
+    x_val, y_val = stack(cases.val_images, cases.val_labels)
+    result = {"balanced_accuracy": math.nan, "train_patches": float(len(y)), "val_patches": float(len(y_val)),
+              "classes": float(len(np.unique(y)))}
+    if len(np.unique(y)) < 2 or len(np.unique(y_val)) < 2:
+        return result
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=regularisation, class_weight="balanced", max_iter=1000)
+    model.fit(scaler.transform(x), y)
+    result["balanced_accuracy"] = float(balanced_accuracy_score(y_val, model.predict(scaler.transform(x_val))))
+    return result
