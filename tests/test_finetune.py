@@ -218,6 +218,27 @@ def test_classification_dataset_needs_the_probe(mni_preprocessed, tmp_path):
     assert result.returncode != 0 and "pass --head probe" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_edited_reason_resumes_and_edited_patch_size_refuses(mni_preprocessed, tmp_path):
+    pre = tmp_path / "pre"
+    shutil.copytree(mni_preprocessed["THREEDINO_PREPROCESSED"], pre)
+    env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
+    args = ("finetune", "-d", "990", *FAST, "--head", "linear", "--backbone", "none", "--iters", "4",
+            "--save-every", "1", "--val-every", "4")
+    assert run_3dino(*args, "--stop-after", "2", env=env).returncode == 0
+    plans_path = pre / DATASET / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["finetune"]["reasons"]["patch_size"] = "edited by hand"
+    plans_path.write_text(json.dumps(plans))
+    resumed = run_3dino(*args, "--stop-after", "1", env=env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    old = plans["configurations"]["finetune"]["patch_size"]
+    plans["configurations"]["finetune"]["patch_size"] = [32, *old[1:]]
+    plans_path.write_text(json.dumps(plans))
+    refused = run_3dino(*args, env=env)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"patch_size: {old} -> {[32, *old[1:]]}" in refused.stderr and "--restart" in refused.stderr
+
+
 def test_killed_run_resumes_from_checkpoint_latest(env):
     args = ("finetune", "-d", "990", *FAST, "--backbone", "none", "--head", "linear", "--iters", "12",
             "--val-every", "6", "--save-every", "2")

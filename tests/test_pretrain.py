@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +21,8 @@ from threedino_pipe.models.checkpoint import load_backbone
 pytestmark = pytest.mark.e2e
 FAST = ("--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision", "fp32", "--no-progress")
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp",
-              "crops_per_s", "memory_mb")
+              "crops_per_s", "memory_mb", "target_entropy", "ibot_entropy", "prototypes_used", "cls_rank", "patch_rank",
+              "teacher_cls_std", "cls_std", "agreement", "st_distance")
 
 
 @pytest.fixture
@@ -79,6 +82,46 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     reloaded, _ = load_backbone(exported)
     x = torch.randn(1, 1, 32, 48, 64)
     torch.testing.assert_close(reloaded.eval()(x), backbone.eval()(x), rtol=0, atol=0)
+
+
+def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_stays_uniform(env, tmp_path):
+    """Acceptance of the pretraining issue: tiny, K = 256, fp32, batch 4, 60 iterations on the real scans."""
+    common = ("pretrain", "-d", "990", "--preset", "tiny", "--iters", "60", "--prototypes", "256", "--precision",
+              "fp32", "--num-workers", "0", "--probe-every", "0", "--no-progress")
+    results = {}
+    for recipe in ("auto", "paper"):
+        done = run_3dino(*common, "--recipe", recipe, "--run", recipe, env=env)
+        assert done.returncode == 0, done.stderr
+        rows = list(csv.DictReader((tmp_path / "results" / "pretrain" / recipe / "log.csv").open()))
+        assert len(rows) == 60
+        results[recipe] = rows
+    last = results["auto"][-1]
+    assert float(last["target_entropy"]) < 0.95 and float(last["prototypes_used"]) > 0.10, last
+    assert min(float(r["target_entropy"]) for r in results["paper"]) > 0.999  # the negative control
+    record = json.loads((tmp_path / "results" / "pretrain" / "auto" / "run.json").read_text())
+    assert set(record["decisions"]["deviations_from_paper"]) >= {"centering", "layerscale_init", "momentum_start"}
+    paper_run = json.loads((tmp_path / "results" / "pretrain" / "paper" / "run.json").read_text())
+    assert paper_run["decisions"] == {"recipe": "paper", "deviations_from_paper": {}}
+
+
+def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tmp_path):
+    pre = tmp_path / "pre"
+    shutil.copytree(mni_preprocessed["THREEDINO_PREPROCESSED"], pre)
+    env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
+    args = ("pretrain", "-d", "990", *FAST, "--iters", "4", "--save-every", "1", "--run", "edit")
+    assert run_3dino(*args, "--stop-after", "2", env=env).returncode == 0
+    plans_path = pre / "Dataset990_MNITissue" / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["pretrain"]["reasons"]["global_crop"] = "edited by hand"
+    plans["decisions"]["transpose"] = "edited too"
+    plans_path.write_text(json.dumps(plans))
+    resumed = run_3dino(*args, "--stop-after", "1", env=env)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    plans["configurations"]["pretrain"]["min_axis"] = 20
+    plans_path.write_text(json.dumps(plans))
+    refused = run_3dino(*args, env=env)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "plans.Dataset990_MNITissue.min_axis: 24 -> 20" in refused.stderr and "--restart" in refused.stderr
 
 
 def test_killed_pretrain_resumes_from_its_latest_checkpoint(env, tmp_path):

@@ -35,10 +35,19 @@ PAPER_PROTOTYPES = 65_536
 MIN_SINKHORN_ROWS = 256               # fewer teacher rows per step than this: centre over a queue
 QUEUE_ROWS = 2048                     # rows Sinkhorn sees with a queue (over all ranks)
 MOMENTUM_HORIZON = 0.05               # the EMA's averaging horizon 1/(1 - m0) at most this fraction of T
-MIN_MOMENTUM = 0.9
-LAYERSCALE_ITERS = 0.125              # LayerScale init = this / T, between the paper's 1e-5 and 0.1
-MAX_LAYERSCALE = 0.1
+MIN_MOMENTUM = 0.8
+SHORT_RUN = 1_000                     # at or below: the short-run settings measured on the CPU
+SHORT_LAYERSCALE = 1.0                # LayerScale init of a short run (the paper's 1e-5 at 125,000 iterations)
+SHORT_TEACHER_TEMP = 0.04             # teacher temperature of a short run: no warm-up to 0.07
 MIN_PEAK_LR = 5e-4                    # a floor under the square-root rule at small batches
+
+
+def run_scale(iters: int) -> float:
+    """Where a run of ``iters`` lies between a short run (0, at or below ``SHORT_RUN``) and the paper's
+    length (1, at or above 125,000), on a log scale; the length-dependent settings interpolate along it."""
+    if iters <= SHORT_RUN:
+        return 0.0
+    return min(1.0, math.log(iters / SHORT_RUN) / math.log(PAPER_ITERS / SHORT_RUN))
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,8 @@ def paper(total_batch: int, iters: int, prototypes: int, base_lr: float) -> SSLR
         ibot_centering="sinkhorn", freeze_last_layer_iters=_fraction(PAPER_FREEZE_LAST_LAYER, iters))
 
 
-def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, world_size: int = 1) -> SSLRecipe:
+def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, world_size: int = 1,
+              scale_iters: int | None = None) -> SSLRecipe:
     """The self-configured recipe for a run of ``iters`` iterations at ``total_batch`` volumes per step.
 
     Args:
@@ -89,6 +99,8 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
         prototypes: K the user or the preset asks for (the paper's 65,536 for ViT-S/B/L).
         base_lr: the paper's base rate for this stage (0.002 pretrain, 0.001 adapt-highres).
         world_size: processes (the queue is split between them).
+        scale_iters: the length the LayerScale and teacher-temperature rules judge (default ``iters``;
+            adapt-highres passes its source run's, since it continues a trained network).
     """
     base = paper(total_batch, iters, prototypes, base_lr)
     deviations: dict[str, str] = {}
@@ -108,12 +120,20 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
         deviations["momentum_start"] = (f"teacher EMA horizon 1/(1 - m) = {1 / (1 - momentum):.0f} iterations, at most "
                                         f"{MOMENTUM_HORIZON:g} of the {iters} iterations (the paper's 0.992 averages "
                                         "over 125 iterations: a short run's teacher would not move)")
-    layerscale = min(MAX_LAYERSCALE, max(PAPER_LAYERSCALE, LAYERSCALE_ITERS / iters))
-    if layerscale != PAPER_LAYERSCALE:
+    scale = run_scale(iters if scale_iters is None else scale_iters)
+    layerscale = float(10 ** (math.log10(SHORT_LAYERSCALE) * (1 - scale) + math.log10(PAPER_LAYERSCALE) * scale))
+    if scale < 1:
         changes["layerscale_init"] = layerscale
-        deviations["layerscale_init"] = (f"LayerScale starts at {layerscale:.3g} = {LAYERSCALE_ITERS:g} / {iters} "
-                                         "iterations: at 1e-5 every block starts as an identity and a short run "
-                                         "ends before the residual branches grow")
+        deviations["layerscale_init"] = (f"LayerScale starts at {layerscale:.3g} (log-interpolated from "
+                                         f"{SHORT_LAYERSCALE:g} at <= {SHORT_RUN} iterations to the paper's 1e-5 at "
+                                         f"{PAPER_ITERS}): at 1e-5 every block starts as an identity, the teacher's "
+                                         "output does not depend on its input and a short run ends before it does")
+        temp = SHORT_TEACHER_TEMP + (PAPER_TEACHER_TEMP[1] - SHORT_TEACHER_TEMP) * scale
+        changes["teacher_temp_end"] = temp
+        deviations["teacher_temp_end"] = (f"teacher temperature {PAPER_TEACHER_TEMP[0]:g} -> {temp:.3g} (the paper "
+                                          f"warms up to {PAPER_TEACHER_TEMP[1]:g}; interpolated from "
+                                          f"{SHORT_TEACHER_TEMP:g} at <= {SHORT_RUN} iterations): softer targets in "
+                                          "a short run are near uniform")
     if base.peak_lr < MIN_PEAK_LR:
         changes["peak_lr"] = MIN_PEAK_LR
         deviations["peak_lr"] = (f"the square-root rule gives {base.peak_lr:.3g} at a total batch of {total_batch}; "

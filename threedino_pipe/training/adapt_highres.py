@@ -38,7 +38,8 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     """Adapt a pretrain run to 112^3 / 64^3 crops; returns the new run folder.
 
     The SSL recipe (``auto`` or ``paper``, as the source run) is configured anew for this run's batch
-    and length; ``probe_every`` as in ``pretrain``.
+    and length, its run-length rules judged by the source run's length (the network is trained
+    already); ``probe_every`` as in ``pretrain``.
     """
     from_run = Path(from_run)
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
@@ -64,7 +65,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             head_dims=src_config.head_dims, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
             num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
             grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
-            probe_every=probe_every)
+            probe_every=probe_every, scale_iters=src_config.iters)
         folder = from_run.parent / (run_name or f"{from_run.name}__highres")
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
                            plans=plans_dependencies(plans_list, "pretrain_highres"),

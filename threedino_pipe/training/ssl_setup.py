@@ -52,21 +52,21 @@ def plans_dependencies(plans_list: list[tuple[Path, Plans]], configuration: str)
 def config_from_plans(config: PretrainConfiguration, dist: DistInfo, console: Console, *, preset: str, iters: int,
                       batch_size: int | None, precision: str, snapshot_every: int | None, recipe_name: str = "auto",
                       recipe_overrides: dict | None = None, probe_every: int | None = None,
-                      **fields) -> SSLRunConfig:
+                      scale_iters: int | None = None, **fields) -> SSLRunConfig:
     """The run's :class:`SSLRunConfig`: crop sizes, batch and position grid from the plans' ``config``,
     the SSL recipe for the run's total batch and length.
 
     ``fields`` are the remaining :class:`SSLRunConfig` fields (datasets, configuration, base_lr, head_dims,
     seed, ...); ``precision`` is resolved for the device; ``snapshot_every`` and ``probe_every`` default to
     a tenth of ``iters``; ``recipe_name`` is ``auto`` or ``paper`` and ``recipe_overrides`` set single
-    settings of it (:mod:`threedino_pipe.ssl.recipe`).
+    settings of it; ``scale_iters`` is the length its run-length rules judge (:mod:`threedino_pipe.ssl.recipe`).
     """
     if batch_size is None and preset != config.preset:
         console.print(f"note: plans.json sized batch {config.batch_size} for preset {config.preset}, not {preset}; "
                       "pass --batch-size to choose another")
     batch = batch_for_device(config.batch_size, batch_size, dist, CPU_BATCH_CAP, console)
     recipe = make_recipe(recipe_name, batch * dist.world_size, iters, fields["head_dims"]["out_dim"],
-                         fields["base_lr"], dist.world_size, recipe_overrides or {})
+                         fields["base_lr"], dist.world_size, recipe_overrides or {}, scale_iters)
     return SSLRunConfig(
         preset=preset, iters=iters, batch_size=batch,
         global_crop=config.global_crop, local_crop=config.local_crop, num_local_crops=config.num_local_crops,
@@ -78,12 +78,12 @@ def config_from_plans(config: PretrainConfiguration, dist: DistInfo, console: Co
 
 
 def make_recipe(name: str, total_batch: int, iters: int, prototypes: int, base_lr: float, world_size: int,
-                overrides: dict) -> SSLRecipe:
+                overrides: dict, scale_iters: int | None = None) -> SSLRecipe:
     """The ``auto`` or ``paper`` recipe with the user's single overrides (a UserError for bad values)."""
     if name not in RECIPES:
         raise UserError(f"unknown --recipe {name}", fix=f"use one of {', '.join(RECIPES)}")
     if name == "auto":
-        recipe = configure(total_batch, iters, prototypes, base_lr, world_size)
+        recipe = configure(total_batch, iters, prototypes, base_lr, world_size, scale_iters)
     else:
         recipe = paper(total_batch, iters, prototypes, base_lr)
     try:

@@ -1,0 +1,59 @@
+"""The self-configured SSL recipe: the paper's values at the paper's scale, the documented ones at CPU scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from threedino_pipe.ssl.recipe import apply_overrides, configure, paper, recipe_schedules, run_scale
+
+
+def test_paper_scale_gives_the_papers_values_exactly():
+    for batch, iters in ((512, 125_000), (1024, 200_000)):
+        auto = configure(batch, iters, 65_536, 0.002)
+        assert auto.options() == {**paper(batch, iters, 65_536, 0.002).options(), "recipe": "auto"}
+        assert auto.deviations == {}
+    recipe = configure(512, 125_000, 65_536, 0.002)
+    assert recipe.peak_lr == pytest.approx(0.002 * math.sqrt(512 / 1024))
+    assert (recipe.warmup_iters, recipe.teacher_temp_warmup_iters, recipe.freeze_last_layer_iters) == \
+        (12_500, 37_500, 1_250)
+    assert (recipe.teacher_temp_start, recipe.teacher_temp_end, recipe.momentum_start) == (0.04, 0.07, 0.992)
+    assert (recipe.layerscale_init, recipe.centering, recipe.queue_size, recipe.prototypes) == \
+        (1e-5, "sinkhorn", 0, 65_536)
+    # adapt-highres at the paper's scale (batch 256, 12,500 iterations after a 125,000-iteration run)
+    highres = configure(256, 12_500, 65_536, 0.001, scale_iters=125_000)
+    assert highres.options() == {**paper(256, 12_500, 65_536, 0.001).options(), "recipe": "auto"}
+
+
+def test_cpu_scale_gives_the_documented_short_run_settings():
+    recipe = configure(4, 60, 256, 0.002)
+    assert recipe.centering == "sinkhorn_queue" and recipe.queue_size == 2048 - 8
+    assert recipe.momentum_start == 0.8 and recipe.layerscale_init == 1.0
+    assert (recipe.teacher_temp_start, recipe.teacher_temp_end) == (0.04, 0.04)
+    assert recipe.peak_lr == 5e-4 and recipe.warmup_iters == 6 and recipe.ibot_centering == "sinkhorn"
+    assert set(recipe.deviations) == {"centering", "momentum_start", "layerscale_init", "teacher_temp_end", "peak_lr"}
+    assert "SwAV" in recipe.deviations["centering"] and "0.000125" in recipe.deviations["peak_lr"]
+    two_ranks = configure(4, 60, 256, 0.002, world_size=2)
+    assert two_ranks.queue_size == 1020  # the same 2,040 queued rows in all
+    # in between, the length-dependent settings move monotonically towards the paper's
+    runs = [configure(4, n, 256, 0.002) for n in (1_000, 5_000, 25_000, 125_000)]
+    assert [run_scale(n) for n in (1_000, 125_000)] == [0.0, 1.0]
+    assert runs[0].layerscale_init == 1.0 and runs[-1].layerscale_init == pytest.approx(1e-5)
+    assert all(a.layerscale_init > b.layerscale_init for a, b in zip(runs, runs[1:], strict=False))
+    assert all(a.teacher_temp_end < b.teacher_temp_end for a, b in zip(runs, runs[1:], strict=False))
+    assert runs[-1].momentum_start == 0.992 and runs[-1].centering == "sinkhorn_queue"  # batch 4 still queues
+
+
+def test_overrides_are_recorded_and_feed_the_schedules():
+    recipe = apply_overrides(configure(4, 100, 256, 0.002), {"peak_lr": 1e-3, "centering": None,
+                                                             "momentum_start": 0.95})
+    assert recipe.peak_lr == 1e-3 and recipe.centering == "sinkhorn_queue"
+    assert all("set by the user" in recipe.deviations[k] for k in ("peak_lr", "momentum_start"))
+    schedules = recipe_schedules(recipe, 100, 4)
+    assert schedules["lr"][9] == pytest.approx(1e-3) and schedules["momentum"][0] == pytest.approx(0.95)
+    assert schedules["teacher_temp"][0] == schedules["teacher_temp"][99] == pytest.approx(0.04)
+    queued = apply_overrides(paper(4, 100, 256, 0.002), {"centering": "sinkhorn_queue"})
+    assert queued.queue_size == 2048
+    with pytest.raises(ValueError, match="unknown centring"):
+        apply_overrides(recipe, {"centering": "zscore"})
