@@ -124,6 +124,23 @@ def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tm
     assert "plans.Dataset990_MNITissue.min_axis: 24 -> 20" in refused.stderr and "--restart" in refused.stderr
 
 
+def test_budget_hours_measures_a_step_and_a_rerun_keeps_the_count(env, tmp_path):
+    args = ("pretrain", "-d", "990", *FAST, "--budget-hours", "0.001", "--save-every", "1", "--probe-every", "0",
+            "--run", "budget")
+    first = run_3dino(*args, "--stop-after", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "a step takes" in first.stderr
+    folder = tmp_path / "results" / "pretrain" / "budget"
+    record = json.loads((folder / "run.json").read_text())
+    budget = record["budget"]
+    assert budget["hours"] == 0.001 and budget["measured_steps"] == 3
+    assert budget["iters"] == max(1, int(3.6 / budget["measured_step_seconds"])) == record["options"]["iters"]
+    second = run_3dino(*args, env=env)  # resumes with the recorded count: nothing measured again
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stderr and "a step takes" not in second.stderr
+    assert len(list(csv.DictReader((folder / "log.csv").open()))) == budget["iters"]
+
+
 def test_killed_pretrain_resumes_from_its_latest_checkpoint(env, tmp_path):
     args = ("pretrain", "-d", "990", *FAST, "--iters", "5", "--save-every", "1", "--run", "killed")
     latest = tmp_path / "results" / "pretrain" / "killed" / "checkpoint_latest.pt"

@@ -161,6 +161,12 @@ def pretrain(
     layerscale_init: Annotated[float | None, typer.Option("--layerscale-init", min=0.0, help="Initial LayerScale "
                                                           "of the blocks (default: the recipe's; the paper: "
                                                           "1e-5).")] = None,
+    warmup_iters: Annotated[int | None, typer.Option("--warmup-iters", min=0, help="Learning-rate warm-up in "
+                                                     "iterations (default: the recipe's; the paper: a tenth of "
+                                                     "--iters).")] = None,
+    teacher_temp: Annotated[float | None, typer.Option("--teacher-temp", min=0.001, help="Teacher temperature "
+                                                       "reached after the warm-up from 0.04 (default: the "
+                                                       "recipe's; the paper: 0.07).")] = None,
     probe_every: ProbeEvery = None,
     budget_hours: Annotated[float | None, typer.Option("--budget-hours", min=0.0, help="Train for about this many "
                                                        "hours: the iterations come from the step time measured at "
@@ -176,7 +182,8 @@ def pretrain(
     _common(verbose, no_progress)
     from threedino_pipe.training import pretrain as stage
     overrides = {"centering": centering, "queue_size": queue_size, "peak_lr": peak_lr,
-                 "momentum_start": momentum_start, "layerscale_init": layerscale_init}
+                 "momentum_start": momentum_start, "layerscale_init": layerscale_init, "warmup_iters": warmup_iters,
+                 "teacher_temp_end": teacher_temp}
     stage.run(list(datasets) + list(more or []), preset=preset, iters=iters, batch_size=batch_size,
               run_name=run_name, stop_after=stop_after, restart=restart, seed=seed, num_workers=num_workers,
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,

@@ -137,8 +137,8 @@ def budget_iterations(folder: Path, hours: float, restart: bool, make_config: Ca
         task.close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
-    step = float(seconds)
-    budget = BudgetRecord(hours=hours, measured_step_seconds=round(step, 4), measured_steps=BUDGET_STEPS,
+    step = max(round(float(seconds), 4), 1e-4)  # as recorded, so the count can be checked from run.json
+    budget = BudgetRecord(hours=hours, measured_step_seconds=step, measured_steps=BUDGET_STEPS,
                           iters=max(1, int(hours * 3600 / step)))
     if dist.is_main:
         console.print(f"--budget-hours {hours:g}: a step takes {step:.2f} s here (mean of {BUDGET_STEPS} after "

@@ -23,7 +23,7 @@ def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] 
     if table.empty or "iteration" not in table:
         return None
     numeric = [c for c in table.columns if c != "iteration" and pd.api.types.is_numeric_dtype(table[c])]
-    columns = [c for c in (columns or numeric) if c in table]
+    columns = [c for c in (columns or numeric) if c in table and table[c].notna().any()]  # all-NaN: not logged yet
     if not columns:
         return None
     ncols = min(3, len(columns))
@@ -31,7 +31,8 @@ def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] 
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
         valid = table[["iteration", column]].dropna()
-        ax.plot(valid["iteration"], valid[column], lw=1.2)
+        sparse = len(valid) < len(table) / 2  # logged every few iterations (validation, probes): mark the points
+        ax.plot(valid["iteration"], valid[column], lw=1.2, marker="o" if sparse else None, ms=3)
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
