@@ -64,10 +64,12 @@ def _write_dataset_json(folder: Path, channel_names: dict, labels: dict | None, 
 
 
 def mni_case(t1: sitk.Image, label: sitk.Image, rng: np.random.Generator,
-             max_size: int = 64) -> tuple[sitk.Image, sitk.Image]:
-    """One distinct case: resampled on a random grid (spacing ~2.6-3.6 mm, rotation, crop, flip, intensity)."""
+             max_size: int = 64, spacing_scale: float = 1.0) -> tuple[sitk.Image, sitk.Image]:
+    """One distinct case: resampled on a random grid (spacing ~2.6-3.6 mm times ``spacing_scale``, rotation,
+    crop, flip, intensity)."""
     spacing = rng.uniform(2.6, 3.6, size=3)
     spacing[2] = rng.uniform(3.0, 4.0)
+    spacing = spacing * spacing_scale
     rotation = _rotation_z(rng.uniform(-12, 12))
     flips = np.where(rng.random(3) < 0.25, -1.0, 1.0)
     direction = np.asarray(t1.GetDirection()).reshape(3, 3) @ rotation @ np.diag(flips)
@@ -91,7 +93,8 @@ def mni_case(t1: sitk.Image, label: sitk.Image, rng: np.random.Generator,
 
 
 def build_mni_dataset(raw_root: str | Path, dataset_id: int = 990, num_cases: int = 8, *, seed: int = 0,
-                      max_size: int = 64, num_test: int = 0, name: str = "MNITissue") -> Path:
+                      max_size: int = 64, num_test: int = 0, name: str = "MNITissue",
+                      spacing_scale: float = 1.0) -> Path:
     """Write a segmentation dataset (grey/white matter) of distinct MNI152 resamplings.
 
     Args:
@@ -99,6 +102,7 @@ def build_mni_dataset(raw_root: str | Path, dataset_id: int = 990, num_cases: in
         num_cases: training cases (``imagesTr`` + ``labelsTr``).
         seed: fixes every random choice.
         max_size: largest voxel count per axis.
+        spacing_scale: multiplies the drawn spacings (0.375: 1.0-1.5 mm, at least 96 voxels per axis).
         num_test: extra cases written to ``imagesTs`` (with their labels in ``labelsTs``).
 
     Returns:
@@ -110,7 +114,7 @@ def build_mni_dataset(raw_root: str | Path, dataset_id: int = 990, num_cases: in
     t1, label = mni_images()
     rng = np.random.default_rng(seed)
     for index in range(num_cases + num_test):
-        image, seg = mni_case(t1, label, rng, max_size)
+        image, seg = mni_case(t1, label, rng, max_size, spacing_scale)
         split = "Tr" if index < num_cases else "Ts"
         case = f"mni_{index:03d}"
         sitk.WriteImage(image, str(folder / f"images{split}" / f"{case}_0000.nii.gz"))

@@ -117,9 +117,10 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
     momentum = max(MIN_MOMENTUM, min(PAPER_MOMENTUM, horizon_momentum))
     if momentum != PAPER_MOMENTUM:
         changes["momentum_start"] = momentum
-        deviations["momentum_start"] = (f"teacher EMA horizon 1/(1 - m) = {1 / (1 - momentum):.0f} iterations, at most "
-                                        f"{MOMENTUM_HORIZON:g} of the {iters} iterations (the paper's 0.992 averages "
-                                        "over 125 iterations: a short run's teacher would not move)")
+        deviations["momentum_start"] = (f"teacher EMA horizon 1/(1 - m) = {1 / (1 - momentum):.0f} iterations: "
+                                        f"{MOMENTUM_HORIZON:g} of the {iters} iterations, with m at least "
+                                        f"{MIN_MOMENTUM:g} (the paper's 0.992 averages over 125 iterations: a short "
+                                        "run's teacher would not move)")
     scale = run_scale(iters if scale_iters is None else scale_iters)
     layerscale = float(10 ** (math.log10(SHORT_LAYERSCALE) * (1 - scale) + math.log10(PAPER_LAYERSCALE) * scale))
     if scale < 1:

@@ -19,6 +19,8 @@ random initialisation). Protocol:
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,27 +59,30 @@ def _crop_pad(image: np.ndarray, seg: np.ndarray, max_size: int) -> tuple[np.nda
     return image.astype(np.float32), seg.astype(np.int64)
 
 
+def load_cases(folder: Path, ids: list[str], max_size: int = 128) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Cropped, padded images and labels of ``ids`` in a preprocessed configuration folder (``[], []`` if one
+    has no label array)."""
+    images, labels = [], []
+    for case in ids:
+        seg_path = folder / f"{case}_seg.b2nd"
+        if not seg_path.is_file():
+            return [], []
+        image, seg = _crop_pad(open_array(folder / f"{case}.b2nd")[:], open_array(seg_path)[0], max_size)
+        images.append(image)
+        labels.append(seg)
+    return images, labels
+
+
 def load_probe_cases(preprocessed: Path, *, max_train: int = 8, max_val: int = 4, max_size: int = 128,
                      configuration: str = "finetune") -> ProbeCases | None:
-    """The probe's cases of a preprocessed labelled dataset (None when it has no labelled arrays or splits)."""
+    """The probe's cases of a preprocessed labelled dataset: fold 0's training and validation cases
+    (None when it has no labelled arrays or splits)."""
     folder = Path(preprocessed) / configuration
     if not (Path(preprocessed) / "splits.json").is_file() or not folder.is_dir():
         return None
     fold = load_splits(preprocessed, Path(preprocessed).name)["folds"][0]
-
-    def load(ids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        images, labels = [], []
-        for case in ids:
-            seg_path = folder / f"{case}_seg.b2nd"
-            if not seg_path.is_file():
-                return [], []
-            image, seg = _crop_pad(open_array(folder / f"{case}.b2nd")[:], open_array(seg_path)[0], max_size)
-            images.append(image)
-            labels.append(seg)
-        return images, labels
-
-    train = load(sorted(fold["train"])[:max_train])
-    val = load(sorted(fold["val"])[:max_val])
+    train = load_cases(folder, sorted(fold["train"])[:max_train], max_size)
+    val = load_cases(folder, sorted(fold["val"])[:max_val], max_size)
     if not train[0] or not val[0]:
         return None
     return ProbeCases(*train, *val, dataset=Path(preprocessed).name)
@@ -106,30 +111,54 @@ def patch_features(backbone: nn.Module, image: np.ndarray, device: torch.device,
     return tokens.float().mean(0).cpu().numpy()
 
 
-def probe_score(backbone: nn.Module, cases: ProbeCases, device: torch.device, precision: str = "fp32",
-                regularisation: float = 0.1) -> dict[str, float]:
-    """Balanced accuracy of the logistic-regression patch probe (``nan`` when a split lacks two classes).
-
-    Returns ``{"balanced_accuracy", "train_patches", "val_patches", "classes"}``.
-    """
+def fit_probe(backbone: nn.Module, images: list[np.ndarray], labels: list[np.ndarray], device: torch.device,
+              precision: str = "fp32", regularisation: float = 0.1) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Fit the logistic-regression probe on the patches of ``images``; returns ``[N, D]`` features -> labels
+    (None when the patches hold fewer than two classes)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.preprocessing import StandardScaler
 
-    def stack(images: list[np.ndarray], segs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.concatenate([patch_features(backbone, im, device, precision) for im in images])
-        y = np.concatenate([patch_labels(s) for s in segs])
-        keep = y != PAD_LABEL
-        return x[keep], y[keep]
-
-    x, y = stack(cases.train_images, cases.train_labels)
-    x_val, y_val = stack(cases.val_images, cases.val_labels)
-    result = {"balanced_accuracy": math.nan, "train_patches": float(len(y)), "val_patches": float(len(y_val)),
-              "classes": float(len(np.unique(y)))}
-    if len(np.unique(y)) < 2 or len(np.unique(y_val)) < 2:
-        return result
+    x = np.concatenate([patch_features(backbone, im, device, precision) for im in images])
+    y = np.concatenate([patch_labels(s) for s in labels])
+    keep = y != PAD_LABEL
+    x, y = x[keep], y[keep]
+    if len(np.unique(y)) < 2:
+        return None
     scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=regularisation, class_weight="balanced", max_iter=1000)
-    model.fit(scaler.transform(x), y)
-    result["balanced_accuracy"] = float(balanced_accuracy_score(y_val, model.predict(scaler.transform(x_val))))
-    return result
+    model = LogisticRegression(C=regularisation, class_weight="balanced", max_iter=1000).fit(scaler.transform(x), y)
+    return lambda features: model.predict(scaler.transform(features))
+
+
+def case_predictions(backbone: nn.Module, predict: Callable[[np.ndarray], np.ndarray], images: list[np.ndarray],
+                     labels: list[np.ndarray], device: torch.device, precision: str = "fp32"
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per case, ``(true, predicted)`` labels of its non-padding patches."""
+    out = []
+    for image, seg in zip(images, labels, strict=True):
+        y = patch_labels(seg)
+        keep = y != PAD_LABEL
+        out.append((y[keep], predict(patch_features(backbone, image, device, precision)[keep])))
+    return out
+
+
+def balanced_accuracy(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Balanced accuracy over the patches of all ``(true, predicted)`` pairs (``nan`` with fewer than 2 classes)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.concatenate([t for t, _ in pairs])
+    if len(np.unique(y)) < 2:
+        return math.nan
+    with warnings.catch_warnings():  # a class predicted but absent from these cases is no news here
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, np.concatenate([p for _, p in pairs])))
+
+
+def probe_score(backbone: nn.Module, cases: ProbeCases, device: torch.device, precision: str = "fp32",
+                regularisation: float = 0.1) -> dict[str, float]:
+    """Balanced accuracy of the patch probe fitted on ``cases``' training cases, on its validation cases
+    (``nan`` when a split lacks two classes)."""
+    predict = fit_probe(backbone, cases.train_images, cases.train_labels, device, precision, regularisation)
+    if predict is None:
+        return {"balanced_accuracy": math.nan}
+    pairs = case_predictions(backbone, predict, cases.val_images, cases.val_labels, device, precision)
+    return {"balanced_accuracy": balanced_accuracy(pairs)}
