@@ -36,8 +36,13 @@ def _student(run_dir):
 
 def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, tmp_path):
     runs = tmp_path / "results" / "pretrain"
-    once = run_3dino("pretrain", "-d", "990", *FAST, "--iters", "6", "--save-every", "2", "--run", "once", env=env)
+    once = run_3dino("pretrain", "-d", "990", *FAST, "--iters", "6", "--save-every", "2", "--run", "once",
+                     env={**env, "THREEDINO_PROGRESS_SECONDS": "0.5"})
     assert once.returncode == 0, once.stderr
+    # no terminal: a heartbeat line every 0.5 s whether or not a step finished, and one at the end
+    beats = [line for line in once.stderr.splitlines() if line.startswith("once: iteration ")]
+    assert len(beats) >= 4 and "current step running" in beats[0], once.stderr
+    assert beats[-1].startswith("once: iteration 6/6") and "entropy" in beats[-1]
     folder = runs / "once"
     for name in ("checkpoint_latest.pt", "checkpoint_final.pt", "backbone.pt", "run.json", "log.csv",
                  "curves.png", "checkpoint_6.pt"):

@@ -10,8 +10,11 @@ its state, and what happens after a step and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from threedino_pipe.visualization.curves import plot_curves
 logger = logging.getLogger(__name__)
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
-PRINT_SECONDS = 30.0  # without a progress bar: a plain progress line at most this often (and at the end)
+PROGRESS_SECONDS = 60.0  # without a terminal: a progress line this often (THREEDINO_PROGRESS_SECONDS overrides)
 
 
 class TrainingTask(Protocol):
@@ -137,9 +140,10 @@ class TrainingLoop:
         start = self.resume() if resume else 0
         end = settings.iters if settings.stop_after is None else min(settings.iters, start + settings.stop_after)
         log = CsvLog(self.folder / "log.csv", resume_iteration=start if resume else None) if dist.is_main else None
-        reporter = _ProgressLines(self.folder.name, settings.iters, start)
+        heartbeat = Heartbeat(self.folder.name, settings.iters, start) \
+            if dist.is_main and not progress.enabled() else None
         try:
-            with progress.make_progress() as bar:
+            with progress.make_progress() as bar, heartbeat or contextlib.nullcontext():
                 bar_task = bar.add_task(self.folder.name, total=settings.iters, completed=start, status="")
                 say = bar.console.print if progress.enabled() else logger.info
                 for it in range(start, end):
@@ -152,8 +156,8 @@ class TrainingLoop:
                         log.write(row)
                     status = self.task.status(row)
                     bar.update(bar_task, completed=iteration, status=status)
-                    if dist.is_main and not progress.enabled():
-                        reporter.maybe_print(iteration, status, final=iteration == end)
+                    if heartbeat is not None:
+                        heartbeat.update(iteration, status)
                     if save_now or iteration % settings.save_every == 0 or iteration == end:
                         self._save(iteration)
             if end == settings.iters:
@@ -182,23 +186,52 @@ class TrainingLoop:
         barrier()
 
 
-class _ProgressLines:
-    """Plain progress lines for batch logs: at most every ``PRINT_SECONDS`` and at the last iteration."""
+class Heartbeat:
+    """Plain progress lines for batch logs (SLURM, nohup, CI), from a thread: every ``interval`` seconds
+    whether or not a step has finished (a step can take minutes under load), and once at the end.
 
-    def __init__(self, name: str, total: int, start: int) -> None:
+    Each line: run name, iteration reached, seconds per iteration, ETA, the task's status (losses,
+    signals) of the last finished step, and how long the current step has been running.
+    """
+
+    def __init__(self, name: str, total: int, start: int, interval: float | None = None) -> None:
         self.name, self.total, self.start = name, total, start
-        self.began = self.last = time.monotonic()
+        self.interval = interval if interval is not None else \
+            float(os.environ.get("THREEDINO_PROGRESS_SECONDS", PROGRESS_SECONDS))
+        self.iteration, self.status = start, "starting"
+        self.began = self.step_began = time.monotonic()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="threedino-heartbeat", daemon=True)
 
-    def maybe_print(self, iteration: int, status: str, *, final: bool) -> None:
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None and self.iteration > self.start:
+            self._print(final=True)
+
+    def update(self, iteration: int, status: str) -> None:
+        with self.lock:
+            self.iteration, self.status, self.step_began = iteration, status, time.monotonic()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._print(final=False)
+
+    def _print(self, *, final: bool) -> None:
+        with self.lock:
+            iteration, status, step_began = self.iteration, self.status, self.step_began
         now = time.monotonic()
-        if not final and now - self.last < PRINT_SECONDS:
-            return
-        self.last = now
         done = iteration - self.start
-        rate = (now - self.began) / max(done, 1)
-        eta = rate * (self.total - iteration)
-        logger.info("%s: iteration %d/%d (%.2f s/it, ETA %s) %s", self.name, iteration, self.total, rate,
-                    _duration(eta), status)
+        rate = (now - self.began) / done if done else math.nan
+        eta = _duration(rate * (self.total - iteration)) if done else "unknown"
+        running = "" if final else f", current step running {now - step_began:.0f} s"
+        logger.info("%s: iteration %d/%d (%s s/it, ETA %s%s) %s", self.name, iteration, self.total,
+                    "?" if not done else f"{rate:.2f}", eta, running, status)
 
 
 def _duration(seconds: float) -> str:
