@@ -9,6 +9,7 @@ schedule restarted and compressed to its own length, base lr 0.001. Writes
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +18,7 @@ from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.training.run_setup import dataset_plans, open_run
+from threedino_pipe.training.run_setup import dataset_plans, open_run, run_lock
 from threedino_pipe.training.ssl_setup import (
     config_from_plans,
     describe,
@@ -52,6 +53,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     plans_list = [dataset_plans(d) for d in recorded.datasets]
     config = pooled_configuration(plans_list, "pretrain_highres")
     dist = init_distributed(device)
+    held = contextlib.ExitStack()
     try:
         state = load_checkpoint(checkpoint_path, rerun="3dino pretrain")
         src_config, student, teacher = load_ssl_pair(state)
@@ -67,6 +69,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
             probe_every=probe_every, scale_iters=src_config.iters)
         folder = from_run.parent / (run_name or f"{from_run.name}__highres")
+        held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
                            plans=plans_dependencies(plans_list, "pretrain_highres"),
                            decisions=recipe_decisions(run_config))
@@ -81,4 +84,5 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
                   init_state=None if resume else {"student": student.state_dict(), "teacher": teacher.state_dict()})
         return folder
     finally:
+        held.close()
         cleanup()

@@ -11,6 +11,7 @@ resumes; one with other options refuses (``--restart``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 from threedino_pipe.training.backbone_choice import BackboneChoice, resolve_backbone
-from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run
+from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run, run_lock
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     frozen = choice.pretrained and not unfreeze
     iters = iters or DEFAULT_ITERS
     dist = init_distributed(device)
+    held = contextlib.ExitStack()
     try:
         output, targets, names = output_targets(plans.labels)
         run_config = SegRunConfig(
@@ -135,6 +137,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
         folder = paths.results_root() / pre.name / run_folder_name(head, tag, pct, fold, seed)
+        held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="finetune", options=run_config.options(), volatile=list(SegRunConfig.VOLATILE),
                            plans={pre.name: plans.dependencies(CONFIGURATION)})
         resume = open_run(folder, record, restart=restart, dist=dist,
@@ -160,6 +163,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             console.print(f"[green]finetune[/]: {folder}")
         return folder
     finally:
+        held.close()
         cleanup()
 
 

@@ -7,6 +7,7 @@ with other options refuses (``--run`` / ``--restart``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS
-from threedino_pipe.training.run_setup import dataset_plans, open_run
+from threedino_pipe.training.run_setup import dataset_plans, open_run, run_lock
 from threedino_pipe.training.ssl_model import HEAD_DIMS
 from threedino_pipe.training.ssl_setup import (
     budget_iterations,
@@ -59,7 +60,9 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     ids = "+".join(str(paths.dataset_id(n)) for n in names)
     folder = paths.results_root() / "pretrain" / (run_name or f"{preset}__{ids}")
     dist = init_distributed(device)
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(run_lock(folder, dist))
         head_dims = dict(HEAD_DIMS[preset])
         if prototypes:
             head_dims["out_dim"] = int(prototypes)
@@ -93,4 +96,5 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
             console.print(f"[green]pretrain[/]: {folder}")
         return folder
     finally:
+        held.close()
         cleanup()

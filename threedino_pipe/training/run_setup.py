@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.console import Console
 from threedino_pipe.artifacts import Plans, RunRecord, open_run_folder
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import DistInfo, barrier
+from threedino_pipe.runtime.locks import TargetLock
 
 
 def dataset_plans(spec: str) -> tuple[Path, Plans]:
@@ -28,6 +30,11 @@ def batch_for_device(planned: int, requested: int | None, dist: DistInfo, cpu_ca
                       f"{planned} for a GPU); pass --batch-size to override")
         return cpu_cap
     return planned
+
+
+def run_lock(folder: Path, dist: DistInfo) -> contextlib.AbstractContextManager:
+    """Rank 0 holds the run folder's lock for the whole run (a second command into it refuses at once)."""
+    return TargetLock(folder, "run folder") if dist.is_main else contextlib.nullcontext()
 
 
 def open_run(folder: Path, record: RunRecord, *, restart: bool, dist: DistInfo,

@@ -1,0 +1,81 @@
+"""One writer per target: an exclusive lock on a run folder, a preprocessed dataset or an output folder.
+
+A second ``3dino`` command that would write into a target another command is writing refuses at
+once, naming the holder (host, process id, start time, command). The lock is an OS file lock
+(``filelock``: ``flock`` on Linux) on a hidden file beside the target, so the system releases it
+when the holding process ends in any way, ``kill -9`` included: the next command simply takes it.
+The holder's description sits in a second file, rewritten by each new holder.
+
+On shared cluster file systems the lock holds across machines where the file system supports
+POSIX locks: NFSv4, and Lustre mounted with ``-o flock`` (docs/cli.md). Where it does not
+(NFSv3 without lockd, Lustre with ``-o localflock``), two machines can both take it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from threedino_pipe.runtime.errors import UserError
+
+
+def lock_paths(target: Path) -> tuple[Path, Path]:
+    """The lock file and the holder description of ``target``: hidden files beside it."""
+    target = Path(target)
+    return target.parent / f".{target.name}.3dino.lock", target.parent / f".{target.name}.3dino.holder.json"
+
+
+class TargetLock:
+    """Exclusive write access to ``target`` for this process (a context manager).
+
+    Args:
+        target: the folder (or file) the command writes.
+        what: how messages name the target (e.g. "run folder").
+    """
+
+    def __init__(self, target: Path, what: str = "folder") -> None:
+        self.target, self.what = Path(target), what
+        self.path, self.holder_path = lock_paths(self.target)
+        self.lock: FileLock | None = None
+
+    def acquire(self) -> TargetLock:
+        """Take the lock now or raise a UserError naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path), timeout=0, preserve_lock_file=True)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(f"another 3dino command is writing this {self.what}: {self._holder()}", file=self.target,
+                            fix="wait for it to finish or stop it (a stopped or killed command's lock is released "
+                            "by the system), or write to another folder") from None
+        self.lock = lock
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": shlex.join(["3dino", *sys.argv[1:]])}
+        self.holder_path.write_text(json.dumps(holder) + "\n")
+        return self
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.holder_path.read_text())
+            return (f"process {holder['pid']} on {holder['host']}, started {holder['started']}: "
+                    f"{holder['command']}")
+        except (OSError, ValueError, KeyError):
+            return "a process that has not described itself yet"
+
+    def __enter__(self) -> TargetLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
