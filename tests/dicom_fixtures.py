@@ -172,8 +172,8 @@ class SilentServer(_Listener):
 
 
 class DroppingProxy(_Listener):
-    """A TCP proxy to ``target_port``: the first ``drops`` connections are cut once the server has sent
-    ``after_bytes`` bytes towards the client (a connection dropped mid-transfer); later ones pass."""
+    """A TCP proxy to ``target_port`` that cuts a connection once the server has sent ``after_bytes``
+    bytes towards the client (a connection dropped mid-transfer), ``drops`` times; then everything passes."""
 
     def __init__(self, target_port: int, *, after_bytes: int, drops: int = 1) -> None:
         self.target_port, self.after_bytes, self.drops = target_port, after_bytes, drops
@@ -181,19 +181,18 @@ class DroppingProxy(_Listener):
         super().__init__()
 
     def _serve(self, client: socket.socket) -> None:
-        limit = self.after_bytes if self.connections <= self.drops else None
         server = socket.create_connection(("127.0.0.1", self.target_port))
-        threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
-        threading.Thread(target=self._pipe, args=(server, client, limit), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-        sent = 0
+    def _pipe(self, source: socket.socket, sink: socket.socket, may_cut: bool) -> None:
+        sent, limit = 0, self.after_bytes
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
-                if limit is not None and sent + len(data) >= limit:
+                if may_cut and self.cut < self.drops and sent + len(data) >= limit:
                     sink.sendall(data[: max(0, limit - sent)])
                     self.cut += 1
                     break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,42 @@ class WebRetrieveResult:
 
     files: list[Path] = field(default_factory=list)
     attempts: int = 0
+
+
+def incomplete(ds: pydicom.Dataset) -> str:
+    """Why a received dataset is incomplete ("" when it is not): no SOPInstanceUID, or pixel data
+    shorter than Rows x Columns x frames x samples x bits, or encapsulated data without its fragments."""
+    if "SOPInstanceUID" not in ds:
+        return "no SOPInstanceUID"
+    if "Rows" not in ds or "PixelData" not in ds:
+        return ""
+    data = ds.PixelData
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_encapsulated:
+        return _items_problem(bytes(data))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16))
+    expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1)) * bits + 7) // 8
+    return f"{len(data)} of {expected} pixel data bytes" if len(data) < expected else ""
+
+
+def _items_problem(data: bytes) -> str:
+    """Why encapsulated pixel data is not a whole sequence of items ("" when it is): each item is the tag
+    (FFFE,E000) and a 4-byte little-endian length followed by that many bytes; at least two items (the
+    offset table and one fragment)."""
+    position, items = 0, 0
+    while position < len(data):
+        if len(data) - position < 8:
+            return "encapsulated pixel data cut inside an item header"
+        group, element, length = struct.unpack("<HHI", data[position:position + 8])
+        if (group, element) != (0xFFFE, 0xE000):
+            return f"encapsulated pixel data with an unexpected tag ({group:04X},{element:04X})"
+        position += 8 + length
+        items += 1
+    if position > len(data):
+        return "encapsulated pixel data cut inside a fragment"
+    return "" if items >= 2 else "encapsulated pixel data without fragments"
 
 
 class DicomWebClient:
@@ -99,21 +136,40 @@ class DicomWebClient:
 
     # --- WADO-RS -----------------------------------------------------------------------------
     def retrieve(self, dest: str | Path, study_uid: str, series_uid: str | None = None) -> WebRetrieveResult:
-        """WADO-RS a study (or one series) into ``dest`` as ``<SOPInstanceUID>.dcm`` files."""
+        """WADO-RS a study (or one series) into ``dest`` as ``<SOPInstanceUID>.dcm`` files.
+
+        A response cut short can still look like a valid multipart message (a server that ends its
+        answer by closing the connection), so completeness is checked: every instance QIDO-RS
+        lists must arrive, each with its SOPInstanceUID and its whole pixel data; otherwise the
+        retrieval is tried again.
+        """
         dest = Path(dest)
         attempts = Attempts()
 
         def operation() -> list[Path]:
+            listed = {str(row["SOPInstanceUID"]) for row in self._rows(self._client.search_for_instances(
+                study_instance_uid=study_uid, series_instance_uid=series_uid, fields=["SOPInstanceUID"],
+                get_remaining=True), ["SOPInstanceUID"])}
             if series_uid:
                 datasets = self._client.iter_series(study_instance_uid=study_uid, series_instance_uid=series_uid)
             else:
                 datasets = self._client.iter_study(study_instance_uid=study_uid)
-            files = []
-            for ds in datasets:
-                path = dest / f"{re.sub(r'[^0-9.]', '_', str(ds.SOPInstanceUID))[:80]}.dcm"
-                with atomic_path(path) as tmp:
-                    ds.save_as(tmp, enforce_file_format=True)
-                files.append(path)
+            files, received = [], set()
+            try:
+                for ds in datasets:
+                    problem = incomplete(ds)
+                    if problem:
+                        raise TransientError(f"an incomplete instance in the response ({problem})")
+                    path = dest / f"{re.sub(r'[^0-9.]', '_', str(ds.SOPInstanceUID))[:80]}.dcm"
+                    with atomic_path(path) as tmp:
+                        ds.save_as(tmp, enforce_file_format=True)
+                    files.append(path)
+                    received.add(str(ds.SOPInstanceUID))
+            except (ValueError, EOFError, KeyError, AttributeError) as exc:
+                raise TransientError(f"an undecodable response ({type(exc).__name__})") from None
+            if not listed <= received:
+                raise TransientError(f"the response held {len(listed & received)} of the {len(listed)} instances "
+                                     "the service lists")
             return files
         what = f"WADO-RS of {'series ' + series_uid if series_uid else 'study ' + study_uid}"
         files = self._call(what, operation, attempts)

@@ -55,6 +55,9 @@ if logging.getLogger("pynetdicom").level < logging.WARNING:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 DEFAULT_CALLING_AE = "THREEDINO"
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+LOSSLESS = [JPEGLosslessSV1, JPEG2000Lossless, JPEGLSLossless, RLELossless]
+LOSSY = [JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless]
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1,
                      JPEG2000Lossless, JPEGLSLossless, RLELossless, JPEG2000, JPEGLSNearLossless, JPEGBaseline8Bit,
                      JPEGExtended12Bit]
@@ -192,6 +195,7 @@ class DimseClient:
                                      f"(refused or no answer within {self.timeouts.connect_s:g} s)")
             raise TransientError(f"the node took the connection but did not answer the association request "
                                  f"within {self.timeouts.acse_s:g} s")
+        _keep_responses_for_the_sender(assoc)
         try:
             yield assoc
         finally:
@@ -266,21 +270,28 @@ class DimseClient:
         """Retrieve a study (or one of its series) with C-GET into ``dest`` (files named ``<SOPInstanceUID>.dcm``).
 
         The storage SOP classes proposed are those the node lists in SOPClassesInStudy, else a
-        default list of CT/MR/PET/SEG/RT/SR classes; each with uncompressed and lossless and
-        lossy compressed transfer syntaxes, so files come as stored.
+        default list of CT/MR/PET/SEG/RT/SR classes; each in one context for uncompressed transfer
+        syntaxes and one per lossless (and, room allowing, lossy) compressed syntax, so the node
+        can send each file as stored.
         """
         from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GetModel
         dest = Path(dest)
-        classes = self.sop_classes_in_study(study_uid) or DEFAULT_STORAGE_CLASSES
-        classes = classes[:120]
+        listed = self.sop_classes_in_study(study_uid)
+        classes = listed or DEFAULT_STORAGE_CLASSES
+        syntaxes = [UNCOMPRESSED, *([s] for s in LOSSLESS)]
+        if listed:  # few classes: room for the lossy syntaxes too
+            syntaxes += [[s] for s in LOSSY]
+        per_class = max(1, 127 // max(1, len(classes)))
         identifier = _retrieve_identifier(study_uid, series_uid)
         attempts = Attempts()
 
         def operation() -> RetrieveResult:
             result = RetrieveResult()
-            contexts = [(GetModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-            contexts += [(uid, TRANSFER_SYNTAXES) for uid in classes]
+            # one context per (class, syntax): the node picks one syntax per context, and a context
+            # per stored syntax lets it send each file as stored, without transcoding
+            contexts = [(GetModel, UNCOMPRESSED)]
+            contexts += [(uid, ts) for uid in classes[:127] for ts in syntaxes[:per_class]]
             roles = [build_role(uid, scp_role=True) for uid in classes]
             handlers = [(evt.EVT_C_STORE, _store_handler(dest, result.files))]
             with self._association(contexts, roles=roles, handlers=handlers) as assoc:
@@ -378,6 +389,8 @@ class DimseClient:
             if uid not in skip:
                 items.append((uid, Path(path), str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
         result = StoreResult()
+        if not items:
+            return result
         attempts = Attempts()
         done: set[str] = set()
 
@@ -385,12 +398,16 @@ class DimseClient:
             pending = [i for i in items if i[0] not in done and i[0] not in result.refused]
             if not pending:
                 return result
-            syntaxes: dict[str, set[str]] = {}
-            for _, _, sop_class, syntax in pending:
-                syntaxes.setdefault(sop_class, {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(syntax)
-            with self._association([(c, sorted(s)) for c, s in sorted(syntaxes.items())][:128]) as assoc:
-                for uid, path, _, _ in pending:
-                    status = _status(assoc.send_c_store(path))
+            with self._association(_store_contexts(pending)) as assoc:
+                accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+                for uid, path, sop_class, syntax in pending:
+                    if (sop_class, syntax) in accepted:
+                        status = _status(assoc.send_c_store(path))
+                    else:  # the node takes this SOP class only uncompressed: decode, pynetdicom re-encodes
+                        dataset = pydicom.dcmread(path)
+                        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+                            dataset.decompress()
+                        status = _status(assoc.send_c_store(dataset))
                     if status is None:
                         raise TransientError(f"the connection dropped during C-STORE after {len(done)} of "
                                              f"{len(items)} file(s)")
@@ -408,6 +425,44 @@ class DimseClient:
         if result.refused:
             log.warning("C-STORE to %s: %d file(s) refused", self.node, len(result.refused))
         return result
+
+
+def _store_contexts(items: Sequence[tuple[str, Path, str, str]]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts for C-STORE: per SOP class one uncompressed context (explicit and implicit
+    little endian, the acceptor picks one), and one context per other transfer syntax its files have
+    (each holding only that syntax, so a compressed file is sent as stored when the node accepts it)."""
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts: dict[tuple[str, tuple[str, ...]], None] = {}
+    for _, _, sop_class, syntax in items:
+        contexts[(sop_class, tuple(uncompressed))] = None
+        if syntax not in uncompressed:
+            contexts[(sop_class, (syntax,))] = None
+    if len(contexts) > 128:
+        raise PermanentError(f"the files need {len(contexts)} presentation contexts, more than the 128 of one "
+                             "association", fix="send the files in smaller groups (fewer SOP classes)")
+    return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
+
+
+def _keep_responses_for_the_sender(assoc) -> None:
+    """Stop this association's reactor thread from taking DIMSE *responses* off the queue.
+
+    pynetdicom (3.0.4) pauses its reactor before each ``send_*`` by clearing a checkpoint and
+    waiting for a ``_is_paused`` flag that can still be True from the reactor's previous loop; the
+    reactor may then take the peer's response, log "Received unexpected C-STORE service message"
+    and drop it, and the sender waits until the connection times out (seen here with fast local
+    peers after a few dozen C-STOREs; pynetdicom issue 875 reports the same for C-FIND). Requests
+    from the peer still go to the reactor; responses wait for the sender's blocking read.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False):
+        if not block:
+            _, message = dimse.peek_msg()
+            if message is not None and not message.is_valid_request:
+                return None, None
+        return take(block)
+    dimse.get_msg = get_msg
 
 
 def _no_delay(assoc) -> None:
