@@ -102,3 +102,19 @@ def test_read_instance_header_of_a_folder_and_missing_root(tmp_path):
     assert isinstance(read_instance_header(tmp_path), SkippedFile)
     with pytest.raises(UserError, match="does not exist"):
         index_folder(tmp_path / "nothing")
+
+
+def test_fast_scan_agrees_with_pydicom_on_every_file(dicom_studies, dicom_broken):
+    from threedino_pipe.dicom.header import read_with_pydicom
+    from threedino_pipe.dicom.header_scan import scan_header
+    from threedino_pipe.dicom.index import list_files
+    scanned = declined = 0
+    for root in (dicom_studies[0], dicom_broken[0]):
+        for path in list_files(root):
+            fast = scan_header(path)
+            if fast is None:
+                declined += 1
+                continue
+            scanned += 1
+            assert fast == read_with_pydicom(path), path
+    assert scanned > 300 and declined < 20  # classic files take the fast path; multi-frame and odd ones do not

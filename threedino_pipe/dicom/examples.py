@@ -504,22 +504,36 @@ def build_broken_corpus(root: str | Path, *, seed: int = 5, max_size: int = 32) 
 
 def synthetic_ct_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], labels: int,
                         seed: int = 0) -> tuple[sitk.Image, np.ndarray]:
-    """A generated CT-like volume (HU) and a label map of ``labels`` ellipsoids (``X x Y x Z``), for benchmarks."""
+    """A generated CT-like volume (HU, float32) and a label map of ``labels`` ellipsoids (``X x Y x Z`` uint8).
+
+    Built slice by slice (no full-size coordinate grids), so a 512 x 512 x 300 case needs little
+    more than its own arrays; for benchmarks.
+    """
     rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)],
-                                indexing="ij"), axis=-1).astype(np.float32)
-    half = np.asarray(shape) * np.asarray(spacing) / 2
-    body = ((grid / (half * 0.9)) ** 2).sum(-1) <= 1
-    label = np.zeros(shape, np.uint8)
+    spacing_arr = np.asarray(spacing, float)
+    half = np.asarray(shape) * spacing_arr / 2
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    ellipsoids = []
     for value in range(1, labels + 1):
         angle = 2 * math.pi * value / labels
         centre = np.array([math.cos(angle) * half[0] * 0.45, math.sin(angle) * half[1] * 0.45,
                            rng.uniform(-0.3, 0.3) * half[2]])
-        radii = half * rng.uniform(0.1, 0.2, size=3)
-        label[(((grid - centre) / radii) ** 2).sum(-1) <= 1] = value
-    del grid
-    hu = np.where(body, 40.0, -1000.0).astype(np.float32) + rng.normal(0, 10, shape).astype(np.float32)
-    hu[label > 0] += 30.0
+        ellipsoids.append((value, centre, half * rng.uniform(0.1, 0.2, size=3)))
+    label = np.zeros(shape, np.uint8)
+    hu = np.empty(shape, np.float32)
+    x2 = (axes[0][:, None] / (half[0] * 0.9)) ** 2
+    y2 = (axes[1][None, :] / (half[1] * 0.9)) ** 2
+    for k, z in enumerate(axes[2]):
+        body = x2 + y2 + (z / (half[2] * 0.9)) ** 2 <= 1
+        plane = label[:, :, k]
+        for value, centre, radii in ellipsoids:
+            dz = ((z - centre[2]) / radii[2]) ** 2
+            if dz > 1:
+                continue
+            inside = ((axes[0][:, None] - centre[0]) / radii[0]) ** 2 + \
+                ((axes[1][None, :] - centre[1]) / radii[1]) ** 2 + dz <= 1
+            plane[inside] = value
+        hu[:, :, k] = np.where(body, 40.0, -1000.0) + 30.0 * (plane > 0) + rng.normal(0, 10, shape[:2])
     image = sitk.GetImageFromArray(np.ascontiguousarray(hu.transpose(2, 1, 0)))
-    image.SetSpacing(spacing)
+    image.SetSpacing(tuple(float(v) for v in spacing))
     return image, label

@@ -16,30 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from threedino_pipe.dataset.image_io import Geometry
+from threedino_pipe.dicom.header import Plane
 
 ORIENTATION_TOL = 1e-3  # largest difference between two planes' direction cosines
 PIXEL_SPACING_TOL_MM = 1e-3  # largest difference between two planes' pixel spacings
 POSITION_TOL_MM = 0.05  # two positions closer than this are the same; in-plane drift allowed
 STEP_TOL_REL = 0.02  # a step may differ from the median step by this share (and POSITION_TOL_MM)
-
-
-@dataclass(frozen=True)
-class Plane:
-    """One 2D plane as its header places it.
-
-    Attributes:
-        position: ImagePositionPatient (mm).
-        orientation: ImageOrientationPatient (row x, y, z then column x, y, z).
-        pixel_spacing: PixelSpacing (mm between rows, mm between columns).
-        rows: Rows (pixels along the column direction, j).
-        columns: Columns (pixels along the row direction, i).
-    """
-
-    position: tuple[float, float, float]
-    orientation: tuple[float, float, float, float, float, float]
-    pixel_spacing: tuple[float, float]
-    rows: int
-    columns: int
 
 
 @dataclass(frozen=True)

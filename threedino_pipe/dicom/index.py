@@ -1,12 +1,11 @@
 """Header-only index of a folder tree of DICOM files, grouped by study and series.
 
 Any names and nesting are accepted; every regular file under the root is tried. Headers are read
-with ``pydicom.dcmread(..., stop_before_pixels=True, specific_tags=...)`` in worker processes, so
-no pixel data is decoded. A file that is not DICOM, whose header cannot be parsed, or whose pixel
-data element is cut short (checked from the element's declared length against the file size, or
-for encapsulated data from the closing delimiter) is recorded as a :class:`SkippedFile` with the
-reason, never fatal; when its header was readable, the skipped file stays attached to its series
-so that selection can name it.
+in worker processes by :func:`threedino_pipe.dicom.header.read_instance_header` (a byte-level scan
+for the common case, ``pydicom.dcmread(..., stop_before_pixels=True)`` for the rest), so no pixel
+data is decoded. A file that is not DICOM, whose header cannot be parsed, or whose pixel data
+element is cut short is recorded as a :class:`SkippedFile` with the reason, never fatal; when its
+header was readable, the skipped file stays attached to its series so that selection can name it.
 
 Per series the index keeps modality, ImageType, SeriesDescription, transfer syntaxes, the number
 of instances and frames, and the geometry of every plane (classic single-frame images: one plane
@@ -17,12 +16,12 @@ pixel spacing, slice positions, gaps). Nothing identifying the patient is read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import struct
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,217 +29,20 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from threedino_pipe.dicom.geometry import Plane, Stack, analyse_stack, normal_of
+from threedino_pipe.dicom.geometry import Stack, analyse_stack, normal_of
+from threedino_pipe.dicom.header import (  # noqa: F401 - InstanceHeader, read_instance_header: re-exported
+    InstanceHeader,
+    Plane,
+    SkippedFile,
+    read_chunk,
+    read_instance_header,
+)
 from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Only these top-level elements are parsed (the file meta is always read).
-HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType",
-    "SeriesDescription", "SeriesNumber", "InstanceNumber", "FrameOfReferenceUID", "Rows", "Columns",
-    "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "SpacingBetweenSlices", "SamplesPerPixel", "BitsAllocated", "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence",
-]
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
-LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
-IN_PROCESS_BELOW = 256  # smaller trees are read without worker processes (start-up would dominate)
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file left out of the index, and why (study and series UIDs when its header named them)."""
-
-    path: str
-    reason: str
-    study_uid: str = ""
-    series_uid: str = ""
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """What the index keeps of one DICOM object (no patient identity, no pixels).
-
-    Attributes:
-        planes: the placement of each frame (one for a classic image), in stored frame order;
-            empty when the object states no geometry (``geometry_problem`` says what is missing).
-        number_of_frames: frames in the object (1 for classic images, 0 for non-image objects).
-    """
-
-    path: str
-    study_uid: str
-    series_uid: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    modality: str
-    image_type: tuple[str, ...]
-    series_description: str
-    series_number: int | None
-    instance_number: int | None
-    frame_of_reference_uid: str
-    transfer_syntax_uid: str
-    rows: int
-    columns: int
-    samples_per_pixel: int
-    number_of_frames: int
-    has_pixel_data: bool
-    planes: tuple[Plane, ...]
-    geometry_problem: str = ""
-    slice_thickness_mm: float | None = None
-    enhanced: bool = False  # geometry from functional groups (enhanced or legacy-converted multi-frame)
-
-
-def _floats(value, count: int) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        values = tuple(float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str)
-                                          else [value]))
-    except (TypeError, ValueError):
-        return None
-    return values if len(values) == count and all(np.isfinite(values)) else None
-
-
-def _int(value) -> int | None:
-    try:
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def functional_group_value(item, shared, group: str, inner: str):
-    """An attribute of a functional group: the frame's own item first, else the shared one."""
-    for source in (item, shared):
-        if source is not None and source.get(group):
-            value = source[group][0].get(inner)
-            if value is not None:
-                return value
-    return None
-
-
-def _enhanced_planes(ds, rows: int, columns: int, frames: int) -> tuple[tuple[Plane, ...], str]:
-    """Planes of a multi-frame object from its shared and per-frame functional groups."""
-    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    if len(per_frame) != frames:
-        return (), f"PerFrameFunctionalGroupsSequence holds {len(per_frame)} items for {frames} frames"
-    planes = []
-    for number, item in enumerate(per_frame, start=1):
-        def value(group: str, inner: str, count: int, item=item) -> tuple[float, ...] | None:
-            return _floats(functional_group_value(item, shared, group, inner), count)
-        position = value("PlanePositionSequence", "ImagePositionPatient", 3)
-        orientation = value("PlaneOrientationSequence", "ImageOrientationPatient", 6)
-        spacing = value("PixelMeasuresSequence", "PixelSpacing", 2)
-        if position is None or orientation is None or spacing is None:
-            missing = [n for n, v in (("position", position), ("orientation", orientation),
-                                      ("pixel spacing", spacing)) if v is None]
-            return (), f"frame {number} states no {' or '.join(missing)}"
-        planes.append(Plane(position, orientation, spacing, rows, columns))
-    return tuple(planes), ""
-
-
-def _pixel_data_state(fp, size: int, implicit: bool, little: bool) -> tuple[bool, str]:
-    """(has pixel data, why it is truncated or "") from the element at the file's current position."""
-    start = fp.tell()
-    if start >= size:
-        return False, ""
-    head = fp.read(12)
-    order = "<" if little else ">"
-    if len(head) < 8:
-        return True, "truncated inside the pixel data element's header"
-    group, element = struct.unpack(order + "HH", head[:4])
-    if (group, element) not in PIXEL_TAGS:
-        return False, ""
-    if implicit:
-        length, header = struct.unpack(order + "I", head[4:8])[0], 8
-    elif head[4:6] in LONG_VRS:
-        if len(head) < 12:
-            return True, "truncated inside the pixel data element's header"
-        length, header = struct.unpack(order + "I", head[8:12])[0], 12
-    else:
-        length, header = struct.unpack(order + "H", head[6:8])[0], 8
-    if length == 0xFFFFFFFF:
-        fp.seek(size - 8)
-        if fp.read(8) != struct.pack(order + "HHI", 0xFFFE, 0xE0DD, 0):
-            return True, "truncated: the encapsulated pixel data has no closing delimiter"
-        return True, ""
-    if start + header + length > size:
-        return True, f"truncated: {size - start - header} of {length} pixel data bytes present"
-    return True, ""
-
-
-def read_instance_header(path: str | Path) -> InstanceHeader | SkippedFile:
-    """Read one file's header (never its pixels); a file that cannot be used comes back as SkippedFile."""
-    path = str(path)
-    try:
-        with open(path, "rb") as fp:
-            size = os.fstat(fp.fileno()).st_size
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            meta = getattr(ds, "file_meta", None)
-            transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-            if str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
-                return SkippedFile(path, "a DICOMDIR (an index of the media, not an object)")
-            implicit, little = ds.original_encoding
-            fp_end = fp.tell()
-            has_pixels, truncated = (False, "")
-            if transfer_syntax != DeflatedExplicitVRLittleEndian:
-                has_pixels, truncated = _pixel_data_state(fp, size, bool(implicit), bool(little))
-    except InvalidDicomError:
-        return SkippedFile(path, "not a DICOM file (no DICM marker)")
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
-        return SkippedFile(path, f"unreadable or truncated DICOM header ({type(exc).__name__})")
-    study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
-    if truncated:
-        return SkippedFile(path, truncated, study, series)
-    at_end = fp_end >= size
-    if not study or not series or not ds.get("SOPInstanceUID"):
-        why = " (the file ends inside its header: truncated)" if at_end else ""
-        return SkippedFile(path, f"no StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID{why}", study, series)
-    rows, columns = _int(ds.get("Rows")) or 0, _int(ds.get("Columns")) or 0
-    if rows and columns and not has_pixels and at_end:
-        return SkippedFile(path, "truncated: the header states Rows and Columns but the file ends before its pixel "
-                           "data", study, series)
-    frames = _int(ds.get("NumberOfFrames"))
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds
-    planes: tuple[Plane, ...] = ()
-    problem = ""
-    if has_pixels and rows and columns:
-        frames = frames or 1
-        if enhanced:
-            planes, problem = _enhanced_planes(ds, rows, columns, frames)
-        else:
-            position = _floats(ds.get("ImagePositionPatient"), 3)
-            orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-            spacing = _floats(ds.get("PixelSpacing"), 2)
-            if frames > 1:
-                problem = "a multi-frame object without per-frame functional groups"
-            elif position is None or orientation is None or spacing is None:
-                problem = "no ImagePositionPatient, ImageOrientationPatient or PixelSpacing"
-            else:
-                planes = (Plane(position, orientation, spacing, rows, columns),)
-    else:
-        frames = 0
-    thickness = _floats(ds.get("SliceThickness"), 1)
-    return InstanceHeader(
-        path=path, study_uid=study, series_uid=series, sop_class_uid=str(ds.get("SOPClassUID", "")),
-        sop_instance_uid=str(ds.SOPInstanceUID), modality=str(ds.get("Modality", "")).upper(),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
-        series_description=str(ds.get("SeriesDescription", "")), series_number=_int(ds.get("SeriesNumber")),
-        instance_number=_int(ds.get("InstanceNumber")),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")), transfer_syntax_uid=transfer_syntax,
-        rows=rows, columns=columns, samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
-        number_of_frames=frames, has_pixel_data=has_pixels, planes=planes, geometry_problem=problem,
-        slice_thickness_mm=thickness[0] if thickness else None, enhanced=enhanced)
-
-
-def _read_chunk(paths: list[str]) -> list[InstanceHeader | SkippedFile]:
-    return [read_instance_header(p) for p in paths]
+IN_PROCESS_BELOW = 1000  # smaller trees are read in this process: starting a worker costs ~0.3 s, a file ~0.1 ms
 
 
 @dataclass
@@ -388,15 +190,33 @@ class DicomIndex:
             return str(path)
 
 
-def list_files(root: Path) -> list[str]:
-    """Every regular file under ``root`` (sorted walk, symbolic links to folders not followed)."""
+def iter_files(root: Path) -> Iterator[str]:
+    """Every regular file under ``root``, in a sorted walk (symbolic links to folders not followed)."""
     if root.is_file():
-        return [str(root)]
-    out: list[str] = []
+        yield str(root)
+        return
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        out.extend(os.path.join(folder, f) for f in sorted(files) if os.path.isfile(os.path.join(folder, f)))
-    return out
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                yield path
+
+
+def list_files(root: Path) -> list[str]:
+    """:func:`iter_files` as a list."""
+    return list(iter_files(Path(root)))
+
+
+def _chunks(paths: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for path in paths:
+        chunk.append(path)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128) -> DicomIndex:
@@ -405,7 +225,7 @@ def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128)
     Args:
         root: a folder (any nesting) or a single file.
         processes: worker processes reading headers (1: read in this process). Trees of fewer
-            than 256 files are always read in this process.
+            than 1,000 files are always read in this process (a worker's start-up would cost more).
         chunk_size: files handed to a worker at a time.
 
     Raises:
@@ -415,14 +235,21 @@ def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128)
     if not root.exists():
         raise UserError("the DICOM input folder does not exist", file=root, fix="check the path given to -i")
     started = time.perf_counter()
-    paths = list_files(root)
-    chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    if processes <= 1 or len(paths) < IN_PROCESS_BELOW:
-        results = [r for chunk in chunks for r in _read_chunk(chunk)]
+    walk = iter_files(root)
+    first = list(itertools.islice(walk, IN_PROCESS_BELOW))
+    paths: list[str] = []
+    if processes <= 1 or len(first) < IN_PROCESS_BELOW:
+        paths = first + list(walk)
+        results = read_chunk(paths)
     else:
-        # spawn: a forked child of a process that runs threads (torch, OpenMP) can deadlock
-        with ProcessPoolExecutor(max_workers=min(processes, len(chunks)), mp_context=get_context("spawn")) as pool:
-            results = [r for part in pool.map(_read_chunk, chunks) for r in part]
+        # spawn: a forked child of a process that runs threads (torch, OpenMP) can deadlock. Chunks are
+        # handed out while the walk goes on, so the workers start up and read meanwhile.
+        with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
+            futures = []
+            for chunk in _chunks(itertools.chain(first, walk), chunk_size):
+                paths.extend(chunk)
+                futures.append(pool.submit(read_chunk, chunk))
+            results = [r for future in futures for r in future.result()]
     studies: dict[str, StudyRecord] = {}
     skipped: list[SkippedFile] = []
     seen: dict[str, str] = {}
