@@ -166,3 +166,18 @@ def test_rasterisation_rule_on_holes_islands_and_corners():
     off_slice = [contours[0] + 0.4 * geometry.spacing[2] * normal]
     with pytest.raises(UserError, match="does not lie on one slice"):
         rasterise_contours(off_slice, geometry)
+
+
+def test_result_uids_follow_every_input():
+    from threedino_pipe.dicom.uids import derive_uid, result_uids
+    base = result_uids("SEG", "1.2.3", ["1.2.3.4"], "ab" * 32, ["1.2.3.4.1", "1.2.3.4.2"])
+    assert base == result_uids("SEG", "1.2.3", ["1.2.3.4"], "ab" * 32, ["1.2.3.4.2", "1.2.3.4.1"])  # order ignored
+    others = [result_uids("RTSTRUCT", "1.2.3", ["1.2.3.4"], "ab" * 32, ["1.2.3.4.1", "1.2.3.4.2"]),
+              result_uids("SEG", "1.2.9", ["1.2.3.4"], "ab" * 32, ["1.2.3.4.1", "1.2.3.4.2"]),
+              result_uids("SEG", "1.2.3", ["1.2.3.5"], "ab" * 32, ["1.2.3.4.1", "1.2.3.4.2"]),
+              result_uids("SEG", "1.2.3", ["1.2.3.4"], "cd" * 32, ["1.2.3.4.1", "1.2.3.4.2"]),
+              result_uids("SEG", "1.2.3", ["1.2.3.4"], "ab" * 32, ["1.2.3.4.1"])]
+    uids = {base["instance"], *(o["instance"] for o in others), base["series"]}
+    assert len(uids) == 7  # every input changes the UIDs; series and instance UIDs differ
+    assert all(UID_RE.match(u) and len(u) <= 64 for u in uids)
+    assert derive_uid("a", "b") == derive_uid("a", "b") != derive_uid("b", "a")

@@ -130,7 +130,8 @@ def build_rtstruct(label_map: np.ndarray, labels: Mapping[int, str], volume: Ser
     values = check_label_map(label_map, labels, volume)
     source = headers[0] if headers else source_datasets(volume)[0]
     geometry = volume.geometry
-    uids = result_uids("RTSTRUCT", volume.study_uid, [volume.series_uid], model.weights_checksum)
+    uids = result_uids("RTSTRUCT", volume.study_uid, [volume.series_uid], model.weights_checksum,
+                       [f.sop_instance_uid for f in volume.frames])
     date, time = (now or datetime.datetime.now()).strftime("%Y%m%d %H%M%S").split()
 
     ds = Dataset()

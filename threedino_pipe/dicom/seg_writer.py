@@ -13,7 +13,7 @@ AccessionNumber) are copied from the source, as the standard requires for the re
 under the same patient and study; :func:`check_copied_identity` verifies that nothing else of the
 source header (institution, station, operators, series description, ...) was carried over.
 SeriesInstanceUID, SOPInstanceUID and DimensionOrganizationUID come from
-:func:`threedino_pipe.dicom.uids.result_uids` (source study, source series, model checksum).
+:func:`threedino_pipe.dicom.uids.result_uids` (source study, series and instances, model checksum).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def build_seg(label_map: np.ndarray, labels: Mapping[int, str], volume: SeriesVo
         stored = np.empty_like(frames)
         stored[order] = frames
         frames = stored
-    uids = result_uids("SEG", volume.study_uid, [volume.series_uid], model.weights_checksum)
+    uids = result_uids("SEG", volume.study_uid, [volume.series_uid], model.weights_checksum,
+                       [f.sop_instance_uid for f in volume.frames])
     if not values:
         raise UserError(f"no labels to write for series {volume.series_uid}", fix="name the labels of the model")
     seg = hd.seg.Segmentation(

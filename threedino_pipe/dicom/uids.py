@@ -2,14 +2,17 @@
 
 A result's UIDs are name-based UUIDs (RFC 4122 version 5, SHA-1) under the ``2.25`` arc
 (ISO/IEC 9834-8: ``2.25.<the UUID as one decimal integer>``, at most 44 characters). The name
-hashed is the object kind, its role (series or instance) and the inputs that define the result:
-the source study UID, the source series UIDs and the model's weights checksum. The same inputs
-therefore give the same SeriesInstanceUID and SOPInstanceUID, so a result sent twice to a PACS is
-the same object, not a duplicate; a different model or source gives different UIDs.
+hashed is the object kind, its role (series, instance or dimension organization) and the inputs
+that define the result: the source study UID, the source series UIDs, a digest of the source
+SOP instance UIDs (so a series that gained or lost images gives a new result) and the model's
+weights checksum. The same inputs therefore give the same SeriesInstanceUID and SOPInstanceUID,
+so a result sent twice to a PACS is the same object, not a duplicate; a different model or source
+gives different UIDs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 
@@ -31,7 +34,8 @@ def derive_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(NAMESPACE, chr(0x1F).join(parts)).int}"
 
 
-def result_uids(kind: str, study_uid: str, source_series_uids: Iterable[str], model_checksum: str) -> dict[str, str]:
+def result_uids(kind: str, study_uid: str, source_series_uids: Iterable[str], model_checksum: str,
+                source_instance_uids: Iterable[str] = ()) -> dict[str, str]:
     """SeriesInstanceUID and SOPInstanceUID of a result object.
 
     Args:
@@ -39,11 +43,13 @@ def result_uids(kind: str, study_uid: str, source_series_uids: Iterable[str], mo
         study_uid: StudyInstanceUID of the source study.
         source_series_uids: the series the result was computed from (order ignored).
         model_checksum: the model weights' checksum (hex).
+        source_instance_uids: the source images' SOPInstanceUIDs (order and repeats ignored).
 
     Returns:
         ``{"series": ..., "instance": ..., "dimension_organization": ...}`` (the last for
         multi-frame objects, whose DimensionOrganizationUID would otherwise be random).
     """
     series = sorted(set(source_series_uids))
-    base = (kind, study_uid, *series, model_checksum)
+    instances = hashlib.sha256("\n".join(sorted(set(source_instance_uids))).encode()).hexdigest()
+    base = (kind, study_uid, *series, instances, model_checksum)
     return {role: derive_uid(*base, role) for role in ("series", "instance", "dimension_organization")}
