@@ -118,6 +118,26 @@ def _identity_from(source: Dataset, ds: Dataset) -> None:
         setattr(ds, keyword, source.get(keyword, ""))
 
 
+def _trace(label_map: np.ndarray, values: set[int], volume: SeriesVolume) -> dict[int, list[Dataset]]:
+    """ContourSequence items of every label value, slice by slice (each slice copied once, contiguous)."""
+    geometry = volume.geometry
+    out: dict[int, list[Dataset]] = {value: [] for value in values}
+    for k in range(label_map.shape[2]):
+        plane = np.ascontiguousarray(label_map[:, :, k])
+        present = [int(v) for v in np.unique(plane) if int(v) in values]
+        frame = volume.frames[k]
+        for value in present:
+            for outline in slice_contours(plane == value):
+                item = Dataset()
+                item.ContourImageSequence = [_image_reference(frame.sop_class_uid, frame.sop_instance_uid,
+                                                              frame.frame_number)]
+                item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(outline)
+                item.ContourNumber = len(out[value]) + 1
+                item[CONTOUR_DATA] = _contour_data_element(to_patient_mm(outline, k, geometry))
+                out[value].append(item)
+    return out
+
+
 def build_rtstruct(label_map: np.ndarray, labels: Mapping[int, str], volume: SeriesVolume, model: ModelIdentity,
                    *, headers: Sequence[Dataset] | None = None, now: datetime.datetime | None = None) -> Dataset:
     """The RTSTRUCT dataset for ``label_map`` (``X x Y x Z`` integers on ``volume``'s grid).
@@ -129,7 +149,6 @@ def build_rtstruct(label_map: np.ndarray, labels: Mapping[int, str], volume: Ser
     """
     values = check_label_map(label_map, labels, volume)
     source = headers[0] if headers else source_datasets(volume)[0]
-    geometry = volume.geometry
     uids = result_uids("RTSTRUCT", volume.study_uid, [volume.series_uid], model.weights_checksum,
                        [f.sop_instance_uid for f in volume.frames])
     date, time = (now or datetime.datetime.now()).strftime("%Y%m%d %H%M%S").split()
@@ -170,25 +189,14 @@ def build_rtstruct(label_map: np.ndarray, labels: Mapping[int, str], volume: Ser
 
     generation = f"3dino {model.name} {model.weights_checksum[:16]}"[:64]
     roi_items, contour_items, observation_items = [], [], []
-    occupied = np.flatnonzero(label_map.reshape(-1, label_map.shape[2]).any(axis=0))
+    contours_of = _trace(label_map, set(values), volume)
     for number, value in enumerate(values, start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = value, volume.frame_of_reference_uid
         roi.ROIName, roi.ROIGenerationAlgorithm = str(labels[value])[:64], "AUTOMATIC"
         roi.ROIGenerationDescription = generation
         roi_items.append(roi)
-        contours = []
-        for k in occupied:
-            mask = label_map[:, :, k] == value
-            frame = volume.frames[k]
-            for outline in slice_contours(mask):
-                item = Dataset()
-                item.ContourImageSequence = [_image_reference(frame.sop_class_uid, frame.sop_instance_uid,
-                                                              frame.frame_number)]
-                item.ContourGeometricType, item.NumberOfContourPoints = "CLOSED_PLANAR", len(outline)
-                item.ContourNumber = len(contours) + 1
-                item[CONTOUR_DATA] = _contour_data_element(to_patient_mm(outline, int(k), geometry))
-                contours.append(item)
+        contours = contours_of[value]
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = value
         roi_contour.ROIDisplayColor = list(COLOURS[(number - 1) % len(COLOURS)])
