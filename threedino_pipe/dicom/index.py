@@ -100,17 +100,6 @@ class SeriesRecord:
         return tuple(sorted({i.geometry_problem for i in self.instances if i.geometry_problem}))
 
     @property
-    def plane_sources(self) -> list[tuple[InstanceHeader, int]]:
-        """(instance, 1-based frame number or 0 for a classic image) of every plane, matching :attr:`planes`."""
-        out = []
-        for instance in self.instances:
-            if instance.planes and instance.enhanced:
-                out.extend((instance, n) for n in range(1, len(instance.planes) + 1))
-            elif instance.planes:
-                out.append((instance, 0))
-        return out
-
-    @property
     def planes(self) -> list[Plane]:
         return [p for i in self.instances for p in i.planes]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -191,8 +190,3 @@ def read_series(series: SeriesRecord, *, display: Callable[[str], str] = str) ->
 def source_datasets(volume: SeriesVolume) -> list[pydicom.Dataset]:
     """The headers (no pixels) of the files behind ``volume``, in slice order, for the result writers."""
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in volume.instance_paths]
-
-
-def source_path(volume: SeriesVolume) -> Path:
-    """The first source file (for messages)."""
-    return Path(volume.frames[0].path)
