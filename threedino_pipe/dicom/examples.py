@@ -40,6 +40,7 @@ from pydicom.valuerep import DSfloat
 
 from threedino_pipe.dataset.image_io import Geometry, to_array
 from threedino_pipe.dicom.uids import derive_uid
+from threedino_pipe.runtime.atomic_files import atomic_path
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -288,7 +289,8 @@ def write_datasets(datasets: Sequence[Dataset], folder: str | Path, *, names: st
     for number, ds in enumerate(datasets, start=1):
         name = f"IM{number:05d}" if names == "instance" else f"{int(rng.integers(0, 2**40)):010x}"
         path = folder / name
-        ds.save_as(path, enforce_file_format=True)
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)
     return paths
 
