@@ -237,3 +237,18 @@ def test_incomplete_instances_are_recognised(dicom_studies):
             assert "cut inside" in incomplete(ds) or "pixel data bytes" in incomplete(ds)
     del ds.SOPInstanceUID
     assert incomplete(ds) == "no SOPInstanceUID"
+
+
+def test_a_sop_class_the_node_refuses_is_reported_not_fatal(orthanc, dicom_studies, tmp_path):
+    import pydicom
+
+    orthanc.clear()
+    good = study_files(dicom_studies[1]["mr"])[0]
+    odd = pydicom.dcmread(good)
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.8.498.999"  # a private class
+    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.999.1"
+    odd.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    sent = DimseClient(orthanc.node, retry=FAST).store([good, tmp_path / "odd.dcm"])
+    assert len(sent.stored) == 1 and sent.refused == {"1.2.826.0.1.3680043.8.498.999.1": 0x0122}
+    with pytest.raises(UserError, match="accepted none of the proposed presentation contexts"):
+        DimseClient(orthanc.node, retry=FAST).store([tmp_path / "odd.dcm"])

@@ -76,6 +76,7 @@ STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "ModalitiesInStudy",
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
                "NumberOfSeriesRelatedInstances")
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 _NODE = re.compile(r"^(?P<aet>[^@\s\\]{1,16})@(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
 
 
@@ -124,7 +125,8 @@ class RetrieveResult:
 
 @dataclass
 class StoreResult:
-    """SOPInstanceUIDs the node acknowledged, those it refused (with status), and the tries it took."""
+    """SOPInstanceUIDs the node acknowledged, those it refused (with status; 0x0122 when it accepted no
+    presentation context for the file's SOP class), and the tries it took."""
 
     stored: list[str] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
@@ -401,6 +403,9 @@ class DimseClient:
             with self._association(_store_contexts(pending)) as assoc:
                 accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
                 for uid, path, sop_class, syntax in pending:
+                    if not any((sop_class, ts) in accepted for ts in (syntax, *UNCOMPRESSED)):
+                        result.refused[uid] = SOP_CLASS_NOT_SUPPORTED  # the node accepted no context for it
+                        continue
                     if (sop_class, syntax) in accepted:
                         status = _status(assoc.send_c_store(path))
                     else:  # the node takes this SOP class only uncompressed: decode, pynetdicom re-encodes
