@@ -72,3 +72,37 @@ def mni_preprocessed(mni_raw, tmp_path_factory) -> dict[str, str]:
         result = run_3dino(*args, env=env)
         assert result.returncode == 0, result.stderr
     return env
+
+
+@pytest.fixture(scope="session")
+def dicom_studies(tmp_path_factory):
+    """Read-only DICOM studies written from real MNI152 resamplings, as a PACS export holds them.
+
+    Returns ``(root, studies)``: ``studies`` maps ``mr``, ``ct``, ``multiframe``, ``compressed`` to
+    :class:`threedino_pipe.dicom.examples.ExampleStudy` (folder, identity, series UIDs, source volumes).
+    """
+    from threedino_pipe.dicom.examples import build_example_studies
+    root = tmp_path_factory.mktemp("dicom_studies")
+    return root, build_example_studies(root)
+
+
+@pytest.fixture(scope="session")
+def dicom_broken(tmp_path_factory):
+    """Read-only broken DICOM corpus (one study per kind of bad input); ``(root, studies)``."""
+    from threedino_pipe.dicom.examples import build_broken_corpus
+    root = tmp_path_factory.mktemp("dicom_broken")
+    return root, build_broken_corpus(root)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc (Debian package) on free 127.0.0.1 ports, from a configuration in a temporary folder.
+
+    Skips when Orthanc is not installed (`.ci/run` installs it); stopped at the end of the session.
+    """
+    from dicom_fixtures import orthanc_binary, start_orthanc
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
