@@ -5,9 +5,11 @@ example MNI152 dataset the tests use, built here when missing) and reads each ru
 final and minimum target entropy / log K, prototypes in use over the last 50 iterations, the
 effective rank and spread of the teacher's CLS tokens; then the patch probe
 (``training/feature_probe.py``) of the final teacher and of the same network at its
-initialisation. Variants: the paper's recipe (the negative control), the ``auto`` recipe, and
-``auto`` with one of its changes reverted at a time (the ablation that says which lever
-matters). One run at a time; ``--threads`` torch threads each.
+initialisation (``feature_probe.cross_validated_probe``: 5 folds, shifted grids). Variants: the
+paper's recipe (the negative control), the ``auto`` recipe, ``auto`` with one of its changes
+reverted at a time (the ablation that says which lever matters), and ``auto`` with the centring
+options (a queue, a lower teacher temperature, a faster teacher) that lower the target entropy.
+One run at a time; ``--threads`` torch threads each.
 
     python benchmarks/pretrain_recipe_sweep.py --iters 60 --seeds 0 1 2 --out benchmarks/results/<date>/sweep.json
 """
@@ -31,12 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "paper": ["--recipe", "paper"],
     "auto": ["--recipe", "auto"],
-    "auto, batch Sinkhorn": ["--recipe", "auto", "--centering", "sinkhorn"],
     "auto, LayerScale 1e-5": ["--recipe", "auto", "--layerscale-init", "1e-5"],
     "auto, momentum 0.992": ["--recipe", "auto", "--momentum-start", "0.992"],
-    "auto, teacher temp 0.07": ["--recipe", "auto", "--teacher-temp", "0.07"],
     "auto, sqrt lr": ["--recipe", "auto", "--peak-lr", "0.000125"],
-    "auto, softmax centring": ["--recipe", "auto", "--centering", "softmax"],
+    "auto + queue": ["--recipe", "auto", "--centering", "sinkhorn_queue"],
+    "auto + queue + temp 0.04": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--teacher-temp", "0.04"],
+    "auto + queue + temp 0.04 + momentum 0.8": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--teacher-temp",
+                                                "0.04", "--momentum-start", "0.8", "--peak-lr", "0.0005"],
+    "auto + softmax centring": ["--recipe", "auto", "--centering", "softmax"],
 }
 
 
@@ -69,20 +73,20 @@ def example_dataset(work: Path) -> dict[str, str]:
 
 
 def probe_pair(run_dir: Path, preprocessed: Path) -> tuple[float, float]:
-    """Patch-probe balanced accuracy of the run's final teacher and of its initial network (same seed)."""
+    """Cross-validated patch probe (5 folds, shifted grids) of the run's final teacher and of its initial
+    network (same seed)."""
     import torch
 
-    from threedino_pipe.training.feature_probe import load_probe_cases, probe_score
+    from threedino_pipe.training.feature_probe import cross_validated_probe
     from threedino_pipe.training.ssl_trainer import build_ssl_pair, load_ssl_pair
 
     state = torch.load(run_dir / "checkpoint_final.pt", map_location="cpu", weights_only=True)
     config, _, teacher = load_ssl_pair(state)
-    cases = load_probe_cases(preprocessed)
     device = torch.device("cpu")
-    trained = probe_score(teacher.backbone, cases, device)["balanced_accuracy"]
+    trained = cross_validated_probe(teacher.backbone, preprocessed, device)
     torch.manual_seed(config.seed)
     _, initial = build_ssl_pair(config)
-    return trained, probe_score(initial.backbone, cases, device)["balanced_accuracy"]
+    return trained, cross_validated_probe(initial.backbone, preprocessed, device)
 
 
 def summarise(run_dir: Path) -> dict:

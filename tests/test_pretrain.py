@@ -89,22 +89,33 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     torch.testing.assert_close(reloaded.eval()(x), backbone.eval()(x), rtol=0, atol=0)
 
 
-def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_stays_uniform(env, tmp_path):
-    """Acceptance of the pretraining issue: tiny, K = 256, fp32, batch 4, 60 iterations on the real scans."""
+def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_does_not(env, tmp_path):
+    """The pretraining issue on the real scans: tiny, K = 256, fp32, batch 4, 60 iterations, auto vs paper.
+
+    The paper's settings leave the teacher input-independent (CLS spread ~2e-4, effective rank 1) and
+    its targets uniform (entropy / log K = 1.0000 at every iteration); the auto recipe's teacher
+    depends on its input, its targets dip below uniform and use many prototypes, and its features
+    beat the untrained network's in the patch probe (docs/benchmarks.md, "Pretraining that learns").
+    """
     common = ("pretrain", "-d", "990", "--preset", "tiny", "--iters", "60", "--prototypes", "256", "--precision",
-              "fp32", "--num-workers", "0", "--probe-every", "0", "--no-progress")
-    results = {}
+              "fp32", "--num-workers", "0", "--probe-every", "30", "--no-progress")
+    rows, stderr = {}, {}
     for recipe in ("auto", "paper"):
         done = run_3dino(*common, "--recipe", recipe, "--run", recipe, env=env)
         assert done.returncode == 0, done.stderr
-        rows = list(csv.DictReader((tmp_path / "results" / "pretrain" / recipe / "log.csv").open()))
-        assert len(rows) == 60
-        results[recipe] = rows
-    last = results["auto"][-1]
-    assert float(last["target_entropy"]) < 0.95 and float(last["prototypes_used"]) > 0.10, last
-    assert min(float(r["target_entropy"]) for r in results["paper"]) > 0.999  # the negative control
+        stderr[recipe] = done.stderr
+        rows[recipe] = list(csv.DictReader((tmp_path / "results" / "pretrain" / recipe / "log.csv").open()))
+        assert len(rows[recipe]) == 60
+        assert [r["iteration"] for r in rows[recipe] if r["probe_bacc"] != "nan"] == ["30", "60"]
+    paper, auto = rows["paper"], rows["auto"]
+    assert min(float(r["target_entropy"]) for r in paper) > 0.999  # the negative control: uniform throughout
+    assert float(paper[-1]["teacher_cls_std"]) < 0.01 and float(paper[-1]["cls_rank"]) < 2
+    assert "nothing is distilled" in stderr["paper"] and "nothing is distilled" not in stderr["auto"]
+    assert float(auto[-1]["teacher_cls_std"]) > 0.1 and float(auto[-1]["cls_rank"]) > 5
+    assert min(float(r["target_entropy"]) for r in auto) < 0.97
+    assert float(auto[-1]["prototypes_used"]) > 0.10
     record = json.loads((tmp_path / "results" / "pretrain" / "auto" / "run.json").read_text())
-    assert set(record["decisions"]["deviations_from_paper"]) >= {"centering", "layerscale_init", "momentum_start"}
+    assert set(record["decisions"]["deviations_from_paper"]) == {"peak_lr", "momentum_start", "layerscale_init"}
     paper_run = json.loads((tmp_path / "results" / "pretrain" / "paper" / "run.json").read_text())
     assert paper_run["decisions"] == {"recipe": "paper", "deviations_from_paper": {}}
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from threedino_pipe.ssl.recipe import apply_overrides, configure, paper, recipe_schedules, run_scale
+from threedino_pipe.ssl.recipe import apply_overrides, configure, paper, recipe_schedules
 
 
 def test_paper_scale_gives_the_papers_values_exactly():
@@ -28,30 +28,27 @@ def test_paper_scale_gives_the_papers_values_exactly():
 
 def test_cpu_scale_gives_the_documented_short_run_settings():
     recipe = configure(4, 60, 256, 0.002)
-    assert recipe.centering == "sinkhorn_queue" and recipe.queue_size == 2048 - 8
-    assert recipe.momentum_start == 0.8 and recipe.layerscale_init == 1.0
-    assert (recipe.teacher_temp_start, recipe.teacher_temp_end) == (0.04, 0.04)
-    assert recipe.peak_lr == 5e-4 and recipe.warmup_iters == 6 and recipe.ibot_centering == "sinkhorn"
-    assert set(recipe.deviations) == {"centering", "momentum_start", "layerscale_init", "teacher_temp_end", "peak_lr"}
-    assert "SwAV" in recipe.deviations["centering"] and "0.000125" in recipe.deviations["peak_lr"]
-    two_ranks = configure(4, 60, 256, 0.002, world_size=2)
-    assert two_ranks.queue_size == 1020  # the same 2,040 queued rows in all
-    # in between, the length-dependent settings move monotonically towards the paper's
-    runs = [configure(4, n, 256, 0.002) for n in (1_000, 5_000, 25_000, 125_000)]
-    assert [run_scale(n) for n in (1_000, 125_000)] == [0.0, 1.0]
-    assert runs[0].layerscale_init == 1.0 and runs[-1].layerscale_init == pytest.approx(1e-5)
-    assert all(a.layerscale_init > b.layerscale_init for a, b in zip(runs, runs[1:], strict=False))
-    assert all(a.teacher_temp_end < b.teacher_temp_end for a, b in zip(runs, runs[1:], strict=False))
-    assert runs[-1].momentum_start == 0.992 and runs[-1].centering == "sinkhorn_queue"  # batch 4 still queues
+    assert recipe.peak_lr == 1e-3 and recipe.momentum_start == pytest.approx(0.9) and recipe.layerscale_init == 1.0
+    assert recipe.centering == "sinkhorn" and recipe.queue_size == 0  # the paper's centring at every scale
+    assert (recipe.teacher_temp_start, recipe.teacher_temp_end, recipe.warmup_iters) == (0.04, 0.07, 6)
+    assert set(recipe.deviations) == {"peak_lr", "momentum_start", "layerscale_init"}
+    assert "0.000125" in recipe.deviations["peak_lr"] and "1 - 6 / 60" in recipe.deviations["momentum_start"]
+    assert configure(4, 300, 256, 0.002).momentum_start == pytest.approx(0.98)
+    assert configure(4, 750, 256, 0.002).momentum_start == pytest.approx(0.992)
+    # LayerScale: 1 while AdamW cannot move a gamma by 1 in the first tenth of the run (peak lr x T / 10 < 1)
+    assert configure(4, 9_999, 256, 0.002).layerscale_init == 1.0
+    assert configure(4, 10_000, 256, 0.002).layerscale_init == 1e-5
+    assert configure(256, 60, 256, 0.002).peak_lr == 1e-3  # the floor: half the base rate
+    assert configure(512, 60, 256, 0.002).peak_lr == pytest.approx(0.002 * math.sqrt(0.5))
 
 
 def test_overrides_are_recorded_and_feed_the_schedules():
-    recipe = apply_overrides(configure(4, 100, 256, 0.002), {"peak_lr": 1e-3, "centering": None,
-                                                             "momentum_start": 0.95})
-    assert recipe.peak_lr == 1e-3 and recipe.centering == "sinkhorn_queue"
+    recipe = apply_overrides(configure(4, 100, 256, 0.002), {"peak_lr": 2e-3, "centering": None,
+                                                             "momentum_start": 0.95, "teacher_temp_end": 0.04})
+    assert recipe.peak_lr == 2e-3 and recipe.centering == "sinkhorn"
     assert all("set by the user" in recipe.deviations[k] for k in ("peak_lr", "momentum_start"))
     schedules = recipe_schedules(recipe, 100, 4)
-    assert schedules["lr"][9] == pytest.approx(1e-3) and schedules["momentum"][0] == pytest.approx(0.95)
+    assert schedules["lr"][9] == pytest.approx(2e-3) and schedules["momentum"][0] == pytest.approx(0.95)
     assert schedules["teacher_temp"][0] == schedules["teacher_temp"][99] == pytest.approx(0.04)
     queued = apply_overrides(paper(4, 100, 256, 0.002), {"centering": "sinkhorn_queue"})
     assert queued.queue_size == 2048

@@ -112,10 +112,12 @@ def test_softmax_centring_subtracts_a_running_mean_of_the_logits():
 
 def test_learning_signals_warn_once_about_uniform_targets_and_collapse():
     signals = LearningSignals(num_prototypes=64, window=5)
-    row = {"target_entropy": 0.9999, "prototypes_used": 0.5}
+    moving = {"target_entropy": 0.9995, "prototypes_used": 0.5, "teacher_cls_std": 0.6, "cls_rank": 14.0}
+    assert signals.warning(moving, 60, 100) is None  # near-uniform targets from a teacher that sees its input
+    row = {**moving, "teacher_cls_std": 2e-4, "cls_rank": 1.0}
     assert signals.warning(row, 10, 100) is None  # still in the warm-up (a fifth of the run, at least 50)
     text = signals.warning(row, 60, 100)
-    assert "uniform" in text and "--recipe auto" in text
+    assert "nothing is distilled" in text and "--recipe auto" in text
     assert signals.warning(row, 61, 100) is None  # once
-    collapsed = {"target_entropy": 0.001, "prototypes_used": 1 / 64}
+    collapsed = {**moving, "target_entropy": 0.001, "prototypes_used": 1 / 64}
     assert "collapse" in signals.warning(collapsed, 70, 100)

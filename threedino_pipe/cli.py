@@ -142,7 +142,8 @@ def pretrain(
     precision: Precision = "auto",
     drop_path: Annotated[float, typer.Option("--drop-path", min=0.0, max=1.0, help="Stochastic depth rate.")] = 0.3,
     koleo_weight: Annotated[float, typer.Option("--koleo-weight", min=0.0, help="Weight of the KoLeo term.")] = 0.1,
-    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.002,
+    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024); the "
+                                           "auto recipe keeps the peak at least half of it.")] = 0.002,
     prototypes: Annotated[int | None, typer.Option("--prototypes", min=2, help="DINO/iBOT prototypes (default: "
                                                    "65,536; 1,024 for tiny).")] = None,
     recipe: Annotated[str, typer.Option("--recipe", help="auto: the paper's settings adapted to this run's batch "
@@ -203,7 +204,8 @@ def adapt_highres(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Volumes per process and iteration "
                                                    "(default: plans.json's highres batch, capped at 4 on a "
                                                    "CPU).")] = None,
-    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024).")] = 0.001,
+    base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024); the "
+                                           "auto recipe keeps the peak at least half of it.")] = 0.001,
     probe_every: ProbeEvery = None,
     stop_after: StopAfter = None,
     restart: Restart = False,

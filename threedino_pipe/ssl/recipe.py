@@ -2,13 +2,13 @@
 
 The 3DINO paper fixed its settings for a total batch of 512 volumes and 125,000 iterations
 (docs/method.md). At a few volumes per step and a few hundred iterations the same settings do
-not learn (docs/benchmarks.md, "Pretraining that learns"): Sinkhorn-Knopp over 8 teacher crops
-gives near-uniform targets, the EMA teacher (momentum 0.992 -> 1, LayerScale 1e-5) barely moves
-from its input-independent start, and the square-root rule puts the learning rate near 1e-4.
-:func:`configure` chooses each of those settings from the run's total batch B and length T by a
-rule that gives the paper's value at the paper's scale; :func:`paper` gives the paper's values
-unchanged. Every value that differs from the paper is listed in :attr:`SSLRecipe.deviations`
-with its reason (written to run.json).
+not learn (docs/benchmarks.md, "Pretraining that learns"): with LayerScale at 1e-5 every block
+starts as an identity, the EMA teacher (momentum 0.992 -> 1) barely moves from its
+input-independent start, and the square-root rule puts the learning rate near 1e-4; the
+frozen-feature probe of such a run equals the untrained network's. :func:`configure` chooses
+those settings from the run's total batch B and length T by rules that give the paper's values at
+the paper's scale; :func:`paper` gives the paper's values unchanged. Every value that differs from
+the paper is listed in :attr:`SSLRecipe.deviations` with its reason (written to run.json).
 """
 
 from __future__ import annotations
@@ -32,22 +32,12 @@ PAPER_FREEZE_LAST_LAYER = 0.01        # fraction of the run
 PAPER_PROTOTYPES = 65_536
 
 # Scale rules (measured: docs/benchmarks.md, "Pretraining that learns"; docs/method.md)
-MIN_SINKHORN_ROWS = 256               # fewer teacher rows per step than this: centre over a queue
-QUEUE_ROWS = 2048                     # rows Sinkhorn sees with a queue (over all ranks)
-MOMENTUM_HORIZON = 0.05               # the EMA's averaging horizon 1/(1 - m0) at most this fraction of T
-MIN_MOMENTUM = 0.8
-SHORT_RUN = 1_000                     # at or below: the short-run settings measured on the CPU
-SHORT_LAYERSCALE = 1.0                # LayerScale init of a short run (the paper's 1e-5 at 125,000 iterations)
-SHORT_TEACHER_TEMP = 0.04             # teacher temperature of a short run: no warm-up to 0.07
-MIN_PEAK_LR = 5e-4                    # a floor under the square-root rule at small batches
-
-
-def run_scale(iters: int) -> float:
-    """Where a run of ``iters`` lies between a short run (0, at or below ``SHORT_RUN``) and the paper's
-    length (1, at or above 125,000), on a log scale; the length-dependent settings interpolate along it."""
-    if iters <= SHORT_RUN:
-        return 0.0
-    return min(1.0, math.log(iters / SHORT_RUN) / math.log(PAPER_ITERS / SHORT_RUN))
+MOMENTUM_ITERS = 6            # teacher momentum start 1 - max(0.008, 6 / T): the paper's 0.992 from T = 750
+PEAK_LR_FLOOR = 0.5           # peak lr at least half the stage's base lr (pretrain 1e-3, adapt-highres 5e-4)
+LAYERSCALE_REACH = 1.0        # LayerScale starts at 1 unless AdamW can move a gamma this far in the first tenth
+EARLY_FRACTION = 0.1
+SHORT_LAYERSCALE = 1.0
+QUEUE_ROWS = 2048             # rows Sinkhorn sees with --centering sinkhorn_queue (over all ranks)
 
 
 @dataclass(frozen=True)
@@ -93,52 +83,44 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
               scale_iters: int | None = None) -> SSLRecipe:
     """The self-configured recipe for a run of ``iters`` iterations at ``total_batch`` volumes per step.
 
+    Three of the paper's settings change with the scale (everything else is the paper's): the peak
+    learning rate is floored at half the base rate; the teacher momentum starts at
+    ``1 - max(0.008, 6 / T)``; LayerScale starts at 1 when AdamW cannot move a gamma from 1e-5 to
+    order 1 within the first tenth of the run (peak lr x T / 10 < 1).
+
     Args:
         total_batch: volumes per iteration over all processes.
         iters: the run's length.
         prototypes: K the user or the preset asks for (the paper's 65,536 for ViT-S/B/L).
         base_lr: the paper's base rate for this stage (0.002 pretrain, 0.001 adapt-highres).
         world_size: processes (the queue is split between them).
-        scale_iters: the length the LayerScale and teacher-temperature rules judge (default ``iters``;
-            adapt-highres passes its source run's, since it continues a trained network).
+        scale_iters: the length the LayerScale rule judges (default ``iters``; adapt-highres passes its
+            source run's, since it continues a trained network).
     """
     base = paper(total_batch, iters, prototypes, base_lr)
     deviations: dict[str, str] = {}
     changes: dict = {}
-    teacher_rows = 2 * total_batch
-    if teacher_rows < MIN_SINKHORN_ROWS:
-        queue = math.ceil(max(QUEUE_ROWS - teacher_rows, 0) / world_size)
-        changes.update(centering="sinkhorn_queue", queue_size=queue)
-        deviations["centering"] = (f"{teacher_rows} teacher crops per step < {MIN_SINKHORN_ROWS}: Sinkhorn over the "
-                                   f"batch would spread each target over >= K/{teacher_rows} prototypes; Sinkhorn "
-                                   f"over a queue of {queue * world_size} recent teacher embeddings + the batch "
-                                   "(SwAV's small-batch rule)")
-    horizon_momentum = 1.0 - 1.0 / max(MOMENTUM_HORIZON * iters, 1.0)
-    momentum = max(MIN_MOMENTUM, min(PAPER_MOMENTUM, horizon_momentum))
+    floor = PEAK_LR_FLOOR * base_lr
+    peak = max(base.peak_lr, floor)
+    if peak != base.peak_lr:
+        changes["peak_lr"] = peak
+        deviations["peak_lr"] = (f"the square-root rule gives {base.peak_lr:.3g} at a total batch of {total_batch}; "
+                                 f"floored at half the base rate, {floor:.3g}")
+    momentum = 1.0 - max(1.0 - PAPER_MOMENTUM, MOMENTUM_ITERS / iters)
     if momentum != PAPER_MOMENTUM:
         changes["momentum_start"] = momentum
-        deviations["momentum_start"] = (f"teacher EMA horizon 1/(1 - m) = {1 / (1 - momentum):.0f} iterations: "
-                                        f"{MOMENTUM_HORIZON:g} of the {iters} iterations, with m at least "
-                                        f"{MIN_MOMENTUM:g} (the paper's 0.992 averages over 125 iterations: a short "
-                                        "run's teacher would not move)")
-    scale = run_scale(iters if scale_iters is None else scale_iters)
-    layerscale = float(10 ** (math.log10(SHORT_LAYERSCALE) * (1 - scale) + math.log10(PAPER_LAYERSCALE) * scale))
-    if scale < 1:
-        changes["layerscale_init"] = layerscale
-        deviations["layerscale_init"] = (f"LayerScale starts at {layerscale:.3g} (log-interpolated from "
-                                         f"{SHORT_LAYERSCALE:g} at <= {SHORT_RUN} iterations to the paper's 1e-5 at "
-                                         f"{PAPER_ITERS}): at 1e-5 every block starts as an identity, the teacher's "
-                                         "output does not depend on its input and a short run ends before it does")
-        temp = SHORT_TEACHER_TEMP + (PAPER_TEACHER_TEMP[1] - SHORT_TEACHER_TEMP) * scale
-        changes["teacher_temp_end"] = temp
-        deviations["teacher_temp_end"] = (f"teacher temperature {PAPER_TEACHER_TEMP[0]:g} -> {temp:.3g} (the paper "
-                                          f"warms up to {PAPER_TEACHER_TEMP[1]:g}; interpolated from "
-                                          f"{SHORT_TEACHER_TEMP:g} at <= {SHORT_RUN} iterations): softer targets in "
-                                          "a short run are near uniform")
-    if base.peak_lr < MIN_PEAK_LR:
-        changes["peak_lr"] = MIN_PEAK_LR
-        deviations["peak_lr"] = (f"the square-root rule gives {base.peak_lr:.3g} at a total batch of {total_batch}; "
-                                 f"floored at {MIN_PEAK_LR:g}")
+        deviations["momentum_start"] = (f"teacher momentum starts at 1 - {MOMENTUM_ITERS} / {iters} iterations = "
+                                        f"{momentum:.4g}: the paper's 0.992 averages over about 125 iterations, "
+                                        "longer than a short run's teacher can lag behind its student")
+    length = iters if scale_iters is None else scale_iters
+    reach = peak * EARLY_FRACTION * length  # AdamW moves a parameter by about the lr per step
+    if reach < LAYERSCALE_REACH:
+        changes["layerscale_init"] = SHORT_LAYERSCALE
+        deviations["layerscale_init"] = (f"LayerScale starts at {SHORT_LAYERSCALE:g}: in the first tenth of {length} "
+                                         f"iterations at a peak lr of {peak:.3g} AdamW moves a gamma by at most about "
+                                         f"{reach:.2g} < {LAYERSCALE_REACH:g}, so from the paper's 1e-5 the blocks "
+                                         "would stay near identities and the teacher's output would not depend on "
+                                         "its input for much of the run")
     return SSLRecipe(**{**base.options(), **changes, "recipe": "auto", "deviations": deviations})
 
 

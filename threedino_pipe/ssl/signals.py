@@ -111,7 +111,8 @@ class LearningSignals:
         max_patch_rows: patch tokens (of this step) subsampled for their effective rank.
     """
 
-    UNIFORM = 0.99      # target entropy above this: the targets say nothing (no learning)
+    UNIFORM = 0.99      # target entropy above this ...
+    STILL = 0.01        # ... with the teacher's CLS spread below this, or its effective rank below 2: no learning
     COLLAPSED = 0.02    # target entropy below this, or at most 2 prototypes in use: collapse
 
     def __init__(self, num_prototypes: int, window: int = 50, rank_rows: int = 512, max_patch_rows: int = 2048):
@@ -146,11 +147,13 @@ class LearningSignals:
         if iteration < min(max(after, iters // 5), iters):
             return None
         used = round(row["prototypes_used"] * self.usage.num_prototypes)
-        if row["target_entropy"] > self.UNIFORM and "uniform" not in self.warned:
+        still = row["teacher_cls_std"] < self.STILL or row["cls_rank"] < 2
+        if row["target_entropy"] > self.UNIFORM and still and "uniform" not in self.warned:
             self.warned.add("uniform")
-            return (f"iteration {iteration}: the teacher's targets are uniform (entropy {row['target_entropy']:.4f} of "
-                    "its maximum): the student is taught nothing. Use the self-configured recipe (--recipe auto), "
-                    "or --centering sinkhorn_queue / a larger batch; see docs/pretrain.md")
+            return (f"iteration {iteration}: the teacher ignores its input (CLS spread {row['teacher_cls_std']:.2g}, "
+                    f"effective rank {row['cls_rank']:.1f}) and its targets are uniform (entropy "
+                    f"{row['target_entropy']:.4f} of the maximum): nothing is distilled. Use the self-configured "
+                    "recipe (--recipe auto) or a longer run; see docs/pretrain.md")
         if (row["target_entropy"] < self.COLLAPSED or used <= 2) and "collapse" not in self.warned:
             self.warned.add("collapse")
             return (f"iteration {iteration}: representation collapse suspected ({used} prototype(s) in use over the "
