@@ -248,7 +248,7 @@ def profile_predict(case_dir: Path, out_dir: Path, run: Path, overlap: float, pr
     start = time.perf_counter()
     model = load_run(run)
     case = discover_cases(case_dir, 1)[0]
-    prepared = prepare_case(case, model.model_json["plans"], "finetune")
+    prepared = prepare_case(case, model.card.preprocessing())
     result = predict_case(prepared, [model], InferenceOptions(overlap=overlap, precision=precision),
                           torch.device("cpu"), out_dir)
     total = time.perf_counter() - start
@@ -277,7 +277,7 @@ def overhead(work: Path, plans: dict, args: argparse.Namespace, precision: str) 
             shutil.copy(source, batch_dir / f"bench_case_{i:02d}.nii.gz")
     model = load_run(run)
     patch = model.patch_size
-    prepared = prepare_case(discover_cases(case_dir, 1)[0], model.model_json["plans"], "finetune")
+    prepared = prepare_case(discover_cases(case_dir, 1)[0], model.card.preprocessing())
     data = torch.from_numpy(prepared.data)[None]
     print(f"case {CASE_SHAPE} -> preprocessed {tuple(data.shape[2:])}, window {patch}, overlap {args.overlap}",
           flush=True)

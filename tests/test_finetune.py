@@ -198,8 +198,8 @@ def test_one_percent_of_ten_cases_is_refused_with_the_minimum(mni_preprocessed, 
     shutil.copytree(os.path.join(mni_preprocessed["THREEDINO_PREPROCESSED"], DATASET, "finetune"),
                     dataset / "finetune")
     splits = make_splits([f"case_{i:02d}" for i in range(13)])
-    assert len(splits["folds"][0]["train"]) == 10
-    write_json(dataset / "splits.json", splits)
+    assert len(splits.folds[0].train) == 10
+    splits.write(dataset / "splits.json")
     env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
     result = run_3dino("finetune", "-d", "990", "--pct", "1", "--backbone", "none", "--no-progress", env=env)
     assert result.returncode != 0

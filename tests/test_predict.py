@@ -118,7 +118,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
     spec, cases, _ = check_dataset(raw, num_processes=1)
     options = parse_options(preset="tiny", norm=None, target_spacing=None, patch_size="32,16,32", batch_size=None,
                             memory_gb=8.0, allow_nan=False)
-    plans = make_plans(compute_fingerprint(raw, spec, cases, 1), spec, options)
+    plans = make_plans(compute_fingerprint(raw, spec, cases, 1), spec, options).to_data()
     assert plans["transpose"] == [0, 2, 1] and plans["configurations"]["finetune"]["patch_size"] == [32, 32, 16]
     scans = root / "scans"
     for index in range(5):

@@ -281,4 +281,4 @@ def test_features_are_computed_once_per_case_and_view_and_reused_on_resume(tissu
     grid = list(csv.DictReader((folder / "grid.csv").open()))
     assert len(grid) == 52 and (folder / "validation.json").is_file()
     cache = torch.load(folder / "features.pt", weights_only=True)
-    assert sum(v["cls"].shape[0] for v in cache["cases"].values()) == expected
+    assert sum(v["cls"].shape[0] for v in cache["features"].values()) == expected

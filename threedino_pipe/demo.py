@@ -32,8 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe import __version__
-from threedino_pipe.runtime.atomic_files import read_json, write_json
+from threedino_pipe.artifacts import DatasetJson, DemoRecord, DemoTimings, EvaluationSummary, StageTime
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.openmp import passive_openmp
 
@@ -102,17 +101,19 @@ class DemoLayout:
 
     @property
     def timings(self) -> Path:
-        return self.out / "timings.json"
+        return DemoTimings.in_folder(self.out)
 
 
 def _check_options(layout: DemoLayout, options: dict) -> None:
     """Record the demo's options in ``demo.json``; refuse a folder written with other options."""
-    path = layout.out / "demo.json"
-    record = {"kind": "demo", "schema_version": 1, "version": __version__, "options": options}
+    path = DemoRecord.in_folder(layout.out)
     if path.is_file():
-        old = read_json(path)
-        if old.get("kind") != "demo" or old.get("options") != options:
-            was = "--quick" if (old.get("options") or {}).get("quick") else "without --quick"
+        try:
+            old = DemoRecord.read(path)
+        except UserError:
+            old = DemoRecord(options={})
+        if old.options != options:
+            was = "--quick" if old.made_quick() else "without --quick"
             raise UserError(f"this folder holds a demo run with other options (made {was}, or by another "
                             "version)", file=path,
                             fix="pass another --out folder, or delete this one to start over")
@@ -120,7 +121,7 @@ def _check_options(layout: DemoLayout, options: dict) -> None:
     if layout.out.is_dir() and any(layout.out.iterdir()):
         raise UserError("the demo folder exists and is not a demo folder (no demo.json)", file=layout.out,
                         fix="pass an empty or new --out folder")
-    write_json(path, record)
+    DemoRecord(options=options).write(path)
 
 
 class StageClock:
@@ -128,21 +129,19 @@ class StageClock:
 
     def __init__(self, path: Path, console: Console, quick: bool, total: int) -> None:
         self.path, self.console, self.total = path, console, total
-        self.record = {"kind": "demo_timings", "schema_version": 1, "version": __version__, "quick": quick,
-                       "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()), "stages": [],
-                       "total_seconds": 0.0}
+        self.record = DemoTimings(quick=quick, cpu_count=os.cpu_count(), load_average_start=list(os.getloadavg()))
         self.start = time.perf_counter()
 
     def __call__(self, name: str, command: str, work: Callable[[], object]) -> object:
-        index = len(self.record["stages"]) + 1
+        index = len(self.record.stages) + 1
         self.console.print(f"[bold]demo [{index}/{self.total}][/] {name}: [cyan]{command}[/]")
         start = time.perf_counter()
         result = work()
         seconds = time.perf_counter() - start
-        self.record["stages"].append({"stage": name, "command": command, "seconds": round(seconds, 2)})
-        self.record["total_seconds"] = round(time.perf_counter() - self.start, 2)
-        self.record["load_average_end"] = list(os.getloadavg())
-        write_json(self.path, self.record)
+        self.record.stages.append(StageTime(stage=name, command=command, seconds=round(seconds, 2)))
+        self.record.total_seconds = round(time.perf_counter() - self.start, 2)
+        self.record.load_average_end = list(os.getloadavg())
+        self.record.write(self.path)
         self.console.print(f"[bold]demo [{index}/{self.total}][/] {name} took {seconds:.1f} s")
         return result
 
@@ -181,7 +180,7 @@ def run(out: Path, quick: bool = False) -> Path:
     d = str(DATASET_ID)
 
     def build() -> None:
-        if not (layout.raw / "dataset.json").is_file():
+        if not DatasetJson.in_folder(layout.raw).is_file():
             build_mni_dataset(layout.out / "raw", DATASET_ID, size.train_cases, num_test=size.test_cases)
 
     clock("dataset", f"{size.train_cases} training + {size.test_cases} held-out cases from the MNI152 template "
@@ -218,13 +217,13 @@ def run(out: Path, quick: bool = False) -> Path:
         clock(f"evaluate ({side})", f"3dino evaluate -r {labels} -p {layout.predictions(side)} -d {d} -o {target}",
               lambda side=side, target=target: _exit_ok(
                   evaluate.run(labels, layout.predictions(side), dataset=d, output=target), "evaluate",
-                  target / "summary.json"))
+                  EvaluationSummary.in_folder(target)))
     compare_dir = layout.evaluation("compare")
     sides = [str(layout.evaluation(side)) for side in SIDES]
     clock("evaluate --compare", f"3dino evaluate --compare {' '.join(sides)} -r {labels} -d {d} --names "
           f"{','.join(SIDES)} -o {compare_dir}",
           lambda: _exit_ok(evaluate.run(labels, compare=sides, names=list(SIDES), dataset=d, output=compare_dir),
-                           "evaluate --compare", compare_dir / "summary.json"))
+                           "evaluate --compare", EvaluationSummary.in_folder(compare_dir)))
     models = {"pretrained": layout.highres_run, "none": runs["none"]}  # the pretrained backbone itself
     for side in SIDES:
         target = layout.visualize(side)
@@ -234,6 +233,6 @@ def run(out: Path, quick: bool = False) -> Path:
           lambda: demo_report.write(layout, runs, quick=quick, timings=clock.record))
     stdout = Console(width=None if Console().is_terminal else 120)
     stdout.print(demo_report.terminal_table(compare_dir))
-    stdout.print(f"total {clock.record['total_seconds']:.0f} s (stage times in {layout.timings})")
+    stdout.print(f"total {clock.record.total_seconds:.0f} s (stage times in {layout.timings})")
     stdout.print(f"report: {layout.report}")
     return layout.report

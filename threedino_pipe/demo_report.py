@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from threedino_pipe.artifacts import DemoTimings, EvaluationSummary
 from threedino_pipe.dataset.image_io import read_image
 from threedino_pipe.evaluation import report
 from threedino_pipe.evaluation.compare import segmentation_comparison_table
 from threedino_pipe.evaluation.evaluate import segmentation_table
-from threedino_pipe.evaluation.outputs import read_summary, write_text
+from threedino_pipe.evaluation.outputs import write_text
 from threedino_pipe.visualization.curves import plot_curves
 from threedino_pipe.visualization.overlays import colour_legend, overlay_planes
 
@@ -47,12 +48,17 @@ def _nan_for_none(value: Any) -> Any:
     return math.nan if value is None else value
 
 
+def _summary(folder: Path) -> EvaluationSummary:
+    return EvaluationSummary.read(EvaluationSummary.in_folder(folder))
+
+
 def comparison_table(compare_dir: Path) -> pd.DataFrame:
     """The comparison table (per metric and label: each side's mean and CI, B - A, Wilcoxon p) of an
     ``evaluate --compare`` output folder."""
-    summary = _nan_for_none(read_summary(compare_dir))
-    names = {key: side["name"] for key, side in summary["sides"].items()}
-    return segmentation_comparison_table(summary["comparisons"], summary["mean_over_labels"], names)
+    summary = _summary(compare_dir)
+    names = {key: side.name for key, side in summary.sides.items()}
+    return segmentation_comparison_table(_nan_for_none(summary.comparisons), _nan_for_none(summary.mean_over_labels),
+                                         names)
 
 
 def _mean_ci(entry: dict) -> str:
@@ -62,15 +68,16 @@ def _mean_ci(entry: dict) -> str:
 
 def terminal_table(compare_dir: Path) -> Table:
     """The comparison for the terminal: per metric and label, each side's mean [95 % CI], B - A and p."""
-    summary = _nan_for_none(read_summary(compare_dir))
-    names = {key: side["name"] for key, side in summary["sides"].items()}
+    summary = _summary(compare_dir)
+    names = {key: side.name for key, side in summary.sides.items()}
+    comparisons, mean_over_labels = _nan_for_none(summary.comparisons), _nan_for_none(summary.mean_over_labels)
     out = Table(title=f"Held-out cases, {names['a']} vs {names['b']} (a smoke test: every case comes from the "
                 "one MNI152 template)")
     for column in ("metric", "label", f"{names['a']} mean [95% CI]", f"{names['b']} mean [95% CI]", "B - A",
                    "Wilcoxon p", "n"):
         out.add_column(column, justify="left" if column in ("metric", "label") else "right")
-    for metric, entries in summary["comparisons"].items():
-        for label, e in [*entries.items(), ("mean", summary["mean_over_labels"][metric])]:
+    for metric, entries in comparisons.items():
+        for label, e in [*entries.items(), ("mean", mean_over_labels[metric])]:
             diff, p = e["difference"]["mean"], e["p_value"]
             out.add_row(metric, label, _mean_ci(e["a"]), _mean_ci(e["b"]), "n/a" if diff != diff else f"{diff:+.4g}",
                         "n/a" if p != p else f"{p:.3g}", str(e["n_pairs"]))
@@ -80,9 +87,9 @@ def terminal_table(compare_dir: Path) -> Table:
 def _metrics_tables(layout: DemoLayout, sides: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
     tables = []
     for side in sides:
-        summary = _nan_for_none(read_summary(layout.evaluation(side)))
-        tables.append((f"{side}: {summary['cases']['evaluated']} held-out cases",
-                       segmentation_table(summary["metrics"], summary["mean_over_labels"])))
+        summary = _summary(layout.evaluation(side))
+        tables.append((f"{side}: {summary.cases.evaluated} held-out cases",
+                       segmentation_table(_nan_for_none(summary.metrics), _nan_for_none(summary.mean_over_labels))))
     return tables
 
 
@@ -137,26 +144,25 @@ def _backbone_section(layout: DemoLayout, sides: Sequence[str]) -> report.Sectio
     return report.Section("Backbone visualisations", paragraphs=paragraphs, figures=figures)
 
 
-def _timings_table(timings: Mapping[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame([{"stage": s["stage"], "seconds": s["seconds"], "command": s["command"]}
-                         for s in timings["stages"]])
+def _timings_table(timings: DemoTimings) -> pd.DataFrame:
+    return pd.DataFrame([{"stage": s.stage, "seconds": s.seconds, "command": s.command} for s in timings.stages])
 
 
-def write(layout: DemoLayout, runs: Mapping[str, Path], *, quick: bool, timings: Mapping[str, Any]) -> Path:
+def write(layout: DemoLayout, runs: Mapping[str, Path], *, quick: bool, timings: DemoTimings) -> Path:
     """Write ``report.html`` (self-contained, figures embedded as PNG) from the demo's files; returns its path."""
     sides = list(runs)
     compare_dir = layout.evaluation("compare")
-    compare_summary = read_summary(compare_dir)
+    compare_summary = _summary(compare_dir)
     compare_figures = [(f"{metric} per label: mean with 95 % bootstrap CI over the held-out cases (Wilcoxon p)",
                         (compare_dir / file).read_bytes())
                        for metric, file in (("Dice", "compare_dice.png"), ("HD95 (mm)", "compare_hd95.png"))
                        if (compare_dir / file).is_file()]
-    load = timings.get("load_average_start", [math.nan])[0]
-    info = [("dataset", f"{layout.raw} ({compare_summary['cases']['reference']} held-out cases)"),
+    load = (timings.load_average_start or [math.nan])[0]
+    info = [("dataset", f"{layout.raw} ({compare_summary.cases.reference} held-out cases)"),
             ("models", "finetune --pct 25 on the same subset: "
              + ", ".join(f"{side} = {run.name}" for side, run in runs.items())),
             ("demo size", "--quick" if quick else "full"),
-            ("time so far", f"{timings.get('total_seconds', 0):.0f} s on {timings.get('cpu_count')} CPU(s), load "
+            ("time so far", f"{timings.total_seconds:.0f} s on {timings.cpu_count} CPU(s), load "
              f"average {load:.2f} at the start")]
     sections = [
         report.Section("Comparison: pretrained vs none", paragraphs=[
@@ -168,7 +174,7 @@ def write(layout: DemoLayout, runs: Mapping[str, Path], *, quick: bool, timings:
             tables=[("", comparison_table(compare_dir))], figures=compare_figures),
         report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, sides)),
         report.Section("Predictions on held-out cases",
-                       figures=_overlay_figures(layout, sides, compare_summary["labels"])),
+                       figures=_overlay_figures(layout, sides, compare_summary.labels)),
         report.Section("Training curves", figures=_curve_figures(layout, runs)),
         _backbone_section(layout, sides),
         report.Section("Stage times (this invocation; timings.json)", tables=[("", _timings_table(timings))]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from threedino_pipe.artifacts.base import Artifact, Record
 from threedino_pipe.runtime.errors import UserError
@@ -35,8 +35,6 @@ class RunRecord(Artifact):
     WRITER = "the training command"
     FILE = "run.json"
 
-    kind: Literal["run"] = "run"
-    schema_version: Literal[1] = 1
     stage: str = ""
     options: dict[str, Any]
     volatile: list[str] = []

@@ -45,11 +45,10 @@ from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import BrightnessMultiplicativeTransform, GammaTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
+from threedino_pipe.artifacts import CaseProperties
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
-from threedino_pipe.runtime.atomic_files import read_artifact
 from threedino_pipe.runtime.errors import UserError
 
-CASE_SCHEMA_VERSION = 1
 IMAGE_PAD = -1.0
 LABEL_PAD = 0
 FG_FRACTION = 1.0 / 3.0
@@ -115,16 +114,16 @@ class SegmentationCases:
         self.config_dir = Path(config_dir)
         self.cases: list[SegCase] = []
         for case_id in case_ids:
-            meta_path = self.config_dir / f"{case_id}.json"
+            meta_path = CaseProperties.path(self.config_dir, case_id)
             image, seg = self.config_dir / f"{case_id}.b2nd", self.config_dir / f"{case_id}_seg.b2nd"
             for path in (meta_path, image, seg):
                 if not path.is_file():
                     raise UserError("a preprocessed finetune file is missing (an interrupted or older preprocess?)",
                                     file=path, fix=f"run `{rerun}` (it resumes)")
-            meta = read_artifact(meta_path, "case", CASE_SCHEMA_VERSION, rerun)
+            meta = CaseProperties.read(meta_path, rerun=rerun)
             locations = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                         for k, v in (meta.get("class_locations") or {}).items()}
-            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta["shape"]), locations))
+                         for k, v in meta.class_locations.items()}
+            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta.shape), locations))
         self._open: dict[int, dict[int, tuple[Any, Any]]] = {}
 
     def __len__(self) -> int:

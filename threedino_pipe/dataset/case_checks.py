@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.dataset.image_io import Geometry, is_nifti
 from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.dataset.raw import CaseFiles, DatasetSpec, display_path
+from threedino_pipe.dataset.raw import CaseFiles, display_path
 
 SPACING_ATOL, SPACING_RTOL = 1e-4, 1e-4  # mm, relative
 ORIGIN_ATOL, ORIGIN_RTOL = 1e-4, 1e-4  # mm, relative
@@ -119,7 +120,7 @@ def _read(path: Path) -> tuple[sitk.Image, np.ndarray]:
     return image, voxels
 
 
-def _dimension_problem(image: sitk.Image, case_id: str, role: str, spec: DatasetSpec) -> tuple[str, str]:
+def _dimension_problem(image: sitk.Image, case_id: str, role: str, spec: DatasetJson) -> tuple[str, str]:
     """(problem, fix) for an image that is not a scalar 3D volume, else ("", "")."""
     dim, size = image.GetDimension(), "x".join(str(s) for s in image.GetSize())
     ending = spec.file_ending
@@ -159,7 +160,7 @@ def _unique_values(voxels: np.ndarray) -> np.ndarray:
     return np.unique(voxels)
 
 
-def _label_problems(voxels: np.ndarray, spec: DatasetSpec, rel: str, case_id: str) -> list[Problem]:
+def _label_problems(voxels: np.ndarray, spec: DatasetJson, rel: str, case_id: str) -> list[Problem]:
     problems: list[Problem] = []
     values = voxels
     if np.issubdtype(voxels.dtype, np.floating):
@@ -190,7 +191,7 @@ def _label_problems(voxels: np.ndarray, spec: DatasetSpec, rel: str, case_id: st
     return problems
 
 
-def check_file(path: Path, folder: Path, case_id: str, spec: DatasetSpec, *, role: str,
+def check_file(path: Path, folder: Path, case_id: str, spec: DatasetJson, *, role: str,
                allow_nan: bool = False) -> tuple[Geometry | None, list[Problem]]:
     """Check one image (``role="image"``) or label (``role="label"``) file or DICOM folder.
 
@@ -251,7 +252,7 @@ def compare_geometry(ref_rel: str, ref: Geometry, rel: str, geometry: Geometry, 
     return problems
 
 
-def _guarded(path: Path, folder: Path, case_id: str, spec: DatasetSpec, *, role: str,
+def _guarded(path: Path, folder: Path, case_id: str, spec: DatasetJson, *, role: str,
              allow_nan: bool) -> tuple[Geometry | None, list[Problem]]:
     try:
         return check_file(path, folder, case_id, spec, role=role, allow_nan=allow_nan)
@@ -260,7 +261,7 @@ def _guarded(path: Path, folder: Path, case_id: str, spec: DatasetSpec, *, role:
         return None, [Problem("error", display_path(path, folder), message[:300], _BUG_FIX, case_id)]
 
 
-def check_case(folder: Path, case: CaseFiles, spec: DatasetSpec, allow_nan: bool = False) -> list[Problem]:
+def check_case(folder: Path, case: CaseFiles, spec: DatasetJson, allow_nan: bool = False) -> list[Problem]:
     """Every problem of one case's files (missing files are reported by discovery, not here)."""
     problems: list[Problem] = []
     reference: tuple[str, Geometry] | None = None

@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.runtime.errors import UserError
 
 MNI_LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
@@ -60,7 +60,7 @@ def _write_dataset_json(folder: Path, channel_names: dict, labels: dict | None, 
     if labels is not None:
         spec["labels"] = labels
     spec.update(extra or {})
-    (folder / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
+    DatasetJson.from_data(spec, folder / DatasetJson.FILE).write(folder / DatasetJson.FILE)
 
 
 def mni_case(t1: sitk.Image, label: sitk.Image, rng: np.random.Generator,

@@ -41,12 +41,6 @@ class Geometry:
         return {k: list(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
-        return cls(size=tuple(int(v) for v in d["size"]), spacing=tuple(float(v) for v in d["spacing"]),
-                   origin=tuple(float(v) for v in d["origin"]),
-                   direction=tuple(float(v) for v in d["direction"]))
-
-    @classmethod
     def of(cls, image: sitk.Image) -> Geometry:
         return cls(size=tuple(int(v) for v in image.GetSize()), spacing=tuple(image.GetSpacing()),
                    origin=tuple(image.GetOrigin()), direction=tuple(image.GetDirection()))

@@ -2,10 +2,9 @@
 
 A raw dataset is a folder ``DatasetNNN_Name`` holding:
 
-- ``dataset.json``: ``channel_names`` ({"0": "CT"}), ``labels`` ({"background": 0, "liver": 1} or
-  regions {"whole_tumor": [1, 2, 3]} with ``regions_class_order``), ``numTraining``,
-  ``file_ending``; our extensions: ``task`` ("segmentation", the default when labels are given;
-  "classification" with ``class_names``; "unlabeled" for pretraining-only collections).
+- ``dataset.json`` (read by :class:`threedino_pipe.artifacts.DatasetJson`): ``channel_names``,
+  ``labels`` (or regions with ``regions_class_order``), ``numTraining``, ``file_ending``; our
+  extensions ``task`` and ``class_names``.
 - ``imagesTr/{case}_{XXXX}{ending}``: one file per channel XXXX (0000, 0001, ...), or a folder
   ``{case}_{XXXX}/`` holding one DICOM series.
 - ``labelsTr/{case}{ending}`` (segmentation) or ``labelsTr.csv`` with ``case_id,label``
@@ -26,61 +25,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.runtime.atomic_files import read_json
-from threedino_pipe.runtime.errors import UserError
 
-TASKS = ("segmentation", "classification", "unlabeled")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-@dataclass
-class DatasetSpec:
-    """The parsed ``dataset.json``.
-
-    Attributes:
-        channel_names: channel index -> name (modality), ordered by index.
-        labels: label name -> int value, or list of values for a region.
-        task: "segmentation", "classification" or "unlabeled".
-        file_ending: e.g. ".nii.gz".
-        num_training: the declared ``numTraining``.
-        class_names: classification class names, index = class id.
-        regions_class_order: for region-based labels, the label value written for each region.
-        raw: the whole JSON, for fields this code does not interpret.
-    """
-
-    channel_names: dict[int, str]
-    labels: dict[str, int | list[int]]
-    task: str
-    file_ending: str
-    num_training: int | None
-    class_names: list[str] = field(default_factory=list)
-    regions_class_order: list[int] | None = None
-    raw: dict = field(default_factory=dict)
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def has_regions(self) -> bool:
-        return any(isinstance(v, list) for v in self.labels.values())
-
-    @property
-    def label_values(self) -> set[int]:
-        """Every integer value a label image may contain (0 included)."""
-        values = {0}
-        for v in self.labels.values():
-            values.update(v if isinstance(v, list) else [v])
-        return values
-
-    @property
-    def foreground_classes(self) -> list[int]:
-        """Label values other than background, sorted."""
-        return sorted(self.label_values - {0})
 
 
 @dataclass
@@ -98,96 +49,6 @@ class CaseFiles:
     images: list[Path | None]
     label: Path | None = None
     class_label: int | None = None
-
-
-def _spec_error(folder: Path, problem: str, fix: str) -> UserError:
-    return UserError(problem, file=folder / "dataset.json", fix=fix)
-
-
-def load_spec(folder: Path) -> DatasetSpec:
-    """Parse and check ``dataset.json`` of a raw dataset folder.
-
-    Raises:
-        UserError: when the file is missing or a required field is absent or malformed.
-    """
-    path = folder / "dataset.json"
-    if not path.is_file():
-        raise UserError("dataset.json is missing", file=path,
-                        fix="create it (see dataset_templates/ and docs/raw_convention.md)")
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise _spec_error(folder, "dataset.json must hold a JSON object", "see dataset_templates/")
-    channels = raw.get("channel_names", raw.get("modality"))
-    if not isinstance(channels, dict) or not channels:
-        raise _spec_error(folder, "'channel_names' is missing or empty",
-                          'add e.g. "channel_names": {"0": "CT"}')
-    try:
-        channel_names = {int(k): str(v) for k, v in channels.items()}
-    except ValueError:
-        raise _spec_error(folder, "'channel_names' keys must be channel indices \"0\", \"1\", ...",
-                          'write e.g. "channel_names": {"0": "T1", "1": "T2"}') from None
-    if sorted(channel_names) != list(range(len(channel_names))):
-        raise _spec_error(folder, f"channel indices {sorted(channel_names)} are not 0..{len(channel_names) - 1}",
-                          "number the channels 0, 1, 2, ... without gaps")
-    file_ending = raw.get("file_ending")
-    if not isinstance(file_ending, str) or not file_ending.startswith("."):
-        raise _spec_error(folder, "'file_ending' is missing or does not start with '.'",
-                          'add e.g. "file_ending": ".nii.gz"')
-    labels_raw = raw.get("labels", {})
-    task = raw.get("task") or ("segmentation" if labels_raw else "unlabeled")
-    if task not in TASKS:
-        raise _spec_error(folder, f"unknown task '{task}'", f"use one of {', '.join(TASKS)}")
-    labels: dict[str, int | list[int]] = {}
-    if task == "segmentation":
-        if not isinstance(labels_raw, dict) or not labels_raw:
-            raise _spec_error(folder, "'labels' is missing", 'add e.g. "labels": {"background": 0, "organ": 1}')
-        for name, value in labels_raw.items():
-            if isinstance(value, bool) or not (isinstance(value, int) or (
-                    isinstance(value, list | tuple) and value and all(isinstance(x, int) for x in value))):
-                v1 = isinstance(value, str) and str(name).isdigit()
-                raise _spec_error(folder, f"label '{name}' has value {value!r}; expected an integer or a list "
-                                  "of integers (a region)",
-                                  f'write name -> value, e.g. "{value}": {name} (nnU-Net v2 style; '
-                                  'nnU-Net v1 wrote value -> name)' if v1 else "fix the 'labels' entry")
-            labels[name] = list(value) if isinstance(value, list | tuple) else int(value)
-        if 0 not in [v for v in labels.values() if isinstance(v, int)]:
-            raise _spec_error(folder, "'labels' has no background (value 0)", 'add "background": 0')
-    class_names: list[str] = []
-    if task == "classification":
-        class_names = raw.get("class_names")
-        if not isinstance(class_names, list) or len(class_names) < 2:
-            raise _spec_error(folder, "a classification dataset needs 'class_names' with at least 2 classes",
-                              'add e.g. "class_names": ["benign", "malignant"]')
-        class_names = [str(c) for c in class_names]
-    num_training = raw.get("numTraining")
-    if num_training is not None and not isinstance(num_training, int):
-        raise _spec_error(folder, f"'numTraining' is {num_training!r}, expected an integer",
-                          "set it to the number of training cases")
-    order = raw.get("regions_class_order")
-    if any(isinstance(v, list) for v in labels.values()) and order is None:
-        raise _spec_error(folder, "region labels need 'regions_class_order'",
-                          "add the label value written for each region, in the order of 'labels'")
-    _check_listing(folder, raw.get("dataset"), task)
-    return DatasetSpec(channel_names=dict(sorted(channel_names.items())), labels=labels, task=task,
-                       file_ending=file_ending, num_training=num_training, class_names=class_names,
-                       regions_class_order=order, raw=raw)
-
-
-def _check_listing(folder: Path, listing: object, task: str) -> None:
-    """Check the shape of nnU-Net v2's optional ``"dataset"`` key (explicit file lists)."""
-    if listing is None:
-        return
-    example = '"dataset": {"case1": {"images": ["imagesTr/case1_0000.nii.gz"], "label": "labelsTr/case1.nii.gz"}}'
-    if not isinstance(listing, dict):
-        raise _spec_error(folder, "'dataset' must map case ids to their files", f"write e.g. {example}")
-    for case, item in listing.items():
-        images = item.get("images") if isinstance(item, dict) else None
-        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-            raise _spec_error(folder, f"'dataset' entry '{case}' needs 'images': a list of file paths",
-                              f"write e.g. {example}")
-        if task == "segmentation" and not isinstance(item.get("label"), str):
-            raise _spec_error(folder, f"'dataset' entry '{case}' needs 'label': the label file's path",
-                              f"write e.g. {example}")
 
 
 def split_channel_name(name: str, file_ending: str) -> tuple[str, int] | None:
@@ -276,7 +137,7 @@ def display_path(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def _cases_from_listing(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
+def _cases_from_listing(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], list[Problem]]:
     """Cases of nnU-Net v2's ``"dataset"`` key: explicit image and label paths per case."""
     def resolve(value: str) -> Path:
         path = Path(os.path.expandvars(value))
@@ -284,8 +145,8 @@ def _cases_from_listing(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles
 
     cases: list[CaseFiles] = []
     problems: list[Problem] = []
-    for case_id, item in spec.raw["dataset"].items():
-        images: list[Path | None] = [resolve(v) for v in item["images"]]
+    for case_id, item in spec.dataset.items():
+        images: list[Path | None] = [resolve(v) for v in item.images]
         if len(images) != spec.num_channels:
             problems.append(Problem("error", "dataset.json", f"'dataset' entry '{case_id}' lists {len(images)} "
                                     f"images but channel_names declares {spec.num_channels} channels",
@@ -298,7 +159,7 @@ def _cases_from_listing(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles
                 images[c] = None
         case = CaseFiles(case_id=str(case_id), images=images)
         if spec.task == "segmentation":
-            label = resolve(item["label"])
+            label = resolve(item.label)
             if label.is_file():
                 case.label = label
             else:
@@ -308,7 +169,7 @@ def _cases_from_listing(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles
     return cases, problems
 
 
-def _cases_from_folders(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]] | None:
+def _cases_from_folders(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], list[Problem]] | None:
     """Cases found in ``imagesTr/`` (+ ``labelsTr/``); None when ``imagesTr/`` is missing."""
     images_dir = folder / "imagesTr"
     if not images_dir.is_dir():
@@ -339,13 +200,13 @@ def _cases_from_folders(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles
     return cases, problems
 
 
-def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], list[Problem]]:
+def discover_cases(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], list[Problem]]:
     """Every training case of a raw dataset with its files, and the layout problems found.
 
     Cases come from nnU-Net v2's ``"dataset"`` key when dataset.json has one, else from
     ``imagesTr/`` and ``labelsTr/`` (segmentation) or ``labelsTr.csv`` (classification).
     """
-    if isinstance(spec.raw.get("dataset"), dict):
+    if spec.dataset is not None:
         cases, problems = _cases_from_listing(folder, spec)
     else:
         found = _cases_from_folders(folder, spec)
@@ -364,7 +225,7 @@ def discover_cases(folder: Path, spec: DatasetSpec) -> tuple[list[CaseFiles], li
             problems.append(Problem("error", "labelsTr.csv", f"case '{extra}' has a label but no images",
                                     "add its images or remove the line", extra))
     if spec.num_training is not None and spec.num_training != len(cases):
-        where = "dataset.json's 'dataset' lists" if isinstance(spec.raw.get("dataset"), dict) else "imagesTr/ holds"
+        where = "dataset.json's 'dataset' lists" if spec.dataset is not None else "imagesTr/ holds"
         problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but {where} "
                                 f"{len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
     return cases, problems

@@ -14,9 +14,10 @@ import multiprocessing
 import sys
 from pathlib import Path
 
+from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.dataset.case_checks import check_case
 from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.dataset.raw import CaseFiles, DatasetSpec, discover_cases, load_spec
+from threedino_pipe.dataset.raw import CaseFiles, discover_cases
 from threedino_pipe.runtime import paths, progress
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def _crashed(case: CaseFiles) -> Problem:
                    case.case_id)
 
 
-def _check_in_pool(folder: Path, cases: list[CaseFiles], spec: DatasetSpec, allow_nan: bool,
+def _check_in_pool(folder: Path, cases: list[CaseFiles], spec: DatasetJson, allow_nan: bool,
                    num_processes: int) -> dict[str, list[Problem]]:
     """Per-case problems from a process pool; a case whose worker dies is retried alone once."""
     results: dict[str, list[Problem]] = {}
@@ -54,7 +55,7 @@ def _check_in_pool(folder: Path, cases: list[CaseFiles], spec: DatasetSpec, allo
 
 
 def check_dataset(folder: Path, *, allow_nan: bool = False,
-                  num_processes: int = 2) -> tuple[DatasetSpec, list[CaseFiles], list[Problem]]:
+                  num_processes: int = 2) -> tuple[DatasetJson, list[CaseFiles], list[Problem]]:
     """Check a raw dataset folder: layout, every case's files, voxels and geometry.
 
     Args:
@@ -70,7 +71,7 @@ def check_dataset(folder: Path, *, allow_nan: bool = False,
         UserError: dataset.json is missing or malformed (nothing else can be checked then).
     """
     folder = Path(folder)
-    spec = load_spec(folder)
+    spec = DatasetJson.read(folder)
     cases, problems = discover_cases(folder, spec)
     checkable = [c for c in cases if any(p is not None for p in c.images) or c.label is not None]
     if num_processes <= 1 or len(checkable) <= 1:

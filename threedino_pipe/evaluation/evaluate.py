@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from threedino_pipe.dataset.raw import DatasetSpec, load_spec
+from threedino_pipe.artifacts import DatasetJson, EvaluationSummary
+from threedino_pipe.artifacts.evaluation_summary import CaseCounts, CaseFailure, SummaryFiles, SummaryOptions
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
 from threedino_pipe.evaluation.classification_metrics import confusion
 from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images, prediction_csv_path
-from threedino_pipe.evaluation.outputs import summary_header, write_outputs
+from threedino_pipe.evaluation.outputs import PER_CASE_FILE, write_outputs
 from threedino_pipe.evaluation.segmentation import SegmentationResult, evaluate_folder
 from threedino_pipe.evaluation.summary import classification_metrics_summary, segmentation_metrics_summary
 from threedino_pipe.runtime.errors import UserError
@@ -28,15 +29,15 @@ from threedino_pipe.runtime.paths import resolve_dataset
 log = logging.getLogger(__name__)
 
 
-def load_dataset(dataset: str | None) -> tuple[DatasetSpec | None, str | None]:
+def load_dataset(dataset: str | None) -> tuple[DatasetJson | None, str | None]:
     """(dataset.json of ``-d``, its folder name), or (None, None) without ``-d``."""
     if dataset is None:
         return None, None
     folder = resolve_dataset(dataset)
-    return load_spec(folder), folder.name
+    return DatasetJson.read(folder), folder.name
 
 
-def infer_task(reference: Path, spec: DatasetSpec | None) -> str:
+def infer_task(reference: Path, spec: DatasetJson | None) -> str:
     """``classification`` for a CSV reference, ``segmentation`` for a folder; checked against dataset.json.
 
     Raises:
@@ -65,9 +66,9 @@ def _inputs_info(reference: Path, prediction: Path, dataset: str | None, seed: i
             ("bootstrap", f"{num_bootstrap} resamples over cases, seed {seed}, 95 % percentile CI")]
 
 
-def _case_warnings(missing: Sequence[str], failed: Sequence[dict], ignored: Sequence[str]) -> list[str]:
+def _case_warnings(missing: Sequence[str], failed: Sequence[CaseFailure], ignored: Sequence[str]) -> list[str]:
     out = [f"missing prediction for case '{c}'" for c in missing]
-    out += [f"case '{f['case_id']}' failed: {f['problem']} ({f['file']})" for f in failed]
+    out += [f"case '{f.case_id}' failed: {f.problem} ({f.file})" for f in failed]
     out += [f"prediction '{c}' has no reference (ignored)" for c in ignored]
     return out
 
@@ -92,69 +93,71 @@ def classification_table(metrics: dict) -> pd.DataFrame:
                           "n": e["n"]} for metric, entries in metrics.items() for key, e in entries.items()])
 
 
-def _evaluate_segmentation(reference: Path, prediction: Path, spec: DatasetSpec | None, dataset: str | None, *,
-                           seed: int, num_bootstrap: int, num_processes: int) -> tuple[SegmentationResult, dict, dict]:
+def _evaluate_segmentation(reference: Path, prediction: Path, spec: DatasetJson | None, dataset: str | None, *,
+                           seed: int, num_bootstrap: int, num_processes: int
+                           ) -> tuple[SegmentationResult, EvaluationSummary, dict]:
     references = list_label_images(reference, "reference folder")
     labels = dataset_labels(spec) if spec is not None else None
     result = evaluate_folder(reference, prediction, labels, num_processes=num_processes, references=references)
     metrics, mean_over_labels = segmentation_metrics_summary(result.per_case, list(result.labels), seed=seed,
                                                              num_resamples=num_bootstrap)
-    summary = {**summary_header("evaluate", "segmentation"), "reference": str(reference.resolve()),
-               "prediction": str(prediction.resolve()), "dataset": dataset,
-               "options": {"seed": seed, "num_bootstrap": num_bootstrap, "confidence": 0.95},
-               "labels": {k: list(v) for k, v in result.labels.items()},
-               "cases": {"reference": len(references), "evaluated": len(result.evaluated),
-                         "missing": result.missing, "failed": result.failed, "ignored": result.ignored},
-               "metrics": metrics, "mean_over_labels": mean_over_labels}
+    summary = EvaluationSummary(
+        mode="evaluate", task="segmentation", reference=str(reference.resolve()), prediction=str(prediction.resolve()),
+        dataset=dataset, options=SummaryOptions(seed=seed, num_bootstrap=num_bootstrap),
+        labels={k: list(v) for k, v in result.labels.items()},
+        cases=CaseCounts(reference=len(references), evaluated=len(result.evaluated), missing=result.missing,
+                         failed=result.failed, ignored=result.ignored),
+        metrics=metrics, mean_over_labels=mean_over_labels)
     figures = {"metrics_per_label.png": plots.segmentation_boxplot(result.per_case, list(result.labels))}
     html = report.render(f"Segmentation evaluation: {prediction.name}",
                          _inputs_info(reference, prediction, dataset, seed, num_bootstrap)
-                         + [("cases evaluated", f"{summary['cases']['evaluated']} of {len(references)}")],
+                         + [("cases evaluated", f"{summary.cases.evaluated} of {len(references)}")],
                          [("Dice and HD95 per label", segmentation_table(metrics, mean_over_labels))],
                          [("Dice and HD95 (mm) per label; points are cases", figures["metrics_per_label.png"])],
                          _case_warnings(result.missing, result.failed, result.ignored))
-    summary["files"] = {"per_case": "per_case.csv", "figures": list(figures), "report": "report.html"}
-    write_kwargs = {"tables": {"per_case.csv": result.per_case}, "figures": figures, "report": html,
+    summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
+    write_kwargs = {"tables": {PER_CASE_FILE: result.per_case}, "figures": figures, "report": html,
                     "summary": summary}
     return result, summary, write_kwargs
 
 
-def _evaluate_classification(reference: Path, prediction: Path, spec: DatasetSpec | None, dataset: str | None, *,
-                             seed: int, num_bootstrap: int) -> tuple[ClassificationResult, dict, dict]:
+
+def _evaluate_classification(reference: Path, prediction: Path, spec: DatasetJson | None, dataset: str | None, *,
+                             seed: int, num_bootstrap: int) -> tuple[ClassificationResult, EvaluationSummary, dict]:
     result = evaluate_csv(reference, prediction, spec.class_names if spec is not None else None)
     metrics = classification_metrics_summary(result, seed=seed, num_resamples=num_bootstrap)
     matrix = confusion(result.y_true, result.y_pred, len(result.class_names))
-    summary = {**summary_header("evaluate", "classification"), "reference": str(reference.resolve()),
-               "prediction": str(prediction_csv_path(prediction).resolve()), "dataset": dataset,
-               "options": {"seed": seed, "num_bootstrap": num_bootstrap, "confidence": 0.95},
-               "classes": result.class_names,
-               "cases": {"reference": len(result.case_ids) + len(result.missing), "evaluated": len(result.case_ids),
-                         "missing": result.missing, "failed": [], "ignored": result.ignored},
-               "metrics": metrics, "confusion_matrix": matrix.tolist()}
+    summary = EvaluationSummary(
+        mode="evaluate", task="classification", reference=str(reference.resolve()),
+        prediction=str(prediction_csv_path(prediction).resolve()), dataset=dataset,
+        options=SummaryOptions(seed=seed, num_bootstrap=num_bootstrap), classes=result.class_names,
+        cases=CaseCounts(reference=len(result.case_ids) + len(result.missing), evaluated=len(result.case_ids),
+                         missing=result.missing, failed=[], ignored=result.ignored),
+        metrics=metrics, confusion_matrix=matrix.tolist())
     figures = {"confusion_matrix.png": plots.confusion_matrix_plot(matrix, result.class_names),
                "roc.png": plots.roc_plot(result.y_true, result.probs, result.class_names)}
     html = report.render(f"Classification evaluation: {prediction.name}",
                          _inputs_info(reference, prediction, dataset, seed, num_bootstrap)
-                         + [("cases evaluated", f"{len(result.case_ids)} of {summary['cases']['reference']}")],
+                         + [("cases evaluated", f"{len(result.case_ids)} of {summary.cases.reference}")],
                          [("Metrics", classification_table(metrics))],
                          [("Confusion matrix (rows: reference, columns: predicted)", figures["confusion_matrix.png"]),
                           ("ROC curves, one class vs the rest", figures["roc.png"])],
                          _case_warnings(result.missing, [], result.ignored))
-    summary["files"] = {"per_case": "per_case.csv", "figures": list(figures), "report": "report.html"}
-    write_kwargs = {"tables": {"per_case.csv": result.per_case}, "figures": figures, "report": html,
+    summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
+    write_kwargs = {"tables": {PER_CASE_FILE: result.per_case}, "figures": figures, "report": html,
                     "summary": summary}
     return result, summary, write_kwargs
 
 
-def _log_segmentation(summary: dict) -> None:
-    for name, entry in summary["metrics"]["dice"].items():
-        hd = summary["metrics"]["hd95_mm"][name]
+def _log_segmentation(summary: EvaluationSummary) -> None:
+    for name, entry in summary.metrics["dice"].items():
+        hd = summary.metrics["hd95_mm"][name]
         log.info("%s: Dice %.4f %s (n=%d), HD95 %.2f mm %s", name, entry["mean"], report.ci_text(entry["ci95"]),
                  entry["n"], hd["mean"], report.ci_text(hd["ci95"]))
 
 
-def _log_classification(summary: dict) -> None:
-    m = summary["metrics"]
+def _log_classification(summary: EvaluationSummary) -> None:
+    m = summary.metrics
     log.info("accuracy %.4f, F1 macro %.4f, AUC macro %.4f (n=%d)", m["accuracy"]["all"]["value"],
              m["f1"]["macro"]["value"], m["auc"]["macro"]["value"], m["accuracy"]["all"]["n"])
 
@@ -206,10 +209,10 @@ def run(reference: Path, prediction: Path | None = None, *, compare: Sequence[st
     out_dir = output if output is not None else default_output(prediction)
     write_outputs(out_dir, **outputs)
     (_log_segmentation if task == "segmentation" else _log_classification)(summary)
-    cases = summary["cases"]
+    cases = summary.cases
     log.info("wrote %s", out_dir)
-    if cases["missing"] or cases["failed"]:
-        log.error("error: %d case(s) missing and %d failed (listed in %s)", len(cases["missing"]),
-                  len(cases["failed"]), out_dir / "summary.json")
+    if cases.missing or cases.failed:
+        log.error("error: %d case(s) missing and %d failed (listed in %s)", len(cases.missing),
+                  len(cases.failed), EvaluationSummary.in_folder(out_dir))
         return 1
     return 0

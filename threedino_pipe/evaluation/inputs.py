@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threedino_pipe.dataset.raw import DatasetSpec
+from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.runtime.errors import UserError
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -64,7 +64,7 @@ def list_label_images(folder: Path, what: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def dataset_labels(spec: DatasetSpec) -> dict[str, tuple[int, ...]]:
+def dataset_labels(spec: DatasetJson) -> dict[str, tuple[int, ...]]:
     """Labels and regions of a dataset.json to evaluate: name -> values (background excluded)."""
     out: dict[str, tuple[int, ...]] = {}
     for name, value in spec.labels.items():

@@ -3,8 +3,8 @@
 ``-m`` names the backbone and how cases are prepared:
 
 - a finetune run folder (or model zip): the backbone of its ``checkpoint_best.pt``; every case is
-  preprocessed as in finetuning (``preprocess_case(images, geometry, plans, "finetune")``: the
-  plans' transpose, crop, resampling and normalisation) and its centre view (the whole
+  preprocessed as in finetuning (``preprocess_case`` with the model card's ``preprocessing()``:
+  the plans' transpose, crop, resampling and normalisation) and its centre view (the whole
   preprocessed volume resized to the run's ``patch_size``) goes through the backbone: exactly
   what the probe and ``predict`` see;
 - a pretrain run folder (its ``backbone.pt``) or a backbone checkpoint file (ours, an export or
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from threedino_pipe import __version__
+from threedino_pipe.artifacts import CasePreprocessing, EmbedRecord, ModelCard, ModelSource
 from threedino_pipe.inference.features import centre_view, extract
 from threedino_pipe.inference.inputs import InputCase, group_cases, list_entries, split_ending
 from threedino_pipe.inference.model_loading import load_models
@@ -40,21 +40,11 @@ from threedino_pipe.inference.predictor import prepare_case
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, probe_input
 from threedino_pipe.models.vit3d import VisionTransformer3D
 from threedino_pipe.runtime import progress
-from threedino_pipe.runtime.atomic_files import atomic_path, write_json
+from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.device import pick_device
 from threedino_pipe.runtime.errors import UserError
 
-BARE_CONFIGURATION = "embed"
-BARE_NORMALIZATION = {"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1],
-                      "clip": True}
 _CHANNEL_RE = re.compile(r"^.+_(\d{4})$")
-
-
-def bare_plans(num_channels: int) -> dict:
-    """The preprocessing of a bare checkpoint as a plans dict for ``preprocess_case`` (module docstring)."""
-    return {"transpose": [0, 1, 2], "task": "unlabeled", "labels": {}, "configurations": {BARE_CONFIGURATION: {
-        "resample": False, "spacing": None, "normalization": [dict(BARE_NORMALIZATION)] * num_channels,
-        "crop": "foreground_after_normalization"}}}
 
 
 def _bare_channels(entries: list[Path]) -> int:
@@ -66,20 +56,20 @@ def _bare_channels(entries: list[Path]) -> int:
 
 
 def load_backbone_and_plans(model: Path, stack: contextlib.ExitStack
-                            ) -> tuple[VisionTransformer3D, dict, str, list[int], dict]:
-    """(backbone, plans, configuration, view size, record) for ``-m`` (also used by ``3dino visualize``).
+                            ) -> tuple[VisionTransformer3D, ModelCard | None, list[int], ModelSource]:
+    """(backbone, model card or None, view size, record) for ``-m`` (also used by ``3dino visualize``).
 
-    A bare checkpoint gets empty plans (the caller uses :func:`bare_plans`); ``stack`` holds an
-    unpacked model zip until the caller is done.
+    A bare checkpoint has no model card (the caller uses :meth:`CasePreprocessing.bare`); ``stack``
+    holds an unpacked model zip until the caller is done.
     """
     model = Path(model)
-    if (model.is_dir() and (model / "model.json").is_file()) or (model.is_file() and model.suffix.lower() == ".zip"):
+    if (model.is_dir() and ModelCard.in_folder(model).is_file()) or (model.is_file()
+                                                                      and model.suffix.lower() == ".zip"):
         loaded = load_models([model], stack)[0]
-        mj = loaded.model_json
-        record = {"kind": "finetune run", "source": str(model.resolve()), "dataset": mj.get("dataset"),
-                  "head": mj.get("head"), "backbone": mj.get("backbone"), "weights_sha256": loaded.weights_sha256}
-        return (loaded.network.backbone, mj["plans"], mj.get("configuration") or "finetune",
-                [int(v) for v in mj["patch_size"]], record)
+        card = loaded.card
+        record = ModelSource(kind="finetune run", source=str(model.resolve()), dataset=card.dataset, head=card.head,
+                             backbone=card.backbone.model_dump(mode="json"), weights_sha256=loaded.weights_sha256)
+        return loaded.network.backbone, card, [int(v) for v in card.patch_size], record
     from threedino_pipe.training.backbone_choice import resolve_backbone
     if not model.exists():
         raise UserError("model not found", file=model, fix="pass a finetune or pretrain run folder, a model zip or "
@@ -90,9 +80,9 @@ def load_backbone_and_plans(model: Path, stack: contextlib.ExitStack
         raise UserError(f"the backbone takes {net.in_chans} input channels; embed and visualize run a "
                         "single-channel backbone once per channel", file=model,
                         fix="pass a single-channel 3D ViT backbone")
-    record = {"kind": "backbone checkpoint", "source": choice.source, "sha256": choice.sha256,
-              "preset": choice.info.get("preset")}
-    return net, {}, BARE_CONFIGURATION, [net.pos_grid * net.patch_size] * 3, record
+    record = ModelSource(kind="backbone checkpoint", source=choice.source, sha256=choice.sha256,
+                         preset=choice.info.get("preset"))
+    return net, None, [net.pos_grid * net.patch_size] * 3, record
 
 
 def column_names(first_block: int, layers: int, avgpool: bool, channels: int, dim: int) -> list[str]:
@@ -122,22 +112,19 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
     csv_path = _output_csv(output)
     dev = pick_device(device)
     with contextlib.ExitStack() as stack:
-        backbone, plans, configuration, view_size, record = load_backbone_and_plans(model, stack)
+        backbone, card, view_size, record = load_backbone_and_plans(model, stack)
         if layers > backbone.depth:
             raise UserError(f"--layers {layers} but the backbone has {backbone.depth} blocks", file=model,
                             fix="pass --layers 1")
         entries = list_entries(Path(input_path))
-        if plans:
-            num_channels = len(plans["channel_names"])
-        else:
-            num_channels = _bare_channels(entries)
-            plans = bare_plans(num_channels)
+        num_channels = len(card.channel_names) if card is not None else _bare_channels(entries)
+        recipe = card.preprocessing() if card is not None else CasePreprocessing.bare(num_channels)
         cases: list[InputCase] = group_cases(entries, num_channels, Path(input_path))
         extractor = FrozenFeatures(backbone.float(), layers).to(dev)
         names = column_names(backbone.depth - layers, layers, avgpool, num_channels, backbone.embed_dim)
         rows = []
         for case in progress.track(cases, "embed", total=len(cases)):
-            prepared = prepare_case(case, plans, configuration)
+            prepared = prepare_case(case, recipe)
             tokens = extract(extractor, centre_view(prepared.data, view_size)[None], dev, 1)
             vector = probe_input(tokens["cls"], tokens["patch_mean"], layers, avgpool)[0].numpy()
             rows.append([case.case_id, *(f"{v:.7g}" for v in vector.astype(np.float64))])
@@ -145,12 +132,10 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
         writer = csv.writer(fh)
         writer.writerow(["case_id", *names])
         writer.writerows(rows)
-    write_json(csv_path.with_suffix(".json"), {
-        "kind": "embed_args", "schema_version": 1, "version": __version__, "model": record,
-        "input": str(Path(input_path).resolve()), "cases": len(rows), "layers": layers, "avgpool": avgpool,
-        "blocks": list(range(backbone.depth - layers, backbone.depth)), "channels": num_channels,
-        "embed_dim": backbone.embed_dim, "columns": len(names), "configuration": configuration,
-        "view_size": view_size, "preprocessing": plans["configurations"][configuration],
-        "transpose": plans.get("transpose", [0, 1, 2]), "device": str(dev)})
+    EmbedRecord(model=record, input=str(Path(input_path).resolve()), cases=len(rows), layers=layers,
+                avgpool=avgpool, blocks=list(range(backbone.depth - layers, backbone.depth)), channels=num_channels,
+                embed_dim=backbone.embed_dim, columns=len(names), configuration=recipe.configuration,
+                view_size=view_size, preprocessing=recipe, transpose=recipe.transpose,
+                device=str(dev)).write(EmbedRecord.beside(csv_path))
     console.print(f"wrote {csv_path}: {len(rows)} case(s) x {len(names)} features")
     return csv_path

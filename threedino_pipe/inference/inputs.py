@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_OUTPUT_ENDING = ".nii.gz"
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<index>\d{4})$")
 _MAX_LISTED = 20
 
 
@@ -159,7 +159,7 @@ def group_cases(entries: list[Path], num_channels: int, source: Path | None = No
     if all(matches.values()):
         groups: dict[str, dict[int, Path]] = defaultdict(dict)
         for stem, match in matches.items():
-            groups[match["case"]][int(match["channel"])] = stems[stem]
+            groups[match["case"]][int(match["index"])] = stems[stem]
         if all(set(channels) == set(range(num_channels)) for channels in groups.values()):
             return [InputCase(case, tuple(channels[c] for c in range(num_channels)))
                     for case, channels in sorted(groups.items())]
@@ -177,7 +177,7 @@ def _grouping_problems(matches: dict, stems: dict[str, Path], num_channels: int)
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for stem, match in matches.items():
         if match is not None:
-            groups[match["case"]][int(match["channel"])] = stems[stem]
+            groups[match["case"]][int(match["index"])] = stems[stem]
     expected = set(range(num_channels))
     for case, channels in sorted(groups.items()):
         missing = sorted(expected - set(channels))

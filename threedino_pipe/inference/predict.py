@@ -17,21 +17,17 @@ from pathlib import Path
 
 import torch
 
-from threedino_pipe import __version__
+from threedino_pipe.artifacts import PredictArgs, PredictOptions
 from threedino_pipe.inference import batch
 from threedino_pipe.inference.inputs import InputCase, discover_cases
-from threedino_pipe.inference.model_loading import LoadedModel, channel_names, load_models
+from threedino_pipe.inference.model_loading import LoadedModel, load_models
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
-from threedino_pipe.runtime.atomic_files import read_artifact, write_json
 from threedino_pipe.runtime.device import pick_device
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
 
-PREDICT_ARGS = "predict_args.json"
-SCHEMA_VERSION = 1
-OUTPUT_OPTIONS = ("overlap", "tta")  # options that change the outputs: --continue refuses other values
 _DIST_TIMEOUT = timedelta(days=7)  # ranks wait for each other only at the end; a shard may take long
 
 
@@ -89,37 +85,23 @@ def _check_outputs_spare_inputs(cases: list[InputCase], output_dir: Path) -> Non
                             fix="write the predictions into another folder (-o)")
 
 
-def _identity(args: dict) -> list[list[str]]:
-    return sorted([m.get("model_json_sha256", ""), m.get("weights_sha256", "")] for m in args.get("models", []))
-
-
-def check_resume(path: Path, args: dict) -> None:
+def check_resume(path: Path, args: PredictArgs) -> None:
     """Refuse ``--continue`` into a folder whose ``predict_args.json`` names other models or output options."""
     if not path.is_file():
         return
     try:
-        old = read_artifact(path, "predict_args", SCHEMA_VERSION, "3dino predict")
+        old = PredictArgs.read(path)
     except UserError as exc:
         raise UserError(f"--continue into a folder whose predict_args.json cannot be used ({exc.problem})",
                         file=path, fix="predict into a new output folder, or leave out --continue") from None
-    if _identity(old) != _identity(args):
-        sources = ", ".join(str(m.get("source")) for m in old.get("models", [])) or "unknown models"
+    if old.identity() != args.identity():
+        sources = ", ".join(m.source for m in old.models)
         raise UserError(f"--continue into a folder written by another model ({sources}); its outputs would mix "
                         "two models", file=path,
                         fix="predict into a new output folder (or leave out --continue to predict every case again)")
-    for key in OUTPUT_OPTIONS:
-        before, now = old.get("options", {}).get(key), args["options"][key]
-        if before != now:
-            raise UserError(f"--continue with --{key} {now} into a folder predicted with --{key} {before}", file=path,
-                            fix=f"pass --{key} {before}, or predict into a new output folder")
-
-
-def _predict_args(models: list[LoadedModel], input_path: Path, output_dir: Path, options: dict,
-                  num_cases: int, world_size: int) -> dict:
-    return {"kind": "predict_args", "schema_version": SCHEMA_VERSION, "version": __version__,
-            "models": [m.record() for m in models], "input": str(Path(input_path).resolve()),
-            "output": str(Path(output_dir).resolve()), "num_cases": num_cases, "world_size": world_size,
-            "options": options}
+    for key, now, before in args.changed_output_options(old):
+        raise UserError(f"--continue with --{key} {now} into a folder predicted with --{key} {before}", file=path,
+                        fix=f"pass --{key} {before}, or predict into a new output folder")
 
 
 def _prediction_row(result: CaseResult, class_names: list[str]) -> list[str]:
@@ -146,21 +128,22 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
     dev = _device(device, ranks)
     with contextlib.ExitStack() as stack:
         loaded = load_models(list(models), stack)
-        model_json = loaded[0].model_json
-        cases = discover_cases(input_path, len(channel_names(model_json)), exclude=output_dir)
+        cases = discover_cases(input_path, len(loaded[0].card.channel_names), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
                                      precision=resolve_precision(precision, dev))
-        options = {**asdict(inference), "precision_requested": precision, "device": device,
-                   "device_used": str(dev), "num_workers": num_workers, "continue": resume}
-        args = _predict_args(loaded, input_path, output_dir, options, len(cases), ranks.world_size)
+        options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
+                                 device_used=str(dev), num_workers=num_workers, resume=resume)
+        args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
+                           output=str(output_dir.resolve()), num_cases=len(cases), world_size=ranks.world_size,
+                           options=options)
         if resume:
-            check_resume(output_dir / PREDICT_ARGS, args)
+            check_resume(PredictArgs.in_folder(output_dir), args)
         _barrier(ranks)  # every rank has checked the old predict_args.json before rank 0 replaces it
         output_dir.mkdir(parents=True, exist_ok=True)
         if ranks.rank == 0:
-            write_json(output_dir / PREDICT_ARGS, args)
+            args.write(PredictArgs.in_folder(output_dir))
         for model in loaded:
             model.network.to(dev)
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers)
@@ -168,11 +151,11 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: Ranks, resume: bool, num_workers: int) -> int:
-    model_json = loaded[0].model_json
-    classification = model_json["task"] == "classification"
+    card = loaded[0].card
+    classification = card.task == "classification"
     mine = batch.shard(cases, ranks.rank, ranks.world_size)
     predictions_path = batch.part_path(output_dir, batch.PREDICTIONS, ranks.rank, ranks.world_size)
-    header = ["case_id", "predicted_class", *(f"prob_{c}" for c in model_json.get("class_names") or [])]
+    header = ["case_id", "predicted_class", *(f"prob_{c}" for c in card.class_names)]
     rows: list[list[str]] = []
     if classification:
         _, existing = batch.read_csv_rows(output_dir / batch.PREDICTIONS) if resume else ([], [])
@@ -189,16 +172,15 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
     where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
     log.info("%d case(s)%s; %d already predicted (--continue), predicting %d on %s", len(cases), where,
              len(mine) - len(todo), len(todo), dev)
-    plans = model_json["plans"]
-    configuration = model_json.get("configuration") or "finetune"
+    recipe = card.preprocessing()
 
     def on_result(result: CaseResult) -> None:
         if classification:
-            rows.append(_prediction_row(result, list(model_json["class_names"])))
+            rows.append(_prediction_row(result, list(card.class_names)))
             batch.write_csv(predictions_path, header, rows)
 
     outcome = batch.run_cases(
-        todo, prepare=lambda case: prepare_case(case, plans, configuration),
+        todo, prepare=lambda case: prepare_case(case, recipe),
         predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir),
         failures_path=batch.part_path(output_dir, batch.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result)

@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
 from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.inputs import InputCase
-from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
+from threedino_pipe.inference.model_loading import LoadedModel
 from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
 from threedino_pipe.preprocessing.pipeline import preprocess_case
 from threedino_pipe.runtime.errors import UserError
@@ -78,7 +79,7 @@ class PreparedCase:
 
     case: InputCase
     data: np.ndarray | None  # released (None) once the sliding window no longer needs it
-    properties: dict
+    properties: PreprocessedCase
     geometry: Geometry
     seconds: float
 
@@ -115,12 +116,12 @@ def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
     return images, geometry_0
 
 
-def prepare_case(case: InputCase, plans: dict, configuration: str) -> PreparedCase:
+def prepare_case(case: InputCase, recipe: CasePreprocessing) -> PreparedCase:
     """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``)."""
     start = time.perf_counter()
     images, geo = read_case(case)
     try:
-        data, _, properties = preprocess_case(images, geo, plans, configuration)
+        data, _, properties = preprocess_case(images, geo, recipe)
     except UserError as exc:
         raise _failure(exc.problem, case.files[0], exc.fix) from None
     return PreparedCase(case, data, properties, geo, time.perf_counter() - start)
@@ -202,8 +203,8 @@ def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], 
     prepared.data = None
     if device.type == "cuda":
         data = data.to(device)
-    activation = models[0].model_json["output"]
-    num_outputs = int(models[0].model_json["num_outputs"])
+    activation = models[0].card.output
+    num_outputs = models[0].card.num_outputs
     implicit = activation == "softmax" and num_outputs > 1
     groups: dict[tuple[int, ...], list[LoadedModel]] = {}
     for model in models:
@@ -237,23 +238,23 @@ def classify(data: np.ndarray, models: Sequence[LoadedModel], options: Inference
 def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
                  device: torch.device, output_dir: Path) -> CaseResult:
     """Predict a prepared case; segmentation writes ``<case><ending>`` (and probabilities) into ``output_dir``."""
-    model_json = models[0].model_json
+    card = models[0].card
     result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds})
     start = time.perf_counter()
-    if model_json["task"] == "classification":
+    if card.task == "classification":
         result.probabilities = classify(prepared.data, models, options, device)
         result.seconds["inference"] = time.perf_counter() - start
         return result
     # streamed (no probabilities saved): the windows run while the labels are restored row block by row block
     probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities)
-    output = model_json["output"]
-    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=output_values(model_json))
+    output = card.output
+    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=card.output_values())
     result.seconds["inference"] = time.perf_counter() - start
     start = time.perf_counter()
     if options.save_probabilities:  # before the label file, whose presence marks the case done
         geometry.write_probabilities(probs, prepared.properties,
                                      Path(output_dir) / f"{prepared.case.case_id}{PROBABILITIES}",
-                                     output=output, names=output_names(model_json))
+                                     output=output, names=card.output_names())
     del probs
     result.output = Path(output_dir) / prepared.case.output_name
     write_image(labels, prepared.geometry, result.output)

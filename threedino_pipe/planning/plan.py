@@ -6,19 +6,16 @@ preprocessed folder, and nothing at all when the dataset or an option is bad (do
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from threedino_pipe.artifacts import Plans
+from threedino_pipe.artifacts import DatasetJson, Fingerprint, Normalization, Plans
 from threedino_pipe.planning import memory
 from threedino_pipe.planning.planner import NORMS, PATCH_MULTIPLE, PlanOptions, make_plans
 from threedino_pipe.runtime import paths
-from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.runtime.errors import UserError
 
 FINETUNE_FLAGS = ("--norm", "--target-spacing", "--patch-size", "--batch-size")
@@ -77,26 +74,29 @@ def _console() -> Console:
 
 
 def _value(value) -> str:
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return ", ".join(entry["scheme"] for entry in value)
+    if isinstance(value, list) and value and isinstance(value[0], Normalization):
+        return ", ".join(entry.scheme for entry in value)
     if isinstance(value, list):
         return "[" + ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value) + "]"
     return str(value)
 
 
-def print_summary(plans: dict, fingerprint: dict, console: Console) -> None:
+def print_summary(plans: Plans, fingerprint: Fingerprint, console: Console) -> None:
     """The main decisions of ``plans`` with their reasons, as a table."""
-    channels = ", ".join(f"{c['name']} -> {c['modality_guess']}" for c in fingerprint["channels"].values())
-    console.print(f"{fingerprint['dataset']}: {fingerprint['num_cases']} cases, median spacing "
-                  f"{_value(fingerprint['median_spacing'])} mm, median shape {_value(fingerprint['median_shape'])}, "
+    channels = ", ".join(f"{c.name} -> {c.modality_guess}" for c in fingerprint.channels.values())
+    console.print(f"{fingerprint.dataset}: {fingerprint.num_cases} cases, median spacing "
+                  f"{_value(fingerprint.median_spacing)} mm, median shape {_value(fingerprint.median_shape)}, "
                   f"channels {channels}", highlight=False)
     table = Table("decision", "value", "reason", highlight=False)
-    table.add_row("transpose", _value(plans["transpose"]), plans["decisions"]["transpose"])
-    table.add_row("preset", plans["configurations"]["pretrain"]["preset"], plans["decisions"]["preset"])
-    for name, config in plans["configurations"].items():
-        for field in ("batch_size", "spacing", "patch_size", "normalization", "image_interpolation"):
-            if field in config and not (name != "finetune" and field in ("spacing", "normalization")):
-                table.add_row(f"{name}.{field}", _value(config[field]), config["reasons"][field])
+    table.add_row("transpose", _value(plans.transpose), plans.decision("transpose"))
+    table.add_row("preset", plans.configurations.pretrain.preset, plans.decision("preset"))
+    for name in plans.configuration_names():
+        config = plans.configuration(name)
+        shown = ("batch_size", "spacing", "patch_size", "normalization", "image_interpolation") if name == "finetune" \
+            else ("batch_size",)
+        for field in shown:
+            if field in type(config).model_fields:
+                table.add_row(f"{name}.{field}", _value(getattr(config, field)), config.reason(field))
     console.print(table)
 
 
@@ -131,29 +131,27 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
              if value is not None]
     if spec.task == "unlabeled" and given:
         raise UserError(f"{', '.join(given)} set the finetune configuration, which an unlabeled dataset does not have",
-                        file=folder / "dataset.json", fix="leave these options out")
+                        file=DatasetJson.in_folder(folder), fix="leave these options out")
     fingerprint = compute_fingerprint(folder, spec, cases, num_processes)
     plans = make_plans(fingerprint, spec, options, memory_gb)
     out = paths.preprocessed_dataset(folder)
-    plans_path: Path = out / "plans.json"
-    changed = plans_path.is_file() and _load(plans_path) != plans
-    write_json(out / "dataset_fingerprint.json", fingerprint)
-    Plans.model_validate(plans).write(plans_path)  # validated against the schema before it is written
+    plans_path = Plans.in_folder(out)
+    changed = plans_path.is_file() and not plans.same_as_file(plans_path)
+    fingerprint.write(Fingerprint.in_folder(out))
+    plans.write(plans_path)
     print_summary(plans, fingerprint, console)
-    if any(min(c["shape_after_crop"]) <= plans["configurations"]["pretrain"]["min_axis"]
-           for c in fingerprint["cases"].values()):
-        console.print(f"[yellow]warning[/]: {plans['decisions']['pretrain.min_axis']}")
-    for name, config in plans["configurations"].items():
-        if config["reasons"]["batch_size"].startswith("does not fit"):
-            console.print(f"[yellow]warning[/]: {name}.batch_size {config['reasons']['batch_size']}")
+    _warnings(plans, fingerprint, console)
     if changed:
         console.print("[yellow]note[/]: plans.json changed: rerun `3dino preprocess` for data made with the old plans")
-    console.print(f"wrote {out / 'dataset_fingerprint.json'}")
+    console.print(f"wrote {Fingerprint.in_folder(out)}")
     console.print(f"wrote {plans_path}")
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _warnings(plans: Plans, fingerprint: Fingerprint, console: Console) -> None:
+    """Volumes the pretraining crops will skip, and batches that do not fit the memory target."""
+    if any(min(c.shape_after_crop) <= plans.configurations.pretrain.min_axis for c in fingerprint.cases.values()):
+        console.print(f"[yellow]warning[/]: {plans.decision('pretrain.min_axis')}")
+    for name in plans.configuration_names():
+        reason = plans.configuration(name).reason("batch_size")
+        if reason.startswith("does not fit"):
+            console.print(f"[yellow]warning[/]: {name}.batch_size {reason}")

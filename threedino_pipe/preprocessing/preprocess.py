@@ -14,32 +14,21 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from threedino_pipe.artifacts import Plans
-from threedino_pipe.dataset.raw import CaseFiles, discover_cases, load_spec
+from threedino_pipe.artifacts import DatasetJson, Plans
+from threedino_pipe.dataset.raw import CaseFiles, discover_cases
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
     is_finished,
     remove_partials,
     write_case,
 )
-from threedino_pipe.preprocessing.pipeline import check_configuration, preprocess_case, uses_labels
+from threedino_pipe.preprocessing.pipeline import check_recipe
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.paths import preprocessed_dataset, resolve_dataset
 
-__all__ = ["run", "preprocess_case", "load_plans"]
-
 log = logging.getLogger(__name__)
 SPLITS_SEED = 12345
-
-
-def load_plans(preprocessed_folder: Path, dataset: str) -> Plans:
-    """Read ``plans.json`` of a preprocessed dataset (a missing, foreign or malformed file is a UserError)."""
-    path = Path(preprocessed_folder) / Plans.FILE
-    rerun = f"3dino plan -d {dataset}"
-    if not path.is_file():
-        raise UserError("plans.json is missing", file=path, fix=f"run `{rerun}` first")
-    return Plans.read(path, rerun=rerun)
 
 
 def _init_worker(threads: int) -> None:
@@ -84,19 +73,19 @@ def _raise_if_failed(result: tuple[str, tuple | None]) -> None:
         raise UserError(f"case '{case_id}': {problem}", file=file, fix=fix)
 
 
-def _check_plans(plans: dict, raw: Path, plans_path: Path, num_channels: int, dataset: str) -> None:
-    if plans.get("dataset") not in (None, raw.name):
-        raise UserError(f"plans.json was made for {plans.get('dataset')}, not {raw.name}", file=plans_path,
+def _check_plans(plans: Plans, raw: Path, plans_path: Path, num_channels: int, dataset: str) -> None:
+    if plans.dataset != raw.name:
+        raise UserError(f"plans.json was made for {plans.dataset}, not {raw.name}", file=plans_path,
                         fix=f"rerun `3dino plan -d {dataset}`")
-    for name in plans.get("configurations") or {}:
+    for name in plans.configuration_names():
         try:
-            check_configuration(plans, name, num_channels)
+            check_recipe(plans.preprocessing(name), num_channels)
         except UserError as exc:
             raise UserError(exc.problem, file=plans_path, fix=exc.fix) from None
 
 
-def _chosen(plans: dict, configurations: list[str] | None, plans_path: Path) -> list[str]:
-    available = list(plans.get("configurations") or {})
+def _chosen(plans: Plans, configurations: list[str] | None, plans_path: Path) -> list[str]:
+    available = plans.configuration_names()
     if not configurations:
         return available
     unknown = [c for c in configurations if c not in available]
@@ -106,15 +95,14 @@ def _chosen(plans: dict, configurations: list[str] | None, plans_path: Path) -> 
     return list(dict.fromkeys(configurations))
 
 
-def _jobs(raw: Path, out: Path, cases: list[CaseFiles], typed: Plans, configuration: str
+def _jobs(raw: Path, out: Path, cases: list[CaseFiles], plans: Plans, configuration: str
           ) -> tuple[list[CaseJob], int]:
     folder = out / configuration
     removed = remove_partials(folder)
     if removed:
         log.info("%s: removed %d partial file(s) of an interrupted run", configuration, len(removed))
-    checksum = typed.stored_checksum(configuration)
-    plans = typed.to_data()
-    with_seg = uses_labels(configuration, plans)
+    checksum = plans.stored_checksum(configuration)
+    with_seg = plans.stores_labels(configuration)
     jobs = [CaseJob(raw, case, plans, configuration, folder, checksum) for case in cases
             if not is_finished(folder, case.case_id, checksum, with_seg, case.class_label)]
     return jobs, len(cases) - len(jobs)
@@ -134,10 +122,11 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     """
     raw = resolve_dataset(dataset)
     out = preprocessed_dataset(raw)
-    typed = load_plans(out, dataset)
-    plans = typed.to_data()
-    plans_path = out / Plans.FILE
-    spec = load_spec(raw)
+    plans_path = Plans.in_folder(out)
+    if not plans_path.is_file():
+        raise UserError("plans.json is missing", file=plans_path, fix=f"run `3dino plan -d {dataset}` first")
+    plans = Plans.read(plans_path, rerun=f"3dino plan -d {dataset}")
+    spec = DatasetJson.read(raw)
     _check_plans(plans, raw, plans_path, spec.num_channels, dataset)
     cases, problems = discover_cases(raw, spec)
     errors = [p for p in problems if p.is_error]
@@ -150,7 +139,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     jobs: list[CaseJob] = []
     chosen = _chosen(plans, configurations, plans_path)
     for configuration in chosen:
-        todo, skipped = _jobs(raw, out, cases, typed, configuration)
+        todo, skipped = _jobs(raw, out, cases, plans, configuration)
         log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(todo), skipped)
         jobs += todo
     _run_jobs(jobs, num_processes, f"preprocess {', '.join(chosen)}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.models.checkpoint import export_3dino
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.errors import UserError
@@ -16,7 +17,7 @@ from threedino_pipe.training.ssl_trainer import load_ssl_pair
 def run(run_dir: Path, output: Path) -> Path:
     """Write the teacher backbone and heads of ``run_dir`` (final, else latest checkpoint) to ``output``."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    if not RunRecord.in_folder(run_dir).is_file():
         raise UserError("not a run folder (no run.json)", file=run_dir, fix="pass a pretrain run folder")
     path = source_checkpoint(run_dir, None)
     state = load_checkpoint(path, rerun="3dino pretrain")

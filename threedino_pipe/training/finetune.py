@@ -18,14 +18,21 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe import __version__
-from threedino_pipe.artifacts import BackboneRecord, FinetuneConfiguration, ModelCard, Plans, RunRecord
+from threedino_pipe.artifacts import (
+    BackboneRecord,
+    FinetuneConfiguration,
+    ModelCard,
+    Plans,
+    RunRecord,
+    SegmentationValidation,
+    Splits,
+    Subset,
+)
 from threedino_pipe.data.patch_loader import Augmentation
-from threedino_pipe.data.splits import load_splits, select_subset
+from threedino_pipe.data.splits import select_subset
 from threedino_pipe.models.presets import PRESETS
 from threedino_pipe.models.segmentation import HEAD_TRAINING_DEFAULTS, HEADS
 from threedino_pipe.runtime import paths
-from threedino_pipe.runtime.atomic_files import read_json, write_json
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
@@ -109,9 +116,9 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
                           batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
                           stop_after=stop_after, **more)
     config, finetune_dir = _segmentation_configuration(pre, plans, dataset)
-    splits = load_splits(pre, dataset)
-    train_ids = select_subset(splits, fold, seed, pct, None, splits_file=pre / "splits.json")
-    val_ids = list(splits["folds"][fold]["val"])
+    splits = Splits.of_dataset(pre, dataset)
+    train_ids = select_subset(splits, fold, seed, pct, None, splits_file=Splits.in_folder(pre))
+    val_ids = list(splits.fold(fold).val)
     choice = resolve_backbone(backbone, paths.results_root(), expect=preset)
     console.print(choice.how)
     head = head or ("adapter" if choice.pretrained else "unetr")
@@ -159,7 +166,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
                                   stop_after=stop_after)
         if dist.is_main:
             if best is not None:
-                console.print(f"best validation Dice {best['mean_dice']:.4f} at iteration {best['iteration']}")
+                console.print(f"best validation Dice {best.mean_dice:.4f} at iteration {best.iteration}")
             console.print(f"[green]finetune[/]: {folder}")
         return folder
     finally:
@@ -170,9 +177,9 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
 def _check_probe(pre: Path, plans: Plans, head: str | None) -> None:
     if plans.task != "classification":
         raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
-                        file=pre / Plans.FILE, fix="use --head adapter, unetr or linear for segmentation")
+                        file=Plans.in_folder(pre), fix="use --head adapter, unetr or linear for segmentation")
     if head not in (None, "probe"):
-        raise UserError(f"{pre.name} is a classification dataset: the {head} head segments", file=pre / Plans.FILE,
+        raise UserError(f"{pre.name} is a classification dataset: the {head} head segments", file=Plans.in_folder(pre),
                         fix="pass --head probe (the linear probe on the frozen backbone), or leave --head out")
 
 
@@ -181,14 +188,15 @@ def _segmentation_configuration(pre: Path, plans: Plans, dataset: str) -> tuple[
     finetune_dir = pre / CONFIGURATION
     if plans.task != "segmentation" or plans.configurations.finetune is None:
         raise UserError(f"{pre.name} is a {plans.task} dataset: there is nothing to finetune on",
-                        file=pre / Plans.FILE, fix="finetune on a labelled (segmentation or classification) dataset")
+                        file=Plans.in_folder(pre),
+                        fix="finetune on a labelled (segmentation or classification) dataset")
     if not finetune_dir.is_dir():
         raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
                         fix=f"run `3dino preprocess -d {dataset} -c finetune`")
     config = plans.configurations.finetune
     if any(p % 16 for p in config.patch_size):
         raise UserError(f"the finetune patch size {config.patch_size} is not a multiple of the ViT's 16-voxel "
-                        "patches", file=pre / Plans.FILE,
+                        "patches", file=Plans.in_folder(pre),
                         fix=f"rerun `3dino plan -d {dataset} --patch-size ...` with multiples of 16")
     return config, finetune_dir
 
@@ -207,14 +215,10 @@ def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice) -> M
 
 def _write_subset(folder: Path, config: SegRunConfig) -> None:
     """``subset.json``: the training case ids ``--pct --fold --seed`` chose (and the fold's validation cases)."""
-    write_json(folder / "subset.json", {"kind": "subset", "schema_version": 1, "version": __version__,
-                                        "dataset": config.dataset, "fold": config.fold, "seed": config.seed,
-                                        "pct": config.pct, "ids": config.train_ids, "val_ids": config.val_ids})
+    Subset(dataset=config.dataset, fold=config.fold, seed=config.seed, pct=config.pct, ids=config.train_ids,
+           val_ids=config.val_ids).write(Subset.in_folder(folder))
 
 
 def _finished(folder: Path, iters: int) -> bool:
-    path = folder / "validation.json"
-    if not path.is_file():
-        return False
-    record = read_json(path)
-    return int(record.get("iterations_done", 0)) >= iters
+    path = SegmentationValidation.in_folder(folder)
+    return path.is_file() and SegmentationValidation.read(path).iterations_done >= iters

@@ -28,10 +28,21 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from threedino_pipe import __version__
-from threedino_pipe.artifacts import BackboneRecord, FinetuneConfiguration, ModelCard, Plans, RunRecord, open_run_folder
-from threedino_pipe.artifacts.model_card import BestMetric
-from threedino_pipe.data.splits import load_splits, select_subset
+from threedino_pipe.artifacts import (
+    BackboneRecord,
+    BestMetric,
+    CaseProperties,
+    FinetuneConfiguration,
+    ModelCard,
+    Plans,
+    ProbePoint,
+    ProbeValidation,
+    RunRecord,
+    Splits,
+    Subset,
+    open_run_folder,
+)
+from threedino_pipe.data.splits import select_subset
 from threedino_pipe.evaluation.classification_metrics import classification_metrics, fast_metrics
 from threedino_pipe.inference.features import (
     FLIP_AXIS,
@@ -44,7 +55,7 @@ from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, Pro
 from threedino_pipe.models.presets import PRESETS, build_backbone
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.runtime import paths
-from threedino_pipe.runtime.atomic_files import atomic_path, read_json, write_json
+from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.checkpoints import load_checkpoint, save_checkpoint
 from threedino_pipe.runtime.csv_log import CsvLog
 from threedino_pipe.runtime.device import pick_device
@@ -82,11 +93,11 @@ def run_folder_name(tag: str, pct: float, fold: int, seed: int) -> str:
 def _case_labels(finetune_dir: Path, case_ids: list[str], dataset: str) -> dict[str, int]:
     labels = {}
     for case in case_ids:
-        path = finetune_dir / f"{case}.json"
+        path = CaseProperties.path(finetune_dir, case)
         if not path.is_file() or not (finetune_dir / f"{case}.b2nd").is_file():
             raise UserError(f"preprocessed case '{case}' is missing", file=path,
                             fix=f"run `3dino preprocess -d {dataset}`")
-        label = read_json(path).get("class_label")
+        label = CaseProperties.read(path, rerun=f"3dino preprocess -d {dataset}").class_label
         if label is None:
             raise UserError(f"case '{case}' has no class_label", file=path,
                             fix=f"rerun `3dino preprocess -d {dataset}` (and check labelsTr.csv)")
@@ -239,7 +250,7 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     pre, plans = dataset_plans(dataset)
     if plans.task != "classification":
         raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
-                        file=pre / Plans.FILE, fix="use --head adapter, unetr or linear for segmentation")
+                        file=Plans.in_folder(pre), fix="use --head adapter, unetr or linear for segmentation")
     config = plans.configurations.finetune
     finetune_dir = pre / CONFIGURATION
     if config is None or not finetune_dir.is_dir():
@@ -248,12 +259,10 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     class_names = list(plans.class_names)
     in_channels = plans.num_channels
     patch_size = list(config.patch_size)
-    splits_file = pre / "splits.json"
-    splits = load_splits(pre, dataset)
-    if not 0 <= fold < len(splits["folds"]):
-        raise UserError(f"fold {fold} does not exist (folds 0..{len(splits['folds']) - 1})", file=splits_file,
-                        fix=f"pass --fold between 0 and {len(splits['folds']) - 1}")
-    fold_train, val_ids = list(splits["folds"][fold]["train"]), list(splits["folds"][fold]["val"])
+    splits_file = Splits.in_folder(pre)
+    splits = Splits.of_dataset(pre, dataset)
+    fold_split = splits.fold(fold, file=splits_file)
+    fold_train, val_ids = list(fold_split.train), list(fold_split.val)
     labels = _case_labels(finetune_dir, sorted(set(fold_train) | set(val_ids)), dataset)
     train_ids = select_subset(splits, fold, seed, pct, {c: labels[c] for c in fold_train}, splits_file=splits_file)
     if not val_ids:
@@ -278,10 +287,10 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     if resume and _finished(folder, iters):
         console.print(f"{folder} is finished already; pass --restart to train again")
         return folder
-    write_json(folder / "subset.json", {
-        "kind": "subset", "schema_version": 1, "version": __version__, "dataset": pre.name, "fold": fold,
-        "seed": seed, "pct": float(pct), "ids": train_ids, "val_ids": val_ids, "num_fold_train": len(fold_train),
-        "class_counts": {name: sum(labels[c] == k for c in train_ids) for k, name in enumerate(class_names)}})
+    Subset(dataset=pre.name, fold=fold, seed=seed, pct=float(pct), ids=train_ids, val_ids=val_ids,
+           num_fold_train=len(fold_train),
+           class_counts={name: sum(labels[c] == k for c in train_ids) for k, name in enumerate(class_names)}
+           ).write(Subset.in_folder(folder))
     dev = pick_device(device)
     console.print(f"probe run {folder} ({'resuming' if resume else 'new'}): {len(train_ids)} training cases x "
                   f"{1 + num_augmentations} views, {len(val_ids)} validation cases, grid of "
@@ -315,7 +324,8 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
 
 def _finished(folder: Path, iters: int) -> bool:
     latest = folder / "checkpoint_latest.pt"
-    if not all((folder / n).is_file() for n in ("model.json", "checkpoint_best.pt", "validation.json")):
+    if not all(p.is_file() for p in (ModelCard.in_folder(folder), folder / "checkpoint_best.pt",
+                                     ProbeValidation.in_folder(folder))):
         return False
     return int(load_checkpoint(latest).get("iteration", -1)) == iters if latest.is_file() else False
 
@@ -341,10 +351,9 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
     y_true = y_val.cpu().numpy()
     metrics = classification_metrics(y_true, probs.argmax(1), probs, class_names)
     _write_predictions(folder / "validation_predictions.csv", val_ids, probs, class_names)
-    write_json(folder / "validation.json", {
-        "kind": "validation", "schema_version": 1, "version": __version__, "task": "classification", "head": HEAD,
-        "iteration": iters, "num_cases": len(val_ids), "best": point.to_dict(), "metrics": metrics,
-        "selection": "highest macro AUC, ties by accuracy, then by validation cross-entropy"})
+    ProbeValidation(iteration=iters, num_cases=len(val_ids), best=ProbePoint(**point.to_dict()), metrics=metrics,
+                    selection="highest macro AUC, ties by accuracy, then by validation cross-entropy").write(
+        ProbeValidation.in_folder(folder))
     ModelCard(
         task="classification", dataset=dataset, plans=plans, configuration=CONFIGURATION,
         channel_names=plans.channel_names, labels=plans.labels or {}, regions_class_order=plans.regions_class_order,
@@ -355,7 +364,7 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
                    "(threedino_pipe.inference.features.centre_view)",
         probe={**point.to_dict(), "grid_size": len(points)}, fold=fold, pct=float(pct), seed=seed,
         best_iteration=iters, best_metric=BestMetric(name="auc", value=metrics["auc"]["macro"])).write(
-        folder / ModelCard.FILE)
+        ModelCard.in_folder(folder))
     plot_curves(folder / "log.csv", folder / "curves.png", title=f"{dataset} probe: best of {len(points)} grid points")
     console.print(f"[green]probe[/]: {folder}: best lr {point.lr:g}, layers {point.layers}, avgpool "
                   f"{point.avgpool}: validation AUC {metrics['auc']['macro']:.3f}, F1 {metrics['f1']['macro']:.3f}, "

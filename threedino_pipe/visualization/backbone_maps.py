@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from threedino_pipe.artifacts import PreprocessedCase
 from threedino_pipe.inference import geometry
 from threedino_pipe.models.vit3d import Attention, VisionTransformer3D
 
@@ -85,13 +86,13 @@ def to_preprocessed_grid(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out[0].numpy()
 
 
-def restore_to_input(volume: np.ndarray, properties: dict) -> np.ndarray:
+def restore_to_input(volume: np.ndarray, properties: PreprocessedCase) -> np.ndarray:
     """A ``X' x Y' x Z'`` map on the preprocessed grid -> ``X x Y x Z`` float32 on the input grid.
 
     Linear resampling back to the cropped grid (one slab of rows at a time), the transpose undone,
     pasted into zeros outside the crop box (``predict``'s inverse of the preprocessing).
     """
-    shape = [int(n) for n in properties["shape_after_crop"]]
+    shape = [int(n) for n in properties.shape_after_crop]
     cropped = np.empty(shape, np.float32)
     source = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     for lo, hi in geometry.slabs(shape[0], shape[1] * shape[2]):
