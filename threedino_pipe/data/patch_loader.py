@@ -9,7 +9,7 @@ patch is centred on a voxel drawn from ``class_locations`` of a class drawn unif
 classes present in the case, else its position is uniform over the positions that keep the patch
 inside the volume (a volume smaller than the patch is placed at a random offset inside it).
 Outside the volume the image is padded with -1 (the bottom of the normalisation range) and the
-label with 0 (background); the sliding window pads with the same value.
+label with 0 (background); the sliding window of predict and validation pads with the same value.
 
 Augmentation (modest, batchgenerators, on the fly in the workers), per patch:
 
@@ -47,9 +47,10 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from threedino_pipe.artifacts import CaseProperties
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
+from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.runtime.errors import UserError
 
-IMAGE_PAD = -1.0
+IMAGE_PAD = PAD_VALUE
 LABEL_PAD = 0
 FG_FRACTION = 1.0 / 3.0
 

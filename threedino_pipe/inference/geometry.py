@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,11 @@ class Channels:
 
     def __len__(self) -> int:
         return int(self.stored.shape[0]) + int(self.implicit)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """``X' x Y' x Z'``, the grid every channel lies on."""
+        return tuple(int(n) for n in self.stored.shape[1:])
 
     def __getitem__(self, c: int):
         if not self.implicit:
@@ -161,6 +166,28 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if 0 <= min(values, default=0) and max(values, default=0) < 256 else np.dtype(np.int16)
 
 
+def _label_rows(scores: Channels, shape: Sequence[int], rows: Callable, *, output: str,
+                values: Sequence[int]) -> np.ndarray:
+    """Labels of ``shape`` from ``scores`` read slab by slab: ``rows(channel, lo, hi)`` gives float32 rows."""
+    dtype = label_dtype(values)
+    lookup = np.asarray(values, dtype=dtype)
+    labels = np.zeros([int(n) for n in shape], dtype)
+    for lo, hi in slabs(labels.shape[0], labels.shape[1] * labels.shape[2]):
+        if output == "softmax":
+            best = rows(scores[0], lo, hi)
+            index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
+            for c in range(1, len(scores)):
+                value = rows(scores[c], lo, hi)
+                np.putmask(index, value > best, c)
+                np.maximum(best, value, out=best)
+            labels[lo:hi] = lookup[index]
+        else:
+            out = labels[lo:hi]
+            for r in range(len(scores)):
+                out[rows(scores[r], lo, hi) > 0.5] = lookup[r]
+    return labels
+
+
 def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase, *, output: str,
                    values: Sequence[int]) -> np.ndarray:
     """The label image of the cropped region (transposed order) from ``K x X' x Y' x Z'`` scores.
@@ -171,25 +198,20 @@ def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase
             (``values[r]`` is region ``r``'s ``regions_class_order`` value; threshold 0.5, later
             regions written over earlier ones).
     """
+    return _label_rows(as_channels(scores), properties.shape_after_crop,
+                       lambda channel, lo, hi: resample_rows(channel, properties, 0, lo, hi),
+                       output=output, values=values)
+
+
+def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int]) -> np.ndarray:
+    """The label image on the preprocessed grid itself (``X' x Y' x Z'``), the rule of :func:`labels_on_crop`.
+
+    What finetune's validation scores; for a case that needs no resampling it is the crop of what
+    ``3dino predict`` writes.
+    """
     scores = as_channels(scores)
-    shape = [int(n) for n in properties.shape_after_crop]
-    dtype = label_dtype(values)
-    lookup = np.asarray(values, dtype=dtype)
-    labels = np.zeros(shape, dtype)
-    for lo, hi in slabs(shape[0], shape[1] * shape[2]):
-        if output == "softmax":
-            best = resample_rows(scores[0], properties, 0, lo, hi)
-            index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
-            for c in range(1, len(scores)):
-                value = resample_rows(scores[c], properties, 0, lo, hi)
-                np.putmask(index, value > best, c)
-                np.maximum(best, value, out=best)
-            labels[lo:hi] = lookup[index]
-        else:
-            out = labels[lo:hi]
-            for r in range(len(scores)):
-                out[resample_rows(scores[r], properties, 0, lo, hi) > 0.5] = lookup[r]
-    return labels
+    return _label_rows(scores, scores.grid_shape, lambda channel, lo, hi: _as_numpy(channel[lo:hi]),
+                       output=output, values=values)
 
 
 def paste_into_input(cropped: np.ndarray, properties: PreprocessedCase) -> np.ndarray:

@@ -1,5 +1,8 @@
 """One case through the model(s): read, preprocess as in training, sliding window, back to the input.
 
+The sliding window here is the only one: ``3dino predict`` and finetune's validation
+(:func:`blended_probabilities` on a preprocessed case) both run it.
+
 Sliding window (segmentation): MONAI's window grid and gaussian blending (sigma 0.125 of the
 window), windows of the model's ``patch_size``, ``overlap`` between windows and
 ``window_batch_size`` windows per forward pass, blended by ``inference/blended_rows`` so that a
@@ -17,8 +20,7 @@ window), windows of the model's ``patch_size``, ``overlap`` between windows and
   them all at once: then the rows fill a float16 ``K x`` array of the case on the CPU.
 
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
-normalisation range). ``inference/sliding_window.py`` (finetune's validation) blends float32 logits
-of the whole case with MONAI's ``sliding_window_inference``.
+normalisation range, :data:`threedino_pipe.preprocessing.normalization.PAD_VALUE`).
 
 Classification: the whole preprocessed case resized to the patch size (the centre view of
 ``threedino_pipe.inference.features``, as the probe saw in finetuning), averaged the same way.
@@ -44,7 +46,7 @@ from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.inputs import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel
-from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
+from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.preprocessing.pipeline import preprocess_case
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast
@@ -185,41 +187,49 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 
 @torch.inference_mode()
-def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
-                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
-    """Blended probabilities ``K x X' x Y' x Z'`` of a prepared case (``C x X' x Y' x Z'``).
+def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequence[int]]], activation: str,
+                          num_outputs: int, options: InferenceOptions, device: torch.device, *,
+                          streamed: bool = False) -> geometry.Channels:
+    """Blended probabilities ``K x X x Y x Z`` of a preprocessed case ``data`` (``C x X x Y x Z`` float32).
 
     Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
-    restoring). Models with different patch sizes run in separate passes whose results are
-    averaged. ``prepared.data`` is released (the returned channels hold the case while they need it;
-    on a GPU the case moves to GPU memory).
+    read). Networks with different patch sizes run in separate passes whose results are averaged.
 
     Args:
+        data: the case, on the CPU or on ``device``; the returned channels hold it while they need it.
+        networks: ``(network, patch size)`` of every model (in eval mode, on ``device``), averaged.
+        activation: ``softmax`` or ``sigmoid``; ``num_outputs``: K.
         streamed: return a forward-only :class:`~threedino_pipe.inference.blended_rows.RowSource` whose
-            windows run as rows are read (``geometry.restore_labels`` reads them in order); else a
-            float16 CPU tensor of the whole case (random access, for saving probabilities).
+            windows run as rows are read (``geometry`` reads them in order); else a float16 CPU tensor
+            of the whole case (random access, for saving probabilities).
     """
+    implicit = activation == "softmax" and num_outputs > 1
+    groups: dict[tuple[int, ...], list[nn.Module]] = {}
+    for network, patch in networks:
+        groups.setdefault(tuple(int(p) for p in patch), []).append(network)
+    parts = []
+    for patch, members in groups.items():
+        source, region = _pad_to(data, patch)
+        ensemble = EnsembleProbabilities(members, activation, options.tta, options.precision,
+                                         drop_background=implicit)
+        rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
+                           batch_size=options.window_batch_size, device=device)
+        parts.append((rows, len(members) / len(networks)))
+    scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
+    return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
+
+
+def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
+                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
+    """:func:`blended_probabilities` of a prepared case, whose ``data`` is released (on a GPU the case
+    moves to GPU memory)."""
     data = torch.from_numpy(prepared.data)
     prepared.data = None
     if device.type == "cuda":
         data = data.to(device)
-    activation = models[0].card.output
-    num_outputs = models[0].card.num_outputs
-    implicit = activation == "softmax" and num_outputs > 1
-    groups: dict[tuple[int, ...], list[LoadedModel]] = {}
-    for model in models:
-        groups.setdefault(model.patch_size, []).append(model)
-    parts = []
-    for patch, members in groups.items():
-        source, region = _pad_to(data, patch)
-        ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision,
-                                         drop_background=implicit)
-        rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
-                           batch_size=options.window_batch_size, device=device)
-        parts.append((rows, len(members) / len(models)))
-    del data
-    scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
-    return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
+    card = models[0].card
+    return blended_probabilities(data, [(m.network, m.patch_size) for m in models], card.output, card.num_outputs,
+                                 options, device, streamed=streamed)
 
 
 @torch.inference_mode()

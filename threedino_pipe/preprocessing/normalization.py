@@ -15,6 +15,7 @@ import numpy as np
 from threedino_pipe.artifacts import ChannelNormalization, Normalization
 
 SCHEMES = ("volume_percentile", "dataset_percentile")
+PAD_VALUE = -1.0  # the bottom of every planned range: what training patches and sliding windows are padded with
 
 
 def replace_nonfinite(channel: np.ndarray) -> tuple[np.ndarray, int]:

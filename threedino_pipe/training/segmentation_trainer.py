@@ -3,8 +3,10 @@
 One iteration: a batch of patches (:mod:`threedino_pipe.data.patch_loader`), forward under
 autocast, MONAI ``DiceCELoss`` (softmax; plain labels) or ``DiceLoss`` (sigmoid; region labels)
 in float32, AdamW step, MONAI ``WarmupCosineSchedule`` step. Every ``val_every`` iterations (and
-at the end) rank 0 predicts each validation case whole with the sliding window and computes
-MONAI's Dice per case and class; an improvement of the mean foreground Dice writes
+at the end) rank 0 predicts each validation case whole with the sliding window of ``3dino predict``
+(:func:`threedino_pipe.inference.predictor.blended_probabilities`, the run's overlap and precision)
+and scores the label map it gives (MONAI's Dice per case and class, on the preprocessed grid);
+an improvement of the mean foreground Dice writes
 ``checkpoint_best.pt`` (weights only) and ``model.json``. ``checkpoint_latest.pt`` (model,
 optimiser, scheduler, data stream, RNG, validation history) is written atomically every
 ``save_every`` iterations and at every validation, so a killed run resumes where it stood.
@@ -30,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from threedino_pipe.artifacts import BestMetric, ModelCard, SegmentationValidation, ValidationScore
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases
-from threedino_pipe.inference.sliding_window import predict_logits
+from threedino_pipe.inference import geometry
+from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
 from threedino_pipe.runtime.checkpoints import save_checkpoint
 from threedino_pipe.runtime.device import peak_memory_mb
@@ -142,9 +145,25 @@ def build_network(config: SegRunConfig, backbone_state: dict | None) -> Segmenta
     return net
 
 
+def case_labels(net: torch.nn.Module, image: np.ndarray, config: SegRunConfig, values: list[int],
+                device: torch.device) -> np.ndarray:
+    """The label map (``X x Y x Z`` label values) validation scores for one preprocessed case ``C x X x Y x Z``.
+
+    ``3dino predict``'s sliding window and label rule with the run's overlap and precision
+    (``values``: the label value of each output channel, as in model.json); for a case that needs
+    no resampling it equals the crop of what ``3dino predict`` writes with the run's checkpoint.
+    """
+    data = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    options = InferenceOptions(overlap=config.overlap, precision=config.precision)
+    probabilities = blended_probabilities(data, [(net, config.patch_size)], config.output, config.num_outputs,
+                                          options, device, streamed=True)
+    return geometry.labels_on_grid(probabilities, output=config.output, values=values)
+
+
 def validate(net: torch.nn.Module, config: SegRunConfig, val_cases: SegmentationCases, targets: TargetMaker,
-             device: torch.device, iteration: int) -> ValidationScore:
-    """Dice per validation case and class (MONAI ``compute_dice``; NaN where the reference class is empty).
+             values: list[int], device: torch.device, iteration: int) -> ValidationScore:
+    """Dice per validation case and class of :func:`case_labels` (MONAI ``compute_dice`` of the label
+    map's classes or regions; NaN where the reference class is empty).
 
     ``mean_dice`` = mean over foreground classes (regions) of their mean over cases, NaNs left out;
     ``per_class``: the mean over cases; ``per_case``: case -> class -> Dice (None: the reference lacks it).
@@ -154,20 +173,14 @@ def validate(net: torch.nn.Module, config: SegRunConfig, val_cases: Segmentation
     columns = []
     for index, case in enumerate(val_cases.cases):
         image_arr, seg_arr = val_cases.arrays(index)
-        image = torch.from_numpy(np.ascontiguousarray(image_arr[...], dtype=np.float32))
+        labels = case_labels(net, image_arr[...], config, values, device)
         seg = torch.from_numpy(np.asarray(seg_arr[...]).astype(np.int64))[None]
-        logits = predict_logits(net, image, config.patch_size, overlap=config.overlap, device=device,
-                                precision=config.precision)[None]
-        reference = targets.one_hot(seg)
-        if config.output == "softmax":
-            pred = torch.nn.functional.one_hot(logits.argmax(1), config.num_outputs).movedim(-1, 1).float()
-            dice = compute_dice(pred, reference, include_background=False)[0]
-        else:
-            dice = compute_dice((logits > 0).float(), reference, include_background=True)[0]
-        values = dice.double().tolist()
-        columns.append(values)
+        predicted = targets.one_hot(torch.from_numpy(labels.astype(np.int64))[None, None])
+        dice = compute_dice(predicted, targets.one_hot(seg), include_background=config.output != "softmax")[0]
+        scores = dice.double().tolist()
+        columns.append(scores)
         per_case[case.case_id] = {n: (None if math.isnan(v) else round(v, 6))
-                                  for n, v in zip(config.target_names, values, strict=True)}
+                                  for n, v in zip(config.target_names, scores, strict=True)}
     net.train()
     table = np.asarray(columns, dtype=np.float64).reshape(len(columns), -1)
     with np.errstate(all="ignore"):
@@ -233,7 +246,8 @@ class SegmentationTask:
         config = self.config
         validate_now = iteration % config.val_every == 0 or iteration == config.iters
         if validate_now and self.dist.is_main:
-            record = validate(self.net, config, self.val_cases, self.targets, self.dist.device, iteration)
+            record = validate(self.net, config, self.val_cases, self.targets, self.card.output_values(),
+                              self.dist.device, iteration)
             self.history.append(record)
             row["val_dice"] = record.mean_dice
             if self.best is None or record.mean_dice > self.best.mean_dice:
