@@ -13,7 +13,7 @@ from threedino_pipe.runtime.openmp import passive_openmp
 
 passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
 
-from threedino_pipe.dataset.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
+from threedino_pipe.demo.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREEDINO = [sys.executable, "-m", "threedino_pipe.cli"]

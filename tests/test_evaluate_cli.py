@@ -14,8 +14,8 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from threedino_pipe.dataset.image_io import Geometry, read_image, write_image
-from threedino_pipe.evaluation import evaluate
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import evaluate
 
 pytestmark = pytest.mark.e2e
 NUM_CASES = 6

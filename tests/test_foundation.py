@@ -8,7 +8,6 @@ import SimpleITK as sitk
 from conftest import run_3dino
 
 from threedino_pipe.artifacts import Plans, Splits
-from threedino_pipe.dataset.examples import oblique_direction
 from threedino_pipe.dataset.image_io import (
     Geometry,
     count_nonfinite,
@@ -16,6 +15,7 @@ from threedino_pipe.dataset.image_io import (
     read_image_with_nonfinite,
     write_image,
 )
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.atomic_files import atomic_path, write_json
 from threedino_pipe.runtime.errors import UserError

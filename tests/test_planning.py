@@ -18,11 +18,12 @@ from conftest import run_3dino
 
 from threedino_pipe.artifacts import DatasetJson, Fingerprint
 from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
-from threedino_pipe.dataset.examples import build_synthetic_dataset
-from threedino_pipe.planning import memory, plan
+from threedino_pipe.demo.examples import build_synthetic_dataset
+from threedino_pipe.planning import memory
 from threedino_pipe.planning.fingerprint import cross_slice_axis, guess_modality
 from threedino_pipe.planning.planner import PlanOptions, make_plans, patch_size, target_spacing
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import plan
 
 CONFIG_FIELDS = ("spacing", "normalization", "crop", "preset", "batch_size")
 

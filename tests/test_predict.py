@@ -24,15 +24,15 @@ from conftest import REPO, run_3dino
 from typer.testing import CliRunner
 
 from threedino_pipe.cli import app
-from threedino_pipe.dataset.examples import mni_images, oblique_direction
 from threedino_pipe.dataset.image_io import Geometry, from_array, read_image
-from threedino_pipe.dataset.verify import check_dataset
-from threedino_pipe.inference import predict
+from threedino_pipe.dataset.verification import check_dataset
+from threedino_pipe.demo.examples import mni_images, oblique_direction
 from threedino_pipe.planning.fingerprint import compute_fingerprint
-from threedino_pipe.planning.plan import parse_options
 from threedino_pipe.planning.planner import make_plans
 from threedino_pipe.runtime.atomic_files import read_json, write_json
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import predict
+from threedino_pipe.stages.plan import parse_options
 
 pytestmark = pytest.mark.e2e
 

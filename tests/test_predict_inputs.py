@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from threedino_pipe.artifacts import CasePreprocessing, Normalization
-from threedino_pipe.dataset.examples import oblique_direction
 from threedino_pipe.dataset.image_io import Geometry
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.evaluation.segmentation_metrics import dice
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.inputs import discover_cases, group_cases, list_entries

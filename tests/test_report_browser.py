@@ -1,6 +1,6 @@
 """The reports open in a real headless browser (Debian's chromium, driven by playwright) with every image shown.
 
-The demo report is built by :func:`threedino_pipe.demo_report.write` from a demo folder made in
+The demo report is built by :func:`threedino_pipe.demo.report.write` from a demo folder made in
 seconds: real MNI152 scans, predictions derived from the references, real ``evaluate`` runs and
 short training logs (no training).
 """
@@ -16,13 +16,13 @@ import pytest
 from matplotlib import image as mpimg
 from matplotlib.figure import Figure
 
-from threedino_pipe import demo_report
 from threedino_pipe.artifacts import DemoTimings, StageTime
-from threedino_pipe.dataset.examples import build_mni_dataset
 from threedino_pipe.dataset.image_io import read_image, write_image
-from threedino_pipe.demo import DATASET_ID, SIDES, DemoLayout
-from threedino_pipe.evaluation import evaluate
+from threedino_pipe.demo import report as demo_report
+from threedino_pipe.demo.examples import build_mni_dataset
+from threedino_pipe.demo.layout import DATASET_ID, SIDES, DemoLayout
 from threedino_pipe.evaluation.report import png_data_uri
+from threedino_pipe.stages import evaluate
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e,

@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, run_3dino
 
-from threedino_pipe.dataset.examples import oblique_direction
-from threedino_pipe.dataset.verify import check_dataset
+from threedino_pipe.dataset.verification import check_dataset
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.runtime.errors import UserError
 
 CORPUS = REPO / "tests" / "data" / "broken"
@@ -58,7 +58,7 @@ ISSUE_FAULTS = ["missing_channel", "extra_channel", "shape_mismatch", "spacing_m
                "direction_mismatch", "undeclared_label", "nan_voxels", "inf_voxels", "four_d_image", "truncated_file",
                "unreadable_file", "num_training_mismatch", "missing_label", "missing_dataset_json",
                "malformed_dataset_json"]
-PLAN_BUILT = importlib.util.find_spec("threedino_pipe.planning.plan") is not None
+PLAN_BUILT = importlib.util.find_spec("threedino_pipe.stages.plan") is not None
 
 
 def _dataset(fault: str) -> Path:

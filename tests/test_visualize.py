@@ -25,11 +25,12 @@ from conftest import run_3dino
 from PIL import Image
 from scipy import ndimage
 
-from threedino_pipe.dataset.examples import oblique_direction
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.models.checkpoint import export_3dino, save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.visualization import backbone_maps, planes, visualize
+from threedino_pipe.stages import visualize
+from threedino_pipe.visualization import backbone_maps, planes
 from threedino_pipe.visualization.pca import border_mask, pca_maps
 
 DATASET = "Dataset990_MNITissue"

@@ -304,8 +304,9 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetJson
                      "figures": figures, "report": html, "summary": summary}, failed
 
 
-def run(reference: Path, compare: Sequence[str], *, task: str, spec: DatasetJson | None, dataset: str | None,
-        names: Sequence[str] | None, output: Path | None, seed: int, num_bootstrap: int, num_processes: int) -> int:
+def write_comparison(reference: Path, compare: Sequence[str], *, task: str, spec: DatasetJson | None,
+                     dataset: str | None, names: Sequence[str] | None, output: Path | None, seed: int,
+                     num_bootstrap: int, num_processes: int) -> int:
     """Compare two sides and write the outputs; returns the exit code (1 if a run had missing/failed cases)."""
     sides = parse_sides(compare, names)
     if task == "segmentation":

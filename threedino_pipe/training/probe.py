@@ -51,6 +51,7 @@ from threedino_pipe.inference.features import (
     FeatureCache,
     extract_cases,
 )
+from threedino_pipe.models.backbone_choice import resolve_backbone
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, ProbeClassifier, probe_input
 from threedino_pipe.models.presets import PRESETS, build_backbone
 from threedino_pipe.preprocessing.arrays import open_array
@@ -60,7 +61,6 @@ from threedino_pipe.runtime.checkpoints import load_checkpoint, save_checkpoint
 from threedino_pipe.runtime.csv_log import CsvLog
 from threedino_pipe.runtime.device import pick_device
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.training.backbone_choice import resolve_backbone
 from threedino_pipe.training.probe_grid import (
     LEARNING_RATES,
     GridPoint,
@@ -236,6 +236,34 @@ def _write_grid_csv(path: Path, points: list[GridPoint], scores: list[dict], fin
                              int(g == best)])
 
 
+def _classification_configuration(pre: Path, plans: Plans, dataset: str) -> tuple[FinetuneConfiguration, Path]:
+    """The finetune configuration of a classification dataset and its preprocessed folder, checked."""
+    if plans.task != "classification":
+        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
+                        file=Plans.in_folder(pre), fix="use --head adapter, unetr or linear for segmentation")
+    config = plans.configurations.finetune
+    finetune_dir = pre / CONFIGURATION
+    if config is None or not finetune_dir.is_dir():
+        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
+                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
+    return config, finetune_dir
+
+
+def _subset(pre: Path, finetune_dir: Path, dataset: str, *, fold: int, seed: int, pct: float
+            ) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+    """(the fold's training cases, the stratified ``--pct`` subset of them, its validation cases, class labels)."""
+    splits_file = Splits.in_folder(pre)
+    splits = Splits.of_dataset(pre, dataset)
+    fold_split = splits.fold(fold, file=splits_file)
+    fold_train, val_ids = list(fold_split.train), list(fold_split.val)
+    labels = _case_labels(finetune_dir, sorted(set(fold_train) | set(val_ids)), dataset)
+    train_ids = select_subset(splits, fold, seed, pct, {c: labels[c] for c in fold_train}, splits_file=splits_file)
+    if not val_ids:
+        raise UserError(f"fold {fold} has no validation cases", file=splits_file,
+                        fix=f"add cases and rerun `3dino preprocess -d {dataset}`")
+    return fold_train, train_ids, val_ids, labels
+
+
 def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str = "auto",
         preset: str | None = None, iters: int = 12_500, batch_size: int | None = None, device: str = "auto",
         num_workers: int = 2, restart: bool = False, stop_after: int | None = None,
@@ -248,26 +276,11 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     if num_augmentations < 0:
         raise UserError(f"num_augmentations {num_augmentations} must be >= 0", fix="pass 0 or more")
     pre, plans = dataset_plans(dataset)
-    if plans.task != "classification":
-        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
-                        file=Plans.in_folder(pre), fix="use --head adapter, unetr or linear for segmentation")
-    config = plans.configurations.finetune
-    finetune_dir = pre / CONFIGURATION
-    if config is None or not finetune_dir.is_dir():
-        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
-                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
+    config, finetune_dir = _classification_configuration(pre, plans, dataset)
     class_names = list(plans.class_names)
     in_channels = plans.num_channels
     patch_size = list(config.patch_size)
-    splits_file = Splits.in_folder(pre)
-    splits = Splits.of_dataset(pre, dataset)
-    fold_split = splits.fold(fold, file=splits_file)
-    fold_train, val_ids = list(fold_split.train), list(fold_split.val)
-    labels = _case_labels(finetune_dir, sorted(set(fold_train) | set(val_ids)), dataset)
-    train_ids = select_subset(splits, fold, seed, pct, {c: labels[c] for c in fold_train}, splits_file=splits_file)
-    if not val_ids:
-        raise UserError(f"fold {fold} has no validation cases", file=splits_file,
-                        fix=f"add cases and rerun `3dino preprocess -d {dataset}`")
+    fold_train, train_ids, val_ids, labels = _subset(pre, finetune_dir, dataset, fold=fold, seed=seed, pct=pct)
 
     net, tag, backbone_record, backbone_key = _backbone(backbone, preset, config, seed, console)
     if net.in_chans != 1:

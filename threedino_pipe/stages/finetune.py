@@ -1,7 +1,7 @@
 """``3dino finetune``: train a segmentation head (or, for classification, the linear probe) on a label subset.
 
 Reads the dataset's ``plans.json`` (configuration ``finetune``), ``splits.json`` and
-``finetune/`` arrays, and a backbone (:mod:`threedino_pipe.training.backbone_choice`); writes
+``finetune/`` arrays, and a backbone (:mod:`threedino_pipe.models.backbone_choice`); writes
 ``<results>/<DatasetNNN_Name>/finetune__<head>__<backbone tag>__pct<P>__fold<F>__seed<S>/``
 (docs/schemas.md, "Finetune run folder and model.json"). ``--pct P --fold F --seed S`` pick the
 same training cases for every backbone and head (:func:`threedino_pipe.data.splits.select_subset`);
@@ -30,13 +30,13 @@ from threedino_pipe.artifacts import (
 )
 from threedino_pipe.data.patch_loader import Augmentation
 from threedino_pipe.data.splits import select_subset
+from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.models.presets import PRESETS
 from threedino_pipe.models.segmentation import HEAD_TRAINING_DEFAULTS, HEADS
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
-from threedino_pipe.training.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run, run_lock
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
 

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,15 +20,13 @@ from rich.table import Table
 
 from threedino_pipe.artifacts import DemoTimings, EvaluationSummary
 from threedino_pipe.dataset.image_io import read_image
+from threedino_pipe.demo.layout import DemoLayout
 from threedino_pipe.evaluation import report
 from threedino_pipe.evaluation.compare import segmentation_comparison_table
-from threedino_pipe.evaluation.evaluate import segmentation_table
 from threedino_pipe.evaluation.outputs import write_text
+from threedino_pipe.evaluation.single import segmentation_table
 from threedino_pipe.visualization.curves import plot_curves
 from threedino_pipe.visualization.overlays import colour_legend, overlay_planes
-
-if TYPE_CHECKING:
-    from threedino_pipe.demo import DemoLayout
 
 CAVEAT = ("All cases of this demo come from ONE brain: they are resamplings of the MNI152 template (different "
           "spacing, rotation, crop, flips and intensity), training and held-out cases alike, and the runs are a "

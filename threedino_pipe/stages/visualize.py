@@ -3,7 +3,7 @@
 Steps (docs/visualize.md):
 
 1. ``-m`` is loaded as ``3dino embed`` loads it
-   (:func:`threedino_pipe.inference.embed.load_backbone_and_plans`): a finetune run folder or
+   (:func:`threedino_pipe.inference.model_source.load_backbone_and_card`): a finetune run folder or
    model zip gives its backbone and model card (the scan is preprocessed as in finetuning); a
    pretrain/adapt-highres run folder or a backbone file gives the backbone and the per-volume
    percentile normalisation of pretraining (:meth:`~threedino_pipe.artifacts.CasePreprocessing.bare`).
@@ -33,8 +33,8 @@ from rich.console import Console
 
 from threedino_pipe.artifacts import CasePreprocessing, ModelCard, VisualizeRecord
 from threedino_pipe.dataset.image_io import Geometry, write_image
-from threedino_pipe.inference.embed import load_backbone_and_plans
 from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending
+from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import read_case
 from threedino_pipe.preprocessing.pipeline import preprocess_case
 from threedino_pipe.runtime import progress
@@ -244,7 +244,7 @@ def run(model: Path, scan: Path, output: Path | None = None, *, size: int = DEFA
     output = Path(output) if output is not None else default_output(scan)
     dev = pick_device(device)
     with contextlib.ExitStack() as stack:
-        backbone, card, _, model_record = load_backbone_and_plans(Path(model), stack)
+        backbone, card, _, model_record = load_backbone_and_card(Path(model), stack)
     if backbone.in_chans != 1:
         raise UserError(f"the backbone takes {backbone.in_chans} input channels; visualize runs a single-channel "
                         "backbone on one scan", file=model, fix="pass a model with a single-channel 3D ViT backbone")

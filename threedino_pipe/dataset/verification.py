@@ -1,9 +1,8 @@
-"""``3dino verify``: check a raw dataset and report every problem at once.
+"""The check of a raw dataset behind ``3dino verify`` and ``3dino plan``: every problem at once.
 
 :func:`check_dataset` is the check itself (``plan`` calls it first and refuses to plan on
-errors); :func:`run` is the command: it prints a table of every problem and a one-line summary
-and returns the exit code. Nothing is written anywhere. The checks and their tolerances are
-described in ``docs/verify.md``.
+errors); :func:`print_report` prints a table of every problem and a one-line summary. Nothing is
+written anywhere. The checks and their tolerances are described in ``docs/verify.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from threedino_pipe.artifacts import DatasetJson
 from threedino_pipe.dataset.case_checks import check_case
 from threedino_pipe.dataset.problems import Problem
 from threedino_pipe.dataset.raw import CaseFiles, discover_cases
-from threedino_pipe.runtime import paths, progress
+from threedino_pipe.runtime import progress
 
 log = logging.getLogger(__name__)
 _CRASH_FIX = ("the reading process died (out of memory, or a reader crash on a damaged file): open the case's files "
@@ -118,17 +117,3 @@ def print_report(folder: Path, num_cases: int, problems: list[Problem]) -> None:
     errors = any(p.is_error for p in problems)
     tail = "verify failed: fix the errors and rerun" if errors else "verify passed"
     console.print(f"{folder.name}: {summary(num_cases, problems)} ({tail})", highlight=False)
-
-
-def run(dataset: str, *, allow_nan: bool = False, num_processes: int = 2) -> int:
-    """The ``3dino verify`` command: report every problem of a raw dataset.
-
-    Returns:
-        1 if any error was found, else 0 (warnings do not fail).
-    """
-    for note in paths.describe_defaults():  # first: it explains a "no dataset" error too
-        print(f"note: {note}", file=sys.stderr)
-    folder = paths.resolve_dataset(dataset)
-    _, cases, problems = check_dataset(folder, allow_nan=allow_nan, num_processes=num_processes)
-    print_report(folder, len(cases), problems)
-    return 1 if any(p.is_error for p in problems) else 0

@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from threedino_pipe.artifacts import CasePreprocessing, EmbedRecord, ModelCard, ModelSource
+from threedino_pipe.artifacts import CasePreprocessing, EmbedRecord
 from threedino_pipe.inference.features import centre_view, extract
 from threedino_pipe.inference.inputs import InputCase, group_cases, list_entries, split_ending
-from threedino_pipe.inference.model_loading import load_models
+from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import prepare_case
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, probe_input
-from threedino_pipe.models.vit3d import VisionTransformer3D
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.device import pick_device
@@ -53,36 +52,6 @@ def _bare_channels(entries: list[Path]) -> int:
     if entries and all(found):
         return max(int(m.group(1)) for m in found) + 1
     return 1
-
-
-def load_backbone_and_plans(model: Path, stack: contextlib.ExitStack
-                            ) -> tuple[VisionTransformer3D, ModelCard | None, list[int], ModelSource]:
-    """(backbone, model card or None, view size, record) for ``-m`` (also used by ``3dino visualize``).
-
-    A bare checkpoint has no model card (the caller uses :meth:`CasePreprocessing.bare`); ``stack``
-    holds an unpacked model zip until the caller is done.
-    """
-    model = Path(model)
-    if (model.is_dir() and ModelCard.in_folder(model).is_file()) or (model.is_file()
-                                                                      and model.suffix.lower() == ".zip"):
-        loaded = load_models([model], stack)[0]
-        card = loaded.card
-        record = ModelSource(kind="finetune run", source=str(model.resolve()), dataset=card.dataset, head=card.head,
-                             backbone=card.backbone.model_dump(mode="json"), weights_sha256=loaded.weights_sha256)
-        return loaded.network.backbone, card, [int(v) for v in card.patch_size], record
-    from threedino_pipe.training.backbone_choice import resolve_backbone
-    if not model.exists():
-        raise UserError("model not found", file=model, fix="pass a finetune or pretrain run folder, a model zip or "
-                        "a backbone checkpoint file")
-    choice = resolve_backbone(str(model), model.parent)
-    net = choice.model
-    if net.in_chans != 1:
-        raise UserError(f"the backbone takes {net.in_chans} input channels; embed and visualize run a "
-                        "single-channel backbone once per channel", file=model,
-                        fix="pass a single-channel 3D ViT backbone")
-    record = ModelSource(kind="backbone checkpoint", source=choice.source, sha256=choice.sha256,
-                         preset=choice.info.get("preset"))
-    return net, None, [net.pos_grid * net.patch_size] * 3, record
 
 
 def column_names(first_block: int, layers: int, avgpool: bool, channels: int, dim: int) -> list[str]:
@@ -112,7 +81,7 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
     csv_path = _output_csv(output)
     dev = pick_device(device)
     with contextlib.ExitStack() as stack:
-        backbone, card, view_size, record = load_backbone_and_plans(model, stack)
+        backbone, card, view_size, record = load_backbone_and_card(model, stack)
         if layers > backbone.depth:
             raise UserError(f"--layers {layers} but the backbone has {backbone.depth} blocks", file=model,
                             fix="pass --layers 1")

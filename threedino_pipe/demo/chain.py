@@ -33,15 +33,12 @@ from pathlib import Path
 from rich.console import Console
 
 from threedino_pipe.artifacts import DatasetJson, DemoRecord, DemoTimings, EvaluationSummary, StageTime
+from threedino_pipe.demo.layout import DATASET_ID, PRESET, SIDES, DemoLayout
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.openmp import passive_openmp
 
-DATASET_ID = 990
-DATASET_NAME = "Dataset990_MNITissue"
-PRESET = "tiny"
 PCT = 25.0
 SEED = 0
-SIDES = ("pretrained", "none")
 HEAD = "adapter"  # both sides: the comparison differs only in the backbone's initialisation
 
 
@@ -61,47 +58,6 @@ class DemoSize:
 
 FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=100)
 QUICK = DemoSize(train_cases=6, test_cases=2, pretrain_iters=6, highres_iters=2, finetune_iters=20)
-
-
-@dataclass(frozen=True)
-class DemoLayout:
-    """Where the demo's files go under ``out``."""
-
-    out: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.out / "raw" / DATASET_NAME
-
-    @property
-    def pretrain_run(self) -> Path:
-        return self.out / "results" / "pretrain" / f"{PRESET}__{DATASET_ID}"
-
-    @property
-    def highres_run(self) -> Path:
-        return self.pretrain_run.parent / f"{self.pretrain_run.name}__highres"
-
-    def predictions(self, side: str) -> Path:
-        return self.out / "predictions" / side
-
-    def evaluation(self, side: str) -> Path:
-        return self.out / "evaluation" / side
-
-    def visualize(self, side: str) -> Path:
-        return self.out / "visualize" / side
-
-    @property
-    def visualized_scan(self) -> Path:
-        """The held-out scan whose backbone maps the report shows (the first of imagesTs)."""
-        return min((self.raw / "imagesTs").glob("*_0000.nii.gz"))
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.html"
-
-    @property
-    def timings(self) -> Path:
-        return DemoTimings.in_folder(self.out)
 
 
 def _check_options(layout: DemoLayout, options: dict) -> None:
@@ -165,14 +121,10 @@ def run(out: Path, quick: bool = False) -> Path:
     _check_options(layout, {"quick": quick, "head": HEAD, **asdict(size)})  # before any slow import
     passive_openmp()  # as `3dino` does; for callers of this function from Python
     console = Console(stderr=True, soft_wrap=True)
-    from threedino_pipe import demo_report
-    from threedino_pipe.dataset.examples import build_mni_dataset
-    from threedino_pipe.evaluation import evaluate
-    from threedino_pipe.inference import predict
-    from threedino_pipe.planning import plan
-    from threedino_pipe.preprocessing import preprocess
-    from threedino_pipe.training import adapt_highres, finetune, pretrain
-    from threedino_pipe.visualization import visualize
+    from threedino_pipe.demo import report as demo_report
+    from threedino_pipe.demo.examples import build_mni_dataset
+    from threedino_pipe.stages import evaluate, finetune, plan, predict, preprocess, visualize
+    from threedino_pipe.training import adapt_highres, pretrain
 
     for name in ("raw", "preprocessed", "results"):
         os.environ[f"THREEDINO_{name.upper()}"] = str(layout.out / name)
