@@ -52,6 +52,12 @@ SHARED_KEYS = {
     "test": "the statistical test a comparison entry names (evaluation/compare.py)",
     "mode": "the checkpoint state of the teacher centring (ssl/centering.py)",
 }
+# Modules of the runtime layer, below artifacts/ (they cannot import it), that handle JSON themselves
+BELOW_ARTIFACTS = {
+    "threedino_pipe/runtime/atomic_files.py": "defines read_json and write_json, which the artifacts use",
+    "threedino_pipe/runtime/locks.py": "the lock holder's description (host, pid, start, command) beside a locked "
+                                       "folder: state of the lock, read by no stage",
+}
 # Lines of modules another engineer changes in this period (docs/architecture.md, "Moving later"),
 # with the violation left to fix there.
 PENDING = {
@@ -110,18 +116,15 @@ def _key(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def violations(source: str, where: str = "<snippet>", *, json_io: bool = False) -> list[str]:
-    """Every line of ``source`` that parses, writes, locates or indexes an artifact itself.
-
-    ``json_io``: the module implements the JSON primitives the artifacts use (``runtime/atomic_files.py``).
-    """
+def violations(source: str, where: str = "<snippet>") -> list[str]:
+    """Every line of ``source`` that parses, writes, locates or indexes an artifact itself."""
     found = []
     for node in ast.walk(ast.parse(source)):
         line = f"{where}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Call):
             name = _dotted(node.func)
             short = name.rsplit(".", 1)[-1]
-            if not json_io and (name in JSON_CALLS or short in ("read_json", "write_json", "read_artifact")):
+            if name in JSON_CALLS or short in ("read_json", "write_json", "read_artifact"):
                 found.append(f"{line}: {name}() parses or writes JSON")
             if short in PATH_CALLS and any(_is_file_name(a) for a in node.args):
                 found.append(f"{line}: {name}() names an artifact file")
@@ -142,9 +145,9 @@ def test_no_module_outside_artifacts_parses_locates_or_indexes_an_artifact():
         if "artifacts" in path.relative_to(PACKAGE).parts:
             continue
         where = path.relative_to(REPO).as_posix()
-        json_io = where == "threedino_pipe/runtime/atomic_files.py"
-        found += [v for v in violations(path.read_text(), where, json_io=json_io)
-                  if v.split(": ", 1)[1] not in PENDING.get(where, ())]
+        if where in BELOW_ARTIFACTS:
+            continue
+        found += [v for v in violations(path.read_text(), where) if v.split(": ", 1)[1] not in PENDING.get(where, ())]
     assert not found, "\n".join(found)
 
 
