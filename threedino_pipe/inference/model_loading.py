@@ -82,6 +82,8 @@ def build_network(card: ModelCard, where: Path) -> nn.Module:
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise UserError(f"model.json's model_args do not describe a network this version builds ({exc})",
                         file=where, fix="update threedino-pipe, or rerun `3dino finetune`") from None
+    except UserError as exc:  # e.g. a backbone family this version does not know
+        raise UserError(exc.problem, file=where, fix=exc.fix) from None
 
 
 def load_run(run_dir: Path, source: Path | None = None) -> LoadedModel:

@@ -15,12 +15,12 @@ from pathlib import Path
 from threedino_pipe.artifacts import ModelCard, ModelSource
 from threedino_pipe.inference.model_loading import load_models
 from threedino_pipe.models.backbone_choice import resolve_backbone
-from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.models.backbones import Backbone
 from threedino_pipe.runtime.errors import UserError
 
 
 def load_backbone_and_card(model: Path, stack: contextlib.ExitStack
-                            ) -> tuple[VisionTransformer3D, ModelCard | None, list[int], ModelSource]:
+                            ) -> tuple[Backbone, ModelCard | None, list[int], ModelSource]:
     """(backbone, model card or None, view size, record) for ``-m`` (also used by ``3dino visualize``).
 
     A bare checkpoint has no model card (the caller uses :meth:`CasePreprocessing.bare`); ``stack``
@@ -42,7 +42,7 @@ def load_backbone_and_card(model: Path, stack: contextlib.ExitStack
     if net.in_chans != 1:
         raise UserError(f"the backbone takes {net.in_chans} input channels; embed and visualize run a "
                         "single-channel backbone once per channel", file=model,
-                        fix="pass a single-channel 3D ViT backbone")
+                        fix="pass a single-channel backbone")
     record = ModelSource(kind="backbone checkpoint", source=choice.source, sha256=choice.sha256,
                          preset=choice.info.get("preset"))
-    return net, None, [net.pos_grid * net.patch_size] * 3, record
+    return net, None, [net.input_size] * 3, record

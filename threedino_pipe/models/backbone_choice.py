@@ -5,7 +5,7 @@
   to pretrain or to pass ``--backbone none``;
 - a run folder: its ``backbone.pt`` (an unfinished run has none: an error);
 - a file: our ``backbone.pt``, an export, or the released 3DINO-ViT file
-  (:func:`threedino_pipe.models.checkpoint.load_backbone`, strict);
+  (its family's loader, strict: :func:`threedino_pipe.models.checkpoint.load_backbone` for ``vit3d``);
 - ``none``: a randomly initialised backbone trained end to end (the paper's Random baseline).
 
 The tag names the backbone in the run folder name: the run folder's name, the file's stem (a
@@ -20,8 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threedino_pipe.models.checkpoint import load_backbone
-from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.runtime.errors import UserError
 
 BACKBONE_FILE = "backbone.pt"
@@ -38,17 +37,19 @@ class BackboneChoice:
         path: the weights file, or None for random init.
         sha256: first 16 hex digits of the file's SHA-256, or None.
         model: the loaded backbone (strict), or None for random init.
-        info: :func:`load_backbone`'s info (dims, layout, preset, ...), empty for random init.
+        info: the family loader's info (dims, layout, preset, ...), empty for random init.
         how: one line saying how it was chosen (printed by finetune).
+        family: the backbone family (:mod:`threedino_pipe.models.backbones`).
     """
 
     tag: str
     source: str
     path: Path | None = None
     sha256: str | None = None
-    model: VisionTransformer3D | None = None
+    model: Backbone | None = None
     info: dict = field(default_factory=dict)
     how: str = ""
+    family: str = DEFAULT_FAMILY
 
     @property
     def pretrained(self) -> bool:
@@ -56,7 +57,7 @@ class BackboneChoice:
 
     @property
     def dims(self) -> dict | None:
-        """Architecture dims of the loaded backbone (``VisionTransformer3D.dims``), or None."""
+        """Architecture dims of the loaded backbone (its family's ``build`` arguments), or None."""
         return None if self.model is None else dict(self.model.dims)
 
 
@@ -91,13 +92,15 @@ def _tag_for_file(path: Path) -> str:
     return safe_tag(path.stem)
 
 
-def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None) -> BackboneChoice:
+def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None,
+                     family: str = DEFAULT_FAMILY) -> BackboneChoice:
     """Resolve ``--backbone spec`` (see the module docstring) and load the weights.
 
     Args:
         spec: ``auto``, ``none``, a run folder or a weights file.
         results_root: the results folder (``auto`` looks in its ``pretrain/``).
         expect: a preset the backbone must match (``--preset``), or None.
+        family: the backbone family whose loader reads the file (``vit3d``: the 3D ViT).
 
     Raises:
         UserError: no pretrained run for ``auto``, a path that does not exist, a run without
@@ -106,7 +109,7 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
     spec = str(spec).strip()
     if spec == "none":
         return BackboneChoice(tag="none", source="none", how="--backbone none: random initialisation, "
-                              "trained end to end")
+                              "trained end to end", family=family)
     if spec == "auto":
         path = newest_pretrained(results_root)
         if path is None:
@@ -129,6 +132,6 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
             how = f"--backbone: the run {path.parent}"
         else:
             how = f"--backbone: the file {path}"
-    model, info = load_backbone(path, expect=expect)
+    model, info = get_family(family).load(path, expect=expect)
     return BackboneChoice(tag=_tag_for_file(path), source=str(path.resolve()), path=path,
-                          sha256=file_sha256(path), model=model, info=info, how=how)
+                          sha256=file_sha256(path), model=model, info=info, how=how, family=model.family)

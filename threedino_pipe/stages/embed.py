@@ -12,7 +12,8 @@
   pretraining (0.05th/99.95th percentiles -> [-1, 1], clipped; NaN/Inf -> the channel mean),
   cropped to the voxels above -1 in any channel, kept in its own voxel grid and axis order
   (no resampling, no transpose) and resized whole to the backbone's pretraining crop
-  (``pos_grid * patch_size`` voxels per axis, 96^3 for the released weights).
+  (the backbone's ``input_size`` voxels per axis, 96^3 for the released weights). The backbone's
+  family must offer CLS tokens (:mod:`threedino_pipe.models.backbones`).
 
 Features (:mod:`threedino_pipe.models.classification`): the CLS tokens of the last ``layers``
 blocks, then with ``avgpool`` the last block's mean patch token, each for every channel (the
@@ -37,6 +38,7 @@ from threedino_pipe.inference.features import centre_view, extract
 from threedino_pipe.inference.inputs import InputCase, group_cases, list_entries, split_ending
 from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import prepare_case
+from threedino_pipe.models.backbones import family_of
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, probe_input
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.atomic_files import atomic_path
@@ -82,6 +84,7 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
     dev = pick_device(device)
     with contextlib.ExitStack() as stack:
         backbone, card, view_size, record = load_backbone_and_card(model, stack)
+        family_of(backbone).require("cls_token", "3dino embed writes CLS-token features", file=model)
         if layers > backbone.depth:
             raise UserError(f"--layers {layers} but the backbone has {backbone.depth} blocks", file=model,
                             fix="pass --layers 1")

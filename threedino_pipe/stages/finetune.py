@@ -31,8 +31,9 @@ from threedino_pipe.artifacts import (
 from threedino_pipe.data.patch_loader import Augmentation
 from threedino_pipe.data.splits import select_subset
 from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
+from threedino_pipe.models.backbones import get_family
 from threedino_pipe.models.presets import PRESETS
-from threedino_pipe.models.segmentation import HEAD_TRAINING_DEFAULTS, HEADS
+from threedino_pipe.models.segmentation import HEAD_NEEDS, HEAD_TRAINING_DEFAULTS, HEADS
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
@@ -122,6 +123,8 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     choice = resolve_backbone(backbone, paths.results_root(), expect=preset)
     console.print(choice.how)
     head = head or ("adapter" if choice.pretrained else "unetr")
+    if head in HEAD_NEEDS:
+        get_family(choice.family).require(HEAD_NEEDS[head], f"--head {head} cannot be built", file=choice.source)
     frozen = choice.pretrained and not unfreeze
     iters = iters or DEFAULT_ITERS
     dist = init_distributed(device)
@@ -141,6 +144,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             val_every=val_every or default_val_every(iters), overlap=overlap,
             precision=resolve_precision(precision, dist.device), world_size=dist.world_size,
             augmentation=Augmentation.for_spacing(config.spacing).options() if augment else {},
+            backbone_family=choice.family,
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
         folder = paths.results_root() / pre.name / run_folder_name(head, tag, pct, fold, seed)
@@ -208,6 +212,7 @@ def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice) -> M
         channel_names=plans.channel_names, labels=plans.labels, regions_class_order=plans.regions_class_order,
         class_names=plans.class_names, head=config.head, model_args={},
         backbone=BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=config.frozen,
+                                family=config.backbone_family,
                                 preset=choice.info.get("preset") if choice.pretrained else None),
         in_channels=config.in_channels, num_outputs=config.num_outputs, output=config.output,
         patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed)

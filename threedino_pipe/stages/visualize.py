@@ -36,6 +36,7 @@ from threedino_pipe.dataset.image_io import Geometry, write_image
 from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending
 from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import read_case
+from threedino_pipe.models.backbones import family_of
 from threedino_pipe.preprocessing.pipeline import preprocess_case
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.atomic_files import atomic_path
@@ -247,7 +248,8 @@ def run(model: Path, scan: Path, output: Path | None = None, *, size: int = DEFA
         backbone, card, _, model_record = load_backbone_and_card(Path(model), stack)
     if backbone.in_chans != 1:
         raise UserError(f"the backbone takes {backbone.in_chans} input channels; visualize runs a single-channel "
-                        "backbone on one scan", file=model, fix="pass a model with a single-channel 3D ViT backbone")
+                        "backbone on one scan", file=model, fix="pass a model with a single-channel backbone")
+    family_of(backbone).require("cls_attention", "3dino visualize draws the CLS attention map", file=model)
     recipe, channel = _scan_recipe(card, scan, channel, Path(model))
     heads = backbone.num_heads
     total = 2 + backbone.depth + 2 + (3 + (heads if per_head else 0)) + 2

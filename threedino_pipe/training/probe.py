@@ -52,8 +52,9 @@ from threedino_pipe.inference.features import (
     extract_cases,
 )
 from threedino_pipe.models.backbone_choice import resolve_backbone
+from threedino_pipe.models.backbones import get_family
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, ProbeClassifier, probe_input
-from threedino_pipe.models.presets import PRESETS, build_backbone
+from threedino_pipe.models.presets import PRESETS
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.atomic_files import atomic_path
@@ -111,15 +112,18 @@ def _backbone(spec: str, preset: str | None, config: FinetuneConfiguration, seed
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(PRESETS)}")
     choice = resolve_backbone(spec, paths.results_root(), expect=preset)
     console.print(choice.how)
+    family = get_family(choice.family)
+    family.require("cls_token", "the classification probe reads CLS tokens", file=choice.source)
     if choice.model is None:
         name = preset or config.preset
         torch.manual_seed(seed)
-        model = build_backbone(name)
+        model = family.build(name)
         console.print(f"probe on a frozen, randomly initialised {name} backbone (seed {seed})")
-        record = BackboneRecord(tag=choice.tag, source="none", sha256=None, frozen=True, preset=name)
+        record = BackboneRecord(tag=choice.tag, source="none", sha256=None, frozen=True, preset=name,
+                                family=family.name)
         return model, choice.tag, record, f"none:{name}:{seed}"
     record = BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=True,
-                            preset=choice.info.get("preset"))
+                            preset=choice.info.get("preset"), family=family.name)
     return choice.model, choice.tag, record, choice.sha256
 
 

@@ -34,6 +34,7 @@ from threedino_pipe.artifacts import BestMetric, ModelCard, SegmentationValidati
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
+from threedino_pipe.models.backbones import DEFAULT_FAMILY
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
 from threedino_pipe.runtime.checkpoints import save_checkpoint
 from threedino_pipe.runtime.device import peak_memory_mb
@@ -83,6 +84,7 @@ class SegRunConfig:
     precision: str
     world_size: int = 1
     augmentation: dict = field(default_factory=dict)
+    backbone_family: str = DEFAULT_FAMILY
     # volatile: may differ between a run and its resumption
     num_workers: int = 2
     save_every: int = 500
@@ -139,7 +141,7 @@ def build_network(config: SegRunConfig, backbone_state: dict | None) -> Segmenta
     """The network, initialised with ``torch.manual_seed(seed)``; pretrained backbone weights loaded strictly."""
     torch.manual_seed(config.seed)
     net = build_segmentation_model(config.head, config.backbone_dims, config.in_channels, config.num_outputs,
-                                   freeze_backbone=config.frozen)
+                                   freeze_backbone=config.frozen, backbone_family=config.backbone_family)
     if backbone_state is not None:
         net.backbone.load_state_dict(backbone_state, strict=True)
     return net
