@@ -82,13 +82,13 @@ from common import (
 )
 from monai.inferers import sliding_window_inference
 
-from threedino_pipe.dataset.image_io import Geometry, write_image
 from threedino_pipe.demo.examples import build_synthetic_dataset, oblique_direction
 from threedino_pipe.inference.blended_rows import SIGMA_SCALE
-from threedino_pipe.inference.inputs import discover_cases
+from threedino_pipe.inference.input_cases import discover_cases
 from threedino_pipe.inference.model_loading import load_run
 from threedino_pipe.inference.predictor import InferenceOptions, predict_case, prepare_case
 from threedino_pipe.models.segmentation import build_segmentation_model
+from threedino_pipe.raw_data.image_io import Geometry, write_image
 from threedino_pipe.runtime import atomic_files
 from threedino_pipe.runtime.precision import autocast, resolve_precision
 

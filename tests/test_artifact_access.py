@@ -58,7 +58,7 @@ BELOW_ARTIFACTS = {
     "threedino_pipe/runtime/locks.py": "the lock holder's description (host, pid, start, command) beside a locked "
                                        "folder: state of the lock, read by no stage",
 }
-# Lines of modules another engineer changes in this period (docs/architecture.md, "Moving later"),
+# Lines of modules that move with the pretraining work (docs/architecture.md, "Moving later"),
 # with the violation left to fix there.
 PENDING = {
     "threedino_pipe/training/adapt_highres.py": {"/ 'run.json' builds an artifact file's path"},

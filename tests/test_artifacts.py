@@ -33,7 +33,7 @@ from threedino_pipe.runtime.errors import UserError
 VOLUME = {"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1], "clip": True}
 PRETRAIN = {"resample": False, "spacing": None, "normalization": [VOLUME], "crop": "foreground_after_normalization",
             "global_crop": 96, "local_crop": 48, "num_local_crops": 8, "min_axis": 24, "preset": "tiny",
-            "batch_size": 4, "reasons": {"global_crop": "METHOD"}}
+            "batch_size": 4, "reasons": {"global_crop": "docs/method.md"}}
 FINETUNE = {"resample": True, "spacing": [1.0, 1.0, 1.0],
             "normalization": [{"scheme": "dataset_percentile", "lower": -1000.0, "upper": 1500.0, "lower_pct": 0.5,
                                "upper_pct": 99.5, "range": [-1, 1], "clip": True}],

@@ -8,14 +8,13 @@ import SimpleITK as sitk
 from conftest import run_3dino
 
 from threedino_pipe.artifacts import Plans, Splits
-from threedino_pipe.dataset.image_io import (
+from threedino_pipe.demo.examples import oblique_direction
+from threedino_pipe.raw_data.image_io import (
     Geometry,
-    count_nonfinite,
     read_image,
     read_image_with_nonfinite,
     write_image,
 )
-from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.atomic_files import atomic_path, write_json
 from threedino_pipe.runtime.errors import UserError
@@ -111,7 +110,6 @@ def test_nan_in_nifti_is_seen_although_simpleitk_reads_zero(tmp_path):
     data[1, 2, 3] = np.nan
     data[0, 0, 0] = np.inf
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
-    assert count_nonfinite(tmp_path / "nan.nii.gz") == (1, 1)
     plain, _ = read_image(tmp_path / "nan.nii.gz")
     assert np.isfinite(plain).all()  # the SimpleITK trap
     seen, _ = read_image_with_nonfinite(tmp_path / "nan.nii.gz")

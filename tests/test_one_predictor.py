@@ -14,11 +14,11 @@ import torch
 from conftest import run_3dino
 
 from threedino_pipe.artifacts import CaseProperties, ModelCard, RunRecord, SegmentationValidation
-from threedino_pipe.dataset.image_io import read_image
 from threedino_pipe.demo.examples import build_synthetic_dataset
 from threedino_pipe.evaluation.segmentation_metrics import dice
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.preprocessing.arrays import open_array
+from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels
 
 pytestmark = pytest.mark.e2e

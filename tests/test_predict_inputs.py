@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from threedino_pipe.artifacts import CasePreprocessing, Normalization
-from threedino_pipe.dataset.image_io import Geometry
 from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.evaluation.segmentation_metrics import dice
 from threedino_pipe.inference import geometry
-from threedino_pipe.inference.inputs import discover_cases, group_cases, list_entries
+from threedino_pipe.inference.input_cases import discover_cases, group_cases, list_entries
 from threedino_pipe.inference.model_zip import check_members, unpack_model_zip
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import Geometry
 from threedino_pipe.runtime.errors import UserError
 
 

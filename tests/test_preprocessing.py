@@ -17,11 +17,11 @@ import pytest
 from conftest import run_3dino
 
 from threedino_pipe.artifacts import Plans
-from threedino_pipe.dataset.image_io import read_image
 from threedino_pipe.demo.examples import build_synthetic_dataset
 from threedino_pipe.preprocessing.arrays import chunks_and_blocks, open_array
 from threedino_pipe.preprocessing.class_locations import sample_class_locations
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.stages import preprocess
 

@@ -58,7 +58,7 @@ def test_batched_grid_equals_torch_sgd_on_each_linear_layer():
     full = probe_input(cls, patch_mean, layers_cached, True)
     points = [GridPoint(0.05, 1, False), GridPoint(0.5, 4, True), GridPoint(0.002, 1, True), GridPoint(0.2, 4, False)]
     grid = ProbeGrid(points, layers_cached, channels * dim, k, seed=3)
-    assert full.shape[1] == grid.num_features == 5 * channels * dim
+    assert full.shape[1] == grid.weight.shape[0] == 5 * channels * dim
     references = []
     for g, point in enumerate(points):
         weight, bias = grid.linear(g)

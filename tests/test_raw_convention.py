@@ -17,9 +17,9 @@ import SimpleITK as sitk
 from conftest import REPO
 
 from threedino_pipe.artifacts import DatasetJson
-from threedino_pipe.dataset import case_checks
-from threedino_pipe.dataset.raw import discover_cases
-from threedino_pipe.dataset.verification import check_dataset
+from threedino_pipe.raw_data import case_checks
+from threedino_pipe.raw_data.raw import discover_cases
+from threedino_pipe.raw_data.verification import check_dataset
 from threedino_pipe.runtime.errors import UserError
 
 TEMPLATES = REPO / "dataset_templates"

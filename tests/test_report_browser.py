@@ -17,11 +17,11 @@ from matplotlib import image as mpimg
 from matplotlib.figure import Figure
 
 from threedino_pipe.artifacts import DemoTimings, StageTime
-from threedino_pipe.dataset.image_io import read_image, write_image
 from threedino_pipe.demo import report as demo_report
 from threedino_pipe.demo.examples import build_mni_dataset
 from threedino_pipe.demo.layout import DATASET_ID, SIDES, DemoLayout
 from threedino_pipe.evaluation.report import png_data_uri
+from threedino_pipe.raw_data.image_io import read_image, write_image
 from threedino_pipe.stages import evaluate
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -182,11 +182,6 @@ class DatasetJson(Record):
             values.update(v if isinstance(v, list) else [v])
         return values
 
-    @property
-    def foreground_classes(self) -> list[int]:
-        """Label values other than background, sorted."""
-        return sorted(self.label_values - {0})
-
 
 def _validation_error(exc: ValidationError, path: str | Path) -> UserError:
     """The first problem of ``exc`` as a UserError naming the field and how to write it."""

@@ -75,7 +75,7 @@ class PretrainDataset:
         folders: preprocessed dataset folders (``<preprocessed>/DatasetNNN_Name``).
         configuration: subfolder to read (``pretrain`` or ``pretrain_highres``).
         min_axis: volumes whose smallest axis (case JSON ``shape``, voxels) is not above this are skipped
-            (METHOD.md: volumes kept have min axis > 24 voxels; > 48 for adapt-highres).
+            (docs/method.md, Data: volumes kept have min axis > 24 voxels; > 48 for adapt-highres).
         split_channels: True (default): each channel of a multi-channel case is its own
             single-channel sample (the 3DINO backbone takes one channel, and datasets with
             different channel counts can be pooled). False: samples keep all channels, which

@@ -165,7 +165,7 @@ def build_synthetic_dataset(raw_root: str | Path, dataset_id: int = 991, num_cas
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    from threedino_pipe.dataset.image_io import Geometry, from_array
+    from threedino_pipe.raw_data.image_io import Geometry, from_array
     for index in range(num_cases):
         case_spacing = tuple(float(s * rng.uniform(1 - spacing_jitter, 1 + spacing_jitter)) for s in spacing)
         geometry = Geometry(size=shape, spacing=case_spacing,

@@ -19,12 +19,12 @@ import pandas as pd
 from rich.table import Table
 
 from threedino_pipe.artifacts import DemoTimings, EvaluationSummary
-from threedino_pipe.dataset.image_io import read_image
 from threedino_pipe.demo.layout import DemoLayout
 from threedino_pipe.evaluation import report
 from threedino_pipe.evaluation.compare import segmentation_comparison_table
 from threedino_pipe.evaluation.outputs import write_text
 from threedino_pipe.evaluation.single import segmentation_table
+from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.visualization.curves import plot_curves
 from threedino_pipe.visualization.overlays import colour_legend, overlay_planes
 

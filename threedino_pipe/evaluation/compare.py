@@ -21,7 +21,7 @@ from threedino_pipe.artifacts import DatasetJson, EvaluationSummary
 from threedino_pipe.artifacts.evaluation_summary import CaseCounts, RunIssues, SideInfo, SummaryFiles, SummaryOptions
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
-from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images
+from threedino_pipe.evaluation.evaluated_files import dataset_labels, list_label_images
 from threedino_pipe.evaluation.outputs import PER_CASE_FILE, is_result_folder, write_outputs
 from threedino_pipe.evaluation.segmentation import COLUMNS, SegmentationResult, evaluate_folder, fill_absent_labels
 from threedino_pipe.evaluation.statistics import paired_wilcoxon, summarize, t_interval, welch_ttest

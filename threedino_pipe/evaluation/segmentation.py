@@ -1,6 +1,6 @@
 """Evaluate a folder of predicted label images against a folder of reference label images.
 
-Each case is read with :func:`~threedino_pipe.dataset.image_io.read_image` (``X x Y x Z``), its
+Each case is read with :func:`~threedino_pipe.raw_data.image_io.read_image` (``X x Y x Z``), its
 geometry checked against the reference (size exact; spacing, origin, direction within 1e-4), and
 Dice/HD95 computed per label and region (:mod:`.segmentation_metrics`). One unreadable or
 misplaced prediction fails that case only.
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from threedino_pipe.artifacts.evaluation_summary import CaseFailure
-from threedino_pipe.dataset.image_io import Geometry, read_image
-from threedino_pipe.evaluation.inputs import list_label_images
+from threedino_pipe.evaluation.evaluated_files import list_label_images
 from threedino_pipe.evaluation.segmentation_metrics import case_metrics
+from threedino_pipe.raw_data.image_io import Geometry, read_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.progress import track
 

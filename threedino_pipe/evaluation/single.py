@@ -19,7 +19,7 @@ from threedino_pipe.artifacts.evaluation_summary import CaseCounts, CaseFailure,
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
 from threedino_pipe.evaluation.classification_metrics import confusion
-from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images, prediction_csv_path
+from threedino_pipe.evaluation.evaluated_files import dataset_labels, list_label_images, prediction_csv_path
 from threedino_pipe.evaluation.outputs import PER_CASE_FILE
 from threedino_pipe.evaluation.segmentation import SegmentationResult, evaluate_folder
 from threedino_pipe.evaluation.summary import classification_metrics_summary, segmentation_metrics_summary

@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
-from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
-from threedino_pipe.inference.inputs import InputCase
+from threedino_pipe.inference.input_cases import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel
 from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import Geometry, read_image_with_nonfinite, write_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast
 

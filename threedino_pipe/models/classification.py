@@ -1,4 +1,6 @@
-"""Classification on a frozen backbone: frozen token features and the linear probe (METHOD.md, "Downstream").
+"""Classification on a frozen backbone: frozen token features and the linear probe.
+
+The method's numbers: docs/method.md, "Downstream: classification".
 
 Features of one input ``[B, C, X, Y, Z]`` (each spatial side a multiple of the patch size):
 a single-channel backbone runs once per channel (channels folded into the batch) and returns,

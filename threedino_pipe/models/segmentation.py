@@ -24,7 +24,7 @@ HEADS = ("adapter", "unetr", "linear")
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
 HEAD_NEEDS = {"adapter": "token_blocks"}
 
-# Finetuning defaults per head (METHOD.md, "Downstream"): AdamW lr and batch size.
+# Finetuning defaults per head (docs/method.md, "Downstream: segmentation"): AdamW lr and batch size.
 HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
     "adapter": {"lr": 1e-4, "batch_size": 8},
     "unetr": {"lr": 1e-4, "batch_size": 8},

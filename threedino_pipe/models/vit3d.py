@@ -97,7 +97,7 @@ class Attention(nn.Module):
         """Softmax weights of the CLS query (token 0) on ``x [B, 1 + N, dim]`` over the patch tokens,
         ``[B, heads, N]``, divided by their mean over the N patches.
 
-        The same weights as row 0 of :meth:`attention_map`, without its ``N x N`` matrix.
+        Row 0 of the softmax attention matrix, without computing its other ``N`` rows.
         """
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
@@ -105,12 +105,6 @@ class Attention(nn.Module):
         keys = qkv[:, :, 1].transpose(1, 2)  # [B, heads, 1 + N, d_head]
         weights = torch.softmax((query @ keys.transpose(-2, -1)) * (d // self.num_heads) ** -0.5, dim=-1)[:, :, 0, 1:]
         return weights / weights.mean(dim=-1, keepdim=True)
-
-    def attention_map(self, x: Tensor) -> Tensor:
-        """Softmax attention weights ``[B, heads, N, N]`` (for visualisation)."""
-        b, n, d = x.shape
-        q, k, _ = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return torch.softmax((q @ k.transpose(-2, -1)) * (d // self.num_heads) ** -0.5, dim=-1)
 
 
 class Mlp(nn.Module):
@@ -309,14 +303,6 @@ class VisionTransformer3D(nn.Module):
                 patch = patch.transpose(1, 2).reshape(out.shape[0], -1, *grid)
             result.append((patch, cls) if return_cls else patch)
         return result
-
-    def last_attention(self, x: Tensor) -> Tensor:
-        """Attention weights of the last block, ``[B, heads, 1 + N, 1 + N]`` (row 0: the CLS query)."""
-        h = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            h = block(h)
-        last = self.blocks[-1]
-        return last.attn.attention_map(last.norm1(h))
 
     @torch.no_grad()
     def last_layer_maps(self, x: Tensor, on_block: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:

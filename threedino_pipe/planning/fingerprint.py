@@ -22,8 +22,8 @@ from scipy import ndimage
 
 from threedino_pipe.artifacts import DatasetJson, Fingerprint
 from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
-from threedino_pipe.dataset.image_io import read_image, read_image_with_nonfinite
-from threedino_pipe.dataset.raw import CaseFiles
+from threedino_pipe.raw_data.image_io import read_image, read_image_with_nonfinite
+from threedino_pipe.raw_data.raw import CaseFiles
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
 

@@ -172,14 +172,15 @@ def _pretrain_config(name: str, fingerprint: Fingerprint, preset: str, preset_re
         num_local_crops=crops.num_local_crops, min_axis=crops.min_axis,
         preset=preset, batch_size=batch,
         reasons={
-            "spacing": "native spacing: pretraining crops are resized to cubes anyway (METHOD.md)",
+            "spacing": "native spacing: pretraining crops are resized to cubes anyway (docs/method.md, Data)",
             "normalization": "per volume, 0.05/99.95 percentiles of all voxels -> [-1, 1], clipped; NaN -> volume "
-                             "mean (METHOD.md)",
-            "crop": "normalise the whole volume first, then crop to voxels > -1 (METHOD.md: order matters)",
+                             "mean (docs/method.md, Data)",
+            "crop": "normalise the whole volume first, then crop to voxels > -1 (docs/method.md, Data: order matters)",
             "global_crop": f"{crops.global_crop}^3 global / {crops.local_crop}^3 local crops, "
-                           f"{crops.num_local_crops} local per volume (METHOD.md)",
+                           f"{crops.num_local_crops} local per volume (docs/method.md, Data)",
             "min_axis": f"volumes with an axis of <= {crops.min_axis} voxels after cropping are skipped "
-                        f"(METHOD.md); {kept} of {len(fingerprint.cases)} cases pass (shape after crop-to-nonzero)",
+                        f"(docs/method.md, Data); {kept} of {len(fingerprint.cases)} cases pass (shape after "
+                        "crop-to-nonzero)",
             "preset": preset_reason,
             "batch_size": batch_reason,
         },

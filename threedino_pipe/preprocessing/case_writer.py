@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import CaseProperties, Plans
-from threedino_pipe.dataset.image_io import read_image, read_image_with_nonfinite
-from threedino_pipe.dataset.raw import CaseFiles
 from threedino_pipe.preprocessing.arrays import write_array
 from threedino_pipe.preprocessing.class_locations import case_seed
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import read_image, read_image_with_nonfinite
+from threedino_pipe.raw_data.raw import CaseFiles
 from threedino_pipe.runtime.errors import UserError
 
 PARTIAL_MARK = ".partial"

@@ -21,7 +21,6 @@ import numpy as np
 
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
 from threedino_pipe.artifacts.plans import CROPS
-from threedino_pipe.dataset.image_io import Geometry
 from threedino_pipe.preprocessing import cropping
 from threedino_pipe.preprocessing.class_locations import sample_class_locations
 from threedino_pipe.preprocessing.normalization import normalize_channel, replace_nonfinite
@@ -32,6 +31,7 @@ from threedino_pipe.preprocessing.resampling import (
     resample_label,
     target_shape,
 )
+from threedino_pipe.raw_data.image_io import Geometry
 from threedino_pipe.runtime.errors import UserError
 
 _REPLAN = "rerun `3dino plan` with this version of threedino-pipe"

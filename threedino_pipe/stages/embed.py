@@ -35,7 +35,7 @@ from rich.console import Console
 
 from threedino_pipe.artifacts import CasePreprocessing, EmbedRecord
 from threedino_pipe.inference.features import centre_view, extract
-from threedino_pipe.inference.inputs import InputCase, group_cases, list_entries, split_ending
+from threedino_pipe.inference.input_cases import InputCase, group_cases, list_entries, split_ending
 from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import prepare_case
 from threedino_pipe.models.backbones import family_of

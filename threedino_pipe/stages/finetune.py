@@ -38,6 +38,7 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
+from threedino_pipe.training import probe
 from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run, run_lock
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
 
@@ -46,7 +47,7 @@ CONFIGURATION = "finetune"
 ALL_HEADS = (*HEADS, "probe")
 CPU_BATCH_CAP = 2
 DEFAULT_ITERS = 30_000
-WARMUP_FRACTION = 0.1      # METHOD.md: 3,000 warmup iterations of 30,000
+WARMUP_FRACTION = 0.1      # docs/method.md, "Downstream: segmentation": 3,000 warm-up iterations of 30,000
 DEFAULT_WEIGHT_DECAY = 1e-5
 
 
@@ -78,15 +79,6 @@ def output_targets(labels: dict | None) -> tuple[str, list, list[str]]:
     return "softmax", values, [by_value.get(v, f"label_{v}") for v in values if v != 0]
 
 
-def _run_probe(dataset: str, **options) -> Path:
-    try:
-        from threedino_pipe.training import probe
-    except ImportError as exc:
-        raise UserError(f"the classification probe is not available in this threedino-pipe ({exc})",
-                        fix="update threedino-pipe") from None
-    return probe.run(dataset, **options)
-
-
 def _check_options(head: str | None, precision: str, preset: str | None, overlap: float, iters: int | None) -> None:
     if head is not None and head not in ALL_HEADS:
         raise UserError(f"unknown --head {head}", fix=f"use one of {', '.join(ALL_HEADS)}")
@@ -113,9 +105,9 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     if plans.task == "classification" or head == "probe":
         _check_probe(pre, plans, head)
         more = {} if iters is None else {"iters": iters}  # the probe has its own default (12,500)
-        return _run_probe(dataset, pct=pct, fold=fold, seed=seed, backbone=backbone, preset=preset,
-                          batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
-                          stop_after=stop_after, **more)
+        return probe.run(dataset, pct=pct, fold=fold, seed=seed, backbone=backbone, preset=preset,
+                         batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
+                         stop_after=stop_after, **more)
     config, finetune_dir = _segmentation_configuration(pre, plans, dataset)
     splits = Splits.of_dataset(pre, dataset)
     train_ids = select_subset(splits, fold, seed, pct, None, splits_file=Splits.in_folder(pre))

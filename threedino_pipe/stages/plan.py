@@ -108,8 +108,8 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
     Raises:
         UserError: a bad option, or a dataset with verify errors (printed first); nothing is written.
     """
-    from threedino_pipe.dataset.verification import check_dataset, print_report, summary
     from threedino_pipe.planning.fingerprint import compute_fingerprint
+    from threedino_pipe.raw_data.verification import check_dataset, print_report, summary
 
     console = _console()
     for line in paths.describe_defaults():

@@ -10,59 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from threedino_pipe.artifacts import PredictArgs, PredictOptions
-from threedino_pipe.inference import batch
-from threedino_pipe.inference.inputs import InputCase, discover_cases
+from threedino_pipe.inference import folder_runner
+from threedino_pipe.inference.input_cases import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, load_models
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
-from threedino_pipe.runtime.device import pick_device
+from threedino_pipe.runtime.distributed import DistInfo, barrier, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
 
 _DIST_TIMEOUT = timedelta(days=7)  # ranks wait for each other only at the end; a shard may take long
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place under ``torchrun`` (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def _ranks() -> Ranks:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ranks = Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():  # gloo: only barriers are needed, whatever the device
-            dist.init_process_group(backend="gloo", timeout=_DIST_TIMEOUT)
-    return ranks
-
-
-def _barrier(ranks: Ranks) -> None:
-    if ranks.world_size > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def _device(requested: str, ranks: Ranks) -> torch.device:
-    device = pick_device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 def _check_options(overlap: float, window_batch_size: int, num_workers: int, precision: str) -> None:
@@ -124,8 +89,20 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
     """
     _check_options(overlap, window_batch_size, num_workers, precision)
     input_path, output_dir = Path(input_path), Path(output_dir)
-    ranks = _ranks()
-    dev = _device(device, ranks)
+    ranks = init_distributed(device, backend="gloo", timeout=_DIST_TIMEOUT)  # gloo: only barriers are needed
+    try:
+        return _predict(input_path, output_dir, models, ranks, overlap=overlap, tta=tta, resume=resume,
+                        save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
+                        precision=precision, num_workers=num_workers)
+    finally:
+        cleanup()
+
+
+def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
+             resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
+             num_workers: int) -> int:
+    """:func:`run` after the options are checked and the process group joined."""
+    dev = ranks.device
     with contextlib.ExitStack() as stack:
         loaded = load_models(list(models), stack)
         cases = discover_cases(input_path, len(loaded[0].card.channel_names), exclude=output_dir)
@@ -140,7 +117,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
                            options=options)
         if resume:
             check_resume(PredictArgs.in_folder(output_dir), args)
-        _barrier(ranks)  # every rank has checked the old predict_args.json before rank 0 replaces it
+        barrier()  # every rank has checked the old predict_args.json before rank 0 replaces it
         output_dir.mkdir(parents=True, exist_ok=True)
         if ranks.rank == 0:
             args.write(PredictArgs.in_folder(output_dir))
@@ -150,21 +127,21 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
 
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
-               dev: torch.device, output_dir: Path, ranks: Ranks, resume: bool, num_workers: int) -> int:
+               dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
-    mine = batch.shard(cases, ranks.rank, ranks.world_size)
-    predictions_path = batch.part_path(output_dir, batch.PREDICTIONS, ranks.rank, ranks.world_size)
+    mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
+    predictions_path = folder_runner.part_path(output_dir, folder_runner.PREDICTIONS, ranks.rank, ranks.world_size)
     header = ["case_id", "predicted_class", *(f"prob_{c}" for c in card.class_names)]
     rows: list[list[str]] = []
     if classification:
-        _, existing = batch.read_csv_rows(output_dir / batch.PREDICTIONS) if resume else ([], [])
+        _, existing = folder_runner.read_csv_rows(output_dir / folder_runner.PREDICTIONS) if resume else ([], [])
         done = {row[0] for row in existing if row}
         if ranks.world_size == 1:
             rows = [row for row in existing if row]
-            batch.write_csv(predictions_path, header, rows)
+            folder_runner.write_csv(predictions_path, header, rows)
         elif ranks.rank == 0 and not resume:
-            (output_dir / batch.PREDICTIONS).unlink(missing_ok=True)
+            (output_dir / folder_runner.PREDICTIONS).unlink(missing_ok=True)
     else:  # a label file is written last, so its presence marks a finished case
         done = {c.case_id for c in mine if resume and (output_dir / c.output_name).is_file()
                 and (not inference.save_probabilities or (output_dir / f"{c.case_id}{PROBABILITIES}").is_file())}
@@ -177,22 +154,23 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
     def on_result(result: CaseResult) -> None:
         if classification:
             rows.append(_prediction_row(result, list(card.class_names)))
-            batch.write_csv(predictions_path, header, rows)
+            folder_runner.write_csv(predictions_path, header, rows)
 
-    outcome = batch.run_cases(
+    outcome = folder_runner.run_cases(
         todo, prepare=lambda case: prepare_case(case, recipe),
         predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir),
-        failures_path=batch.part_path(output_dir, batch.FAILURES, ranks.rank, ranks.world_size),
+        failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result)
     failures = len(outcome.failures)
-    _barrier(ranks)
+    barrier()
     if ranks.world_size > 1 and ranks.rank == 0:
-        failures = len(batch.merge_parts(output_dir, batch.FAILURES, ranks.world_size))
+        failures = len(folder_runner.merge_parts(output_dir, folder_runner.FAILURES, ranks.world_size))
         if classification:
-            batch.merge_parts(output_dir, batch.PREDICTIONS, ranks.world_size, key_column=0)
+            folder_runner.merge_parts(output_dir, folder_runner.PREDICTIONS, ranks.world_size, key_column=0)
     predicted = len(outcome.results)
     if failures:
-        log.warning("%d case(s) failed (listed in %s); %d predicted", failures, output_dir / batch.FAILURES, predicted)
+        log.warning("%d case(s) failed (listed in %s); %d predicted", failures, output_dir / folder_runner.FAILURES,
+                    predicted)
     else:
         log.info("%d case(s) predicted into %s", predicted, output_dir)
     return 1 if failures else 0

@@ -15,7 +15,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from threedino_pipe.artifacts import DatasetJson, Plans
-from threedino_pipe.dataset.raw import CaseFiles, discover_cases
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
     is_finished,
@@ -23,6 +22,7 @@ from threedino_pipe.preprocessing.case_writer import (
     write_case,
 )
 from threedino_pipe.preprocessing.pipeline import check_recipe
+from threedino_pipe.raw_data.raw import CaseFiles, discover_cases
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.paths import preprocessed_dataset, resolve_dataset

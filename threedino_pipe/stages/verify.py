@@ -1,6 +1,6 @@
 """``3dino verify``: check a raw dataset and report every problem at once (docs/verify.md).
 
-Prints a table of every problem (:func:`threedino_pipe.dataset.verification.check_dataset`) and
+Prints a table of every problem (:func:`threedino_pipe.raw_data.verification.check_dataset`) and
 a one-line summary; writes nothing.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from threedino_pipe.dataset.verification import check_dataset, print_report
+from threedino_pipe.raw_data.verification import check_dataset, print_report
 from threedino_pipe.runtime import paths
 
 

@@ -32,12 +32,12 @@ import SimpleITK as sitk
 from rich.console import Console
 
 from threedino_pipe.artifacts import CasePreprocessing, ModelCard, VisualizeRecord
-from threedino_pipe.dataset.image_io import Geometry, write_image
-from threedino_pipe.inference.inputs import InputCase, list_entries, split_ending
+from threedino_pipe.inference.input_cases import InputCase, list_entries, split_ending
 from threedino_pipe.inference.model_source import load_backbone_and_card
 from threedino_pipe.inference.predictor import read_case
 from threedino_pipe.models.backbones import family_of
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import Geometry, write_image
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.device import pick_device
@@ -66,10 +66,6 @@ class VisualizationResult:
     pngs: dict[str, Path] = field(default_factory=dict)
     niftis: dict[str, Path] = field(default_factory=dict)
     record: VisualizeRecord | None = None
-
-    def png_bytes(self, name: str) -> bytes:
-        """The bytes of figure ``name`` (for embedding in a report)."""
-        return self.pngs[name].read_bytes()
 
 
 def default_output(scan: Path) -> Path:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import DatasetJson
-from threedino_pipe.dataset.problems import Problem
+from threedino_pipe.raw_data.problems import Problem
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

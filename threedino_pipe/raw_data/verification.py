@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from threedino_pipe.artifacts import DatasetJson
-from threedino_pipe.dataset.case_checks import check_case
-from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.dataset.raw import CaseFiles, discover_cases
+from threedino_pipe.raw_data.case_checks import check_case
+from threedino_pipe.raw_data.problems import Problem
+from threedino_pipe.raw_data.raw import CaseFiles, discover_cases
 from threedino_pipe.runtime import progress
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Integrity checks of one raw case: its files' readability, dimension, voxels and geometry.
 
 :func:`check_case` runs in a worker process of ``3dino verify`` and returns every
-:class:`~threedino_pipe.dataset.problems.Problem` of one case; it never raises (an unexpected
+:class:`~threedino_pipe.raw_data.problems.Problem` of one case; it never raises (an unexpected
 exception while checking a file becomes a problem of that file).
 
 Geometry is compared with tolerances (mm for spacing and origin, unitless for direction):
@@ -19,14 +19,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from threedino_pipe.artifacts import DatasetJson
-from threedino_pipe.dataset.image_io import Geometry, is_nifti
-from threedino_pipe.dataset.problems import Problem
-from threedino_pipe.dataset.raw import CaseFiles, display_path
+from threedino_pipe.raw_data.image_io import Geometry, is_nifti
+from threedino_pipe.raw_data.problems import Problem
+from threedino_pipe.raw_data.raw import CaseFiles, display_path
 
 SPACING_ATOL, SPACING_RTOL = 1e-4, 1e-4  # mm, relative
 ORIGIN_ATOL, ORIGIN_RTOL = 1e-4, 1e-4  # mm, relative
 DIRECTION_ATOL = 1e-4  # direction cosines
-MIN_PRETRAIN_AXIS = 24  # voxels: pretraining keeps volumes whose smallest axis exceeds this (METHOD.md)
+MIN_PRETRAIN_AXIS = 24  # voxels: pretraining keeps volumes whose smallest axis exceeds this (docs/method.md, Data)
 DICOM_GAP_RTOL = 0.05  # relative deviation of a DICOM slice gap from the median gap
 _MAX_LISTED = 10
 _BUG_FIX = "check that the file opens in an image viewer; if it does, report this as a bug of threedino-pipe"

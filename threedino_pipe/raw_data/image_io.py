@@ -1,7 +1,7 @@
 """Image reading and writing through SimpleITK, in voxel index order (i, j, k).
 
 Arrays returned here are ``X x Y x Z`` (i, j, k): SimpleITK's numpy array with its axes
-reversed, which is the order the released 3DINO weights expect (METHOD.md). Geometry is kept
+reversed, which is the order the released 3DINO weights expect (docs/method.md, Data). Geometry is kept
 in SimpleITK's convention: ``spacing`` (mm) and ``origin`` (mm) per index axis (i, j, k) and
 ``direction`` as 9 numbers, row-major, whose columns are the index axes' directions.
 """
@@ -143,31 +143,6 @@ def read_sitk(path: str | Path) -> sitk.Image:
                         file=path, fix="re-export or replace the file") from None
 
 
-def read_header(path: str | Path) -> tuple[int, Geometry | None, int]:
-    """Dimension, geometry (None if not 3D) and components per voxel, without reading voxels.
-
-    Returns:
-        (dimension, geometry or None, number of components per pixel).
-    """
-    path = Path(path)
-    if path.is_dir():
-        image = read_sitk(path)
-        return image.GetDimension(), Geometry.of(image), image.GetNumberOfComponentsPerPixel()
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise UserError("cannot read the image header (unreadable or truncated file)", file=path,
-                        fix="re-export or replace the file") from None
-    dim = reader.GetDimension()
-    geometry = None
-    if dim == 3:
-        geometry = Geometry(size=tuple(int(v) for v in reader.GetSize()), spacing=tuple(reader.GetSpacing()),
-                            origin=tuple(reader.GetOrigin()), direction=tuple(reader.GetDirection()))
-    return dim, geometry, reader.GetNumberOfComponents()
-
-
 def to_array(image: sitk.Image) -> np.ndarray:
     """Voxels of a 3D SimpleITK image as an ``X x Y x Z`` (i, j, k) array (a transposed view of a copy)."""
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
@@ -197,27 +172,11 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return to_array(image), Geometry.of(image)
 
 
-def count_nonfinite(path: str | Path, array: np.ndarray | None = None) -> tuple[int, int]:
-    """Number of NaN and of infinite voxels.
-
-    SimpleITK reads NaN/Inf of NIfTI files as 0, so NIfTI files are read with nibabel here;
-    other formats use ``array`` (or read the file with SimpleITK).
-    """
-    if is_nifti(path):
-        import nibabel as nib
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    else:
-        data = array if array is not None else read_image(path)[0]
-    if not np.issubdtype(data.dtype, np.floating):
-        return 0, 0
-    return int(np.isnan(data).sum()), int(np.isinf(data).sum())
-
-
 def read_image_with_nonfinite(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Like :func:`read_image`, but NaN/Inf voxels of NIfTI files come back as NaN/Inf.
 
     SimpleITK silently turns them into 0; preprocessing must see them to replace them by the
-    volume mean (METHOD.md).
+    volume mean (docs/method.md, Data).
     """
     array, geometry = read_image(path)
     if is_nifti(path) and np.issubdtype(array.dtype, np.floating):

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from threedino_pipe.inference.inputs import InputCase
+from threedino_pipe.inference.input_cases import InputCase
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
