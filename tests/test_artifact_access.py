@@ -51,6 +51,7 @@ SHARED_KEYS = {
     "runs": "per-run values of a comparison entry (evaluation/compare.py)",
     "test": "the statistical test a comparison entry names (evaluation/compare.py)",
     "mode": "the checkpoint state of the teacher centring (ssl/centering.py)",
+    "orientation": "a DICOM series summary (dicom/selection.py)",
 }
 # Modules of the runtime layer, below artifacts/ (they cannot import it), that handle JSON themselves
 BELOW_ARTIFACTS = {

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from threedino_pipe.dataset.image_io import Geometry
 from threedino_pipe.dicom.header import Plane
+from threedino_pipe.raw_data.image_io import Geometry
 
 ORIENTATION_TOL = 1e-3  # largest difference between two planes' direction cosines
 PIXEL_SPACING_TOL_MM = 1e-3  # largest difference between two planes' pixel spacings

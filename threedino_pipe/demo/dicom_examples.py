@@ -2,7 +2,7 @@
 
 :func:`series_datasets` turns a 3D SimpleITK image into classic single-frame CT or MR datasets
 with proper UIDs, positions, orientations and pixel spacings; :func:`build_example_studies`
-writes real MNI152 resamplings (:func:`threedino_pipe.dataset.examples.mni_case`) as the studies a
+writes real MNI152 resamplings (:func:`threedino_pipe.demo.examples.mni_case`) as the studies a
 PACS export holds (an axial series, a localizer, a reformat, an SR, an RTDOSE, an enhanced
 multi-frame series, compressed transfer syntaxes, arbitrary file names and nesting), and
 :func:`build_broken_corpus` the bad input of issue 14 (truncated file, missing slice, mixed
@@ -38,8 +38,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from threedino_pipe.dataset.image_io import Geometry, to_array
 from threedino_pipe.dicom.uids import derive_uid
+from threedino_pipe.raw_data.image_io import Geometry, to_array
 from threedino_pipe.runtime.atomic_files import atomic_path
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -334,7 +334,7 @@ def _rounded(image: sitk.Image) -> sitk.Image:
 
 
 def _mni_cases(count: int, seed: int, max_size: int) -> list[tuple[sitk.Image, sitk.Image]]:
-    from threedino_pipe.dataset.examples import mni_case, mni_images
+    from threedino_pipe.demo.examples import mni_case, mni_images
     t1, label = mni_images()
     rng = np.random.default_rng(seed)
     cases = []
