@@ -182,9 +182,9 @@ def cross_validated_probe(backbone: nn.Module, preprocessed: Path, device: torch
     training cases, scored on its validation cases; test cases never used); with ``shifted`` every case
     on the 8 shifted grids. Less noisy than fold 0 alone on small datasets (docs/benchmarks.md)."""
     folder, scores = Path(preprocessed) / configuration, []
-    for fold in load_splits(preprocessed, Path(preprocessed).name)["folds"]:
-        train = load_cases(folder, sorted(fold["train"]))
-        val = load_cases(folder, sorted(fold["val"]))
+    for fold in Splits.of_dataset(Path(preprocessed), Path(preprocessed).name).folds:
+        train = load_cases(folder, sorted(fold.train))
+        val = load_cases(folder, sorted(fold.val))
         if shifted:
             train, val = shifted_grids(*train), shifted_grids(*val)
         predict = fit_probe(backbone, *train, device) if train[0] and val[0] else None
