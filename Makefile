@@ -19,6 +19,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check threedino_pipe tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 .PHONY: install demo test

@@ -51,7 +51,7 @@ def build_tree(root: Path, files: int, studies: int, seed: int = 0) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from threedino_pipe.dicom.examples import Identity, series_datasets, synthetic_ct_volume, write_datasets
+    from threedino_pipe.demo.dicom_examples import Identity, series_datasets, synthetic_ct_volume, write_datasets
     from threedino_pipe.dicom.uids import derive_uid
     per_series = files // (2 * studies)
     image, _ = synthetic_ct_volume((256, 256, per_series), (0.9, 0.9, 2.0), labels=4, seed=seed)
@@ -140,7 +140,7 @@ def prepare_writer_inputs(work: Path, shape: tuple[int, int, int], labels: int) 
         return folder
     import numpy as np
 
-    from threedino_pipe.dicom.examples import Identity, series_datasets, synthetic_ct_volume, write_datasets
+    from threedino_pipe.demo.dicom_examples import Identity, series_datasets, synthetic_ct_volume, write_datasets
     from threedino_pipe.dicom.uids import derive_uid
     shutil.rmtree(folder, ignore_errors=True)
     image, label = synthetic_ct_volume(shape, (0.8, 0.8, 1.5), labels)

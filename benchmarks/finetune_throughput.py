@@ -82,8 +82,8 @@ from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures
 from threedino_pipe.models.presets import build_backbone, param_count
 from threedino_pipe.models.segmentation import HEAD_TRAINING_DEFAULTS
 from threedino_pipe.runtime.precision import autocast, make_scaler, resolve_precision
+from threedino_pipe.stages.finetune import CPU_BATCH_CAP
 from threedino_pipe.training import probe
-from threedino_pipe.training.finetune import CPU_BATCH_CAP
 from threedino_pipe.training.probe_grid import ProbeGrid, grid_points
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, TargetMaker, build_network, make_loss
 

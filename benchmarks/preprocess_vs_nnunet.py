@@ -162,8 +162,8 @@ def build_ct_phantom_dataset(raw_root: Path, dataset_id: int, num_cases: int, sh
 
     Each case's spacing (mm, i,j,k) is ``spacing`` scaled per axis by a factor in [1 - jitter, 1 + jitter].
     """
-    from threedino_pipe.dataset.examples import oblique_direction
-    from threedino_pipe.dataset.image_io import Geometry, from_array
+    from threedino_pipe.demo.examples import oblique_direction
+    from threedino_pipe.raw_data.image_io import Geometry, from_array
 
     folder = raw_root / f"Dataset{dataset_id:03d}_{name}"
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = build_ct_phantom_dataset(raw, args.dataset_id, args.num_cases, shape, spacing, args.spacing_jitter,
                                           args.oblique, args.seed)
     else:
-        from threedino_pipe.dataset.examples import build_synthetic_dataset
+        from threedino_pipe.demo.examples import build_synthetic_dataset
         folder = build_synthetic_dataset(raw, args.dataset_id, num_cases=args.num_cases, shape=shape, spacing=spacing,
                                          spacing_jitter=args.spacing_jitter, oblique=args.oblique, seed=args.seed,
                                          name="Ellipsoids")

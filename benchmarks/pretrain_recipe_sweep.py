@@ -64,7 +64,7 @@ def example_dataset(work: Path) -> dict[str, str]:
     """THREEDINO_* for the tests' real-scan dataset 990 (8 MNI152 resamplings), planned and preprocessed once."""
     env = {"THREEDINO_RAW": str(work / "raw"), "THREEDINO_PREPROCESSED": str(work / "preprocessed")}
     if not (work / "preprocessed" / "Dataset990_MNITissue" / "splits.json").is_file():
-        from threedino_pipe.dataset.examples import build_mni_dataset
+        from threedino_pipe.demo.examples import build_mni_dataset
         build_mni_dataset(work / "raw", 990, 8, seed=0, num_test=2)
         for stage in (["plan", "-d", "990"], ["preprocess", "-d", "990"]):
             subprocess.run([sys.executable, "-m", "threedino_pipe.cli", *stage, "--no-progress"], check=True,

@@ -244,7 +244,7 @@ def analytic_flops(state: StepState, batch: int, n_masked: float) -> float:
 
 def prepare_mni(work: Path, num_cases: int = 12) -> Path:
     """Raw MNI152 dataset 990 -> ``3dino plan`` -> ``3dino preprocess -c pretrain``; the preprocessed folder."""
-    from threedino_pipe.dataset.examples import build_mni_dataset
+    from threedino_pipe.demo.examples import build_mni_dataset
     env = dict(os.environ)
     for name in ("raw", "preprocessed", "results"):
         (work / name).mkdir(parents=True, exist_ok=True)

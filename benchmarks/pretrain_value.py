@@ -94,7 +94,7 @@ def build_raw(kind: str, raw: Path) -> Path:
     if (folder / "dataset.json").is_file():
         return folder
     if kind == "mni":
-        from threedino_pipe.dataset.examples import build_mni_dataset
+        from threedino_pipe.demo.examples import build_mni_dataset
         # the demo's 2.6-4 mm spacings give 37-66 voxels per axis; 0.375 of them (1.0-1.5 mm) give 97-170
         return build_mni_dataset(raw, dataset_id, NUM_CASES, seed=7, max_size=192, name=name, spacing_scale=0.375)
     from preprocess_vs_nnunet import build_ct_phantom_dataset

@@ -13,7 +13,7 @@ from threedino_pipe.runtime.openmp import passive_openmp
 
 passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
 
-from threedino_pipe.dataset.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
+from threedino_pipe.demo.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREEDINO = [sys.executable, "-m", "threedino_pipe.cli"]
@@ -79,9 +79,9 @@ def dicom_studies(tmp_path_factory):
     """Read-only DICOM studies written from real MNI152 resamplings, as a PACS export holds them.
 
     Returns ``(root, studies)``: ``studies`` maps ``mr``, ``ct``, ``multiframe``, ``compressed`` to
-    :class:`threedino_pipe.dicom.examples.ExampleStudy` (folder, identity, series UIDs, source volumes).
+    :class:`threedino_pipe.demo.dicom_examples.ExampleStudy` (folder, identity, series UIDs, source volumes).
     """
-    from threedino_pipe.dicom.examples import build_example_studies
+    from threedino_pipe.demo.dicom_examples import build_example_studies
     root = tmp_path_factory.mktemp("dicom_studies")
     return root, build_example_studies(root)
 
@@ -89,7 +89,7 @@ def dicom_studies(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dicom_broken(tmp_path_factory):
     """Read-only broken DICOM corpus (one study per kind of bad input); ``(root, studies)``."""
-    from threedino_pipe.dicom.examples import build_broken_corpus
+    from threedino_pipe.demo.dicom_examples import build_broken_corpus
     root = tmp_path_factory.mktemp("dicom_broken")
     return root, build_broken_corpus(root)
 

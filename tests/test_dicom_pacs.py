@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from dicom_fixtures import DroppingProxy, SilentServer, free_port
 
-from threedino_pipe.dataset.image_io import to_array
 from threedino_pipe.dicom.dicomweb import DicomWebClient
 from threedino_pipe.dicom.index import index_folder
 from threedino_pipe.dicom.pacs import DicomNode, DimseClient, Timeouts
@@ -19,6 +18,7 @@ from threedino_pipe.dicom.rtstruct_writer import write_rtstruct
 from threedino_pipe.dicom.seg_writer import ModelIdentity, write_seg
 from threedino_pipe.dicom.selection import rules_for_channels, select_series
 from threedino_pipe.dicom.volume import read_series
+from threedino_pipe.raw_data.image_io import to_array
 from threedino_pipe.runtime.errors import UserError
 
 FAST = RetryPolicy(attempts=3, first_delay_s=0.05, factor=2.0)

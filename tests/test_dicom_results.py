@@ -11,13 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from threedino_pipe.dataset.image_io import Geometry, to_array
 from threedino_pipe.dicom.index import index_folder
 from threedino_pipe.dicom.rtstruct_raster import rasterise_contours, rasterise_rtstruct
 from threedino_pipe.dicom.rtstruct_writer import build_rtstruct, slice_contours, to_patient_mm, write_rtstruct
 from threedino_pipe.dicom.seg_reader import read_seg_on_source
 from threedino_pipe.dicom.seg_writer import ModelIdentity, build_seg, check_copied_identity, write_seg
 from threedino_pipe.dicom.volume import read_series
+from threedino_pipe.raw_data.image_io import Geometry, to_array
 from threedino_pipe.runtime.errors import UserError
 
 LABELS = {1: "grey_matter", 2: "white_matter"}

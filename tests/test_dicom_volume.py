@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from threedino_pipe.dataset.image_io import Geometry, to_array
-from threedino_pipe.dicom.examples import Identity, right_handed, series_datasets, write_datasets
+from threedino_pipe.demo.dicom_examples import Identity, right_handed, series_datasets, write_datasets
 from threedino_pipe.dicom.index import index_folder
 from threedino_pipe.dicom.uids import derive_uid
 from threedino_pipe.dicom.volume import read_series
+from threedino_pipe.raw_data.image_io import Geometry, to_array
 from threedino_pipe.runtime.errors import UserError
 
 

@@ -13,9 +13,9 @@ from conftest import run_3dino
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from threedino_pipe.dataset.image_io import Geometry, read_image, write_image
-from threedino_pipe.evaluation import evaluate
+from threedino_pipe.raw_data.image_io import Geometry, read_image, write_image
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import evaluate
 
 pytestmark = pytest.mark.e2e
 NUM_CASES = 6

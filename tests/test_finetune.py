@@ -20,13 +20,14 @@ from monai.metrics import compute_dice
 
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases, make_batch
 from threedino_pipe.data.splits import make_splits
-from threedino_pipe.inference.sliding_window import logits_to_labels, predict_logits
+from threedino_pipe.inference.geometry import labels_on_grid
+from threedino_pipe.models.backbone_choice import resolve_backbone
 from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.runtime.atomic_files import write_json
-from threedino_pipe.training.backbone_choice import resolve_backbone
-from threedino_pipe.training.finetune import output_targets
+from threedino_pipe.stages.finetune import output_targets
+from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"
@@ -87,10 +88,10 @@ def test_region_targets_and_label_maps():
     regions = {"background": 0, "whole": [1, 2], "core": 2}
     assert output_targets(regions) == ("sigmoid", [[1, 2], [2]], ["whole", "core"])
     assert output_targets({"background": 0, "a": 1, "b": 4}) == ("softmax", [0, 1, 4], ["a", "b"])
-    logits = torch.tensor([[[[0.0]], [[5.0]]], [[[1.0]], [[-5.0]]], [[[3.0]], [[0.0]]]])  # [3, 2, 1, 1]
-    assert logits_to_labels(logits, "softmax", [0, 1, 4]).flatten().tolist() == [4, 0]
-    sig = torch.tensor([[[[1.0]], [[1.0]], [[-1.0]]], [[[1.0]], [[-1.0]], [[-1.0]]]])  # [2, 3, 1, 1]
-    assert logits_to_labels(sig, "sigmoid", [1, 2]).flatten().tolist() == [2, 1, 0]
+    probs = torch.tensor([[[[0.0]], [[5.0]]], [[[1.0]], [[-5.0]]], [[[3.0]], [[0.0]]]]).softmax(0)  # [3, 2, 1, 1]
+    assert labels_on_grid(probs, output="softmax", values=[0, 1, 4]).flatten().tolist() == [4, 0]
+    sig = torch.tensor([[[[1.0]], [[1.0]], [[-1.0]]], [[[1.0]], [[-1.0]], [[-1.0]]]]).sigmoid()  # [2, 3, 1, 1]
+    assert labels_on_grid(sig, output="sigmoid", values=[1, 2]).flatten().tolist() == [2, 1, 0]  # later over earlier
 
 
 def test_backbone_auto_prefers_newest_highres_run(tmp_path):
@@ -156,13 +157,15 @@ def test_random_init_unetr_learns_tissue_model_json_reproduces_validation_same_s
     torch.manual_seed(0)  # --seed 0: the initialisation the run started from
     untrained = build_segmentation_model(**model_json["model_args"])
     case = sorted(best["per_case"])[0]
-    image = torch.from_numpy(blosc2.open(str(_finetune_dir(env) / f"{case}.b2nd"), mode="r")[...])
+    image = blosc2.open(str(_finetune_dir(env) / f"{case}.b2nd"), mode="r")[...]
     seg = torch.from_numpy(np.asarray(blosc2.open(str(_finetune_dir(env) / f"{case}_seg.b2nd"), mode="r")[...]))
     reference = torch.nn.functional.one_hot(seg[0].long(), 3).movedim(-1, 0)[None]
+    run = json.loads((folder / "run.json").read_text())["options"]
+    config = SegRunConfig(**{k: v for k, v in run.items() if k in SegRunConfig.__dataclass_fields__})
     dice = {}
     for name, model in (("trained", net), ("untrained", untrained)):
-        logits = predict_logits(model.eval(), image, model_json["patch_size"], overlap=0.5)
-        pred = torch.nn.functional.one_hot(logits_to_labels(logits, "softmax", [0, 1, 2]).long(), 3).movedim(-1, 0)
+        labels = case_labels(model.eval(), image, config, [0, 1, 2], torch.device("cpu"))
+        pred = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3).movedim(-1, 0)
         dice[name] = compute_dice(pred[None], reference, include_background=False)[0].tolist()
     assert dice["trained"] == pytest.approx([best["per_case"][case]["grey_matter"],
                                              best["per_case"][case]["white_matter"]], abs=1e-5)
@@ -198,8 +201,8 @@ def test_one_percent_of_ten_cases_is_refused_with_the_minimum(mni_preprocessed, 
     shutil.copytree(os.path.join(mni_preprocessed["THREEDINO_PREPROCESSED"], DATASET, "finetune"),
                     dataset / "finetune")
     splits = make_splits([f"case_{i:02d}" for i in range(13)])
-    assert len(splits["folds"][0]["train"]) == 10
-    write_json(dataset / "splits.json", splits)
+    assert len(splits.folds[0].train) == 10
+    splits.write(dataset / "splits.json")
     env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
     result = run_3dino("finetune", "-d", "990", "--pct", "1", "--backbone", "none", "--no-progress", env=env)
     assert result.returncode != 0

@@ -44,7 +44,7 @@ def write_case(config_dir: Path, case_id: str, array: np.ndarray, configuration:
             "spacing": list(spacing), "shape": shape,
             "normalization": [{"scheme": "volume_percentile", "lower": 0.0, "upper": 1.0, "nan_replaced": 0}
                               for _ in range(array.shape[0])],
-            "class_locations": {}, "class_label": None}
+            "class_locations": {}, "class_label": None, "plans_checksum": "0" * 16}
     (config_dir / f"{case_id}.json").write_text(json.dumps(meta))
 
 

@@ -16,11 +16,14 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_3dino
 
-from threedino_pipe.dataset.examples import build_synthetic_dataset
-from threedino_pipe.planning import memory, plan
+from threedino_pipe.artifacts import DatasetJson, Fingerprint
+from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
+from threedino_pipe.demo.examples import build_synthetic_dataset
+from threedino_pipe.planning import memory
 from threedino_pipe.planning.fingerprint import cross_slice_axis, guess_modality
 from threedino_pipe.planning.planner import PlanOptions, make_plans, patch_size, target_spacing
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import plan
 
 CONFIG_FIELDS = ("spacing", "normalization", "crop", "preset", "batch_size")
 
@@ -90,20 +93,27 @@ def test_modality_guess_from_name_then_intensities():
     assert guess_modality("T1c", [], None)[0] == "MR"
     assert guess_modality("flair", [], None)[0] == "MR"
     assert guess_modality("PET_SUV", [], None)[0] == "PET"
-    hu = {"p0.5": -100.0, "p99.5": 400.0}
-    assert guess_modality("scan", [-1024.0, -1000.0, -3024.0], hu) == (
+    assert guess_modality("scan", [-1024.0, -1000.0, -3024.0], _stats(-100.0, 400.0)) == (
         "CT", "intensities: median volume minimum -1024 (air) and foreground within [-1100, 3100] HU")
-    assert guess_modality("scan", [0.0, 3.0], {"p0.5": 10.0, "p99.5": 900.0})[0] == "other"
+    assert guess_modality("scan", [0.0, 3.0], _stats(10.0, 900.0))[0] == "other"
 
 
-def _fingerprint(spacings, shape=(64, 64, 40)) -> dict:
-    cases = {f"c{i}": {"spacing": list(s), "shape": list(shape), "shape_after_crop": list(shape)}
+def _stats(p0_5: float, p99_5: float) -> IntensityStatistics:
+    return IntensityStatistics(p0_05=None, p0_5=p0_5, p50=None, p99_5=p99_5, p99_95=None, mean=None, std=None,
+                               min=None, max=None)
+
+
+def _fingerprint(spacings, shape=(64, 64, 40)) -> Fingerprint:
+    cases = {f"c{i}": CaseGeometry(spacing=list(s), shape=list(shape), shape_after_crop=list(shape),
+                                   orientation="RAI", direction=[1, 0, 0, 0, 1, 0, 0, 0, 1], origin=[0, 0, 0])
              for i, s in enumerate(spacings)}
     median = [float(v) for v in np.median(np.array(spacings), axis=0)]
     axis, aniso = cross_slice_axis(median)
-    return {"dataset": "Dataset999_X", "cases": cases, "median_spacing": median, "cross_slice_axis": axis,
-            "anisotropic": aniso, "channels": {"0": {"name": "CT", "modality_guess": "CT", "modality_reason": "name",
-                                                     "foreground": {"p0.5": -50.0, "p99.5": 300.0}}}}
+    channel = ChannelStatistics(name="CT", modality_guess="CT", modality_reason="name",
+                                foreground=_stats(-50.0, 300.0), num_samples=100)
+    return Fingerprint(dataset="Dataset999_X", task="segmentation", num_cases=len(cases), cases=cases,
+                       median_spacing=median, median_shape=list(shape), cross_slice_axis=axis, anisotropic=aniso,
+                       channels={"0": channel})
 
 
 def test_target_spacing_median_and_anisotropy_rule():
@@ -125,19 +135,19 @@ def test_memory_model_presets_match_the_backbone_presets_and_grow_with_memory():
     from threedino_pipe.models.presets import PRESETS
     assert {n: (p.dim, p.depth, p.heads) for n, p in memory.PRESETS.items()} == {
         n: (d["embed_dim"], d["depth"], d["num_heads"]) for n, d in PRESETS.items()}
-    from threedino_pipe.dataset.raw import DatasetSpec
-    spec = DatasetSpec(channel_names={0: "CT"}, labels={"background": 0, "x": 1}, task="segmentation",
+    spec = DatasetJson(channel_names={0: "CT"}, labels={"background": 0, "x": 1}, task="segmentation",
                        file_ending=".nii.gz", num_training=3)
     fp = _fingerprint([(0.8, 0.8, 3.0)] * 3, shape=(200, 200, 80))
-    chosen = [make_plans(fp, spec, PlanOptions(), gb)["configurations"]["finetune"]["preset"] for gb in (8, 16, 40)]
+    chosen = [make_plans(fp, spec, PlanOptions(), gb).configurations.finetune.preset for gb in (8, 16, 40)]
     assert chosen == ["small", "base", "large"]
     plans = make_plans(fp, spec, PlanOptions(), 8.0)
     assert plans == make_plans(fp, spec, PlanOptions(), 8.0)
-    for name, config in plans["configurations"].items():
-        estimate = (memory.finetune_estimate(memory.PRESETS["small"], config["patch_size"], 1, "segmentation")
+    for name in plans.configuration_names():
+        config = plans.configuration(name)
+        estimate = (memory.finetune_estimate(memory.PRESETS["small"], config.patch_size, 1, "segmentation")
                     if name == "finetune" else
-                    memory.pretrain_estimate(memory.PRESETS["small"], config["global_crop"], config["local_crop"]))
-        assert estimate.total(config["batch_size"]) <= memory.usable_bytes(8.0)
+                    memory.pretrain_estimate(memory.PRESETS["small"], config.global_crop, config.local_crop))
+        assert estimate.total(config.batch_size) <= memory.usable_bytes(8.0)
 
 
 # ---------------------------------------------------------------- the real command

@@ -12,7 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -24,15 +28,15 @@ from conftest import REPO, run_3dino
 from typer.testing import CliRunner
 
 from threedino_pipe.cli import app
-from threedino_pipe.dataset.examples import mni_images, oblique_direction
-from threedino_pipe.dataset.image_io import Geometry, from_array, read_image
-from threedino_pipe.dataset.verify import check_dataset
-from threedino_pipe.inference import predict
+from threedino_pipe.demo.examples import mni_images, oblique_direction
 from threedino_pipe.planning.fingerprint import compute_fingerprint
-from threedino_pipe.planning.plan import parse_options
 from threedino_pipe.planning.planner import make_plans
+from threedino_pipe.raw_data.image_io import Geometry, from_array, read_image
+from threedino_pipe.raw_data.verification import check_dataset
 from threedino_pipe.runtime.atomic_files import read_json, write_json
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import predict
+from threedino_pipe.stages.plan import parse_options
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +122,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
     spec, cases, _ = check_dataset(raw, num_processes=1)
     options = parse_options(preset="tiny", norm=None, target_spacing=None, patch_size="32,16,32", batch_size=None,
                             memory_gb=8.0, allow_nan=False)
-    plans = make_plans(compute_fingerprint(raw, spec, cases, 1), spec, options)
+    plans = make_plans(compute_fingerprint(raw, spec, cases, 1), spec, options).to_data()
     assert plans["transpose"] == [0, 2, 1] and plans["configurations"]["finetune"]["patch_size"] == [32, 32, 16]
     scans = root / "scans"
     for index in range(5):
@@ -166,6 +170,29 @@ def test_batch_with_a_truncated_file(first_batch, project):
     model = args["models"][0]
     assert model["source"] == str(project["run_a"].resolve()) and len(model["weights_sha256"]) == 64
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary file is left behind"
+
+
+def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, tmp_path):
+    """The one torchrun set-up (runtime.distributed, gloo barriers): rank r predicts cases r, r + 2, ...; rank 0
+    merges the failures; the labels equal one process's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), "-m", "threedino_pipe.cli", "predict", "-i",
+                          str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                         timeout=600)
+    assert ddp.returncode != 0 and "patient_0003 failed" in ddp.stderr, ddp.stderr[-3000:]  # one case fails
+    assert not [line for line in ddp.stderr.splitlines() if "File" in line and "threedino_pipe" in line], \
+        "a traceback through our code (torchrun prints its own when a rank exits 1)"
+    assert (out / "failures.csv").read_text() == (first_batch[1] / "failures.csv").read_text()
+    assert sorted(p.name for p in out.iterdir() if "rank" in p.name) == []  # the parts were merged
+    for case in GOOD:
+        np.testing.assert_array_equal(read_image(out / f"{case}.nii.gz")[0],
+                                      read_image(first_batch[1] / f"{case}.nii.gz")[0])
+    assert read_json(out / "predict_args.json")["world_size"] == 2
 
 
 def test_continue_predicts_only_what_is_missing(first_batch, project, tmp_path, caplog):
@@ -298,7 +325,7 @@ def test_tta_makes_the_prediction_flip_equivariant(project, tmp_path):
 
 
 def test_classification_writes_predictions_csv(project, tmp_path):
-    from threedino_pipe.evaluation.inputs import read_predictions
+    from threedino_pipe.evaluation.evaluated_files import read_predictions
     plans = read_json(project["run_a"] / "model.json")["plans"]
     run = save_run(tmp_path / "probe", plans, seed=3, task="classification")
     out = tmp_path / "out"

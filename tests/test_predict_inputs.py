@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from threedino_pipe.dataset.examples import oblique_direction
-from threedino_pipe.dataset.image_io import Geometry
+from threedino_pipe.artifacts import CasePreprocessing, Normalization
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.evaluation.segmentation_metrics import dice
 from threedino_pipe.inference import geometry
-from threedino_pipe.inference.inputs import discover_cases, group_cases, list_entries
+from threedino_pipe.inference.input_cases import discover_cases, group_cases, list_entries
 from threedino_pipe.inference.model_zip import check_members, unpack_model_zip
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import Geometry
 from threedino_pipe.runtime.errors import UserError
 
 
@@ -167,15 +168,14 @@ def test_good_zip_unpacks(tmp_path):
 LABELS = {"background": 0, "body": 1, "lesion": 2}
 
 
-def _plans(spacing_t: list[float], transpose: list[int]) -> dict:
+def _plans(spacing_t: list[float], transpose: list[int]) -> CasePreprocessing:
     """A finetune configuration as `3dino plan` writes it (per-volume normalisation, crop to nonzero)."""
-    return {"task": "segmentation", "labels": LABELS, "regions_class_order": None, "transpose": transpose,
-            "configurations": {"finetune": {
-                "resample": True, "spacing": spacing_t, "crop": "nonzero",
-                "normalization": [{"scheme": "volume_percentile", "lower_pct": 0.5, "upper_pct": 99.5,
-                                   "range": [-1, 1], "clip": True}],
-                "image_interpolation": "bspline3", "label_interpolation": "linear_per_class",
-                "patch_size": [32, 32, 16]}}}
+    values = sorted({0, *(v for v in LABELS.values() if isinstance(v, int))})
+    return CasePreprocessing(
+        configuration="finetune", transpose=transpose, resample=True, spacing=spacing_t, crop="nonzero",
+        normalization=[Normalization(scheme="volume_percentile", lower_pct=0.5, upper_pct=99.5, range=[-1, 1],
+                                     clip=True)],
+        image_interpolation="bspline3", label_interpolation="linear_per_class", label_values=values)
 
 
 def _case(size=(30, 9, 26), spacing=(0.9, 3.0, 0.8), seed=0) -> tuple[np.ndarray, np.ndarray, Geometry]:
@@ -202,11 +202,11 @@ def test_oracle_softmax_restores_the_label_exactly(monkeypatch, slab_voxels):
         monkeypatch.setattr(geometry, "SLAB_VOXELS", slab_voxels)
     image, label, geo = _case()
     plans = _plans([0.9, 0.8, 1.5], [0, 2, 1])
-    data, seg, props = preprocess_case([image], geo, plans, "finetune", label=label)
-    assert props["transpose"] == [0, 2, 1]
-    assert props["shape"] == [props["shape_after_crop"][0], props["shape_after_crop"][1],
-                              2 * props["shape_after_crop"][2]]
-    assert props["crop_box"] != [[0, n] for n in geo.size], "the zero border must be cropped"
+    data, seg, props = preprocess_case([image], geo, plans, label=label)
+    assert props.transpose == [0, 2, 1]
+    assert props.shape == [props.shape_after_crop[0], props.shape_after_crop[1],
+                              2 * props.shape_after_crop[2]]
+    assert props.crop_box != [[0, n] for n in geo.size], "the zero border must be cropped"
     restored = geometry.restore_labels(_one_hot(seg[0], [0, 1, 2]), props, output="softmax", values=[0, 1, 2])
     assert restored.shape == label.shape and restored.dtype == np.uint8
     np.testing.assert_array_equal(restored, label)
@@ -217,7 +217,7 @@ def test_oracle_softmax_restores_the_label_exactly(monkeypatch, slab_voxels):
 def test_oracle_regions_follow_regions_class_order():
     """Sigmoid regions (whole = 1|2, core = 2) thresholded and written in regions_class_order."""
     image, label, geo = _case(seed=1)
-    data, seg, props = preprocess_case([image], geo, _plans([0.9, 0.8, 1.5], [0, 2, 1]), "finetune", label=label)
+    data, seg, props = preprocess_case([image], geo, _plans([0.9, 0.8, 1.5], [0, 2, 1]), label=label)
     regions = torch.from_numpy(np.stack([seg[0] >= 1, seg[0] == 2]).astype(np.float16))
     restored = geometry.restore_labels(regions, props, output="sigmoid", values=[1, 2])
     np.testing.assert_array_equal(restored, label)
@@ -226,7 +226,7 @@ def test_oracle_regions_follow_regions_class_order():
 def test_oracle_with_non_integer_resampling_stays_aligned():
     """Spacing ratios that are not integers lose detail, but the restored label stays on the input's grid."""
     image, label, geo = _case(size=(34, 10, 30), seed=2)
-    data, seg, props = preprocess_case([image], geo, _plans([1.3, 1.1, 2.2], [0, 2, 1]), "finetune", label=label)
+    data, seg, props = preprocess_case([image], geo, _plans([1.3, 1.1, 2.2], [0, 2, 1]), label=label)
     restored = geometry.restore_labels(_one_hot(seg[0], [0, 1, 2]), props, output="softmax", values=[0, 1, 2])
     assert dice(label >= 1, restored >= 1) > 0.95
     centre = np.argwhere(label >= 1).mean(0)
@@ -235,21 +235,21 @@ def test_oracle_with_non_integer_resampling_stays_aligned():
 
 def test_slabs_equal_the_whole_volume(monkeypatch):
     image, label, geo = _case(seed=3)
-    data, seg, props = preprocess_case([image], geo, _plans([1.2, 1.0, 2.0], [0, 2, 1]), "finetune", label=label)
+    data, seg, props = preprocess_case([image], geo, _plans([1.2, 1.0, 2.0], [0, 2, 1]), label=label)
     channel = torch.from_numpy(data[0].astype(np.float16))
-    whole = geometry.resample_rows(channel, props, 0, 0, props["shape_after_crop"][0])
+    whole = geometry.resample_rows(channel, props, 0, 0, props.shape_after_crop[0])
     parts = np.concatenate([geometry.resample_rows(channel, props, 0, lo, hi)
-                            for lo, hi in geometry.slabs(props["shape_after_crop"][0], 1, 4)])
+                            for lo, hi in geometry.slabs(props.shape_after_crop[0], 1, 4)])
     np.testing.assert_allclose(parts, whole, atol=1e-5)
     along_1 = np.concatenate([geometry.resample_rows(channel, props, 1, lo, hi)
-                              for lo, hi in geometry.slabs(props["shape_after_crop"][1], 1, 3)], axis=1)
+                              for lo, hi in geometry.slabs(props.shape_after_crop[1], 1, 3)], axis=1)
     np.testing.assert_allclose(along_1, whole, atol=1e-5)
 
 
 def test_probabilities_file_on_the_input_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(geometry, "SLAB_VOXELS", 500)
     image, label, geo = _case(seed=4)
-    data, seg, props = preprocess_case([image], geo, _plans([0.9, 0.8, 1.5], [0, 2, 1]), "finetune", label=label)
+    data, seg, props = preprocess_case([image], geo, _plans([0.9, 0.8, 1.5], [0, 2, 1]), label=label)
     path = tmp_path / "c_probabilities.npz"
     geometry.write_probabilities(_one_hot(seg[0], [0, 1, 2]), props, path, output="softmax",
                                  names=["background", "body", "lesion"])
@@ -265,7 +265,7 @@ def test_probabilities_file_on_the_input_grid(tmp_path, monkeypatch):
 def test_implicit_background_gives_the_same_labels_and_probabilities(tmp_path):
     """Predict keeps softmax channels 1..K-1 only; the background derived as 1 - their sum changes nothing."""
     image, label, geo = _case(seed=5)
-    data, seg, props = preprocess_case([image], geo, _plans([1.2, 1.0, 2.0], [0, 2, 1]), "finetune", label=label)
+    data, seg, props = preprocess_case([image], geo, _plans([1.2, 1.0, 2.0], [0, 2, 1]), label=label)
     rng = np.random.default_rng(0)
     probs = torch.softmax(torch.from_numpy(_one_hot(seg[0], [0, 1, 2]).numpy() * 4
                                            + rng.normal(0, 1, (3, *seg.shape[1:]))), 0)

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from conftest import run_3dino
 
-from threedino_pipe.dataset.examples import build_synthetic_dataset
-from threedino_pipe.dataset.image_io import read_image
-from threedino_pipe.preprocessing import preprocess
+from threedino_pipe.artifacts import Plans
+from threedino_pipe.demo.examples import build_synthetic_dataset
 from threedino_pipe.preprocessing.arrays import chunks_and_blocks, open_array
 from threedino_pipe.preprocessing.class_locations import sample_class_locations
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import preprocess
 
 VOLUME = {"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1], "clip": True}
 
@@ -230,16 +231,16 @@ def test_preprocess_case_in_memory_matches_written_files(mni_out):
     from threedino_pipe.preprocessing.class_locations import case_seed
     image, geometry = read_image(raw / "imagesTr" / "mni_001_0000.nii.gz")
     label = read_image(raw / "labelsTr" / "mni_001.nii.gz")[0]
-    arr, seg, props = preprocess_case([image], geometry, plans, "finetune", label,
-                                      seed=case_seed("mni_001", "finetune"))
+    recipe = Plans.model_validate(plans).preprocessing("finetune")
+    arr, seg, props = preprocess_case([image], geometry, recipe, label, seed=case_seed("mni_001", "finetune"))
     np.testing.assert_array_equal(arr, load(folder, "finetune", "mni_001"))
     np.testing.assert_array_equal(seg, load(folder, "finetune", "mni_001_seg"))
     written = case_json(folder, "finetune", "mni_001")
-    for key, value in props.items():
-        assert json.loads(json.dumps(value)) == written[key], key
-    arr2, seg2, props2 = preprocess_case([image], geometry, plans, "finetune")  # predict: no label
+    for key, value in props.model_dump(mode="json").items():
+        assert value == written[key], key
+    arr2, seg2, props2 = preprocess_case([image], geometry, recipe)  # predict: no label
     np.testing.assert_array_equal(arr2, arr)
-    assert seg2 is None and props2["class_locations"] == {}
+    assert seg2 is None and props2.class_locations == {}
 
 
 # --------------------------------------------------------------------------------------------

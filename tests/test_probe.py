@@ -58,7 +58,7 @@ def test_batched_grid_equals_torch_sgd_on_each_linear_layer():
     full = probe_input(cls, patch_mean, layers_cached, True)
     points = [GridPoint(0.05, 1, False), GridPoint(0.5, 4, True), GridPoint(0.002, 1, True), GridPoint(0.2, 4, False)]
     grid = ProbeGrid(points, layers_cached, channels * dim, k, seed=3)
-    assert full.shape[1] == grid.num_features == 5 * channels * dim
+    assert full.shape[1] == grid.weight.shape[0] == 5 * channels * dim
     references = []
     for g, point in enumerate(points):
         weight, bias = grid.linear(g)
@@ -281,4 +281,4 @@ def test_features_are_computed_once_per_case_and_view_and_reused_on_resume(tissu
     grid = list(csv.DictReader((folder / "grid.csv").open()))
     assert len(grid) == 52 and (folder / "validation.json").is_file()
     cache = torch.load(folder / "features.pt", weights_only=True)
-    assert sum(v["cls"].shape[0] for v in cache["cases"].values()) == expected
+    assert sum(v["cls"].shape[0] for v in cache["features"].values()) == expected

@@ -16,9 +16,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO
 
-from threedino_pipe.dataset import case_checks
-from threedino_pipe.dataset.raw import discover_cases, load_spec
-from threedino_pipe.dataset.verify import check_dataset
+from threedino_pipe.artifacts import DatasetJson
+from threedino_pipe.raw_data import case_checks
+from threedino_pipe.raw_data.raw import discover_cases
+from threedino_pipe.raw_data.verification import check_dataset
 from threedino_pipe.runtime.errors import UserError
 
 TEMPLATES = REPO / "dataset_templates"
@@ -95,7 +96,7 @@ def test_every_template_builds_a_dataset_that_verifies(tmp_path):
     assert tasks == {"Dataset501_LiverCT": ("segmentation", 3), "Dataset502_BraTS": ("segmentation", 2),
                      "Dataset601_LungNodules": ("classification", 4),
                      "Dataset701_BrainMRICollection": ("unlabeled", 3), "Dataset801_ChestCTDicom": ("segmentation", 2)}
-    spec = load_spec(tmp_path / "Dataset502_BraTS")
+    spec = DatasetJson.read(tmp_path / "Dataset502_BraTS")
     assert spec.has_regions and spec.label_values == {0, 1, 2, 3} and spec.regions_class_order == [1, 2, 3]
     _, cases, _ = check_dataset(tmp_path / "Dataset601_LungNodules", num_processes=1)
     assert [c.class_label for c in cases] == [0, 1, 0, 1]
@@ -149,7 +150,7 @@ def test_nnunet_dataset_key_lists_files_anywhere(tmp_path, monkeypatch):
 def test_bad_dataset_json_is_a_user_error_naming_the_fix(tmp_path, content, words):
     (tmp_path / "dataset.json").write_text(json.dumps(content))
     with pytest.raises(UserError) as info:
-        load_spec(tmp_path)
+        DatasetJson.read(tmp_path)
     assert info.value.file.endswith("dataset.json") and words in info.value.render()
 
 
@@ -165,7 +166,7 @@ def test_layout_problems_and_what_nnunet_ignores(tmp_path):
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
         "file_ending": ".nii.gz"}))
-    spec = load_spec(folder)
+    spec = DatasetJson.read(folder)
     cases, problems = discover_cases(folder, spec)
     by_file = {p.file: p for p in problems}
     assert by_file["imagesTr/notes.txt"].severity == "warning"

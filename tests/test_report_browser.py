@@ -1,6 +1,6 @@
 """The reports open in a real headless browser (Debian's chromium, driven by playwright) with every image shown.
 
-The demo report is built by :func:`threedino_pipe.demo_report.write` from a demo folder made in
+The demo report is built by :func:`threedino_pipe.demo.report.write` from a demo folder made in
 seconds: real MNI152 scans, predictions derived from the references, real ``evaluate`` runs and
 short training logs (no training).
 """
@@ -16,12 +16,13 @@ import pytest
 from matplotlib import image as mpimg
 from matplotlib.figure import Figure
 
-from threedino_pipe import demo_report
-from threedino_pipe.dataset.examples import build_mni_dataset
-from threedino_pipe.dataset.image_io import read_image, write_image
-from threedino_pipe.demo import DATASET_ID, SIDES, DemoLayout
-from threedino_pipe.evaluation import evaluate
+from threedino_pipe.artifacts import DemoTimings, StageTime
+from threedino_pipe.demo import report as demo_report
+from threedino_pipe.demo.examples import build_mni_dataset
+from threedino_pipe.demo.layout import DATASET_ID, SIDES, DemoLayout
 from threedino_pipe.evaluation.report import png_data_uri
+from threedino_pipe.raw_data.image_io import read_image, write_image
+from threedino_pipe.stages import evaluate
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e,
@@ -108,8 +109,8 @@ def _assert_rendered(images: list[dict], screenshot: Path, min_images: int) -> N
 
 def test_demo_report_renders_every_image_in_chromium(demo_folder, tmp_path):
     layout, runs = demo_folder
-    timings = {"stages": [{"stage": "pretrain", "command": "3dino pretrain -d 990", "seconds": 1.0}],
-               "total_seconds": 1.0, "cpu_count": 2, "load_average_start": [0.5, 0.5, 0.5]}
+    timings = DemoTimings(quick=True, cpu_count=2, load_average_start=[0.5, 0.5, 0.5], total_seconds=1.0,
+                          stages=[StageTime(stage="pretrain", command="3dino pretrain -d 990", seconds=1.0)])
     page = demo_report.write(layout, runs, quick=True, timings=timings)
     text = page.read_text()
     assert "not evidence" in text and "MNI152" in text  # the smoke-test caveat is on the page

@@ -147,8 +147,8 @@ def test_bad_inputs_are_refused() -> None:
 
 
 def test_method_defaults() -> None:
-    """METHOD.md: UNETR on layers 6/12/18/24 of ViT-L, adapter width 256 and decoder (256, 128, 64, 32),
-    4 interaction blocks of 6 blocks, 8 heads x 4 points; lr/batch per head."""
+    """docs/method.md, "Downstream: segmentation": UNETR on layers 6/12/18/24 of ViT-L, adapter width 256 and
+    decoder (256, 128, 64, 32), 4 interaction blocks of 6 blocks, 8 heads x 4 points; lr/batch per head."""
     assert [i + 1 for i in evenly_spaced_layers(24)] == [6, 12, 18, 24]
     assert [i + 1 for i in evenly_spaced_layers(12)] == [3, 6, 9, 12]
     assert split_blocks(24) == [(0, 6), (6, 12), (12, 18), (18, 24)]

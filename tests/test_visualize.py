@@ -25,11 +25,12 @@ from conftest import run_3dino
 from PIL import Image
 from scipy import ndimage
 
-from threedino_pipe.dataset.examples import oblique_direction
+from threedino_pipe.demo.examples import oblique_direction
 from threedino_pipe.models.checkpoint import export_3dino, save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.visualization import backbone_maps, planes, visualize
+from threedino_pipe.stages import visualize
+from threedino_pipe.visualization import backbone_maps, planes
 from threedino_pipe.visualization.pca import border_mask, pca_maps
 
 DATASET = "Dataset990_MNITissue"
@@ -108,13 +109,25 @@ def test_pca_rgb_modes_and_threshold():
         pca_maps(feats, truth.shape, rgb_from="middle")
 
 
+def _full_attention(net, x: torch.Tensor) -> torch.Tensor:
+    """The last block's whole softmax attention ``[B, heads, 1 + N, 1 + N]``, computed by hand."""
+    h = net.prepare_tokens(x)
+    for block in net.blocks[:-1]:
+        h = block(h)
+    attn, y = net.blocks[-1].attn, net.blocks[-1].norm1(h)
+    b, n, d = y.shape
+    qkv = attn.qkv(y).reshape(b, n, 3, attn.num_heads, d // attn.num_heads)
+    q, k = (qkv[:, :, i].transpose(1, 2) for i in range(2))
+    return torch.softmax(q @ k.transpose(-2, -1) * (d // attn.num_heads) ** -0.5, dim=-1)
+
+
 def test_cls_attention_and_tokens_match_the_backbone():
     torch.manual_seed(0)
     net = build_backbone("tiny").eval()
     x = torch.randn(1, 1, 32, 48, 32)
     tokens, attention = backbone_maps.last_layer(net, x)
     with torch.no_grad():
-        reference = net.last_attention(x)[0, :, 0, 1:]
+        reference = _full_attention(net, x)[0, :, 0, 1:]  # row 0 (the CLS query) of the whole matrix
         features = net.forward_features(x)["patch"][0]
     torch.testing.assert_close(attention, reference / reference.mean(-1, keepdim=True), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(tokens, features, rtol=1e-4, atol=1e-5)

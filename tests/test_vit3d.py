@@ -125,10 +125,11 @@ def test_sdpa_attention_equals_manual_softmax():
     weights = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1)
     manual = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
     assert torch.allclose(attn(x), manual, atol=1e-6)
-    assert torch.allclose(attn.attention_map(x), weights, atol=1e-6)
-    maps = model.last_attention(torch.randn(2, 1, 16, 24, 32))
-    assert maps.shape == (2, 2, 1 + 24, 1 + 24)
-    assert torch.allclose(maps.sum(-1), torch.ones(2, 2, 25), atol=1e-5)
+    cls = attn.cls_weights(x)  # row 0 of the softmax over the patches, divided by its mean
+    assert torch.allclose(cls, weights[:, :, 0, 1:] / weights[:, :, 0, 1:].mean(-1, keepdim=True), atol=1e-5)
+    tokens, maps = model.last_layer_maps(torch.randn(1, 1, 16, 24, 32))
+    assert tokens.shape == (24, 32) and maps.shape == (2, 24)
+    assert torch.allclose(maps.mean(-1), torch.ones(2), atol=1e-5)
 
 
 def test_masks_replace_patch_embeddings_before_position():
@@ -194,7 +195,7 @@ def test_presets_and_parameter_counts():
     assert all(p["depth"] % 4 == 0 for p in PRESETS.values())
     with torch.device("meta"):
         large = build_backbone("large")
-    assert 300e6 < param_count(large) < 312e6  # "about 307 M" (METHOD.md)
+    assert 300e6 < param_count(large) < 312e6  # "about 307 M" (docs/method.md, Backbone)
     tiny = build_backbone("tiny", drop_path_rate=0.1)
     assert tiny.dims == {"embed_dim": 96, "depth": 4, "num_heads": 3, "patch_size": 16, "in_chans": 1,
                          "mlp_ratio": 4.0, "layerscale": True, "pos_grid": 6}

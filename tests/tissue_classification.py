@@ -1,7 +1,7 @@
 """A small real-scan classification dataset: crops of the MNI152 brain, "grey" vs "white" matter dominated.
 
 Each case is a 40^3-voxel crop (1.3-1.6 mm spacing, so a 52-64 mm cube, rotated up to 15 degrees
-about z) of nilearn's MNI152 T1 template (:func:`threedino_pipe.dataset.examples.mni_images`),
+about z) of nilearn's MNI152 T1 template (:func:`threedino_pipe.demo.examples.mni_images`),
 centred on a random tissue voxel, with a random intensity scale and noise like ``mni_case``.
 Class ``white`` when white matter outweighs grey matter in the crop by at least 5 % of the tissue,
 ``grey`` when grey matter outweighs white matter by at least 15 %; crops with less than 70 %
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from threedino_pipe.dataset.examples import _rotation_z, mni_images
+from threedino_pipe.demo.examples import _rotation_z, mni_images
 
 CLASS_NAMES = ["grey", "white"]
 SIZE = 40

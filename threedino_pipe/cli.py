@@ -52,7 +52,7 @@ def verify(
 ) -> None:
     """Check a raw dataset and report every problem at once (exit 1 if any error)."""
     _common(verbose, no_progress)
-    from threedino_pipe.dataset import verify as stage
+    from threedino_pipe.stages import verify as stage
     raise typer.Exit(stage.run(dataset, allow_nan=allow_nan, num_processes=num_processes))
 
 
@@ -80,7 +80,7 @@ def plan(
 ) -> None:
     """Verify a raw dataset, write dataset_fingerprint.json and plans.json."""
     _common(verbose, no_progress)
-    from threedino_pipe.planning import plan as stage
+    from threedino_pipe.stages import plan as stage
     stage.run(dataset, preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
               batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes)
 
@@ -97,7 +97,7 @@ def preprocess(
 ) -> None:
     """Crop, resample and normalise every case as plans.json says; write splits.json."""
     _common(verbose, no_progress)
-    from threedino_pipe.preprocessing import preprocess as stage
+    from threedino_pipe.stages import preprocess as stage
     stage.run(dataset, configurations=configurations or None, num_processes=num_processes)
 
 
@@ -273,7 +273,7 @@ def finetune(
 ) -> None:
     """Finetune a segmentation head (or a classification probe) on a label subset; resumes when rerun."""
     _common(verbose, no_progress)
-    from threedino_pipe.training import finetune as stage
+    from threedino_pipe.stages import finetune as stage
     stage.run(dataset, pct=pct, fold=fold, head=head, backbone=backbone, unfreeze=unfreeze, preset=preset,
               iters=iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, val_every=val_every,
               overlap=overlap, num_workers=num_workers, device=device, precision=precision, stop_after=stop_after,
@@ -298,7 +298,7 @@ def embed(
 ) -> None:
     """Frozen-backbone features (CLS, mean patch token) of a folder of cases into one CSV table."""
     _common(verbose, no_progress)
-    from threedino_pipe.inference import embed as stage
+    from threedino_pipe.stages import embed as stage
     stage.run(model, input_dir, output, layers=layers, avgpool=avgpool, device=device)
 
 
@@ -329,7 +329,7 @@ def predict(
 ) -> None:
     """Predict every case of a folder into the input's exact geometry (exit 1 if any case failed)."""
     _common(verbose, no_progress)
-    from threedino_pipe.inference import predict as stage
+    from threedino_pipe.stages import predict as stage
     raise typer.Exit(stage.run(input_dir, output_dir, model, overlap=overlap, tta=tta, resume=resume,
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers))
@@ -364,7 +364,7 @@ def evaluate(
     Exit code 1 when a reference case has no prediction or a prediction could not be evaluated.
     """
     _common(verbose, no_progress)
-    from threedino_pipe.evaluation import evaluate as stage
+    from threedino_pipe.stages import evaluate as stage
     raise typer.Exit(stage.run(reference, prediction, compare=compare, names=names.split(",") if names else None,
                                dataset=dataset, output=output, seed=seed, num_bootstrap=num_bootstrap,
                                num_processes=num_processes))
@@ -383,14 +383,8 @@ def export(
 ) -> None:
     """Export a finetune run as a model zip, or a pretrain backbone in the released 3DINO layout."""
     _common(verbose, no_progress)
-    if fmt == "zip":
-        from threedino_pipe.inference.model_zip import export_zip
-        export_zip(run_dir, output)
-        return
-    if fmt != "3dino":
-        raise UserError(f"unknown --format {fmt!r}", fix="pass --format zip or --format 3dino")
-    from threedino_pipe.training import export as stage
-    stage.run(run_dir, output)
+    from threedino_pipe.stages import export as stage
+    stage.run(run_dir, output, fmt=fmt)
 
 
 @app.command()
@@ -419,7 +413,7 @@ def visualize(
 ) -> None:
     """PCA and CLS-attention maps of a backbone's last layer on one scan: PNG planes and NIfTI volumes."""
     _common(verbose, no_progress)
-    from threedino_pipe.visualization import visualize as stage
+    from threedino_pipe.stages import visualize as stage
     stage.run(model, scan, output, size=size, threshold=threshold, rgb_from=rgb_pca, channel=channel,
               per_head=per_head, device=device)
 
@@ -437,7 +431,7 @@ def demo(
     """The whole chain on bundled real scans (MNI152), CPU-sized: plan, preprocess, pretrain, adapt-highres,
     finetune (pretrained and none), predict, evaluate --compare, and an HTML report."""
     _common(verbose, no_progress)
-    from threedino_pipe import demo as stage
+    from threedino_pipe.demo import chain as stage
     stage.run(out=out, quick=quick)
 
 

@@ -2,13 +2,49 @@
 
 One class per file kind; ``read(path)`` validates and raises a ``UserError`` naming the file, the
 field and the command to rerun; ``write(path)`` is atomic. No module outside this package parses
-these files.
+these files or indexes their contents by field name (tests/test_artifact_access.py).
 """
 
-from threedino_pipe.artifacts.base import Artifact, checksum
-from threedino_pipe.artifacts.model_card import BackboneRecord, ModelCard
-from threedino_pipe.artifacts.plans import FinetuneConfiguration, Plans, PretrainConfiguration
+from threedino_pipe.artifacts.backbone_outputs import EmbedRecord, ModelSource, VisualizeRecord
+from threedino_pipe.artifacts.base import Artifact, Record, checksum
+from threedino_pipe.artifacts.case_properties import (
+    CaseProperties,
+    ChannelNormalization,
+    ImageGeometry,
+    PreprocessedCase,
+)
+from threedino_pipe.artifacts.dataset_json import DatasetJson, ListedCase
+from threedino_pipe.artifacts.demo_records import DemoRecord, DemoTimings, StageTime
+from threedino_pipe.artifacts.evaluation_summary import EvaluationSummary
+from threedino_pipe.artifacts.fingerprint import Fingerprint
+from threedino_pipe.artifacts.model_card import BackboneRecord, BestMetric, ModelCard
+from threedino_pipe.artifacts.plans import (
+    CasePreprocessing,
+    FinetuneConfiguration,
+    Normalization,
+    Plans,
+    PretrainConfiguration,
+)
+from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
+from threedino_pipe.artifacts.splits import Fold, Splits
+from threedino_pipe.artifacts.subset import Subset
+from threedino_pipe.artifacts.validation import (
+    ProbePoint,
+    ProbeValidation,
+    SegmentationValidation,
+    ValidationPoint,
+    ValidationScore,
+)
 
-__all__ = ["Artifact", "BackboneRecord", "BudgetRecord", "FinetuneConfiguration", "ModelCard", "Plans",
-           "PretrainConfiguration", "RunRecord", "checksum", "open_run_folder"]
+ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
+             ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
+             DemoTimings)
+
+__all__ = ["ARTIFACTS", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord", "CasePreprocessing",
+           "CaseProperties", "ChannelNormalization", "DatasetJson", "DemoRecord", "DemoTimings", "EmbedRecord",
+           "EvaluationSummary", "FinetuneConfiguration", "Fingerprint", "Fold", "ImageGeometry", "ListedCase",
+           "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs", "PredictOptions",
+           "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record", "RunRecord",
+           "SegmentationValidation", "Splits", "StageTime", "Subset", "ValidationPoint", "ValidationScore",
+           "VisualizeRecord", "checksum", "open_run_folder"]

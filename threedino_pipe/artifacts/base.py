@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer, model_validator
 
 from threedino_pipe import __version__
 from threedino_pipe.runtime.atomic_files import read_json, write_json
@@ -29,7 +31,7 @@ class Record(BaseModel):
     parts that only some files have).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     OMIT_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
@@ -48,11 +50,32 @@ class Artifact(Record):
     SCHEMA_VERSION: ClassVar[int] = 1
     WRITER: ClassVar[str] = ""
     FILE: ClassVar[str] = ""  # the file's usual name, where it has one
+    PATTERN: ClassVar[str] = ""  # how the files are named where the name varies (``<case>.json``)
 
-    # every kind redeclares ``kind`` and ``schema_version`` as Literal fields with its own values
-    kind: str
-    schema_version: int
+    @classmethod
+    def in_folder(cls, folder: str | Path) -> Path:
+        """The path of this kind's file in ``folder`` (``folder / FILE``)."""
+        return Path(folder) / cls.FILE
+
+    # filled in from KIND and SCHEMA_VERSION; a file with other values is refused by :meth:`from_data`
+    kind: str = ""
+    schema_version: int = 0
     version: str = __version__
+
+    @model_validator(mode="before")
+    @classmethod
+    def _header(cls, data: Any) -> Any:
+        """``kind`` and ``schema_version`` of this class when a constructor leaves them out."""
+        if isinstance(data, dict):
+            data = {"kind": cls.KIND, "schema_version": cls.SCHEMA_VERSION, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _own_header(self) -> Artifact:
+        if (self.kind, self.schema_version) != (self.KIND, self.SCHEMA_VERSION):
+            raise ValueError(f"kind {self.kind!r}, schema_version {self.schema_version} is not {self.KIND!r}, "
+                             f"{self.SCHEMA_VERSION}")
+        return self
 
     @classmethod
     def read(cls, path: str | Path, *, rerun: str | None = None):
@@ -87,8 +110,15 @@ class Artifact(Record):
             raise validation_error(exc, path, rerun) from None
 
     def to_data(self) -> dict[str, Any]:
-        """The JSON-ready dict of this artifact (field order as declared)."""
-        return self.model_dump(mode="json")
+        """The JSON-ready dict of this artifact (field order as declared, fields under their JSON names)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def same_as_file(self, path: str | Path) -> bool:
+        """True when ``path`` holds exactly this artifact's data (False for a missing or unreadable file)."""
+        try:
+            return read_json(path) == json.loads(json.dumps(self.to_data(), allow_nan=True))
+        except UserError:
+            return False
 
     def write(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename); returns ``path``."""
@@ -96,11 +126,20 @@ class Artifact(Record):
         return Path(path)
 
 
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|[\w-]+\[.*\])$")
+
+
+def field_path(loc: tuple) -> str:
+    """The dotted field name of a pydantic error location, without its union-branch tags (``int``, ``list[int]``)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
+    return ".".join(parts) or "(top level)"
+
+
 def validation_error(exc: ValidationError, path: str | Path, rerun: str) -> UserError:
     """A UserError naming the first invalid fields of ``exc`` (``configurations.finetune.patch_size``)."""
     problems = []
     for error in exc.errors()[:3]:
-        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        where = field_path(error["loc"])
         kind = error["type"]
         given = repr(error.get("input"))
         given = given if len(given) <= 60 else given[:57] + "..."
@@ -109,6 +148,19 @@ def validation_error(exc: ValidationError, path: str | Path, rerun: str) -> User
         problems.append(f"field `{where}` {what}")
     more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
     return UserError("; ".join(problems) + more, file=path, fix=f"rerun `{rerun}` to write it again")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats turned into None (strict JSON ``null``) and numpy scalars into Python ones."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def checksum(data: Any) -> str:

@@ -6,12 +6,13 @@ Written by ``finetune`` (segmentation heads and the classification probe) beside
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from threedino_pipe.artifacts.base import Artifact, Record
-from threedino_pipe.artifacts.plans import Normalization, Plans
+from threedino_pipe.artifacts.plans import CasePreprocessing, Normalization, Plans
 
 HEADS = ("adapter", "unetr", "linear", "probe")
 PROBE_ONLY = ("normalization", "input_view", "probe")
@@ -29,6 +30,8 @@ class BackboneRecord(Record):
 
 
 class BestMetric(Record):
+    """The validation metric that chose the weights, and its value."""
+
     name: str
     value: float
 
@@ -41,8 +44,6 @@ class ModelCard(Artifact):
     WRITER = "3dino finetune"
     FILE = "model.json"
 
-    kind: Literal["model"] = "model"
-    schema_version: Literal[1] = 1
     task: Literal["segmentation", "classification"]
     dataset: str
     plans: Plans
@@ -71,11 +72,19 @@ class ModelCard(Artifact):
 
     OMIT_WHEN_NONE = PROBE_ONLY
 
+    @field_validator("weights")
+    @classmethod
+    def _plain_file_name(cls, name: str) -> str:
+        if PurePosixPath(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name (model.json must name a file inside the run folder)")
+        return name
+
     @model_validator(mode="after")
     def _outputs_agree(self) -> ModelCard:
         if any(p <= 0 for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} is not 3 positive sizes")
-        self.plans.configuration(self.configuration)
+        if getattr(self.plans.configurations, self.configuration, None) is None:
+            raise ValueError(f"the plans have no configuration {self.configuration!r}")
         if self.task == "classification":
             if len(self.class_names) != self.num_outputs:
                 raise ValueError(f"num_outputs {self.num_outputs} but {len(self.class_names)} class_names")
@@ -111,9 +120,6 @@ class ModelCard(Artifact):
         """Channel index (string) -> name, in index order."""
         return dict(sorted(self.channel_names.items(), key=lambda kv: int(kv[0])))
 
-    def preprocessing(self) -> dict[str, Any]:
-        """What must agree for two models' outputs to be averaged: transpose and the resampling/normalisation."""
-        config = self.plans.configuration(self.configuration)
-        return {"transpose": list(self.plans.transpose),
-                **{k: getattr(config, k, None) for k in ("resample", "spacing", "normalization", "crop",
-                                                         "image_interpolation")}}
+    def preprocessing(self) -> CasePreprocessing:
+        """How a scan is preprocessed for this model (as finetuning's data was)."""
+        return self.plans.preprocessing(self.configuration)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from threedino_pipe.artifacts.base import Artifact, Record, checksum, without_reasons
 from threedino_pipe.runtime.errors import UserError
@@ -34,8 +34,23 @@ class Normalization(Record):
 
     OMIT_WHEN_NONE = ("lower", "upper")
 
+    @model_validator(mode="after")
+    def _values_of_dataset_scheme(self) -> Normalization:
+        if self.scheme == "dataset_percentile" and (self.lower is None or self.upper is None):
+            raise ValueError("a dataset_percentile normalisation needs 'lower' and 'upper' intensities")
+        return self
 
-class PretrainConfiguration(Record):
+
+class Configuration(Record):
+    """What every configuration has: ``reasons``, the one-line reason of each planned field (declared last by
+    each kind, so it comes last in the file)."""
+
+    def reason(self, field: str) -> str:
+        """The one-line reason ``plan`` gave for ``field`` (empty when it gave none)."""
+        return self.reasons.get(field, "")
+
+
+class PretrainConfiguration(Configuration):
     """``pretrain`` / ``pretrain_highres``: native spacing, multi-crop sizes in voxels."""
 
     resample: bool
@@ -51,7 +66,7 @@ class PretrainConfiguration(Record):
     reasons: dict[str, str] = {}
 
 
-class FinetuneConfiguration(Record):
+class FinetuneConfiguration(Configuration):
     """``finetune``: resampled to ``spacing`` (mm), patches of ``patch_size`` voxels."""
 
     resample: bool
@@ -67,7 +82,42 @@ class FinetuneConfiguration(Record):
     reasons: dict[str, str] = {}
 
 
+CROPS = ("nonzero", "foreground_after_normalization", "none")
+
+
+class CasePreprocessing(Record):
+    """How to preprocess one case: a configuration's steps with the dataset's transpose and label values.
+
+    What ``preprocess`` applies to training cases and ``predict``, ``embed`` and ``visualize`` to
+    new scans (:func:`threedino_pipe.preprocessing.pipeline.preprocess_case`).
+    """
+
+    configuration: str
+    transpose: list[int] = Field(min_length=3, max_length=3)
+    resample: bool
+    spacing: list[float] | None
+    normalization: list[Normalization]
+    crop: str
+    image_interpolation: str | None = None
+    label_interpolation: str | None = None
+    label_values: list[int] = [0]   # every value a label image may hold (0 included), sorted
+
+    @classmethod
+    def bare(cls, num_channels: int) -> CasePreprocessing:
+        """Without plans (a bare backbone checkpoint): each channel normalised per volume as in pretraining
+        (0.05th/99.95th percentiles -> [-1, 1], clipped), cropped to the voxels above -1, no resampling."""
+        entry = Normalization(scheme="volume_percentile", lower_pct=0.05, upper_pct=99.95, range=[-1, 1], clip=True)
+        return cls(configuration="embed", transpose=[0, 1, 2], resample=False, spacing=None,
+                   normalization=[entry] * num_channels, crop="foreground_after_normalization")
+
+    def for_channel(self, channel: int) -> CasePreprocessing:
+        """These steps for a scan of channel ``channel`` alone."""
+        return self.model_copy(update={"normalization": [self.normalization[channel]]})
+
+
 class Configurations(Record):
+    """The configurations of a dataset: ``pretrain`` always, ``pretrain_highres`` and ``finetune`` as planned."""
+
     pretrain: PretrainConfiguration
     pretrain_highres: PretrainConfiguration | None = None  # `plan` always writes it; hand-made plans may not
     finetune: FinetuneConfiguration | None = None  # absent for unlabeled datasets
@@ -83,8 +133,6 @@ class Plans(Artifact):
     WRITER = "3dino plan -d DATASET"
     FILE = "plans.json"
 
-    kind: Literal["plans"] = "plans"
-    schema_version: Literal[1] = 1
     dataset: str
     task: Literal["segmentation", "classification", "unlabeled"]
     channel_names: dict[str, str]
@@ -109,6 +157,40 @@ class Plans(Artifact):
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
+
+    def decision(self, name: str) -> str:
+        """The reason of decision ``name`` (``transpose``, ``preset``, ``<configuration>.<field>``)."""
+        return self.decisions.get(name, "")
+
+    def configuration_names(self) -> list[str]:
+        """The configurations these plans hold, in file order."""
+        return [name for name in CONFIGURATIONS if getattr(self.configurations, name) is not None]
+
+    def label_values(self) -> list[int]:
+        """Every label value these plans declare (0 included), sorted; regions contribute their values."""
+        values = {0}
+        for value in (self.labels or {}).values():
+            values.update(value if isinstance(value, list) else [value])
+        return sorted(int(v) for v in values)
+
+    def stores_labels(self, configuration: str) -> bool:
+        """True when ``configuration`` stores label arrays: segmentation tasks, non-``pretrain*`` configurations."""
+        return self.task == "segmentation" and not configuration.startswith("pretrain")
+
+    def preprocessing(self, configuration: str, *, file: Path | None = None) -> CasePreprocessing:
+        """The steps of ``configuration`` for one case (a missing configuration is a UserError)."""
+        config = self.configuration(configuration, file=file)
+        return CasePreprocessing(configuration=configuration, transpose=self.transpose, resample=config.resample,
+                                 spacing=config.spacing, normalization=config.normalization, crop=config.crop,
+                                 image_interpolation=getattr(config, "image_interpolation", None),
+                                 label_interpolation=getattr(config, "label_interpolation", None),
+                                 label_values=self.label_values())
+
+    def crop_size(self, configuration: str) -> list[int]:
+        """The spatial crop a loader reads from ``configuration`` (the arrays' chunking hint, voxels)."""
+        config = self.configuration(configuration)
+        patch = getattr(config, "patch_size", None)
+        return [int(v) for v in patch] if patch else [int(config.global_crop)] * 3
 
     def configuration(self, name: str, *, file: Path | None = None) -> PretrainConfiguration | FinetuneConfiguration:
         """The configuration ``name``; its absence is a UserError naming the stage to rerun."""

@@ -2,7 +2,7 @@
 
 Written by ``pretrain``, ``adapt-highres`` and ``finetune`` into their run folder when the run
 starts. A rerun compares its options and the plans fields it depends on with the recorded ones,
-field by field: equal -> resume, different -> refuse naming the field (DESIGN.md principle 4).
+field by field: equal -> resume, different -> refuse naming the field (docs/architecture.md, "The stage contract").
 Fields that do not change the result (worker counts, checkpoint cadence) are listed in
 ``volatile`` and never compared. ``decisions`` holds values a stage chose for the run (the
 self-configured SSL recipe, a measured step time) with their reasons.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from threedino_pipe.artifacts.base import Artifact, Record
 from threedino_pipe.runtime.errors import UserError
@@ -35,8 +35,6 @@ class RunRecord(Artifact):
     WRITER = "the training command"
     FILE = "run.json"
 
-    kind: Literal["run"] = "run"
-    schema_version: Literal[1] = 1
     stage: str = ""
     options: dict[str, Any]
     volatile: list[str] = []

@@ -1,4 +1,4 @@
-"""MONAI augmentation pipelines of 3DINO's multi-crop views (METHOD.md, "Data and augmentation").
+"""MONAI augmentation pipelines of 3DINO's multi-crop views (docs/augmentation.md).
 
 Each function returns a MONAI :class:`~monai.transforms.Compose` of array transforms for one
 channel-first crop ``C x S x S x S`` (cubic, values normalised to about [-1, 1]). Seed a pipeline

@@ -9,7 +9,7 @@ patch is centred on a voxel drawn from ``class_locations`` of a class drawn unif
 classes present in the case, else its position is uniform over the positions that keep the patch
 inside the volume (a volume smaller than the patch is placed at a random offset inside it).
 Outside the volume the image is padded with -1 (the bottom of the normalisation range) and the
-label with 0 (background); the sliding window pads with the same value.
+label with 0 (background); the sliding window of predict and validation pads with the same value.
 
 Augmentation (modest, batchgenerators, on the fly in the workers), per patch:
 
@@ -45,12 +45,12 @@ from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import BrightnessMultiplicativeTransform, GammaTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
+from threedino_pipe.artifacts import CaseProperties
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
-from threedino_pipe.runtime.atomic_files import read_artifact
+from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.runtime.errors import UserError
 
-CASE_SCHEMA_VERSION = 1
-IMAGE_PAD = -1.0
+IMAGE_PAD = PAD_VALUE
 LABEL_PAD = 0
 FG_FRACTION = 1.0 / 3.0
 
@@ -115,16 +115,16 @@ class SegmentationCases:
         self.config_dir = Path(config_dir)
         self.cases: list[SegCase] = []
         for case_id in case_ids:
-            meta_path = self.config_dir / f"{case_id}.json"
+            meta_path = CaseProperties.path(self.config_dir, case_id)
             image, seg = self.config_dir / f"{case_id}.b2nd", self.config_dir / f"{case_id}_seg.b2nd"
             for path in (meta_path, image, seg):
                 if not path.is_file():
                     raise UserError("a preprocessed finetune file is missing (an interrupted or older preprocess?)",
                                     file=path, fix=f"run `{rerun}` (it resumes)")
-            meta = read_artifact(meta_path, "case", CASE_SCHEMA_VERSION, rerun)
+            meta = CaseProperties.read(meta_path, rerun=rerun)
             locations = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
-                         for k, v in (meta.get("class_locations") or {}).items()}
-            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta["shape"]), locations))
+                         for k, v in meta.class_locations.items()}
+            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta.shape), locations))
         self._open: dict[int, dict[int, tuple[Any, Any]]] = {}
 
     def __len__(self) -> int:

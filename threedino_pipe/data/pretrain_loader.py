@@ -25,15 +25,13 @@ import blosc2
 import numpy as np
 import torch
 
+from threedino_pipe.artifacts import CaseProperties
 from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
 from threedino_pipe.data.multicrop import MultiCropper
-from threedino_pipe.runtime.atomic_files import read_artifact
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.paths import dataset_id
 
 logger = logging.getLogger(__name__)
-
-CASE_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class PretrainDataset:
         folders: preprocessed dataset folders (``<preprocessed>/DatasetNNN_Name``).
         configuration: subfolder to read (``pretrain`` or ``pretrain_highres``).
         min_axis: volumes whose smallest axis (case JSON ``shape``, voxels) is not above this are skipped
-            (METHOD.md: volumes kept have min axis > 24 voxels; > 48 for adapt-highres).
+            (docs/method.md, Data: volumes kept have min axis > 24 voxels; > 48 for adapt-highres).
         split_channels: True (default): each channel of a multi-channel case is its own
             single-channel sample (the 3DINO backbone takes one channel, and datasets with
             different channel counts can be pooled). False: samples keep all channels, which
@@ -129,15 +127,12 @@ class PretrainDataset:
         found, skipped = [], 0
         for array_path in arrays:
             case_id = array_path.name[: -len(".b2nd")]
-            meta_path = array_path.with_suffix(".json")
+            meta_path = CaseProperties.path(config_dir, case_id)
             if not meta_path.is_file():
                 raise UserError("preprocessed array without its case metadata (an interrupted preprocess?)",
                                 file=meta_path, fix=f"run `{rerun}` again (it resumes)")
-            meta = read_artifact(meta_path, "case", CASE_SCHEMA_VERSION, rerun)
-            shape = meta.get("shape")
-            if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) for s in shape)):
-                raise UserError(f"'shape' must be 3 integers, got {shape!r}", file=meta_path, fix=f"run `{rerun}`")
-            shape = tuple(shape)
+            meta = CaseProperties.read(meta_path, rerun=rerun)
+            shape = tuple(meta.shape)
             if min(shape) <= self.min_axis:
                 self.skipped.append((folder.name, case_id, shape))
                 skipped += 1
@@ -150,7 +145,7 @@ class PretrainDataset:
             if len(array.shape) != 4 or tuple(array.shape[1:]) != shape:
                 raise UserError(f"array shape {tuple(array.shape)} does not match the case metadata shape "
                                 f"C x {list(shape)}", file=array_path, fix=f"delete it and run `{rerun}`")
-            spacing = tuple(float(s) for s in meta.get("spacing") or (1.0, 1.0, 1.0))
+            spacing = tuple(float(s) for s in meta.spacing)
             channels = int(array.shape[0])
             per_channel = range(channels) if self.split_channels and channels > 1 else [None]
             for channel in per_channel:

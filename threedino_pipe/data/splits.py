@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from threedino_pipe import __version__
-from threedino_pipe.runtime.atomic_files import read_artifact, write_json
+from threedino_pipe.artifacts import Fold, Splits
 from threedino_pipe.runtime.errors import UserError
 
-SCHEMA_VERSION = 1
 STANDARD_PCTS = (1, 10, 25, 50, 100)
 NUM_SUBSET_SEEDS = 5
 MIN_CASES_FOR_TEST = 20
@@ -63,7 +61,7 @@ def _assign_folds(ids: list[str], class_labels: dict[str, int] | None, num_folds
 
 
 def make_splits(case_ids: list[str], class_labels: dict[str, int] | None = None, *, seed: int = 12345,
-                num_folds: int = 5) -> dict:
+                num_folds: int = 5) -> Splits:
     """Folds, held-out test list and nested subsets for ``case_ids`` (see module docstring).
 
     Datasets of at least 20 cases hold out 20 % as a test list; the rest is split into
@@ -92,9 +90,8 @@ def make_splits(case_ids: list[str], class_labels: dict[str, int] | None = None,
         subsets = {s: {str(p): sorted(order[: subset_size(len(order), p)]) for p in STANDARD_PCTS
                        if _min_prefix(order, class_labels) <= subset_size(len(order), p)}
                    for s, order in orders.items()}
-        folds.append({"train": train, "val": sorted(val), "subset_order": orders, "subsets": subsets})
-    return {"kind": "splits", "schema_version": SCHEMA_VERSION, "version": __version__, "seed": seed,
-            "test": test, "folds": folds}
+        folds.append(Fold(train=train, val=sorted(val), subset_order=orders, subsets=subsets))
+    return Splits(seed=seed, test=test, folds=folds)
 
 
 def _min_prefix(order: list[str], class_labels: dict[str, int] | None) -> int:
@@ -118,7 +115,7 @@ def min_pct(num_cases: int, min_cases: int) -> float:
     return pct
 
 
-def select_subset(splits: dict, fold: int, seed: int, pct: float, class_labels: dict[str, int] | None = None,
+def select_subset(splits: Splits, fold: int, seed: int, pct: float, class_labels: dict[str, int] | None = None,
                   splits_file: str | Path | None = None) -> list[str]:
     """The training cases of ``fold`` for ``--pct pct --seed seed`` (sorted).
 
@@ -126,11 +123,7 @@ def select_subset(splits: dict, fold: int, seed: int, pct: float, class_labels: 
         UserError: unknown fold or seed, or a pct that gives fewer than one case (one per class
             for classification); the message names the smallest valid pct.
     """
-    folds = splits["folds"]
-    if not 0 <= fold < len(folds):
-        raise UserError(f"fold {fold} does not exist (folds 0..{len(folds) - 1})", file=splits_file,
-                        fix=f"pass --fold between 0 and {len(folds) - 1}")
-    orders = folds[fold]["subset_order"]
+    orders = splits.fold(fold, file=splits_file).subset_order
     if str(seed) not in orders:
         raise UserError(f"subset seed {seed} does not exist (seeds {', '.join(orders)})", file=splits_file,
                         fix="pass --seed between 0 and 4")
@@ -150,12 +143,4 @@ def select_subset(splits: dict, fold: int, seed: int, pct: float, class_labels: 
 def write_splits(preprocessed_folder: Path, case_ids: list[str], class_labels: dict[str, int] | None = None,
                  seed: int = 12345) -> Path:
     """Write ``splits.json`` for the dataset's cases into its preprocessed folder; returns the path."""
-    path = Path(preprocessed_folder) / "splits.json"
-    write_json(path, make_splits(case_ids, class_labels, seed=seed))
-    return path
-
-
-def load_splits(preprocessed_folder: Path, dataset_arg: str = "N") -> dict:
-    """Read and check ``splits.json`` of a preprocessed dataset."""
-    return read_artifact(Path(preprocessed_folder) / "splits.json", "splits", SCHEMA_VERSION,
-                         rerun=f"3dino preprocess -d {dataset_arg}")
+    return make_splits(case_ids, class_labels, seed=seed).write(Splits.in_folder(preprocessed_folder))

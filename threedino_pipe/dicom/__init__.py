@@ -14,10 +14,10 @@ Modules, each usable on its own (none imports a pipeline stage):
 - :mod:`~threedino_pipe.dicom.pacs` / :mod:`~threedino_pipe.dicom.dicomweb`: DIMSE (C-ECHO/FIND/GET/MOVE/STORE)
   and DICOMweb (QIDO/WADO/STOW) clients, retried by :mod:`~threedino_pipe.dicom.retry`.
 - :mod:`~threedino_pipe.dicom.uids`: deterministic UIDs of results.
-- :mod:`~threedino_pipe.dicom.examples`: DICOM studies written from the example scans (tests, benchmarks).
+- :mod:`~threedino_pipe.demo.dicom_examples`: DICOM studies written from the example scans (tests, benchmarks).
 
 Conventions: arrays are ``X x Y x Z`` in voxel index order (i, j, k) as in
-:mod:`threedino_pipe.dataset.image_io`; i runs along a DICOM row (ImageOrientationPatient's first
+:mod:`threedino_pipe.raw_data.image_io`; i runs along a DICOM row (ImageOrientationPatient's first
 vector), j down the columns (its second vector), k along the slice normal (row x column), so a
 slice's ``pixel_array`` (rows x columns) is ``array[:, :, k].T``. Positions and spacings are mm.
 See ``docs/dicom.md``.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from threedino_pipe.dataset.image_io import Geometry
 from threedino_pipe.dicom.header import Plane
+from threedino_pipe.raw_data.image_io import Geometry
 
 ORIENTATION_TOL = 1e-3  # largest difference between two planes' direction cosines
 PIXEL_SPACING_TOL_MM = 1e-3  # largest difference between two planes' pixel spacings
@@ -74,6 +74,42 @@ def _format_mm(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def _step_problems(sorted_offsets: np.ndarray) -> tuple[float | None, list[StackProblem]]:
+    """The slice spacing (mm, median of the real steps; None without one) of sorted plane offsets, and the
+    duplicate positions, missing slices and uneven steps among them."""
+    problems: list[StackProblem] = []
+    spacing_k: float | None = None
+    steps = np.diff(sorted_offsets)
+    duplicates = int((steps < POSITION_TOL_MM).sum())
+    if duplicates:
+        problems.append(StackProblem(
+            "duplicate_positions", f"{duplicates} slice(s) share a position with another slice "
+            "(several phases, echoes or acquisitions in one series)"))
+    real = steps[steps >= POSITION_TOL_MM]
+    if real.size:
+        spacing_k = float(np.median(real))
+        tolerance = max(POSITION_TOL_MM, STEP_TOL_REL * spacing_k)
+        missing, uneven = [], []
+        for index, step in enumerate(steps):
+            if step < POSITION_TOL_MM or abs(step - spacing_k) <= tolerance:
+                continue
+            multiple = round(step / spacing_k)
+            where = f"between {_format_mm(sorted_offsets[index])} and {_format_mm(sorted_offsets[index + 1])} mm"
+            if multiple >= 2 and abs(step - multiple * spacing_k) <= tolerance:
+                missing.append(f"{multiple - 1} {where}")
+            else:
+                uneven.append(f"{_format_mm(step)} mm step {where}")
+        if missing:
+            problems.append(StackProblem(
+                "missing_slices", f"missing slice(s) along the normal (step {_format_mm(spacing_k)} mm): "
+                + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")))
+        if uneven:
+            problems.append(StackProblem(
+                "uneven_spacing", f"uneven slice spacing (median {_format_mm(spacing_k)} mm): "
+                + ", ".join(uneven[:3]) + (" ..." if len(uneven) > 3 else "")))
+    return spacing_k, problems
+
+
 def analyse_stack(planes: Sequence[Plane], *, single_plane_spacing_mm: float = 1.0) -> Stack:
     """Sort planes along their normal and check they form one regular grid.
 
@@ -112,36 +148,8 @@ def analyse_stack(planes: Sequence[Plane], *, single_plane_spacing_mm: float = 1
         problems.append(StackProblem(
             "not_stacked", f"slice positions drift {_format_mm(float(drift.max()))} mm within the slice plane "
             "(gantry tilt or a sheared stack)"))
-    spacing_k: float | None = None
-    if len(planes) > 1:
-        steps = np.diff(sorted_offsets)
-        duplicates = int((steps < POSITION_TOL_MM).sum())
-        if duplicates:
-            problems.append(StackProblem(
-                "duplicate_positions", f"{duplicates} slice(s) share a position with another slice "
-                "(several phases, echoes or acquisitions in one series)"))
-        real = steps[steps >= POSITION_TOL_MM]
-        if real.size:
-            spacing_k = float(np.median(real))
-            tolerance = max(POSITION_TOL_MM, STEP_TOL_REL * spacing_k)
-            missing, uneven = [], []
-            for index, step in enumerate(steps):
-                if step < POSITION_TOL_MM or abs(step - spacing_k) <= tolerance:
-                    continue
-                multiple = round(step / spacing_k)
-                where = f"between {_format_mm(sorted_offsets[index])} and {_format_mm(sorted_offsets[index + 1])} mm"
-                if multiple >= 2 and abs(step - multiple * spacing_k) <= tolerance:
-                    missing.append(f"{multiple - 1} {where}")
-                else:
-                    uneven.append(f"{_format_mm(step)} mm step {where}")
-            if missing:
-                problems.append(StackProblem(
-                    "missing_slices", f"missing slice(s) along the normal (step {_format_mm(spacing_k)} mm): "
-                    + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")))
-            if uneven:
-                problems.append(StackProblem(
-                    "uneven_spacing", f"uneven slice spacing (median {_format_mm(spacing_k)} mm): "
-                    + ", ".join(uneven[:3]) + (" ..." if len(uneven) > 3 else "")))
+    spacing_k, step_problems = _step_problems(sorted_offsets) if len(planes) > 1 else (None, [])
+    problems += step_problems
     geometry = None
     if not problems:
         row, col = orientations[0][:3], orientations[0][3:]

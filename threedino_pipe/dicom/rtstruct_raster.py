@@ -9,7 +9,7 @@ for pixel centres by ``skimage.draw.polygon``; the contours that
 :mod:`threedino_pipe.dicom.rtstruct_writer` traces never pass through a pixel centre, so for them
 the rule has no boundary cases.
 
-Arrays are ``X x Y x Z`` (i, j, k) booleans on the given :class:`~threedino_pipe.dataset.image_io.Geometry`.
+Arrays are ``X x Y x Z`` (i, j, k) booleans on the given :class:`~threedino_pipe.raw_data.image_io.Geometry`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from threedino_pipe.dataset.image_io import Geometry
+from threedino_pipe.raw_data.image_io import Geometry
 from threedino_pipe.runtime.errors import UserError
 
 SLICE_TOL = 0.01  # largest distance (in slices) of a contour point from its slice

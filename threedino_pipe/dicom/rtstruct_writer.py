@@ -34,10 +34,10 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from threedino_pipe import __version__
-from threedino_pipe.dataset.image_io import Geometry
 from threedino_pipe.dicom.seg_writer import ModelIdentity, ResultObject, check_label_map
 from threedino_pipe.dicom.uids import result_uids
 from threedino_pipe.dicom.volume import SeriesVolume, source_datasets
+from threedino_pipe.raw_data.image_io import Geometry
 from threedino_pipe.runtime.atomic_files import atomic_path
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -24,9 +24,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from threedino_pipe.dataset.image_io import Geometry, from_array, to_array
 from threedino_pipe.dicom.header import InstanceHeader, functional_group_value
 from threedino_pipe.dicom.index import SeriesRecord
+from threedino_pipe.raw_data.image_io import Geometry, from_array, to_array
 from threedino_pipe.runtime.errors import UserError
 
 DECODER_FIX = ("install the decoders (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pyjpegls), "

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from threedino_pipe.evaluation.classification_metrics import classification_metrics
-from threedino_pipe.evaluation.inputs import read_predictions, read_reference_csv
+from threedino_pipe.evaluation.evaluated_files import read_predictions, read_reference_csv
 from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -17,17 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threedino_pipe.dataset.raw import DatasetSpec
+from threedino_pipe.artifacts import DatasetJson, EvaluationSummary
+from threedino_pipe.artifacts.evaluation_summary import CaseCounts, RunIssues, SideInfo, SummaryFiles, SummaryOptions
 from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
-from threedino_pipe.evaluation.inputs import dataset_labels, list_label_images
-from threedino_pipe.evaluation.outputs import (
-    PER_CASE_FILE,
-    is_result_folder,
-    read_summary,
-    summary_header,
-    write_outputs,
-)
+from threedino_pipe.evaluation.evaluated_files import dataset_labels, list_label_images
+from threedino_pipe.evaluation.outputs import PER_CASE_FILE, is_result_folder, write_outputs
 from threedino_pipe.evaluation.segmentation import COLUMNS, SegmentationResult, evaluate_folder, fill_absent_labels
 from threedino_pipe.evaluation.statistics import paired_wilcoxon, summarize, t_interval, welch_ttest
 from threedino_pipe.evaluation.summary import SEGMENTATION_METRICS, classification_metrics_summary
@@ -86,14 +81,14 @@ def parse_sides(compare: Sequence[str], names: Sequence[str] | None) -> list[Sid
     return sides
 
 
-def _check_result(path: Path, task: str, reference: Path) -> dict:
-    summary = read_summary(path)
-    if summary.get("mode") != "evaluate" or summary.get("task") != task:
-        raise UserError(f"this is a {summary.get('task')} {summary.get('mode')} result, not a {task} evaluation",
-                        file=path / "summary.json", fix="compare prediction folders or `3dino evaluate` outputs "
-                        "of the same task")
-    if summary.get("reference") and Path(summary["reference"]) != reference.resolve():
-        log.warning("warning: %s was evaluated against %s, not %s", path, summary["reference"], reference)
+def _check_result(path: Path, task: str, reference: Path) -> EvaluationSummary:
+    summary = EvaluationSummary.read(EvaluationSummary.in_folder(path))
+    if summary.mode != "evaluate" or summary.task != task:
+        raise UserError(f"this is a {summary.task} {summary.mode} result, not a {task} evaluation",
+                        file=EvaluationSummary.in_folder(path), fix="compare prediction folders or `3dino evaluate` "
+                        "outputs of the same task")
+    if summary.reference and Path(summary.reference) != reference.resolve():
+        log.warning("warning: %s was evaluated against %s, not %s", path, summary.reference, reference)
     return summary
 
 
@@ -107,11 +102,11 @@ def _load_segmentation_run(path: Path, reference: Path, references: dict[str, Pa
     if missing:
         raise UserError(f"per_case.csv lacks column(s) {', '.join(missing)}", file=path / PER_CASE_FILE,
                         fix="rerun `3dino evaluate` for this run")
-    cases = summary.get("cases", {})
+    cases = summary.cases
     return SegmentationResult(per_case=per_case[COLUMNS], evaluated=list(dict.fromkeys(per_case["case_id"])),
-                              labels={k: tuple(v) for k, v in summary.get("labels", {}).items()},
-                              missing=list(cases.get("missing", [])), failed=list(cases.get("failed", [])),
-                              ignored=list(cases.get("ignored", [])))
+                              labels={k: tuple(v) for k, v in (summary.labels or {}).items()},
+                              missing=list(cases.missing or []), failed=list(cases.failed or []),
+                              ignored=list(cases.ignored or []))
 
 
 def _entry(a: np.ndarray, b: np.ndarray, seed: int, num_bootstrap: int) -> dict:
@@ -122,13 +117,14 @@ def _entry(a: np.ndarray, b: np.ndarray, seed: int, num_bootstrap: int) -> dict:
             **paired_wilcoxon(a, b)}
 
 
-def _run_issues(side: Side, run: Path, result: SegmentationResult | ClassificationResult) -> dict:
-    return {"side": side.key, "run": str(run.resolve()), "missing": list(result.missing),
-            "failed": list(getattr(result, "failed", [])), "ignored": list(result.ignored)}
+def _run_issues(side: Side, run: Path, result: SegmentationResult | ClassificationResult) -> RunIssues:
+    return RunIssues(side=side.key, run=str(run.resolve()), missing=list(result.missing),
+                     failed=list(getattr(result, "failed", [])), ignored=list(result.ignored))
 
 
-def _sides_info(sides: list[Side]) -> dict:
-    return {s.key: {"name": s.name, "runs": [str(r.resolve()) for r in s.runs]} for s in sides}
+def _sides_info(sides: list[Side]) -> dict[str, SideInfo]:
+    return {s.key: SideInfo(name=s.name, runs=[str(r.resolve()) for r in s.runs]) for s in sides}
+
 
 
 def _bar_values(entries: list[dict], side: str) -> list[tuple[float, float, float]]:
@@ -153,8 +149,8 @@ def segmentation_comparison_table(comparisons: dict, mean_over_labels: dict, nam
     return pd.DataFrame(rows)
 
 
-def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec | None, dataset: str | None, *,
-                         seed: int, num_bootstrap: int, num_processes: int) -> tuple[dict, dict, bool]:
+def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetJson | None, dataset: str | None, *,
+                         seed: int, num_bootstrap: int, num_processes: int) -> tuple[EvaluationSummary, dict, bool]:
     """(summary, outputs for :func:`write_outputs`, whether any run had missing or failed cases)."""
     references = list_label_images(reference, "reference folder")
     labels = dataset_labels(spec) if spec is not None else None
@@ -194,11 +190,12 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec |
         mean_over_labels[metric] = _entry(means[f"{metric}_a"].to_numpy(), means[f"{metric}_b"].to_numpy(),
                                           seed, num_bootstrap)
     issues = [_run_issues(s, r, res) for s in sides for r, res in zip(s.runs, runs[s.key], strict=True)]
-    summary = {**summary_header("compare", "segmentation"), "reference": str(reference.resolve()),
-               "dataset": dataset, "options": {"seed": seed, "num_bootstrap": num_bootstrap, "confidence": 0.95},
-               "sides": _sides_info(sides), "labels": {k: list(v) for k, v in labels.items()},
-               "cases": {"reference": len(references), "paired": len(paired), "unpaired": unpaired, "runs": issues},
-               "comparisons": comparisons, "mean_over_labels": mean_over_labels}
+    summary = EvaluationSummary(
+        mode="compare", task="segmentation", reference=str(reference.resolve()), dataset=dataset,
+        options=SummaryOptions(seed=seed, num_bootstrap=num_bootstrap), sides=_sides_info(sides),
+        labels={k: list(v) for k, v in labels.items()},
+        cases=CaseCounts(reference=len(references), paired=len(paired), unpaired=unpaired, runs=issues),
+        comparisons=comparisons, mean_over_labels=mean_over_labels)
     names = {s.key: s.name for s in sides}
     figures = {}
     for metric, file, ylabel in (("dice", "compare_dice.png", "Dice"), ("hd95_mm", "compare_hd95.png", "HD95 (mm)")):
@@ -215,8 +212,8 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetSpec |
                          [(f"{ylabel} per label, mean with 95 % bootstrap CI", figures[f])
                           for f, ylabel in (("compare_dice.png", "Dice"), ("compare_hd95.png", "HD95 (mm)"))],
                          warnings)
-    summary["files"] = {"per_case": PER_CASE_FILE, "figures": list(figures), "report": "report.html"}
-    failed = any(i["missing"] or i["failed"] for i in issues)
+    summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
+    failed = any(i.missing or i.failed for i in issues)
     return summary, {"tables": {PER_CASE_FILE: table}, "figures": figures, "report": html, "summary": summary}, failed
 
 
@@ -239,8 +236,8 @@ def _flat_metrics(result: ClassificationResult) -> dict[tuple[str, str], float]:
     return {(m, k): v for m, entries in result.metrics().items() for k, v in entries.items()}
 
 
-def compare_classification(reference: Path, sides: list[Side], spec: DatasetSpec | None, dataset: str | None, *,
-                           seed: int, num_bootstrap: int) -> tuple[dict, dict, bool]:
+def compare_classification(reference: Path, sides: list[Side], spec: DatasetJson | None, dataset: str | None, *,
+                           seed: int, num_bootstrap: int) -> tuple[EvaluationSummary, dict, bool]:
     """(summary, outputs for :func:`write_outputs`, whether any run had missing cases)."""
     class_names = spec.class_names if spec is not None else None
     runs = {s.key: [_load_classification_run(r, reference, class_names) for r in s.runs] for s in sides}
@@ -278,10 +275,10 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetSpec
     per_case_table = pd.concat(per_case, ignore_index=True)
     per_case_table = per_case_table[["side", "run", *[c for c in per_case_table.columns if c not in ("side", "run")]]]
     issues = [_run_issues(s, r, res) for s in sides for r, res in zip(s.runs, runs[s.key], strict=True)]
-    summary = {**summary_header("compare", "classification"), "reference": str(reference.resolve()),
-               "dataset": dataset, "options": {"seed": seed, "num_bootstrap": num_bootstrap, "confidence": 0.95},
-               "sides": _sides_info(sides), "classes": first,
-               "cases": {"runs": issues}, "comparisons": comparisons}
+    summary = EvaluationSummary(
+        mode="compare", task="classification", reference=str(reference.resolve()), dataset=dataset,
+        options=SummaryOptions(seed=seed, num_bootstrap=num_bootstrap), sides=_sides_info(sides), classes=first,
+        cases=CaseCounts(runs=issues), comparisons=comparisons)
     names = {s.key: s.name for s in sides}
     entries = [comparisons[m][k] for m, k, _ in BAR_METRICS]
     figures = {"comparison.png": plots.comparison_barplot(
@@ -300,15 +297,16 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetSpec
                           ("Per run", pd.DataFrame(per_run))],
                          [("Accuracy, F1 and AUC (macro): mean over runs with 95 % CI", figures["comparison.png"])],
                          notes)
-    summary["files"] = {"per_case": PER_CASE_FILE, "per_run": "per_run.csv", "figures": list(figures),
-                        "report": "report.html"}
-    failed = any(i["missing"] for i in issues)
+    summary.files = SummaryFiles(per_case=PER_CASE_FILE, per_run="per_run.csv", figures=list(figures),
+                                 report="report.html")
+    failed = any(i.missing for i in issues)
     return summary, {"tables": {PER_CASE_FILE: per_case_table, "per_run.csv": pd.DataFrame(per_run)},
                      "figures": figures, "report": html, "summary": summary}, failed
 
 
-def run(reference: Path, compare: Sequence[str], *, task: str, spec: DatasetSpec | None, dataset: str | None,
-        names: Sequence[str] | None, output: Path | None, seed: int, num_bootstrap: int, num_processes: int) -> int:
+def write_comparison(reference: Path, compare: Sequence[str], *, task: str, spec: DatasetJson | None,
+                     dataset: str | None, names: Sequence[str] | None, output: Path | None, seed: int,
+                     num_bootstrap: int, num_processes: int) -> int:
     """Compare two sides and write the outputs; returns the exit code (1 if a run had missing/failed cases)."""
     sides = parse_sides(compare, names)
     if task == "segmentation":
@@ -319,13 +317,13 @@ def run(reference: Path, compare: Sequence[str], *, task: str, spec: DatasetSpec
                                                           num_bootstrap=num_bootstrap)
     out_dir = output if output is not None else Path.cwd() / "evaluation_compare"
     write_outputs(out_dir, **outputs)
-    for metric, entries in summary["comparisons"].items():
+    for metric, entries in summary.comparisons.items():
         for key, e in entries.items():
             a, b = e["a"]["mean"], e["b"]["mean"]
             log.info("%s %s: %s %.4f vs %s %.4f, %s p=%s", metric, key, sides[0].name, a, sides[1].name, b,
                      e["test"], "n/a" if e["p_value"] != e["p_value"] else f"{e['p_value']:.4g}")
     log.info("wrote %s", out_dir)
     if failed:
-        log.error("error: some runs have missing or failed cases (listed in %s)", out_dir / "summary.json")
+        log.error("error: some runs have missing or failed cases (listed in %s)", EvaluationSummary.in_folder(out_dir))
         return 1
     return 0

@@ -1,6 +1,6 @@
 """Evaluate a folder of predicted label images against a folder of reference label images.
 
-Each case is read with :func:`~threedino_pipe.dataset.image_io.read_image` (``X x Y x Z``), its
+Each case is read with :func:`~threedino_pipe.raw_data.image_io.read_image` (``X x Y x Z``), its
 geometry checked against the reference (size exact; spacing, origin, direction within 1e-4), and
 Dice/HD95 computed per label and region (:mod:`.segmentation_metrics`). One unreadable or
 misplaced prediction fails that case only.
@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threedino_pipe.dataset.image_io import Geometry, read_image
-from threedino_pipe.evaluation.inputs import list_label_images
+from threedino_pipe.artifacts.evaluation_summary import CaseFailure
+from threedino_pipe.evaluation.evaluated_files import list_label_images
 from threedino_pipe.evaluation.segmentation_metrics import case_metrics
+from threedino_pipe.raw_data.image_io import Geometry, read_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.progress import track
 
@@ -37,7 +38,7 @@ class SegmentationResult:
         per_case: one row per (case, label) with :data:`COLUMNS`.
         labels: label name -> values evaluated.
         missing: reference cases without a prediction.
-        failed: ``{"case_id", "file", "problem"}`` for predictions that could not be evaluated.
+        failed: the predictions that could not be evaluated (case, file, problem).
         ignored: predictions without a reference.
         evaluated: cases whose metrics are in ``per_case``.
     """
@@ -46,7 +47,7 @@ class SegmentationResult:
     labels: dict[str, tuple[int, ...]]
     evaluated: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
+    failed: list[CaseFailure] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -74,7 +75,7 @@ def _inferred_labels(reference: np.ndarray, prediction: np.ndarray) -> dict[str,
 
 
 def evaluate_case(case_id: str, reference_path: Path, prediction_path: Path,
-                  labels: Mapping[str, tuple[int, ...]] | None) -> tuple[list[dict], dict | None, list[int]]:
+                  labels: Mapping[str, tuple[int, ...]] | None) -> tuple[list[dict], CaseFailure | None, list[int]]:
     """Metrics of one case.
 
     Args:
@@ -86,15 +87,15 @@ def evaluate_case(case_id: str, reference_path: Path, prediction_path: Path,
     try:
         reference, ref_geometry = read_image(reference_path)
     except UserError as exc:
-        return [], {"case_id": case_id, "file": str(reference_path), "problem": exc.problem}, []
+        return [], CaseFailure(case_id=case_id, file=str(reference_path), problem=exc.problem), []
     try:
         prediction, pred_geometry = read_image(prediction_path)
     except UserError as exc:
-        return [], {"case_id": case_id, "file": str(prediction_path), "problem": exc.problem}, []
+        return [], CaseFailure(case_id=case_id, file=str(prediction_path), problem=exc.problem), []
     mismatch = geometry_mismatch(ref_geometry, pred_geometry)
     if mismatch:
-        return [], {"case_id": case_id, "file": str(prediction_path),
-                    "problem": f"prediction does not lie on its reference: {mismatch}"}, []
+        return [], CaseFailure(case_id=case_id, file=str(prediction_path),
+                               problem=f"prediction does not lie on its reference: {mismatch}"), []
     reference, prediction = _as_labels(reference), _as_labels(prediction)
     undeclared: list[int] = []
     if labels is None:
@@ -106,7 +107,7 @@ def evaluate_case(case_id: str, reference_path: Path, prediction_path: Path,
     return [{"case_id": case_id, **row} for row in rows], None, undeclared
 
 
-def _evaluate_star(args: tuple) -> tuple[list[dict], dict | None, list[int]]:
+def _evaluate_star(args: tuple) -> tuple[list[dict], CaseFailure | None, list[int]]:
     return evaluate_case(*args)
 
 
@@ -155,7 +156,7 @@ def evaluate_folder(reference_dir: Path, prediction_dir: Path, labels: Mapping[s
         rows += case_rows
         undeclared.update(extra)
         if failure:
-            log.error("error: case '%s': %s (%s)", failure["case_id"], failure["problem"], failure["file"])
+            log.error("error: case '%s': %s (%s)", failure.case_id, failure.problem, failure.file)
             failed.append(failure)
         else:
             evaluated.append(case)

@@ -24,7 +24,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import Tensor
 
 RESERVE_ROWS = 8  # spare rows of the running sum beyond a row of windows and the first read block
-SIGMA_SCALE = 0.125  # gaussian blending of predict and of finetune's validation window (inference/sliding_window.py)
+SIGMA_SCALE = 0.125  # gaussian blending of the sliding window (predict and finetune's validation)
 
 
 def window_starts(size: Sequence[int], patch: Sequence[int], overlap: float) -> list[tuple[int, ...]]:

@@ -45,7 +45,7 @@ VIEW_CROSSSLICE_SCALE = (0.7, 1.0)
 FLIP_AXIS = 0
 FLIP_PROBABILITY = 0.5
 CACHE_KIND = "probe_features"
-CACHE_SCHEMA_VERSION = 1
+CACHE_SCHEMA_VERSION = 2  # 2: per-case features under "features" (was "cases")
 CACHE_SAVE_SECONDS = 120.0
 
 
@@ -106,8 +106,8 @@ def extract(extractor: FrozenFeatures, views: Tensor, device: torch.device, batc
 class FeatureCache:
     """Per-case features in a weights_only-loadable file, reused while its ``meta`` matches.
 
-    File layout: ``{"kind": "probe_features", "schema_version": 1, "meta": {...JSON-able...},
-    "cases": {case_id: {"cls": [V, L, C, dim], "patch_mean": [V, C, dim]}}}``; view 0 is the
+    File layout: ``{"kind": "probe_features", "schema_version": 2, "meta": {...JSON-able...},
+    "features": {case_id: {"cls": [V, L, C, dim], "patch_mean": [V, C, dim]}}}``; view 0 is the
     centre view. A file whose ``meta`` differs (another backbone, patch size, seed...) is ignored
     and overwritten.
     """
@@ -125,7 +125,7 @@ class FeatureCache:
                 stored = None
             if (isinstance(stored, dict) and stored.get("kind") == CACHE_KIND
                     and stored.get("schema_version") == CACHE_SCHEMA_VERSION and stored.get("meta") == self.meta):
-                self.cases = dict(stored.get("cases") or {})
+                self.cases = dict(stored["features"])
                 self.reused = len(self.cases)
 
     def has(self, case_id: str, num_views: int) -> bool:
@@ -134,7 +134,7 @@ class FeatureCache:
 
     def save(self) -> None:
         save_checkpoint({"kind": CACHE_KIND, "schema_version": CACHE_SCHEMA_VERSION, "meta": self.meta,
-                         "cases": self.cases}, self.path)
+                         "features": self.cases}, self.path)
 
 
 def extract_cases(extractor: FrozenFeatures, cases: Sequence[tuple[str, int]], load: Callable[[str], Any],

@@ -3,7 +3,7 @@
 Preprocessing (``threedino_pipe.preprocessing.pipeline.preprocess_case``) transposed the case
 (cross-slice axis last), cropped it to the box of nonzero voxels and resampled the crop onto a
 grid of the plan's spacing centred on it (docs/schemas.md, "Preprocessed case"). This module
-inverts those steps using the case's ``properties``:
+inverts those steps using the case's ``properties`` (:class:`~threedino_pipe.artifacts.PreprocessedCase`):
 
 1. resample each output channel (class probability or region probability) from the
    preprocessed grid back to the cropped grid (linear interpolation, SimpleITK; the same centred
@@ -24,13 +24,14 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from threedino_pipe.artifacts import PreprocessedCase
 from threedino_pipe.runtime.atomic_files import atomic_path
 
 SLAB_VOXELS = 8_000_000  # output voxels resampled at once (one channel): 32 MB of float32
@@ -68,6 +69,11 @@ class Channels:
     def __len__(self) -> int:
         return int(self.stored.shape[0]) + int(self.implicit)
 
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """``X' x Y' x Z'``, the grid every channel lies on."""
+        return tuple(int(n) for n in self.stored.shape[1:])
+
     def __getitem__(self, c: int):
         if not self.implicit:
             return self.stored[c]
@@ -84,16 +90,10 @@ def inverse_permutation(transpose: Sequence[int]) -> list[int]:
     return [int(a) for a in np.argsort(transpose)]
 
 
-def original_spacing_transposed(properties: dict) -> list[float]:
-    """Spacing (mm) of the input image per transposed axis."""
-    spacing = properties["original_geometry"]["spacing"]
-    return [float(spacing[a]) for a in properties["transpose"]]
-
-
-def needs_resampling(properties: dict) -> bool:
+def needs_resampling(properties: PreprocessedCase) -> bool:
     """False when the preprocessed grid is the cropped input grid (same shape and spacing)."""
-    same_shape = list(properties["shape"]) == list(properties["shape_after_crop"])
-    return not (same_shape and np.allclose(properties["spacing"], original_spacing_transposed(properties),
+    same_shape = list(properties.shape) == list(properties.shape_after_crop)
+    return not (same_shape and np.allclose(properties.spacing, properties.original_spacing_transposed(),
                                            rtol=0, atol=1e-6))
 
 
@@ -117,7 +117,7 @@ def _as_numpy(block: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.array(block, dtype=np.float32, copy=True)
 
 
-def resample_rows(channel, properties: dict, axis: int, lo: int, hi: int) -> np.ndarray:
+def resample_rows(channel, properties: PreprocessedCase, axis: int, lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` (along transposed ``axis``) of one channel restored onto the cropped input grid.
 
     Args:
@@ -128,14 +128,14 @@ def resample_rows(channel, properties: dict, axis: int, lo: int, hi: int) -> np.
     Returns:
         float32 array of ``shape_after_crop`` with ``hi - lo`` rows along ``axis`` (transposed order).
     """
-    out_shape = [int(n) for n in properties["shape_after_crop"]]
+    out_shape = [int(n) for n in properties.shape_after_crop]
     if not needs_resampling(properties):
         index = [slice(None)] * 3
         index[axis] = slice(lo, hi)
         return _as_numpy(channel[tuple(index)])
     in_shape = [int(n) for n in channel.shape]
-    s_in = [float(s) for s in properties["spacing"]]
-    s_out = original_spacing_transposed(properties)
+    s_in = [float(s) for s in properties.spacing]
+    s_out = properties.original_spacing_transposed()
     positions = grid_positions(out_shape[axis], s_out[axis], in_shape[axis], s_in[axis])
     first = max(0, int(math.floor(positions[lo])) - 1)
     last = min(in_shape[axis], int(math.floor(positions[hi - 1])) + 3)
@@ -166,7 +166,29 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if 0 <= min(values, default=0) and max(values, default=0) < 256 else np.dtype(np.int16)
 
 
-def labels_on_crop(scores: torch.Tensor | Channels, properties: dict, *, output: str,
+def _label_rows(scores: Channels, shape: Sequence[int], rows: Callable, *, output: str,
+                values: Sequence[int]) -> np.ndarray:
+    """Labels of ``shape`` from ``scores`` read slab by slab: ``rows(channel, lo, hi)`` gives float32 rows."""
+    dtype = label_dtype(values)
+    lookup = np.asarray(values, dtype=dtype)
+    labels = np.zeros([int(n) for n in shape], dtype)
+    for lo, hi in slabs(labels.shape[0], labels.shape[1] * labels.shape[2]):
+        if output == "softmax":
+            best = rows(scores[0], lo, hi)
+            index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
+            for c in range(1, len(scores)):
+                value = rows(scores[c], lo, hi)
+                np.putmask(index, value > best, c)
+                np.maximum(best, value, out=best)
+            labels[lo:hi] = lookup[index]
+        else:
+            out = labels[lo:hi]
+            for r in range(len(scores)):
+                out[rows(scores[r], lo, hi) > 0.5] = lookup[r]
+    return labels
+
+
+def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase, *, output: str,
                    values: Sequence[int]) -> np.ndarray:
     """The label image of the cropped region (transposed order) from ``K x X' x Y' x Z'`` scores.
 
@@ -176,48 +198,43 @@ def labels_on_crop(scores: torch.Tensor | Channels, properties: dict, *, output:
             (``values[r]`` is region ``r``'s ``regions_class_order`` value; threshold 0.5, later
             regions written over earlier ones).
     """
+    return _label_rows(as_channels(scores), properties.shape_after_crop,
+                       lambda channel, lo, hi: resample_rows(channel, properties, 0, lo, hi),
+                       output=output, values=values)
+
+
+def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int]) -> np.ndarray:
+    """The label image on the preprocessed grid itself (``X' x Y' x Z'``), the rule of :func:`labels_on_crop`.
+
+    What finetune's validation scores; for a case that needs no resampling it is the crop of what
+    ``3dino predict`` writes.
+    """
     scores = as_channels(scores)
-    shape = [int(n) for n in properties["shape_after_crop"]]
-    dtype = label_dtype(values)
-    lookup = np.asarray(values, dtype=dtype)
-    labels = np.zeros(shape, dtype)
-    for lo, hi in slabs(shape[0], shape[1] * shape[2]):
-        if output == "softmax":
-            best = resample_rows(scores[0], properties, 0, lo, hi)
-            index = np.zeros(best.shape, np.uint8 if len(values) < 256 else np.int16)
-            for c in range(1, len(scores)):
-                value = resample_rows(scores[c], properties, 0, lo, hi)
-                np.putmask(index, value > best, c)
-                np.maximum(best, value, out=best)
-            labels[lo:hi] = lookup[index]
-        else:
-            out = labels[lo:hi]
-            for r in range(len(scores)):
-                out[resample_rows(scores[r], properties, 0, lo, hi) > 0.5] = lookup[r]
-    return labels
+    return _label_rows(scores, scores.grid_shape, lambda channel, lo, hi: _as_numpy(channel[lo:hi]),
+                       output=output, values=values)
 
 
-def paste_into_input(cropped: np.ndarray, properties: dict) -> np.ndarray:
+def paste_into_input(cropped: np.ndarray, properties: PreprocessedCase) -> np.ndarray:
     """Undo the transpose of a cropped ``shape_after_crop`` array and paste it into zeros of the input's size."""
-    original = np.transpose(cropped, inverse_permutation(properties["transpose"]))
-    full = np.zeros([int(n) for n in properties["original_geometry"]["size"]], cropped.dtype)
-    full[tuple(slice(lo, hi) for lo, hi in properties["crop_box"])] = original
+    original = np.transpose(cropped, inverse_permutation(properties.transpose))
+    full = np.zeros([int(n) for n in properties.original_geometry.size], cropped.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in properties.crop_box)] = original
     return full
 
 
-def restore_labels(scores: torch.Tensor | Channels, properties: dict, *, output: str,
+def restore_labels(scores: torch.Tensor | Channels, properties: PreprocessedCase, *, output: str,
                    values: Sequence[int]) -> np.ndarray:
     """``X x Y x Z`` labels on the input grid (original order) from scores on the preprocessed grid."""
     return paste_into_input(labels_on_crop(scores, properties, output=output, values=values), properties)
 
 
-def _restored_rows_original(channel, properties: dict, fill: float) -> Iterator[np.ndarray]:
+def _restored_rows_original(channel, properties: PreprocessedCase, fill: float) -> Iterator[np.ndarray]:
     """One channel on the whole input grid, yielded as blocks of rows of original axis 0 (float16)."""
-    transpose = [int(a) for a in properties["transpose"]]
+    transpose = [int(a) for a in properties.transpose]
     inverse = inverse_permutation(transpose)
     axis = transpose.index(0)  # the transposed axis that is original axis 0
-    size = [int(n) for n in properties["original_geometry"]["size"]]
-    box = properties["crop_box"]
+    size = [int(n) for n in properties.original_geometry.size]
+    box = properties.crop_box
     (x0, x1), (y0, y1), (z0, z1) = box
     other = size[1] * size[2]
     for lo, hi in slabs(size[0], other):
@@ -229,7 +246,7 @@ def _restored_rows_original(channel, properties: dict, fill: float) -> Iterator[
         yield block
 
 
-def write_probabilities(scores: torch.Tensor | Channels, properties: dict, path: Path, *, output: str,
+def write_probabilities(scores: torch.Tensor | Channels, properties: PreprocessedCase, path: Path, *, output: str,
                         names: Sequence[str]) -> None:
     """Write ``<case>_probabilities.npz`` on the input grid, one channel and slab at a time (atomically).
 
@@ -238,7 +255,7 @@ def write_probabilities(scores: torch.Tensor | Channels, properties: dict, path:
     (``K`` channel names). Loads with ``np.load(path)`` (no pickle).
     """
     scores = as_channels(scores)
-    size = [int(n) for n in properties["original_geometry"]["size"]]
+    size = [int(n) for n in properties.original_geometry.size]
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
               "shape": (len(scores), *size)}
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,

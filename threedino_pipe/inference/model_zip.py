@@ -15,26 +15,12 @@ from pathlib import Path, PurePosixPath
 
 from rich.console import Console
 
-from threedino_pipe.runtime.atomic_files import atomic_path, read_artifact
+from threedino_pipe.artifacts import ModelCard
+from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
-MODEL_JSON = "model.json"
-DEFAULT_WEIGHTS = "checkpoint_best.pt"
+MODEL_JSON = ModelCard.FILE
 _RERUN = "3dino finetune"
-
-
-def weights_name(model_json: dict, where: Path) -> str:
-    """The weights file name ``model.json`` names (a plain file name, default ``checkpoint_best.pt``)."""
-    name = str(model_json.get("weights") or DEFAULT_WEIGHTS)
-    if PurePosixPath(name).name != name or name in ("", ".", ".."):
-        raise UserError(f"model.json names the weights file {name!r}, which is not a plain file name", file=where,
-                        fix=f"rerun `{_RERUN}` (model.json must name a file inside the run folder)")
-    return name
-
-
-def read_model_json(run_dir: Path) -> dict:
-    """``run_dir/model.json`` after checking its kind and schema version."""
-    return read_artifact(Path(run_dir) / MODEL_JSON, "model", 1, _RERUN)
 
 
 def export_zip(run_dir: Path, output: Path) -> Path:
@@ -44,11 +30,10 @@ def export_zip(run_dir: Path, output: Path) -> Path:
         UserError: ``run_dir`` is not a finetune run folder or lacks its weights.
     """
     run_dir, output = Path(run_dir), Path(output)
-    if not (run_dir / MODEL_JSON).is_file():
+    if not ModelCard.in_folder(run_dir).is_file():
         raise UserError("not a finetune run folder (no model.json)", file=run_dir,
                         fix="pass a finetune run folder (results/DatasetNNN_Name/finetune__...)")
-    model_json = read_model_json(run_dir)
-    weights = weights_name(model_json, run_dir / MODEL_JSON)
+    weights = ModelCard.read(ModelCard.in_folder(run_dir)).weights
     if not (run_dir / weights).is_file():
         raise UserError(f"the run folder has no {weights} (finetuning has not saved a best checkpoint yet)",
                         file=run_dir, fix=f"let `{_RERUN}` finish, then export again")

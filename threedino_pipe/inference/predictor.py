@@ -1,5 +1,8 @@
 """One case through the model(s): read, preprocess as in training, sliding window, back to the input.
 
+The sliding window here is the only one: ``3dino predict`` and finetune's validation
+(:func:`blended_probabilities` on a preprocessed case) both run it.
+
 Sliding window (segmentation): MONAI's window grid and gaussian blending (sigma 0.125 of the
 window), windows of the model's ``patch_size``, ``overlap`` between windows and
 ``window_batch_size`` windows per forward pass, blended by ``inference/blended_rows`` so that a
@@ -17,8 +20,7 @@ window), windows of the model's ``patch_size``, ``overlap`` between windows and
   them all at once: then the rows fill a float16 ``K x`` array of the case on the CPU.
 
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
-normalisation range). ``inference/sliding_window.py`` (finetune's validation) blends float32 logits
-of the whole case with MONAI's ``sliding_window_inference``.
+normalisation range, :data:`threedino_pipe.preprocessing.normalization.PAD_VALUE`).
 
 Classification: the whole preprocessed case resized to the patch size (the centre view of
 ``threedino_pipe.inference.features``, as the probe saw in finetuning), averaged the same way.
@@ -38,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from threedino_pipe.dataset.image_io import Geometry, read_image_with_nonfinite, write_image
+from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
-from threedino_pipe.inference.inputs import InputCase
-from threedino_pipe.inference.model_loading import LoadedModel, output_names, output_values
-from threedino_pipe.inference.sliding_window import PAD_VALUE  # -1: what training patches are padded with
+from threedino_pipe.inference.input_cases import InputCase
+from threedino_pipe.inference.model_loading import LoadedModel
+from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.preprocessing.pipeline import preprocess_case
+from threedino_pipe.raw_data.image_io import Geometry, read_image_with_nonfinite, write_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast
 
@@ -78,7 +81,7 @@ class PreparedCase:
 
     case: InputCase
     data: np.ndarray | None  # released (None) once the sliding window no longer needs it
-    properties: dict
+    properties: PreprocessedCase
     geometry: Geometry
     seconds: float
 
@@ -115,12 +118,12 @@ def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
     return images, geometry_0
 
 
-def prepare_case(case: InputCase, plans: dict, configuration: str) -> PreparedCase:
+def prepare_case(case: InputCase, recipe: CasePreprocessing) -> PreparedCase:
     """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``)."""
     start = time.perf_counter()
     images, geo = read_case(case)
     try:
-        data, _, properties = preprocess_case(images, geo, plans, configuration)
+        data, _, properties = preprocess_case(images, geo, recipe)
     except UserError as exc:
         raise _failure(exc.problem, case.files[0], exc.fix) from None
     return PreparedCase(case, data, properties, geo, time.perf_counter() - start)
@@ -184,41 +187,49 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 
 @torch.inference_mode()
-def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
-                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
-    """Blended probabilities ``K x X' x Y' x Z'`` of a prepared case (``C x X' x Y' x Z'``).
+def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequence[int]]], activation: str,
+                          num_outputs: int, options: InferenceOptions, device: torch.device, *,
+                          streamed: bool = False) -> geometry.Channels:
+    """Blended probabilities ``K x X x Y x Z`` of a preprocessed case ``data`` (``C x X x Y x Z`` float32).
 
     Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
-    restoring). Models with different patch sizes run in separate passes whose results are
-    averaged. ``prepared.data`` is released (the returned channels hold the case while they need it;
-    on a GPU the case moves to GPU memory).
+    read). Networks with different patch sizes run in separate passes whose results are averaged.
 
     Args:
+        data: the case, on the CPU or on ``device``; the returned channels hold it while they need it.
+        networks: ``(network, patch size)`` of every model (in eval mode, on ``device``), averaged.
+        activation: ``softmax`` or ``sigmoid``; ``num_outputs``: K.
         streamed: return a forward-only :class:`~threedino_pipe.inference.blended_rows.RowSource` whose
-            windows run as rows are read (``geometry.restore_labels`` reads them in order); else a
-            float16 CPU tensor of the whole case (random access, for saving probabilities).
+            windows run as rows are read (``geometry`` reads them in order); else a float16 CPU tensor
+            of the whole case (random access, for saving probabilities).
     """
+    implicit = activation == "softmax" and num_outputs > 1
+    groups: dict[tuple[int, ...], list[nn.Module]] = {}
+    for network, patch in networks:
+        groups.setdefault(tuple(int(p) for p in patch), []).append(network)
+    parts = []
+    for patch, members in groups.items():
+        source, region = _pad_to(data, patch)
+        ensemble = EnsembleProbabilities(members, activation, options.tta, options.precision,
+                                         drop_background=implicit)
+        rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
+                           batch_size=options.window_batch_size, device=device)
+        parts.append((rows, len(members) / len(networks)))
+    scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
+    return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
+
+
+def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
+                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
+    """:func:`blended_probabilities` of a prepared case, whose ``data`` is released (on a GPU the case
+    moves to GPU memory)."""
     data = torch.from_numpy(prepared.data)
     prepared.data = None
     if device.type == "cuda":
         data = data.to(device)
-    activation = models[0].model_json["output"]
-    num_outputs = int(models[0].model_json["num_outputs"])
-    implicit = activation == "softmax" and num_outputs > 1
-    groups: dict[tuple[int, ...], list[LoadedModel]] = {}
-    for model in models:
-        groups.setdefault(model.patch_size, []).append(model)
-    parts = []
-    for patch, members in groups.items():
-        source, region = _pad_to(data, patch)
-        ensemble = EnsembleProbabilities([m.network for m in members], activation, options.tta, options.precision,
-                                         drop_background=implicit)
-        rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
-                           batch_size=options.window_batch_size, device=device)
-        parts.append((rows, len(members) / len(models)))
-    del data
-    scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
-    return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
+    card = models[0].card
+    return blended_probabilities(data, [(m.network, m.patch_size) for m in models], card.output, card.num_outputs,
+                                 options, device, streamed=streamed)
 
 
 @torch.inference_mode()
@@ -237,23 +248,23 @@ def classify(data: np.ndarray, models: Sequence[LoadedModel], options: Inference
 def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
                  device: torch.device, output_dir: Path) -> CaseResult:
     """Predict a prepared case; segmentation writes ``<case><ending>`` (and probabilities) into ``output_dir``."""
-    model_json = models[0].model_json
+    card = models[0].card
     result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds})
     start = time.perf_counter()
-    if model_json["task"] == "classification":
+    if card.task == "classification":
         result.probabilities = classify(prepared.data, models, options, device)
         result.seconds["inference"] = time.perf_counter() - start
         return result
     # streamed (no probabilities saved): the windows run while the labels are restored row block by row block
     probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities)
-    output = model_json["output"]
-    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=output_values(model_json))
+    output = card.output
+    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=card.output_values())
     result.seconds["inference"] = time.perf_counter() - start
     start = time.perf_counter()
     if options.save_probabilities:  # before the label file, whose presence marks the case done
         geometry.write_probabilities(probs, prepared.properties,
                                      Path(output_dir) / f"{prepared.case.case_id}{PROBABILITIES}",
-                                     output=output, names=output_names(model_json))
+                                     output=output, names=card.output_names())
     del probs
     result.output = Path(output_dir) / prepared.case.output_name
     write_image(labels, prepared.geometry, result.output)

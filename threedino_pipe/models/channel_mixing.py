@@ -1,4 +1,4 @@
-"""Multi-channel inputs for a single-channel backbone (METHOD.md, "Downstream").
+"""Multi-channel inputs for a single-channel backbone (docs/method.md, "Multi-channel inputs").
 
 The backbone runs once per input channel: the channels are folded into the batch
 (``[B, C, W, H, D] -> [B*C, 1, W, H, D]``, batch index ``b * C + c``), and the per-channel patch

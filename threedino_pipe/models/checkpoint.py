@@ -17,7 +17,6 @@ the keys, never a model left with random weights.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -232,12 +231,19 @@ def load_backbone(path: str | Path, *, expect: str | dict | None = None, num_hea
     return model.eval(), {**info, "path": str(path)}
 
 
+def _plain(value: Any) -> bool:
+    """True for a value made of dicts with string keys, lists, tuples, strings, numbers, booleans and None."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def _json_able(meta: dict | None, what: str) -> dict:
     meta = dict(meta or {})
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be JSON-able: {exc}") from None
+    if not _plain(meta):
+        raise ValueError(f"{what} must be JSON-able (dicts with string keys, lists, strings, numbers, None): {meta!r}")
     return meta
 
 

@@ -1,4 +1,6 @@
-"""Classification on a frozen backbone: frozen token features and the linear probe (METHOD.md, "Downstream").
+"""Classification on a frozen backbone: frozen token features and the linear probe.
+
+The method's numbers: docs/method.md, "Downstream: classification".
 
 Features of one input ``[B, C, X, Y, Z]`` (each spatial side a multiple of the patch size):
 a single-channel backbone runs once per channel (channels folded into the batch) and returns,
@@ -17,14 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.models.channel_mixing import fold_channels
-from threedino_pipe.models.presets import build_backbone
-from threedino_pipe.models.vit3d import VisionTransformer3D
 
 MAX_LAYERS = 4
 
 
-def frozen_tokens(backbone: VisionTransformer3D, x: Tensor, num_layers: int = MAX_LAYERS) -> tuple[Tensor, Tensor]:
+def frozen_tokens(backbone: Backbone, x: Tensor, num_layers: int = MAX_LAYERS) -> tuple[Tensor, Tensor]:
     """CLS tokens ``[B, L, C, dim]`` of the last ``L = num_layers`` blocks and the last block's mean
     patch token ``[B, C, dim]`` of ``x [B, C, X, Y, Z]`` (single-channel backbone: once per channel)."""
     if x.ndim != 5:
@@ -66,7 +67,7 @@ class FrozenFeatures(nn.Module):
     The backbone stays in eval mode with ``requires_grad=False``; forward runs without autograd.
     """
 
-    def __init__(self, backbone: VisionTransformer3D, num_layers: int = MAX_LAYERS) -> None:
+    def __init__(self, backbone: Backbone, num_layers: int = MAX_LAYERS) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_layers = min(int(num_layers), backbone.depth)
@@ -92,7 +93,7 @@ class ProbeClassifier(nn.Module):
     The backbone keeps ``requires_grad=False`` and eval mode; it runs without autograd.
     """
 
-    def __init__(self, backbone: VisionTransformer3D, in_channels: int, num_classes: int, layers: int,
+    def __init__(self, backbone: Backbone, in_channels: int, num_classes: int, layers: int,
                  avgpool: bool, backbone_spec: dict | None = None) -> None:
         super().__init__()
         if not 1 <= layers <= min(MAX_LAYERS, backbone.depth):
@@ -116,8 +117,9 @@ class ProbeClassifier(nn.Module):
 
     def model_args(self) -> dict:
         """Keyword arguments of :func:`build_probe` that rebuild this architecture (JSON-able)."""
-        return {"backbone_dims": dict(self._backbone_spec), "in_channels": self.in_channels,
-                "num_classes": self.num_classes, "layers": self.layers, "avgpool": self.avgpool}
+        return {"backbone_dims": dict(self._backbone_spec), "backbone_family": self.backbone.family,
+                "in_channels": self.in_channels, "num_classes": self.num_classes, "layers": self.layers,
+                "avgpool": self.avgpool}
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -128,16 +130,20 @@ class ProbeClassifier(nn.Module):
 
 
 def build_probe(backbone_dims: str | dict, in_channels: int, num_classes: int, layers: int,
-                avgpool: bool) -> ProbeClassifier:
+                avgpool: bool, backbone_family: str = DEFAULT_FAMILY) -> ProbeClassifier:
     """A linear probe on a randomly initialised, frozen backbone (weights come from a checkpoint).
 
     Args:
-        backbone_dims: a preset name or :attr:`VisionTransformer3D.dims`.
+        backbone_dims: a preset name or the backbone's ``dims``; ``backbone_family`` its family (it needs
+            the ``cls_token`` capability).
         in_channels: input image channels C (a single-channel backbone runs once per channel).
         num_classes: K.
         layers: CLS tokens of the last 1..4 blocks.
         avgpool: also the last block's mean patch token.
     """
-    backbone = build_backbone(backbone_dims)
+    family = get_family(backbone_family)
+    if "cls_token" not in family.capabilities:
+        raise ValueError(f"the probe reads CLS tokens, which a {family.name} backbone lacks")
+    backbone = family.build(backbone_dims)
     spec = backbone.dims if isinstance(backbone_dims, str) else {**backbone.dims, **backbone_dims}
     return ProbeClassifier(backbone, in_channels, num_classes, layers, avgpool, backbone_spec=spec)

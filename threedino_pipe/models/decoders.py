@@ -36,7 +36,7 @@ def evenly_spaced_layers(depth: int, count: int = 4) -> list[int]:
 
 
 class LinearDecoder(nn.Module):
-    """Per-patch linear classifier on the last ``num_layers`` layers (METHOD.md's linear decoder).
+    """Per-patch linear classifier on the last ``num_layers`` layers (docs/method.md, "Downstream: segmentation").
 
     ``forward(features, spatial)``: ``features`` is one ``[B*C, N, dim]`` tensor per tapped layer;
     returns logits ``[B, num_outputs, *spatial]``, the per-patch logits upsampled trilinearly

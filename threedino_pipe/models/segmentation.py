@@ -16,14 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from threedino_pipe.models.adapter3d import AdapterSegmentationHead
+from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.models.channel_mixing import fold_channels
 from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
-from threedino_pipe.models.presets import build_backbone
-from threedino_pipe.models.vit3d import VisionTransformer3D
 
 HEADS = ("adapter", "unetr", "linear")
+# the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
+HEAD_NEEDS = {"adapter": "token_blocks"}
 
-# Finetuning defaults per head (METHOD.md, "Downstream"): AdamW lr and batch size.
+# Finetuning defaults per head (docs/method.md, "Downstream: segmentation"): AdamW lr and batch size.
 HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
     "adapter": {"lr": 1e-4, "batch_size": 8},
     "unetr": {"lr": 1e-4, "batch_size": 8},
@@ -39,7 +40,7 @@ class SegmentationNetwork(nn.Module):
     runs it with autograd so gradients flow through every block to the injectors.
     """
 
-    def __init__(self, backbone: VisionTransformer3D, head: nn.Module, head_name: str, in_channels: int,
+    def __init__(self, backbone: Backbone, head: nn.Module, head_name: str, in_channels: int,
                  num_outputs: int, *, freeze_backbone: bool = True, backbone_spec: str | dict | None = None) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
@@ -54,8 +55,8 @@ class SegmentationNetwork(nn.Module):
         """Keyword arguments of :func:`build_segmentation_model` that rebuild this architecture."""
         spec = self._backbone_spec
         return {"head": self.head_name, "backbone_dims": dict(spec) if isinstance(spec, dict) else spec,
-                "in_channels": self.in_channels, "num_outputs": self.num_outputs,
-                "freeze_backbone": self.frozen, **self.head.options}
+                "backbone_family": self.backbone.family, "in_channels": self.in_channels,
+                "num_outputs": self.num_outputs, "freeze_backbone": self.frozen, **self.head.options}
 
     def unused_backbone_parameters(self) -> set[str]:
         """Backbone parameters this network never uses (the mask token; the final norm for the
@@ -107,7 +108,7 @@ class SegmentationNetwork(nn.Module):
         return self.head(features, x.shape[2:])
 
 
-def _build_head(head: str, backbone: VisionTransformer3D, in_channels: int, num_outputs: int,
+def _build_head(head: str, backbone: Backbone, in_channels: int, num_outputs: int,
                 options: dict) -> nn.Module:
     channels = in_channels if backbone.in_chans == 1 else 1
     if head == "linear":
@@ -120,13 +121,15 @@ def _build_head(head: str, backbone: VisionTransformer3D, in_channels: int, num_
 
 
 def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
-                             freeze_backbone: bool = True, **head_options) -> SegmentationNetwork:
+                             freeze_backbone: bool = True, backbone_family: str = DEFAULT_FAMILY,
+                             **head_options) -> SegmentationNetwork:
     """Build a segmentation network with a randomly initialised backbone.
 
     Args:
         head: ``adapter``, ``unetr`` or ``linear``.
-        backbone_dims: a preset name or :attr:`VisionTransformer3D.dims` (any
-            :func:`~threedino_pipe.models.presets.build_backbone` keywords).
+        backbone_dims: a preset name or the backbone's ``dims`` (its family's ``build`` arguments).
+        backbone_family: the backbone family (:mod:`threedino_pipe.models.backbones`; model.json files
+            written before families existed leave it out: ``vit3d``).
         in_channels: input image channels C; a 1-channel backbone runs once per channel.
         num_outputs: output channels K (classes incl. background, or regions).
         freeze_backbone: backbone parameters get ``requires_grad=False``.
@@ -136,7 +139,10 @@ def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: 
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if in_channels < 1 or num_outputs < 1:
         raise ValueError(f"in_channels ({in_channels}) and num_outputs ({num_outputs}) must be >= 1")
-    backbone = build_backbone(backbone_dims)
+    family = get_family(backbone_family)
+    if head in HEAD_NEEDS and HEAD_NEEDS[head] not in family.capabilities:
+        raise ValueError(f"the {head} head needs a backbone with {HEAD_NEEDS[head]!r}, which {family.name} lacks")
+    backbone = family.build(backbone_dims)
     if backbone.in_chans not in (1, in_channels):
         raise ValueError(f"a backbone with {backbone.in_chans} input channels cannot take {in_channels} channels")
     module = _build_head(head, backbone, in_channels, num_outputs, dict(head_options))

@@ -10,7 +10,7 @@ block chunk index are removed (see :mod:`threedino_pipe.models.checkpoint`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,18 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
-    def attention_map(self, x: Tensor) -> Tensor:
-        """Softmax attention weights ``[B, heads, N, N]`` (for visualisation)."""
+    def cls_weights(self, x: Tensor) -> Tensor:
+        """Softmax weights of the CLS query (token 0) on ``x [B, 1 + N, dim]`` over the patch tokens,
+        ``[B, heads, N]``, divided by their mean over the N patches.
+
+        Row 0 of the softmax attention matrix, without computing its other ``N`` rows.
+        """
         b, n, d = x.shape
-        q, k, _ = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return torch.softmax((q @ k.transpose(-2, -1)) * (d // self.num_heads) ** -0.5, dim=-1)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        query = qkv[:, :1, 0].transpose(1, 2)  # [B, heads, 1, d_head]
+        keys = qkv[:, :, 1].transpose(1, 2)  # [B, heads, 1 + N, d_head]
+        weights = torch.softmax((query @ keys.transpose(-2, -1)) * (d // self.num_heads) ** -0.5, dim=-1)[:, :, 0, 1:]
+        return weights / weights.mean(dim=-1, keepdim=True)
 
 
 class Mlp(nn.Module):
@@ -161,6 +168,8 @@ class Block(nn.Module):
 class VisionTransformer3D(nn.Module):
     """3D ViT over ``patch_size^3`` patches with a CLS token, mask token and learned position embedding.
 
+    The ``vit3d`` backbone family (:mod:`threedino_pipe.models.backbones`), with every capability.
+
     Args:
         embed_dim, depth, num_heads: width, number of blocks, attention heads.
         patch_size: patch side in voxels (16 for the released weights).
@@ -170,6 +179,8 @@ class VisionTransformer3D(nn.Module):
         layerscale_init: LayerScale initial value; ``None`` builds blocks without LayerScale.
         pos_grid: side n of the stored cubic position-embedding grid (6 for 96^3 crops).
     """
+
+    family = "vit3d"
 
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 16, in_chans: int = 1,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, layerscale_init: float | None = 1e-5,
@@ -197,6 +208,11 @@ class VisionTransformer3D(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ----- configuration -----------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        """Voxels per axis of the cube it was pretrained on (``pos_grid * patch_size``)."""
+        return self.pos_grid * self.patch_size
+
     @property
     def pos_grid(self) -> int:
         """Side of the stored cubic position-embedding grid."""
@@ -288,13 +304,23 @@ class VisionTransformer3D(nn.Module):
             result.append((patch, cls) if return_cls else patch)
         return result
 
-    def last_attention(self, x: Tensor) -> Tensor:
-        """Attention weights of the last block, ``[B, heads, 1 + N, 1 + N]`` (row 0: the CLS query)."""
+    @torch.no_grad()
+    def last_layer_maps(self, x: Tensor, on_block: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
+        """Patch tokens ``[N, dim]`` (after the final norm) and CLS attention ``[heads, N]`` (``Attention.cls_weights``)
+        of the last block for one volume ``x [1, C, W, H, D]`` (results: float32 on the CPU); ``on_block`` is
+        called after each block."""
+        self.eval()
         h = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             h = block(h)
+            if on_block:
+                on_block()
         last = self.blocks[-1]
-        return last.attn.attention_map(last.norm1(h))
+        attention = last.attn.cls_weights(last.norm1(h))
+        h = last(h)
+        if on_block:
+            on_block()
+        return self.norm(h)[0, 1:].float().cpu(), attention[0].float().cpu()
 
     def forward(self, x: Tensor) -> Tensor:
         """CLS token after the final norm, ``[B, dim]``."""

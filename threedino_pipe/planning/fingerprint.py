@@ -20,13 +20,13 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from threedino_pipe import __version__
-from threedino_pipe.dataset.image_io import read_image, read_image_with_nonfinite
-from threedino_pipe.dataset.raw import CaseFiles, DatasetSpec
+from threedino_pipe.artifacts import DatasetJson, Fingerprint
+from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
+from threedino_pipe.raw_data.image_io import read_image, read_image_with_nonfinite
+from threedino_pipe.raw_data.raw import CaseFiles
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
 
-SCHEMA_VERSION = 1
 SAMPLES_PER_CASE = 10_000
 MAX_SAMPLES = 10_000_000
 PERCENTILES = (0.05, 0.5, 50.0, 99.5, 99.95)
@@ -72,7 +72,7 @@ def cross_slice_axis(spacing: list[float] | np.ndarray) -> tuple[int, bool]:
     return max(candidates, key=lambda axis: (s[axis], axis)), True
 
 
-def guess_modality(name: str, volume_minima: list[float], foreground: dict | None) -> tuple[str, str]:
+def guess_modality(name: str, volume_minima: list[float], foreground: IntensityStatistics | None) -> tuple[str, str]:
     """CT, MR, PET or other, with the reason: from the channel name, else from intensities.
 
     Intensity rule for CT: the median of the per-case minima lies in [-3100, -900] (air, or a
@@ -84,9 +84,9 @@ def guess_modality(name: str, volume_minima: list[float], foreground: dict | Non
         if any(pattern.match(t) for t in tokens):
             return modality, f"channel name '{name}'"
     minima = [m for m in volume_minima if m is not None and math.isfinite(m)]
-    if minima and foreground and foreground.get("p0.5") is not None:
+    if minima and foreground and foreground.p0_5 is not None:
         low = float(np.median(minima))
-        if -3100 <= low <= -900 and -1100 <= foreground["p0.5"] and foreground["p99.5"] <= 3100:
+        if -3100 <= low <= -900 and -1100 <= foreground.p0_5 and foreground.p99_5 <= 3100:
             return "CT", (f"intensities: median volume minimum {low:g} (air) and foreground within "
                           "[-1100, 3100] HU")
     return "other", f"channel name '{name}' is not a known modality and the intensities do not look like CT HU"
@@ -104,7 +104,7 @@ def _seed(case_id: str, channel: int) -> int:
     return zlib.crc32(f"{case_id}/{channel}".encode())
 
 
-def _fingerprint_case(job: _CaseJob) -> tuple[dict, list[np.ndarray], list[float | None]]:
+def _fingerprint_case(job: _CaseJob) -> tuple[CaseGeometry, list[np.ndarray], list[float | None]]:
     """One case: its geometry record, a foreground sample per channel and each channel's minimum."""
     arrays, geometry = [], None
     for path in job.images:
@@ -136,14 +136,11 @@ def _fingerprint_case(job: _CaseJob) -> tuple[dict, list[np.ndarray], list[float
         if values.size > job.num_samples:
             values = np.random.default_rng(_seed(job.case_id, channel)).choice(values, job.num_samples, replace=False)
         samples.append(values.astype(np.float64))
-    record = {
-        "spacing": [float(v) for v in geometry.spacing],
-        "shape": [int(v) for v in geometry.size],
-        "shape_after_crop": bounding_box_shape(nonzero),
-        "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction),
-        "direction": [float(v) for v in geometry.direction],
-        "origin": [float(v) for v in geometry.origin],
-    }
+    record = CaseGeometry(
+        spacing=[float(v) for v in geometry.spacing], shape=[int(v) for v in geometry.size],
+        shape_after_crop=bounding_box_shape(nonzero),
+        orientation=sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction),
+        direction=[float(v) for v in geometry.direction], origin=[float(v) for v in geometry.origin])
     return record, samples, minima
 
 
@@ -151,17 +148,17 @@ def _init_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def intensity_statistics(sample: np.ndarray) -> dict | None:
+def intensity_statistics(sample: np.ndarray) -> IntensityStatistics | None:
     """Percentiles 0.05/0.5/50/99.5/99.95, mean, std, min, max of a 1-D sample (None when empty)."""
     if sample.size == 0:
         return None
     stats = {f"p{p:g}": _round(v) for p, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True)}
-    stats.update(mean=_round(sample.mean()), std=_round(sample.std()), min=_round(sample.min()),
-                 max=_round(sample.max()))
-    return stats
+    return IntensityStatistics(**stats, mean=_round(sample.mean()), std=_round(sample.std()),
+                               min=_round(sample.min()), max=_round(sample.max()))
 
 
-def compute_fingerprint(folder: Path, spec: DatasetSpec, cases: list[CaseFiles], num_processes: int = 2) -> dict:
+def compute_fingerprint(folder: Path, spec: DatasetJson, cases: list[CaseFiles], num_processes: int = 2
+                        ) -> Fingerprint:
     """The ``dataset_fingerprint.json`` content of a verified raw dataset (docs/schemas.md).
 
     Args:
@@ -190,20 +187,12 @@ def compute_fingerprint(folder: Path, spec: DatasetSpec, cases: list[CaseFiles],
         sample = np.concatenate([samples[channel] for _, samples, _ in results])
         stats = intensity_statistics(sample)
         modality, reason = guess_modality(name, [minima[channel] for _, _, minima in results], stats)
-        channels[str(channel)] = {"name": name, "modality_guess": modality, "modality_reason": reason,
-                                  "foreground": stats, "num_samples": int(sample.size)}
-    spacings = np.array([r["spacing"] for r in records.values()])
-    shapes = np.array([r["shape"] for r in records.values()])
+        channels[str(channel)] = ChannelStatistics(name=name, modality_guess=modality, modality_reason=reason,
+                                                   foreground=stats, num_samples=int(sample.size))
+    spacings = np.array([r.spacing for r in records.values()])
+    shapes = np.array([r.shape for r in records.values()])
     median_spacing = [float(v) for v in np.median(spacings, axis=0)]
     axis, anisotropic = cross_slice_axis(median_spacing)
-    return {
-        "kind": "fingerprint", "schema_version": SCHEMA_VERSION, "version": __version__,
-        "dataset": folder.name, "task": spec.task,
-        "num_cases": len(records),
-        "cases": records,
-        "channels": channels,
-        "median_spacing": median_spacing,
-        "median_shape": [float(v) for v in np.median(shapes, axis=0)],
-        "cross_slice_axis": axis,
-        "anisotropic": anisotropic,
-    }
+    return Fingerprint(dataset=folder.name, task=spec.task, num_cases=len(records), cases=records, channels=channels,
+                       median_spacing=median_spacing, median_shape=[float(v) for v in np.median(shapes, axis=0)],
+                       cross_slice_axis=axis, anisotropic=anisotropic)

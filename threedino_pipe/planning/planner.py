@@ -12,11 +12,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from threedino_pipe import __version__
-from threedino_pipe.dataset.raw import DatasetSpec
+from threedino_pipe.artifacts import (
+    DatasetJson,
+    FinetuneConfiguration,
+    Fingerprint,
+    Normalization,
+    Plans,
+    PretrainConfiguration,
+)
+from threedino_pipe.artifacts.plans import Configurations
 from threedino_pipe.planning import memory
 
-SCHEMA_VERSION = 1
 AXES = "ijk"
 ANISOTROPY_RULE = 3.0           # nnU-Net: above this max/min spacing ratio the low-res axis takes a lower percentile
 LOWRES_PERCENTILE = 10.0
@@ -25,9 +31,22 @@ PATCH_MULTIPLE = memory.PATCH
 MIN_PRETRAIN_BATCH = 16         # the preset rule asks at least this pretrain_highres batch ...
 MIN_FINETUNE_BATCH = 2          # ... and at least this finetune batch
 FINETUNE_BATCH_CAP = {"segmentation": 8, "classification": 32}   # the paper's batch sizes
-PRETRAIN = {"pretrain": {"global_crop": 96, "local_crop": 48, "num_local_crops": 8, "min_axis": 24, "cap": 128},
-            "pretrain_highres": {"global_crop": 112, "local_crop": 64, "num_local_crops": 8, "min_axis": 48,
-                                 "cap": 64}}
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """A pretraining configuration's crops (voxels), the smallest axis kept and the batch cap."""
+
+    global_crop: int
+    local_crop: int
+    num_local_crops: int
+    min_axis: int
+    cap: int
+
+
+HIGHRES_CROPS = CropRecipe(global_crop=112, local_crop=64, num_local_crops=8, min_axis=48, cap=64)
+PRETRAIN = {"pretrain": CropRecipe(global_crop=96, local_crop=48, num_local_crops=8, min_axis=24, cap=128),
+            "pretrain_highres": HIGHRES_CROPS}
 NORMS = ("dataset", "volume")
 
 
@@ -61,12 +80,12 @@ def transpose_for(axis: int) -> list[int]:
     return [a for a in range(3) if a != axis] + [axis]
 
 
-def target_spacing(fingerprint: dict) -> tuple[list[float], str]:
+def target_spacing(fingerprint: Fingerprint) -> tuple[list[float], str]:
     """nnU-Net's median rule, raw order: the median spacing per axis; when the median spacings'
     largest/smallest ratio exceeds 3, the low-resolution axis takes the 10th percentile of its
     spacings instead (not below the other axes' largest median spacing)."""
-    spacings = np.array([case["spacing"] for case in fingerprint["cases"].values()])
-    median = [float(v) for v in fingerprint["median_spacing"]]
+    spacings = np.array([case.spacing for case in fingerprint.cases.values()])
+    median = [float(v) for v in fingerprint.median_spacing]
     ratio = max(median) / min(median)
     if ratio <= ANISOTROPY_RULE:
         return median, f"median spacing {_fmt(median)} mm (largest/smallest {ratio:.2f} <= {ANISOTROPY_RULE:g})"
@@ -79,10 +98,10 @@ def target_spacing(fingerprint: dict) -> tuple[list[float], str]:
                      f"{lowres:.3g} mm (nnU-Net's anisotropy rule)")
 
 
-def resampled_median_shape(fingerprint: dict, spacing: list[float]) -> list[float]:
+def resampled_median_shape(fingerprint: Fingerprint, spacing: list[float]) -> list[float]:
     """Median over cases of the cropped shape after resampling to ``spacing`` (voxels, raw order)."""
-    shapes = [np.array(c["shape_after_crop"]) * np.array(c["spacing"]) / np.array(spacing)
-              for c in fingerprint["cases"].values()]
+    shapes = [np.array(c.shape_after_crop) * np.array(c.spacing) / np.array(spacing)
+              for c in fingerprint.cases.values()]
     return [float(v) for v in np.median(np.array(shapes), axis=0)]
 
 
@@ -91,24 +110,24 @@ def patch_size(median_shape: list[float]) -> list[int]:
     return [max(PATCH_MULTIPLE, int(min(FINETUNE_PATCH, s)) // PATCH_MULTIPLE * PATCH_MULTIPLE) for s in median_shape]
 
 
-def normalization(fingerprint: dict, norm: str | None) -> tuple[list[dict], str]:
+def normalization(fingerprint: Fingerprint, norm: str | None) -> tuple[list[Normalization], str]:
     """Finetune normalisation per channel: CT -> dataset percentiles, others -> per-volume percentiles."""
     entries, reasons = [], []
-    for index, channel in sorted(fingerprint["channels"].items(), key=lambda kv: int(kv[0])):
-        modality, stats = channel["modality_guess"], channel["foreground"]
+    for index, channel in sorted(fingerprint.channels.items(), key=lambda kv: int(kv[0])):
+        modality, stats = channel.modality_guess, channel.foreground
         scheme = norm or ("dataset" if modality == "CT" else "volume")
-        why = "set by --norm" if norm else (f"{modality} ({channel['modality_reason']})")
-        if scheme == "dataset" and (stats is None or stats.get("p0.5") is None):
+        why = "set by --norm" if norm else (f"{modality} ({channel.modality_reason})")
+        if scheme == "dataset" and (stats is None or stats.p0_5 is None):
             scheme, why = "volume", why + "; no foreground voxels for dataset percentiles"
         if scheme == "dataset":
-            entries.append({"scheme": "dataset_percentile", "lower": stats["p0.5"], "upper": stats["p99.5"],
-                            "lower_pct": 0.5, "upper_pct": 99.5, "range": [-1, 1], "clip": True})
-            reasons.append(f"channel {index} '{channel['name']}': {why} -> dataset foreground 0.5/99.5 "
-                           f"percentiles [{stats['p0.5']:g}, {stats['p99.5']:g}] -> [-1, 1]")
+            entries.append(Normalization(scheme="dataset_percentile", lower=stats.p0_5, upper=stats.p99_5,
+                                         lower_pct=0.5, upper_pct=99.5, range=[-1, 1], clip=True))
+            reasons.append(f"channel {index} '{channel.name}': {why} -> dataset foreground 0.5/99.5 "
+                           f"percentiles [{stats.p0_5:g}, {stats.p99_5:g}] -> [-1, 1]")
         else:
-            entries.append({"scheme": "volume_percentile", "lower_pct": 0.5, "upper_pct": 99.5, "range": [-1, 1],
-                            "clip": True})
-            reasons.append(f"channel {index} '{channel['name']}': {why} -> per-volume 0.5/99.5 percentiles "
+            entries.append(Normalization(scheme="volume_percentile", lower_pct=0.5, upper_pct=99.5, range=[-1, 1],
+                                         clip=True))
+            reasons.append(f"channel {index} '{channel.name}': {why} -> per-volume 0.5/99.5 percentiles "
                            "-> [-1, 1]")
     return entries, "; ".join(reasons)
 
@@ -124,11 +143,11 @@ def _batch(estimate: memory.Estimate, memory_gb: float, cap: int) -> tuple[int, 
 
 
 def _choose_preset(memory_gb: float, finetune_estimate, task: str) -> tuple[str, str]:
-    crops = PRETRAIN["pretrain_highres"]
+    crops = HIGHRES_CROPS
     for name in reversed(list(memory.PRESETS)):
         preset = memory.PRESETS[name]
-        high = memory.fit_batch(memory.pretrain_estimate(preset, crops["global_crop"], crops["local_crop"]),
-                                memory_gb, crops["cap"])
+        high = memory.fit_batch(memory.pretrain_estimate(preset, crops.global_crop, crops.local_crop),
+                                memory_gb, crops.cap)
         tune = MIN_FINETUNE_BATCH if finetune_estimate is None else memory.fit_batch(
             finetune_estimate(preset), memory_gb, FINETUNE_BATCH_CAP[task])
         if high >= MIN_PRETRAIN_BATCH and tune >= MIN_FINETUNE_BATCH:
@@ -137,38 +156,39 @@ def _choose_preset(memory_gb: float, finetune_estimate, task: str) -> tuple[str,
     return "tiny", f"no preset reaches a pretrain_highres batch of {MIN_PRETRAIN_BATCH} within {memory_gb:g} GB"
 
 
-def _pretrain_config(name: str, fingerprint: dict, preset: str, preset_reason: str, memory_gb: float,
-                     num_channels: int) -> dict:
+def _pretrain_config(name: str, fingerprint: Fingerprint, preset: str, preset_reason: str, memory_gb: float,
+                     num_channels: int) -> PretrainConfiguration:
     crops = PRETRAIN[name]
-    estimate = memory.pretrain_estimate(memory.PRESETS[preset], crops["global_crop"], crops["local_crop"],
-                                        crops["num_local_crops"])
-    batch, batch_reason = _batch(estimate, memory_gb, crops["cap"])
-    kept = sum(min(c["shape_after_crop"]) > crops["min_axis"] for c in fingerprint["cases"].values())
-    return {
-        "resample": False, "spacing": None,
-        "normalization": [{"scheme": "volume_percentile", "lower_pct": 0.05, "upper_pct": 99.95, "range": [-1, 1],
-                           "clip": True} for _ in range(num_channels)],
-        "crop": "foreground_after_normalization",
-        "global_crop": crops["global_crop"], "local_crop": crops["local_crop"],
-        "num_local_crops": crops["num_local_crops"], "min_axis": crops["min_axis"],
-        "preset": preset, "batch_size": batch,
-        "reasons": {
-            "spacing": "native spacing: pretraining crops are resized to cubes anyway (METHOD.md)",
+    estimate = memory.pretrain_estimate(memory.PRESETS[preset], crops.global_crop, crops.local_crop,
+                                        crops.num_local_crops)
+    batch, batch_reason = _batch(estimate, memory_gb, crops.cap)
+    kept = sum(min(c.shape_after_crop) > crops.min_axis for c in fingerprint.cases.values())
+    return PretrainConfiguration(
+        resample=False, spacing=None,
+        normalization=[Normalization(scheme="volume_percentile", lower_pct=0.05, upper_pct=99.95, range=[-1, 1],
+                                     clip=True) for _ in range(num_channels)],
+        crop="foreground_after_normalization",
+        global_crop=crops.global_crop, local_crop=crops.local_crop,
+        num_local_crops=crops.num_local_crops, min_axis=crops.min_axis,
+        preset=preset, batch_size=batch,
+        reasons={
+            "spacing": "native spacing: pretraining crops are resized to cubes anyway (docs/method.md, Data)",
             "normalization": "per volume, 0.05/99.95 percentiles of all voxels -> [-1, 1], clipped; NaN -> volume "
-                             "mean (METHOD.md)",
-            "crop": "normalise the whole volume first, then crop to voxels > -1 (METHOD.md: order matters)",
-            "global_crop": f"{crops['global_crop']}^3 global / {crops['local_crop']}^3 local crops, "
-                           f"{crops['num_local_crops']} local per volume (METHOD.md)",
-            "min_axis": f"volumes with an axis of <= {crops['min_axis']} voxels after cropping are skipped "
-                        f"(METHOD.md); {kept} of {len(fingerprint['cases'])} cases pass (shape after crop-to-nonzero)",
+                             "mean (docs/method.md, Data)",
+            "crop": "normalise the whole volume first, then crop to voxels > -1 (docs/method.md, Data: order matters)",
+            "global_crop": f"{crops.global_crop}^3 global / {crops.local_crop}^3 local crops, "
+                           f"{crops.num_local_crops} local per volume (docs/method.md, Data)",
+            "min_axis": f"volumes with an axis of <= {crops.min_axis} voxels after cropping are skipped "
+                        f"(docs/method.md, Data); {kept} of {len(fingerprint.cases)} cases pass (shape after "
+                        "crop-to-nonzero)",
             "preset": preset_reason,
             "batch_size": batch_reason,
         },
-    }
+    )
 
 
-def _finetune_config(fingerprint: dict, spec: DatasetSpec, options: PlanOptions, transpose: list[int],
-                     preset: str, preset_reason: str, memory_gb: float) -> dict:
+def _finetune_config(fingerprint: Fingerprint, spec: DatasetJson, options: PlanOptions, transpose: list[int],
+                     preset: str, preset_reason: str, memory_gb: float) -> FinetuneConfiguration:
     def t(values):
         return [values[a] for a in transpose]
 
@@ -198,15 +218,15 @@ def _finetune_config(fingerprint: dict, spec: DatasetSpec, options: PlanOptions,
     else:
         batch, batch_reason = _batch(estimate, memory_gb, FINETUNE_BATCH_CAP[spec.task])
     segmentation = spec.task == "segmentation"
-    return {
-        "resample": True, "spacing": t(spacing),
-        "normalization": norm,
-        "crop": "nonzero",
-        "image_interpolation": interpolation,
-        "label_interpolation": "linear_per_class" if segmentation else None,
-        "patch_size": t(patch), "batch_size": batch, "preset": preset,
-        "median_shape": t([int(round(v)) for v in median_shape]),
-        "reasons": {
+    return FinetuneConfiguration(
+        resample=True, spacing=t(spacing),
+        normalization=norm,
+        crop="nonzero",
+        image_interpolation=interpolation,
+        label_interpolation="linear_per_class" if segmentation else None,
+        patch_size=t(patch), batch_size=batch, preset=preset,
+        median_shape=t([int(round(v)) for v in median_shape]),
+        reasons={
             "spacing": spacing_reason,
             "normalization": norm_reason,
             "crop": "crop to the bounding box of nonzero voxels of any channel",
@@ -217,16 +237,16 @@ def _finetune_config(fingerprint: dict, spec: DatasetSpec, options: PlanOptions,
             "preset": preset_reason,
             "batch_size": batch_reason,
         },
-    }
+    )
 
 
-def make_plans(fingerprint: dict, spec: DatasetSpec, options: PlanOptions, memory_gb: float = 8.0) -> dict:
-    """The ``plans.json`` content (docs/schemas.md) for a fingerprint, the user's overrides and a
-    GPU memory target in GB (2**30 bytes)."""
-    axis = int(fingerprint["cross_slice_axis"])
+def make_plans(fingerprint: Fingerprint, spec: DatasetJson, options: PlanOptions, memory_gb: float = 8.0) -> Plans:
+    """The plans (docs/schemas.md) for a fingerprint, the user's overrides and a GPU memory target in GB
+    (2**30 bytes)."""
+    axis = int(fingerprint.cross_slice_axis)
     transpose = transpose_for(axis)
-    median = fingerprint["median_spacing"]
-    if not fingerprint["anisotropic"]:
+    median = fingerprint.median_spacing
+    if not fingerprint.anisotropic:
         transpose_reason = (f"median spacing {_fmt(median)} mm is isotropic (largest/smallest <= 1.5): the last "
                             "axis plays the cross-slice role, no transpose")
     elif transpose == [0, 1, 2]:
@@ -255,20 +275,14 @@ def make_plans(fingerprint: dict, spec: DatasetSpec, options: PlanOptions, memor
                                                       memory_gb)
     decisions = {"transpose": transpose_reason, "preset": preset_reason}
     for name, config in configurations.items():
-        for field, reason in config["reasons"].items():
+        for field, reason in config.reasons.items():
             if field != "preset":
                 decisions[f"{name}.{field}"] = reason
     recorded = asdict(options)
     recorded = {k: (list(v) if isinstance(v, tuple) else v) for k, v in recorded.items()}
     recorded["memory_gb"] = memory_gb
-    return {
-        "kind": "plans", "schema_version": SCHEMA_VERSION, "version": __version__,
-        "dataset": fingerprint["dataset"], "task": spec.task,
-        "channel_names": {str(k): v for k, v in spec.channel_names.items()},
-        "labels": spec.labels, "regions_class_order": spec.regions_class_order, "class_names": spec.class_names,
-        "memory_target_gb": memory_gb,
-        "options": recorded,
-        "transpose": transpose,
-        "decisions": decisions,
-        "configurations": configurations,
-    }
+    return Plans(dataset=fingerprint.dataset, task=spec.task,
+                 channel_names={str(k): v for k, v in spec.channel_names.items()},
+                 labels=spec.labels, regions_class_order=spec.regions_class_order, class_names=spec.class_names,
+                 memory_target_gb=memory_gb, options=recorded, transpose=transpose, decisions=decisions,
+                 configurations=Configurations(**configurations))

@@ -38,15 +38,6 @@ def nonzero_box(images: np.ndarray) -> Box:
     return full_box(images.shape[1:]) if box is None else box
 
 
-def foreground_box(images: np.ndarray, background: float) -> Box:
-    """Box of the voxels above ``background`` in any channel (the pretraining crop, voxels > -1).
-
-    A volume without such voxels keeps its full extent.
-    """
-    box = bbox_of_mask(np.any(images > background, axis=0))
-    return full_box(images.shape[1:]) if box is None else box
-
-
 def crop(array: np.ndarray, box: Box) -> np.ndarray:
     """The ``box`` of the last three axes of ``array`` (leading axes kept), as a view."""
     lead = (slice(None),) * (array.ndim - len(box))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.artifacts import ChannelNormalization, Normalization
 
 SCHEMES = ("volume_percentile", "dataset_percentile")
+PAD_VALUE = -1.0  # the bottom of every planned range: what training patches and sliding windows are padded with
 
 
 def replace_nonfinite(channel: np.ndarray) -> tuple[np.ndarray, int]:
@@ -35,23 +36,21 @@ def replace_nonfinite(channel: np.ndarray) -> tuple[np.ndarray, int]:
     return channel, count
 
 
-def _bounds(channel: np.ndarray, entry: dict) -> tuple[float, float]:
-    scheme = entry.get("scheme")
-    if scheme == "volume_percentile":
-        lower, upper = np.percentile(channel, [float(entry["lower_pct"]), float(entry["upper_pct"])])
+def _bounds(channel: np.ndarray, entry: Normalization) -> tuple[float, float]:
+    if entry.scheme == "volume_percentile":
+        lower, upper = np.percentile(channel, [float(entry.lower_pct), float(entry.upper_pct)])
         return float(lower), float(upper)
-    if scheme == "dataset_percentile":
-        return float(entry["lower"]), float(entry["upper"])
-    raise UserError(f"unknown normalisation scheme {scheme!r} in plans.json (known: {', '.join(SCHEMES)})",
-                    fix="rerun `3dino plan` with this version of threedino-pipe")
+    return float(entry.lower), float(entry.upper)
 
 
-def normalize_channel(channel: np.ndarray, entry: dict) -> tuple[np.ndarray, dict]:
+def normalize_channel(channel: np.ndarray, entry: Normalization, nan_replaced: int = 0
+                      ) -> tuple[np.ndarray, ChannelNormalization]:
     """Map one channel to ``entry['range']`` as its plans entry says.
 
     Args:
         channel: ``X x Y x Z`` finite intensities.
         entry: a plans ``normalization`` entry (scheme, percentiles or values, range, clip).
+        nan_replaced: the NaN/Inf voxels replaced before (recorded).
 
     Returns:
         (float32 array, record with ``scheme``, ``lower`` and ``upper`` used). When
@@ -59,12 +58,12 @@ def normalize_channel(channel: np.ndarray, entry: dict) -> tuple[np.ndarray, dic
         others to ``range[0]``.
     """
     lower, upper = _bounds(channel, entry)
-    r0, r1 = (float(v) for v in entry.get("range", (-1.0, 1.0)))
+    r0, r1 = (float(v) for v in entry.range)
     if upper > lower:
         scale = np.float32((r1 - r0) / (upper - lower))
         out = (channel.astype(np.float32) - np.float32(lower)) * scale + np.float32(r0)
-        if entry.get("clip", True):
+        if entry.clip:
             np.clip(out, r0, r1, out=out)
     else:
         out = np.where(channel > lower, np.float32(r1), np.float32(r0)).astype(np.float32)
-    return out, {"scheme": entry["scheme"], "lower": lower, "upper": upper}
+    return out, ChannelNormalization(scheme=entry.scheme, lower=lower, upper=upper, nan_replaced=nan_replaced)

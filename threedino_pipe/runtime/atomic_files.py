@@ -71,22 +71,3 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"not valid JSON ({exc})", file=path, fix="repair or regenerate the file") from None
-
-
-def read_artifact(path: str | Path, kind: str, schema_version: int, rerun: str) -> dict:
-    """Read a JSON artifact and check its ``kind`` and ``schema_version``.
-
-    Args:
-        path: the JSON file.
-        kind: the expected value of the ``kind`` field (e.g. ``"plans"``).
-        schema_version: the version this code understands.
-        rerun: the command that regenerates the artifact, named in the error message.
-    """
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("kind") != kind:
-        raise UserError(f"not a {kind} file", file=path, fix=f"rerun `{rerun}`")
-    if data.get("schema_version") != schema_version:
-        raise UserError(
-            f"{kind} schema_version {data.get('schema_version')} is not the supported version {schema_version}",
-            file=path, fix=f"rerun `{rerun}` with this version of threedino-pipe")
-    return data

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from threedino_pipe.data.splits import load_splits
+from threedino_pipe.artifacts import Splits
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.runtime.precision import autocast
 
@@ -79,11 +79,11 @@ def load_probe_cases(preprocessed: Path, *, max_train: int = 8, max_val: int = 4
     """The probe's cases of a preprocessed labelled dataset: fold 0's training and validation cases
     (None when it has no labelled arrays or splits)."""
     folder = Path(preprocessed) / configuration
-    if not (Path(preprocessed) / "splits.json").is_file() or not folder.is_dir():
+    if not Splits.in_folder(preprocessed).is_file() or not folder.is_dir():
         return None
-    fold = load_splits(preprocessed, Path(preprocessed).name)["folds"][0]
-    train = load_cases(folder, sorted(fold["train"])[:max_train], max_size)
-    val = load_cases(folder, sorted(fold["val"])[:max_val], max_size)
+    fold = Splits.of_dataset(Path(preprocessed), Path(preprocessed).name).folds[0]
+    train = load_cases(folder, sorted(fold.train)[:max_train], max_size)
+    val = load_cases(folder, sorted(fold.val)[:max_val], max_size)
     if not train[0] or not val[0]:
         return None
     return ProbeCases(*train, *val, dataset=Path(preprocessed).name)
@@ -182,9 +182,9 @@ def cross_validated_probe(backbone: nn.Module, preprocessed: Path, device: torch
     training cases, scored on its validation cases; test cases never used); with ``shifted`` every case
     on the 8 shifted grids. Less noisy than fold 0 alone on small datasets (docs/benchmarks.md)."""
     folder, scores = Path(preprocessed) / configuration, []
-    for fold in load_splits(preprocessed, Path(preprocessed).name)["folds"]:
-        train = load_cases(folder, sorted(fold["train"]))
-        val = load_cases(folder, sorted(fold["val"]))
+    for fold in Splits.of_dataset(Path(preprocessed), Path(preprocessed).name).folds:
+        train = load_cases(folder, sorted(fold.train))
+        val = load_cases(folder, sorted(fold.val))
         if shifted:
             train, val = shifted_grids(*train), shifted_grids(*val)
         predict = fit_probe(backbone, *train, device) if train[0] and val[0] else None

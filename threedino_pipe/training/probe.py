@@ -28,10 +28,21 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from threedino_pipe import __version__
-from threedino_pipe.artifacts import BackboneRecord, FinetuneConfiguration, ModelCard, Plans, RunRecord, open_run_folder
-from threedino_pipe.artifacts.model_card import BestMetric
-from threedino_pipe.data.splits import load_splits, select_subset
+from threedino_pipe.artifacts import (
+    BackboneRecord,
+    BestMetric,
+    CaseProperties,
+    FinetuneConfiguration,
+    ModelCard,
+    Plans,
+    ProbePoint,
+    ProbeValidation,
+    RunRecord,
+    Splits,
+    Subset,
+    open_run_folder,
+)
+from threedino_pipe.data.splits import select_subset
 from threedino_pipe.evaluation.classification_metrics import classification_metrics, fast_metrics
 from threedino_pipe.inference.features import (
     FLIP_AXIS,
@@ -40,16 +51,17 @@ from threedino_pipe.inference.features import (
     FeatureCache,
     extract_cases,
 )
+from threedino_pipe.models.backbone_choice import resolve_backbone
+from threedino_pipe.models.backbones import get_family
 from threedino_pipe.models.classification import MAX_LAYERS, FrozenFeatures, ProbeClassifier, probe_input
-from threedino_pipe.models.presets import PRESETS, build_backbone
+from threedino_pipe.models.presets import PRESETS
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.runtime import paths
-from threedino_pipe.runtime.atomic_files import atomic_path, read_json, write_json
+from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.checkpoints import load_checkpoint, save_checkpoint
 from threedino_pipe.runtime.csv_log import CsvLog
 from threedino_pipe.runtime.device import pick_device
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.training.backbone_choice import resolve_backbone
 from threedino_pipe.training.probe_grid import (
     LEARNING_RATES,
     GridPoint,
@@ -82,11 +94,11 @@ def run_folder_name(tag: str, pct: float, fold: int, seed: int) -> str:
 def _case_labels(finetune_dir: Path, case_ids: list[str], dataset: str) -> dict[str, int]:
     labels = {}
     for case in case_ids:
-        path = finetune_dir / f"{case}.json"
+        path = CaseProperties.path(finetune_dir, case)
         if not path.is_file() or not (finetune_dir / f"{case}.b2nd").is_file():
             raise UserError(f"preprocessed case '{case}' is missing", file=path,
                             fix=f"run `3dino preprocess -d {dataset}`")
-        label = read_json(path).get("class_label")
+        label = CaseProperties.read(path, rerun=f"3dino preprocess -d {dataset}").class_label
         if label is None:
             raise UserError(f"case '{case}' has no class_label", file=path,
                             fix=f"rerun `3dino preprocess -d {dataset}` (and check labelsTr.csv)")
@@ -100,15 +112,18 @@ def _backbone(spec: str, preset: str | None, config: FinetuneConfiguration, seed
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(PRESETS)}")
     choice = resolve_backbone(spec, paths.results_root(), expect=preset)
     console.print(choice.how)
+    family = get_family(choice.family)
+    family.require("cls_token", "the classification probe reads CLS tokens", file=choice.source)
     if choice.model is None:
         name = preset or config.preset
         torch.manual_seed(seed)
-        model = build_backbone(name)
+        model = family.build(name)
         console.print(f"probe on a frozen, randomly initialised {name} backbone (seed {seed})")
-        record = BackboneRecord(tag=choice.tag, source="none", sha256=None, frozen=True, preset=name)
+        record = BackboneRecord(tag=choice.tag, source="none", sha256=None, frozen=True, preset=name,
+                                family=family.name)
         return model, choice.tag, record, f"none:{name}:{seed}"
     record = BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=True,
-                            preset=choice.info.get("preset"))
+                            preset=choice.info.get("preset"), family=family.name)
     return choice.model, choice.tag, record, choice.sha256
 
 
@@ -225,6 +240,34 @@ def _write_grid_csv(path: Path, points: list[GridPoint], scores: list[dict], fin
                              int(g == best)])
 
 
+def _classification_configuration(pre: Path, plans: Plans, dataset: str) -> tuple[FinetuneConfiguration, Path]:
+    """The finetune configuration of a classification dataset and its preprocessed folder, checked."""
+    if plans.task != "classification":
+        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
+                        file=Plans.in_folder(pre), fix="use --head adapter, unetr or linear for segmentation")
+    config = plans.configurations.finetune
+    finetune_dir = pre / CONFIGURATION
+    if config is None or not finetune_dir.is_dir():
+        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
+                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
+    return config, finetune_dir
+
+
+def _subset(pre: Path, finetune_dir: Path, dataset: str, *, fold: int, seed: int, pct: float
+            ) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+    """(the fold's training cases, the stratified ``--pct`` subset of them, its validation cases, class labels)."""
+    splits_file = Splits.in_folder(pre)
+    splits = Splits.of_dataset(pre, dataset)
+    fold_split = splits.fold(fold, file=splits_file)
+    fold_train, val_ids = list(fold_split.train), list(fold_split.val)
+    labels = _case_labels(finetune_dir, sorted(set(fold_train) | set(val_ids)), dataset)
+    train_ids = select_subset(splits, fold, seed, pct, {c: labels[c] for c in fold_train}, splits_file=splits_file)
+    if not val_ids:
+        raise UserError(f"fold {fold} has no validation cases", file=splits_file,
+                        fix=f"add cases and rerun `3dino preprocess -d {dataset}`")
+    return fold_train, train_ids, val_ids, labels
+
+
 def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str = "auto",
         preset: str | None = None, iters: int = 12_500, batch_size: int | None = None, device: str = "auto",
         num_workers: int = 2, restart: bool = False, stop_after: int | None = None,
@@ -237,28 +280,11 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     if num_augmentations < 0:
         raise UserError(f"num_augmentations {num_augmentations} must be >= 0", fix="pass 0 or more")
     pre, plans = dataset_plans(dataset)
-    if plans.task != "classification":
-        raise UserError(f"--head probe classifies whole cases, but {pre.name} is a {plans.task} dataset",
-                        file=pre / Plans.FILE, fix="use --head adapter, unetr or linear for segmentation")
-    config = plans.configurations.finetune
-    finetune_dir = pre / CONFIGURATION
-    if config is None or not finetune_dir.is_dir():
-        raise UserError("the finetune configuration is not preprocessed", file=finetune_dir,
-                        fix=f"run `3dino preprocess -d {dataset} -c finetune`")
+    config, finetune_dir = _classification_configuration(pre, plans, dataset)
     class_names = list(plans.class_names)
     in_channels = plans.num_channels
     patch_size = list(config.patch_size)
-    splits_file = pre / "splits.json"
-    splits = load_splits(pre, dataset)
-    if not 0 <= fold < len(splits["folds"]):
-        raise UserError(f"fold {fold} does not exist (folds 0..{len(splits['folds']) - 1})", file=splits_file,
-                        fix=f"pass --fold between 0 and {len(splits['folds']) - 1}")
-    fold_train, val_ids = list(splits["folds"][fold]["train"]), list(splits["folds"][fold]["val"])
-    labels = _case_labels(finetune_dir, sorted(set(fold_train) | set(val_ids)), dataset)
-    train_ids = select_subset(splits, fold, seed, pct, {c: labels[c] for c in fold_train}, splits_file=splits_file)
-    if not val_ids:
-        raise UserError(f"fold {fold} has no validation cases", file=splits_file,
-                        fix=f"add cases and rerun `3dino preprocess -d {dataset}`")
+    fold_train, train_ids, val_ids, labels = _subset(pre, finetune_dir, dataset, fold=fold, seed=seed, pct=pct)
 
     net, tag, backbone_record, backbone_key = _backbone(backbone, preset, config, seed, console)
     if net.in_chans != 1:
@@ -278,10 +304,10 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     if resume and _finished(folder, iters):
         console.print(f"{folder} is finished already; pass --restart to train again")
         return folder
-    write_json(folder / "subset.json", {
-        "kind": "subset", "schema_version": 1, "version": __version__, "dataset": pre.name, "fold": fold,
-        "seed": seed, "pct": float(pct), "ids": train_ids, "val_ids": val_ids, "num_fold_train": len(fold_train),
-        "class_counts": {name: sum(labels[c] == k for c in train_ids) for k, name in enumerate(class_names)}})
+    Subset(dataset=pre.name, fold=fold, seed=seed, pct=float(pct), ids=train_ids, val_ids=val_ids,
+           num_fold_train=len(fold_train),
+           class_counts={name: sum(labels[c] == k for c in train_ids) for k, name in enumerate(class_names)}
+           ).write(Subset.in_folder(folder))
     dev = pick_device(device)
     console.print(f"probe run {folder} ({'resuming' if resume else 'new'}): {len(train_ids)} training cases x "
                   f"{1 + num_augmentations} views, {len(val_ids)} validation cases, grid of "
@@ -315,7 +341,8 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
 
 def _finished(folder: Path, iters: int) -> bool:
     latest = folder / "checkpoint_latest.pt"
-    if not all((folder / n).is_file() for n in ("model.json", "checkpoint_best.pt", "validation.json")):
+    if not all(p.is_file() for p in (ModelCard.in_folder(folder), folder / "checkpoint_best.pt",
+                                     ProbeValidation.in_folder(folder))):
         return False
     return int(load_checkpoint(latest).get("iteration", -1)) == iters if latest.is_file() else False
 
@@ -341,10 +368,9 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
     y_true = y_val.cpu().numpy()
     metrics = classification_metrics(y_true, probs.argmax(1), probs, class_names)
     _write_predictions(folder / "validation_predictions.csv", val_ids, probs, class_names)
-    write_json(folder / "validation.json", {
-        "kind": "validation", "schema_version": 1, "version": __version__, "task": "classification", "head": HEAD,
-        "iteration": iters, "num_cases": len(val_ids), "best": point.to_dict(), "metrics": metrics,
-        "selection": "highest macro AUC, ties by accuracy, then by validation cross-entropy"})
+    ProbeValidation(iteration=iters, num_cases=len(val_ids), best=ProbePoint(**point.to_dict()), metrics=metrics,
+                    selection="highest macro AUC, ties by accuracy, then by validation cross-entropy").write(
+        ProbeValidation.in_folder(folder))
     ModelCard(
         task="classification", dataset=dataset, plans=plans, configuration=CONFIGURATION,
         channel_names=plans.channel_names, labels=plans.labels or {}, regions_class_order=plans.regions_class_order,
@@ -355,7 +381,7 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
                    "(threedino_pipe.inference.features.centre_view)",
         probe={**point.to_dict(), "grid_size": len(points)}, fold=fold, pct=float(pct), seed=seed,
         best_iteration=iters, best_metric=BestMetric(name="auc", value=metrics["auc"]["macro"])).write(
-        folder / ModelCard.FILE)
+        ModelCard.in_folder(folder))
     plot_curves(folder / "log.csv", folder / "curves.png", title=f"{dataset} probe: best of {len(points)} grid points")
     console.print(f"[green]probe[/]: {folder}: best lr {point.lr:g}, layers {point.layers}, avgpool "
                   f"{point.avgpool}: validation AUC {metrics['auc']['macro']:.3f}, F1 {metrics['f1']['macro']:.3f}, "

@@ -1,4 +1,4 @@
-"""The linear-probe grid trained at once on cached features (METHOD.md, "Downstream": Classification).
+"""The linear-probe grid trained at once on cached features (docs/method.md, "Downstream: classification").
 
 Every grid point ``(lr, layers, avgpool)`` is a Linear layer on a sub-vector of one full feature
 vector per view, ``[cls(block d-4), ..., cls(block d-1), patch_mean(last block)]``, each block
@@ -104,10 +104,6 @@ class ProbeGrid:
         self.momentum_weight = torch.zeros_like(self.weight)
         self.momentum_bias = torch.zeros_like(self.bias)
         self.lrs = torch.tensor([p.lr for p in self.points], device=device)
-
-    @property
-    def num_features(self) -> int:
-        return self.weight.shape[0]
 
     def logits(self, x: Tensor) -> Tensor:
         """``x [N, F]`` -> ``[N, G, K]``."""

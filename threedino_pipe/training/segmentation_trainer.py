@@ -3,8 +3,10 @@
 One iteration: a batch of patches (:mod:`threedino_pipe.data.patch_loader`), forward under
 autocast, MONAI ``DiceCELoss`` (softmax; plain labels) or ``DiceLoss`` (sigmoid; region labels)
 in float32, AdamW step, MONAI ``WarmupCosineSchedule`` step. Every ``val_every`` iterations (and
-at the end) rank 0 predicts each validation case whole with the sliding window and computes
-MONAI's Dice per case and class; an improvement of the mean foreground Dice writes
+at the end) rank 0 predicts each validation case whole with the sliding window of ``3dino predict``
+(:func:`threedino_pipe.inference.predictor.blended_probabilities`, the run's overlap and precision)
+and scores the label map it gives (MONAI's Dice per case and class, on the preprocessed grid);
+an improvement of the mean foreground Dice writes
 ``checkpoint_best.pt`` (weights only) and ``model.json``. ``checkpoint_latest.pt`` (model,
 optimiser, scheduler, data stream, RNG, validation history) is written atomically every
 ``save_every`` iterations and at every validation, so a killed run resumes where it stood.
@@ -28,13 +30,12 @@ from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from threedino_pipe import __version__
-from threedino_pipe.artifacts import ModelCard
-from threedino_pipe.artifacts.model_card import BestMetric
+from threedino_pipe.artifacts import BestMetric, ModelCard, SegmentationValidation, ValidationScore
 from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases
-from threedino_pipe.inference.sliding_window import predict_logits
+from threedino_pipe.inference import geometry
+from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
+from threedino_pipe.models.backbones import DEFAULT_FAMILY
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
-from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.runtime.checkpoints import save_checkpoint
 from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
@@ -43,7 +44,6 @@ from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finit
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.finetune_checkpoint"
-VALIDATION_SCHEMA_VERSION = 1
 CURVES = ["loss", "val_dice", "lr", "patches_per_s"]
 
 
@@ -84,6 +84,7 @@ class SegRunConfig:
     precision: str
     world_size: int = 1
     augmentation: dict = field(default_factory=dict)
+    backbone_family: str = DEFAULT_FAMILY
     # volatile: may differ between a run and its resumption
     num_workers: int = 2
     save_every: int = 500
@@ -140,59 +141,65 @@ def build_network(config: SegRunConfig, backbone_state: dict | None) -> Segmenta
     """The network, initialised with ``torch.manual_seed(seed)``; pretrained backbone weights loaded strictly."""
     torch.manual_seed(config.seed)
     net = build_segmentation_model(config.head, config.backbone_dims, config.in_channels, config.num_outputs,
-                                   freeze_backbone=config.frozen)
+                                   freeze_backbone=config.frozen, backbone_family=config.backbone_family)
     if backbone_state is not None:
         net.backbone.load_state_dict(backbone_state, strict=True)
     return net
 
 
-def validate(net: torch.nn.Module, config: SegRunConfig, val_cases: SegmentationCases, targets: TargetMaker,
-             device: torch.device) -> dict:
-    """Dice per validation case and class (MONAI ``compute_dice``; NaN where the reference class is empty).
+def case_labels(net: torch.nn.Module, image: np.ndarray, config: SegRunConfig, values: list[int],
+                device: torch.device) -> np.ndarray:
+    """The label map (``X x Y x Z`` label values) validation scores for one preprocessed case ``C x X x Y x Z``.
 
-    Returns ``{"mean_dice", "per_class": {name: mean over cases}, "per_case": {case: {name: dice}}}``;
-    ``mean_dice`` = mean over foreground classes (regions) of their mean over cases, NaNs left out.
+    ``3dino predict``'s sliding window and label rule with the run's overlap and precision
+    (``values``: the label value of each output channel, as in model.json); for a case that needs
+    no resampling it equals the crop of what ``3dino predict`` writes with the run's checkpoint.
+    """
+    data = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
+    options = InferenceOptions(overlap=config.overlap, precision=config.precision)
+    probabilities = blended_probabilities(data, [(net, config.patch_size)], config.output, config.num_outputs,
+                                          options, device, streamed=True)
+    return geometry.labels_on_grid(probabilities, output=config.output, values=values)
+
+
+def validate(net: torch.nn.Module, config: SegRunConfig, val_cases: SegmentationCases, targets: TargetMaker,
+             values: list[int], device: torch.device, iteration: int) -> ValidationScore:
+    """Dice per validation case and class of :func:`case_labels` (MONAI ``compute_dice`` of the label
+    map's classes or regions; NaN where the reference class is empty).
+
+    ``mean_dice`` = mean over foreground classes (regions) of their mean over cases, NaNs left out;
+    ``per_class``: the mean over cases; ``per_case``: case -> class -> Dice (None: the reference lacks it).
     """
     net.eval()
     per_case: dict[str, dict[str, float | None]] = {}
     columns = []
     for index, case in enumerate(val_cases.cases):
         image_arr, seg_arr = val_cases.arrays(index)
-        image = torch.from_numpy(np.ascontiguousarray(image_arr[...], dtype=np.float32))
+        labels = case_labels(net, image_arr[...], config, values, device)
         seg = torch.from_numpy(np.asarray(seg_arr[...]).astype(np.int64))[None]
-        logits = predict_logits(net, image, config.patch_size, overlap=config.overlap, device=device,
-                                precision=config.precision)[None]
-        reference = targets.one_hot(seg)
-        if config.output == "softmax":
-            pred = torch.nn.functional.one_hot(logits.argmax(1), config.num_outputs).movedim(-1, 1).float()
-            dice = compute_dice(pred, reference, include_background=False)[0]
-        else:
-            dice = compute_dice((logits > 0).float(), reference, include_background=True)[0]
-        values = dice.double().tolist()
-        columns.append(values)
+        predicted = targets.one_hot(torch.from_numpy(labels.astype(np.int64))[None, None])
+        dice = compute_dice(predicted, targets.one_hot(seg), include_background=config.output != "softmax")[0]
+        scores = dice.double().tolist()
+        columns.append(scores)
         per_case[case.case_id] = {n: (None if math.isnan(v) else round(v, 6))
-                                  for n, v in zip(config.target_names, values, strict=True)}
+                                  for n, v in zip(config.target_names, scores, strict=True)}
     net.train()
     table = np.asarray(columns, dtype=np.float64).reshape(len(columns), -1)
     with np.errstate(all="ignore"):
         means = [float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in table.T]
     finite = [m for m in means if math.isfinite(m)]
-    return {"mean_dice": round(float(np.mean(finite)), 6) if finite else 0.0,
-            "per_class": {n: (None if math.isnan(m) else round(m, 6))
-                          for n, m in zip(config.target_names, means, strict=True)},
-            "per_case": per_case}
+    return ValidationScore(iteration=iteration, mean_dice=round(float(np.mean(finite)), 6) if finite else 0.0,
+                           per_class={n: (None if math.isnan(m) else round(m, 6))
+                                      for n, m in zip(config.target_names, means, strict=True)},
+                           per_case=per_case)
 
 
-def _write_validation(folder: Path, config: SegRunConfig, history: list[dict], best: dict | None,
-                      done: int) -> None:
-    latest = history[-1] if history else None
-    write_json(folder / "validation.json", {
-        "kind": "validation", "schema_version": VALIDATION_SCHEMA_VERSION, "version": __version__,
-        "metric": "dice", "classes": config.target_names, "val_cases": config.val_ids,
-        "iterations_done": done, "iters": config.iters, "finished": done >= config.iters,
-        "best": best, "latest": latest,
-        "history": [{"iteration": h["iteration"], "mean_dice": h["mean_dice"], "per_class": h["per_class"]}
-                    for h in history]})
+def _write_validation(folder: Path, config: SegRunConfig, history: list[ValidationScore],
+                      best: ValidationScore | None, done: int) -> None:
+    SegmentationValidation(classes=config.target_names, val_cases=config.val_ids, iterations_done=done,
+                           iters=config.iters, finished=done >= config.iters, best=best,
+                           latest=history[-1] if history else None,
+                           history=[h.point() for h in history]).write(SegmentationValidation.in_folder(folder))
 
 
 class SegmentationTask:
@@ -215,8 +222,8 @@ class SegmentationTask:
             if config.augmentation else None
         self.loader = PatchLoader(train_cases, tuple(config.patch_size), config.batch_size, config.num_workers,
                                   config.seed, aug, rank=dist.rank, world_size=dist.world_size)
-        self.history: list[dict] = []
-        self.best: dict | None = None
+        self.history: list[ValidationScore] = []
+        self.best: ValidationScore | None = None
         self.model = DistributedDataParallel(self.net) if dist.world_size > 1 else self.net
         self.net.train()
 
@@ -241,29 +248,30 @@ class SegmentationTask:
         config = self.config
         validate_now = iteration % config.val_every == 0 or iteration == config.iters
         if validate_now and self.dist.is_main:
-            record = {"iteration": iteration,
-                      **validate(self.net, config, self.val_cases, self.targets, self.dist.device)}
+            record = validate(self.net, config, self.val_cases, self.targets, self.card.output_values(),
+                              self.dist.device, iteration)
             self.history.append(record)
-            row["val_dice"] = record["mean_dice"]
-            if self.best is None or record["mean_dice"] > self.best["mean_dice"]:
+            row["val_dice"] = record.mean_dice
+            if self.best is None or record.mean_dice > self.best.mean_dice:
                 self.best = record
                 save_checkpoint({"model": self.net.state_dict()}, self.folder / "checkpoint_best.pt")
                 self.card.model_copy(update={
                     "model_args": self.net.model_args(), "best_iteration": iteration,
-                    "best_metric": BestMetric(name="dice", value=record["mean_dice"])}).write(
-                    self.folder / ModelCard.FILE)
-            say(f"iteration {iteration}: validation Dice {record['mean_dice']:.4f} "
-                f"(best {self.best['mean_dice']:.4f} at iteration {self.best['iteration']})")
+                    "best_metric": BestMetric(name="dice", value=record.mean_dice)}).write(
+                    ModelCard.in_folder(self.folder))
+            say(f"iteration {iteration}: validation Dice {record.mean_dice:.4f} "
+                f"(best {self.best.mean_dice:.4f} at iteration {self.best.iteration})")
         return validate_now
 
     def status(self, row: dict[str, Any]) -> str:
-        best = f" best Dice {self.best['mean_dice']:.3f}" if self.best else ""
+        best = f" best Dice {self.best.mean_dice:.3f}" if self.best else ""
         return f"loss {row['loss']:.3f}{best}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "loader": self.loader.state_dict(), "history": self.history, "best": self.best}
+                "loader": self.loader.state_dict(), "history": [h.model_dump() for h in self.history],
+                "best": None if self.best is None else self.best.model_dump()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
@@ -272,7 +280,8 @@ class SegmentationTask:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        self.history, self.best = list(state["history"]), state["best"]
+        self.history = [ValidationScore.model_validate(h) for h in state["history"]]
+        self.best = None if state["best"] is None else ValidationScore.model_validate(state["best"])
 
     def on_save(self, folder: Path, iteration: int) -> None:
         _write_validation(folder, self.config, self.history, self.best, iteration)
@@ -286,7 +295,7 @@ class SegmentationTask:
 
 def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, dist: DistInfo, *, resume: bool,
                        rerun: str, model_card: ModelCard, backbone_state: dict | None = None,
-                       stop_after: int | None = None) -> dict | None:
+                       stop_after: int | None = None) -> ValidationScore | None:
     """Run (or resume) finetuning into ``folder``; returns the best validation record (rank 0).
 
     Args:

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from threedino_pipe.artifacts import PreprocessedCase
 from threedino_pipe.inference import geometry
-from threedino_pipe.models.vit3d import Attention, VisionTransformer3D
+from threedino_pipe.models.backbones import Backbone
 
 
 def network_shape(shape: Sequence[int], size: int, patch: int) -> tuple[int, int, int]:
@@ -43,39 +44,11 @@ def network_input(volume: np.ndarray, shape: Sequence[int]) -> Tensor:
     return F.interpolate(tensor, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
 
 
-def cls_attention(attn: Attention, x: Tensor) -> Tensor:
-    """Softmax weights of the CLS query (token 0) of ``attn`` on ``x [B, 1 + N, dim]`` over the patch
-    tokens, ``[B, heads, N]``, divided by their mean over the N patches.
-
-    The same weights as row 0 of :meth:`Attention.attention_map`, without its ``N x N`` matrix.
-    """
-    b, n, d = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, heads, d // heads)
-    query = qkv[:, :1, 0].transpose(1, 2)  # [B, heads, 1, d_head]
-    keys = qkv[:, :, 1].transpose(1, 2)  # [B, heads, 1 + N, d_head]
-    weights = torch.softmax((query @ keys.transpose(-2, -1)) * (d // heads) ** -0.5, dim=-1)[:, :, 0, 1:]
-    return weights / weights.mean(dim=-1, keepdim=True)
-
-
-@torch.no_grad()
-def last_layer(backbone: VisionTransformer3D, x: Tensor, advance: Callable[[], None] | None = None
-               ) -> tuple[Tensor, Tensor]:
+def last_layer(backbone: Backbone, x: Tensor, advance: Callable[[], None] | None = None) -> tuple[Tensor, Tensor]:
     """Patch tokens ``[N, dim]`` (after the final norm) and CLS attention ``[heads, N]`` of the last block
     for one volume ``x [1, C, W, H, D]`` on the backbone's device (results: float32 on the CPU);
-    ``advance`` is called after each block."""
-    backbone.eval()
-    h = backbone.prepare_tokens(x)
-    for block in backbone.blocks[:-1]:
-        h = block(h)
-        if advance:
-            advance()
-    last = backbone.blocks[-1]
-    attention = cls_attention(last.attn, last.norm1(h))
-    h = last(h)
-    if advance:
-        advance()
-    return backbone.norm(h)[0, 1:].float().cpu(), attention[0].float().cpu()
+    ``advance`` is called after each block. Needs the ``cls_attention`` capability of the backbone's family."""
+    return backbone.last_layer_maps(x, advance)
 
 
 def to_preprocessed_grid(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -85,13 +58,13 @@ def to_preprocessed_grid(maps: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out[0].numpy()
 
 
-def restore_to_input(volume: np.ndarray, properties: dict) -> np.ndarray:
+def restore_to_input(volume: np.ndarray, properties: PreprocessedCase) -> np.ndarray:
     """A ``X' x Y' x Z'`` map on the preprocessed grid -> ``X x Y x Z`` float32 on the input grid.
 
     Linear resampling back to the cropped grid (one slab of rows at a time), the transpose undone,
     pasted into zeros outside the crop box (``predict``'s inverse of the preprocessing).
     """
-    shape = [int(n) for n in properties["shape_after_crop"]]
+    shape = [int(n) for n in properties.shape_after_crop]
     cropped = np.empty(shape, np.float32)
     source = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     for lo, hi in geometry.slabs(shape[0], shape[1] * shape[2]):

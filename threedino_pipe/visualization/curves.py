@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from threedino_pipe.runtime.atomic_files import atomic_path  # noqa: E402
+from threedino_pipe.runtime.atomic_files import atomic_path
 
 
 def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] | None = None,
@@ -28,7 +25,8 @@ def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] 
         return None
     ncols = min(3, len(columns))
     nrows = (len(columns) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows))  # no pyplot: the process's matplotlib backend stays as it is
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
         valid = table[["iteration", column]].dropna()
         sparse = len(valid) < len(table) / 2  # logged every few iterations (validation, probes): mark the points
@@ -45,5 +43,4 @@ def plot_curves(log_csv: str | Path, out_png: str | Path, *, columns: list[str] 
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
     return out_png

@@ -22,7 +22,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from threedino_pipe.dataset.image_io import Geometry
+from threedino_pipe.raw_data.image_io import Geometry
 
 DPI = 100
 COLUMN_INCHES = 3.2

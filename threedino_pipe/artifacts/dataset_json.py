@@ -1,0 +1,194 @@
+"""``dataset.json`` of a raw dataset: nnU-Net v2's description with our extensions (docs/raw_convention.md).
+
+Fields: ``channel_names`` ({"0": "CT"}; nnU-Net v1's ``modality`` is accepted), ``labels``
+({"background": 0, "liver": 1} or regions {"whole_tumor": [1, 2, 3]} with
+``regions_class_order``), ``numTraining``, ``file_ending``; our extensions: ``task``
+("segmentation", the default when labels are given; "classification" with ``class_names``;
+"unlabeled" for pretraining-only collections) and nnU-Net v2's optional ``dataset`` listing
+(case id -> ``{"images": [...], "label": ...}``). Other keys nnU-Net allows (``name``,
+``description``, ``licence``, ...) are kept as they are.
+
+The user writes this file, so a problem names the field and says how to write it (there is no
+command to rerun).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+from threedino_pipe.artifacts.base import Record, field_path
+from threedino_pipe.runtime.atomic_files import read_json, write_json
+from threedino_pipe.runtime.errors import UserError
+
+TASKS = ("segmentation", "classification", "unlabeled")
+LabelValue = Annotated[int, Strict()] | list[Annotated[int, Strict()]]
+_LISTING_EXAMPLE = ('"dataset": {"case1": {"images": ["imagesTr/case1_0000.nii.gz"], '
+                    '"label": "labelsTr/case1.nii.gz"}}')
+# how to write each field right (the fix of an error about it)
+FIXES = {
+    "channel_names": 'write e.g. "channel_names": {"0": "T1", "1": "T2"} (channel indices 0, 1, 2, ... as keys)',
+    "labels": 'write name -> value, e.g. "labels": {"background": 0, "organ": 1} (nnU-Net v2 style; nnU-Net v1 '
+              'wrote value -> name); a region lists its values: "tumour": [1, 2]',
+    "file_ending": 'add e.g. "file_ending": ".nii.gz"',
+    "task": f"use one of {', '.join(TASKS)}",
+    "numTraining": "set it to the number of training cases",
+    "class_names": 'add e.g. "class_names": ["benign", "malignant"]',
+    "regions_class_order": "add the label value written for each region, in the order of 'labels'",
+    "dataset": f"each entry needs 'images' (a list of file paths) and, for segmentation, 'label': write e.g. "
+               f"{_LISTING_EXAMPLE}",
+}
+
+
+class DatasetJsonProblem(Exception):
+    """A rule of the convention broken by ``field`` (raised by validators, turned into a UserError by ``read``)."""
+
+    def __init__(self, field: str, problem: str, fix: str | None = None) -> None:
+        super().__init__(problem)
+        self.field, self.problem, self.fix = field, problem, fix or FIXES.get(field)
+
+
+class ListedCase(Record):
+    """One entry of nnU-Net v2's ``dataset`` listing: image paths (one per channel) and the label path."""
+
+    model_config = ConfigDict(extra="allow")
+    images: list[str] = Field(min_length=1)
+    label: str | None = None
+
+
+class DatasetJson(Record):
+    """The parsed ``dataset.json``; ``channel_names`` ordered by index, ``labels`` empty unless segmentation."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True)
+    FILE: ClassVar[str] = "dataset.json"
+
+    channel_names: dict[int, str] = Field(min_length=1)
+    labels: dict[str, LabelValue] = {}
+    task: Literal["segmentation", "classification", "unlabeled"]
+    file_ending: str
+    num_training: Annotated[int, Strict()] | None = Field(None, alias="numTraining")
+    class_names: list[str] = []
+    regions_class_order: list[int] | None = None
+    dataset: dict[str, ListedCase] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _conventions(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise DatasetJsonProblem("(top level)", "dataset.json must hold a JSON object",
+                                     "see dataset_templates/ and docs/raw_convention.md")
+        data = dict(data)
+        if "channel_names" not in data and "modality" in data:  # nnU-Net v1's name
+            data["channel_names"] = data.pop("modality")
+        channels = data.get("channel_names")
+        if not isinstance(channels, dict) or not channels:
+            raise DatasetJsonProblem("channel_names", "'channel_names' is missing or empty",
+                                     'add e.g. "channel_names": {"0": "CT"}')
+        if not all(str(k).isdigit() for k in channels):
+            raise DatasetJsonProblem("channel_names", "'channel_names' keys must be channel indices \"0\", \"1\", ...")
+        data["channel_names"] = {int(k): str(v) for k, v in sorted(channels.items(), key=lambda kv: int(kv[0]))}
+        data.setdefault("task", "segmentation" if data.get("labels") else "unlabeled")
+        if data["task"] not in TASKS:
+            raise DatasetJsonProblem("task", f"unknown task '{data['task']}'")
+        if data["task"] != "segmentation":
+            data["labels"] = {}
+        if isinstance(data.get("class_names"), list):
+            data["class_names"] = [str(c) for c in data["class_names"]]
+        return data
+
+    @field_validator("channel_names")
+    @classmethod
+    def _contiguous(cls, names: dict[int, str]) -> dict[int, str]:
+        if sorted(names) != list(range(len(names))):
+            raise DatasetJsonProblem("channel_names", f"channel indices {sorted(names)} are not 0..{len(names) - 1}",
+                                     "number the channels 0, 1, 2, ... without gaps")
+        return names
+
+    @field_validator("file_ending")
+    @classmethod
+    def _dotted(cls, ending: str) -> str:
+        if not ending.startswith("."):
+            raise DatasetJsonProblem("file_ending", "'file_ending' is missing or does not start with '.'")
+        return ending
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> DatasetJson:
+        if self.task == "segmentation":
+            if not self.labels:
+                raise DatasetJsonProblem("labels", "'labels' is missing",
+                                         'add e.g. "labels": {"background": 0, "organ": 1}')
+            if 0 not in [v for v in self.labels.values() if isinstance(v, int)]:
+                raise DatasetJsonProblem("labels", "'labels' has no background (value 0)", 'add "background": 0')
+            if self.has_regions and self.regions_class_order is None:
+                raise DatasetJsonProblem("regions_class_order", "region labels need 'regions_class_order'")
+        if self.task == "classification" and len(self.class_names) < 2:
+            raise DatasetJsonProblem("class_names", "a classification dataset needs 'class_names' with at least "
+                                     "2 classes")
+        if self.task == "segmentation" and self.dataset:
+            for case, item in self.dataset.items():
+                if item.label is None:
+                    raise DatasetJsonProblem("dataset", f"'dataset' entry '{case}' needs 'label': the label "
+                                             "file's path")
+        return self
+
+    @classmethod
+    def in_folder(cls, folder: str | Path) -> Path:
+        """``folder/dataset.json``."""
+        return Path(folder) / cls.FILE
+
+    @classmethod
+    def read(cls, folder: str | Path) -> DatasetJson:
+        """Parse and check ``folder/dataset.json``.
+
+        Raises:
+            UserError: the file is missing, or a field is absent or malformed (named, with how to write it).
+        """
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            raise UserError("dataset.json is missing", file=path,
+                            fix="create it (see dataset_templates/ and docs/raw_convention.md)")
+        return cls.from_data(read_json(path), path)
+
+    @classmethod
+    def from_data(cls, data: Any, path: str | Path) -> DatasetJson:
+        """Validate parsed ``data`` of the file ``path`` (errors name ``path``)."""
+        try:
+            return cls.model_validate(data)
+        except DatasetJsonProblem as problem:
+            raise UserError(problem.problem, file=path, fix=problem.fix) from None
+        except ValidationError as exc:
+            raise _validation_error(exc, path) from None
+
+    def write(self, path: str | Path) -> Path:
+        """Write atomically in nnU-Net's layout (``numTraining``, string channel keys); returns ``path``."""
+        write_json(path, self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True))
+        return Path(path)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def has_regions(self) -> bool:
+        return any(isinstance(v, list) for v in self.labels.values())
+
+    @property
+    def label_values(self) -> set[int]:
+        """Every integer value a label image may contain (0 included)."""
+        values = {0}
+        for v in self.labels.values():
+            values.update(v if isinstance(v, list) else [v])
+        return values
+
+
+def _validation_error(exc: ValidationError, path: str | Path) -> UserError:
+    """The first problem of ``exc`` as a UserError naming the field and how to write it."""
+    error = exc.errors()[0]
+    where = field_path(error["loc"]).replace("num_training", "numTraining")
+    field = where.split(".")[0]
+    given = repr(error.get("input"))
+    given = given if len(given) <= 60 else given[:57] + "..."
+    what = "is missing" if error["type"] == "missing" else f"is invalid ({given}): {error['msg']}"
+    return UserError(f"'{where}' {what}", file=path, fix=FIXES.get(field, "see docs/raw_convention.md"))

@@ -1,0 +1,50 @@
+"""The demo's own records (docs/demo.md): ``demo.json`` (its options) and ``timings.json`` (stage times)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from threedino_pipe.artifacts.base import Artifact, Record
+
+
+class DemoRecord(Artifact):
+    """``demo.json``: the options a demo folder was made with (a rerun with other options refuses)."""
+
+    KIND = "demo"
+    SCHEMA_VERSION = 1
+    WRITER = "3dino demo"
+    FILE = "demo.json"
+
+    options: dict[str, Any]
+
+    def made_quick(self) -> bool:
+        """True when the folder was made by ``3dino demo --quick``."""
+        return bool(self.options.get("quick"))
+
+
+class StageTime(Record):
+    """One stage of the demo: its name, the command it ran and its wall time (s)."""
+
+    stage: str
+    command: str
+    seconds: float = Field(ge=0.0)
+
+
+class DemoTimings(Artifact):
+    """``timings.json``: wall time (s) of each stage of the last invocation, the machine's load average."""
+
+    KIND = "demo_timings"
+    SCHEMA_VERSION = 1
+    WRITER = "3dino demo"
+    FILE = "timings.json"
+
+    quick: bool
+    cpu_count: int | None
+    load_average_start: list[float]
+    stages: list[StageTime] = []
+    total_seconds: float = 0.0
+    load_average_end: list[float] | None = None
+
+    OMIT_WHEN_NONE = ("load_average_end",)

@@ -1,0 +1,137 @@
+"""``finetune --backbone``: which pretrained backbone (or none) a finetune run starts from.
+
+- ``auto``: the newest ``<results>/pretrain/*__highres*`` run that has a ``backbone.pt`` (newest by
+  that file's modification time), else the newest pretrain run with one, else an error that says
+  to pretrain or to pass ``--backbone none``;
+- a run folder: its ``backbone.pt`` (an unfinished run has none: an error);
+- a file: our ``backbone.pt``, an export, or the released 3DINO-ViT file
+  (its family's loader, strict: :func:`threedino_pipe.models.checkpoint.load_backbone` for ``vit3d``);
+- ``none``: a randomly initialised backbone trained end to end (the paper's Random baseline).
+
+The tag names the backbone in the run folder name: the run folder's name, the file's stem (a
+file called ``backbone.pt`` takes its folder's name, so two runs' files never share a tag), or
+``none``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
+from threedino_pipe.runtime.errors import UserError
+
+BACKBONE_FILE = "backbone.pt"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+@dataclass
+class BackboneChoice:
+    """The resolved ``--backbone``.
+
+    Attributes:
+        tag: name used in the run folder (``none`` for random init).
+        source: the weights file's path, or ``none``.
+        path: the weights file, or None for random init.
+        sha256: first 16 hex digits of the file's SHA-256, or None.
+        model: the loaded backbone (strict), or None for random init.
+        info: the family loader's info (dims, layout, preset, ...), empty for random init.
+        how: one line saying how it was chosen (printed by finetune).
+        family: the backbone family (:mod:`threedino_pipe.models.backbones`).
+    """
+
+    tag: str
+    source: str
+    path: Path | None = None
+    sha256: str | None = None
+    model: Backbone | None = None
+    info: dict = field(default_factory=dict)
+    how: str = ""
+    family: str = DEFAULT_FAMILY
+
+    @property
+    def pretrained(self) -> bool:
+        return self.model is not None
+
+    @property
+    def dims(self) -> dict | None:
+        """Architecture dims of the loaded backbone (its family's ``build`` arguments), or None."""
+        return None if self.model is None else dict(self.model.dims)
+
+
+def file_sha256(path: str | Path, digits: int = 16) -> str:
+    """First ``digits`` hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:digits]
+
+
+def safe_tag(name: str) -> str:
+    """``name`` with characters other than letters, digits and ``._+-`` replaced by ``-``."""
+    return _UNSAFE.sub("-", name).strip("-") or "backbone"
+
+
+def newest_pretrained(results_root: Path) -> Path | None:
+    """``backbone.pt`` of the newest adapt-highres run, else of the newest pretrain run, else None."""
+    runs = [p for p in (Path(results_root) / "pretrain").glob("*") if (p / BACKBONE_FILE).is_file()]
+    highres = [p for p in runs if "__highres" in p.name]
+    for group in (highres, runs):
+        if group:
+            newest = max(group, key=lambda p: ((p / BACKBONE_FILE).stat().st_mtime_ns, p.name))
+            return newest / BACKBONE_FILE
+    return None
+
+
+def _tag_for_file(path: Path) -> str:
+    if path.name == BACKBONE_FILE:
+        return safe_tag(path.resolve().parent.name)
+    return safe_tag(path.stem)
+
+
+def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None,
+                     family: str = DEFAULT_FAMILY) -> BackboneChoice:
+    """Resolve ``--backbone spec`` (see the module docstring) and load the weights.
+
+    Args:
+        spec: ``auto``, ``none``, a run folder or a weights file.
+        results_root: the results folder (``auto`` looks in its ``pretrain/``).
+        expect: a preset the backbone must match (``--preset``), or None.
+        family: the backbone family whose loader reads the file (``vit3d``: the 3D ViT).
+
+    Raises:
+        UserError: no pretrained run for ``auto``, a path that does not exist, a run without
+            ``backbone.pt``, an unreadable or mismatched file.
+    """
+    spec = str(spec).strip()
+    if spec == "none":
+        return BackboneChoice(tag="none", source="none", how="--backbone none: random initialisation, "
+                              "trained end to end", family=family)
+    if spec == "auto":
+        path = newest_pretrained(results_root)
+        if path is None:
+            raise UserError(f"--backbone auto found no pretrained backbone (no run with a {BACKBONE_FILE} under "
+                            f"{Path(results_root) / 'pretrain'})", file=Path(results_root) / "pretrain",
+                            fix="run `3dino pretrain` (and `3dino adapt-highres`) first, pass a backbone file or "
+                            "run folder with --backbone, or pass --backbone none for random initialisation")
+        kind = "adapt-highres" if "__highres" in path.parent.name else "pretrain"
+        how = f"--backbone auto: the newest {kind} run, {path.parent}"
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError("--backbone: no such run folder or file", file=path,
+                            fix="pass auto, none, a pretrain run folder or a backbone checkpoint file")
+        if path.is_dir():
+            if not (path / BACKBONE_FILE).is_file():
+                raise UserError(f"the run folder has no {BACKBONE_FILE} (the run is unfinished, or not a pretrain "
+                                "run)", file=path, fix="finish the run (rerun its command) or pass another backbone")
+            path = path / BACKBONE_FILE
+            how = f"--backbone: the run {path.parent}"
+        else:
+            how = f"--backbone: the file {path}"
+    model, info = get_family(family).load(path, expect=expect)
+    return BackboneChoice(tag=_tag_for_file(path), source=str(path.resolve()), path=path,
+                          sha256=file_sha256(path), model=model, info=info, how=how, family=model.family)
