@@ -35,6 +35,7 @@ def test_cpu_scale_gives_the_documented_short_run_settings():
     assert "0.000125" in recipe.deviations["peak_lr"] and "1 - 6 / 60" in recipe.deviations["momentum_start"]
     assert configure(4, 300, 256, 0.002).momentum_start == pytest.approx(0.98)
     assert configure(4, 750, 256, 0.002).momentum_start == pytest.approx(0.992)
+    assert configure(4, 6, 256, 0.002).momentum_start == 0.5  # a smoke test's teacher still averages
     # LayerScale: 1 while AdamW cannot move a gamma by 1 in the first tenth of the run (peak lr x T / 10 < 1)
     assert configure(4, 9_999, 256, 0.002).layerscale_init == 1.0
     assert configure(4, 10_000, 256, 0.002).layerscale_init == 1e-5

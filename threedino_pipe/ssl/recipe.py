@@ -32,7 +32,8 @@ PAPER_FREEZE_LAST_LAYER = 0.01        # fraction of the run
 PAPER_PROTOTYPES = 65_536
 
 # Scale rules (measured: docs/benchmarks.md, "Pretraining that learns"; docs/method.md)
-MOMENTUM_ITERS = 6            # teacher momentum start 1 - max(0.008, 6 / T): the paper's 0.992 from T = 750
+MOMENTUM_ITERS = 6            # teacher momentum start 1 - max(0.008, 6 / T): the paper's 0.992 from T = 750 ...
+MIN_MOMENTUM = 0.5            # ... and never below 0.5 (runs of under 12 iterations: smoke tests)
 PEAK_LR_FLOOR = 0.5           # peak lr at least half the stage's base lr (pretrain 1e-3, adapt-highres 5e-4)
 LAYERSCALE_REACH = 1.0        # LayerScale starts at 1 unless AdamW can move a gamma this far in the first tenth
 EARLY_FRACTION = 0.1
@@ -85,7 +86,7 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
 
     Three of the paper's settings change with the scale (everything else is the paper's): the peak
     learning rate is floored at half the base rate; the teacher momentum starts at
-    ``1 - max(0.008, 6 / T)``; LayerScale starts at 1 when AdamW cannot move a gamma from 1e-5 to
+    ``1 - max(0.008, 6 / T)`` (at least 0.5); LayerScale starts at 1 when AdamW cannot move a gamma from 1e-5 to
     order 1 within the first tenth of the run (peak lr x T / 10 < 1).
 
     Args:
@@ -106,12 +107,13 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
         changes["peak_lr"] = peak
         deviations["peak_lr"] = (f"the square-root rule gives {base.peak_lr:.3g} at a total batch of {total_batch}; "
                                  f"floored at half the base rate, {floor:.3g}")
-    momentum = 1.0 - max(1.0 - PAPER_MOMENTUM, MOMENTUM_ITERS / iters)
+    momentum = max(MIN_MOMENTUM, 1.0 - max(1.0 - PAPER_MOMENTUM, MOMENTUM_ITERS / iters))
     if momentum != PAPER_MOMENTUM:
         changes["momentum_start"] = momentum
-        deviations["momentum_start"] = (f"teacher momentum starts at 1 - {MOMENTUM_ITERS} / {iters} iterations = "
-                                        f"{momentum:.4g}: the paper's 0.992 averages over about 125 iterations, "
-                                        "longer than a short run's teacher can lag behind its student")
+        deviations["momentum_start"] = (f"teacher momentum starts at 1 - {MOMENTUM_ITERS} / {iters} iterations (at "
+                                        f"least {MIN_MOMENTUM:g}) = {momentum:.4g}: the paper's 0.992 averages over "
+                                        "about 125 iterations, longer than a short run's teacher can lag behind its "
+                                        "student")
     length = iters if scale_iters is None else scale_iters
     reach = peak * EARLY_FRACTION * length  # AdamW moves a parameter by about the lr per step
     if reach < LAYERSCALE_REACH:
