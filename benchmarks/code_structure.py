@@ -22,7 +22,7 @@ PACKAGE = "threedino_pipe"
 
 
 def package_of(module: str) -> str:
-    """``threedino_pipe.training.pretrain`` -> ``training``; a top-level module is its own package."""
+    """``threedino_pipe.stages.pretrain`` -> ``training``; a top-level module is its own package."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 

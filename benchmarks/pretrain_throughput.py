@@ -64,7 +64,6 @@ from common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
 from threedino_pipe.models.presets import param_count
 from threedino_pipe.runtime.precision import autocast
 from threedino_pipe.ssl import (
@@ -80,6 +79,7 @@ from threedino_pipe.ssl import (
 from threedino_pipe.ssl.centering import TeacherCentring
 from threedino_pipe.training.ssl_model import HEAD_DIMS, SSLLosses
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, _optimizer, _rank_rows, build_ssl_pair
+from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_CROP, LOCAL_CROP, N_LOCAL = 96, 48, 8

@@ -38,7 +38,7 @@ SHARED_KEYS = {
     "history": "checkpoint_latest.pt of a finetune run (its validation history)",
     "best": "checkpoint_latest.pt of a finetune run (its best validation)",
     "lr": "torch optimiser param groups and schedule values",
-    "preset": "backbone checkpoint metadata (models/checkpoint.py)",
+    "preset": "backbone checkpoint metadata (models/weight_files.py)",
     "backbone": "backbone checkpoint files ({'backbone': state_dict})",
     "embed_dim": "backbone dims dicts (models/presets.py)",
     "kind": "the header of torch files (feature cache)",
@@ -59,13 +59,6 @@ BELOW_ARTIFACTS = {
     "threedino_pipe/runtime/locks.py": "the lock holder's description (host, pid, start, command) beside a locked "
                                        "folder: state of the lock, read by no stage",
 }
-# Lines of modules that move with the pretraining work (docs/architecture.md, "Moving later"),
-# with the violation left to fix there.
-PENDING = {
-    "threedino_pipe/training/adapt_highres.py": {"/ 'run.json' builds an artifact file's path"},
-}
-
-
 def _models(annotation) -> list[type[BaseModel]]:
     """The pydantic models inside a field annotation (``list[Fold]``, ``X | None``, ``dict[str, Y]``)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -148,7 +141,7 @@ def test_no_module_outside_artifacts_parses_locates_or_indexes_an_artifact():
         where = path.relative_to(REPO).as_posix()
         if where in BELOW_ARTIFACTS:
             continue
-        found += [v for v in violations(path.read_text(), where) if v.split(": ", 1)[1] not in PENDING.get(where, ())]
+        found += violations(path.read_text(), where)
     assert not found, "\n".join(found)
 
 

@@ -17,10 +17,10 @@ import torch
 from threedino_pipe.artifacts import BackboneRecord, ModelCard, Plans
 from threedino_pipe.models import backbones
 from threedino_pipe.models.backbones import Backbone, BackboneFamily, get_family
-from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.checkpoints import save_checkpoint
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.stages import embed, predict, visualize

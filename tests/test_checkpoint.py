@@ -8,15 +8,15 @@ import zipfile
 import pytest
 import torch
 
-from threedino_pipe.models.checkpoint import (
+from threedino_pipe.models.heads import DINOHead
+from threedino_pipe.models.vit3d import VisionTransformer3D
+from threedino_pipe.models.weight_files import (
     export_3dino,
     load_backbone,
     load_backbone_state,
     load_heads,
     save_backbone,
 )
-from threedino_pipe.models.heads import DINOHead
-from threedino_pipe.models.vit3d import VisionTransformer3D
 from threedino_pipe.runtime.errors import UserError
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from threedino_pipe.data.crops import (
+from threedino_pipe.training_data.crops import (
     GLOBAL_CROSSSLICE_SCALE,
     GLOBAL_INPLANE_SCALE,
     LOCAL_CROSSSLICE_SCALE,

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import run_3dino
 
-from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.classification import frozen_tokens, probe_input
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.stages import embed

@@ -18,16 +18,16 @@ import torch
 from conftest import REPO, THREEDINO, run_3dino
 from monai.metrics import compute_dice
 
-from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases, make_batch
-from threedino_pipe.data.splits import make_splits
 from threedino_pipe.inference.geometry import labels_on_grid
 from threedino_pipe.models.backbone_choice import resolve_backbone
-from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.segmentation import build_segmentation_model
+from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.stages.finetune import output_targets
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels
+from threedino_pipe.training_data.patch_loader import Augmentation, PatchLoader, SegmentationCases, make_batch
+from threedino_pipe.training_data.splits import make_splits
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"

@@ -22,11 +22,11 @@ from monai.transforms import (
     RandRotate90,
 )
 
-from threedino_pipe.data.augmentations import global_transform_1, global_transform_2, local_transform
-from threedino_pipe.data.crops import crop_and_resize
-from threedino_pipe.data.multicrop import MultiCropper
-from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.training_data.augmentations import global_transform_1, global_transform_2, local_transform
+from threedino_pipe.training_data.crops import crop_and_resize
+from threedino_pipe.training_data.multicrop import MultiCropper
+from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
 
 
 def write_case(config_dir: Path, case_id: str, array: np.ndarray, configuration: str = "pretrain",
@@ -130,7 +130,7 @@ def test_multicropper_shapes_determinism_and_boxes():
 
 
 def test_dataset_pools_datasets_splits_channels_and_skips_small_volumes(pooled, caplog):
-    with caplog.at_level(logging.INFO, logger="threedino_pipe.data.pretrain_loader"):
+    with caplog.at_level(logging.INFO, logger="threedino_pipe.training_data.pretrain_loader"):
         ds = PretrainDataset(pooled, "pretrain", min_axis=24)
     assert sorted(item.name for item in ds.items) == sorted(CODES)
     assert sorted((d, c) for d, c, _ in ds.skipped) == [("Dataset801_A", "a_small"), ("Dataset802_B", "b_small")]

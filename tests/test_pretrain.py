@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import REPO, run_3dino
 
-from threedino_pipe.models.checkpoint import load_backbone
+from threedino_pipe.models.weight_files import load_backbone
 
 pytestmark = pytest.mark.e2e
 FAST = ("--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision", "fp32", "--no-progress")

@@ -171,7 +171,7 @@ def tissue(tmp_path_factory) -> dict:
         sitk.WriteImage(image, str(held_out / f"fresh_{index:03d}_0000.nii.gz"))
         classes[f"fresh_{index:03d}"] = cls
     torch.manual_seed(0)
-    from threedino_pipe.models.checkpoint import save_backbone
+    from threedino_pipe.models.weight_files import save_backbone
     save_backbone(build_backbone("tiny"), root / "tiny_random.pt", preset="tiny")
     return {"root": root, "env": env, "backbone": root / "tiny_random.pt", "held_out": held_out, "classes": classes}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from threedino_pipe.models.checkpoint import export_3dino, load_backbone, load_heads
+from threedino_pipe.models.weight_files import export_3dino, load_backbone, load_heads
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 CHECKPOINT = REFERENCE / "ref3dino_small_teacher_checkpoint.pth"

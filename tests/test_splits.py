@@ -1,4 +1,4 @@
-"""Folds, held-out test list and nested label-efficiency subsets (data/splits.py)."""
+"""Folds, held-out test list and nested label-efficiency subsets (training_data/splits.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from threedino_pipe.artifacts import Splits
-from threedino_pipe.data.splits import make_splits, min_pct, select_subset, subset_size, write_splits
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.training_data.splits import make_splits, min_pct, select_subset, subset_size, write_splits
 
 
 def _ids(n: int) -> list[str]:

@@ -26,8 +26,8 @@ from PIL import Image
 from scipy import ndimage
 
 from threedino_pipe.demo.examples import oblique_direction
-from threedino_pipe.models.checkpoint import export_3dino, save_backbone
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.weight_files import export_3dino, save_backbone
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.stages import visualize
 from threedino_pipe.visualization import backbone_maps, planes

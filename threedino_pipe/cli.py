@@ -181,7 +181,7 @@ def pretrain(
 ) -> None:
     """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
     _common(verbose, no_progress)
-    from threedino_pipe.training import pretrain as stage
+    from threedino_pipe.stages import pretrain as stage
     overrides = {"centering": centering, "queue_size": queue_size, "peak_lr": peak_lr,
                  "momentum_start": momentum_start, "layerscale_init": layerscale_init, "warmup_iters": warmup_iters,
                  "teacher_temp_end": teacher_temp}
@@ -220,7 +220,7 @@ def adapt_highres(
 ) -> None:
     """High-resolution adaptation of a pretrain run (112/64 crops, 7^3 position grid)."""
     _common(verbose, no_progress)
-    from threedino_pipe.training import adapt_highres as stage
+    from threedino_pipe.stages import adapt_highres as stage
     stage.run(from_run, iteration=iteration, iters=iters, run_name=run_name, batch_size=batch_size, base_lr=base_lr,
               stop_after=stop_after, restart=restart, num_workers=num_workers, device=device, precision=precision,
               save_every=save_every, snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing,

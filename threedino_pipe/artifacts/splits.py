@@ -1,6 +1,6 @@
 """``splits.json``: cross-validation folds, a held-out test list and nested label subsets (docs/schemas.md).
 
-Written by ``3dino preprocess`` for labelled datasets (``threedino_pipe.data.splits.make_splits``);
+Written by ``3dino preprocess`` for labelled datasets (``threedino_pipe.training_data.splits.make_splits``);
 ``finetune --pct P --fold F --seed S`` takes the first round(P % of the fold's training cases) of
 ``folds[F].subset_order[S]``.
 """

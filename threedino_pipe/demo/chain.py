@@ -123,8 +123,7 @@ def run(out: Path, quick: bool = False) -> Path:
     console = Console(stderr=True, soft_wrap=True)
     from threedino_pipe.demo import report as demo_report
     from threedino_pipe.demo.examples import build_mni_dataset
-    from threedino_pipe.stages import evaluate, finetune, plan, predict, preprocess, visualize
-    from threedino_pipe.training import adapt_highres, pretrain
+    from threedino_pipe.stages import adapt_highres, evaluate, finetune, plan, predict, preprocess, pretrain, visualize
 
     for name in ("raw", "preprocessed", "results"):
         os.environ[f"THREEDINO_{name.upper()}"] = str(layout.out / name)

@@ -5,7 +5,7 @@ Views (a case is a preprocessed ``C x X x Y x Z`` array, cross-slice axis last):
 - the **centre view**: the whole volume resized (trilinear, align_corners=False) to the patch
   size ``(px, py, pz)``; validation, prediction and ``embed`` use only this view;
 - an **augmented view** (training cases of the probe): a random box drawn with the 3D
-  RandomResizedCrop rule of :mod:`threedino_pipe.data.crops` (in-plane area 60-100 % of the
+  RandomResizedCrop rule of :mod:`threedino_pipe.training_data.crops` (in-plane area 60-100 % of the
   plane, aspect 0.9-1.11; cross-slice length 70-100 %), resized to the patch size, then
   flipped along the first index axis (left-right in axial scans) with probability 0.5.
 
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from threedino_pipe.data.crops import RandomResizedCrop3D
 from threedino_pipe.models.classification import FrozenFeatures
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.checkpoints import save_checkpoint
+from threedino_pipe.training_data.crops import RandomResizedCrop3D
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
   to pretrain or to pass ``--backbone none``;
 - a run folder: its ``backbone.pt`` (an unfinished run has none: an error);
 - a file: our ``backbone.pt``, an export, or the released 3DINO-ViT file
-  (its family's loader, strict: :func:`threedino_pipe.models.checkpoint.load_backbone` for ``vit3d``);
+  (its family's loader, strict: :func:`threedino_pipe.models.weight_files.load_backbone` for ``vit3d``);
 - ``none``: a randomly initialised backbone trained end to end (the paper's Random baseline).
 
 The tag names the backbone in the run folder name: the run folder's name, the file's stem (a

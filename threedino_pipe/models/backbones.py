@@ -26,8 +26,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from threedino_pipe.models.checkpoint import load_backbone
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.weight_files import load_backbone
 from threedino_pipe.runtime.errors import UserError
 
 DEFAULT_FAMILY = "vit3d"

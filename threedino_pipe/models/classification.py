@@ -89,7 +89,7 @@ class ProbeClassifier(nn.Module):
     """Frozen backbone + ``Linear`` on :func:`probe_input`: ``forward(x [B, C, X, Y, Z]) -> logits [B, K]``.
 
     State dict keys: ``backbone.*`` (the ViT, also loadable by
-    :func:`threedino_pipe.models.checkpoint.load_backbone`) and ``head.weight`` / ``head.bias``.
+    :func:`threedino_pipe.models.weight_files.load_backbone`) and ``head.weight`` / ``head.bias``.
     The backbone keeps ``requires_grad=False`` and eval mode; it runs without autograd.
     """
 

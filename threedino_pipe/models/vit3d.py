@@ -5,7 +5,7 @@ first, the cross-slice axis last, as the preprocessed arrays are stored. Patch t
 flattened W-major (W slowest, D fastest) over the patch grid ``(W/p, H/p, D/p)``.
 
 Parameter names follow the released 3DINO-ViT layout once the ``backbone.`` prefix and the
-block chunk index are removed (see :mod:`threedino_pipe.models.checkpoint`).
+block chunk index are removed (see :mod:`threedino_pipe.models.weight_files`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class DINOLoss(nn.Module):
     local crop vs every teacher global crop (``n_l * n_g`` pairs). Each pair's cross-entropy
     ``-sum_k P_t[k] * log_softmax(z_s / student_temp)[k]`` is averaged over the B images; the pair
     means are summed and divided by the number of pairs (2 x 1 + 8 x 2 = 18 with 2 global and 8
-    local crops), as in METHOD.md.
+    local crops), as docs/method.md states.
 
     Args:
         out_dim: number of prototypes K (checked against the inputs).

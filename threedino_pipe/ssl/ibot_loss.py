@@ -19,7 +19,7 @@ def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
 
 
 class iBOTPatchLoss(nn.Module):
-    """Masked-patch cross-entropy (eq. 2 of the 3DINO paper), normalised as METHOD.md states.
+    """Masked-patch cross-entropy (eq. 2 of the 3DINO paper), normalised as docs/method.md states.
 
     With ``CE_m = -sum_k P_t[m, k] * log_softmax(z_s[m] / student_temp)[k]`` for masked patch m of crop
     c(m), and ``n_c`` the number of masked patches of crop c, the loss is exactly::
@@ -32,8 +32,8 @@ class iBOTPatchLoss(nn.Module):
     in DINOv2, where half of the global crops are unmasked); a batch without any masked patch
     gives 0 (connected to the graph, so backward still works).
 
-    Note: DINOv2 multiplies the same quantity by ``2 * 1/2 = 1``; METHOD.md (reading of the 3DINO
-    reference) states the 1/2 factor, which is the default here (``n_global_crops=2``).
+    Note: DINOv2 multiplies the same quantity by ``2 * 1/2 = 1``; the 3DINO reference code
+    (docs/method.md) has the 1/2 factor, which is the default here (``n_global_crops=2``).
 
     Args:
         out_dim: number of prototypes K of the iBOT head.

@@ -62,7 +62,7 @@ def make_schedules(total_iters: int, total_batch: int, *, base_lr: float = 0.002
                    freeze_last_layer_frac: float = 0.01, peak_lr: float | None = None,
                    warmup_iters: int | None = None, teacher_temp_warmup_iters: int | None = None,
                    freeze_last_layer_iters: int | None = None) -> dict[str, CosineSchedule]:
-    """Every schedule of a run of ``total_iters`` iterations, with METHOD.md's defaults.
+    """Every schedule of a run of ``total_iters`` iterations, with the paper's defaults (docs/method.md).
 
     Fractions are of ``total_iters`` (rounded to whole iterations), so adapt-highres rebuilds the same
     shapes compressed to its own length by calling this with its own ``total_iters`` and base lr.

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.inference.model_zip import export_zip
-from threedino_pipe.models.checkpoint import export_3dino
+from threedino_pipe.models.weight_files import export_3dino
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.ssl_setup import source_checkpoint

@@ -4,7 +4,7 @@ Reads the dataset's ``plans.json`` (configuration ``finetune``), ``splits.json``
 ``finetune/`` arrays, and a backbone (:mod:`threedino_pipe.models.backbone_choice`); writes
 ``<results>/<DatasetNNN_Name>/finetune__<head>__<backbone tag>__pct<P>__fold<F>__seed<S>/``
 (docs/schemas.md, "Finetune run folder and model.json"). ``--pct P --fold F --seed S`` pick the
-same training cases for every backbone and head (:func:`threedino_pipe.data.splits.select_subset`);
+same training cases for every backbone and head (:func:`threedino_pipe.training_data.splits.select_subset`);
 ``--seed`` also seeds the initialisation and the patch stream. A rerun of the same command
 resumes; one with other options refuses (``--restart``).
 """
@@ -28,8 +28,6 @@ from threedino_pipe.artifacts import (
     Splits,
     Subset,
 )
-from threedino_pipe.data.patch_loader import Augmentation
-from threedino_pipe.data.splits import select_subset
 from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.models.backbones import get_family
 from threedino_pipe.models.presets import PRESETS
@@ -41,6 +39,8 @@ from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 from threedino_pipe.training import probe
 from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run, run_lock
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
+from threedino_pipe.training_data.patch_loader import Augmentation
+from threedino_pipe.training_data.splits import select_subset
 
 logger = logging.getLogger(__name__)
 CONFIGURATION = "finetune"

@@ -144,7 +144,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
         jobs += todo
     _run_jobs(jobs, num_processes, f"preprocess {', '.join(chosen)}")
     if spec.task != "unlabeled":
-        from threedino_pipe.data.splits import write_splits
+        from threedino_pipe.training_data.splits import write_splits
         class_labels = ({c.case_id: int(c.class_label) for c in cases}
                         if spec.task == "classification" else None)
         path = write_splits(out, [c.case_id for c in cases], class_labels, seed=SPLITS_SEED)

@@ -42,7 +42,6 @@ from threedino_pipe.artifacts import (
     Subset,
     open_run_folder,
 )
-from threedino_pipe.data.splits import select_subset
 from threedino_pipe.evaluation.classification_metrics import classification_metrics, fast_metrics
 from threedino_pipe.inference.features import (
     FLIP_AXIS,
@@ -71,6 +70,7 @@ from threedino_pipe.training.probe_grid import (
     grid_points,
 )
 from threedino_pipe.training.run_setup import dataset_plans
+from threedino_pipe.training_data.splits import select_subset
 from threedino_pipe.visualization.curves import plot_curves
 
 logger = logging.getLogger(__name__)

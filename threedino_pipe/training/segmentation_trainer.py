@@ -1,6 +1,6 @@
 """The segmentation finetuning loop (``3dino finetune`` with an adapter, unetr or linear head).
 
-One iteration: a batch of patches (:mod:`threedino_pipe.data.patch_loader`), forward under
+One iteration: a batch of patches (:mod:`threedino_pipe.training_data.patch_loader`), forward under
 autocast, MONAI ``DiceCELoss`` (softmax; plain labels) or ``DiceLoss`` (sigmoid; region labels)
 in float32, AdamW step, MONAI ``WarmupCosineSchedule`` step. Every ``val_every`` iterations (and
 at the end) rank 0 predicts each validation case whole with the sliding window of ``3dino predict``
@@ -31,7 +31,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from threedino_pipe.artifacts import BestMetric, ModelCard, SegmentationValidation, ValidationScore
-from threedino_pipe.data.patch_loader import Augmentation, PatchLoader, SegmentationCases
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
 from threedino_pipe.models.backbones import DEFAULT_FAMILY
@@ -41,6 +40,7 @@ from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.precision import autocast, make_scaler
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
+from threedino_pipe.training_data.patch_loader import Augmentation, PatchLoader, SegmentationCases
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.finetune_checkpoint"

@@ -2,7 +2,7 @@
 
 ``SSLNetwork`` = backbone + DINO head + iBOT head. The student sees masked global crops and the
 local crops; the teacher (an EMA copy, no gradients) sees the unmasked global crops. Crops are
-crop-major: row ``k*B + b`` is crop k of image b (data/pretrain_loader.py).
+crop-major: row ``k*B + b`` is crop k of image b (training_data/pretrain_loader.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from threedino_pipe.models.heads import DINOHead
 from threedino_pipe.models.vit3d import VisionTransformer3D
 from threedino_pipe.ssl import DINOLoss, PatchMasks, iBOTPatchLoss, koleo_per_chunk
 
-# DINO/iBOT head sizes per preset: METHOD.md's 2048/256/65,536 for the paper's sizes, scaled down for tiny.
+# DINO/iBOT head sizes per preset: docs/method.md's 2048/256/65,536 for the paper's sizes, scaled down for tiny.
 HEAD_DIMS = {
     "tiny": {"hidden_dim": 256, "bottleneck_dim": 64, "out_dim": 1024},
     "small": {"hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 65536},
@@ -91,7 +91,7 @@ def make_teacher(student: SSLNetwork) -> SSLNetwork:
 
 @dataclass
 class SSLLosses:
-    """The loss modules of one run and their weights (METHOD.md: DINO 1, iBOT 1, KoLeo 0.1)."""
+    """The loss modules of one run and their weights (docs/method.md: DINO 1, iBOT 1, KoLeo 0.1)."""
 
     dino: DINOLoss
     ibot: iBOTPatchLoss

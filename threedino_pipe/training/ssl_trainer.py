@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from threedino_pipe.data.pretrain_loader import PretrainDataset, make_pretrain_loader
-from threedino_pipe.models.checkpoint import save_backbone
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.errors import UserError
@@ -45,6 +44,7 @@ from threedino_pipe.ssl.signals import LearningSignals
 from threedino_pipe.training.feature_probe import ProbeCases, load_probe_cases, probe_score
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
+from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.ssl_checkpoint"

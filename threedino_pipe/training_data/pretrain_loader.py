@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from threedino_pipe.artifacts import CaseProperties
-from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
-from threedino_pipe.data.multicrop import MultiCropper
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.paths import dataset_id
+from threedino_pipe.training_data.batch_stream import BatchStream, IndexedBatchLoader
+from threedino_pipe.training_data.multicrop import MultiCropper
 
 logger = logging.getLogger(__name__)
 

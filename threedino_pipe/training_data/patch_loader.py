@@ -46,9 +46,9 @@ from batchgenerators.transforms.color_transforms import BrightnessMultiplicative
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from threedino_pipe.artifacts import CaseProperties
-from threedino_pipe.data.batch_stream import BatchStream, IndexedBatchLoader
 from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.training_data.batch_stream import BatchStream, IndexedBatchLoader
 
 IMAGE_PAD = PAD_VALUE
 LABEL_PAD = 0

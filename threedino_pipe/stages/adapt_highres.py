@@ -1,4 +1,4 @@
-"""``3dino adapt-highres``: continue a pretrain run at high resolution (METHOD.md).
+"""``3dino adapt-highres``: continue a pretrain run at high resolution (docs/method.md).
 
 Starts from a pretrain run's checkpoint (final, latest, or a snapshot with ``--iteration``),
 interpolates the stored position embedding from the 6^3 to the 7^3 grid, and trains on the
@@ -46,7 +46,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
     recorded = SSLRunConfig.from_options(source.options)
     if recorded.configuration != "pretrain":
-        raise UserError("this run is not a stage-1 pretrain run", file=from_run / "run.json",
+        raise UserError("this run is not a stage-1 pretrain run", file=from_run / RunRecord.FILE,
                         fix="pass the folder of a `3dino pretrain` run")
     checkpoint_path = source_checkpoint(from_run, iteration)
     console = Console(stderr=True)

@@ -10,8 +10,8 @@ import torch
 from monai.transforms import Compose, Randomizable
 from monai.utils import MAX_SEED, convert_to_tensor
 
-from threedino_pipe.data.augmentations import global_transform_1, global_transform_2, local_transform
-from threedino_pipe.data.crops import (
+from threedino_pipe.training_data.augmentations import global_transform_1, global_transform_2, local_transform
+from threedino_pipe.training_data.crops import (
     DEFAULT_RATIO,
     GLOBAL_CROSSSLICE_SCALE,
     GLOBAL_INPLANE_SCALE,
@@ -41,7 +41,7 @@ class MultiCropper:
         global_inplane_scale, global_crossslice_scale, local_inplane_scale, local_crossslice_scale:
             :class:`RandomResizedCrop3D` scale ranges (in-plane: AREA fraction; cross-slice: LENGTH fraction).
         ratio: in-plane aspect ratio range.
-        augment: apply the MONAI pipelines of :mod:`threedino_pipe.data.augmentations`
+        augment: apply the MONAI pipelines of :mod:`threedino_pipe.training_data.augmentations`
             (False: crops only, e.g. for throughput measurements of the reading alone).
     """
 

@@ -1,7 +1,7 @@
 """``3dino pretrain``: 3DINO self-supervised pretraining on pooled preprocessed datasets.
 
 Reads each dataset's ``plans.json`` (configuration ``pretrain``) and ``pretrain/`` arrays; writes
-``<results>/pretrain/<run>/`` (DESIGN.md section 2). A rerun of the same command resumes; one
+``<results>/pretrain/<run>/`` (docs/architecture.md, the stage contract). A rerun of the same command resumes; one
 with other options refuses (``--run`` / ``--restart``).
 """
 
