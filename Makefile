@@ -17,9 +17,14 @@ install: $(BIN)/3dino
 demo: install
 	$(BIN)/3dino demo
 
+# Rebuilds the demo's bundled backbone (docs/demo.md): about 50 minutes on 2 CPU cores; rerun to resume.
+DEMO_BACKBONE_WORK ?= demo_backbone_work
+demo-backbone: install
+	$(BIN)/python -m threedino_pipe.demo.bundled_backbone --work $(DEMO_BACKBONE_WORK) --install
+
 test: install
 	$(BIN)/ruff check threedino_pipe tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+.PHONY: install demo demo-backbone test

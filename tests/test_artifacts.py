@@ -10,6 +10,7 @@ from conftest import REPO
 
 from threedino_pipe.artifacts import (
     ARTIFACTS,
+    BundledBackboneRecord,
     CaseProperties,
     DatasetJson,
     DemoRecord,
@@ -124,6 +125,10 @@ DEMO = {"kind": "demo", **HEAD, "options": {"quick": True}}
 TIMINGS = {"kind": "demo_timings", **HEAD, "quick": True, "cpu_count": 2, "load_average_start": [1.0, 1.0, 1.0],
            "stages": [{"stage": "plan", "command": "3dino plan -d 990", "seconds": 1.0}], "total_seconds": 1.0,
            "load_average_end": [1.0, 1.0, 1.0]}
+BUNDLED = {"kind": "bundled_backbone", **HEAD, "file": "backbone_tiny_mni.pt", "sha256": "0" * 64,
+           "commands": ["3dino pretrain -d 989 --iters 6000"], "pretraining_data": "48 MNI152 resamplings",
+           "iterations": 6000, "wall_seconds": 3600.0, "machine": "x86_64, 2 cores", "made": "2026-12-06",
+           "recipe": {"recipe": "auto", "deviations_from_paper": {}}}
 # (class, a valid file, a required field, (path to a field, a value of the wrong type)); writer from the class
 KINDS = [
     (Plans, PLANS, "task", (["configurations", "finetune", "patch_size"], "64x64x64")),
@@ -141,6 +146,7 @@ KINDS = [
     (VisualizeRecord, VISUALIZE, "pca", (["pca", "patches"], "many")),
     (DemoRecord, DEMO, "options", (["options"], ["quick"])),
     (DemoTimings, TIMINGS, "quick", (["stages", 0, "seconds"], "long")),
+    (BundledBackboneRecord, BUNDLED, "sha256", (["iterations"], "many")),
 ]
 IDS = [k[0].__name__ for k in KINDS]
 

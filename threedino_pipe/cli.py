@@ -254,8 +254,8 @@ def finetune(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW peak learning rate (default: 1e-4 for "
                                              "adapter and unetr, 1e-3 for linear).")] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")] = 1e-5,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Subset draw of splits.json (0-4), initialisation and "
-                                      "patch sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=4, help="Which of the 5 subset draws stored in "
+                                      "splits.json; also seeds initialisation and patch sampling.")] = 0,
     val_every: Annotated[int | None, typer.Option("--val-every", min=1, help="Iterations between validations on "
                                                   "the fold's validation cases (default: a tenth of --iters, at "
                                                   "most 1,000).")] = None,
@@ -393,8 +393,8 @@ def visualize(
                                         "checkpoint (per-volume 0.05/99.95 percentile normalisation), or a finetune "
                                         "run folder or model zip (the scan is preprocessed as in finetuning).")],
     scan: Annotated[Path, typer.Option("--input", "-i", help="One scan: an image file or a DICOM series folder.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (created) [default: "
-                                                "./visualize/<scan name without ending>].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (created); default "
+                                                "./visualize/<scan name without ending>.")] = None,
     size: Annotated[int, typer.Option("--size", min=0, help="Longest side, in voxels, of the network input: the "
                                       "preprocessed scan is resized to it (sides rounded to multiples of the patch "
                                       "size); 0 keeps the preprocessed scale.")] = 192,
@@ -404,7 +404,7 @@ def visualize(
                                          "PCA on the foreground patches; 'all' = components 2-4 of the first "
                                          "PCA.")] = "foreground",
     channel: Annotated[int | None, typer.Option("--channel", min=0, help="Which channel of a multi-channel finetune "
-                                                "model the scan is [default: its _XXXX name suffix, else 0].")] = None,
+                                                "model the scan is; default: its _XXXX name suffix, else 0.")] = None,
     per_head: Annotated[bool, typer.Option("--per-head", help="Also one attention map per head (NIfTI and "
                                            "attention_heads.png).")] = False,
     device: Device = "auto",
@@ -424,15 +424,19 @@ def demo(
                                       "report.html and timings.json (rerun with the same options to reuse finished "
                                       "stages).")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option("--quick", help="Smallest run, under 3 minutes on 2 CPU cores (for CI): "
-                                        "fewer cases and iterations.")] = False,
+                                        "fewer cases and iterations, one finetune seed instead of 3.")] = False,
+    pretrain_here: Annotated[bool, typer.Option("--pretrain-here", help="Pretrain and adapt-highres for a few "
+                                                "iterations inside the demo instead of using the bundled backbone "
+                                                "(pretrained for an hour by `3dino pretrain`; docs/demo.md).")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """The whole chain on bundled real scans (MNI152), CPU-sized: plan, preprocess, pretrain, adapt-highres,
-    finetune (pretrained and none), predict, evaluate --compare, and an HTML report."""
+    """The whole chain on bundled real scans (MNI152), CPU-sized: plan, preprocess, the bundled pretrained
+    backbone (or a brief pretrain), finetune --pct 25 (pretrained and none, 3 seeds), predict, evaluate
+    --compare, and an HTML report."""
     _common(verbose, no_progress)
     from threedino_pipe.demo import chain as stage
-    stage.run(out=out, quick=quick)
+    stage.run(out=out, quick=quick, pretrain_here=pretrain_here)
 
 
 @app.callback(invoke_without_command=True)

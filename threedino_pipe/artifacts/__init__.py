@@ -14,7 +14,7 @@ from threedino_pipe.artifacts.case_properties import (
     PreprocessedCase,
 )
 from threedino_pipe.artifacts.dataset_json import DatasetJson, ListedCase
-from threedino_pipe.artifacts.demo_records import DemoRecord, DemoTimings, StageTime
+from threedino_pipe.artifacts.demo_records import BundledBackboneRecord, DemoRecord, DemoTimings, StageTime
 from threedino_pipe.artifacts.evaluation_summary import EvaluationSummary
 from threedino_pipe.artifacts.fingerprint import Fingerprint
 from threedino_pipe.artifacts.model_card import BackboneRecord, BestMetric, ModelCard
@@ -39,12 +39,12 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings)
+             DemoTimings, BundledBackboneRecord)
 
-__all__ = ["ARTIFACTS", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord", "CasePreprocessing",
-           "CaseProperties", "ChannelNormalization", "DatasetJson", "DemoRecord", "DemoTimings", "EmbedRecord",
-           "EvaluationSummary", "FinetuneConfiguration", "Fingerprint", "Fold", "ImageGeometry", "ListedCase",
-           "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs", "PredictOptions",
-           "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record", "RunRecord",
-           "SegmentationValidation", "Splits", "StageTime", "Subset", "ValidationPoint", "ValidationScore",
-           "VisualizeRecord", "checksum", "open_run_folder"]
+__all__ = ["ARTIFACTS", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord", "BundledBackboneRecord",
+           "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson", "DemoRecord", "DemoTimings",
+           "EmbedRecord", "EvaluationSummary", "FinetuneConfiguration", "Fingerprint", "Fold", "ImageGeometry",
+           "ListedCase", "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs",
+           "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",
+           "RunRecord", "SegmentationValidation", "Splits", "StageTime", "Subset", "ValidationPoint",
+           "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder"]

@@ -48,3 +48,33 @@ class DemoTimings(Artifact):
     load_average_end: list[float] | None = None
 
     OMIT_WHEN_NONE = ("load_average_end",)
+
+
+class BundledBackboneRecord(Artifact):
+    """``backbone_tiny_mni.json``: how the demo's bundled backbone was made (docs/demo.md).
+
+    ``commands`` reproduce it (``make demo-backbone``); ``wall_seconds`` is the sum of the pretrain
+    invocations' wall times on ``machine``; ``recipe`` is the run's recorded recipe and its deviations
+    from the paper; ``final_signals`` the learning signals of the run's last logged iteration
+    (docs/pretrain.md); ``curves`` the run's curves.png shipped beside it; ``sha256`` checks the
+    shipped file.
+    """
+
+    KIND = "bundled_backbone"
+    SCHEMA_VERSION = 1
+    WRITER = "make demo-backbone"
+    FILE = "backbone_tiny_mni.json"
+
+    file: str
+    sha256: str = Field(min_length=64, max_length=64)
+    commands: list[str]
+    pretraining_data: str
+    iterations: int = Field(gt=0)
+    wall_seconds: float = Field(ge=0.0)
+    machine: str
+    made: str
+    recipe: dict[str, Any]
+    final_signals: dict[str, float] = Field(default_factory=dict)
+    curves: str | None = None
+
+    OMIT_WHEN_NONE = ("curves",)

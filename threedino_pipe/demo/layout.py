@@ -31,11 +31,17 @@ class DemoLayout:
     def highres_run(self) -> Path:
         return self.pretrain_run.parent / f"{self.pretrain_run.name}__highres"
 
-    def predictions(self, side: str) -> Path:
-        return self.out / "predictions" / side
+    def predictions(self, side: str, seed: int) -> Path:
+        return self.out / "predictions" / side / f"seed{seed}"
 
-    def evaluation(self, side: str) -> Path:
-        return self.out / "evaluation" / side
+    def evaluation(self, side: str, seed: int) -> Path:
+        """``evaluate`` output of one side and finetune seed; side ``compare`` is the paired comparison."""
+        return self.out / "evaluation" / side / f"seed{seed}"
+
+    @property
+    def seeds_summary(self) -> Path:
+        """Mean Dice per side and finetune seed, and the difference's mean and 95 % CI over seeds."""
+        return self.out / "evaluation" / "seeds.csv"
 
     def visualize(self, side: str) -> Path:
         return self.out / "visualize" / side

@@ -1,9 +1,10 @@
 """The demo's ``report.html``: one self-contained page built from the demo's files only.
 
-Sections: the smoke-test caveat, the comparison table (pretrained vs none), each model's metrics
-with 95 % bootstrap CIs, prediction overlays on three planes for a few held-out cases, the
-training curves of every run (``log.csv``), the backbone visualisations (``3dino visualize``)
-and the stage times.
+Sections: what the data can and cannot show, which backbone was used and how it was made, the
+comparison over finetune seeds (pretrained vs none, same head), the paired per-case comparison
+of each seed with 95 % bootstrap CIs, each model's metrics, prediction overlays on three planes
+for a few held-out cases, the training curves (``log.csv``; the bundled backbone's shipped
+curves), the backbone visualisations (``3dino visualize``) and the stage times.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from threedino_pipe.artifacts import DemoTimings, EvaluationSummary
+from threedino_pipe.artifacts import BundledBackboneRecord, DemoTimings, EvaluationSummary
 from threedino_pipe.demo.layout import DemoLayout
 from threedino_pipe.evaluation import report
 from threedino_pipe.evaluation.compare import segmentation_comparison_table
@@ -29,12 +31,43 @@ from threedino_pipe.visualization.curves import plot_curves
 from threedino_pipe.visualization.overlays import colour_legend, overlay_planes
 
 CAVEAT = ("All cases of this demo come from ONE brain: they are resamplings of the MNI152 template (different "
-          "spacing, rotation, crop, flips and intensity), training and held-out cases alike, and the runs are a "
-          "few iterations long. The comparison below is a smoke test that the whole chain runs end to end, not "
-          "evidence about what pretraining buys.")
+          "spacing, rotation, crop, flips and intensity), training and held-out cases alike. What this can show: "
+          "that the whole chain runs end to end, and whether a backbone pretrained by `3dino pretrain` gives a "
+          "frozen backbone + adapter head better features than training the same head and backbone from random "
+          "initialisation, on this anatomy at 25 % labels. What it cannot show: anything about other subjects, "
+          "anatomy, scanners or diseases (the comparison is not evidence about them), nor a significant per-case "
+          "test: with 4 held-out pairs the smallest two-sided Wilcoxon p is 0.125. The finetune seeds show how "
+          "much of a difference is the luck of one run.")
+BUNDLED_CAVEAT = ("The bundled backbone was pretrained on 48 other resamplings of the same template (drawn with "
+                  "another seed; none of this demo's cases): it has seen this brain, though never these cases or "
+                  "their labels.")
+HERE_CAVEAT = ("--pretrain-here: the backbone was pretrained inside the demo for a few iterations only, so it is "
+               "still close to its random initialisation; expect the `none` side to win.")
 NUM_OVERLAY_CASES = 3
+Runs = Mapping[str, Mapping[int, Path]]  # finetune run folders by side and seed
 PRETRAIN_COLUMNS = ["loss", "dino_local", "dino_global", "ibot", "koleo", "lr"]
 FINETUNE_COLUMNS = ["loss", "val_dice", "lr"]
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The pretrained side's backbone: a file (with the bundled backbone's record) or a run folder."""
+
+    path: Path
+    record: BundledBackboneRecord | None = None
+
+    def lines(self) -> list[str]:
+        """How the backbone was made, one fact per line."""
+        r = self.record
+        if r is None:
+            return [f"pretrained inside this demo (--pretrain-here): {self.path}"]
+        deviations = ", ".join(sorted(r.recipe.get("deviations_from_paper", {}))) or "none"
+        signals = ", ".join(f"{k} {v:g}" for k, v in r.final_signals.items())
+        return [f"bundled backbone {r.file} (SHA-256 {r.sha256}), made {r.made} on {r.machine} in "
+                f"{r.wall_seconds / 60:.0f} min of `3dino pretrain`, {r.iterations} iterations, recipe "
+                f"{r.recipe.get('recipe', '?')} (deviations from the paper: {deviations})",
+                f"pretraining data: {r.pretraining_data}", *[f"command: {c}" for c in r.commands],
+                f"learning signals at the last iteration: {signals or 'not recorded'}"]
 
 
 def _nan_for_none(value: Any) -> Any:
@@ -82,17 +115,30 @@ def terminal_table(compare_dir: Path) -> Table:
     return out
 
 
-def _metrics_tables(layout: DemoLayout, sides: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
+def seeds_terminal_table(seeds: pd.DataFrame) -> Table:
+    """The per-seed mean Dice table (:func:`threedino_pipe.demo.seeds.seed_table`) for the terminal."""
+    out = Table(title="Mean Dice over labels and held-out cases, per finetune seed (both sides: the same subset "
+                "and head)")
+    for column in seeds.columns:
+        out.add_column(str(column), justify="left" if column == "seed" else "right")
+    for _, row in seeds.iterrows():
+        out.add_row(*[f"{v:+.4f}" if k == "difference" else f"{v:.4f}" if isinstance(v, float) else str(v)
+                      for k, v in row.items()])
+    return out
+
+
+def _metrics_tables(layout: DemoLayout, runs: Runs) -> list[tuple[str, pd.DataFrame]]:
     tables = []
-    for side in sides:
-        summary = _summary(layout.evaluation(side))
-        tables.append((f"{side}: {summary.cases.evaluated} held-out cases",
-                       segmentation_table(_nan_for_none(summary.metrics), _nan_for_none(summary.mean_over_labels))))
+    for side, by_seed in runs.items():
+        for seed in by_seed:
+            summary = _summary(layout.evaluation(side, seed))
+            tables.append((f"{side}, seed {seed}: {summary.cases.evaluated} held-out cases",
+                           segmentation_table(_nan_for_none(summary.metrics), _nan_for_none(summary.mean_over_labels))))
     return tables
 
 
 def _overlay_figures(layout: DemoLayout, sides: Sequence[str], labels: dict[str, list[int]]) -> list[tuple[str, bytes]]:
-    """Image, reference and each side's prediction on three planes for the first few held-out cases."""
+    """Image, reference and each side's seed-0 prediction on three planes for the first few held-out cases."""
     figures = []
     num_labels = max((max(v) for v in labels.values()), default=1)
     references = sorted((layout.raw / "labelsTs").glob("*.nii.gz"))[:NUM_OVERLAY_CASES]
@@ -102,20 +148,28 @@ def _overlay_figures(layout: DemoLayout, sides: Sequence[str], labels: dict[str,
         label, _ = read_image(reference)
         maps: list[tuple[str, np.ndarray | None]] = [("reference", label)]
         for side in sides:
-            prediction = layout.predictions(side) / reference.name
+            prediction = layout.predictions(side, 0) / reference.name
             maps.append((f"prediction: {side}", read_image(prediction)[0] if prediction.is_file() else None))
         png = overlay_planes(image, geometry.spacing, maps, num_labels=num_labels, title=case)
-        figures.append((f"{case}: image, reference and predictions on the three planes through the centre of the "
-                        f"reference's foreground (voxel index planes; colours: {colour_legend(labels)})", png))
+        figures.append((f"{case}: image, reference and each side's seed-0 prediction on the three planes through "
+                        f"the centre of the reference's foreground (voxel index planes; colours: "
+                        f"{colour_legend(labels)})", png))
     return figures
 
 
-def _curve_figures(layout: DemoLayout, runs: Mapping[str, Path]) -> list[tuple[str, bytes]]:
+def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> list[tuple[str, bytes]]:
     folder = layout.out / "report_figures"
-    entries = [("pretrain", layout.pretrain_run, PRETRAIN_COLUMNS),
-               ("adapt-highres", layout.highres_run, PRETRAIN_COLUMNS)]
-    entries += [(f"finetune ({side})", run, FINETUNE_COLUMNS) for side, run in runs.items()]
     figures = []
+    if backbone.record is not None and backbone.record.curves:
+        shipped = backbone.path.parent / backbone.record.curves
+        if shipped.is_file():
+            figures.append((f"the bundled backbone's pretraining curves, as shipped ({shipped.name}): losses, "
+                            "learning signals, schedules", shipped.read_bytes()))
+        entries = []
+    else:
+        entries = [("pretrain", layout.pretrain_run, PRETRAIN_COLUMNS),
+                   ("adapt-highres", layout.highres_run, PRETRAIN_COLUMNS)]
+    entries += [(f"finetune ({side}, seed 0)", by_seed[0], FINETUNE_COLUMNS) for side, by_seed in runs.items()]
     for name, run, columns in entries:
         png = plot_curves(run / "log.csv", folder / f"curves_{re.sub(r'[^A-Za-z0-9-]+', '_', name).strip('_')}.png",
                           columns=columns, title=f"{name}: {run.name}")
@@ -124,7 +178,7 @@ def _curve_figures(layout: DemoLayout, runs: Mapping[str, Path]) -> list[tuple[s
     return figures
 
 
-def _backbone_section(layout: DemoLayout, sides: Sequence[str]) -> report.Section:
+def _backbone_section(layout: DemoLayout, sides: Sequence[str], backbone: BackboneInfo) -> report.Section:
     """The PNGs ``3dino visualize`` wrote for each side (PCA view and CLS attention of the last layer)."""
     figures = []
     for side in sides:
@@ -133,10 +187,10 @@ def _backbone_section(layout: DemoLayout, sides: Sequence[str]) -> report.Sectio
             png = layout.visualize(side) / f"{name}.png"
             if png.is_file():
                 figures.append((f"{side} backbone: {what} ({png})", png.read_bytes()))
+    which = "the bundled backbone" if backbone.record is not None else "the adapt-highres run"
     paragraphs = [f"`3dino visualize` on the held-out scan {layout.visualized_scan.name}: the pretrained backbone "
-                  "(the adapt-highres run, before finetuning) and the backbone trained from random initialisation in "
-                  "the `none` finetune run. After a few pretraining iterations the maps show little structure; see "
-                  "docs/visualize.md for how to read them."]
+                  f"({which}, before finetuning) and the backbone trained from random initialisation in the seed-0 "
+                  "`none` finetune run; see docs/visualize.md for how to read them."]
     if not figures:
         paragraphs.append("No `3dino visualize` output was found.")
     return report.Section("Backbone visualisations", paragraphs=paragraphs, figures=figures)
@@ -146,35 +200,55 @@ def _timings_table(timings: DemoTimings) -> pd.DataFrame:
     return pd.DataFrame([{"stage": s.stage, "seconds": s.seconds, "command": s.command} for s in timings.stages])
 
 
-def write(layout: DemoLayout, runs: Mapping[str, Path], *, quick: bool, timings: DemoTimings) -> Path:
-    """Write ``report.html`` (self-contained, figures embedded as PNG) from the demo's files; returns its path."""
+def _comparison_sections(layout: DemoLayout, seeds: Sequence[int], backbone: BackboneInfo) -> list[report.Section]:
+    from threedino_pipe.demo.seeds import seed_table
+
+    frozen = "the bundled backbone" if backbone.record is not None else "the backbone pretrained in this demo"
+    expectation = (BUNDLED_CAVEAT if backbone.record is not None else HERE_CAVEAT)
+    sections = [report.Section("Comparison over finetune seeds: pretrained vs none", paragraphs=[
+        f"Side pretrained: {frozen}, frozen, with the adapter head. Side none: the same architecture at random "
+        "initialisation, trained end to end, with the same adapter head. Both on the same 25 % subset of fold 0 "
+        "(finetune --seed S takes subset draw S), the same iterations and batch; each seed changes the subset, "
+        "crops and initialisation. Each value is the mean Dice "
+        "over labels and held-out cases; the last row is the mean over seeds with the Student-t 95 % CI of the "
+        "difference.", expectation], tables=[("", seed_table(layout, seeds))])]
+    for seed in seeds:
+        compare_dir = layout.evaluation("compare", seed)
+        figures = [(f"seed {seed}: {metric} per label, mean with 95 % bootstrap CI over the held-out cases "
+                    "(Wilcoxon p)", (compare_dir / file).read_bytes())
+                   for metric, file in (("Dice", "compare_dice.png"), ("HD95 (mm)", "compare_hd95.png"))
+                   if seed == 0 and (compare_dir / file).is_file()]
+        sections.append(report.Section(f"Paired comparison over held-out cases, seed {seed}",
+                                       tables=[("", comparison_table(compare_dir))], figures=figures))
+    return sections
+
+
+def write(layout: DemoLayout, runs: Runs, *, quick: bool, timings: DemoTimings, backbone: BackboneInfo) -> Path:
+    """Write ``report.html`` (self-contained, figures embedded as PNG) from the demo's files; returns its path.
+
+    Args:
+        runs: finetune run folders by side (``pretrained``, ``none``) and seed.
+        backbone: the pretrained side's backbone and, when bundled, its provenance record.
+    """
     sides = list(runs)
-    compare_dir = layout.evaluation("compare")
-    compare_summary = _summary(compare_dir)
-    compare_figures = [(f"{metric} per label: mean with 95 % bootstrap CI over the held-out cases (Wilcoxon p)",
-                        (compare_dir / file).read_bytes())
-                       for metric, file in (("Dice", "compare_dice.png"), ("HD95 (mm)", "compare_hd95.png"))
-                       if (compare_dir / file).is_file()]
+    seeds = sorted(runs[sides[0]])
+    compare_summary = _summary(layout.evaluation("compare", seeds[0]))
     load = (timings.load_average_start or [math.nan])[0]
     info = [("dataset", f"{layout.raw} ({compare_summary.cases.reference} held-out cases)"),
-            ("models", "finetune --pct 25 on the same subset: "
-             + ", ".join(f"{side} = {run.name}" for side, run in runs.items())),
+            *[("backbone", line) for line in backbone.lines()],
+            ("models", "finetune --pct 25 --head adapter, both sides on the same subset per seed, seeds "
+             f"{', '.join(map(str, seeds))}: "
+             + "; ".join(f"{side} = {', '.join(r.name for r in by_seed.values())}" for side, by_seed in runs.items())),
             ("demo size", "--quick" if quick else "full"),
             ("time so far", f"{timings.total_seconds:.0f} s on {timings.cpu_count} CPU(s), load "
              f"average {load:.2f} at the start")]
     sections = [
-        report.Section("Comparison: pretrained vs none", paragraphs=[
-            "Side A: the tiny ViT pretrained with 3DINO (pretrain, then adapt-highres), frozen, with the adapter "
-            "head. Side B: no pretraining (random initialisation, trained end to end), with the same adapter "
-            "head. Both on the same 25 % subset of fold 0; Wilcoxon signed-rank test over the held-out cases.",
-            "Expect side B to win here: after so few pretraining iterations the frozen backbone is still close to "
-            "its random initialisation, while side B trains its backbone end to end."],
-            tables=[("", comparison_table(compare_dir))], figures=compare_figures),
-        report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, sides)),
+        *_comparison_sections(layout, seeds, backbone),
+        report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, runs)),
         report.Section("Predictions on held-out cases",
                        figures=_overlay_figures(layout, sides, compare_summary.labels)),
-        report.Section("Training curves", figures=_curve_figures(layout, runs)),
-        _backbone_section(layout, sides),
+        report.Section("Training curves", figures=_curve_figures(layout, runs, backbone)),
+        _backbone_section(layout, sides, backbone),
         report.Section("Stage times (this invocation; timings.json)", tables=[("", _timings_table(timings))]),
     ]
     html = report.render("threedino-pipe demo: MNI152 grey/white matter", info, [], [], notes=[CAVEAT],

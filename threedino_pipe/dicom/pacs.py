@@ -51,8 +51,6 @@ from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
-if logging.getLogger("pynetdicom").level < logging.WARNING:
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 DEFAULT_CALLING_AE = "THREEDINO"
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]

@@ -10,7 +10,8 @@ import logging
 import sys
 
 PACKAGE = "threedino_pipe"
-QUIET_LOGGERS = ("numexpr",)  # log at INFO on import (thread counts): not a message for users
+# numexpr logs thread counts at INFO on import, pynetdicom every association event: not messages for users
+QUIET_LOGGERS = ("numexpr", "pynetdicom")
 
 
 def configure_logging(verbose: bool = False) -> None:
