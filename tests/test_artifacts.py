@@ -128,7 +128,8 @@ TIMINGS = {"kind": "demo_timings", **HEAD, "quick": True, "cpu_count": 2, "load_
 BUNDLED = {"kind": "bundled_backbone", **HEAD, "file": "backbone_tiny_mni.pt", "sha256": "0" * 64,
            "commands": ["3dino pretrain -d 989 --iters 6000"], "pretraining_data": "48 MNI152 resamplings",
            "iterations": 6000, "wall_seconds": 3600.0, "machine": "x86_64, 2 cores", "made": "2026-12-06",
-           "recipe": {"recipe": "auto", "deviations_from_paper": {}}}
+           "recipe_name": "auto", "deviations": {"peak_lr": "why"}, "final_signals": {"cls_rank": 9.0},
+           "probe_curve": {"0": 0.8, "6000": 0.85}, "curves": "backbone_tiny_mni_curves.png"}
 # (class, a valid file, a required field, (path to a field, a value of the wrong type)); writer from the class
 KINDS = [
     (Plans, PLANS, "task", (["configurations", "finetune", "patch_size"], "64x64x64")),

@@ -84,8 +84,8 @@ def demo_folder(tmp_path_factory, monkeypatch_module) -> tuple[DemoLayout, dict[
     record = BundledBackboneRecord(file=backbone.name, sha256="0" * 64, commands=["3dino pretrain -d 989"],
                                    pretraining_data="48 MNI152 resamplings", iterations=6000, wall_seconds=3000.0,
                                    machine="x86_64, 2 cores", made="2026-12-06", curves="backbone_tiny_mni_curves.png",
-                                   recipe={"recipe": "auto", "deviations_from_paper": {"peak_lr": "why"}},
-                                   final_signals={"target_entropy": 0.9})
+                                   recipe_name="auto", deviations={"peak_lr": "why"},
+                                   final_signals={"target_entropy": 0.9}, probe_curve={"0": 0.8, "6000": 0.85})
     return layout, runs, BackboneInfo(path=backbone, record=record)
 
 

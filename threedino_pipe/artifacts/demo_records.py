@@ -54,9 +54,10 @@ class BundledBackboneRecord(Artifact):
     """``backbone_tiny_mni.json``: how the demo's bundled backbone was made (docs/demo.md).
 
     ``commands`` reproduce it (``make demo-backbone``); ``wall_seconds`` is the sum of the pretrain
-    invocations' wall times on ``machine``; ``recipe`` is the run's recorded recipe and its deviations
-    from the paper; ``final_signals`` the learning signals of the run's last logged iteration
-    (docs/pretrain.md); ``curves`` the run's curves.png shipped beside it; ``sha256`` checks the
+    invocations' wall times on ``machine``; ``recipe_name`` is the run's recipe (``auto``) and
+    ``deviations`` its deviations from the paper with their reasons (from the run's run.json); ``final_signals`` the learning signals of the run's last logged iteration
+    (docs/pretrain.md); ``probe_curve`` the patch probe's balanced accuracy by iteration (``"0"``:
+    the network at initialisation); ``curves`` the run's curves.png shipped beside it; ``sha256`` checks the
     shipped file.
     """
 
@@ -73,8 +74,10 @@ class BundledBackboneRecord(Artifact):
     wall_seconds: float = Field(ge=0.0)
     machine: str
     made: str
-    recipe: dict[str, Any]
+    recipe_name: str
+    deviations: dict[str, str] = Field(default_factory=dict)
     final_signals: dict[str, float] = Field(default_factory=dict)
+    probe_curve: dict[str, float] = Field(default_factory=dict)
     curves: str | None = None
 
     OMIT_WHEN_NONE = ("curves",)

@@ -93,6 +93,35 @@ def _add_seconds(work: Path, seconds: float) -> None:
     path.write_text(f"{total + seconds:.1f}\n")
 
 
+def probe_curve(folder: Path, preprocessed: Path) -> dict[str, float]:
+    """Patch-probe balanced accuracy of the teacher at initialisation (``"0"``) and at every snapshot.
+
+    The probe (docs/pretrain.md) is fitted on 16 of fold 0's training cases of the pretraining
+    dataset and scored on 8 of its validation cases: the labels are used here only, never by
+    the pretraining.
+    """
+    import torch
+
+    from threedino_pipe.runtime.checkpoints import load_checkpoint
+    from threedino_pipe.training.feature_probe import load_probe_cases, probe_score
+    from threedino_pipe.training.ssl_trainer import build_ssl_pair, load_ssl_pair
+
+    cases = load_probe_cases(preprocessed, max_train=16, max_val=8)
+    if cases is None:
+        return {}
+    device = torch.device("cpu")
+    snapshots = sorted(folder.glob("checkpoint_[0-9]*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    final = folder / "checkpoint_final.pt"
+    config, _, _ = load_ssl_pair(load_checkpoint(final))
+    torch.manual_seed(config.seed)
+    networks = {"0": build_ssl_pair(config)[1]}
+    for path in [*snapshots, final]:
+        key = str(config.iters) if path == final else path.stem.split("_")[1]
+        networks[key] = load_ssl_pair(load_checkpoint(path))[2]
+    return {key: round(probe_score(net.backbone, cases, device)["balanced_accuracy"], 4)
+            for key, net in networks.items()}
+
+
 def install_backbone(folder: Path, work: Path, iters: int) -> None:
     """Copy the run's backbone.pt next to this module and write its provenance record."""
     shutil.copy2(folder / "backbone.pt", BACKBONE)
@@ -103,9 +132,12 @@ def install_backbone(folder: Path, work: Path, iters: int) -> None:
         file=BACKBONE.name, sha256=sha256(BACKBONE), commands=commands(iters), iterations=iters,
         wall_seconds=float((work / "seconds.txt").read_text()),
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        made=time.strftime("%Y-%m-%d"), recipe=run.decisions, curves=CURVES.name,
+        made=time.strftime("%Y-%m-%d"), curves=CURVES.name,
+        recipe_name=str(run.decisions.get("recipe", "auto")),
+        deviations=dict(run.decisions.get("deviations_from_paper", {})),
         final_signals={name: round(float(last[name]), 4) for name in SIGNALS
                        if name in last and last[name] == last[name]},
+        probe_curve=probe_curve(folder, work / "preprocessed" / f"Dataset{DATASET_ID}_{DATASET_NAME}"),
         pretraining_data=f"{NUM_CASES} MNI152 resamplings, seed {SEED} (not the demo's dataset, seed 0)").write(RECORD)
 
 

@@ -61,13 +61,15 @@ class BackboneInfo:
         r = self.record
         if r is None:
             return [f"pretrained inside this demo (--pretrain-here): {self.path}"]
-        deviations = ", ".join(sorted(r.recipe.get("deviations_from_paper", {}))) or "none"
+        deviations = ", ".join(sorted(r.deviations)) or "none"
         signals = ", ".join(f"{k} {v:g}" for k, v in r.final_signals.items())
         return [f"bundled backbone {r.file} (SHA-256 {r.sha256}), made {r.made} on {r.machine} in "
                 f"{r.wall_seconds / 60:.0f} min of `3dino pretrain`, {r.iterations} iterations, recipe "
-                f"{r.recipe.get('recipe', '?')} (deviations from the paper: {deviations})",
+                f"{r.recipe_name} (deviations from the paper: {deviations})",
                 f"pretraining data: {r.pretraining_data}", *[f"command: {c}" for c in r.commands],
-                f"learning signals at the last iteration: {signals or 'not recorded'}"]
+                f"learning signals at the last iteration: {signals or 'not recorded'}",
+                "patch probe (balanced accuracy) by pretraining iteration: "
+                + (", ".join(f"{k}: {v:.3f}" for k, v in r.probe_curve.items()) or "not recorded")]
 
 
 def _nan_for_none(value: Any) -> Any:
