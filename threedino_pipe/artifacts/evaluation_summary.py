@@ -106,20 +106,25 @@ class ClassificationStatistics(TypedDict):
     ci_unreliable: NotRequired[bool]
 
 
+class StatisticalTest(TypedDict):
+    """A statistical test: its name, statistic, two-sided p (null when undefined, with a ``note``)."""
+
+    test: str
+    statistic: float | None
+    p_value: float | None
+    note: str | None
+
+
 @with_config(ConfigDict(extra="forbid"))
-class SegmentationComparison(TypedDict):
+class SegmentationComparison(StatisticalTest):
     """Both sides' statistics, the paired difference B - A, and the Wilcoxon signed-rank test over
     ``n_pairs`` cases; ``min_p_value`` is the smallest p the exact test can give with these pairs."""
 
     a: CaseStatistics
     b: CaseStatistics
     difference: CaseStatistics
-    test: str
-    statistic: float | None
-    p_value: float | None
     n_pairs: int
     min_p_value: NotRequired[float | None]
-    note: str | None
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -136,18 +141,14 @@ class RunValues(TypedDict):
 
 
 @with_config(ConfigDict(extra="forbid"))
-class ClassificationComparison(TypedDict):
+class ClassificationComparison(StatisticalTest):
     """Both sides' run values, the difference of their means (B - A) and Welch's t-test across runs."""
 
     a: RunValues
     b: RunValues
     difference: float | None
-    test: str
-    statistic: float | None
-    p_value: float | None
     n_a: int
     n_b: int
-    note: str | None
 
 
 MetricEntry = CaseStatistics | ClassificationStatistics
