@@ -101,7 +101,8 @@ SUMMARY = {"kind": "evaluation_summary", **HEAD, "mode": "evaluate", "task": "se
            "cases": {"reference": 2, "evaluated": 1, "missing": [],
                      "failed": [{"case_id": "b", "file": "/pred/b.nii.gz", "problem": "truncated"}], "ignored": []},
            "metrics": {"dice": {"organ": {"mean": 0.5, "median": 0.5, "ci95": [0.4, 0.6], "n": 1, "n_nan": 0}}},
-           "mean_over_labels": {"dice": {"mean": 0.5}},
+           "mean_over_labels": {"dice": {"mean": 0.5, "median": 0.5, "ci95": [0.4, 0.6], "n": 1, "n_nan": 0,
+                                         "ci_unreliable": True}},
            "files": {"per_case": "per_case.csv", "figures": ["metrics_per_label.png"], "report": "report.html"}}
 RECIPE = {"configuration": "finetune", "transpose": [0, 1, 2], "resample": True, "spacing": [1.0, 1.0, 1.0],
           "normalization": [VOLUME], "crop": "nonzero", "image_interpolation": "bspline3",

@@ -209,3 +209,134 @@ def test_user_errors_print_no_traceback_and_write_nothing(tmp_path, workspace):
     with pytest.raises(UserError, match="either -p"):
         evaluate.run(workspace["ref"], output=out)
     assert not out.exists()
+
+
+def _small_reference(workspace, cases: int) -> tuple[Path, dict[str, Path]]:
+    """A reference folder holding only the first ``cases`` reference labels."""
+    folder = workspace["tmp"] / f"labels_{cases}"
+    folder.mkdir()
+    refs = dict(list(workspace["refs"].items())[:cases])
+    for path in refs.values():
+        shutil.copy(path, folder / path.name)
+    return folder, refs
+
+
+def test_confidence_intervals_over_fewer_than_5_cases_are_marked_unreliable(workspace):
+    ref3, refs3 = _small_reference(workspace, 3)
+    tmp = workspace["tmp"]
+    _write_predictions(workspace["refs"], tmp / "pred", [40 * (i + 1) for i in range(NUM_CASES)])
+    _write_predictions(workspace["refs"], tmp / "pred_b", [90 * (i + 1) for i in range(NUM_CASES)])
+    proc = run_3dino("evaluate", "-r", str(ref3), "-p", str(tmp / "pred"), "-d", "992", "-o", str(tmp / "ev3"),
+                     "-np", "1", env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr  # 3 predictions of the 6 have a reference; the rest are ignored
+    summary = json.loads((tmp / "ev3" / "summary.json").read_text())
+    for metric in ("dice", "hd95_mm"):
+        for entry in [*summary["metrics"][metric].values(), summary["mean_over_labels"][metric]]:
+            assert entry["n"] == 3 and entry["ci_unreliable"] is True
+    assert "grey_matter: Dice" in proc.stderr and "unreliable (n < 5)" in proc.stderr
+    assert "fewer than 5 cases are marked unreliable" in proc.stderr
+    html = (tmp / "ev3" / "report.html").read_text()
+    assert "unreliable (n &lt; 5)" in html and "fewer than 5 cases are marked unreliable" in html
+
+    proc = run_3dino("evaluate", "-r", str(workspace["ref"]), "-p", str(tmp / "pred"), "-d", "992", "-o",
+                     str(tmp / "ev6"), "-np", "1", env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp / "ev6" / "summary.json").read_text())
+    assert summary["metrics"]["dice"]["grey_matter"]["n"] == NUM_CASES
+    assert summary["metrics"]["dice"]["grey_matter"]["ci_unreliable"] is False
+    assert "unreliable" not in proc.stderr and "unreliable" not in (tmp / "ev6" / "report.html").read_text()
+
+    out = tmp / "cmp3"
+    proc = run_3dino("evaluate", "-r", str(ref3), "--compare", str(tmp / "pred"), str(tmp / "pred_b"), "-d", "992",
+                     "-o", str(out), "-np", "1", env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((out / "summary.json").read_text())["comparisons"]["dice"]["grey_matter"]
+    assert all(entry[k]["ci_unreliable"] is True for k in ("a", "b", "difference"))
+    html = (out / "report.html").read_text()
+    assert "unreliable (n &lt; 5)" in html and "fewer than 5 cases are marked unreliable" in html
+
+
+def test_classification_ci_over_few_cases_is_marked_unreliable(tmp_path):
+    y = np.array([0, 1, 1, 0])
+    classes = ["benign", "malignant"]
+    reference = tmp_path / "reference.csv"
+    pd.DataFrame({"case_id": [f"case{i:03d}" for i in range(y.size)], "label": [classes[i] for i in y]}) \
+        .to_csv(reference, index=False)
+    _classification_files(tmp_path / "run", 0, 0.3, y, classes)
+    proc = run_3dino("evaluate", "-r", str(reference), "-p", str(tmp_path / "run"), "-o", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["metrics"]["accuracy"]["all"]["n"] == 4 and summary["metrics"]["accuracy"]["all"]["ci_unreliable"]
+    assert "unreliable (n < 5)" in proc.stderr
+    assert "unreliable (n &lt; 5)" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_wilcoxon_floor_for_few_pairs_is_stated(workspace):
+    ref4, refs4 = _small_reference(workspace, 4)
+    tmp = workspace["tmp"]
+    # B relabels more grey matter than A in every case: every paired difference has the same sign
+    _write_predictions(refs4, tmp / "a", [30 * (i + 1) for i in range(4)])
+    _write_predictions(refs4, tmp / "b", [60 * (i + 1) for i in range(4)])
+    out = tmp / "cmp"
+    proc = run_3dino("evaluate", "-r", str(ref4), "--compare", str(tmp / "a"), str(tmp / "b"), "-d", "992",
+                     "-o", str(out), "-np", "1", env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((out / "summary.json").read_text())["comparisons"]["dice"]["grey_matter"]
+    assert entry["n_pairs"] == 4 and entry["min_p_value"] == 0.125
+    assert entry["p_value"] == pytest.approx(0.125)  # the floor: scipy's exact test, all signs equal
+    assert "smallest possible with 4 pairs: 0.125" in proc.stderr
+    html = (out / "report.html").read_text()
+    assert "smallest possible p" in html and "cannot give p below 2/2^n" in html and "p &gt;= 0.125" in html
+
+
+def _near_empty_prediction(reference: Path, out: Path, keep: float) -> tuple[int, int]:
+    """The reference with all but the first ``keep`` fraction of its white matter (2) set to background.
+
+    Returns (reference white-matter voxels, predicted white-matter voxels)."""
+    label, geometry = read_image(reference)
+    prediction = label.copy()
+    white = np.flatnonzero(label == 2)
+    prediction.reshape(-1)[white[int(keep * white.size):]] = 0
+    write_image(prediction, geometry, out / reference.name)
+    return white.size, int((prediction == 2).sum())
+
+
+def test_hd95_on_a_near_empty_prediction_is_flagged(workspace):
+    refs, tmp = workspace["refs"], workspace["tmp"]
+    pred = tmp / "pred"
+    _write_predictions(refs, pred, [40 * (i + 1) for i in range(NUM_CASES)])
+    first = next(iter(refs))
+    n_ref, n_pred = _near_empty_prediction(refs[first], pred, keep=0.03)  # 3 % of the white matter left
+    assert 10 <= n_pred < 0.1 * n_ref
+    proc = run_3dino("evaluate", "-r", str(workspace["ref"]), "-p", str(pred), "-d", "992", "-np", "1",
+                     env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr
+    out = pred / "evaluation"
+    per_case = pd.read_csv(out / "per_case.csv", dtype={"case_id": str})
+    assert "hd95_near_empty" in per_case.columns
+    flagged = per_case[per_case["hd95_near_empty"]]
+    assert list(zip(flagged["case_id"], flagged["label"], strict=True)) == [(first, "white_matter")]
+    assert np.isfinite(flagged["hd95_mm"]).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["hd95_mm"]["white_matter"]["n_near_empty"] == 1
+    assert summary["metrics"]["hd95_mm"]["grey_matter"]["n_near_empty"] == 0
+    assert summary["mean_over_labels"]["hd95_mm"]["n_near_empty"] == 1
+    assert "white_matter" in proc.stderr and "1 of 6 on a near-empty mask" in proc.stderr
+    html = (out / "report.html").read_text()
+    assert "HD95 near-empty" in html and "fewer than 10 voxels or fewer than 10% of the other" in html
+
+    # compare: the flag per side, also for an evaluation folder written before the column existed
+    (out / "per_case.csv").write_text(per_case.drop(columns="hd95_near_empty").to_csv(index=False))
+    _write_predictions(refs, tmp / "other", [50 * (i + 1) for i in range(NUM_CASES)])
+    cmp = tmp / "cmp"
+    proc = run_3dino("evaluate", "-r", str(workspace["ref"]), "--compare", str(out), str(tmp / "other"), "-d", "992",
+                     "-o", str(cmp), "-np", "1", env=workspace["env"])
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(cmp / "per_case.csv", dtype={"case_id": str})
+    flagged = table[table["hd95_near_empty_a"]]
+    assert list(zip(flagged["case_id"], flagged["label"], strict=True)) == [(first, "white_matter")]
+    assert not table["hd95_near_empty_b"].any()
+    entry = json.loads((cmp / "summary.json").read_text())["comparisons"]["hd95_mm"]["white_matter"]
+    assert (entry["a"]["n_near_empty"], entry["b"]["n_near_empty"]) == (1, 0)
+    html = (cmp / "report.html").read_text()
+    assert "HD95 near-empty A/B" in html and "<td>1/0</td>" in html and "near-empty mask are flagged" in html

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import blosc2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import REPO, THREEDINO, run_3dino
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from monai.metrics import compute_dice
 
 from threedino_pipe.inference.geometry import labels_on_grid
@@ -25,9 +27,10 @@ from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.stages.finetune import output_targets
-from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels
+from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels, curve_panels
 from threedino_pipe.training_data.patch_loader import Augmentation, PatchLoader, SegmentationCases, make_batch
 from threedino_pipe.training_data.splits import make_splits
+from threedino_pipe.visualization.curves import curves_figure
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"
@@ -269,3 +272,45 @@ def test_killed_run_resumes_from_checkpoint_latest(env):
     other = run_3dino(*args, "--lr", "0.01", env=env)
     assert other.returncode != 0 and "--restart" in other.stderr and "Traceback" not in other.stderr
     assert "lr: 0.001 -> 0.01" in other.stderr
+
+
+def _tick_values(labels) -> list[float]:
+    return [float(t.get_text().replace("\u2212", "-")) for t in labels if t.get_text()]
+
+
+def test_log_holds_per_class_validation_dice_and_curves_plot_it_readably(env):
+    result = run_3dino("finetune", "-d", "990", *FAST, "--backbone", "none", "--head", "linear", "--iters", "4",
+                       "--val-every", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    folder = _run_dir(env)
+    rows = _rows(folder / "log.csv")
+    classes = ["grey_matter", "white_matter"]
+    assert [f"val_dice_{c}" for c in classes] == [k for k in rows[0] if k.startswith("val_dice_")]
+    history = json.loads((folder / "validation.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == [2, 4]
+    for point in history:
+        row = rows[point["iteration"] - 1]
+        assert float(row["val_dice"]) == pytest.approx(point["mean_dice"])
+        for name in classes:
+            value = point["per_class"][name]
+            assert row[f"val_dice_{name}"] == "" if value is None else float(row[f"val_dice_{name}"]) == \
+                pytest.approx(value)
+    assert all(rows[i][f"val_dice_{c}"] == "" for i in (0, 2) for c in classes)  # not a validation iteration
+
+    # curves.png as the run draws it, from this log.csv: the per-class panel, points, integer iterations
+    table = pd.read_csv(folder / "log.csv")
+    table["lr"] = 1e-4 + 1e-12 * table["iteration"]  # a near-constant series
+    fig = curves_figure(table, curve_panels(classes), title=folder.name)
+    FigureCanvasAgg(fig).draw()
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(panels) == ["loss", "val_dice", "val_dice per class", "lr", "patches_per_s"]
+    per_class = panels["val_dice per class"]
+    assert [line.get_label() for line in per_class.get_lines()] == [f"val_dice_{c}" for c in classes]
+    assert per_class.get_legend() is not None
+    for title, ax in panels.items():
+        assert all(line.get_marker() == "o" for line in ax.get_lines()), title  # 2-4 points: drawn as points
+        assert all(v.is_integer() for v in _tick_values(ax.get_xticklabels())), title
+        assert ax.yaxis.get_offset_text().get_text() == "", title
+    low, high = panels["lr"].get_ylim()
+    assert low < 1e-4 < high and (high - low) == pytest.approx(1e-5, rel=1e-3)  # a band of +-5 % around it
+    assert len(set(_tick_values(panels["lr"].get_yticklabels()))) > 1

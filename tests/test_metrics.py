@@ -16,7 +16,7 @@ from threedino_pipe.evaluation.classification_metrics import (
     confusion,
     fast_metrics,
 )
-from threedino_pipe.evaluation.segmentation_metrics import case_metrics, dice, hd95
+from threedino_pipe.evaluation.segmentation_metrics import case_metrics, dice, hd95, hd95_near_empty
 
 SPACING = (0.7, 1.3, 2.9)  # mm per axis i, j, k: anisotropic on every axis
 SHAPE = (48, 40, 20)
@@ -144,3 +144,11 @@ def test_auc_undefined_for_absent_class_is_left_out_of_macro():
     metrics = classification_metrics(y, probs.argmax(axis=1), probs, ["a", "b", "c"])
     assert math.isnan(metrics["auc"]["c"])
     assert metrics["auc"]["macro"] == pytest.approx((metrics["auc"]["a"] + metrics["auc"]["b"]) / 2)
+
+
+def test_near_empty_rule_under_10_voxels_or_under_10_percent_of_the_other():
+    assert hd95_near_empty(1000, 99) and hd95_near_empty(99, 1000)  # under 10 % of the other
+    assert not hd95_near_empty(1000, 100)
+    assert hd95_near_empty(12, 9) and not hd95_near_empty(12, 10)  # under 10 voxels
+    assert not hd95_near_empty(0, 5) and not hd95_near_empty(0, 0)  # an empty mask: HD95 is NaN, nothing to flag
+    assert hd95_near_empty(np.array([1000, 50]), np.array([50, 50])).tolist() == [True, False]

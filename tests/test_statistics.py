@@ -96,3 +96,19 @@ def test_t_interval_matches_scipy():
     expected = stats.t.interval(0.95, 4, loc=np.mean(runs), scale=stats.sem(runs))
     assert t_interval(runs) == pytest.approx(list(expected))
     assert all(math.isnan(v) for v in t_interval([0.8]))
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_wilcoxon_floor_is_the_exact_tests_p_when_every_sign_agrees(n):
+    from threedino_pipe.evaluation.statistics import wilcoxon_min_p
+
+    differences = np.arange(1.0, n + 1)
+    assert wilcoxon_min_p(n) == 2.0 / 2**n == pytest.approx(stats.wilcoxon(differences).pvalue)
+    out = paired_wilcoxon(np.zeros(n + 1), np.append(differences, 0.0))  # a zero difference does not count
+    assert out["n_pairs"] == n + 1 and out["min_p_value"] == wilcoxon_min_p(n)
+
+
+def test_summary_marks_intervals_over_fewer_than_5_values():
+    assert summarize(VALUES[:4])["ci_unreliable"] is True
+    assert summarize(np.append(VALUES[:4], np.nan))["ci_unreliable"] is True  # NaNs do not count
+    assert summarize(VALUES[:5])["ci_unreliable"] is False

@@ -3,15 +3,19 @@
 Written last into the output folder (its presence with ``per_case.csv`` marks a finished
 evaluation, which ``evaluate --compare`` then reuses). ``mode`` is ``evaluate`` (one model) or
 ``compare`` (two sides); ``task`` is ``segmentation`` or ``classification``. The metric entries
-(``metrics``, ``mean_over_labels``, ``comparisons``) are nested tables of numbers keyed by metric,
-label or class (docs/evaluate.md); non-finite numbers are written as ``null``.
+(``metrics``, ``mean_over_labels``, ``comparisons``) are tables keyed by metric, then label or
+class, of the entries typed below (docs/evaluate.md); non-finite numbers are written as ``null``.
+They stay plain dicts in memory (typed dicts: the keys and value types are checked on reading).
+``ci_unreliable`` marks a bootstrap interval over fewer than 5 cases; files written before it
+existed lack it (and ``n_near_empty``, ``min_p_value``), which reads as unknown.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, with_config
+from typing_extensions import TypedDict
 
 from threedino_pipe.artifacts.base import Artifact, Record, json_safe
 
@@ -75,7 +79,80 @@ class SummaryFiles(Record):
     OMIT_WHEN_NONE = ("per_run",)
 
 
-MetricTable = dict[str, dict[str, Any]]
+@with_config(ConfigDict(extra="forbid"))
+class CaseStatistics(TypedDict):
+    """Per-case values of a segmentation metric: mean, median, bootstrap CI of the mean over the ``n``
+    finite values (``n_nan`` left out); ``ci_unreliable`` when ``n`` < 5; HD95 entries count the
+    cases whose HD95 is computed on a near-empty mask (``n_near_empty``)."""
+
+    mean: float | None
+    median: float | None
+    ci95: list[float | None]
+    n: int
+    n_nan: int
+    ci_unreliable: NotRequired[bool]
+    n_near_empty: NotRequired[int]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ClassificationStatistics(TypedDict):
+    """A classification metric on all ``n`` cases with its bootstrap CI over cases (``ci_unreliable``
+    when ``n`` < 5; resamples where it is undefined are counted, not used)."""
+
+    value: float | None
+    ci95: list[float | None]
+    n: int
+    n_undefined_resamples: int
+    ci_unreliable: NotRequired[bool]
+
+
+class StatisticalTest(TypedDict):
+    """A statistical test: its name, statistic, two-sided p (null when undefined, with a ``note``)."""
+
+    test: str
+    statistic: float | None
+    p_value: float | None
+    note: str | None
+
+
+@with_config(ConfigDict(extra="forbid"))
+class SegmentationComparison(StatisticalTest):
+    """Both sides' statistics, the paired difference B - A, and the Wilcoxon signed-rank test over
+    ``n_pairs`` cases; ``min_p_value`` is the smallest p the exact test can give with these pairs."""
+
+    a: CaseStatistics
+    b: CaseStatistics
+    difference: CaseStatistics
+    n_pairs: int
+    min_p_value: NotRequired[float | None]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class RunValues(TypedDict):
+    """One side of a classification comparison: each run's value, their mean and a CI (``ci_method``:
+    ``t_across_runs``, or ``bootstrap_over_cases`` with one run, then ``ci_unreliable`` under 5 cases)."""
+
+    runs: list[float | None]
+    mean: float | None
+    ci95: list[float | None]
+    ci_method: str
+    n_runs: int
+    ci_unreliable: NotRequired[bool]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ClassificationComparison(StatisticalTest):
+    """Both sides' run values, the difference of their means (B - A) and Welch's t-test across runs."""
+
+    a: RunValues
+    b: RunValues
+    difference: float | None
+    n_a: int
+    n_b: int
+
+
+MetricEntry = CaseStatistics | ClassificationStatistics
+ComparisonEntry = SegmentationComparison | ClassificationComparison
 
 
 class EvaluationSummary(Artifact):
@@ -96,9 +173,9 @@ class EvaluationSummary(Artifact):
     labels: dict[str, list[int]] | None = None
     classes: list[str] | None = None
     cases: CaseCounts
-    metrics: dict[str, MetricTable] | None = None
-    comparisons: dict[str, MetricTable] | None = None
-    mean_over_labels: MetricTable | None = None
+    metrics: dict[str, dict[str, MetricEntry]] | None = None
+    comparisons: dict[str, dict[str, ComparisonEntry]] | None = None
+    mean_over_labels: dict[str, CaseStatistics | SegmentationComparison] | None = None
     confusion_matrix: list[list[int]] | None = None
     files: SummaryFiles | None = None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import annotated_types
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+from typing_extensions import is_typeddict
 
 from threedino_pipe.artifacts import ARTIFACTS
 from threedino_pipe.runtime.atomic_files import atomic_path
@@ -42,11 +43,24 @@ def type_name(annotation) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def nested_models(annotation) -> list[type[BaseModel]]:
-    """The models named in ``annotation`` (inside lists, dicts and unions)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def nested_models(annotation) -> list[type]:
+    """The models and typed dicts named in ``annotation`` (inside lists, dicts and unions)."""
+    if isinstance(annotation, type) and (issubclass(annotation, BaseModel) or is_typeddict(annotation)):
         return [annotation]
     return [m for arg in typing.get_args(annotation) for m in nested_models(arg)]
+
+
+def _fields(model: type) -> list[tuple[str, object]]:
+    """(name, annotation) of a model's fields or a typed dict's keys (``NotRequired[...]`` kept)."""
+    if is_typeddict(model):
+        return list(typing.get_type_hints(model, include_extras=True).items())
+    return [(name, info.annotation) for name, info in model.model_fields.items()]
+
+
+def _typed_dict_row(name: str, annotation) -> str:
+    optional = typing.get_origin(annotation) is typing.NotRequired
+    annotation = typing.get_args(annotation)[0] if optional else annotation
+    return f"| `{name}` | {type_name(annotation)} | {'optional' if optional else 'required'} |"
 
 
 _BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"),
@@ -78,8 +92,10 @@ def _rule(model: type[BaseModel], name: str, info) -> str:
     return ", ".join(parts)
 
 
-def _table(model: type[BaseModel]) -> list[str]:
+def _table(model: type) -> list[str]:
     lines = ["| field | type | |", "|---|---|---|"]
+    if is_typeddict(model):
+        return lines + [_typed_dict_row(name, annotation) for name, annotation in _fields(model)]
     for name, info in model.model_fields.items():
         lines.append(f"| `{info.alias or name}` | {type_name(info.annotation)} | {_rule(model, name, info)} |")
     return lines
@@ -110,7 +126,7 @@ def field_tables() -> str:
                 continue
             documented.add(model)
             out += [f"`{model.__name__}`: {_summary(model)}", "", *_table(model), ""]
-            todo += [m for info in model.model_fields.values() for m in nested_models(info.annotation)]
+            todo += [m for _, annotation in _fields(model) for m in nested_models(annotation)]
     return "\n".join([*out, END])
 
 

@@ -23,9 +23,21 @@ from threedino_pipe.evaluation import plots, report
 from threedino_pipe.evaluation.classification import ClassificationResult, evaluate_csv
 from threedino_pipe.evaluation.evaluated_files import dataset_labels, list_label_images
 from threedino_pipe.evaluation.outputs import PER_CASE_FILE, is_result_folder, write_outputs
-from threedino_pipe.evaluation.segmentation import COLUMNS, SegmentationResult, evaluate_folder, fill_absent_labels
-from threedino_pipe.evaluation.statistics import paired_wilcoxon, summarize, t_interval, welch_ttest
-from threedino_pipe.evaluation.summary import SEGMENTATION_METRICS, classification_metrics_summary
+from threedino_pipe.evaluation.segmentation import (
+    COLUMNS,
+    SegmentationResult,
+    evaluate_folder,
+    fill_absent_labels,
+    with_near_empty_flags,
+)
+from threedino_pipe.evaluation.statistics import (
+    paired_wilcoxon,
+    summarize,
+    t_interval,
+    welch_ttest,
+    wilcoxon_min_p,
+)
+from threedino_pipe.evaluation.summary import NEAR_EMPTY_COLUMN, SEGMENTATION_METRICS, classification_metrics_summary
 from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -97,7 +109,8 @@ def _load_segmentation_run(path: Path, reference: Path, references: dict[str, Pa
     if not is_result_folder(path):
         return evaluate_folder(reference, path, labels, num_processes=num_processes, references=references)
     summary = _check_result(path, "segmentation", reference)
-    per_case = pd.read_csv(path / PER_CASE_FILE, dtype={"case_id": str, "label": str, "label_values": str})
+    per_case = with_near_empty_flags(pd.read_csv(path / PER_CASE_FILE,
+                                                 dtype={"case_id": str, "label": str, "label_values": str}))
     missing = [c for c in COLUMNS if c not in per_case.columns]
     if missing:
         raise UserError(f"per_case.csv lacks column(s) {', '.join(missing)}", file=path / PER_CASE_FILE,
@@ -109,12 +122,17 @@ def _load_segmentation_run(path: Path, reference: Path, references: dict[str, Pa
                               ignored=list(cases.ignored or []))
 
 
-def _entry(a: np.ndarray, b: np.ndarray, seed: int, num_bootstrap: int) -> dict:
-    """Both sides' statistics, the paired difference (B - A) and the Wilcoxon test of one metric/label."""
-    return {"a": summarize(a, num_resamples=num_bootstrap, seed=seed),
-            "b": summarize(b, num_resamples=num_bootstrap, seed=seed),
-            "difference": summarize(b - a, num_resamples=num_bootstrap, seed=seed),
-            **paired_wilcoxon(a, b)}
+def _entry(a: np.ndarray, b: np.ndarray, seed: int, num_bootstrap: int,
+           near_empty: tuple[int, int] | None = None) -> dict:
+    """Both sides' statistics, the paired difference (B - A) and the Wilcoxon test of one metric/label;
+    ``near_empty``: each side's count of cases with an HD95 on a near-empty mask (HD95 entries)."""
+    out = {"a": summarize(a, num_resamples=num_bootstrap, seed=seed),
+           "b": summarize(b, num_resamples=num_bootstrap, seed=seed),
+           "difference": summarize(b - a, num_resamples=num_bootstrap, seed=seed),
+           **paired_wilcoxon(a, b)}
+    if near_empty is not None:
+        out["a"]["n_near_empty"], out["b"]["n_near_empty"] = near_empty
+    return out
 
 
 def _run_issues(side: Side, run: Path, result: SegmentationResult | ClassificationResult) -> RunIssues:
@@ -141,11 +159,13 @@ def segmentation_comparison_table(comparisons: dict, mean_over_labels: dict, nam
     rows = []
     for metric in SEGMENTATION_METRICS:
         for name, e in [*comparisons[metric].items(), ("mean over labels", mean_over_labels[metric])]:
+            near_empty = [e[k].get("n_near_empty") for k in SIDE_KEYS]
             rows.append({"metric": metric, "label": name, f"{names['a']} mean": e["a"]["mean"],
-                         f"{names['a']} 95% CI": report.ci_text(e["a"]["ci95"]), f"{names['b']} mean": e["b"]["mean"],
-                         f"{names['b']} 95% CI": report.ci_text(e["b"]["ci95"]),
+                         f"{names['a']} 95% CI": report.entry_ci_text(e["a"]), f"{names['b']} mean": e["b"]["mean"],
+                         f"{names['b']} 95% CI": report.entry_ci_text(e["b"]),
                          "difference (B-A)": e["difference"]["mean"], "Wilcoxon p": e["p_value"],
-                         "pairs": e["n_pairs"]})
+                         "smallest possible p": e.get("min_p_value"), "pairs": e["n_pairs"],
+                         "HD95 near-empty A/B": "" if None in near_empty else f"{near_empty[0]}/{near_empty[1]}"})
     return pd.DataFrame(rows)
 
 
@@ -170,25 +190,30 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetJson |
         tables = [fill_absent_labels(r.per_case[r.per_case["case_id"].isin(paired)
                                                 & r.per_case["label"].isin(list(labels))], labels, paired)
                   for r in results]
-        side_tables[key] = pd.concat(tables).groupby(["case_id", "label"], sort=False)[list(SEGMENTATION_METRICS)] \
-            .mean()
+        grouped = pd.concat(tables).groupby(["case_id", "label"], sort=False)
+        side_tables[key] = grouped[list(SEGMENTATION_METRICS)].mean().assign(
+            **{NEAR_EMPTY_COLUMN: grouped[NEAR_EMPTY_COLUMN].any()})  # flagged in any run of the side
     index = pd.MultiIndex.from_tuples([(c, name) for c in paired for name in labels], names=["case_id", "label"])
     table = pd.DataFrame(index=index)
-    for metric in SEGMENTATION_METRICS:
+    for metric in (*SEGMENTATION_METRICS, NEAR_EMPTY_COLUMN):
         for key in SIDE_KEYS:
             table[f"{metric}_{key}"] = side_tables[key][metric].reindex(index)
     table = table.reset_index()
+    flags = {k: table[f"{NEAR_EMPTY_COLUMN}_{k}"].astype(bool) & table[f"hd95_mm_{k}"].notna() for k in SIDE_KEYS}
     comparisons: dict[str, dict] = {}
     mean_over_labels: dict[str, dict] = {}
     for metric in SEGMENTATION_METRICS:
         comparisons[metric] = {}
         for name in labels:
             rows = table[table["label"] == name]
+            counts = tuple(int(flags[k][rows.index].sum()) for k in SIDE_KEYS) if metric == "hd95_mm" else None
             comparisons[metric][name] = _entry(rows[f"{metric}_a"].to_numpy(), rows[f"{metric}_b"].to_numpy(),
-                                               seed, num_bootstrap)
+                                               seed, num_bootstrap, counts)
         means = table.groupby("case_id", sort=False)[[f"{metric}_a", f"{metric}_b"]].mean()
+        counts = tuple(int(flags[k].groupby(table["case_id"]).any().sum()) for k in SIDE_KEYS) \
+            if metric == "hd95_mm" else None
         mean_over_labels[metric] = _entry(means[f"{metric}_a"].to_numpy(), means[f"{metric}_b"].to_numpy(),
-                                          seed, num_bootstrap)
+                                          seed, num_bootstrap, counts)
     issues = [_run_issues(s, r, res) for s in sides for r, res in zip(s.runs, runs[s.key], strict=True)]
     summary = EvaluationSummary(
         mode="compare", task="segmentation", reference=str(reference.resolve()), dataset=dataset,
@@ -202,16 +227,21 @@ def compare_segmentation(reference: Path, sides: list[Side], spec: DatasetJson |
         entries = [*comparisons[metric].values(), mean_over_labels[metric]]
         figures[file] = plots.comparison_barplot(
             [*labels, "mean"], {names[k]: _bar_values(entries, k) for k in SIDE_KEYS}, ylabel=ylabel,
-            title=f"{ylabel}: mean and 95 % CI over {len(paired)} cases (Wilcoxon p)",
+            title=f"{ylabel}: mean and 95 % CI over {len(paired)} cases (Wilcoxon p; with {len(paired)} pairs "
+                  f"p >= {wilcoxon_min_p(len(paired)):.3g})",
             p_values=[e["p_value"] for e in entries])
     warnings = [f"case '{c}' is not evaluated in every run; left out of the comparison" for c in unpaired]
+    entries = [e for table_ in (*comparisons.values(), mean_over_labels) for e in table_.values()]
+    side_entries = [e[k] for e in entries for k in (*SIDE_KEYS, "difference")]
+    notes = [report.wilcoxon_floor_note(len(paired), wilcoxon_min_p(len(paired))),
+             *report.segmentation_notes(side_entries, sum(e.get("n_near_empty", 0) for e in side_entries))]
     html = report.render(f"Comparison: {names['a']} vs {names['b']}", _report_info(reference, sides, seed,
                                                                                     num_bootstrap, len(paired)),
                          [("Paired comparison per label (Wilcoxon signed-rank over cases)",
                            segmentation_comparison_table(comparisons, mean_over_labels, names))],
                          [(f"{ylabel} per label, mean with 95 % bootstrap CI", figures[f])
                           for f, ylabel in (("compare_dice.png", "Dice"), ("compare_hd95.png", "HD95 (mm)"))],
-                         warnings)
+                         warnings, notes=notes)
     summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
     failed = any(i.missing or i.failed for i in issues)
     return summary, {"tables": {PER_CASE_FILE: table}, "figures": figures, "report": html, "summary": summary}, failed
@@ -254,14 +284,15 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetJson
         for side in SIDE_KEYS:
             run_values = [v[(metric, key)] for v in values[side]]
             finite = [v for v in run_values if v == v]
+            sides_entry[side] = {"runs": run_values, "mean": float(np.mean(finite)) if finite else float("nan")}
             if len(run_values) >= 2:
-                ci, method = t_interval(run_values), "t_across_runs"
+                sides_entry[side].update(ci95=t_interval(run_values), ci_method="t_across_runs")
             else:
-                ci = classification_metrics_summary(runs[side][0], seed=seed, num_resamples=num_bootstrap)[metric][
-                    key]["ci95"]
-                method = "bootstrap_over_cases"
-            sides_entry[side] = {"runs": run_values, "mean": float(np.mean(finite)) if finite else float("nan"),
-                                 "ci95": ci, "ci_method": method, "n_runs": len(run_values)}
+                single = classification_metrics_summary(runs[side][0], seed=seed,
+                                                        num_resamples=num_bootstrap)[metric][key]
+                sides_entry[side].update(ci95=single["ci95"], ci_method="bootstrap_over_cases",
+                                         ci_unreliable=single["ci_unreliable"])
+            sides_entry[side]["n_runs"] = len(run_values)
         comparisons.setdefault(metric, {})[key] = {
             **sides_entry, "difference": sides_entry["b"]["mean"] - sides_entry["a"]["mean"],
             **welch_ttest(sides_entry["a"]["runs"], sides_entry["b"]["runs"])}
@@ -286,8 +317,8 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetJson
         ylabel="value", title="Mean over runs with 95 % CI (Welch's t-test p)",
         p_values=[e["p_value"] for e in entries])}
     rows = [{"metric": m, "class": k, f"{names['a']} mean": e["a"]["mean"],
-             f"{names['a']} 95% CI": report.ci_text(e["a"]["ci95"]), f"{names['b']} mean": e["b"]["mean"],
-             f"{names['b']} 95% CI": report.ci_text(e["b"]["ci95"]), "difference (B-A)": e["difference"],
+             f"{names['a']} 95% CI": report.entry_ci_text(e["a"]), f"{names['b']} mean": e["b"]["mean"],
+             f"{names['b']} 95% CI": report.entry_ci_text(e["b"]), "difference (B-A)": e["difference"],
              "Welch p": e["p_value"], "runs A/B": f"{e['n_a']}/{e['n_b']}"}
             for m, entries_ in comparisons.items() for k, e in entries_.items()]
     notes = sorted({e["note"] for entries_ in comparisons.values() for e in entries_.values() if e["note"]})
@@ -296,7 +327,9 @@ def compare_classification(reference: Path, sides: list[Side], spec: DatasetJson
                          [("Metrics across runs (Welch's t-test)", pd.DataFrame(rows)),
                           ("Per run", pd.DataFrame(per_run))],
                          [("Accuracy, F1 and AUC (macro): mean over runs with 95 % CI", figures["comparison.png"])],
-                         notes)
+                         notes, notes=[report.UNRELIABLE_CI_NOTE] if report.any_unreliable(
+                             [e[k] for entries_ in comparisons.values() for e in entries_.values() for k in SIDE_KEYS])
+                         else [])
     summary.files = SummaryFiles(per_case=PER_CASE_FILE, per_run="per_run.csv", figures=list(figures),
                                  report="report.html")
     failed = any(i.missing for i in issues)
@@ -320,8 +353,11 @@ def write_comparison(reference: Path, compare: Sequence[str], *, task: str, spec
     for metric, entries in summary.comparisons.items():
         for key, e in entries.items():
             a, b = e["a"]["mean"], e["b"]["mean"]
-            log.info("%s %s: %s %.4f vs %s %.4f, %s p=%s", metric, key, sides[0].name, a, sides[1].name, b,
-                     e["test"], "n/a" if e["p_value"] != e["p_value"] else f"{e['p_value']:.4g}")
+            floor = e.get("min_p_value")
+            log.info("%s %s: %s %.4f vs %s %.4f, %s p=%s%s", metric, key, sides[0].name, a, sides[1].name, b,
+                     e["test"], "n/a" if e["p_value"] != e["p_value"] else f"{e['p_value']:.4g}",
+                     f" (smallest possible with {e['n_pairs']} pairs: {floor:.3g})" if floor == floor and
+                     floor is not None else "")
     log.info("wrote %s", out_dir)
     if failed:
         log.error("error: some runs have missing or failed cases (listed in %s)", EvaluationSummary.in_folder(out_dir))

@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import scipy
 
 from threedino_pipe import __version__
+from threedino_pipe.evaluation.segmentation_metrics import NEAR_EMPTY_FRACTION, NEAR_EMPTY_VOXELS
+from threedino_pipe.evaluation.statistics import MIN_CASES_FOR_CI
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -87,9 +90,47 @@ def render(title: str, info: Sequence[tuple[str, str]], tables: Sequence[tuple[s
     return "\n".join(parts)
 
 
-def ci_text(ci: Sequence[float]) -> str:
-    """``[lo, hi]`` as text with 4 significant digits (``n/a`` for NaN bounds)."""
+UNRELIABLE_CI_NOTE = (f"Confidence intervals over fewer than {MIN_CASES_FOR_CI} cases are marked unreliable: a "
+                      "bootstrap over 1 to 4 values can draw only a few distinct means, so its interval is far too "
+                      "narrow (one case gives [v, v]); evaluate more cases before reading them.")
+NEAR_EMPTY_NOTE = (f"HD95 values computed on a near-empty mask are flagged (per_case.csv column hd95_near_empty, "
+                   f"counted as 'near-empty' in the tables): the smaller of reference and prediction has fewer than "
+                   f"{NEAR_EMPTY_VOXELS} voxels or fewer than {NEAR_EMPTY_FRACTION:.0%} of the other's. HD95 compares "
+                   "only the surfaces present, so a prediction of a few voxels inside a structure can score a "
+                   "smaller HD95 than a fair one while missing almost all of it: read these values with the Dice.")
+
+
+def wilcoxon_floor_note(n_pairs: int, min_p: float) -> str:
+    """The sentence on the smallest p-value a Wilcoxon signed-rank test can reach, for report notes."""
+    return (f"With n pairs the exact two-sided Wilcoxon signed-rank test cannot give p below 2/2^n (4 pairs: "
+            f"0.125; 5 or fewer can never reach 0.05); here {n_pairs} paired cases: p >= {min_p:.3g} (column "
+            f"'smallest possible p', counting the pairs whose difference is not zero). scipy {scipy.__version__} "
+            "(scipy.stats.wilcoxon, method 'auto') computes the exact p up to 50 pairs (a permutation test when "
+            "differences tie; zero differences are dropped first) and the normal approximation above; older scipy "
+            "versions switched to the normal approximation whenever a difference was zero or tied, which can give "
+            "a small-sample p below this floor.")
+
+
+def segmentation_notes(entries: Sequence[dict], near_empty: int) -> list[str]:
+    """Report notes: CIs marked unreliable (fewer than 5 cases) and HD95 on near-empty masks, where present."""
+    return ([UNRELIABLE_CI_NOTE] if any_unreliable(entries) else []) + ([NEAR_EMPTY_NOTE] if near_empty else [])
+
+
+def ci_text(ci: Sequence[float], unreliable: bool = False) -> str:
+    """``[lo, hi]`` as text with 4 significant digits (``n/a`` for NaN bounds); ``unreliable`` adds
+    ``unreliable (n < 5)`` (an interval over fewer than :data:`MIN_CASES_FOR_CI` cases)."""
     lo, hi = ci
-    if lo != lo or hi != hi:  # NaN
+    if lo is None or hi is None or lo != lo or hi != hi:  # NaN or null
         return "n/a"
-    return f"[{lo:.4g}, {hi:.4g}]"
+    mark = f" unreliable (n < {MIN_CASES_FOR_CI})" if unreliable else ""
+    return f"[{lo:.4g}, {hi:.4g}]{mark}"
+
+
+def entry_ci_text(entry: dict) -> str:
+    """:func:`ci_text` of a statistics entry of summary.json (its ``ci95`` and ``ci_unreliable``)."""
+    return ci_text(entry["ci95"], bool(entry.get("ci_unreliable")))
+
+
+def any_unreliable(entries: Sequence[dict]) -> bool:
+    """Whether any of these statistics entries has ``ci_unreliable`` set."""
+    return any(e.get("ci_unreliable") for e in entries)

@@ -19,15 +19,15 @@ import pandas as pd
 
 from threedino_pipe.artifacts.evaluation_summary import CaseFailure
 from threedino_pipe.evaluation.evaluated_files import list_label_images
-from threedino_pipe.evaluation.segmentation_metrics import case_metrics
+from threedino_pipe.evaluation.segmentation_metrics import case_metrics, hd95_near_empty
 from threedino_pipe.raw_data.image_io import Geometry, read_image
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.progress import track
 
 log = logging.getLogger(__name__)
 GEOMETRY_TOLERANCE = 1e-4
-COLUMNS = ["case_id", "label", "label_values", "dice", "hd95_mm", "ref_voxels", "pred_voxels",
-           "ref_volume_ml", "pred_volume_ml"]
+COLUMNS = ["case_id", "label", "label_values", "dice", "hd95_mm", "hd95_near_empty", "ref_voxels",
+           "pred_voxels", "ref_volume_ml", "pred_volume_ml"]
 
 
 @dataclass
@@ -185,7 +185,8 @@ def fill_absent_labels(per_case: pd.DataFrame, labels: Mapping[str, tuple[int, .
     """
     have = set(zip(per_case["case_id"], per_case["label"], strict=True))
     extra = [{"case_id": case, "label": name, "label_values": "+".join(map(str, values)), "dice": np.nan,
-              "hd95_mm": np.nan, "ref_voxels": 0, "pred_voxels": 0, "ref_volume_ml": 0.0, "pred_volume_ml": 0.0}
+              "hd95_mm": np.nan, "hd95_near_empty": False, "ref_voxels": 0, "pred_voxels": 0, "ref_volume_ml": 0.0,
+              "pred_volume_ml": 0.0}
              for case in (cases if cases is not None else dict.fromkeys(per_case["case_id"]))
              for name, values in labels.items() if (case, name) not in have]
     if extra:
@@ -193,3 +194,12 @@ def fill_absent_labels(per_case: pd.DataFrame, labels: Mapping[str, tuple[int, .
     order = {name: i for i, name in enumerate(labels)}
     per_case = per_case.assign(_o=per_case["label"].map(order))
     return per_case.sort_values(["case_id", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def with_near_empty_flags(per_case: pd.DataFrame) -> pd.DataFrame:
+    """``per_case`` with its ``hd95_near_empty`` column, derived from the voxel counts where a
+    ``per_case.csv`` written before the flag existed lacks it."""
+    if "hd95_near_empty" in per_case.columns:
+        return per_case
+    flags = hd95_near_empty(per_case["ref_voxels"].to_numpy(), per_case["pred_voxels"].to_numpy())
+    return per_case.assign(hd95_near_empty=np.asarray(flags, dtype=bool) & per_case["hd95_mm"].notna().to_numpy())

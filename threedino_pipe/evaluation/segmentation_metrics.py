@@ -7,6 +7,13 @@ erosion (6-connectivity, outside the array counts as background); HD95 is the la
 directed 95th percentiles of surface-to-surface distances (mm, linear interpolation).
 Distances use a k-d tree over the surface voxels (scipy), so memory grows with the surface,
 not the volume.
+
+Near-empty masks: HD95 compares the surfaces that exist, so a prediction of a few voxels placed
+inside a large structure can score a smaller HD95 than a fair over-segmentation while missing
+almost all of it (a reference of a few voxels likewise). The HD95 of a label is flagged
+``hd95_near_empty`` when both masks are non-empty and the smaller one has fewer than
+:data:`NEAR_EMPTY_VOXELS` voxels or fewer than :data:`NEAR_EMPTY_FRACTION` of the larger one's
+voxels; read such a value with its Dice and volumes.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+NEAR_EMPTY_VOXELS = 10  # a mask with fewer voxels than this has a surface of a handful of points
+NEAR_EMPTY_FRACTION = 0.1  # a mask with under 10 % of the other's voxels: HD95 ignores the rest
 
 
 def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
@@ -71,6 +81,17 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]
     return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
 
 
+def hd95_near_empty(ref_voxels: int | np.ndarray, pred_voxels: int | np.ndarray) -> bool | np.ndarray:
+    """Whether an HD95 over masks of these voxel counts is computed on a near-empty mask (module docstring).
+
+    Works element-wise on arrays of counts; False where a mask is empty (HD95 is NaN there).
+    """
+    ref, pred = np.asarray(ref_voxels, dtype=np.float64), np.asarray(pred_voxels, dtype=np.float64)
+    small, large = np.minimum(ref, pred), np.maximum(ref, pred)
+    flag = (small > 0) & ((small < NEAR_EMPTY_VOXELS) | (small < NEAR_EMPTY_FRACTION * large))
+    return bool(flag) if flag.ndim == 0 else flag
+
+
 def label_mask(label_image: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """Boolean mask of the voxels whose value is one of ``values`` (one label or a region)."""
     if len(values) == 1:
@@ -88,8 +109,8 @@ def case_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequenc
         labels: name -> label values (one value for a label, several for a region).
 
     Returns:
-        One dict per label: ``label``, ``label_values``, ``dice``, ``hd95_mm``, ``ref_voxels``,
-        ``pred_voxels``, ``ref_volume_ml``, ``pred_volume_ml``.
+        One dict per label: ``label``, ``label_values``, ``dice``, ``hd95_mm``, ``hd95_near_empty``,
+        ``ref_voxels``, ``pred_voxels``, ``ref_volume_ml``, ``pred_volume_ml``.
     """
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
     rows = []
@@ -99,6 +120,7 @@ def case_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequenc
         n_ref, n_pred = int(np.count_nonzero(ref)), int(np.count_nonzero(pred))
         rows.append({"label": name, "label_values": "+".join(str(v) for v in values),
                      "dice": dice(ref, pred), "hd95_mm": hd95(ref, pred, spacing),
+                     "hd95_near_empty": hd95_near_empty(n_ref, n_pred),
                      "ref_voxels": n_ref, "pred_voxels": n_pred,
                      "ref_volume_ml": n_ref * voxel_ml, "pred_volume_ml": n_pred * voxel_ml})
     return rows

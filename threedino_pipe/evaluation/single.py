@@ -40,22 +40,28 @@ def _case_warnings(missing: Sequence[str], failed: Sequence[CaseFailure], ignore
 
 
 def segmentation_table(metrics: dict, mean_over_labels: dict) -> pd.DataFrame:
-    """Report table: one row per label (and the mean over labels) with Dice and HD95 statistics."""
+    """Report table: one row per label (and the mean over labels) with Dice and HD95 statistics.
+
+    CIs over fewer than 5 cases say ``unreliable``; ``HD95 near-empty`` counts the cases whose HD95
+    is computed on a near-empty mask (``n/a`` for results written before the flag existed).
+    """
     rows = []
     for name in [*metrics["dice"], "mean over labels"]:
         row = {"label": name}
         for metric, title in (("dice", "Dice"), ("hd95_mm", "HD95 mm")):
             entry = mean_over_labels[metric] if name == "mean over labels" else metrics[metric][name]
             row.update({f"{title} mean": entry["mean"], f"{title} median": entry["median"],
-                        f"{title} 95% CI": report.ci_text(entry["ci95"]), f"{title} n": entry["n"],
+                        f"{title} 95% CI": report.entry_ci_text(entry), f"{title} n": entry["n"],
                         f"{title} NaN": entry["n_nan"]})
+        row["HD95 near-empty"] = entry.get("n_near_empty")  # entry: the HD95 one, the loop's last
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+
 def classification_table(metrics: dict) -> pd.DataFrame:
     """Report table: one row per metric and class with value and CI."""
-    return pd.DataFrame([{"metric": metric, "class": key, "value": e["value"], "95% CI": report.ci_text(e["ci95"]),
+    return pd.DataFrame([{"metric": metric, "class": key, "value": e["value"], "95% CI": report.entry_ci_text(e),
                           "n": e["n"]} for metric, entries in metrics.items() for key, e in entries.items()])
 
 
@@ -75,12 +81,14 @@ def evaluate_segmentation(reference: Path, prediction: Path, spec: DatasetJson |
                          failed=result.failed, ignored=result.ignored),
         metrics=metrics, mean_over_labels=mean_over_labels)
     figures = {"metrics_per_label.png": plots.segmentation_boxplot(result.per_case, list(result.labels))}
+    entries = [*mean_over_labels.values(), *(e for table in metrics.values() for e in table.values())]
     html = report.render(f"Segmentation evaluation: {prediction.name}",
                          _inputs_info(reference, prediction, dataset, seed, num_bootstrap)
                          + [("cases evaluated", f"{summary.cases.evaluated} of {len(references)}")],
                          [("Dice and HD95 per label", segmentation_table(metrics, mean_over_labels))],
                          [("Dice and HD95 (mm) per label; points are cases", figures["metrics_per_label.png"])],
-                         _case_warnings(result.missing, result.failed, result.ignored))
+                         _case_warnings(result.missing, result.failed, result.ignored),
+                         notes=report.segmentation_notes(entries, mean_over_labels["hd95_mm"]["n_near_empty"]))
     summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
     write_kwargs = {"tables": {PER_CASE_FILE: result.per_case}, "figures": figures, "report": html,
                     "summary": summary}
@@ -108,7 +116,9 @@ def evaluate_classification(reference: Path, prediction: Path, spec: DatasetJson
                          [("Metrics", classification_table(metrics))],
                          [("Confusion matrix (rows: reference, columns: predicted)", figures["confusion_matrix.png"]),
                           ("ROC curves, one class vs the rest", figures["roc.png"])],
-                         _case_warnings(result.missing, [], result.ignored))
+                         _case_warnings(result.missing, [], result.ignored),
+                         notes=[report.UNRELIABLE_CI_NOTE] if report.any_unreliable(
+                             [e for table in metrics.values() for e in table.values()]) else [])
     summary.files = SummaryFiles(per_case=PER_CASE_FILE, figures=list(figures), report="report.html")
     write_kwargs = {"tables": {PER_CASE_FILE: result.per_case}, "figures": figures, "report": html,
                     "summary": summary}
@@ -123,11 +133,19 @@ def log_summary(summary: EvaluationSummary) -> None:
 def _log_segmentation(summary: EvaluationSummary) -> None:
     for name, entry in summary.metrics["dice"].items():
         hd = summary.metrics["hd95_mm"][name]
-        log.info("%s: Dice %.4f %s (n=%d), HD95 %.2f mm %s", name, entry["mean"], report.ci_text(entry["ci95"]),
-                 entry["n"], hd["mean"], report.ci_text(hd["ci95"]))
+        flagged = hd.get("n_near_empty") or 0
+        log.info("%s: Dice %.4f %s (n=%d), HD95 %.2f mm %s%s", name, entry["mean"], report.entry_ci_text(entry),
+                 entry["n"], hd["mean"], report.entry_ci_text(hd),
+                 f" ({flagged} of {hd['n']} on a near-empty mask: read with the Dice)" if flagged else "")
+    if report.any_unreliable(list(summary.metrics["dice"].values())):
+        log.warning("warning: %s", report.UNRELIABLE_CI_NOTE)
 
 
 def _log_classification(summary: EvaluationSummary) -> None:
     m = summary.metrics
-    log.info("accuracy %.4f, F1 macro %.4f, AUC macro %.4f (n=%d)", m["accuracy"]["all"]["value"],
-             m["f1"]["macro"]["value"], m["auc"]["macro"]["value"], m["accuracy"]["all"]["n"])
+    accuracy, f1, auc = m["accuracy"]["all"], m["f1"]["macro"], m["auc"]["macro"]
+    log.info("accuracy %.4f %s, F1 macro %.4f %s, AUC macro %.4f %s (n=%d)", accuracy["value"],
+             report.entry_ci_text(accuracy), f1["value"], report.entry_ci_text(f1), auc["value"],
+             report.entry_ci_text(auc), accuracy["n"])
+    if m["accuracy"]["all"].get("ci_unreliable"):
+        log.warning("warning: %s", report.UNRELIABLE_CI_NOTE)

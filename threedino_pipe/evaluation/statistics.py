@@ -1,7 +1,13 @@
 """Summary statistics and tests: bootstrap CIs over cases, paired Wilcoxon, Welch's t-test.
 
 Bootstrap: percentile method, cases resampled with replacement, ``numpy.random.default_rng(seed)``
-so a given seed always gives the same interval.
+so a given seed always gives the same interval. An interval over fewer than
+:data:`MIN_CASES_FOR_CI` cases is marked unreliable (``ci_unreliable``): with 1 to 4 values the
+resamples can take only a handful of distinct means, so the percentiles say little.
+
+Wilcoxon signed-rank: with n pairs whose difference is not zero, the exact two-sided test cannot
+give a p-value below ``2 / 2**n`` (every sign the same: 1.0, 0.5, 0.25, 0.125, 0.0625 for n = 1..5;
+n <= 5 can never reach 0.05); :func:`wilcoxon_min_p` gives that floor.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
+MIN_CASES_FOR_CI = 5  # fewer values than this: the bootstrap CI is marked unreliable
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -70,15 +77,21 @@ def bootstrap_statistic_ci(num_cases: int, statistic: Callable[[np.ndarray], np.
             np.isnan(samples).sum(axis=0).astype(int).tolist())
 
 
+def ci_unreliable(n: int) -> bool:
+    """True when a bootstrap CI over ``n`` cases is too small a sample to trust (n < :data:`MIN_CASES_FOR_CI`)."""
+    return n < MIN_CASES_FOR_CI
+
+
 def summarize(values: Sequence[float] | np.ndarray, *, num_resamples: int = 1000, seed: int = 0) -> dict:
-    """Mean, median, 95 % bootstrap CI of the mean, ``n`` (finite values) and ``n_nan`` of per-case values."""
+    """Mean, median, 95 % bootstrap CI of the mean, ``n`` (finite values), ``n_nan`` of per-case values,
+    and ``ci_unreliable`` (fewer than :data:`MIN_CASES_FOR_CI` finite values)."""
     array = np.asarray(values, dtype=np.float64).ravel()
     data = _finite(array)
     empty = data.size == 0
     return {"mean": float("nan") if empty else float(data.mean()),
             "median": float("nan") if empty else float(np.median(data)),
             "ci95": bootstrap_mean_ci(data, num_resamples=num_resamples, seed=seed),
-            "n": int(data.size), "n_nan": int(array.size - data.size)}
+            "n": int(data.size), "n_nan": int(array.size - data.size), "ci_unreliable": ci_unreliable(data.size)}
 
 
 def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
@@ -93,17 +106,25 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDE
     return [float(lo), float(hi)]
 
 
+def wilcoxon_min_p(n: int) -> float:
+    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n`` non-zero
+    paired differences: ``2 / 2**n`` (at most 1; NaN for n = 0)."""
+    return float("nan") if n < 1 else min(1.0, 2.0 ** (1 - n))
+
+
 def paired_wilcoxon(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict:
     """Two-sided Wilcoxon signed-rank test of paired per-case values (scipy defaults).
 
-    Pairs where either value is NaN are dropped. Returns ``statistic``, ``p_value``, ``n_pairs``
-    and a ``note`` when the test is undefined (no pairs, or every difference is zero: p = NaN).
+    Pairs where either value is NaN are dropped. Returns ``statistic``, ``p_value``, ``n_pairs``,
+    ``min_p_value`` (:func:`wilcoxon_min_p` of the pairs whose difference is not zero; scipy's
+    default ``zero_method="wilcox"`` drops zero differences) and a ``note`` when the test is
+    undefined (no pairs, or every difference is zero: p = NaN).
     """
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
     out = {"test": "wilcoxon_signed_rank", "statistic": float("nan"), "p_value": float("nan"),
-           "n_pairs": int(x.size), "note": None}
+           "n_pairs": int(x.size), "min_p_value": wilcoxon_min_p(int(np.count_nonzero(x != y))), "note": None}
     if x.size == 0:
         out["note"] = "no case has a value on both sides"
     elif np.all(x == y):

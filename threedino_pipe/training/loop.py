@@ -27,7 +27,7 @@ from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.checkpoints import gathered_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from threedino_pipe.runtime.csv_log import CsvLog
 from threedino_pipe.runtime.distributed import DistInfo, barrier
-from threedino_pipe.visualization.curves import plot_curves
+from threedino_pipe.visualization.curves import Panel, plot_curves
 
 logger = logging.getLogger(__name__)
 LATEST = "checkpoint_latest.pt"
@@ -71,14 +71,15 @@ class LoopSettings:
     """How often the loop logs and saves (iterations), and what it names and plots.
 
     ``snapshot_every`` 0 keeps no ``checkpoint_<iteration>.pt``; ``final_checkpoint`` writes
-    ``checkpoint_final.pt`` when the run completes; ``curves`` are the log columns of curves.png.
+    ``checkpoint_final.pt`` when the run completes; ``curves`` are the panels of curves.png (log
+    columns, or ``(title, columns)`` groups drawn in one panel).
     """
 
     iters: int
     save_every: int
     checkpoint_format: str
     config: dict[str, Any]
-    curves: list[str] = field(default_factory=list)
+    curves: list[Panel] = field(default_factory=list)
     snapshot_every: int = 0
     log_every: int = 1
     final_checkpoint: bool = False

@@ -6,7 +6,8 @@ in float32, AdamW step, MONAI ``WarmupCosineSchedule`` step. Every ``val_every``
 at the end) rank 0 predicts each validation case whole with the sliding window of ``3dino predict``
 (:func:`threedino_pipe.inference.predictor.blended_probabilities`, the run's overlap and precision)
 and scores the label map it gives (MONAI's Dice per case and class, on the preprocessed grid);
-an improvement of the mean foreground Dice writes
+each class's (region's) mean Dice is logged as ``val_dice_<name>`` beside the mean ``val_dice``
+in log.csv and drawn in one panel of curves.png; an improvement of the mean foreground Dice writes
 ``checkpoint_best.pt`` (weights only) and ``model.json``. ``checkpoint_latest.pt`` (model,
 optimiser, scheduler, data stream, RNG, validation history) is written atomically every
 ``save_every`` iterations and at every validation, so a killed run resumes where it stood.
@@ -45,6 +46,19 @@ from threedino_pipe.training_data.patch_loader import Augmentation, PatchLoader,
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.finetune_checkpoint"
 CURVES = ["loss", "val_dice", "lr", "patches_per_s"]
+CLASS_DICE_PREFIX = "val_dice_"
+
+
+def class_dice_columns(target_names: list[str]) -> list[str]:
+    """The log.csv columns of the validation Dice of each foreground class or region."""
+    return [f"{CLASS_DICE_PREFIX}{name}" for name in target_names]
+
+
+def curve_panels(target_names: list[str]) -> list:
+    """The panels of a finetune run's curves.png: :data:`CURVES` with the per-class Dice after the mean."""
+    panels: list = list(CURVES)
+    panels.insert(panels.index("val_dice") + 1, ("val_dice per class", class_dice_columns(target_names)))
+    return panels
 
 
 @dataclass
@@ -241,6 +255,7 @@ class SegmentationTask:
         optimizer_step(loss, self.optimizer, self.scaler)
         self.scheduler.step()
         return {"loss": float(loss.detach()), "lr": lr, "val_dice": None,
+                **dict.fromkeys(class_dice_columns(self.config.target_names)),
                 "patches_per_s": image.shape[0] * self.dist.world_size / (time.perf_counter() - tick),
                 "memory_mb": peak_memory_mb(device)}
 
@@ -252,6 +267,8 @@ class SegmentationTask:
                               self.dist.device, iteration)
             self.history.append(record)
             row["val_dice"] = record.mean_dice
+            row.update(zip(class_dice_columns(config.target_names),
+                           (record.per_class[name] for name in config.target_names), strict=True))
             if self.best is None or record.mean_dice > self.best.mean_dice:
                 self.best = record
                 save_checkpoint({"model": self.net.state_dict()}, self.folder / "checkpoint_best.pt")
@@ -313,6 +330,7 @@ def train_segmentation(config: SegRunConfig, folder: Path, finetune_dir: Path, d
     task = SegmentationTask(config, folder, finetune_dir, dist, rerun=rerun, model_card=model_card,
                             backbone_state=backbone_state)
     settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=CHECKPOINT_FORMAT,
-                            config=config.options(), curves=CURVES, stop_after=stop_after)
+                            config=config.options(), curves=curve_panels(config.target_names),
+                            stop_after=stop_after)
     TrainingLoop(task, folder, dist, settings).run(resume=resume)
     return task.best
