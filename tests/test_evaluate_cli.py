@@ -127,7 +127,8 @@ def test_compare_two_prediction_folders_gives_the_wilcoxon_p_value(workspace):
     assert entry["a"]["mean"] == pytest.approx(np.mean(a)) and entry["b"]["mean"] == pytest.approx(np.mean(b))
     assert entry["difference"]["mean"] == pytest.approx(np.mean(np.subtract(b, a)))
     per_case = pd.read_csv(out / "per_case.csv")
-    assert list(per_case.columns) == ["case_id", "label", "dice_a", "dice_b", "hd95_mm_a", "hd95_mm_b"]
+    assert list(per_case.columns) == ["case_id", "label", "dice_a", "dice_b", "hd95_mm_a", "hd95_mm_b",
+                                      "hd95_near_empty_a", "hd95_near_empty_b"]
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert (out / "compare_dice.png").is_file() and (out / "compare_hd95.png").is_file()
 

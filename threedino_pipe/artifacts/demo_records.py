@@ -55,9 +55,10 @@ class BundledBackboneRecord(Artifact):
 
     ``commands`` reproduce it (``make demo-backbone``); ``wall_seconds`` is the sum of the pretrain
     invocations' wall times on ``machine``; ``recipe_name`` is the run's recipe (``auto``) and
-    ``deviations`` its deviations from the paper with their reasons (from the run's run.json); ``final_signals`` the learning signals of the run's last logged iteration
-    (docs/pretrain.md); ``probe_curve`` the patch probe's balanced accuracy by iteration (``"0"``:
-    the network at initialisation); ``curves`` the run's curves.png shipped beside it; ``sha256`` checks the
+    ``deviations`` its deviations from the paper with their reasons (from the run's run.json);
+    ``final_signals`` the learning signals of the run's last logged iteration (docs/pretrain.md);
+    ``probe_curve`` the patch probe's balanced accuracy by iteration (``"0"``: the network at
+    initialisation); ``curves`` the run's curves.png shipped beside it; ``sha256`` checks the
     shipped file.
     """
 

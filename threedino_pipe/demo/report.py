@@ -96,7 +96,7 @@ def comparison_table(compare_dir: Path) -> pd.DataFrame:
 
 def _mean_ci(entry: dict) -> str:
     mean = entry["mean"]
-    return "n/a" if mean != mean else f"{mean:.4g} {report.ci_text(entry['ci95'])}"
+    return "n/a" if mean != mean else f"{mean:.4g} {report.entry_ci_text(entry)}"
 
 
 def terminal_table(compare_dir: Path) -> Table:
@@ -159,6 +159,12 @@ def _overlay_figures(layout: DemoLayout, sides: Sequence[str], labels: dict[str,
     return figures
 
 
+def _finetune_panels(log_csv: Path) -> list:
+    """:data:`FINETUNE_COLUMNS` and, when the log has them, the per-class validation Dice in one panel."""
+    per_class = [c for c in pd.read_csv(log_csv, nrows=0).columns if c.startswith("val_dice_")]
+    return [*FINETUNE_COLUMNS, *([("val_dice per class", per_class)] if per_class else [])]
+
+
 def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> list[tuple[str, bytes]]:
     folder = layout.out / "report_figures"
     figures = []
@@ -171,7 +177,8 @@ def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> li
     else:
         entries = [("pretrain", layout.pretrain_run, PRETRAIN_COLUMNS),
                    ("adapt-highres", layout.highres_run, PRETRAIN_COLUMNS)]
-    entries += [(f"finetune ({side}, seed 0)", by_seed[0], FINETUNE_COLUMNS) for side, by_seed in runs.items()]
+    entries += [(f"finetune ({side}, seed 0)", by_seed[0], _finetune_panels(by_seed[0] / "log.csv"))
+                for side, by_seed in runs.items()]
     for name, run, columns in entries:
         png = plot_curves(run / "log.csv", folder / f"curves_{re.sub(r'[^A-Za-z0-9-]+', '_', name).strip('_')}.png",
                           columns=columns, title=f"{name}: {run.name}")
