@@ -27,6 +27,7 @@ import torch
 from conftest import REPO, run_3dino
 from typer.testing import CliRunner
 
+from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.cli import app
 from threedino_pipe.demo.examples import mni_images, oblique_direction
 from threedino_pipe.planning.fingerprint import compute_fingerprint
@@ -434,3 +435,13 @@ def test_export_chooses_the_format_from_the_run_and_refuses_contradictions(proje
         assert "Traceback" not in refused.stderr and not Path(args[0]).exists()
     nothing = run_3dino("export", str(tmp_path), "-o", str(tmp_path / "d.zip"))
     assert nothing.returncode != 0 and "not a run folder (no model.json or run.json)" in nothing.stderr
+    pretrain_run = tmp_path / "pretrain" / "small__995"  # the kind comes from run.json before any checkpoint is read
+    pretrain_run.mkdir(parents=True)
+    RunRecord(stage="pretrain", options={}).write(RunRecord.in_folder(pretrain_run))
+    for args, text in ((("e.zip",), "not as a model zip, but the output name ends in .zip"),
+                       (("f.pth", "--format", "zip"), "no model.json and head"),
+                       (("g.pth", "--checkpoint", "final"), "--checkpoint chooses a finetune run's"),
+                       (("h.pth",), "the pretrain run has no checkpoint yet")):  # h: the teacher format, chosen
+        refused = CliRunner().invoke(app, ["export", str(pretrain_run), "-o", str(tmp_path / args[0]), *args[1:]])
+        assert isinstance(refused.exception, UserError) and text in refused.exception.render(), refused.output
+        assert not (tmp_path / args[0]).exists()
