@@ -329,8 +329,8 @@ def predict(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Weights of each run: best (checkpoint_best.pt, "
                           "the best validation) or final (checkpoint_final.pt, after the last iteration).")
                           ] = "best",
-    overlap: Annotated[float, typer.Option("--overlap", help="Overlap of neighbouring sliding windows per axis, "
-                       "in [0, 1) (the paper used 0.75).")] = 0.5,
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.99, help="Overlap of neighbouring sliding "
+                       "windows per axis (the paper used 0.75).")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the 8 flip combinations "
                    "of the three axes (8x slower).")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists; refuses a "
