@@ -417,6 +417,12 @@ def test_folds_by_number_and_checkpoint_best_or_final(project, tmp_path, monkeyp
     final_of_zip = predict_cli("-o", str(tmp_path / "zip_final"), "-m", str(zipped), "--checkpoint", "final")
     assert final_of_zip.exit_code == 0, final_of_zip.output
     np.testing.assert_array_equal(_labels(tmp_path / "zip_final"), _labels(tmp_path / "b"))
+    # embed has no --checkpoint: it takes the weights the zip holds (here the final ones, = fold 1's best)
+    for model, name in ((zipped, "zip.csv"), (fold1, "fold1.csv")):
+        result = runner.invoke(app, ["embed", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / name),
+                                     "--no-progress"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "zip.csv").read_text() == (tmp_path / "fold1.csv").read_text()
 
 
 def test_export_chooses_the_format_from_the_run_and_refuses_contradictions(project, tmp_path):

@@ -87,15 +87,19 @@ def build_network(card: ModelCard, where: Path) -> nn.Module:
         raise UserError(exc.problem, file=where, fix=exc.fix) from None
 
 
-def load_run(run_dir: Path, source: Path | None = None, checkpoint: str = "best") -> LoadedModel:
+def load_run(run_dir: Path, source: Path | None = None, checkpoint: str | None = "best") -> LoadedModel:
     """Rebuild the network of a finetune run folder and load its ``checkpoint`` (``best`` or ``final``)
-    weights (weights only, strictly)."""
+    weights (weights only, strictly); None: the best weights, else the final ones (a model zip exported with
+    ``--checkpoint final``: embed and visualize take the weights a zip holds)."""
     run_dir = Path(run_dir)
     where = ModelCard.in_folder(run_dir)
     if not where.is_file():
         raise UserError("not a finetune run folder or model zip (no model.json)", file=source or run_dir,
                         fix="pass a finetune run folder (results/DatasetNNN_Name/finetune__...) or a model zip")
     card = ModelCard.read(where)
+    if checkpoint is None:
+        checkpoint = "final" if not (run_dir / card.weights_file("best")).is_file() and \
+            (run_dir / card.weights_file("final")).is_file() else "best"
     weights = run_dir / card.weights_file(checkpoint)
     if not weights.is_file():
         problem, fix = _missing_weights(weights.name, checkpoint, zipped=source is not None and source != run_dir)
@@ -130,9 +134,10 @@ def _missing_weights(name: str, checkpoint: str, *, zipped: bool) -> tuple[str, 
             f"let `{_RERUN}` reach its first validation, then predict again")
 
 
-def load_models(paths: list[Path], stack: contextlib.ExitStack, checkpoint: str = "best") -> list[LoadedModel]:
-    """Load every ``-m`` path (run folder or ``.zip``) with its ``checkpoint`` (``best`` or ``final``) weights;
-    zips unpack into temporary folders ``stack`` removes.
+def load_models(paths: list[Path], stack: contextlib.ExitStack, checkpoint: str | None = "best"
+                ) -> list[LoadedModel]:
+    """Load every ``-m`` path (run folder or ``.zip``) with its ``checkpoint`` (``best``, ``final``, or None:
+    see :func:`load_run`) weights; zips unpack into temporary folders ``stack`` removes.
 
     Raises:
         UserError: a path that is neither, a model that cannot be loaded, or models that disagree.
