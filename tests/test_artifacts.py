@@ -94,7 +94,7 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                 "num_cases": 3, "world_size": 1,
                 "options": {"overlap": 0.5, "tta": False, "window_batch_size": 1, "save_probabilities": False,
                             "precision": "fp32", "precision_requested": "auto", "device": "auto", "device_used": "cpu",
-                            "num_workers": 1, "continue": False}}
+                            "num_workers": 1, "continue": False, "checkpoint": "best"}}
 SUMMARY = {"kind": "evaluation_summary", **HEAD, "mode": "evaluate", "task": "segmentation", "reference": "/ref",
            "prediction": "/pred", "dataset": None, "options": {"seed": 0, "num_bootstrap": 10, "confidence": 0.95},
            "labels": {"organ": [1]},

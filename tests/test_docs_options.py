@@ -84,6 +84,7 @@ class Page:
     table: list[tuple[str, int]] = field(default_factory=list)  # names in the options tables' first cells
     invocations: list[tuple[str, list[str], int]] = field(default_factory=list)  # (command word, names, line)
     mentions: list[tuple[str, int]] = field(default_factory=list)  # other option names
+    rows: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # name -> (default cell, whole row, line)
 
 
 def _invocations(snippet: str, lineno: int, page: Page) -> str:
@@ -114,6 +115,7 @@ def parse_page(path: Path) -> Page:
     pending = ""  # a code line continued with a backslash
     continued = None  # the command of the code line above, which indented lines continue
     open_span = ""  # the start of a code span that a prose line left open
+    header: list[str] = []  # the header cells of the current options table
     for lineno, line in enumerate(lines, 1):
         if line.lstrip().startswith("```"):
             in_code, continued = not in_code, None
@@ -146,9 +148,14 @@ def parse_page(path: Path) -> Page:
         is_row = line.startswith("|")
         table_row = table_row + 1 if is_row else 0
         first_cell = ""
+        if is_row and options_level is not None and table_row == 1:
+            header = [c.strip().lower() for c in line.split("|")[1:-1]]
         if is_row and options_level is not None and table_row > 2:  # skip the header and separator rows
             first_cell = line.split("|")[1]
             page.table += [(name, lineno) for name in OPTION_RE.findall(first_cell)]
+            cells = line.split("|")[1:-1]
+            if len(header) > 1 and header[1] == "default" and len(cells) > 1:
+                page.rows.update({name: (cells[1].strip(), line, lineno) for name in OPTION_RE.findall(first_cell)})
         prose = line.replace(first_cell, "", 1) if first_cell else line
         if open_span and line.strip() and not is_row and not heading:  # a code span goes on from the line above
             prose = open_span + " " + prose
@@ -242,6 +249,81 @@ def test_index_lists_every_page():
     assert not linked - pages, f"docs/README.md links missing pages {sorted(linked - pages)}"
 
 
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+# a range as docs and help text write it: [a, b], [a, b) or (a-b)
+RANGE_RE = re.compile(r"\[(-?[\d.e-]+), (-?[\d.e-]+)([\])])|\((-?\d+)-(-?\d+)\)")
+
+
+def _number(text: str) -> float | None:
+    m = NUMBER_RE.match(text)
+    return float(m.group(0).replace(",", "")) if m else None
+
+
+def default_problem(param, cell: str) -> str | None:
+    """How the default cell of an options table disagrees with the option's default, or None.
+
+    Checked where the table states a default: ``required`` for required options, ``off``/``on`` for
+    flags, the number for numbers, the first word for strings and paths. A default of None (worked
+    out at run time, described in words) is not checked.
+    """
+    text = cell.replace("`", "").strip()
+    default = param.default
+    if param.required:
+        return None if "required" in text else f"it is required, the table says {cell!r}"
+    if default is None or param.multiple:
+        return None
+    if isinstance(default, bool):
+        want = "on" if default else "off"
+        return None if text.split(" ")[0] == want else f"the default is {want}, the table says {cell!r}"
+    if isinstance(default, int | float):
+        value = _number(text)
+        return None if value is not None and abs(value - default) <= 1e-12 * max(1.0, abs(default)) else \
+            f"the default is {default}, the table says {cell!r}"
+    word = re.split(r"[\s,;(]", text)[0]
+    return None if word == str(default) else f"the default is {default}, the table says {cell!r}"
+
+
+def range_problems(param, text: str, where: str) -> list[str]:
+    """A typer range (min/max) must be stated in ``text`` as ``[min, max]`` when it has a maximum, and every
+    range ``text`` states must be that one."""
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    stated = []
+    for m in RANGE_RE.finditer(text):
+        if m.group(1) is not None:
+            stated.append((float(m.group(1)), float(m.group(2)), m.group(3) == "]"))
+        else:
+            stated.append((float(m.group(4)), float(m.group(5)), True))
+    problems = [f"{where} states the range {a:g}..{b:g}{'' if closed else ' (open)'}, the option's is "
+                f"{low}..{high}" for a, b, closed in stated
+                if not (closed and low is not None and high is not None and (a, b) == (float(low), float(high)))]
+    if high is not None and not stated:
+        problems.append(f"{where} does not state the range [{low}, {high}]")
+    return problems
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_options_table_defaults_and_ranges_agree_with_the_command(command):
+    """The default column of the command's options table equals each option's default (where the table states
+    one), and ranges (typer's min/max) agree in the table and in the --help text."""
+    page = parse_page(page_of(command))
+    errors = []
+    for param in COMMANDS[command].params:
+        if param.param_type_name != "option":
+            continue
+        name = max(param.opts, key=len)
+        row = next((page.rows[n] for n in (*param.opts, *param.secondary_opts) if n in page.rows), None)
+        if row is None:
+            continue
+        cell, line, lineno = row
+        problem = default_problem(param, cell)
+        if problem:
+            errors.append(f"{_where(page, lineno)}: {name}: {problem}")
+        errors += [f"{_where(page, lineno)}: {name}: {p}" for p in range_problems(param, line, "the table row")]
+        errors += [f"`3dino {command} --help`: {name}: {p}" for p in
+                   range_problems(param, param.help or "", "the help text") if "does not state" not in p]
+    assert not errors, "\n".join(errors)
+
+
 def _help_options(text: str) -> set[str]:
     """Option names in the Options panel of a rich ``--help`` screen (``--run,--run-name``, ``-v``)."""
     names = set()
@@ -292,3 +374,17 @@ def test_parser_sees_tables_invocations_and_mentions(tmp_path):
                                                           ("embed", ["--avgpool"]), ("embed", ["--device"]),
                                                           ("plan", ["--memory-gb"]), ("predict", ["--tta"])]
     assert sorted(n for n, _ in parsed.mentions) == ["--bare", "--ignored-table", "--layers", "--span"]
+
+
+def test_default_and_range_checks_catch_disagreements():
+    """The checks above on real options: a wrong default, a wrong or missing range are found."""
+    params = {max(p.opts, key=len): p for p in COMMANDS["finetune"].params}
+    seed, overlap, restart, dataset = params["--seed"], params["--overlap"], params["--restart"], params["--dataset"]
+    assert default_problem(seed, "0") is None and default_problem(seed, "1")
+    assert default_problem(overlap, "0.5") is None and default_problem(overlap, "`0.75`")
+    assert default_problem(restart, "off") is None and default_problem(restart, "on")
+    assert default_problem(dataset, "required") is None and default_problem(dataset, "501")
+    assert default_problem(params["--backbone"], "`auto`") is None and default_problem(params["--backbone"], "none")
+    assert not range_problems(seed, "subset draw (0-4)", "row") and range_problems(seed, "subset draw (0-5)", "row")
+    assert range_problems(seed, "subset draw S", "row") == ["row does not state the range [0, 4]"]
+    assert range_problems(overlap, "in [0, 1)", "row") and not range_problems(overlap, "in [0, 0.99]", "row")

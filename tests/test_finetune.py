@@ -19,7 +19,9 @@ import torch
 from conftest import REPO, THREEDINO, run_3dino
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from monai.metrics import compute_dice
+from typer.main import get_command
 
+from threedino_pipe.cli import app
 from threedino_pipe.inference.geometry import labels_on_grid
 from threedino_pipe.models.backbone_choice import resolve_backbone
 from threedino_pipe.models.presets import build_backbone
@@ -314,3 +316,36 @@ def test_log_holds_per_class_validation_dice_and_curves_plot_it_readably(env):
     low, high = panels["lr"].get_ylim()
     assert low < 1e-4 < high and (high - low) == pytest.approx(1e-5, rel=1e-3)  # a band of +-5 % around it
     assert len(set(_tick_values(panels["lr"].get_yticklabels()))) > 1
+
+
+def test_rerun_with_other_options_names_run_and_run_starts_a_second_run_beside_the_first(env):
+    """The refusal's fix names `--run`, an option finetune has; `--run NAME` then trains beside the first run.
+    A finished run also leaves checkpoint_final.pt (the last iteration's weights) beside checkpoint_best.pt."""
+    args = ("finetune", "-d", "990", *FAST, "--backbone", "none", "--head", "linear", "--iters", "2",
+            "--val-every", "2", "--batch-size", "1")
+    first = run_3dino(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    folder = _run_dir(env)
+    final = torch.load(folder / "checkpoint_final.pt", weights_only=True)["model"]
+    latest = torch.load(folder / "checkpoint_latest.pt", weights_only=True)
+    assert latest["iteration"] == 2 and set(final) == set(latest["model"])
+    for key, value in final.items():  # the weights after the last iteration
+        assert torch.equal(value, latest["model"][key]), key
+    before = sorted(p.name for p in folder.parent.iterdir())
+
+    other = run_3dino(*args, "--lr", "0.01", env=env)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert f"pass --run NAME to start a second run beside {folder.name}" in other.stderr, other.stderr
+    assert "--run" in {o for p in get_command(app).commands["finetune"].params for o in p.opts}
+    assert sorted(p.name for p in folder.parent.iterdir()) == before  # nothing written
+
+    bad = run_3dino(*args, "--lr", "0.01", "--run", "../elsewhere", env=env)
+    assert bad.returncode != 0 and "is not a plain folder name" in bad.stderr and "Traceback" not in bad.stderr
+    assert sorted(p.name for p in folder.parent.iterdir()) == before
+
+    second = run_3dino(*args, "--lr", "0.01", "--run", "lr_0.01", env=env)
+    assert second.returncode == 0, second.stderr
+    beside = folder.parent / "lr_0.01"
+    assert json.loads((beside / "run.json").read_text())["options"]["lr"] == 0.01
+    assert json.loads((folder / "run.json").read_text())["options"]["lr"] == 0.001
+    assert (beside / "checkpoint_final.pt").is_file() and (beside / "model.json").is_file()

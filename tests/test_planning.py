@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import run_3dino
+from conftest import THREEDINO, run_3dino
 
 from threedino_pipe.artifacts import DatasetJson, Fingerprint
 from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
@@ -343,3 +345,22 @@ def test_nonfinite_voxels_are_refused_or_left_out_of_the_statistics(synthetic_ra
     population = np.concatenate([array[(label > 0) & np.isfinite(array)], *others])   # NaN/Inf as written
     check_foreground_stats(stats, population)
     assert plans["options"]["allow_nan"] is True
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("columns", ["120", None])
+def test_plans_table_fits_120_columns_with_the_reasons_wrapped(synthetic_raw, folders, columns):
+    """The printed plans table wraps its reasons: no line wider than COLUMNS=120, nor than 120 in a log (no
+    COLUMNS, stdout not a terminal); every reason is still printed whole."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update({"THREEDINO_RAW": str(synthetic_raw), **({"COLUMNS": columns} if columns else {})})
+    result = subprocess.run([*THREEDINO, "plan", "-d", "991", "-np", "1"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    widest = max(result.stdout.splitlines(), key=len)
+    assert len(widest) <= 120, widest
+    _, plans = load_outputs(folders["preprocessed"], "Dataset991_Ellipsoids")
+    reason = plans["configurations"]["finetune"]["reasons"]["spacing"]
+    assert len(reason) > 60  # long enough to need wrapping beside the other columns
+    cells = "".join(line.split("│")[3].strip() for line in result.stdout.splitlines() if line.count("│") == 4)
+    assert reason.replace(" ", "") in cells.replace(" ", "")

@@ -27,6 +27,7 @@ import torch
 from conftest import REPO, run_3dino
 from typer.testing import CliRunner
 
+from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.cli import app
 from threedino_pipe.demo.examples import mni_images, oblique_direction
 from threedino_pipe.planning.fingerprint import compute_fingerprint
@@ -339,3 +340,114 @@ def test_classification_writes_predictions_csv(project, tmp_path):
     before = (out / "predictions.csv").read_text()
     assert predict.run(project["scans"], out, [run], resume=True, num_workers=0) == 1
     assert (out / "predictions.csv").read_text() == before
+
+
+def _copy_run(source: Path, target: Path, **card) -> Path:
+    """A copy of a run folder with model.json fields replaced (fold, pct, ...)."""
+    shutil.copytree(source, target)
+    model = read_json(target / "model.json")
+    write_json(target / "model.json", {**model, **card})
+    return target
+
+
+def _labels(folder: Path) -> np.ndarray:
+    return read_image(folder / "p.nii.gz")[0]
+
+
+def test_folds_by_number_and_checkpoint_best_or_final(project, tmp_path, monkeypatch):
+    """nnU-Net's `-d 995 -f 0 1` picks the dataset's finetune runs of those folds; `--checkpoint final` the
+    last iteration's weights, in run folders and in model zips."""
+    scans = tmp_path / "in"
+    scans.mkdir()
+    shutil.copy(project["scans"] / "patient_0000.nii.gz", scans / "p.nii.gz")
+    results = tmp_path / "results" / "Dataset995_Bodies"
+    fold0 = _copy_run(project["run_a"], results / "finetune__linear__none__pct100__fold0__seed0")
+    fold1 = _copy_run(project["run_b"], results / "finetune__linear__none__pct100__fold1__seed1", fold=1)
+    monkeypatch.setenv("THREEDINO_RESULTS", str(tmp_path / "results"))
+    runner = CliRunner()
+
+    def predict_cli(*args: str):
+        return runner.invoke(app, ["predict", "-i", str(scans), "--no-progress", "--num-workers", "0", *args])
+
+    assert predict.run(scans, tmp_path / "by_m", [fold0, fold1], num_workers=0) == 0
+    result = predict_cli("-o", str(tmp_path / "by_f"), "-d", "995", "-f", "0", "1")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(_labels(tmp_path / "by_f"), _labels(tmp_path / "by_m"))
+    sources = [m["source"] for m in read_json(tmp_path / "by_f" / "predict_args.json")["models"]]
+    assert sources == [str(fold0.resolve()), str(fold1.resolve())]
+
+    # a second run of fold 1 (other --pct): ambiguous, listed; --pct narrows; -f without -d is refused
+    _copy_run(project["run_b"], results / "finetune__linear__none__pct50__fold1__seed1", fold=1, pct=50.0)
+    ambiguous = predict_cli("-o", str(tmp_path / "ambiguous"), "-d", "995", "-f", "0", "1")
+    assert ambiguous.exit_code != 0 and isinstance(ambiguous.exception, UserError)
+    message = ambiguous.exception.render()
+    assert "fold 1 has 2 finetune runs" in message and "finetune__linear__none__pct50__fold1__seed1" in message
+    assert "--pct" in message and "-m" in message and not (tmp_path / "ambiguous").exists()
+    narrowed = predict_cli("-o", str(tmp_path / "narrowed"), "-d", "995", "-f", "0", "1", "--pct", "100")
+    assert narrowed.exit_code == 0, narrowed.output
+    np.testing.assert_array_equal(_labels(tmp_path / "narrowed"), _labels(tmp_path / "by_m"))
+    for args, text in ((("-f", "0"), "pass -d DATASET"), (("-d", "995", "-f", "3"), "no finetune run of fold 3"),
+                       (("-d", "995"), "needs -f"), (("-m", str(fold0), "-f", "0"), "either -m")):
+        refused = predict_cli("-o", str(tmp_path / "refused"), *args)
+        assert refused.exit_code != 0 and text in refused.exception.render(), (args, refused.output)
+    assert not (tmp_path / "refused").exists()
+
+    # --checkpoint final: refused while the run has no checkpoint_final.pt, then its weights are used
+    final = predict_cli("-o", str(tmp_path / "final"), "-m", str(fold0), "--checkpoint", "final")
+    assert final.exit_code != 0 and "has no checkpoint_final.pt" in final.exception.render()
+    assert "--checkpoint best" in final.exception.render() and not (tmp_path / "final").exists()
+    shutil.copy(fold1 / "checkpoint_best.pt", fold0 / "checkpoint_final.pt")  # other weights than fold0's best
+    assert predict.run(scans, tmp_path / "b", [fold1], num_workers=0) == 0
+    final = predict_cli("-o", str(tmp_path / "final"), "-m", str(fold0), "--checkpoint", "final")
+    assert final.exit_code == 0, final.output
+    np.testing.assert_array_equal(_labels(tmp_path / "final"), _labels(tmp_path / "b"))
+    args = read_json(tmp_path / "final" / "predict_args.json")
+    assert args["options"]["checkpoint"] == "final"
+    assert args["models"][0]["weights_sha256"] == read_json(tmp_path / "b" / "predict_args.json")["models"][0][
+        "weights_sha256"]
+
+    # the format of `export` follows the run: a finetune run -> a model zip, with the chosen weights
+    zipped = tmp_path / "final.zip"
+    result = runner.invoke(app, ["export", str(fold0), "-o", str(zipped), "--checkpoint", "final"])
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(zipped) as archive:
+        assert sorted(archive.namelist()) == ["checkpoint_final.pt", "model.json"]
+    best_of_zip = predict_cli("-o", str(tmp_path / "zip_best"), "-m", str(zipped))
+    assert best_of_zip.exit_code != 0 and "holds no checkpoint_best.pt" in best_of_zip.exception.render()
+    final_of_zip = predict_cli("-o", str(tmp_path / "zip_final"), "-m", str(zipped), "--checkpoint", "final")
+    assert final_of_zip.exit_code == 0, final_of_zip.output
+    np.testing.assert_array_equal(_labels(tmp_path / "zip_final"), _labels(tmp_path / "b"))
+    # embed has no --checkpoint: it takes the weights the zip holds (here the final ones, = fold 1's best)
+    for model, name in ((zipped, "zip.csv"), (fold1, "fold1.csv")):
+        result = runner.invoke(app, ["embed", "-m", str(model), "-i", str(scans), "-o", str(tmp_path / name),
+                                     "--no-progress"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "zip.csv").read_text() == (tmp_path / "fold1.csv").read_text()
+
+
+def test_export_chooses_the_format_from_the_run_and_refuses_contradictions(project, tmp_path):
+    """`3dino export RUN -o model.zip` on a finetune run needs no --format; contradictions are refused (subprocess:
+    exit code, message, nothing written)."""
+    run = project["run_a"]
+    plain = run_3dino("export", str(run), "-o", str(tmp_path / "model.zip"))
+    assert plain.returncode == 0, plain.stderr
+    with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+        assert sorted(archive.namelist()) == ["checkpoint_best.pt", "model.json"]
+    for args, text in (((str(tmp_path / "a.pth"),), "must end in .zip"),
+                       ((str(tmp_path / "b.zip"), "--format", "3dino"), "no DINO/iBOT teacher"),
+                       ((str(tmp_path / "c.zip"), "--checkpoint", "last"), "unknown --checkpoint")):
+        refused = run_3dino("export", str(run), "-o", *args)
+        assert refused.returncode != 0 and text in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and not Path(args[0]).exists()
+    nothing = run_3dino("export", str(tmp_path), "-o", str(tmp_path / "d.zip"))
+    assert nothing.returncode != 0 and "not a run folder (no model.json or run.json)" in nothing.stderr
+    pretrain_run = tmp_path / "pretrain" / "small__995"  # the kind comes from run.json before any checkpoint is read
+    pretrain_run.mkdir(parents=True)
+    RunRecord(stage="pretrain", options={}).write(RunRecord.in_folder(pretrain_run))
+    for args, text in ((("e.zip",), "not as a model zip, but the output name ends in .zip"),
+                       (("f.pth", "--format", "zip"), "no model.json and head"),
+                       (("g.pth", "--checkpoint", "final"), "--checkpoint chooses a finetune run's"),
+                       (("h.pth",), "the pretrain run has no checkpoint yet")):  # h: the teacher format, chosen
+        refused = CliRunner().invoke(app, ["export", str(pretrain_run), "-o", str(tmp_path / args[0]), *args[1:]])
+        assert isinstance(refused.exception, UserError) and text in refused.exception.render(), refused.output
+        assert not (tmp_path / args[0]).exists()

@@ -71,6 +71,7 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     other = run_3dino("pretrain", "-d", "990", *FAST, "--iters", "8", "--run", "once", env=env)
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert "iters: 6 -> 8" in other.stderr and "--restart" in other.stderr
+    assert "pass --run NAME to start a second run beside once" in other.stderr
 
     # adapt-highres from that run: 7^3 position grid, 112/64 crops
     high = run_3dino("adapt-highres", "--from", str(folder), "--iters", "2", "--batch-size", "1",
@@ -79,9 +80,9 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     highres, _ = load_backbone(runs / "once__highres" / "backbone.pt")
     assert highres.pos_embed.shape[1] == 7**3 + 1
 
-    # export in the released layout and reload: identical outputs
+    # export in the released layout (chosen from the run: no --format needed) and reload: identical outputs
     exported = tmp_path / "teacher_3dino.pth"
-    result = run_3dino("export", str(folder), "-o", str(exported), "--format", "3dino", env=env)
+    result = run_3dino("export", str(folder), "-o", str(exported), env=env)
     assert result.returncode == 0, result.stderr
     assert "teacher" in torch.load(exported, weights_only=True)
     reloaded, _ = load_backbone(exported)

@@ -217,6 +217,8 @@ def test_probe_run_reports_auc_f1_and_beats_chance_on_held_out_scans(tissue, mon
     from threedino_pipe.preprocessing.arrays import open_array
     network = build_probe(**model_json["model_args"])
     network.load_state_dict(torch.load(run_dir / "checkpoint_best.pt", weights_only=True)["model"], strict=True)
+    final = torch.load(run_dir / "checkpoint_final.pt", weights_only=True)["model"]  # predict --checkpoint final
+    assert all(torch.equal(value, network.state_dict()[key]) for key, value in final.items())
     pre = tissue["root"] / "preprocessed" / "Dataset995_MNITissueContent" / "finetune"
     for row in csv.DictReader((run_dir / "validation_predictions.csv").open()):
         view = centre_view(open_array(pre / f"{row['case_id']}.b2nd")[:], model_json["patch_size"])

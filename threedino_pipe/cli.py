@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from threedino_pipe import __version__
+from threedino_pipe.cli_habits import HabitGroup
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.logs import configure_logging
@@ -26,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=HabitGroup,
 )
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug messages.")]
@@ -268,6 +270,10 @@ def finetune(
     precision: Precision = "auto",
     stop_after: StopAfter = None,
     restart: Restart = False,
+    run_name: Annotated[str | None, typer.Option("--run", "--run-name", help="Run folder name under "
+                                                 "results/<Dataset>/ (default: finetune__<head>__<backbone tag>"
+                                                 "__pct<P>__fold<F>__seed<S>); a second run beside the first. "
+                                                 "Under torchrun write --run-name.")] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -277,7 +283,7 @@ def finetune(
     stage.run(dataset, pct=pct, fold=fold, head=head, backbone=backbone, unfreeze=unfreeze, preset=preset,
               iters=iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, val_every=val_every,
               overlap=overlap, num_workers=num_workers, device=device, precision=precision, stop_after=stop_after,
-              restart=restart, save_every=save_every, augment=not no_augment)
+              restart=restart, save_every=save_every, augment=not no_augment, run_name=run_name)
 
 
 @app.command()
@@ -308,10 +314,23 @@ def predict(
                          "files, plain single-channel files, or one DICOM series folder per case), a text file listing "
                          "one scan per line, or one scan.")],
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
-    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat -m "
-                     "for several folds (their probabilities are averaged).")],
-    overlap: Annotated[float, typer.Option("--overlap", help="Overlap of neighbouring sliding windows per axis, "
-                       "in [0, 1) (the paper used 0.75).")] = 0.5,
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="Finetune run folder or model zip; "
+                     "repeat -m for several folds (their probabilities are averaged).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="With -f: the dataset whose finetune runs "
+                       "-f selects (id or folder name).")] = None,
+    folds: Annotated[list[int] | None, typer.Option("--fold", "-f", min=0, help="Instead of -m: the dataset's "
+                     "finetune run of each fold (-d 501 -f 0 1 2 3 4; averaged).")] = None,
+    more_folds: Annotated[list[int] | None, typer.Argument(help="Further fold numbers after -f (-f 0 1 2 3 4).",
+                                                           show_default=False, metavar="FOLDS")] = None,
+    head: Annotated[str | None, typer.Option("--head", help="With -f: only runs of this head (when a fold has "
+                    "several runs).")] = None,
+    pct: Annotated[float | None, typer.Option("--pct", help="With -f: only runs of this --pct.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="With -f: only runs of this --seed.")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Weights of each run: best (checkpoint_best.pt, "
+                          "the best validation) or final (checkpoint_final.pt, after the last iteration).")
+                          ] = "best",
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.99, help="Overlap of neighbouring sliding "
+                       "windows per axis (the paper used 0.75).")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the 8 flip combinations "
                    "of the three axes (8x slower).")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists; refuses a "
@@ -330,9 +349,15 @@ def predict(
     """Predict every case of a folder into the input's exact geometry (exit 1 if any case failed)."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import predict as stage
-    raise typer.Exit(stage.run(input_dir, output_dir, model, overlap=overlap, tta=tta, resume=resume,
+    if more_folds and not folds:
+        raise UserError(f"unexpected argument(s) {' '.join(map(str, more_folds))}",
+                        fix="fold numbers follow -f (-d 501 -f 0 1 2 3 4); models follow -m")
+    selection = stage.FoldSelection(dataset=dataset, folds=tuple([*(folds or []), *(more_folds or [])]), head=head,
+                                    pct=pct, seed=seed)
+    raise typer.Exit(stage.run(input_dir, output_dir, model or [], overlap=overlap, tta=tta, resume=resume,
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
-                               device=device, precision=precision, num_workers=num_workers))
+                               device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
+                               selection=selection))
 
 
 @app.command()
@@ -374,17 +399,20 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder to export.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="3dino: a pretrain run's teacher backbone and heads in the "
-                                     "released 3DINO layout; zip: a finetune run as a model zip (model.json + "
-                                     "checkpoint_best.pt) for `3dino predict -m`.")]
-    = "3dino",
+    fmt: Annotated[str, typer.Option("--format", help="auto: from the run (a finetune run: a model zip, model.json "
+                                     "+ weights, for `3dino predict -m`; a pretrain or adapt-highres run: the "
+                                     "teacher backbone and heads in the released 3DINO layout); zip or 3dino "
+                                     "confirm it.")] = "auto",
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="A finetune run's weights in the zip: best "
+                          "(checkpoint_best.pt) or final (checkpoint_final.pt). Default: best.",
+                          show_default=False)] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Export a finetune run as a model zip, or a pretrain backbone in the released 3DINO layout."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import export as stage
-    stage.run(run_dir, output, fmt=fmt)
+    stage.run(run_dir, output, fmt=fmt, checkpoint=checkpoint)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from threedino_pipe.artifacts.dataset_json import DatasetJson, ListedCase
 from threedino_pipe.artifacts.demo_records import BundledBackboneRecord, DemoRecord, DemoTimings, StageTime
 from threedino_pipe.artifacts.evaluation_summary import EvaluationSummary
 from threedino_pipe.artifacts.fingerprint import Fingerprint
-from threedino_pipe.artifacts.model_card import BackboneRecord, BestMetric, ModelCard
+from threedino_pipe.artifacts.model_card import CHECKPOINT_FILES, BackboneRecord, BestMetric, ModelCard
 from threedino_pipe.artifacts.plans import (
     CasePreprocessing,
     FinetuneConfiguration,
@@ -41,8 +41,9 @@ ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
              DemoTimings, BundledBackboneRecord)
 
-__all__ = ["ARTIFACTS", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord", "BundledBackboneRecord",
-           "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson", "DemoRecord", "DemoTimings",
+__all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
+           "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
+           "DemoRecord", "DemoTimings",
            "EmbedRecord", "EvaluationSummary", "FinetuneConfiguration", "Fingerprint", "Fold", "ImageGeometry",
            "ListedCase", "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs",
            "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",

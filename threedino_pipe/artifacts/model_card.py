@@ -1,7 +1,8 @@
 """``model.json``: everything ``predict`` needs to rebuild and run a finetuned model (docs/schemas.md).
 
 Written by ``finetune`` (segmentation heads and the classification probe) beside
-``checkpoint_best.pt``; a run folder, or a zip of the two files, is self-contained.
+``checkpoint_best.pt`` (and, at the end, ``checkpoint_final.pt``); a run folder, or a zip of
+model.json and a weights file, is self-contained.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from threedino_pipe.artifacts.base import Artifact, Record
 from threedino_pipe.artifacts.plans import CasePreprocessing, Normalization, Plans
 
 HEADS = ("adapter", "unetr", "linear", "probe")
+# ``--checkpoint`` of predict and export -> weights file of a finetune run (both hold ``{"model": state_dict}``)
+CHECKPOINT_FILES = {"best": "checkpoint_best.pt", "final": "checkpoint_final.pt"}
 PROBE_ONLY = ("normalization", "input_view", "probe")
 
 
@@ -94,6 +97,11 @@ class ModelCard(Artifact):
         elif self.output == "softmax" and len(self.softmax_values()) != self.num_outputs:
             raise ValueError(f"num_outputs {self.num_outputs} but labels declare {len(self.softmax_values())}")
         return self
+
+    def weights_file(self, checkpoint: str = "best") -> str:
+        """The weights file of ``--checkpoint`` ``best`` (the one model.json names) or ``final`` (the last
+        iteration's)."""
+        return self.weights if checkpoint == "best" else CHECKPOINT_FILES[checkpoint]
 
     def softmax_values(self) -> list[int]:
         """Label value of each softmax output channel: the declared label values, sorted (0 first)."""

@@ -42,6 +42,7 @@ class PredictOptions(Record):
     device_used: str
     num_workers: int = Field(ge=0)
     resume: bool = Field(alias="continue")
+    checkpoint: Literal["best", "final"] = "best"
 
 
 class PredictArgs(Artifact):

@@ -5,7 +5,8 @@ alone: segmentation networks with
 ``threedino_pipe.models.segmentation.build_segmentation_model(**model_args)``, classification
 probes with ``threedino_pipe.models.classification.build_probe(**model_args)``; the weights come
 from the run's ``checkpoint_best.pt`` (``{"model": state_dict}``), loaded with
-``torch.load(weights_only=True)`` and strictly. Several models (folds) must agree on everything
+``torch.load(weights_only=True)`` and strictly (``--checkpoint final``: ``checkpoint_final.pt``,
+the weights after the last iteration). Several models (folds) must agree on everything
 that fixes the input and output: the plans' transpose and preprocessing, channels, task, output
 activation and labels; their probabilities are averaged.
 """
@@ -86,15 +87,23 @@ def build_network(card: ModelCard, where: Path) -> nn.Module:
         raise UserError(exc.problem, file=where, fix=exc.fix) from None
 
 
-def load_run(run_dir: Path, source: Path | None = None) -> LoadedModel:
-    """Rebuild the network of a finetune run folder and load its best weights (weights only, strictly)."""
+def load_run(run_dir: Path, source: Path | None = None, checkpoint: str | None = "best") -> LoadedModel:
+    """Rebuild the network of a finetune run folder and load its ``checkpoint`` (``best`` or ``final``)
+    weights (weights only, strictly); None: the best weights, else the final ones (a model zip exported with
+    ``--checkpoint final``: embed and visualize take the weights a zip holds)."""
     run_dir = Path(run_dir)
     where = ModelCard.in_folder(run_dir)
     if not where.is_file():
         raise UserError("not a finetune run folder or model zip (no model.json)", file=source or run_dir,
                         fix="pass a finetune run folder (results/DatasetNNN_Name/finetune__...) or a model zip")
     card = ModelCard.read(where)
-    weights = run_dir / card.weights
+    if checkpoint is None:
+        checkpoint = "final" if not (run_dir / card.weights_file("best")).is_file() and \
+            (run_dir / card.weights_file("final")).is_file() else "best"
+    weights = run_dir / card.weights_file(checkpoint)
+    if not weights.is_file():
+        problem, fix = _missing_weights(weights.name, checkpoint, zipped=source is not None and source != run_dir)
+        raise UserError(problem, file=source or weights, fix=fix)
     state = load_checkpoint(weights, rerun=f"`{_RERUN}`")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError("the weights file holds no 'model' state dict", file=weights,
@@ -111,8 +120,24 @@ def load_run(run_dir: Path, source: Path | None = None) -> LoadedModel:
                        model_json_sha256=sha256_of(where), weights_sha256=sha256_of(weights))
 
 
-def load_models(paths: list[Path], stack: contextlib.ExitStack) -> list[LoadedModel]:
-    """Load every ``-m`` path (run folder or ``.zip``); zips unpack into temporary folders ``stack`` removes.
+def _missing_weights(name: str, checkpoint: str, *, zipped: bool) -> tuple[str, str]:
+    """(problem, fix) for a run folder or model zip without the ``--checkpoint`` weights file ``name``."""
+    other = "final" if checkpoint == "best" else "best"
+    if zipped:
+        return (f"the model zip holds no {name} (--checkpoint {checkpoint})",
+                f"pass --checkpoint {other}, or export the run again with `3dino export RUN -o FILE.zip "
+                f"--checkpoint {checkpoint}`")
+    if checkpoint == "final":
+        return (f"the run has no {name}: finetuning has not reached its last iteration",
+                f"rerun the same `{_RERUN}` command to finish it, or pass --checkpoint best")
+    return (f"the run has no {name}: finetuning has not validated yet",
+            f"let `{_RERUN}` reach its first validation, then predict again")
+
+
+def load_models(paths: list[Path], stack: contextlib.ExitStack, checkpoint: str | None = "best"
+                ) -> list[LoadedModel]:
+    """Load every ``-m`` path (run folder or ``.zip``) with its ``checkpoint`` (``best``, ``final``, or None:
+    see :func:`load_run`) weights; zips unpack into temporary folders ``stack`` removes.
 
     Raises:
         UserError: a path that is neither, a model that cannot be loaded, or models that disagree.
@@ -124,13 +149,13 @@ def load_models(paths: list[Path], stack: contextlib.ExitStack) -> list[LoadedMo
         path = Path(path)
         if path.is_file() and path.suffix.lower() == ".zip":
             target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="threedino-model-")))
-            models.append(load_run(unpack_model_zip(path, target), source=path))
+            models.append(load_run(unpack_model_zip(path, target), source=path, checkpoint=checkpoint))
         elif path.is_dir():
-            models.append(load_run(path))
+            models.append(load_run(path, checkpoint=checkpoint))
         else:
             raise UserError("model not found: not a run folder or a .zip file", file=path,
                             fix="pass a finetune run folder or a model zip "
-                            "(`3dino export RUN -o model.zip --format zip`)")
+                            "(`3dino export RUN -o model.zip`)")
     check_compatible(models)
     return models
 

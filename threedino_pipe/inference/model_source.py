@@ -1,6 +1,7 @@
 """The backbone ``-m`` names for ``3dino embed`` and ``3dino visualize``, with how scans are prepared for it.
 
-- a finetune run folder or model zip: the backbone of its ``checkpoint_best.pt`` and its model card
+- a finetune run folder or model zip: the backbone of its ``checkpoint_best.pt`` (a zip exported with
+  ``--checkpoint final``: of its ``checkpoint_final.pt``) and its model card
   (scans are preprocessed as in finetuning, ``ModelCard.preprocessing()``);
 - a pretrain run folder (its ``backbone.pt``) or a backbone checkpoint file (ours, an export or the
   released 3DINO-ViT file): the backbone alone (scans get
@@ -29,7 +30,7 @@ def load_backbone_and_card(model: Path, stack: contextlib.ExitStack
     model = Path(model)
     if (model.is_dir() and ModelCard.in_folder(model).is_file()) or (model.is_file()
                                                                       and model.suffix.lower() == ".zip"):
-        loaded = load_models([model], stack)[0]
+        loaded = load_models([model], stack, checkpoint=None)[0]  # the best weights, else those a zip holds
         card = loaded.card
         record = ModelSource(kind="finetune run", source=str(model.resolve()), dataset=card.dataset, head=card.head,
                              backbone=card.backbone.model_dump(mode="json"), weights_sha256=loaded.weights_sha256)

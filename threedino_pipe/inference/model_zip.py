@@ -1,7 +1,8 @@
-"""Model zips: one file holding a finetune run's ``model.json`` and weights (``3dino export --format zip``).
+"""Model zips: one file holding a finetune run's ``model.json`` and weights (``3dino export RUN -o model.zip``).
 
 A model zip holds exactly two members at its top level: ``model.json`` (which carries the
-dataset's whole plans) and the weights file it names (``checkpoint_best.pt``). ``predict -m
+dataset's whole plans) and a weights file (``checkpoint_best.pt``, or ``checkpoint_final.pt`` with
+``--checkpoint final``). ``predict -m
 model.zip`` unpacks it into a temporary folder, but only after checking that every member is a
 plain file whose path stays inside that folder (no absolute path, no ``..``, no link), so a zip
 from elsewhere cannot write anywhere else; the weights are then loaded with ``weights_only=True``.
@@ -23,20 +24,24 @@ MODEL_JSON = ModelCard.FILE
 _RERUN = "3dino finetune"
 
 
-def export_zip(run_dir: Path, output: Path) -> Path:
-    """Write ``run_dir``'s ``model.json`` and weights into the zip ``output`` (atomically).
+def export_zip(run_dir: Path, output: Path, checkpoint: str = "best") -> Path:
+    """Write ``run_dir``'s ``model.json`` and its ``checkpoint`` (``best`` or ``final``) weights into the zip
+    ``output`` (atomically).
 
     Raises:
-        UserError: ``run_dir`` is not a finetune run folder or lacks its weights.
+        UserError: ``run_dir`` is not a finetune run folder or lacks those weights.
     """
     run_dir, output = Path(run_dir), Path(output)
     if not ModelCard.in_folder(run_dir).is_file():
-        raise UserError("not a finetune run folder (no model.json)", file=run_dir,
-                        fix="pass a finetune run folder (results/DatasetNNN_Name/finetune__...)")
-    weights = ModelCard.read(ModelCard.in_folder(run_dir)).weights
+        raise UserError("not a finetune run folder (no model.json: finetuning has not validated yet)", file=run_dir,
+                        fix=f"pass a finetune run folder (results/DatasetNNN_Name/finetune__...); let `{_RERUN}` "
+                        "reach its first validation")
+    weights = ModelCard.read(ModelCard.in_folder(run_dir)).weights_file(checkpoint)
     if not (run_dir / weights).is_file():
-        raise UserError(f"the run folder has no {weights} (finetuning has not saved a best checkpoint yet)",
-                        file=run_dir, fix=f"let `{_RERUN}` finish, then export again")
+        when = "a best checkpoint" if checkpoint == "best" else "its last iteration's weights"
+        raise UserError(f"the run folder has no {weights} (finetuning has not saved {when} yet)",
+                        file=run_dir, fix=f"let `{_RERUN}` finish, then export again"
+                        + (", or pass --checkpoint best" if checkpoint != "best" else ""))
     if output.suffix.lower() != ".zip":
         raise UserError("a model zip's name must end in .zip", file=output, fix=f"use e.g. -o {output.stem}.zip")
     with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
@@ -74,15 +79,15 @@ def check_members(zip_path: Path) -> list[zipfile.ZipInfo]:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"not a readable zip file ({exc})", file=zip_path,
-                        fix="pass a model zip written by `3dino export RUN -o model.zip --format zip`") from None
+                        fix="pass a model zip written by `3dino export RUN -o model.zip`") from None
     for info in members:
         reason = _unsafe_reason(info)
         if reason:
             raise UserError(f"refused to unpack: the member '{info.filename}' {reason}", file=zip_path,
-                            fix="use a model zip written by `3dino export --format zip`; this one may be malicious")
+                            fix="use a model zip written by `3dino export RUN -o model.zip`; this one may be malicious")
     if MODEL_JSON not in {info.filename for info in members}:
         raise UserError(f"the zip has no top-level {MODEL_JSON}", file=zip_path,
-                        fix="pass a model zip written by `3dino export RUN -o model.zip --format zip`")
+                        fix="pass a model zip written by `3dino export RUN -o model.zip`")
     return members
 
 
@@ -96,7 +101,7 @@ def unpack_model_zip(zip_path: Path, target: Path) -> Path:
             destination = (root / info.filename).resolve()
             if root != destination and root not in destination.parents:  # belt and braces after check_members
                 raise UserError(f"refused to unpack: the member '{info.filename}' leaves the target folder",
-                                file=zip_path, fix="use a model zip written by `3dino export --format zip`")
+                                file=zip_path, fix="use a model zip written by `3dino export RUN -o model.zip`")
             if info.is_dir():
                 destination.mkdir(parents=True, exist_ok=True)
                 continue

@@ -61,7 +61,7 @@ def dataset_id(name: str) -> int | None:
 def resolve_dataset(spec: str | int, root: Path | None = None, *, kind: str = "raw") -> Path:
     """Resolve ``501`` or ``Dataset501_Name`` to the one matching dataset folder under ``root``.
 
-    ``kind`` (``raw`` or ``preprocessed``) names the folder in the error messages: which folder was
+    ``kind`` (``raw``, ``preprocessed`` or ``results``) names the folder in the error messages: which folder was
     searched and which environment variable points to it.
 
     Raises:
@@ -79,9 +79,11 @@ def resolve_dataset(spec: str | int, root: Path | None = None, *, kind: str = "r
         return root / matches[0]
     listing = ", ".join(existing) if existing else "none"
     if not matches:
-        fix = (f"run `3dino plan -d {spec}` and `3dino preprocess -d {spec}` first, or set THREEDINO_PREPROCESSED "
-               "to the folder holding the preprocessed dataset" if kind == "preprocessed" else
-               "pass an existing id or name, or set THREEDINO_RAW to the folder holding it")
+        fixes = {"preprocessed": f"run `3dino plan -d {spec}` and `3dino preprocess -d {spec}` first, or set "
+                                 "THREEDINO_PREPROCESSED to the folder holding the preprocessed dataset",
+                 "results": f"run `3dino finetune -d {spec}` first, or set THREEDINO_RESULTS to the folder holding "
+                            "its runs"}
+        fix = fixes.get(kind, "pass an existing id or name, or set THREEDINO_RAW to the folder holding it")
         raise UserError(f"no dataset '{spec}' in the {kind} folder (datasets there: {listing})", file=root, fix=fix)
     raise UserError(f"dataset id {spec} is ambiguous: {', '.join(matches)}", file=root,
                     fix="pass the full folder name, e.g. -d " + matches[0])

@@ -18,7 +18,7 @@ from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.training.run_setup import dataset_plans, open_run, run_lock
+from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
 from threedino_pipe.training.ssl_setup import (
     config_from_plans,
     describe,
@@ -68,7 +68,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
             grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
             probe_every=probe_every, scale_iters=src_config.iters)
-        folder = from_run.parent / (run_name or f"{from_run.name}__highres")
+        folder = run_folder(from_run.parent, run_name, f"{from_run.name}__highres")
         held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
                            plans=plans_dependencies(plans_list, "pretrain_highres"),

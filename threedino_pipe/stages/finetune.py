@@ -6,7 +6,7 @@ Reads the dataset's ``plans.json`` (configuration ``finetune``), ``splits.json``
 (docs/schemas.md, "Finetune run folder and model.json"). ``--pct P --fold F --seed S`` pick the
 same training cases for every backbone and head (:func:`threedino_pipe.training_data.splits.select_subset`);
 ``--seed`` also seeds the initialisation and the patch stream. A rerun of the same command
-resumes; one with other options refuses (``--restart``).
+resumes; one with other options refuses (``--restart``, or ``--run NAME`` for a second run beside it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 from threedino_pipe.training import probe
-from threedino_pipe.training.run_setup import batch_for_device, dataset_plans, open_run, run_lock
+from threedino_pipe.training.run_setup import (
+    batch_for_device,
+    dataset_plans,
+    open_run,
+    run_folder,
+    run_lock,
+)
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
 from threedino_pipe.training_data.patch_loader import Augmentation
 from threedino_pipe.training_data.splits import select_subset
@@ -97,8 +103,11 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int = 0,
         val_every: int | None = None, overlap: float = 0.5, num_workers: int = 2, device: str = "auto",
         precision: str = "auto", stop_after: int | None = None, restart: bool = False, save_every: int = 500,
-        augment: bool = True) -> Path:
-    """Finetune on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder (see the module docstring)."""
+        augment: bool = True, run_name: str | None = None) -> Path:
+    """Finetune on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder (see the module docstring).
+
+    ``run_name`` (``--run``) names the run folder instead of the derived name.
+    """
     _check_options(head, precision, preset, overlap, iters)
     console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
     pre, plans = dataset_plans(dataset)
@@ -107,7 +116,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         more = {} if iters is None else {"iters": iters}  # the probe has its own default (12,500)
         return probe.run(dataset, pct=pct, fold=fold, seed=seed, backbone=backbone, preset=preset,
                          batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
-                         stop_after=stop_after, **more)
+                         stop_after=stop_after, run_name=run_name, **more)
     config, finetune_dir = _segmentation_configuration(pre, plans, dataset)
     splits = Splits.of_dataset(pre, dataset)
     train_ids = select_subset(splits, fold, seed, pct, None, splits_file=Splits.in_folder(pre))
@@ -139,12 +148,11 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             backbone_family=choice.family,
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
-        folder = paths.results_root() / pre.name / run_folder_name(head, tag, pct, fold, seed)
+        folder = run_folder(paths.results_root() / pre.name, run_name, run_folder_name(head, tag, pct, fold, seed))
         held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="finetune", options=run_config.options(), volatile=list(SegRunConfig.VOLATILE),
                            plans={pre.name: plans.dependencies(CONFIGURATION)})
-        resume = open_run(folder, record, restart=restart, dist=dist,
-                          new_run_fix="pass other --seed/--fold/--pct values to start another run")
+        resume = open_run(folder, record, restart=restart, dist=dist)
         if resume and _finished(folder, iters) and not stop_after:
             console.print(f"{folder} is finished already ({iters} iterations); pass --restart to train again")
             return folder

@@ -7,6 +7,7 @@ preprocessed folder, and nothing at all when the dataset or an option is bad (do
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from rich.console import Console
@@ -68,9 +69,15 @@ def parse_options(*, preset: str | None, norm: str | None, target_spacing: str |
                        batch_size=batch_size, allow_nan=allow_nan)
 
 
+LOG_WIDTH = 120  # columns of the printed table when stdout is not a terminal and COLUMNS is unset
+
+
 def _console() -> Console:
-    """Stdout console; no wrapping when not a terminal (logs and tests get one line per row)."""
-    return Console(soft_wrap=False) if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
+    """Stdout console as wide as the terminal, else ``COLUMNS``, else :data:`LOG_WIDTH` (logs); long reasons
+    wrap inside their table cell instead of widening the table."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console(soft_wrap=False)  # rich reads the terminal's width, or COLUMNS
+    return Console(width=LOG_WIDTH, soft_wrap=False)
 
 
 def _value(value) -> str:
@@ -87,7 +94,8 @@ def print_summary(plans: Plans, fingerprint: Fingerprint, console: Console) -> N
     console.print(f"{fingerprint.dataset}: {fingerprint.num_cases} cases, median spacing "
                   f"{_value(fingerprint.median_spacing)} mm, median shape {_value(fingerprint.median_shape)}, "
                   f"channels {channels}", highlight=False)
-    table = Table("decision", "value", "reason", highlight=False)
+    table = Table("decision", "value", highlight=False)
+    table.add_column("reason", overflow="fold")  # wraps (words, then long words) to fit the console's width
     table.add_row("transpose", _value(plans.transpose), plans.decision("transpose"))
     table.add_row("preset", plans.configurations.pretrain.preset, plans.decision("preset"))
     for name in plans.configuration_names():

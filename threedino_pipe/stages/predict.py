@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from threedino_pipe.artifacts import PredictArgs, PredictOptions
+from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions
 from threedino_pipe.inference import folder_runner
+from threedino_pipe.inference.fold_runs import runs_for_folds
 from threedino_pipe.inference.input_cases import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, load_models
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
@@ -75,10 +76,45 @@ def _prediction_row(result: CaseResult, class_names: list[str]) -> list[str]:
     return [result.case_id, class_names[best], *(f"{p:.6f}" for p in probs)]
 
 
+@dataclass(frozen=True)
+class FoldSelection:
+    """``-d DATASET -f F ...``: the dataset's finetune runs of these folds, narrowed by head, pct and seed."""
+
+    dataset: str | None = None
+    folds: tuple[int, ...] = ()
+    head: str | None = None
+    pct: float | None = None
+    seed: int | None = None
+
+    def models(self, given: list[Path]) -> list[Path]:
+        """The ``-m`` paths, or the run folders the selection names; refuses a mix or a half selection."""
+        narrowing = [f"--{k}" for k in ("head", "pct", "seed") if getattr(self, k) is not None]
+        if given and (self.dataset or self.folds):
+            raise UserError("both -m and -d/-f name the models", fix="pass either -m (repeat for several models) or "
+                            "-d DATASET -f FOLD ... (the dataset's finetune runs of those folds)")
+        if given:
+            if narrowing:
+                raise UserError(f"{', '.join(narrowing)} narrow the runs -f selects, but -m names the models",
+                                fix=f"leave out {', '.join(narrowing)}, or select with -d DATASET -f FOLD ...")
+            return list(given)
+        if not self.folds:
+            raise UserError("no model given" + (f" (-d {self.dataset} needs -f)" if self.dataset else ""),
+                            fix="pass -m RUN_FOLDER_OR_ZIP, or -d DATASET -f 0 1 2 3 4 (the dataset's finetune runs "
+                            "of those folds)")
+        if not self.dataset:
+            raise UserError(f"-f {' '.join(map(str, self.folds))} selects folds, but of which dataset?",
+                            fix="pass -d DATASET too (e.g. -d 501 -f 0 1 2 3 4)")
+        return runs_for_folds(self.dataset, self.folds, head=self.head, pct=self.pct, seed=self.seed)
+
+
 def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: float = 0.5, tta: bool = False,
         resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
-        precision: str = "auto", num_workers: int = 1) -> int:
+        precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
+        selection: FoldSelection | None = None) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
+
+    ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
+    (``-d -f``) names the models instead of ``models``.
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -88,30 +124,33 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
             nothing is written then.
     """
     _check_options(overlap, window_batch_size, num_workers, precision)
+    if checkpoint not in CHECKPOINT_FILES:
+        raise UserError(f"unknown --checkpoint {checkpoint!r}", fix=f"pass one of {', '.join(CHECKPOINT_FILES)}")
+    models = (selection or FoldSelection()).models(list(models or []))
     input_path, output_dir = Path(input_path), Path(output_dir)
     ranks = init_distributed(device, backend="gloo", timeout=_DIST_TIMEOUT)  # gloo: only barriers are needed
     try:
         return _predict(input_path, output_dir, models, ranks, overlap=overlap, tta=tta, resume=resume,
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
-                        precision=precision, num_workers=num_workers)
+                        precision=precision, num_workers=num_workers, checkpoint=checkpoint)
     finally:
         cleanup()
 
 
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
-             num_workers: int) -> int:
+             num_workers: int, checkpoint: str) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
-        loaded = load_models(list(models), stack)
+        loaded = load_models(list(models), stack, checkpoint=checkpoint)
         cases = discover_cases(input_path, len(loaded[0].card.channel_names), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
                                      precision=resolve_precision(precision, dev))
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
-                                 device_used=str(dev), num_workers=num_workers, resume=resume)
+                                 device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
                            output=str(output_dir.resolve()), num_cases=len(cases), world_size=ranks.world_size,
                            options=options)

@@ -18,7 +18,7 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS
-from threedino_pipe.training.run_setup import dataset_plans, open_run, run_lock
+from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
 from threedino_pipe.training.ssl_model import HEAD_DIMS
 from threedino_pipe.training.ssl_setup import (
     budget_iterations,
@@ -58,7 +58,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(HEAD_DIMS)}")
     names = [folder.name for folder, _ in plans_list]
     ids = "+".join(str(paths.dataset_id(n)) for n in names)
-    folder = paths.results_root() / "pretrain" / (run_name or f"{preset}__{ids}")
+    folder = run_folder(paths.results_root() / "pretrain", run_name, f"{preset}__{ids}")
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:

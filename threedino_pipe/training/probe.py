@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 
 from threedino_pipe.artifacts import (
+    CHECKPOINT_FILES,
     BackboneRecord,
     BestMetric,
     CaseProperties,
@@ -69,7 +70,7 @@ from threedino_pipe.training.probe_grid import (
     cosine_factor,
     grid_points,
 )
-from threedino_pipe.training.run_setup import dataset_plans
+from threedino_pipe.training.run_setup import dataset_plans, new_run_fix, run_folder
 from threedino_pipe.training_data.splits import select_subset
 from threedino_pipe.visualization.curves import plot_curves
 
@@ -271,8 +272,9 @@ def _subset(pre: Path, finetune_dir: Path, dataset: str, *, fold: int, seed: int
 def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str = "auto",
         preset: str | None = None, iters: int = 12_500, batch_size: int | None = None, device: str = "auto",
         num_workers: int = 2, restart: bool = False, stop_after: int | None = None,
-        num_augmentations: int = DEFAULT_AUGMENTATIONS) -> Path:
-    """Train the linear-probe grid on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder."""
+        num_augmentations: int = DEFAULT_AUGMENTATIONS, run_name: str | None = None) -> Path:
+    """Train the linear-probe grid on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder
+    (``run_name``: ``--run``, else the derived name)."""
     del num_workers  # see the module docstring
     console = Console(stderr=True)
     if iters < 1:
@@ -292,15 +294,14 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
                         "backbone (channels run through it separately)", file=backbone_record.source,
                         fix="pass a single-channel 3D ViT backbone")
     batch = int(batch_size or DEFAULT_BATCH)
-    folder = paths.results_root() / pre.name / run_folder_name(tag, pct, fold, seed)
+    folder = run_folder(paths.results_root() / pre.name, run_name, run_folder_name(tag, pct, fold, seed))
     options = {"dataset": pre.name, "head": HEAD, "pct": float(pct), "fold": fold, "seed": seed,
                "backbone": backbone_record.source, "backbone_sha256": backbone_record.sha256,
                "preset": backbone_record.preset, "iters": iters, "batch_size": batch,
                "num_augmentations": num_augmentations, "learning_rates": list(LEARNING_RATES), "device": device}
     record = RunRecord(stage="finetune", options=options, volatile=list(VOLATILE),
                        plans={pre.name: plans.dependencies(CONFIGURATION)})
-    resume = open_run_folder(folder, record, restart=restart,
-                             new_run_fix="pass other --seed/--fold/--pct values to start another run")
+    resume = open_run_folder(folder, record, restart=restart, new_run_fix=new_run_fix(folder))
     if resume and _finished(folder, iters):
         console.print(f"{folder} is finished already; pass --restart to train again")
         return folder
@@ -351,7 +352,8 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
             x_val: torch.Tensor, y_val: torch.Tensor, val_ids: list[str], net, plans: Plans, dataset: str,
             class_names: list[str], in_channels: int, patch_size: list[int], backbone_record: BackboneRecord, *,
             fold: int, pct: float, seed: int, iters: int, console: Console) -> None:
-    """Pick the best grid point; write grid.csv, checkpoint_best.pt, model.json, validation.json, curves.png."""
+    """Pick the best grid point; write grid.csv, checkpoint_best.pt (= checkpoint_final.pt), model.json,
+    validation.json, curves.png."""
     scores = _val_scores(grid, x_val, y_val, class_names)
     best = best_point(scores)
     point = points[best]
@@ -362,7 +364,8 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
     with torch.no_grad():
         probe.head.weight.copy_(weight)
         probe.head.bias.copy_(bias)
-    save_checkpoint({"model": probe.state_dict()}, folder / "checkpoint_best.pt")
+    for name in CHECKPOINT_FILES.values():  # the grid point is chosen at the end: the same
+        save_checkpoint({"model": probe.state_dict()}, folder / name)
 
     probs = np.round(grid.probabilities(x_val)[best].cpu().numpy().astype(np.float64), 6)  # as the CSV holds them
     y_true = y_val.cpu().numpy()

@@ -8,7 +8,8 @@ at the end) rank 0 predicts each validation case whole with the sliding window o
 and scores the label map it gives (MONAI's Dice per case and class, on the preprocessed grid);
 each class's (region's) mean Dice is logged as ``val_dice_<name>`` beside the mean ``val_dice``
 in log.csv and drawn in one panel of curves.png; an improvement of the mean foreground Dice writes
-``checkpoint_best.pt`` (weights only) and ``model.json``. ``checkpoint_latest.pt`` (model,
+``checkpoint_best.pt`` (weights only) and ``model.json``; the last iteration writes
+``checkpoint_final.pt`` (weights only). ``checkpoint_latest.pt`` (model,
 optimiser, scheduler, data stream, RNG, validation history) is written atomically every
 ``save_every`` iterations and at every validation, so a killed run resumes where it stood.
 """
@@ -31,7 +32,7 @@ from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from threedino_pipe.artifacts import BestMetric, ModelCard, SegmentationValidation, ValidationScore
+from threedino_pipe.artifacts import CHECKPOINT_FILES, BestMetric, ModelCard, SegmentationValidation, ValidationScore
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
 from threedino_pipe.models.backbones import DEFAULT_FAMILY
@@ -45,6 +46,7 @@ from threedino_pipe.training_data.patch_loader import Augmentation, PatchLoader,
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.finetune_checkpoint"
+FINAL_WEIGHTS = CHECKPOINT_FILES["final"]  # weights only, like checkpoint_best.pt
 CURVES = ["loss", "val_dice", "lr", "patches_per_s"]
 CLASS_DICE_PREFIX = "val_dice_"
 
@@ -304,7 +306,8 @@ class SegmentationTask:
         _write_validation(folder, self.config, self.history, self.best, iteration)
 
     def finish(self, folder: Path, iteration: int) -> None:
-        pass
+        """``checkpoint_final.pt``: the weights after the last iteration (``predict --checkpoint final``)."""
+        save_checkpoint({"model": self.net.state_dict()}, Path(folder) / FINAL_WEIGHTS)
 
     def close(self) -> None:
         self.loader.close()
