@@ -51,13 +51,17 @@ EXPECTED = {
     "dicom_two_series": ("imagesTr/case_001_0000", "holds 2 series"),
     "dicom_no_series": ("imagesTr/case_001_0000", "no DICOM series"),
     "dicom_missing_slice": ("imagesTr/case_001_0000", "unevenly spaced"),
+    "wrong_file_ending": ("imagesTr/case_001_0000.nii", "ends in '.nii' but dataset.json's file_ending is '.nii.gz'"),
+    "wrong_label_ending": ("labelsTr/case_001.mha", "ends in '.mha' but dataset.json's file_ending is '.nii.gz'"),
+    "no_cases": ("imagesTr", "no training case"),
 }
+NO_CASES = ("no_cases",)  # faults where no case is found at all
 # The command line (verify, and plan's refusal) runs on the faults the raw convention names first; every fault of
 # the corpus, these and the further ones, is also checked in-process, exactly (and fast).
 ISSUE_FAULTS = ["missing_channel", "extra_channel", "shape_mismatch", "spacing_mismatch", "origin_mismatch",
                "direction_mismatch", "undeclared_label", "nan_voxels", "inf_voxels", "four_d_image", "truncated_file",
                "unreadable_file", "num_training_mismatch", "missing_label", "missing_dataset_json",
-               "malformed_dataset_json"]
+               "malformed_dataset_json", "wrong_file_ending", "wrong_label_ending", "no_cases"]
 
 
 def _dataset(fault: str) -> Path:
@@ -107,7 +111,10 @@ def test_check_dataset_finds_each_fault_and_nothing_else(fault):
     errors = [p for p in problems if p.is_error]
     assert len(errors) == 1, errors
     assert errors[0].file == file and words in errors[0].problem and errors[0].fix
-    assert errors[0].case in ("case_001", "") and [c.case_id for c in cases] == ["case_000", "case_001"]
+    assert errors[0].case in ("case_001", "")
+    assert [c.case_id for c in cases] == ([] if fault in NO_CASES else ["case_000", "case_001"])
+    if "ending" in fault:  # the fix names the field to change
+        assert "file_ending" in errors[0].fix
 
 
 @pytest.mark.parametrize("fault", ISSUE_FAULTS)
@@ -120,6 +127,8 @@ def test_verify_reports_each_fault(fault, corpus_runs):
     assert file in text and words in text, text
     if "dataset_json" not in fault:  # the report names every error, and only case_001's file is at fault
         assert "1 errors" in proc.stdout, text
+    if fault in NO_CASES:
+        assert "0 cases, 1 errors" in proc.stdout and "verify failed" in proc.stdout, text
     assert not any(p.is_file() for p in corpus_runs[fault]["verify_folder"].rglob("*")), "verify wrote a file"
 
 
@@ -269,3 +278,29 @@ def test_classification_unlabeled_and_dicom_datasets_pass(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"{cases} cases, 0 errors, 0 warnings" in proc.stdout
     assert os.listdir(tmp_path / "preprocessed") == []
+
+
+def test_files_of_another_ending_are_errors_naming_file_ending(tmp_path):
+    """Every file .nii while file_ending is .nii.gz, no numTraining: errors naming each file, never 'verify passed'."""
+    raw = tmp_path / "raw"
+    folder = raw / "Dataset960_Endings"
+    corpus.dataset_json(folder)
+    spec = json.loads((folder / "dataset.json").read_text())
+    del spec["numTraining"]
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    for index, case in enumerate(("a", "b")):
+        _write(corpus.volume(index), folder / "imagesTr" / f"{case}_0000.nii")
+        _write(corpus.label(), folder / "labelsTr" / f"{case}.nii")
+    proc = run_3dino("verify", "-d", "960", "-np", "1", env=_env(raw, tmp_path), cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text and "verify passed" not in text
+    assert "2 cases, 4 errors" in proc.stdout, text
+    for name in ("imagesTr/a_0000.nii", "imagesTr/b_0000.nii", "labelsTr/a.nii", "labelsTr/b.nii"):
+        assert name in proc.stdout, text
+    assert proc.stdout.count('set "file_ending": ".nii" in dataset.json') == 4
+    assert "numTraining" not in proc.stdout
+    spec["file_ending"] = ".nii"  # the fix the message gives
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    proc = run_3dino("verify", "-d", "960", "-np", "1", env=_env(raw, tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0 and "2 cases, 0 errors" in proc.stdout, proc.stdout + proc.stderr
