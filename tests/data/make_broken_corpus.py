@@ -308,12 +308,20 @@ def no_cases(f: Path) -> None:
     (f / "imagesTr" / "scans.zip").write_bytes(b"PK\x05\x06" + bytes(18))
 
 
+def classification_labels_from_1(f: Path) -> None:
+    """nnU-Net-style classification (labels map, labelsTr.csv, no labelsTr/, no task) numbering classes from 1."""
+    dataset_json(f, extra={"labels": {"benign": 1, "malignant": 2}})
+    for index, case in enumerate(("case_000", "case_001")):
+        write(make_image(volume(index)), f / "imagesTr" / f"{case}_0000.nii.gz")
+    (f / "labelsTr.csv").write_text("case_id,label\ncase_000,benign\ncase_001,malignant\n")
+
+
 FAULTS: dict[str, Callable[[Path], None]] = {fn.__name__: fn for fn in (
     missing_channel, extra_channel, shape_mismatch, spacing_mismatch, origin_mismatch, direction_mismatch,
     channel_spacing_mismatch, undeclared_label, non_integer_label, nan_voxels, inf_voxels, four_d_image,
     two_d_image, multi_component, truncated_file, unreadable_file, num_training_mismatch, missing_label,
     missing_dataset_json, malformed_dataset_json, dicom_two_series, dicom_no_series, dicom_missing_slice,
-    wrong_file_ending, wrong_label_ending, no_cases)}
+    wrong_file_ending, wrong_label_ending, no_cases, classification_labels_from_1)}
 
 
 def dataset_name(index: int, fault: str) -> str:

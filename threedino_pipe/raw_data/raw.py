@@ -197,8 +197,11 @@ def _cases_from_folders(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles
         return cases, problems
     labels_dir = folder / "labelsTr"
     if not labels_dir.is_dir():
-        problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing",
-                                "add the label images, or set \"task\": \"unlabeled\" in dataset.json"))
+        fix = ("labelsTr.csv is there: for a classification dataset write \"task\": \"classification\" and "
+               "\"class_names\" in dataset.json (or \"labels\" mapping each class name to 0, 1, ...)"
+               if (folder / "labelsTr.csv").is_file() else
+               "add the label images, or set \"task\": \"unlabeled\" in dataset.json (pretraining only)")
+        problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing", fix))
         return cases, problems
     others = {}  # label files of another image ending, by case id
     for entry in labels_dir.iterdir():
