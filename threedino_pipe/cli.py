@@ -74,6 +74,12 @@ def plan(
                                              "made for, in GB (not the memory of this machine).")] = 8.0,
     allow_nan: Annotated[bool, typer.Option("--allow-nan", help="Accept NaN/Inf voxels (replaced by the "
                                             "volume mean in preprocess).")] = False,
+    highres_min_axis: Annotated[int | None, typer.Option("--highres-min-axis", min=0, help="pretrain_highres "
+                                "(adapt-highres) keeps volumes whose smallest axis after cropping is above this many "
+                                "voxels (default: the method's 48; docs/method.md, Data: the method skips thinner "
+                                "volumes because a random crop of one, resized to the 112^3 / 64^3 cube, is stretched "
+                                "several times along that axis, mostly interpolation). Lower it for thin data; "
+                                "adapt-highres refuses when no volume passes.")] = None,
     num_processes: NumProcesses = 2,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
@@ -82,7 +88,8 @@ def plan(
     _common(verbose, no_progress)
     from threedino_pipe.stages import plan as stage
     stage.run(dataset, preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
-              batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes)
+              batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes,
+              highres_min_axis=highres_min_axis)
 
 
 @app.command()

@@ -14,7 +14,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from threedino_pipe.artifacts import DatasetJson, Plans
+from threedino_pipe.artifacts import DatasetJson, Fingerprint, Plans
+from threedino_pipe.planning.planner import cases_passing
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
     is_finished,
@@ -84,10 +85,26 @@ def _check_plans(plans: Plans, raw: Path, plans_path: Path, num_channels: int, d
             raise UserError(exc.problem, file=plans_path, fix=exc.fix) from None
 
 
-def _chosen(plans: Plans, configurations: list[str] | None, plans_path: Path) -> list[str]:
+def _without_empty_highres(plans: Plans, out: Path, dataset: str) -> list[str]:
+    """Every configuration of ``plans`` but ``pretrain_highres`` when no case passes its min_axis (with a note)."""
+    names = plans.configuration_names()
+    fingerprint_path = Fingerprint.in_folder(out)
+    if "pretrain_highres" not in names or not fingerprint_path.is_file():
+        return names
+    fingerprint = Fingerprint.read(fingerprint_path, rerun=f"3dino plan -d {dataset}")
+    min_axis = plans.configurations.pretrain_highres.min_axis
+    if cases_passing(fingerprint, min_axis) > 0:
+        return names
+    log.info("note: pretrain_highres skipped: 0 of %d cases have a smallest axis above its min_axis of %d voxels "
+             "(adapt-highres could use none); `3dino plan -d %s --highres-min-axis N` lowers it", fingerprint.num_cases,
+             min_axis, dataset)
+    return [name for name in names if name != "pretrain_highres"]
+
+
+def _chosen(plans: Plans, configurations: list[str] | None, plans_path: Path, dataset: str) -> list[str]:
     available = plans.configuration_names()
     if not configurations:
-        return available
+        return _without_empty_highres(plans, plans_path.parent, dataset)
     unknown = [c for c in configurations if c not in available]
     if unknown:
         raise UserError(f"configuration(s) {', '.join(unknown)} not in plans.json (it has: {', '.join(available)})",
@@ -137,7 +154,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     if not cases:
         raise UserError("imagesTr/ holds no cases", file=raw / "imagesTr", fix="add the training images")
     jobs: list[CaseJob] = []
-    chosen = _chosen(plans, configurations, plans_path)
+    chosen = _chosen(plans, configurations, plans_path, dataset)
     for configuration in chosen:
         todo, skipped = _jobs(raw, out, cases, plans, configuration)
         log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(todo), skipped)
