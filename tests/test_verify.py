@@ -55,6 +55,8 @@ EXPECTED = {
     "wrong_label_ending": ("labelsTr/case_001.mha", "ends in '.mha' but dataset.json's file_ending is '.nii.gz'"),
     "no_cases": ("imagesTr", "no training case"),
     "classification_labels_from_1": ("dataset.json", "classes are numbered 0, 1, ..., K-1"),
+    "case_groups_unknown_case": ("dataset.json", "case_groups 'patient_1' names case(s) the dataset does not have: "
+                                 "case_009"),
 }
 RAISED = ("missing_dataset_json", "malformed_dataset_json", "classification_labels_from_1")  # nothing else checked
 NO_CASES = ("no_cases",)  # faults where no case is found at all
@@ -64,7 +66,7 @@ ISSUE_FAULTS = ["missing_channel", "extra_channel", "shape_mismatch", "spacing_m
                "direction_mismatch", "undeclared_label", "nan_voxels", "inf_voxels", "four_d_image", "truncated_file",
                "unreadable_file", "num_training_mismatch", "missing_label", "missing_dataset_json",
                "malformed_dataset_json", "wrong_file_ending", "wrong_label_ending", "no_cases",
-               "classification_labels_from_1"]
+               "classification_labels_from_1", "case_groups_unknown_case"]
 
 
 def _dataset(fault: str) -> Path:

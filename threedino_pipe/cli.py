@@ -80,6 +80,12 @@ def plan(
                                 "volumes because a random crop of one, resized to the 112^3 / 64^3 cube, is stretched "
                                 "several times along that axis, mostly interpolation). Lower it for thin data; "
                                 "adapt-highres refuses when no volume passes.")] = None,
+    test_fraction: Annotated[float | None, typer.Option("--test-fraction", min=0.0, max=0.99, help="Share of the "
+                             "cases held out as splits.json's test list, which no command trains or validates on "
+                             "(default: 0.2 from 20 cases on, else 0; 0 = none).")] = None,
+    splits_from: Annotated[Path | None, typer.Option("--splits-from", help="Import the folds of nnU-Net's "
+                           "splits_final.json (a list of {train: [...], val: [...]}); cases in no fold become the "
+                           "test list.")] = None,
     num_processes: NumProcesses = 2,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
@@ -89,7 +95,7 @@ def plan(
     from threedino_pipe.stages import plan as stage
     stage.run(dataset, preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
               batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes,
-              highres_min_axis=highres_min_axis)
+              highres_min_axis=highres_min_axis, test_fraction=test_fraction, splits_from=splits_from)
 
 
 @app.command()

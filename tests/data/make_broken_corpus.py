@@ -316,12 +316,18 @@ def classification_labels_from_1(f: Path) -> None:
     (f / "labelsTr.csv").write_text("case_id,label\ncase_000,benign\ncase_001,malignant\n")
 
 
+def case_groups_unknown_case(f: Path) -> None:
+    base(f)
+    dataset_json(f, extra={"case_groups": {"patient_1": ["case_000", "case_009"]}})
+
+
 FAULTS: dict[str, Callable[[Path], None]] = {fn.__name__: fn for fn in (
     missing_channel, extra_channel, shape_mismatch, spacing_mismatch, origin_mismatch, direction_mismatch,
     channel_spacing_mismatch, undeclared_label, non_integer_label, nan_voxels, inf_voxels, four_d_image,
     two_d_image, multi_component, truncated_file, unreadable_file, num_training_mismatch, missing_label,
     missing_dataset_json, malformed_dataset_json, dicom_two_series, dicom_no_series, dicom_missing_slice,
-    wrong_file_ending, wrong_label_ending, no_cases, classification_labels_from_1)}
+    wrong_file_ending, wrong_label_ending, no_cases, classification_labels_from_1,
+    case_groups_unknown_case)}
 
 
 def dataset_name(index: int, fault: str) -> str:

@@ -37,6 +37,7 @@ FIXES = {
     "numTraining": "set it to the number of training cases",
     "class_names": 'add e.g. "class_names": ["benign", "malignant"]',
     "regions_class_order": "add the label value written for each region, in the order of 'labels'",
+    "case_groups": 'write group -> case ids, e.g. "case_groups": {"patient_07": ["case_012", "case_013"]}',
     "dataset": f"each entry needs 'images' (a list of file paths) and, for segmentation, 'label': write e.g. "
                f"{_LISTING_EXAMPLE}",
 }
@@ -72,6 +73,7 @@ class DatasetJson(Record):
     class_names: list[str] = []
     regions_class_order: list[int] | None = None
     dataset: dict[str, ListedCase] | None = None
+    case_groups: dict[str, list[str]] | None = None  # group -> its cases: kept on one side of every split
     _notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")

@@ -61,6 +61,8 @@ class PlanOptions:
         patch_size: finetune patch in voxels, raw index order (i, j, k), multiples of 16.
         batch_size: finetune batch size.
         allow_nan: whether NaN/Inf voxels were accepted (recorded only).
+        highres_min_axis: pretrain_highres's min_axis in voxels (None: the method's 48).
+        test_fraction, splits_from: the split options (recorded only; planning/split_plan.py decides).
     """
 
     preset: str | None = None
@@ -70,6 +72,8 @@ class PlanOptions:
     batch_size: int | None = None
     allow_nan: bool = False
     highres_min_axis: int | None = None
+    test_fraction: float | None = None
+    splits_from: str | None = None
 
 
 def cases_passing(fingerprint: Fingerprint, min_axis: int) -> int:

@@ -253,6 +253,7 @@ def discover_cases(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], li
         for extra in sorted(set(labels) - {c.case_id for c in cases}):
             problems.append(Problem("error", "labelsTr.csv", f"case '{extra}' has a label but no images",
                                     "add its images or remove the line", extra))
+    problems += _group_problems(spec, {c.case_id for c in cases})
     where = "dataset.json's 'dataset' lists" if spec.dataset is not None else "imagesTr/ holds"
     if not cases:
         problems.append(Problem("error", "dataset.json" if spec.dataset is not None else "imagesTr",
@@ -264,3 +265,19 @@ def discover_cases(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], li
         problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but {where} "
                                 f"{len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
     return cases, problems
+
+
+def _group_problems(spec: DatasetJson, case_ids: set[str]) -> list[Problem]:
+    """dataset.json ``case_groups`` naming cases the dataset does not have, or a case in two groups."""
+    problems, seen = [], {}
+    for group, members in (spec.case_groups or {}).items():
+        unknown = sorted(set(members) - case_ids)
+        if unknown:
+            problems.append(Problem("error", "dataset.json", f"case_groups '{group}' names case(s) the dataset does "
+                                    f"not have: {', '.join(unknown)}", "list case ids of the training cases (the "
+                                    "image names before _0000)"))
+        for case in members:
+            if seen.setdefault(case, group) != group:
+                problems.append(Problem("error", "dataset.json", f"case '{case}' is in two case_groups: "
+                                        f"'{seen[case]}' and '{group}'", "put each case in one group", case))
+    return problems

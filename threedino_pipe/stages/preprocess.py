@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from threedino_pipe.artifacts import DatasetJson, Fingerprint, Plans
+from threedino_pipe.artifacts import DatasetJson, Fingerprint, Plans, Splits
 from threedino_pipe.planning.planner import cases_passing
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
@@ -125,6 +125,17 @@ def _jobs(raw: Path, out: Path, cases: list[CaseFiles], plans: Plans, configurat
     return jobs, len(cases) - len(jobs)
 
 
+def _print_test_list(splits: Splits, num_cases: int) -> None:
+    """The held-out cases, on stderr: which they are and that no command trains or validates on them."""
+    if not splits.test:
+        log.info("test list: none (splits.json 'test' is empty; `3dino plan --test-fraction F` holds cases out)")
+        return
+    log.info("test list: %d of %d cases held out (splits.json 'test'): finetune and the pretraining probe never "
+             "train or validate on them (pretraining, without labels, sees their images); predict and evaluate them "
+             "at the end (docs/preprocess.md): %s",
+             len(splits.test), num_cases, ", ".join(splits.test))
+
+
 def run(dataset: str, *, configurations: list[str] | None = None, num_processes: int = 2) -> None:
     """Preprocess every case of a raw dataset as its ``plans.json`` says and write ``splits.json``.
 
@@ -164,6 +175,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
         from threedino_pipe.training_data.splits import write_splits
         class_labels = ({c.case_id: int(c.class_label) for c in cases}
                         if spec.task == "classification" else None)
-        path = write_splits(out, [c.case_id for c in cases], class_labels, seed=SPLITS_SEED)
+        path = write_splits(out, [c.case_id for c in cases], class_labels, seed=SPLITS_SEED, plan=plans.splits)
         log.info("wrote %s", path)
+        _print_test_list(Splits.read(path), len(cases))
     log.info("preprocessed data in %s", out)
