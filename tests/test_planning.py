@@ -267,7 +267,9 @@ def test_transpose_crop_and_overrides_on_axis0_data(tmp_path, folders):
         assert tune["reasons"][field] == f"set by {flag}"
     assert "set by --norm" in tune["reasons"]["normalization"] and plans["decisions"]["preset"] == "set by --preset"
     assert plans["options"] == {"preset": "tiny", "norm": "volume", "target_spacing": [2.5, 1.0, 1.0],
-                                "patch_size": [16, 32, 48], "batch_size": 3, "allow_nan": False, "memory_gb": 16.0}
+                                "patch_size": [16, 32, 48], "batch_size": 3, "allow_nan": False,
+                                "highres_min_axis": None, "test_fraction": None, "splits_from": None,
+                                "memory_gb": 16.0}
     assert plans["memory_target_gb"] == 16.0
 
 

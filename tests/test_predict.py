@@ -259,6 +259,31 @@ def test_zip_with_an_escaping_member_is_refused_by_predict(project, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("evil")) and not Path("/tmp/evil").exists()
 
 
+def test_numbered_channel_groups_are_refused_by_a_one_channel_model(project, tmp_path):
+    """case_0000 + case_0001 form one complete 2-channel group: a 1-channel model refuses, listing it (issue 13.1)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for index in range(2):
+        shutil.copy(project["scans"] / "patient_0000.nii.gz", scans / f"case_{index:04d}.nii.gz")
+    shutil.copy(project["scans"] / "patient_0001.nii.gz", scans / "other_0000.nii.gz")
+    out = tmp_path / "out"
+    proc = run_3dino("predict", "-i", str(scans), "-o", str(out), "-m", str(project["run_a"]), "--no-progress",
+                     "--device", "cpu", timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "channel groups of 1 or 2 channel(s)" in proc.stderr and "the model takes 1 channel(s)" in proc.stderr
+    assert "case 'case': 2 channel(s) (case_0000.nii.gz, case_0001.nii.gz)" in proc.stderr, proc.stderr
+    assert "case 'other': 1 channel(s) (other_0000.nii.gz)" in proc.stderr
+    assert str(scans) in proc.stderr and "case_0001_0000.nii.gz" in proc.stderr  # the folder and a working fix
+    assert not out.exists()
+    shutil.move(scans / "case_0001.nii.gz", scans / "case_0001_0000.nii.gz")  # the fix the message gives
+    shutil.move(scans / "case_0000.nii.gz", scans / "case_0000_0000.nii.gz")
+    result = CliRunner().invoke(app, ["predict", "-i", str(scans), "-o", str(out), "-m", str(project["run_a"]),
+                                      "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_0000.nii.gz", "case_0001.nii.gz", "other.nii.gz"]
+
+
 def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_path, caplog):
     """A real MNI152 scan (an oblique, anisotropic part of it) written as a DICOM series."""
     t1, _ = mni_images()

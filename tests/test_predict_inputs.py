@@ -57,6 +57,20 @@ def test_numbered_patients_are_cases_named_by_their_whole_stem(tmp_path):
     assert cases[0].output_name == "patient_0012.nii.gz"
 
 
+def test_complete_channel_groups_larger_than_one_channel_are_refused(tmp_path):
+    _touch(tmp_path, "case_0000.nii.gz", "case_0001.nii.gz")
+    with pytest.raises(UserError) as err:
+        discover_cases(tmp_path, 1)
+    text = err.value.render()
+    assert "channel groups of 2 channel(s)" in text and "the model takes 1 channel(s)" in text
+    assert "case 'case': 2 channel(s) (case_0000.nii.gz, case_0001.nii.gz)" in text
+    assert "case_0001_0000.nii.gz" in text  # the fix for separate scans
+    _touch(tmp_path, "case_0001_0000.nii.gz", "case_0000_0000.nii.gz")
+    (tmp_path / "case_0000.nii.gz").unlink()
+    (tmp_path / "case_0001.nii.gz").unlink()
+    assert [c.case_id for c in discover_cases(tmp_path, 1)] == ["case_0000", "case_0001"]
+
+
 def test_mixed_names_fall_back_to_whole_stems_for_one_channel(tmp_path):
     _touch(tmp_path, "a_0000.mha", "scan.nii")
     assert [(c.case_id, c.output_name) for c in discover_cases(tmp_path, 1)] == [("a_0000", "a_0000.mha"),

@@ -202,3 +202,48 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(env, tmp_path):
     # gloo all-reduce sums in another order than one process: float32 round-off only
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_adapt_highres_without_volumes_passing_its_min_axis(tmp_path):
+    """Volumes of 30 slices: plan warns (0 of 3 pass), preprocess skips pretrain_highres, adapt-highres refuses
+    before writing anything; --highres-min-axis lowers the minimum and then adapt-highres runs (issue 13.7)."""
+    import numpy as np
+    import SimpleITK as sitk
+    raw = tmp_path / "raw" / "Dataset962_Thin"
+    rng = np.random.default_rng(4)
+    for index in range(3):
+        image = sitk.GetImageFromArray((100 + rng.normal(0, 20, (30, 40, 40))).astype(np.float32))  # k, j, i
+        (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(raw / "imagesTr" / f"thin_{index:03d}_0000.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}))
+    env = {"THREEDINO_RAW": str(tmp_path / "raw"), "THREEDINO_PREPROCESSED": str(tmp_path / "pre"),
+           "THREEDINO_RESULTS": str(tmp_path / "results")}
+    plan = run_3dino("plan", "-d", "962", "--preset", "tiny", "-np", "1", env=env, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "pretrain_highres.min_axis" in plan.stdout and "48 (0 of 3 cases pass)" in plan.stdout, plan.stdout
+    assert "0 of 3 cases pass for pretrain_highres" in plan.stdout and "--highres-min-axis 29" in plan.stdout
+    pre = run_3dino("preprocess", "-d", "962", "-np", "1", env=env, cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr
+    assert "pretrain_highres skipped: 0 of 3 cases" in pre.stderr, pre.stderr
+    assert not (tmp_path / "pre" / "Dataset962_Thin" / "pretrain_highres").exists()
+    pretrain = run_3dino("pretrain", "-d", "962", *FAST, "--iters", "1", "--run", "thin", env=env, cwd=tmp_path)
+    assert pretrain.returncode == 0, pretrain.stderr
+    runs = tmp_path / "results" / "pretrain"
+    high = run_3dino("adapt-highres", "--from", str(runs / "thin"), "--iters", "1", "--batch-size", "1",
+                     "--num-workers", "0", "--precision", "fp32", "--no-progress", env=env, cwd=tmp_path)
+    assert high.returncode != 0 and "Traceback" not in high.stderr, high.stderr
+    assert "0 of 3 cases of Dataset962_Thin have a smallest axis above pretrain_highres's min_axis of 48" \
+        in high.stderr
+    assert "plans.json" in high.stderr and "--highres-min-axis 29" in high.stderr
+    assert not any("highres" in p.name for p in runs.iterdir()), "adapt-highres left a run folder or lock"
+    # the fix the message gives
+    plan = run_3dino("plan", "-d", "962", "--preset", "tiny", "-np", "1", "--highres-min-axis", "29", env=env,
+                     cwd=tmp_path)
+    assert plan.returncode == 0 and "29 (3 of 3 cases pass)" in plan.stdout, plan.stdout + plan.stderr
+    assert "set by --highres-min-axis" in plan.stdout
+    pre = run_3dino("preprocess", "-d", "962", "-np", "1", "-c", "pretrain_highres", env=env, cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr
+    high = run_3dino("adapt-highres", "--from", str(runs / "thin"), "--iters", "1", "--batch-size", "1",
+                     "--num-workers", "0", "--precision", "fp32", "--no-progress", env=env, cwd=tmp_path)
+    assert high.returncode == 0, high.stderr
+    assert (runs / "thin__highres" / "backbone.pt").is_file()

@@ -51,13 +51,22 @@ EXPECTED = {
     "dicom_two_series": ("imagesTr/case_001_0000", "holds 2 series"),
     "dicom_no_series": ("imagesTr/case_001_0000", "no DICOM series"),
     "dicom_missing_slice": ("imagesTr/case_001_0000", "unevenly spaced"),
+    "wrong_file_ending": ("imagesTr/case_001_0000.nii", "ends in '.nii' but dataset.json's file_ending is '.nii.gz'"),
+    "wrong_label_ending": ("labelsTr/case_001.mha", "ends in '.mha' but dataset.json's file_ending is '.nii.gz'"),
+    "no_cases": ("imagesTr", "no training case"),
+    "classification_labels_from_1": ("dataset.json", "classes are numbered 0, 1, ..., K-1"),
+    "case_groups_unknown_case": ("dataset.json", "case_groups 'patient_1' names case(s) the dataset does not have: "
+                                 "case_009"),
 }
+RAISED = ("missing_dataset_json", "malformed_dataset_json", "classification_labels_from_1")  # nothing else checked
+NO_CASES = ("no_cases",)  # faults where no case is found at all
 # The command line (verify, and plan's refusal) runs on the faults the raw convention names first; every fault of
 # the corpus, these and the further ones, is also checked in-process, exactly (and fast).
 ISSUE_FAULTS = ["missing_channel", "extra_channel", "shape_mismatch", "spacing_mismatch", "origin_mismatch",
                "direction_mismatch", "undeclared_label", "nan_voxels", "inf_voxels", "four_d_image", "truncated_file",
                "unreadable_file", "num_training_mismatch", "missing_label", "missing_dataset_json",
-               "malformed_dataset_json"]
+               "malformed_dataset_json", "wrong_file_ending", "wrong_label_ending", "no_cases",
+               "classification_labels_from_1", "case_groups_unknown_case"]
 
 
 def _dataset(fault: str) -> Path:
@@ -98,7 +107,7 @@ def corpus_runs(tmp_path_factory):
 @pytest.mark.parametrize("fault", list(EXPECTED))
 def test_check_dataset_finds_each_fault_and_nothing_else(fault):
     file, words = EXPECTED[fault]
-    if fault.endswith("dataset_json"):
+    if fault in RAISED:
         with pytest.raises(UserError) as info:
             check_dataset(_dataset(fault), num_processes=1)
         assert info.value.file.endswith(file) and words in info.value.problem
@@ -107,7 +116,10 @@ def test_check_dataset_finds_each_fault_and_nothing_else(fault):
     errors = [p for p in problems if p.is_error]
     assert len(errors) == 1, errors
     assert errors[0].file == file and words in errors[0].problem and errors[0].fix
-    assert errors[0].case in ("case_001", "") and [c.case_id for c in cases] == ["case_000", "case_001"]
+    assert errors[0].case in ("case_001", "")
+    assert [c.case_id for c in cases] == ([] if fault in NO_CASES else ["case_000", "case_001"])
+    if "ending" in fault:  # the fix names the field to change
+        assert "file_ending" in errors[0].fix
 
 
 @pytest.mark.parametrize("fault", ISSUE_FAULTS)
@@ -118,8 +130,10 @@ def test_verify_reports_each_fault(fault, corpus_runs):
     assert proc.returncode != 0, text
     assert "Traceback" not in text
     assert file in text and words in text, text
-    if "dataset_json" not in fault:  # the report names every error, and only case_001's file is at fault
+    if fault not in RAISED:  # the report names every error, and only case_001's file is at fault
         assert "1 errors" in proc.stdout, text
+    if fault in NO_CASES:
+        assert "0 cases, 1 errors" in proc.stdout and "verify failed" in proc.stdout, text
     assert not any(p.is_file() for p in corpus_runs[fault]["verify_folder"].rglob("*")), "verify wrote a file"
 
 
@@ -269,3 +283,53 @@ def test_classification_unlabeled_and_dicom_datasets_pass(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"{cases} cases, 0 errors, 0 warnings" in proc.stdout
     assert os.listdir(tmp_path / "preprocessed") == []
+
+
+def test_files_of_another_ending_are_errors_naming_file_ending(tmp_path):
+    """Every file .nii while file_ending is .nii.gz, no numTraining: errors naming each file, never 'verify passed'."""
+    raw = tmp_path / "raw"
+    folder = raw / "Dataset960_Endings"
+    corpus.dataset_json(folder)
+    spec = json.loads((folder / "dataset.json").read_text())
+    del spec["numTraining"]
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    for index, case in enumerate(("a", "b")):
+        _write(corpus.volume(index), folder / "imagesTr" / f"{case}_0000.nii")
+        _write(corpus.label(), folder / "labelsTr" / f"{case}.nii")
+    proc = run_3dino("verify", "-d", "960", "-np", "1", env=_env(raw, tmp_path), cwd=tmp_path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text and "verify passed" not in text
+    assert "2 cases, 4 errors" in proc.stdout, text
+    for name in ("imagesTr/a_0000.nii", "imagesTr/b_0000.nii", "labelsTr/a.nii", "labelsTr/b.nii"):
+        assert name in proc.stdout, text
+    assert proc.stdout.count('set "file_ending": ".nii" in dataset.json') == 4
+    assert "numTraining" not in proc.stdout
+    spec["file_ending"] = ".nii"  # the fix the message gives
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    proc = run_3dino("verify", "-d", "960", "-np", "1", env=_env(raw, tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0 and "2 cases, 0 errors" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_classification_dataset_written_the_nnunet_way_is_recognised(tmp_path):
+    """labels {name: 0..K-1}, labelsTr.csv, no labelsTr/, no task: classification with a note (issue 13.6)."""
+    raw = tmp_path / "raw"
+    folder = raw / "Dataset961_Lesions"
+    rng = np.random.default_rng(3)
+    for index in range(4):
+        _write(rng.normal(0, 1, (26, 26, 26)).astype(np.float32), folder / "imagesTr" / f"les_{index:03d}_0000.nii.gz")
+    (folder / "labelsTr.csv").write_text("case_id,label\nles_000,benign\nles_001,malignant\nles_002,0\nles_003,1\n")
+    (folder / "dataset.json").write_text(json.dumps({  # written in the other order: the integers decide
+        "channel_names": {"0": "CT"}, "labels": {"malignant": 1, "benign": 0}, "numTraining": 4,
+        "file_ending": ".nii.gz"}))
+    env = _env(raw, tmp_path)
+    proc = run_3dino("verify", "-d", "961", "-np", "1", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 cases, 0 errors" in proc.stdout and "labelsTr/ is missing" not in proc.stdout
+    assert "read as a classification dataset with class_names ['benign', 'malignant']" in proc.stderr, proc.stderr
+    proc = run_3dino("plan", "-d", "961", "-np", "1", "--preset", "tiny", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "note: dataset.json has no 'task'" in proc.stderr
+    plans = json.loads((tmp_path / "preprocessed" / "Dataset961_Lesions" / "plans.json").read_text())
+    assert (plans["task"], plans["class_names"]) == ("classification", ["benign", "malignant"])
+    assert "finetune" in plans["configurations"]

@@ -76,6 +76,18 @@ def plan(
                                              "made for, in GB (not the memory of this machine).")] = 8.0,
     allow_nan: Annotated[bool, typer.Option("--allow-nan", help="Accept NaN/Inf voxels (replaced by the "
                                             "volume mean in preprocess).")] = False,
+    highres_min_axis: Annotated[int | None, typer.Option("--highres-min-axis", min=0, help="pretrain_highres "
+                                "(adapt-highres) keeps volumes whose smallest axis after cropping is above this many "
+                                "voxels (default: the method's 48; docs/method.md, Data: the method skips thinner "
+                                "volumes because a random crop of one, resized to the 112^3 / 64^3 cube, is stretched "
+                                "several times along that axis, mostly interpolation). Lower it for thin data; "
+                                "adapt-highres refuses when no volume passes.")] = None,
+    test_fraction: Annotated[float | None, typer.Option("--test-fraction", min=0.0, max=0.99, help="Share of the "
+                             "cases held out as splits.json's test list, which no command trains or validates on "
+                             "(default: 0.2 from 20 cases on, else 0; 0 = none).")] = None,
+    splits_from: Annotated[Path | None, typer.Option("--splits-from", help="Import the folds of nnU-Net's "
+                           "splits_final.json (a list of {train: [...], val: [...]}); cases in no fold become the "
+                           "test list.")] = None,
     num_processes: NumProcesses = 2,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
@@ -84,7 +96,8 @@ def plan(
     _common(verbose, no_progress)
     from threedino_pipe.stages import plan as stage
     stage.run(dataset, preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
-              batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes)
+              batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan, num_processes=num_processes,
+              highres_min_axis=highres_min_axis, test_fraction=test_fraction, splits_from=splits_from)
 
 
 @app.command()

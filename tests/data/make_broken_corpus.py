@@ -285,11 +285,49 @@ def dicom_missing_slice(f: Path) -> None:
     write_dicom_series(volume(1), folder, "2.25.90011", skip_slices=(3,))
 
 
+def wrong_file_ending(f: Path) -> None:
+    base(f)
+    (f / "imagesTr" / "case_001_0000.nii.gz").unlink()
+    write(make_image(volume(1)), f / "imagesTr" / "case_001_0000.nii")
+
+
+def wrong_label_ending(f: Path) -> None:
+    base(f)
+    (f / "labelsTr" / "case_001.nii.gz").unlink()
+    write(make_image(label()), f / "labelsTr" / "case_001.mha")
+
+
+def no_cases(f: Path) -> None:
+    """imagesTr/ holds no image at all (the scans were left in an archive); dataset.json without numTraining."""
+    base(f)
+    spec = json.loads((f / "dataset.json").read_text())
+    del spec["numTraining"]
+    (f / "dataset.json").write_text(json.dumps(spec, indent=2) + "\n")
+    for path in sorted((f / "imagesTr").iterdir()):
+        path.unlink()
+    (f / "imagesTr" / "scans.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+
+
+def classification_labels_from_1(f: Path) -> None:
+    """nnU-Net-style classification (labels map, labelsTr.csv, no labelsTr/, no task) numbering classes from 1."""
+    dataset_json(f, extra={"labels": {"benign": 1, "malignant": 2}})
+    for index, case in enumerate(("case_000", "case_001")):
+        write(make_image(volume(index)), f / "imagesTr" / f"{case}_0000.nii.gz")
+    (f / "labelsTr.csv").write_text("case_id,label\ncase_000,benign\ncase_001,malignant\n")
+
+
+def case_groups_unknown_case(f: Path) -> None:
+    base(f)
+    dataset_json(f, extra={"case_groups": {"patient_1": ["case_000", "case_009"]}})
+
+
 FAULTS: dict[str, Callable[[Path], None]] = {fn.__name__: fn for fn in (
     missing_channel, extra_channel, shape_mismatch, spacing_mismatch, origin_mismatch, direction_mismatch,
     channel_spacing_mismatch, undeclared_label, non_integer_label, nan_voxels, inf_voxels, four_d_image,
     two_d_image, multi_component, truncated_file, unreadable_file, num_training_mismatch, missing_label,
-    missing_dataset_json, malformed_dataset_json, dicom_two_series, dicom_no_series, dicom_missing_slice)}
+    missing_dataset_json, malformed_dataset_json, dicom_two_series, dicom_no_series, dicom_missing_slice,
+    wrong_file_ending, wrong_label_ending, no_cases, classification_labels_from_1,
+    case_groups_unknown_case)}
 
 
 def dataset_name(index: int, fault: str) -> str:

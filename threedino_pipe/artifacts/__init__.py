@@ -24,10 +24,11 @@ from threedino_pipe.artifacts.plans import (
     Normalization,
     Plans,
     PretrainConfiguration,
+    SplitPlan,
 )
 from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
-from threedino_pipe.artifacts.splits import Fold, Splits
+from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
 from threedino_pipe.artifacts.subset import Subset
 from threedino_pipe.artifacts.validation import (
     ProbePoint,
@@ -45,6 +46,7 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
            "DemoRecord", "DemoTimings",
            "EmbedRecord", "EvaluationSummary", "FinetuneConfiguration", "Fingerprint", "Fold", "ImageGeometry",
+           "ImportedFold", "SplitPlan",
            "ListedCase", "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs",
            "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "Subset", "ValidationPoint",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
 from threedino_pipe.artifacts.base import Record, field_path
 from threedino_pipe.runtime.atomic_files import read_json, write_json
@@ -37,6 +37,7 @@ FIXES = {
     "numTraining": "set it to the number of training cases",
     "class_names": 'add e.g. "class_names": ["benign", "malignant"]',
     "regions_class_order": "add the label value written for each region, in the order of 'labels'",
+    "case_groups": 'write group -> case ids, e.g. "case_groups": {"patient_07": ["case_012", "case_013"]}',
     "dataset": f"each entry needs 'images' (a list of file paths) and, for segmentation, 'label': write e.g. "
                f"{_LISTING_EXAMPLE}",
 }
@@ -72,6 +73,8 @@ class DatasetJson(Record):
     class_names: list[str] = []
     regions_class_order: list[int] | None = None
     dataset: dict[str, ListedCase] | None = None
+    case_groups: dict[str, list[str]] | None = None  # group -> its cases: kept on one side of every split
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -149,7 +152,15 @@ class DatasetJson(Record):
         if not path.is_file():
             raise UserError("dataset.json is missing", file=path,
                             fix="create it (see dataset_templates/ and docs/raw_convention.md)")
-        return cls.from_data(read_json(path), path)
+        data, note = _nnunet_classification(read_json(path), Path(folder))
+        spec = cls.from_data(data, path)
+        spec._notes = [note] if note else []
+        return spec
+
+    @property
+    def notes(self) -> list[str]:
+        """What ``read`` inferred from the folder (e.g. a classification dataset written the nnU-Net way)."""
+        return list(self._notes)
 
     @classmethod
     def from_data(cls, data: Any, path: str | Path) -> DatasetJson:
@@ -192,3 +203,32 @@ def _validation_error(exc: ValidationError, path: str | Path) -> UserError:
     given = given if len(given) <= 60 else given[:57] + "..."
     what = "is missing" if error["type"] == "missing" else f"is invalid ({given}): {error['msg']}"
     return UserError(f"'{where}' {what}", file=path, fix=FIXES.get(field, "see docs/raw_convention.md"))
+
+
+def _nnunet_classification(data: Any, folder: Path) -> tuple[Any, str]:
+    """A classification dataset written the nnU-Net way, as ours: ``(data, note)``; other data unchanged, no note.
+
+    nnU-Net has no classification task; users write ``"labels": {"benign": 0, "malignant": 1}`` with
+    a ``labelsTr.csv`` and no ``labelsTr/`` folder. Without a ``task`` (and ``class_names``), such a
+    ``labels`` map of names to the integers 0..K-1 (K >= 2) is read as ``task: classification``
+    with ``class_names`` in the order of the integers.
+    """
+    if not isinstance(data, dict) or "task" in data or "class_names" in data or "dataset" in data:
+        return data, ""
+    labels = data.get("labels")
+    if not (isinstance(labels, dict) and (folder / "labelsTr.csv").is_file() and not (folder / "labelsTr").is_dir()):
+        return data, ""
+    values = list(labels.values())
+    if not all(type(v) is int for v in values):
+        return data, ""
+    if sorted(values) != list(range(len(values))) or len(values) < 2:
+        raise UserError(f"'labels' maps names to {sorted(values)}, but with labelsTr.csv and no labelsTr/ folder "
+                        "this reads as a classification dataset, whose classes are numbered 0, 1, ..., K-1 "
+                        "(at least 2)", file=folder / DatasetJson.FILE,
+                        fix='number the classes from 0, e.g. "labels": {"benign": 0, "malignant": 1}, or write '
+                        '"task": "classification" with "class_names": ["benign", "malignant"]')
+    names = [str(name) for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    note = (f"dataset.json has no 'task', a 'labels' map of names to 0..{len(names) - 1} and labelsTr.csv without "
+            f"a labelsTr/ folder: read as a classification dataset with class_names {names} (class i = the label "
+            f"with value i); write \"task\": \"classification\" to make it explicit")
+    return {**data, "task": "classification", "class_names": names}, note

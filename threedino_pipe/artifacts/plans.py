@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from threedino_pipe.artifacts.base import Artifact, Record, checksum, without_reasons
+from threedino_pipe.artifacts.splits import ImportedFold
 from threedino_pipe.runtime.errors import UserError
 
 PRETRAIN_CONFIGURATIONS = ("pretrain", "pretrain_highres")
@@ -115,6 +116,21 @@ class CasePreprocessing(Record):
         return self.model_copy(update={"normalization": [self.normalization[channel]]})
 
 
+class SplitPlan(Record):
+    """How ``preprocess`` splits a labelled dataset's cases (``splits.json``), as ``plan`` decided it.
+
+    ``test_fraction``: the share of cases held out as the test list (0 = none); ``groups``: case id ->
+    group for cases that must stay together (dataset.json ``case_groups``); ``folds``: folds imported
+    from nnU-Net's ``splits_final.json`` (``plan --splits-from``), else None (drawn by preprocess).
+    """
+
+    test_fraction: float = Field(ge=0.0, lt=1.0)
+    groups: dict[str, str] = {}
+    folds: list[ImportedFold] | None = None
+
+    OMIT_WHEN_NONE = ("folds",)
+
+
 class Configurations(Record):
     """The configurations of a dataset: ``pretrain`` always, ``pretrain_highres`` and ``finetune`` as planned."""
 
@@ -144,6 +160,9 @@ class Plans(Artifact):
     transpose: list[int] = Field(min_length=3, max_length=3)
     decisions: dict[str, str]
     configurations: Configurations
+    splits: SplitPlan | None = None  # labelled datasets; plans made before it existed: preprocess's defaults
+
+    OMIT_WHEN_NONE = ("splits",)
 
     @classmethod
     def of_dataset(cls, folder: Path) -> Plans:

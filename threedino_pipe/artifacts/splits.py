@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from threedino_pipe.artifacts.base import Artifact, Record
+from threedino_pipe.runtime.atomic_files import read_json
 from threedino_pipe.runtime.errors import UserError
+
+NNUNET_SPLITS_FORMAT = ('nnU-Net\'s splits_final.json is a list with one object per fold: '
+                       '[{"train": ["case_000", ...], "val": ["case_004", ...]}, ...]')
 
 
 class Fold(Record):
@@ -47,3 +51,31 @@ class Splits(Artifact):
             raise UserError(f"fold {index} does not exist (folds 0..{len(self.folds) - 1})", file=file,
                             fix=f"pass --fold between 0 and {len(self.folds) - 1}")
         return self.folds[index]
+
+
+class ImportedFold(Record):
+    """One fold of nnU-Net's ``splits_final.json`` (``plan --splits-from``): training and validation case ids."""
+
+    train: list[str] = Field(min_length=1)
+    val: list[str] = Field(min_length=1)
+
+    @classmethod
+    def read_nnunet(cls, path: str | Path) -> list[ImportedFold]:
+        """The folds of an nnU-Net ``splits_final.json`` (a list of ``{"train": [...], "val": [...]}``).
+
+        Raises:
+            UserError: the file is missing, not JSON, not such a list, or a fold lacks a list of ids.
+        """
+        data = read_json(path)
+        if not isinstance(data, list) or not data:
+            raise UserError("not a list of folds", file=path, fix=NNUNET_SPLITS_FORMAT)
+        folds = []
+        for index, item in enumerate(data):
+            try:
+                folds.append(cls.model_validate(item))
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(p) for p in error["loc"]) or "(the fold)"
+                raise UserError(f"fold {index}: '{where}' {error['msg'].lower()}", file=path,
+                                fix=NNUNET_SPLITS_FORMAT) from None
+        return folds

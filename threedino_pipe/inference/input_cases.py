@@ -10,8 +10,11 @@ An input (``-i``) is one of:
 - a single image file.
 
 Grouping rule: entries are grouped into cases by their ``_XXXX`` suffix (``{case}_{XXXX}``, the
-raw convention) only when every group holds exactly the model's channels ``0000 .. C-1``;
-otherwise a single-channel model takes each entry as its own case, named by its whole stem
+raw convention) when every group holds exactly the model's channels ``0000 .. C-1``. When every
+name has the suffix and every group is complete (``0000 .. K``), some larger than the
+model's single channel (``case_0000``, ``case_0001``), the input is refused,
+listing the groups: reading them as separate cases would be silently wrong. Otherwise a
+single-channel model takes each entry as its own case, named by its whole stem
 (``patient_0012.nii.gz`` -> ``patient_0012``); anything else is an error listing the files.
 """
 
@@ -163,6 +166,8 @@ def group_cases(entries: list[Path], num_channels: int, source: Path | None = No
         if all(set(channels) == set(range(num_channels)) for channels in groups.values()):
             return [InputCase(case, tuple(channels[c] for c in range(num_channels)))
                     for case, channels in sorted(groups.items())]
+        if num_channels == 1 and all(set(channels) == set(range(len(channels))) for channels in groups.values()):
+            raise _channel_count_mismatch(groups, num_channels, source)
     if num_channels == 1:
         return [InputCase(stem, (entry,)) for stem, entry in sorted(stems.items())]
     problems = _listing(_grouping_problems(matches, stems, num_channels))
@@ -170,6 +175,20 @@ def group_cases(entries: list[Path], num_channels: int, source: Path | None = No
                     f"({{case}}_0000 .. {{case}}_{num_channels - 1:04d}):{problems}",
                     file=source, fix=f"name each case's channel files {{case}}_0000 .. {{case}}_{num_channels - 1:04d} "
                     "(one file per channel, all channels present)")
+
+
+def _channel_count_mismatch(groups: dict[str, dict[int, Path]], num_channels: int,
+                            source: Path | None) -> UserError:
+    """The refusal of complete channel groups ``_0000 .. _000K`` whose size is not the model's channel count."""
+    lines = [f"case '{case}': {len(channels)} channel(s) ({', '.join(channels[c].name for c in sorted(channels))})"
+             for case, channels in sorted(groups.items())]
+    sizes = sorted({len(channels) for channels in groups.values()})
+    return UserError(f"the file names form channel groups of {' or '.join(map(str, sizes))} channel(s) "
+                     f"({{case}}_0000 .. {{case}}_{max(sizes) - 1:04d}), but the model takes {num_channels} "
+                     f"channel(s):{_listing(lines)}", file=source,
+                     fix=f"predict with a model of the same channels, or give each case exactly the model's "
+                     f"{num_channels} channel file(s) {{case}}_0000 .. {{case}}_{num_channels - 1:04d}; separate "
+                     "single-channel scans each get the suffix _0000 (case_0001.nii.gz -> case_0001_0000.nii.gz)")
 
 
 def _grouping_problems(matches: dict, stems: dict[str, Path], num_channels: int) -> list[str]:

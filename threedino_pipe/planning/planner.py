@@ -8,7 +8,7 @@ are in the raw voxel index order (i, j, k).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,8 @@ class PlanOptions:
         patch_size: finetune patch in voxels, raw index order (i, j, k), multiples of 16.
         batch_size: finetune batch size.
         allow_nan: whether NaN/Inf voxels were accepted (recorded only).
+        highres_min_axis: pretrain_highres's min_axis in voxels (None: the method's 48).
+        test_fraction, splits_from: the split options (recorded only; planning/split_plan.py decides).
     """
 
     preset: str | None = None
@@ -69,6 +71,19 @@ class PlanOptions:
     patch_size: tuple[int, int, int] | None = None
     batch_size: int | None = None
     allow_nan: bool = False
+    highres_min_axis: int | None = None
+    test_fraction: float | None = None
+    splits_from: str | None = None
+
+
+def cases_passing(fingerprint: Fingerprint, min_axis: int) -> int:
+    """Cases whose smallest axis after crop-to-nonzero is above ``min_axis`` voxels (the pretraining loaders' rule)."""
+    return sum(min(c.shape_after_crop) > min_axis for c in fingerprint.cases.values())
+
+
+def largest_smallest_axis(fingerprint: Fingerprint) -> int:
+    """The largest over cases of the smallest axis after crop-to-nonzero (voxels): a min_axis below it keeps a case."""
+    return max(min(c.shape_after_crop) for c in fingerprint.cases.values())
 
 
 def _fmt(values) -> str:
@@ -157,12 +172,17 @@ def _choose_preset(memory_gb: float, finetune_estimate, task: str) -> tuple[str,
 
 
 def _pretrain_config(name: str, fingerprint: Fingerprint, preset: str, preset_reason: str, memory_gb: float,
-                     num_channels: int) -> PretrainConfiguration:
+                     num_channels: int, min_axis: int | None = None) -> PretrainConfiguration:
     crops = PRETRAIN[name]
     estimate = memory.pretrain_estimate(memory.PRESETS[preset], crops.global_crop, crops.local_crop,
                                         crops.num_local_crops)
     batch, batch_reason = _batch(estimate, memory_gb, crops.cap)
-    kept = sum(min(c.shape_after_crop) > crops.min_axis for c in fingerprint.cases.values())
+    if min_axis is None:
+        min_axis, axis_rule = crops.min_axis, "(docs/method.md, Data)"
+    else:
+        axis_rule = f"(set by --highres-min-axis; the method's {crops.min_axis}, docs/method.md, Data)"
+    crops = replace(crops, min_axis=min_axis)
+    kept = cases_passing(fingerprint, crops.min_axis)
     return PretrainConfiguration(
         resample=False, spacing=None,
         normalization=[Normalization(scheme="volume_percentile", lower_pct=0.05, upper_pct=99.95, range=[-1, 1],
@@ -179,7 +199,7 @@ def _pretrain_config(name: str, fingerprint: Fingerprint, preset: str, preset_re
             "global_crop": f"{crops.global_crop}^3 global / {crops.local_crop}^3 local crops, "
                            f"{crops.num_local_crops} local per volume (docs/method.md, Data)",
             "min_axis": f"volumes with an axis of <= {crops.min_axis} voxels after cropping are skipped "
-                        f"(docs/method.md, Data); {kept} of {len(fingerprint.cases)} cases pass (shape after "
+                        f"{axis_rule}; {kept} of {len(fingerprint.cases)} cases pass (shape after "
                         "crop-to-nonzero)",
             "preset": preset_reason,
             "batch_size": batch_reason,
@@ -268,7 +288,8 @@ def make_plans(fingerprint: Fingerprint, spec: DatasetJson, options: PlanOptions
         else:
             estimate = None
         preset, preset_reason = _choose_preset(memory_gb, estimate, spec.task)
-    configurations = {name: _pretrain_config(name, fingerprint, preset, preset_reason, memory_gb, spec.num_channels)
+    configurations = {name: _pretrain_config(name, fingerprint, preset, preset_reason, memory_gb, spec.num_channels,
+                                             options.highres_min_axis if name == "pretrain_highres" else None)
                       for name in PRETRAIN}
     if finetune:
         configurations["finetune"] = _finetune_config(fingerprint, spec, options, transpose, preset, preset_reason,

@@ -19,6 +19,7 @@ from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff")  # longest first
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def file_ending(path: str | Path) -> str:
     if path.is_dir():
         return ""
     name = path.name.lower()
-    for ending in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff"):
+    for ending in IMAGE_ENDINGS:
         if name.endswith(ending):
             return path.name[-len(ending):]
     return path.suffix

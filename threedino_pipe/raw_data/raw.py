@@ -13,8 +13,11 @@ A raw dataset is a folder ``DatasetNNN_Name`` holding:
   ``{"case": {"images": ["imagesTr/case_0000.nii.gz"], "label": "labelsTr/case.nii.gz"}}``
   (paths relative to the dataset folder or absolute; ``$VARS`` expanded).
 
-Files nnU-Net v2 ignores are ignored here too, with a warning: files in ``imagesTr/`` without the
-dataset's ``file_ending`` and label files without images. Full description: ``docs/raw_convention.md``.
+Image files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ...) whose ending differs from the dataset's
+``file_ending`` are errors naming the file and ``file_ending`` (nnU-Net v2 drops them silently,
+which can leave a dataset of zero cases); they still count as their case's files, so one wrong
+ending is one error. Other files in ``imagesTr/`` and label files without images are ignored with
+a warning. A dataset without any training case is an error. Full description: ``docs/raw_convention.md``.
 
 Discovery is tolerant: it returns what it found plus a list of :class:`Problem` so that
 ``3dino verify`` can report every problem at once.
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import DatasetJson
+from threedino_pipe.raw_data import image_io
 from threedino_pipe.raw_data.problems import Problem
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -58,8 +62,19 @@ def split_channel_name(name: str, file_ending: str) -> tuple[str, int] | None:
     return (match.group("case"), int(match.group("channel"))) if match else None
 
 
-def _is_image_entry(path: Path, file_ending: str) -> bool:
-    return (path.is_file() and path.name.endswith(file_ending)) or (path.is_dir() and not path.name.startswith("."))
+def other_image_ending(path: Path, file_ending: str) -> str | None:
+    """The ending of an image file not ending in ``file_ending`` (``.nii`` in a ``.nii.gz`` dataset), else None."""
+    if not path.is_file() or path.name.endswith(file_ending):
+        return None
+    ending = image_io.file_ending(path)
+    return ending if ending.lower() in image_io.IMAGE_ENDINGS and len(ending) < len(path.name) else None
+
+
+def wrong_ending(rel: str, ending: str, file_ending: str, case: str = "") -> Problem:
+    """The error of an image file ending in ``ending`` in a dataset whose ``file_ending`` differs."""
+    return Problem("error", rel, f"the file ends in '{ending}' but dataset.json's file_ending is '{file_ending}'",
+                   f"set \"file_ending\": \"{ending}\" in dataset.json if every image and label ends so, else "
+                   f"convert this file to {file_ending} (all files of a dataset share one format)", case)
 
 
 def scan_images(images_dir: Path, file_ending: str, num_channels: int,
@@ -71,17 +86,19 @@ def scan_images(images_dir: Path, file_ending: str, num_channels: int,
         if entry.name.startswith("."):
             continue
         rel = str(entry.relative_to(rel_to))
-        if not _is_image_entry(entry, file_ending):
-            problems.append(Problem("warning", rel, f"ignored: the name does not end with the dataset's file_ending "
-                                    f"'{file_ending}'", "remove it, or fix its ending if it is an image (all images "
-                                    "of a dataset share one format)"))
+        other = other_image_ending(entry, file_ending)
+        if entry.is_file() and not entry.name.endswith(file_ending) and other is None:
+            problems.append(Problem("warning", rel, f"ignored: not an image with the dataset's file_ending "
+                                    f"'{file_ending}'", "remove it from imagesTr/"))
             continue
-        parsed = split_channel_name(entry.name, file_ending)
+        parsed = split_channel_name(entry.name, other or file_ending)
         if parsed is None:
             problems.append(Problem("error", rel, "name is not {case}_{XXXX}" + file_ending,
                                     "rename it with a 4-digit channel suffix, e.g. case001_0000" + file_ending))
             continue
         case, channel = parsed
+        if other is not None:
+            problems.append(wrong_ending(rel, other, file_ending, case))
         if channel >= num_channels:
             problems.append(Problem("error", rel, f"extra channel file: channel {channel:04d} is not in "
                                     f"channel_names (channels 0..{num_channels - 1})",
@@ -180,20 +197,32 @@ def _cases_from_folders(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles
         return cases, problems
     labels_dir = folder / "labelsTr"
     if not labels_dir.is_dir():
-        problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing",
-                                "add the label images, or set \"task\": \"unlabeled\" in dataset.json"))
+        fix = ("labelsTr.csv is there: for a classification dataset write \"task\": \"classification\" and "
+               "\"class_names\" in dataset.json (or \"labels\" mapping each class name to 0, 1, ...)"
+               if (folder / "labelsTr.csv").is_file() else
+               "add the label images, or set \"task\": \"unlabeled\" in dataset.json (pretraining only)")
+        problems.append(Problem("error", "labelsTr", "folder labelsTr/ is missing", fix))
         return cases, problems
-    names = {c.case_id for c in cases}
+    others = {}  # label files of another image ending, by case id
+    for entry in labels_dir.iterdir():
+        ending = other_image_ending(entry, spec.file_ending)
+        if ending is not None:
+            others[entry.name[: -len(ending)]] = (entry, ending)
     for case in cases:
         label = labels_dir / f"{case.case_id}{spec.file_ending}"
         if label.is_file():
             case.label = label
+        elif case.case_id in others:
+            case.label, ending = others[case.case_id]
+            problems.append(wrong_ending(str(case.label.relative_to(folder)), ending, spec.file_ending, case.case_id))
         else:
             problems.append(Problem("error", str(label.relative_to(folder)), "label file is missing",
                                     "add the label image or remove the case", case.case_id))
+    used = {case.label for case in cases}
+    names = {c.case_id for c in cases}
     for entry in sorted(labels_dir.iterdir()):
         stem = entry.name[: -len(spec.file_ending)] if entry.name.endswith(spec.file_ending) else None
-        if not entry.name.startswith(".") and stem not in names:
+        if not entry.name.startswith(".") and stem not in names and entry not in used:
             problems.append(Problem("warning", str(entry.relative_to(folder)),
                                     "ignored: label file without images in imagesTr/",
                                     "add the case's images or remove the label"))
@@ -224,8 +253,31 @@ def discover_cases(folder: Path, spec: DatasetJson) -> tuple[list[CaseFiles], li
         for extra in sorted(set(labels) - {c.case_id for c in cases}):
             problems.append(Problem("error", "labelsTr.csv", f"case '{extra}' has a label but no images",
                                     "add its images or remove the line", extra))
-    if spec.num_training is not None and spec.num_training != len(cases):
-        where = "dataset.json's 'dataset' lists" if spec.dataset is not None else "imagesTr/ holds"
+    problems += _group_problems(spec, {c.case_id for c in cases})
+    where = "dataset.json's 'dataset' lists" if spec.dataset is not None else "imagesTr/ holds"
+    if not cases:
+        problems.append(Problem("error", "dataset.json" if spec.dataset is not None else "imagesTr",
+                                f"no training case: {where} no {{case}}_{{XXXX}} image (dataset.json's file_ending "
+                                f"is '{spec.file_ending}')", f"add the training images, one file per channel: "
+                                f"{{case}}_0000{spec.file_ending}, ... (a 3D image format: "
+                                f"{', '.join(image_io.IMAGE_ENDINGS)}; or one DICOM series folder per channel)"))
+    elif spec.num_training is not None and spec.num_training != len(cases):
         problems.append(Problem("error", "dataset.json", f"numTraining is {spec.num_training} but {where} "
                                 f"{len(cases)} cases", f"set \"numTraining\": {len(cases)}"))
     return cases, problems
+
+
+def _group_problems(spec: DatasetJson, case_ids: set[str]) -> list[Problem]:
+    """dataset.json ``case_groups`` naming cases the dataset does not have, or a case in two groups."""
+    problems, seen = [], {}
+    for group, members in (spec.case_groups or {}).items():
+        unknown = sorted(set(members) - case_ids)
+        if unknown:
+            problems.append(Problem("error", "dataset.json", f"case_groups '{group}' names case(s) the dataset does "
+                                    f"not have: {', '.join(unknown)}", "list case ids of the training cases (the "
+                                    "image names before _0000)"))
+        for case in members:
+            if seen.setdefault(case, group) != group:
+                problems.append(Problem("error", "dataset.json", f"case '{case}' is in two case_groups: "
+                                        f"'{seen[case]}' and '{group}'", "put each case in one group", case))
+    return problems

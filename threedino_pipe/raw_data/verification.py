@@ -71,6 +71,8 @@ def check_dataset(folder: Path, *, allow_nan: bool = False,
     """
     folder = Path(folder)
     spec = DatasetJson.read(folder)
+    for note in spec.notes:
+        log.info("note: %s", note)
     cases, problems = discover_cases(folder, spec)
     checkable = [c for c in cases if any(p is not None for p in c.images) or c.label is not None]
     if num_processes <= 1 or len(checkable) <= 1:

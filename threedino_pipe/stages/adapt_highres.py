@@ -14,7 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe.artifacts import RunRecord
+from threedino_pipe.artifacts import Fingerprint, Plans, RunRecord
+from threedino_pipe.planning.planner import cases_passing, largest_smallest_axis
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
@@ -29,6 +30,7 @@ from threedino_pipe.training.ssl_setup import (
     source_checkpoint,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair, train_ssl
+from threedino_pipe.training_data.pretrain_loader import PretrainDataset
 
 
 def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, run_name: str | None = None,
@@ -51,7 +53,9 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     checkpoint_path = source_checkpoint(from_run, iteration)
     console = Console(stderr=True)
     plans_list = [dataset_plans(d) for d in recorded.datasets]
+    _refuse_without_volumes(plans_list)
     config = pooled_configuration(plans_list, "pretrain_highres")
+    PretrainDataset([f for f, _ in plans_list], "pretrain_highres", config.min_axis)  # its refusals, before any write
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
@@ -86,3 +90,29 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     finally:
         held.close()
         cleanup()
+
+
+def _refuse_without_volumes(plans_list: list[tuple[Path, Plans]]) -> None:
+    """Refuse, before anything is written, when no volume of the pooled datasets passes pretrain_highres's min_axis.
+
+    Counted on each dataset's fingerprint (shape after crop-to-nonzero), as ``plan`` counts it.
+    """
+    passing, total, largest = 0, 0, 0
+    for folder, plans in plans_list:
+        min_axis = plans.configuration("pretrain_highres", file=Plans.in_folder(folder)).min_axis
+        if not Fingerprint.in_folder(folder).is_file():
+            return  # hand-made plans: the loader's own check decides
+        fingerprint = Fingerprint.read(Fingerprint.in_folder(folder), rerun=f"3dino plan -d {folder.name}")
+        passing += cases_passing(fingerprint, min_axis)
+        total += fingerprint.num_cases
+        largest = max(largest, largest_smallest_axis(fingerprint))
+    if passing == 0:
+        folder, plans = plans_list[0]
+        names = ", ".join(f.name for f, _ in plans_list)
+        min_axis = plans.configurations.pretrain_highres.min_axis
+        raise UserError(f"no volume to adapt on: 0 of {total} cases of {names} have a smallest axis above "
+                        f"pretrain_highres's min_axis of {min_axis} voxels (the largest smallest axis is {largest})",
+                        file=Plans.in_folder(folder),
+                        fix=f"lower the minimum: `3dino plan -d {folder.name} --highres-min-axis {max(0, largest - 1)}`"
+                        f", then `3dino preprocess -d {folder.name} -c pretrain_highres` (plan each pooled dataset "
+                        "alike), or pretrain on larger volumes")

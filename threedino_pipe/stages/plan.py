@@ -9,17 +9,27 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from threedino_pipe.artifacts import DatasetJson, Fingerprint, Normalization, Plans
+from threedino_pipe.artifacts import DatasetJson, Fingerprint, ImportedFold, Normalization, Plans
 from threedino_pipe.planning import memory
-from threedino_pipe.planning.planner import NORMS, PATCH_MULTIPLE, PlanOptions, make_plans
+from threedino_pipe.planning.planner import (
+    NORMS,
+    PATCH_MULTIPLE,
+    PRETRAIN,
+    PlanOptions,
+    cases_passing,
+    largest_smallest_axis,
+    make_plans,
+)
+from threedino_pipe.planning.split_plan import plan_splits
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.errors import UserError
 
-FINETUNE_FLAGS = ("--norm", "--target-spacing", "--patch-size", "--batch-size")
+FINETUNE_FLAGS = ("--norm", "--target-spacing", "--patch-size", "--batch-size", "--test-fraction", "--splits-from")
 
 
 def _three(value: str, flag: str, example: str) -> list[str]:
@@ -53,8 +63,21 @@ def parse_patch_size(value: str) -> tuple[int, int, int]:
 
 
 def parse_options(*, preset: str | None, norm: str | None, target_spacing: str | None, patch_size: str | None,
-                  batch_size: int | None, memory_gb: float, allow_nan: bool) -> PlanOptions:
+                  batch_size: int | None, memory_gb: float, allow_nan: bool,
+                  highres_min_axis: int | None = None, test_fraction: float | None = None,
+                  splits_from: Path | None = None) -> PlanOptions:
     """Check every option before any data is read."""
+    if test_fraction is not None and not (math.isfinite(test_fraction) and 0 <= test_fraction < 1):
+        raise UserError(f"--test-fraction {test_fraction:g} is outside [0, 1)",
+                        fix="pass a share such as 0.2, or 0 for no test list")
+    if test_fraction is not None and splits_from is not None:
+        raise UserError("--test-fraction and --splits-from both decide the test list",
+                        fix="pass one of them (with --splits-from the test list is the cases in no imported fold)")
+    if splits_from is not None:
+        ImportedFold.read_nnunet(splits_from)  # its format, before any data is read
+    if highres_min_axis is not None and highres_min_axis < 0:
+        raise UserError(f"--highres-min-axis {highres_min_axis} must be 0 or more voxels",
+                        fix="pass e.g. --highres-min-axis 24")
     if preset is not None and preset not in memory.PRESETS:
         raise UserError(f"--preset '{preset}' is not a preset", fix=f"use one of {', '.join(memory.PRESETS)}")
     if norm is not None and norm not in NORMS:
@@ -66,7 +89,8 @@ def parse_options(*, preset: str | None, norm: str | None, target_spacing: str |
     return PlanOptions(preset=preset, norm=norm,
                        target_spacing=None if target_spacing is None else parse_spacing(target_spacing),
                        patch_size=None if patch_size is None else parse_patch_size(patch_size),
-                       batch_size=batch_size, allow_nan=allow_nan)
+                       batch_size=batch_size, allow_nan=allow_nan, highres_min_axis=highres_min_axis,
+                       test_fraction=test_fraction, splits_from=None if splits_from is None else str(splits_from))
 
 
 LOG_WIDTH = 120  # columns of the printed table when stdout is not a terminal and COLUMNS is unset
@@ -105,12 +129,23 @@ def print_summary(plans: Plans, fingerprint: Fingerprint, console: Console) -> N
         for field in shown:
             if field in type(config).model_fields:
                 table.add_row(f"{name}.{field}", _value(getattr(config, field)), config.reason(field))
+        if name in PRETRAIN:
+            kept = cases_passing(fingerprint, config.min_axis)
+            value = f"{config.min_axis} ({kept} of {fingerprint.num_cases} cases pass)"
+            table.add_row(f"{name}.min_axis", f"[yellow]{value}[/]" if kept == 0 else value, config.reason("min_axis"))
+    if plans.splits is not None:
+        for name in ("test_fraction", "folds", "groups"):
+            value = {"test_fraction": f"{plans.splits.test_fraction:g}",
+                     "folds": "imported" if plans.splits.folds else "drawn",
+                     "groups": str(len(set(plans.splits.groups.values())))}[name]
+            table.add_row(f"splits.{name}", value, plans.decision(f"splits.{name}"))
     console.print(table)
 
 
 def run(dataset: str, *, preset: str | None = None, norm: str | None = None, target_spacing: str | None = None,
         patch_size: str | None = None, batch_size: int | None = None, memory_gb: float = 8.0,
-        allow_nan: bool = False, num_processes: int = 2) -> None:
+        allow_nan: bool = False, num_processes: int = 2, highres_min_axis: int | None = None,
+        test_fraction: float | None = None, splits_from: Path | None = None) -> None:
     """Verify raw dataset ``dataset`` (id or folder name), fingerprint it and write its plans.
 
     Raises:
@@ -124,7 +159,8 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
         console.print(f"[yellow]note[/]: {line}")
     memory_gb = float(memory_gb)
     options = parse_options(preset=preset, norm=norm, target_spacing=target_spacing, patch_size=patch_size,
-                            batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan)
+                            batch_size=batch_size, memory_gb=memory_gb, allow_nan=allow_nan,
+                            highres_min_axis=highres_min_axis, test_fraction=test_fraction, splits_from=splits_from)
     folder = paths.resolve_dataset(dataset)
     spec, cases, problems = check_dataset(folder, allow_nan=allow_nan, num_processes=num_processes)
     errors = [p for p in problems if p.is_error]
@@ -135,30 +171,41 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
                         exit_code=1)
     if problems:
         console.print(f"[yellow]verify[/]: {summary(len(cases), problems)} (`3dino verify -d {dataset}` lists them)")
-    given = [flag for flag, value in zip(FINETUNE_FLAGS, (norm, target_spacing, patch_size, batch_size), strict=True)
-             if value is not None]
+    given = [flag for flag, value in zip(FINETUNE_FLAGS, (norm, target_spacing, patch_size, batch_size, test_fraction,
+                                                          splits_from), strict=True) if value is not None]
     if spec.task == "unlabeled" and given:
         raise UserError(f"{', '.join(given)} set the finetune configuration, which an unlabeled dataset does not have",
                         file=DatasetJson.in_folder(folder), fix="leave these options out")
     fingerprint = compute_fingerprint(folder, spec, cases, num_processes)
     plans = make_plans(fingerprint, spec, options, memory_gb)
+    if spec.task != "unlabeled":
+        split, reasons = plan_splits(spec, [c.case_id for c in cases], test_fraction=test_fraction,
+                                     splits_from=splits_from)
+        plans = plans.model_copy(update={"splits": split, "decisions": {**plans.decisions, **reasons}})
     out = paths.preprocessed_dataset(folder)
     plans_path = Plans.in_folder(out)
     changed = plans_path.is_file() and not plans.same_as_file(plans_path)
     fingerprint.write(Fingerprint.in_folder(out))
     plans.write(plans_path)
     print_summary(plans, fingerprint, console)
-    _warnings(plans, fingerprint, console)
+    _warnings(plans, fingerprint, console, dataset)
     if changed:
         console.print("[yellow]note[/]: plans.json changed: rerun `3dino preprocess` for data made with the old plans")
     console.print(f"wrote {Fingerprint.in_folder(out)}")
     console.print(f"wrote {plans_path}")
 
 
-def _warnings(plans: Plans, fingerprint: Fingerprint, console: Console) -> None:
+def _warnings(plans: Plans, fingerprint: Fingerprint, console: Console, dataset: str) -> None:
     """Volumes the pretraining crops will skip, and batches that do not fit the memory target."""
-    if any(min(c.shape_after_crop) <= plans.configurations.pretrain.min_axis for c in fingerprint.cases.values()):
+    if cases_passing(fingerprint, plans.configurations.pretrain.min_axis) < fingerprint.num_cases:
         console.print(f"[yellow]warning[/]: {plans.decision('pretrain.min_axis')}")
+    highres = plans.configurations.pretrain_highres
+    if highres is not None and cases_passing(fingerprint, highres.min_axis) == 0:
+        largest = largest_smallest_axis(fingerprint)
+        console.print(f"[yellow]warning[/]: 0 of {fingerprint.num_cases} cases pass for pretrain_highres (smallest "
+                      f"axis above {highres.min_axis} voxels; the largest here is {largest}): `3dino preprocess` "
+                      f"skips pretrain_highres and `3dino adapt-highres` refuses; `3dino plan -d {dataset} "
+                      f"--highres-min-axis {max(0, largest - 1)}` lowers the minimum (thin crops are stretched more)")
     for name in plans.configuration_names():
         reason = plans.configuration(name).reason("batch_size")
         if reason.startswith("does not fit"):

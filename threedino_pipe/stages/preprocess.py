@@ -14,7 +14,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from threedino_pipe.artifacts import DatasetJson, Plans
+from threedino_pipe.artifacts import DatasetJson, Fingerprint, Plans, Splits
+from threedino_pipe.planning.planner import cases_passing
 from threedino_pipe.preprocessing.case_writer import (
     CaseJob,
     is_finished,
@@ -84,10 +85,26 @@ def _check_plans(plans: Plans, raw: Path, plans_path: Path, num_channels: int, d
             raise UserError(exc.problem, file=plans_path, fix=exc.fix) from None
 
 
-def _chosen(plans: Plans, configurations: list[str] | None, plans_path: Path) -> list[str]:
+def _without_empty_highres(plans: Plans, out: Path, dataset: str) -> list[str]:
+    """Every configuration of ``plans`` but ``pretrain_highres`` when no case passes its min_axis (with a note)."""
+    names = plans.configuration_names()
+    fingerprint_path = Fingerprint.in_folder(out)
+    if "pretrain_highres" not in names or not fingerprint_path.is_file():
+        return names
+    fingerprint = Fingerprint.read(fingerprint_path, rerun=f"3dino plan -d {dataset}")
+    min_axis = plans.configurations.pretrain_highres.min_axis
+    if cases_passing(fingerprint, min_axis) > 0:
+        return names
+    log.info("note: pretrain_highres skipped: 0 of %d cases have a smallest axis above its min_axis of %d voxels "
+             "(adapt-highres could use none); `3dino plan -d %s --highres-min-axis N` lowers it", fingerprint.num_cases,
+             min_axis, dataset)
+    return [name for name in names if name != "pretrain_highres"]
+
+
+def _chosen(plans: Plans, configurations: list[str] | None, plans_path: Path, dataset: str) -> list[str]:
     available = plans.configuration_names()
     if not configurations:
-        return available
+        return _without_empty_highres(plans, plans_path.parent, dataset)
     unknown = [c for c in configurations if c not in available]
     if unknown:
         raise UserError(f"configuration(s) {', '.join(unknown)} not in plans.json (it has: {', '.join(available)})",
@@ -106,6 +123,17 @@ def _jobs(raw: Path, out: Path, cases: list[CaseFiles], plans: Plans, configurat
     jobs = [CaseJob(raw, case, plans, configuration, folder, checksum) for case in cases
             if not is_finished(folder, case.case_id, checksum, with_seg, case.class_label)]
     return jobs, len(cases) - len(jobs)
+
+
+def _print_test_list(splits: Splits, num_cases: int) -> None:
+    """The held-out cases, on stderr: which they are and that no command trains or validates on them."""
+    if not splits.test:
+        log.info("test list: none (splits.json 'test' is empty; `3dino plan --test-fraction F` holds cases out)")
+        return
+    log.info("test list: %d of %d cases held out (splits.json 'test'): finetune and the pretraining probe never "
+             "train or validate on them (pretraining, without labels, sees their images); predict and evaluate them "
+             "at the end (docs/preprocess.md): %s",
+             len(splits.test), num_cases, ", ".join(splits.test))
 
 
 def run(dataset: str, *, configurations: list[str] | None = None, num_processes: int = 2) -> None:
@@ -137,7 +165,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     if not cases:
         raise UserError("imagesTr/ holds no cases", file=raw / "imagesTr", fix="add the training images")
     jobs: list[CaseJob] = []
-    chosen = _chosen(plans, configurations, plans_path)
+    chosen = _chosen(plans, configurations, plans_path, dataset)
     for configuration in chosen:
         todo, skipped = _jobs(raw, out, cases, plans, configuration)
         log.info("%s: %d case(s) to preprocess, %d already done", configuration, len(todo), skipped)
@@ -147,6 +175,7 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
         from threedino_pipe.training_data.splits import write_splits
         class_labels = ({c.case_id: int(c.class_label) for c in cases}
                         if spec.task == "classification" else None)
-        path = write_splits(out, [c.case_id for c in cases], class_labels, seed=SPLITS_SEED)
+        path = write_splits(out, [c.case_id for c in cases], class_labels, seed=SPLITS_SEED, plan=plans.splits)
         log.info("wrote %s", path)
+        _print_test_list(Splits.read(path), len(cases))
     log.info("preprocessed data in %s", out)

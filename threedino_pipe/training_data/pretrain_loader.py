@@ -110,9 +110,12 @@ class PretrainDataset:
                             fix="pool datasets with the same channels, or split channels into separate samples")
         self.channels = 1 if split_channels else next(iter(channel_counts), 1)
         if not self.items:
-            raise UserError(f"no volume left to pretrain on: all {len(self.skipped)} volumes have an axis shorter "
-                            f"of at most min_axis={self.min_axis} voxels", file=self.folders[0],
-                            fix="add larger volumes, or lower the minimum axis size (plans.json min_axis)")
+            rerun = _rerun(self.folders[0], self.configuration)
+            lower = (f"`3dino plan -d {self.folders[0].name} --highres-min-axis N`, then `{rerun}`"
+                     if self.configuration == "pretrain_highres" else "plans.json min_axis")
+            raise UserError(f"no volume left to pretrain on: all {len(self.skipped)} volumes have an axis of at most "
+                            f"min_axis={self.min_axis} voxels", file=self.folders[0],
+                            fix=f"add larger volumes, or lower the minimum axis size ({lower})")
 
     def _scan(self, folder: Path) -> list[tuple[PretrainItem, int]]:
         config_dir = folder / self.configuration

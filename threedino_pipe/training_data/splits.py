@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threedino_pipe.artifacts import Fold, Splits
+from threedino_pipe.artifacts import Fold, SplitPlan, Splits
 from threedino_pipe.runtime.errors import UserError
 
 STANDARD_PCTS = (1, 10, 25, 50, 100)
@@ -53,45 +53,95 @@ def stratified_order(case_ids: list[str], class_labels: dict[str, int] | None,
     return order
 
 
-def _assign_folds(ids: list[str], class_labels: dict[str, int] | None, num_folds: int,
+def _units(ids: list[str], groups: dict[str, str]) -> dict[str, list[str]]:
+    """Cases that move together, keyed by their first case id: a group's cases, else each case alone."""
+    by_group: dict[str, list[str]] = {}
+    for case in ids:
+        by_group.setdefault(groups.get(case, "\0" + case), []).append(case)
+    return {members[0]: members for members in by_group.values()}
+
+
+def _unit_labels(units: dict[str, list[str]], class_labels: dict[str, int] | None) -> dict[str, int] | None:
+    """A unit's class for stratification: its first case's."""
+    return None if not class_labels else {key: class_labels[key] for key in units}
+
+
+def _assign_folds(units: dict[str, list[str]], class_labels: dict[str, int] | None, num_folds: int,
                   rng: np.random.Generator) -> list[list[str]]:
-    """Split ``ids`` into ``num_folds`` validation groups (class-stratified when labelled)."""
-    order = stratified_order(ids, class_labels, rng)
-    return [sorted(order[f::num_folds]) for f in range(num_folds)]
+    """Split the units into ``num_folds`` validation groups of cases (class-stratified when labelled).
+
+    Units are taken in a random (stratified) order, each to the fold with the fewest cases so far (ties:
+    the lower fold); for single cases this is ``order[f::num_folds]``.
+    """
+    order = stratified_order(list(units), _unit_labels(units, class_labels), rng)
+    folds: list[list[str]] = [[] for _ in range(num_folds)]
+    for key in order:
+        min(folds, key=len).extend(units[key])
+    return [sorted(fold) for fold in folds]
+
+
+def default_test_fraction(num_cases: int) -> float:
+    """The held-out share when ``plan --test-fraction`` is not given: 0.2 from 20 cases on, else 0."""
+    return TEST_FRACTION if num_cases >= MIN_CASES_FOR_TEST else 0.0
 
 
 def make_splits(case_ids: list[str], class_labels: dict[str, int] | None = None, *, seed: int = 12345,
-                num_folds: int = 5) -> Splits:
+                num_folds: int = 5, test_fraction: float | None = None, groups: dict[str, str] | None = None,
+                folds: list[tuple[list[str], list[str]]] | None = None) -> Splits:
     """Folds, held-out test list and nested subsets for ``case_ids`` (see module docstring).
 
-    Datasets of at least 20 cases hold out 20 % as a test list; the rest is split into
-    min(num_folds, n) folds. A single case gives one fold whose train and val are that case.
+    Args:
+        test_fraction: share of the cases held out as the test list (None: :func:`default_test_fraction`).
+        groups: case id -> group; a group's cases fall on one side of the test list and of every fold.
+        folds: (train, val) case ids per fold, imported (nnU-Net's splits_final.json); the test list is
+            then the cases in no fold, and ``test_fraction`` is not used.
+
+    Datasets of at least 20 cases hold out 20 % as a test list by default; the rest is split into
+    min(num_folds, number of units) folds. A single case gives one fold whose train and val are that case.
     """
     if not case_ids:
         raise ValueError("no cases to split")
     rng = np.random.default_rng(seed)
     ids = sorted(case_ids)
+    units = _units(ids, groups or {})
+    if folds is not None:
+        used = {c for train, val in folds for c in (*train, *val)}
+        pairs = [(sorted(train), sorted(val)) for train, val in folds]
+        return Splits(seed=seed, test=[c for c in ids if c not in used],
+                      folds=[_fold(train, val, class_labels, seed, f) for f, (train, val) in enumerate(pairs)])
+    fraction = default_test_fraction(len(ids)) if test_fraction is None else test_fraction
     test: list[str] = []
-    if len(ids) >= MIN_CASES_FOR_TEST:
-        order = stratified_order(ids, class_labels, rng)
-        test = sorted(order[: subset_size(len(ids), TEST_FRACTION * 100)])
-    pool = [c for c in ids if c not in set(test)]
-    folds = []
-    if len(pool) == 1:
-        groups = [pool]
+    if fraction > 0:
+        target = subset_size(len(ids), fraction * 100)
+        for key in stratified_order(list(units), _unit_labels(units, class_labels), rng):
+            if len(test) >= target or len(test) + len(units[key]) >= len(ids):  # keep cases to train on
+                break
+            test += units[key]
+        test.sort()
+    held = set(test)
+    pool = [c for c in ids if c not in held]
+    pool_units = {key: members for key, members in units.items() if key not in held}
+    if len(pool_units) == 1:
+        val_groups = [pool]
     else:
-        groups = _assign_folds(pool, class_labels, min(num_folds, len(pool)), rng)
-    for f, val in enumerate(groups):
+        val_groups = _assign_folds(pool_units, class_labels, min(num_folds, len(pool_units)), rng)
+    out = []
+    for f, val in enumerate(val_groups):
         train = [c for c in pool if c not in set(val)] or list(val)
-        orders = {}
-        for s in range(NUM_SUBSET_SEEDS):
-            sub_rng = np.random.default_rng([seed, f, s])
-            orders[str(s)] = stratified_order(train, class_labels, sub_rng)
-        subsets = {s: {str(p): sorted(order[: subset_size(len(order), p)]) for p in STANDARD_PCTS
-                       if _min_prefix(order, class_labels) <= subset_size(len(order), p)}
-                   for s, order in orders.items()}
-        folds.append(Fold(train=train, val=sorted(val), subset_order=orders, subsets=subsets))
-    return Splits(seed=seed, test=test, folds=folds)
+        out.append(_fold(train, val, class_labels, seed, f))
+    return Splits(seed=seed, test=test, folds=out)
+
+
+def _fold(train: list[str], val: list[str], class_labels: dict[str, int] | None, seed: int, f: int) -> Fold:
+    """Fold ``f`` with its seeded subset draw orders and the standard subsets of ``train``."""
+    orders = {}
+    for s in range(NUM_SUBSET_SEEDS):
+        sub_rng = np.random.default_rng([seed, f, s])
+        orders[str(s)] = stratified_order(train, class_labels, sub_rng)
+    subsets = {s: {str(p): sorted(order[: subset_size(len(order), p)]) for p in STANDARD_PCTS
+                   if _min_prefix(order, class_labels) <= subset_size(len(order), p)}
+               for s, order in orders.items()}
+    return Fold(train=train, val=sorted(val), subset_order=orders, subsets=subsets)
 
 
 def _min_prefix(order: list[str], class_labels: dict[str, int] | None) -> int:
@@ -141,6 +191,13 @@ def select_subset(splits: Splits, fold: int, seed: int, pct: float, class_labels
 
 
 def write_splits(preprocessed_folder: Path, case_ids: list[str], class_labels: dict[str, int] | None = None,
-                 seed: int = 12345) -> Path:
-    """Write ``splits.json`` for the dataset's cases into its preprocessed folder; returns the path."""
-    return make_splits(case_ids, class_labels, seed=seed).write(Splits.in_folder(preprocessed_folder))
+                 seed: int = 12345, plan: SplitPlan | None = None) -> Path:
+    """Write ``splits.json`` for the dataset's cases into its preprocessed folder as ``plan`` (plans.json's
+    ``splits``; None: the defaults) says; returns the path."""
+    if plan is None:
+        splits = make_splits(case_ids, class_labels, seed=seed)
+    else:
+        folds = None if plan.folds is None else [(f.train, f.val) for f in plan.folds]
+        splits = make_splits(case_ids, class_labels, seed=seed, test_fraction=plan.test_fraction, groups=plan.groups,
+                             folds=folds)
+    return splits.write(Splits.in_folder(preprocessed_folder))
