@@ -472,9 +472,10 @@ def demo(
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """The whole chain on bundled real scans (MNI152), CPU-sized: plan, preprocess, the bundled pretrained
-    backbone (or a brief pretrain), finetune --pct 25 (pretrained and none, 3 seeds), predict, evaluate
-    --compare, and an HTML report."""
+    """The whole chain on bundled real scans (MNI152), CPU-sized, with an HTML report.
+
+    plan, preprocess, the bundled pretrained backbone (or a brief pretrain), finetune --pct 25 with it and
+    with --backbone none (3 seeds), predict, evaluate --compare."""
     _common(verbose, no_progress)
     from threedino_pipe.demo import chain as stage
     stage.run(out=out, quick=quick, pretrain_here=pretrain_here)
