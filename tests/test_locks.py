@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from collisions import listing, race
 from conftest import THREEDINO, run_3dino
 
+from threedino_pipe.demo.examples import build_mni_dataset
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.locks import TargetLock, lock_paths
 
@@ -73,3 +78,59 @@ def test_two_pretrain_commands_into_one_run_folder(mni_preprocessed, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def _not_lock_files(files: dict) -> dict:
+    return {name: data for name, data in files.items() if ".3dino." not in name}
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return _not_lock_files({name: (folder / name).read_bytes() for name in listing(folder)})
+
+
+def _assert_refused(race_, what: str, target: Path) -> None:
+    """The loser exited non-zero within 2 s of trying the lock, naming the stopped winner; no traceback."""
+    loser, winner = race_.loser, race_.winner
+    assert loser.proc.returncode != 0 and "Traceback" not in loser.stderr, loser.stderr
+    assert f"another 3dino command is writing this {what}" in loser.stderr
+    assert f"process {winner.proc.pid} on {socket.gethostname()}, started " in loser.stderr, loser.stderr
+    assert str(target.resolve()) in loser.stderr
+    assert race_.refusal_seconds() < 2.0
+
+
+@pytest.mark.e2e
+def test_two_preprocess_commands_on_one_dataset(tmp_path):
+    """16 cases; the loser refuses before reading a case and deletes nothing; after kill -9 of the winner a
+    rerun takes the lock over and writes what an uninterrupted run writes, byte for byte."""
+    build_mni_dataset(tmp_path / "raw", 993, 16, seed=0, max_size=32)
+    roots = {name: tmp_path / name for name in ("reference", "raced")}
+    env = {name: {"THREEDINO_RAW": str(tmp_path / "raw"), "THREEDINO_PREPROCESSED": str(root)}
+           for name, root in roots.items()}
+    planned = run_3dino("plan", "-d", "993", env=env["reference"])
+    assert planned.returncode == 0, planned.stderr
+    dataset = next(roots["reference"].glob("Dataset993_*"))
+    shutil.copytree(dataset, roots["raced"] / dataset.name)
+    reference = run_3dino("preprocess", "-d", "993", "-np", "1", env=env["reference"])
+    assert reference.returncode == 0, reference.stderr
+    expected = _bytes(roots["reference"])
+    assert sum(name.endswith(".b2nd") and "_seg" not in name for name in expected) == 3 * 16
+
+    target = roots["raced"] / dataset.name
+    raced = race(["preprocess", "-d", "993", "-np", "1"], env["raced"], target, watched=target,
+                 started=lambda: any(p.suffix in (".json", ".b2nd") for p in target.glob("*/*")))
+    try:
+        _assert_refused(raced, "preprocessed dataset", target)
+        assert "to preprocess" not in raced.loser.stderr and "removed" not in raced.loser.stderr  # read no case
+        assert listing(target) == raced.files_at_stop  # deleted (and wrote) nothing, the winner's partials included
+    finally:
+        raced.kill_winner()
+    assert len([n for n in raced.files_at_stop if n.count("/") == 1]) < 3 * 16 * 2, "the winner had finished"
+
+    again = run_3dino("preprocess", "-d", "993", "-np", "1", env=env["raced"])
+    assert again.returncode == 0, again.stderr
+    resumed = _bytes(roots["raced"])
+    assert not [name for name in resumed if ".partial" in name]
+    assert sorted(resumed) == sorted(expected)
+    for name, data in expected.items():
+        assert resumed[name] == data, f"{name} differs from the uninterrupted run"
+    assert not lock_paths(target)[1].exists(), "the holder's description is removed when the lock is given back"

@@ -4,7 +4,8 @@ A second ``3dino`` command that would write into a target another command is wri
 once, naming the holder (host, process id, start time, command). The lock is an OS file lock
 (``filelock``: ``flock`` on Linux) on a hidden file beside the target, so the system releases it
 when the holding process ends in any way, ``kill -9`` included: the next command simply takes it.
-The holder's description sits in a second file, rewritten by each new holder.
+The holder's description sits in a second file, written by each new holder and removed when it
+lets go (a killed holder's stays until the next holder replaces it).
 
 On shared cluster file systems the lock holds across machines where the file system supports
 POSIX locks: NFSv4, and Lustre mounted with ``-o flock`` (docs/cli.md). Where it does not
@@ -14,6 +15,7 @@ POSIX locks: NFSv4, and Lustre mounted with ``-o flock`` (docs/cli.md). Where it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import socket
@@ -25,10 +27,15 @@ from filelock import FileLock, Timeout
 
 from threedino_pipe.runtime.errors import UserError
 
+log = logging.getLogger(__name__)
+#: the debug line (``-v``) printed just before the lock is tried: tests time the refusal from it
+TRYING = "taking the lock of"
+
 
 def lock_paths(target: Path) -> tuple[Path, Path]:
-    """The lock file and the holder description of ``target``: hidden files beside it."""
-    target = Path(target)
+    """The lock file and the holder description of ``target``: hidden files beside it (``target`` is
+    resolved first, so ``-o .`` and ``-o ../out/`` lock the folder they name)."""
+    target = Path(target).resolve()
     return target.parent / f".{target.name}.3dino.lock", target.parent / f".{target.name}.3dino.holder.json"
 
 
@@ -41,13 +48,14 @@ class TargetLock:
     """
 
     def __init__(self, target: Path, what: str = "folder") -> None:
-        self.target, self.what = Path(target), what
+        self.target, self.what = Path(target).resolve(), what
         self.path, self.holder_path = lock_paths(self.target)
         self.lock: FileLock | None = None
 
     def acquire(self) -> TargetLock:
         """Take the lock now or raise a UserError naming the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        log.debug("%s %s %s (%s)", TRYING, self.what, self.target, self.path)
         lock = FileLock(str(self.path), timeout=0, preserve_lock_file=True)
         try:
             lock.acquire()
@@ -62,7 +70,9 @@ class TargetLock:
         return self
 
     def release(self) -> None:
+        """Give the lock back; the holder's description goes first, so no one reads a finished holder."""
         if self.lock is not None:
+            self.holder_path.unlink(missing_ok=True)
             self.lock.release()
             self.lock = None
 
