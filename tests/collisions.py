@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -99,3 +100,13 @@ def race(args: list[str], env: dict[str, str], target: Path, started: Callable[[
             proc.kill()
             proc.wait()
         raise
+
+
+def assert_refused(race_: Race, what: str, target: Path) -> None:
+    """The loser exited non-zero within 2 s of trying the lock, naming the stopped winner; no traceback."""
+    loser, winner = race_.loser, race_.winner
+    assert loser.proc.returncode != 0 and "Traceback" not in loser.stderr, loser.stderr
+    assert f"another 3dino command is writing this {what}" in loser.stderr
+    assert f"process {winner.proc.pid} on {socket.gethostname()}, started " in loser.stderr, loser.stderr
+    assert str(target.resolve()) in loser.stderr
+    assert race_.refusal_seconds() < 2.0

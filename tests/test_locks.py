@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from collisions import listing, race
+from collisions import assert_refused, listing, race
 from conftest import THREEDINO, run_3dino
 
 from threedino_pipe.demo.examples import build_mni_dataset
@@ -88,16 +87,6 @@ def _bytes(folder: Path) -> dict[str, bytes]:
     return _not_lock_files({name: (folder / name).read_bytes() for name in listing(folder)})
 
 
-def _assert_refused(race_, what: str, target: Path) -> None:
-    """The loser exited non-zero within 2 s of trying the lock, naming the stopped winner; no traceback."""
-    loser, winner = race_.loser, race_.winner
-    assert loser.proc.returncode != 0 and "Traceback" not in loser.stderr, loser.stderr
-    assert f"another 3dino command is writing this {what}" in loser.stderr
-    assert f"process {winner.proc.pid} on {socket.gethostname()}, started " in loser.stderr, loser.stderr
-    assert str(target.resolve()) in loser.stderr
-    assert race_.refusal_seconds() < 2.0
-
-
 @pytest.mark.e2e
 def test_two_preprocess_commands_on_one_dataset(tmp_path):
     """16 cases; the loser refuses before reading a case and deletes nothing; after kill -9 of the winner a
@@ -119,7 +108,7 @@ def test_two_preprocess_commands_on_one_dataset(tmp_path):
     raced = race(["preprocess", "-d", "993", "-np", "1"], env["raced"], target, watched=target,
                  started=lambda: any(p.suffix in (".json", ".b2nd") for p in target.glob("*/*")))
     try:
-        _assert_refused(raced, "preprocessed dataset", target)
+        assert_refused(raced, "preprocessed dataset", target)
         assert "to preprocess" not in raced.loser.stderr and "removed" not in raced.loser.stderr  # read no case
         assert listing(target) == raced.files_at_stop  # deleted (and wrote) nothing, the winner's partials included
     finally:

@@ -195,6 +195,29 @@ def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, 
     assert read_json(out / "predict_args.json")["world_size"] == 2
 
 
+def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_path):
+    """The loser refuses within 2 s naming the holder, before it loads a model; after kill -9 of the winner (stopped
+    once its first label file exists) a rerun with --continue takes the lock over and writes the same files."""
+    from collisions import assert_refused, race
+
+    out = tmp_path / "out"
+    args = ["predict", "-i", str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"]
+    raced = race(args, {"OMP_NUM_THREADS": "1"}, out, started=lambda: any(out.glob("patient_*.nii.gz")),
+                 watched=tmp_path)
+    try:
+        assert_refused(raced, "output folder", out)
+        assert "case(s)" not in raced.loser.stderr and "patient_" not in raced.loser.stderr
+    finally:
+        raced.kill_winner()
+    again = run_3dino(*args, "--continue", env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 1 and "patient_0003 failed" in again.stderr  # the truncated input, as before
+    assert "5 case(s); 0 already" not in again.stderr and "already predicted (--continue)" in again.stderr
+    for case in GOOD:
+        name = f"{case}.nii.gz"
+        assert (out / name).read_bytes() == (first_batch[1] / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first_batch[1].iterdir())
+
+
 def test_continue_predicts_only_what_is_missing(first_batch, project, tmp_path, caplog):
     out = tmp_path / "out"
     shutil.copytree(first_batch[1], out)
