@@ -123,3 +123,25 @@ def test_two_preprocess_commands_on_one_dataset(tmp_path):
     for name, data in expected.items():
         assert resumed[name] == data, f"{name} differs from the uninterrupted run"
     assert not lock_paths(target)[1].exists(), "the holder's description is removed when the lock is given back"
+
+
+@pytest.mark.e2e
+def test_two_finetune_commands_into_one_run_folder(mni_preprocessed, tmp_path):
+    """Started together: the loser refuses within 2 s naming the holder and writes nothing; after kill -9 of the
+    winner (stopped once it saved a checkpoint) a rerun takes the lock over and resumes from that checkpoint."""
+    env = {**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "results")}
+    args = ["finetune", "-d", "990", "--preset", "tiny", "--pct", "50", "--num-workers", "0", "--precision", "fp32",
+            "--no-progress", "--backbone", "none", "--head", "linear", "--iters", "400", "--val-every", "400",
+            "--save-every", "1"]
+    folder = tmp_path / "results" / "Dataset990_MNITissue" / "finetune__linear__none__pct50__fold0__seed0"
+    latest = folder / "checkpoint_latest.pt"
+    raced = race(args, env, folder, started=latest.is_file, watched=tmp_path / "results")
+    try:
+        assert_refused(raced, "run folder", folder)
+        assert "finetune run" not in raced.loser.stderr
+        assert listing(tmp_path / "results") == raced.files_at_stop  # the loser wrote nothing
+    finally:
+        raced.kill_winner()
+    again = run_3dino(*args, "--stop-after", "1", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and "at iteration " in again.stderr

@@ -198,7 +198,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, 
 def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_path):
     """The loser refuses within 2 s naming the holder, before it loads a model; after kill -9 of the winner (stopped
     once its first label file exists) a rerun with --continue takes the lock over and writes the same files."""
-    from collisions import assert_refused, race
+    from collisions import assert_refused, listing, race
 
     out = tmp_path / "out"
     args = ["predict", "-i", str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"]
@@ -207,6 +207,7 @@ def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_p
     try:
         assert_refused(raced, "output folder", out)
         assert "case(s)" not in raced.loser.stderr and "patient_" not in raced.loser.stderr
+        assert listing(tmp_path) == raced.files_at_stop  # the loser wrote nothing
     finally:
         raced.kill_winner()
     again = run_3dino(*args, "--continue", env={"OMP_NUM_THREADS": "1"})
