@@ -55,6 +55,44 @@ def test_second_holder_is_refused_with_the_first_named_and_a_killed_holder_is_re
         holder.wait()
 
 
+def test_lock_dir_holds_the_lock_files_of_targets_elsewhere(tmp_path, monkeypatch):
+    """THREEDINO_LOCK_DIR (a node-local folder where the shared file system has no locks): the lock files go
+    there, one pair per target path, and a second holder is still refused."""
+    locks = tmp_path / "locks"
+    target, namesake = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    env = {**os.environ, "THREEDINO_LOCK_DIR": str(locks)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("THREEDINO_LOCK_DIR", str(locks))
+        with pytest.raises(UserError, match=f"process {holder.pid} on "):
+            TargetLock(target, "run folder").acquire()
+        with TargetLock(namesake, "run folder"):  # the same name in another folder is another target
+            assert len(list(locks.glob("run-*.3dino.lock"))) == 2
+        assert set(locks.iterdir()) == {*lock_paths(target), lock_paths(namesake)[0]}  # its holder file is gone
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_file_system_without_locks_is_refused_naming_the_lock_dir(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock answers flock() with ENOSYS (simulated here: no such file system on this
+    machine); the command must refuse, not fall back to a lock a killed process would leave behind."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(UserError) as err:
+        TargetLock(tmp_path / "out", "output folder").acquire()
+    text = err.value.render()
+    assert "does not support file locks" in text and "THREEDINO_LOCK_DIR" in text and "-o flock" in text
+    assert str(lock_paths(tmp_path / "out")[0]) in text
+
+
 @pytest.mark.e2e
 def test_two_pretrain_commands_into_one_run_folder(mni_preprocessed, tmp_path):
     env = {**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "results")}

@@ -9,11 +9,15 @@ lets go (a killed holder's stays until the next holder replaces it).
 
 On shared cluster file systems the lock holds across machines where the file system supports
 POSIX locks: NFSv4, and Lustre mounted with ``-o flock`` (docs/cli.md). Where it does not
-(NFSv3 without lockd, Lustre with ``-o localflock``), two machines can both take it.
+(NFSv3 without lockd, Lustre with ``-o localflock``), two machines can both take it; where
+``flock`` fails outright (Lustre mounted without either option) the command refuses and names
+``THREEDINO_LOCK_DIR``, a node-local folder for the lock files.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -30,13 +34,24 @@ from threedino_pipe.runtime.errors import UserError
 log = logging.getLogger(__name__)
 #: the debug line (``-v``) printed just before the lock is tried: tests time the refusal from it
 TRYING = "taking the lock of"
+#: where lock files go instead of beside their targets (a node-local folder where the shared file system has no locks)
+LOCK_DIR_VARIABLE = "THREEDINO_LOCK_DIR"
+#: what ``flock`` answers on a file system without locks (Lustre without ``-o flock``, NFS without a lock manager)
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def lock_paths(target: Path) -> tuple[Path, Path]:
-    """The lock file and the holder description of ``target``: hidden files beside it (``target`` is
-    resolved first, so ``-o .`` and ``-o ../out/`` lock the folder they name)."""
+    """The lock file and the holder description of ``target``: hidden files beside it, or, with
+    ``THREEDINO_LOCK_DIR`` set, files in that folder named by the target's name and a hash of its path.
+    ``target`` is resolved first, so ``-o .`` and ``-o ../out/`` lock the folder they name."""
     target = Path(target).resolve()
-    return target.parent / f".{target.name}.3dino.lock", target.parent / f".{target.name}.3dino.holder.json"
+    lock_dir = os.environ.get(LOCK_DIR_VARIABLE)
+    if lock_dir:
+        stem = f"{target.name}-{hashlib.sha256(str(target).encode()).hexdigest()[:16]}"
+        folder = Path(lock_dir)
+    else:
+        stem, folder = f".{target.name}", target.parent
+    return folder / f"{stem}.3dino.lock", folder / f"{stem}.3dino.holder.json"
 
 
 class TargetLock:
@@ -63,6 +78,14 @@ class TargetLock:
             raise UserError(f"another 3dino command is writing this {self.what}: {self._holder()}", file=self.target,
                             fix="wait for it to finish or stop it (a stopped or killed command's lock is released "
                             "by the system), or write to another folder") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            raise UserError(f"the file system holding the lock of this {self.what} does not support file locks "
+                            f"({exc.strerror})", file=self.path,
+                            fix=f"set {LOCK_DIR_VARIABLE} to a folder on a local disk (e.g. /tmp/$USER/3dino-locks: "
+                            "the lock then keeps out commands on the same machine only, so give every job its own "
+                            "target), or have the file system mounted with locks (Lustre: -o flock)") from None
         self.lock = lock
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": shlex.join(["3dino", *sys.argv[1:]])}
