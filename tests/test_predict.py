@@ -307,6 +307,19 @@ def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_
         np.testing.assert_allclose(getattr(out_geo, name), getattr(series_geo, name), rtol=0, atol=2e-5)
 
 
+def test_itk_warning_on_a_dicom_series_with_a_gap_is_our_warning_naming_the_series(project, tmp_path):
+    """ITK reads a series with a missing slice and only warns (on stderr, naming a file of its build folder):
+    `3dino predict` prints that as its own warning naming the series folder."""
+    image, _ = body_scan(np.random.default_rng(11), (24, 20, 12))
+    series = tmp_path / "in" / "gap_scan"
+    corpus.write_dicom_series(image, series, "2.25.4343", skip_slices=(6,))
+    result = run_3dino("predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(project["run_a"]),
+                       "--no-progress", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: In" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"warning: {series}: Non uniform sampling or missing slices detected" in result.stderr, result.stderr
+
+
 def test_folds_are_averaged_and_probabilities_saved(project, tmp_path):
     scans = tmp_path / "in"
     scans.mkdir()
