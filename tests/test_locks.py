@@ -97,7 +97,8 @@ def test_a_file_system_without_locks_is_refused_naming_the_lock_dir(tmp_path, mo
 def test_two_pretrain_commands_into_one_run_folder(mni_preprocessed, tmp_path):
     env = {**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "results")}
     args = ("pretrain", "-d", "990", "--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision",
-            "fp32", "--iters", "400", "--save-every", "1", "--probe-every", "0", "--run", "shared", "--no-progress")
+            "fp32", "--iters", "400", "--save-every", "1", "--snapshot-every", "0", "--probe-every", "0", "--run",
+            "shared", "--no-progress")
     first = subprocess.Popen([*THREEDINO, *args], env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
     latest = tmp_path / "results" / "pretrain" / "shared" / "checkpoint_latest.pt"
     try:
