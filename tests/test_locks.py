@@ -184,3 +184,24 @@ def test_two_finetune_commands_into_one_run_folder(mni_preprocessed, tmp_path):
     again = run_3dino(*args, "--stop-after", "1", env=env)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr and "at iteration " in again.stderr
+
+
+@pytest.mark.e2e
+def test_plan_does_not_rewrite_the_plans_while_preprocess_holds_the_dataset(tmp_path):
+    """`plan` takes the preprocessed folder's lock for its writes: refused, naming the holder, nothing written."""
+    build_mni_dataset(tmp_path / "raw", 997, 4, seed=2, max_size=32)
+    pre = tmp_path / "pre" / "Dataset997_MNITissue"
+    env = {"THREEDINO_RAW": str(tmp_path / "raw"), "THREEDINO_PREPROCESSED": str(tmp_path / "pre"),
+           "THREEDINO_RESULTS": str(tmp_path / "results")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(pre)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_3dino("plan", "-d", "997", env=env)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert f"another 3dino command is writing this preprocessed dataset: process {holder.pid} on" in refused.stderr
+        assert not pre.exists() or not any(pre.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_3dino("plan", "-d", "997", env=env).returncode == 0
+    assert (pre / "plans.json").is_file()
