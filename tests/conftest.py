@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,19 +39,21 @@ def folders(tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def mni_raw(tmp_path_factory) -> Path:
+def mni_raw(tmp_path_factory) -> Iterator[Path]:
     """A read-only real-scan raw dataset (8 MNI152 resamplings, grey/white matter labels)."""
     root = tmp_path_factory.mktemp("mni_raw")
     build_mni_dataset(root, 990, 8, seed=0, num_test=2)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # also when tests failed: it is remade in seconds
 
 
 @pytest.fixture(scope="session")
-def synthetic_raw(tmp_path_factory) -> Path:
+def synthetic_raw(tmp_path_factory) -> Iterator[Path]:
     """A read-only generated dataset: 0.8 x 0.8 x 3 mm (jittered), oblique direction."""
     root = tmp_path_factory.mktemp("synthetic_raw")
     build_synthetic_dataset(root, 991, 6, spacing_jitter=0.1, seed=1)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
@@ -61,7 +66,7 @@ def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
 
 
 @pytest.fixture(scope="session")
-def mni_preprocessed(mni_raw, tmp_path_factory) -> dict[str, str]:
+def mni_preprocessed(mni_raw, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The MNI dataset planned and preprocessed once (real CLI); returns THREEDINO_* env for it.
 
     Read-only for tests: each test sets its own THREEDINO_RESULTS.
@@ -71,7 +76,8 @@ def mni_preprocessed(mni_raw, tmp_path_factory) -> dict[str, str]:
     for args in (("plan", "-d", "990"), ("preprocess", "-d", "990")):
         result = run_3dino(*args, env=env)
         assert result.returncode == 0, result.stderr
-    return env
+    yield env
+    shutil.rmtree(pre, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +89,8 @@ def dicom_studies(tmp_path_factory):
     """
     from threedino_pipe.demo.dicom_examples import build_example_studies
     root = tmp_path_factory.mktemp("dicom_studies")
-    return root, build_example_studies(root)
+    yield root, build_example_studies(root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +98,8 @@ def dicom_broken(tmp_path_factory):
     """Read-only broken DICOM corpus (one study per kind of bad input); ``(root, studies)``."""
     from threedino_pipe.demo.dicom_examples import build_broken_corpus
     root = tmp_path_factory.mktemp("dicom_broken")
-    return root, build_broken_corpus(root)
+    yield root, build_broken_corpus(root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +114,47 @@ def orthanc(tmp_path_factory):
     server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield server
     server.stop()
+
+
+#: what one test session may leave under pytest's temporary folder, in MB: a passed session leaves nothing
+#: (pyproject.toml: tmp_path_retention_policy = "failed"); a failed test keeps its tmp_path, and then the
+#: module fixtures' folders stay too (the session fixtures above remove theirs); DEVELOPERS.md, "Tests"
+LEFT_BEHIND_LIMIT_MB = float(os.environ.get("THREEDINO_TEST_LEFT_BEHIND_MB", "300"))
+_SESSION_FOLDER: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_folder(tmp_path_factory) -> None:
+    """Remember this session's temporary folder for :func:`pytest_sessionfinish`."""
+    _SESSION_FOLDER.append(tmp_path_factory.getbasetemp())
+
+
+def folder_megabytes(folder: Path) -> float:
+    """Bytes of the files under ``folder`` (links not followed), in MB."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total / 1e6
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own clean-up of the temporary folders
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when what it leaves under the temporary folder exceeds LEFT_BEHIND_LIMIT_MB."""
+    if not _SESSION_FOLDER or not _SESSION_FOLDER[0].is_dir() or session.config.option.basetemp:
+        return  # nothing left, or a --basetemp the user chose to keep
+    folder = _SESSION_FOLDER[0]
+    left = folder_megabytes(folder)
+    if left <= LEFT_BEHIND_LIMIT_MB:
+        return
+    largest = sorted(((folder_megabytes(p), p.name) for p in folder.iterdir() if p.is_dir()), reverse=True)[:8]
+    listed = ", ".join(f"{name} {mb:.0f} MB" for mb, name in largest)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = (f"this test session leaves {left:.0f} MB in {folder}, more than the bound of {LEFT_BEHIND_LIMIT_MB:g} "
+            f"MB (tests/conftest.py LEFT_BEHIND_LIMIT_MB); largest: {listed}")
+    if reporter is not None:
+        reporter.write_line(text, red=True)
+    else:
+        print(text, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

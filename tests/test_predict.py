@@ -196,6 +196,30 @@ def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, 
     assert read_json(out / "predict_args.json")["world_size"] == 2
 
 
+def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_path):
+    """The loser refuses within 2 s naming the holder, before it loads a model; after kill -9 of the winner (stopped
+    once its first label file exists) a rerun with --continue takes the lock over and writes the same files."""
+    from collisions import assert_refused, listing, race
+
+    out = tmp_path / "out"
+    args = ["predict", "-i", str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"]
+    raced = race(args, {"OMP_NUM_THREADS": "1"}, out, started=lambda: any(out.glob("patient_*.nii.gz")),
+                 watched=tmp_path)
+    try:
+        assert_refused(raced, "output folder", out)
+        assert "case(s)" not in raced.loser.stderr and "patient_" not in raced.loser.stderr
+        assert listing(tmp_path) == raced.files_at_stop  # the loser wrote nothing
+    finally:
+        raced.kill_winner()
+    again = run_3dino(*args, "--continue", env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 1 and "patient_0003 failed" in again.stderr  # the truncated input, as before
+    assert "5 case(s); 0 already" not in again.stderr and "already predicted (--continue)" in again.stderr
+    for case in GOOD:
+        name = f"{case}.nii.gz"
+        assert (out / name).read_bytes() == (first_batch[1] / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first_batch[1].iterdir())
+
+
 def test_continue_predicts_only_what_is_missing(first_batch, project, tmp_path, caplog):
     out = tmp_path / "out"
     shutil.copytree(first_batch[1], out)
@@ -307,6 +331,19 @@ def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_
     # NIfTI stores geometry in float32: equal to the series' geometry within float32 rounding
     for name in ("spacing", "origin", "direction"):
         np.testing.assert_allclose(getattr(out_geo, name), getattr(series_geo, name), rtol=0, atol=2e-5)
+
+
+def test_itk_warning_on_a_dicom_series_with_a_gap_is_our_warning_naming_the_series(project, tmp_path):
+    """ITK reads a series with a missing slice and only warns (on stderr, naming a file of its build folder):
+    `3dino predict` prints that as its own warning naming the series folder."""
+    image, _ = body_scan(np.random.default_rng(11), (24, 20, 12))
+    series = tmp_path / "in" / "gap_scan"
+    corpus.write_dicom_series(image, series, "2.25.4343", skip_slices=(6,))
+    result = run_3dino("predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(project["run_a"]),
+                       "--no-progress", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: In" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"warning: {series}: Non uniform sampling or missing slices detected" in result.stderr, result.stderr
 
 
 def test_folds_are_averaged_and_probabilities_saved(project, tmp_path):

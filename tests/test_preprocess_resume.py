@@ -39,7 +39,9 @@ def mni_plans(name: str) -> dict:
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root`` but the lock files beside the dataset folder (docs/cli.md, one command per target)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".3dino." not in p.name}
 
 
 def case_jsons(folder: Path, partial: bool = False) -> list[Path]:

@@ -20,6 +20,7 @@ from threedino_pipe.models.weight_files import load_backbone
 
 pytestmark = pytest.mark.e2e
 FAST = ("--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision", "fp32", "--no-progress")
+NO_SNAPSHOTS = ("--snapshot-every", "0")  # checkpoint_<N>.pt are ~20 MB each; kept only where a test reads them
 LOSS_TERMS = ("loss", "dino_global", "dino_local", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp",
               "crops_per_s", "memory_mb", "target_entropy", "ibot_entropy", "prototypes_used", "cls_rank", "patch_rank",
               "teacher_cls_std", "cls_std", "agreement", "st_distance")
@@ -55,7 +56,7 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     assert backbone.pos_embed.shape[1] == 6**3 + 1
 
     # the same command in two invocations gives the same student weights
-    args = ("pretrain", "-d", "990", *FAST, "--iters", "6", "--save-every", "2", "--run", "split")
+    args = ("pretrain", "-d", "990", *FAST, *NO_SNAPSHOTS, "--iters", "6", "--save-every", "2", "--run", "split")
     first = run_3dino(*args, "--stop-after", "3", env=env)
     assert first.returncode == 0, first.stderr
     assert not (runs / "split" / "checkpoint_final.pt").exists()
@@ -99,7 +100,7 @@ def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_does_no
     beat the untrained network's in the patch probe (docs/benchmarks.md, "Pretraining that learns").
     """
     common = ("pretrain", "-d", "990", "--preset", "tiny", "--iters", "60", "--prototypes", "256", "--precision",
-              "fp32", "--num-workers", "0", "--probe-every", "30", "--no-progress")
+              "fp32", "--num-workers", "0", "--probe-every", "30", "--no-progress", *NO_SNAPSHOTS)
     rows, stderr = {}, {}
     for recipe in ("auto", "paper"):
         done = run_3dino(*common, "--recipe", recipe, "--run", recipe, env=env)
@@ -125,7 +126,7 @@ def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tm
     pre = tmp_path / "pre"
     shutil.copytree(mni_preprocessed["THREEDINO_PREPROCESSED"], pre)
     env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
-    args = ("pretrain", "-d", "990", *FAST, "--iters", "4", "--save-every", "1", "--run", "edit")
+    args = ("pretrain", "-d", "990", *FAST, *NO_SNAPSHOTS, "--iters", "4", "--save-every", "1", "--run", "edit")
     assert run_3dino(*args, "--stop-after", "2", env=env).returncode == 0
     plans_path = pre / "Dataset990_MNITissue" / "plans.json"
     plans = json.loads(plans_path.read_text())
@@ -142,8 +143,8 @@ def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tm
 
 
 def test_budget_hours_measures_a_step_and_a_rerun_keeps_the_count(env, tmp_path):
-    args = ("pretrain", "-d", "990", *FAST, "--budget-hours", "0.001", "--save-every", "1", "--probe-every", "0",
-            "--run", "budget")
+    args = ("pretrain", "-d", "990", *FAST, *NO_SNAPSHOTS, "--budget-hours", "0.001", "--save-every", "1",
+            "--probe-every", "0", "--run", "budget")
     first = run_3dino(*args, "--stop-after", "2", env=env)
     assert first.returncode == 0, first.stderr
     assert "a step takes" in first.stderr
@@ -159,7 +160,7 @@ def test_budget_hours_measures_a_step_and_a_rerun_keeps_the_count(env, tmp_path)
 
 
 def test_killed_pretrain_resumes_from_its_latest_checkpoint(env, tmp_path):
-    args = ("pretrain", "-d", "990", *FAST, "--iters", "5", "--save-every", "1", "--run", "killed")
+    args = ("pretrain", "-d", "990", *FAST, *NO_SNAPSHOTS, "--iters", "5", "--save-every", "1", "--run", "killed")
     latest = tmp_path / "results" / "pretrain" / "killed" / "checkpoint_latest.pt"
     proc = subprocess.Popen([sys.executable, "-m", "threedino_pipe.cli", *args], env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -188,7 +189,7 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(env, tmp_path):
     # the paper's recipe: its small learning rate keeps Adam's sign-like updates of near-zero gradients (where
     # round-off decides the sign) below the tolerance; the all-reduced sums are what this test checks
     common = ("--preset", "tiny", "--num-workers", "0", "--precision", "fp32", "--no-progress", "--iters", "3",
-              "--koleo-weight", "0", "--drop-path", "0", "--recipe", "paper")
+              "--koleo-weight", "0", "--drop-path", "0", "--recipe", "paper", *NO_SNAPSHOTS)
     single = run_3dino("pretrain", "-d", "990", *common, "--batch-size", "2", "--run", "single", env=env)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -36,7 +36,7 @@ from threedino_pipe.visualization.pca import border_mask, pca_maps
 DATASET = "Dataset990_MNITissue"
 NIFTIS = ("pca_rgb", "pca_foreground", "attention")
 FAST_PRETRAIN = ("--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision", "fp32",
-                 "--no-progress")
+                 "--no-progress", "--snapshot-every", "0")  # no checkpoint_<N>.pt: ~20 MB each, not read here
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

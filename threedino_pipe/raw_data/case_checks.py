@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from threedino_pipe.artifacts import DatasetJson
+from threedino_pipe.raw_data import itk_messages
 from threedino_pipe.raw_data.image_io import Geometry, is_nifti
 from threedino_pipe.raw_data.problems import Problem
 from threedino_pipe.raw_data.raw import CaseFiles, display_path
@@ -29,6 +30,8 @@ DIRECTION_ATOL = 1e-4  # direction cosines
 MIN_PRETRAIN_AXIS = 24  # voxels: pretraining keeps volumes whose smallest axis exceeds this (docs/method.md, Data)
 DICOM_GAP_RTOL = 0.05  # relative deviation of a DICOM slice gap from the median gap
 _MAX_LISTED = 10
+_ITK_FIX = ("the file was read anyway: check its orientation and slices in a viewer, and re-export it if they "
+            "are wrong")
 _BUG_FIX = "check that the file opens in an image viewer; if it does, report this as a bug of threedino-pipe"
 
 
@@ -42,7 +45,8 @@ class _Unreadable(Exception):
 
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[None]:
-    """Silence what ITK/GDCM print directly on file descriptor 2 (their reasons become problems)."""
+    """Silence what GDCM prints directly on file descriptor 2 (ITK's own messages become problems through
+    :mod:`.itk_messages`; the reasons of a failed read come with its exception)."""
     try:
         saved = os.dup(2)
     except OSError:
@@ -200,15 +204,17 @@ def check_file(path: Path, folder: Path, case_id: str, spec: DatasetJson, *, rol
     """
     rel = display_path(path, folder)
     try:
-        image, voxels = _read(path)
+        with itk_messages.collected() as itk_texts:
+            image, voxels = _read(path)
     except _Unreadable as exc:  # name the file relative to the dataset, as everywhere in the report
         return None, [Problem("error", rel, exc.problem.replace(str(path), rel), exc.fix, case_id)]
+    problems = [Problem("warning", rel, f"the image reader (ITK) warns: {itk_messages.about(path, text)}",
+                        _ITK_FIX, case_id) for text in itk_texts]
     problem, fix = _dimension_problem(image, case_id, role, spec)
     if problem:
-        return None, [Problem("error", rel, problem, fix, case_id)]
+        return None, [*problems, Problem("error", rel, problem, fix, case_id)]
     if role == "label":
-        return Geometry.of(image), _label_problems(voxels, spec, rel, case_id)
-    problems: list[Problem] = []
+        return Geometry.of(image), problems + _label_problems(voxels, spec, rel, case_id)
     if np.issubdtype(voxels.dtype, np.floating):
         nan, inf = int(np.isnan(voxels).sum()), int(np.isinf(voxels).sum())
         if nan or inf:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from threedino_pipe.raw_data import itk_messages
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
@@ -132,7 +133,7 @@ def read_sitk(path: str | Path) -> sitk.Image:
         raise UserError("the file is truncated: it holds fewer voxels than its header declares", file=path,
                         fix="re-export or copy the file again")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), itk_messages.warnings_of(path):
             warnings.simplefilter("ignore")
             if path.is_dir():
                 return _dicom_reader(path).Execute()
@@ -194,5 +195,5 @@ def read_image_with_nonfinite(path: str | Path) -> tuple[np.ndarray, Geometry]:
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, compress: bool = True) -> None:
     """Write an ``X x Y x Z`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
     image = from_array(array, geometry)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, itk_messages.warnings_of(path):
         sitk.WriteImage(image, str(tmp), useCompression=compress)

@@ -28,6 +28,7 @@ from threedino_pipe.planning.planner import (
 from threedino_pipe.planning.split_plan import plan_splits
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.locks import TargetLock
 
 FINETUNE_FLAGS = ("--norm", "--target-spacing", "--patch-size", "--batch-size", "--test-fraction", "--splits-from")
 
@@ -185,8 +186,9 @@ def run(dataset: str, *, preset: str | None = None, norm: str | None = None, tar
     out = paths.preprocessed_dataset(folder)
     plans_path = Plans.in_folder(out)
     changed = plans_path.is_file() and not plans.same_as_file(plans_path)
-    fingerprint.write(Fingerprint.in_folder(out))
-    plans.write(plans_path)
+    with TargetLock(out, "preprocessed dataset"):  # not while `preprocess` reads the plans and writes the data
+        fingerprint.write(Fingerprint.in_folder(out))
+        plans.write(plans_path)
     print_summary(plans, fingerprint, console)
     _warnings(plans, fingerprint, console, dataset)
     if changed:

@@ -24,6 +24,7 @@ from threedino_pipe.inference.model_loading import LoadedModel, load_models
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
 from threedino_pipe.runtime.distributed import DistInfo, barrier, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.locks import TargetLock
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
+        if ranks.is_main:  # rank 0 holds the output folder before anything is read; a second command refuses
+            stack.enter_context(TargetLock(output_dir, "output folder"))
         loaded = load_models(list(models), stack, checkpoint=checkpoint)
         cases = discover_cases(input_path, len(loaded[0].card.channel_names), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir)

@@ -26,6 +26,7 @@ from threedino_pipe.preprocessing.pipeline import check_recipe
 from threedino_pipe.raw_data.raw import CaseFiles, discover_cases
 from threedino_pipe.runtime import progress
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.locks import TargetLock
 from threedino_pipe.runtime.paths import preprocessed_dataset, resolve_dataset
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,12 @@ def run(dataset: str, *, configurations: list[str] | None = None, num_processes:
     """
     raw = resolve_dataset(dataset)
     out = preprocessed_dataset(raw)
+    with TargetLock(out, "preprocessed dataset"):  # before any file is read: a second command refuses at once
+        _preprocess(dataset, raw, out, configurations, num_processes)
+
+
+def _preprocess(dataset: str, raw: Path, out: Path, configurations: list[str] | None, num_processes: int) -> None:
+    """:func:`run` while holding the lock of the preprocessed folder ``out``."""
     plans_path = Plans.in_folder(out)
     if not plans_path.is_file():
         raise UserError("plans.json is missing", file=plans_path, fix=f"run `3dino plan -d {dataset}` first")
