@@ -308,6 +308,39 @@ def test_numbered_channel_groups_are_refused_by_a_one_channel_model(project, tmp
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_0000.nii.gz", "case_0001.nii.gz", "other.nii.gz"]
 
 
+def _predict_side_corpus(project: dict[str, Path], tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Broken predict calls: name -> (options after -i/-o, texts stderr must hold)."""
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("no model here")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(project["run_a"] / "model.json", no_weights / "model.json")
+    return {
+        "model folder without model.json": (["-m", str(not_a_run)], [str(not_a_run), "model.json"]),
+        "model folder without weights": (["-m", str(no_weights)], [str(no_weights), "checkpoint_best.pt"]),
+        "model that does not exist": (["-m", str(tmp_path / "missing")], [str(tmp_path / "missing")]),
+        "unknown checkpoint name": (["-m", str(project["run_a"]), "--checkpoint", "latest"],
+                                    ["--checkpoint", "best", "final"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["model folder without model.json", "model folder without weights",
+                                  "model that does not exist", "unknown checkpoint name"])
+def test_predict_side_corpus_is_refused_naming_the_fault(project, tmp_path, name):
+    """Each broken predict call: exit != 0, the file or option named, no traceback, nothing written."""
+    options, texts = _predict_side_corpus(project, tmp_path)[name]
+    out = tmp_path / "out"
+    proc = run_3dino("predict", "-i", str(project["scans"]), "-o", str(out), *options, "--no-progress",
+                     "--device", "cpu", env={"COLUMNS": "200"}, timeout=300)
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    flat = " ".join(proc.stderr.split())
+    for text in texts:
+        assert text in flat, (text, proc.stderr)
+    assert not out.exists()
+
+
 def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_path, caplog):
     """A real MNI152 scan (an oblique, anisotropic part of it) written as a DICOM series."""
     t1, _ = mni_images()
