@@ -50,6 +50,16 @@ def commands(iters: int = ITERS) -> list[str]:
             f"--recipe auto --num-workers 1 --run {RUN}"]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -131,7 +141,7 @@ def install_backbone(folder: Path, work: Path, iters: int) -> None:
     BundledBackboneRecord(
         file=BACKBONE.name, sha256=sha256(BACKBONE), commands=commands(iters), iterations=iters,
         wall_seconds=float((work / "seconds.txt").read_text()),
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        machine=f"{cpu_model()}, {os.cpu_count()} cores",
         made=time.strftime("%Y-%m-%d"), curves=CURVES.name,
         recipe_name=str(run.decisions.get("recipe", "auto")),
         deviations=dict(run.decisions.get("deviations_from_paper", {})),
