@@ -69,7 +69,7 @@ class DemoSize:
         return list(range(self.num_seeds))
 
 
-FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=100, num_seeds=3)
+FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=200, num_seeds=3)
 QUICK = DemoSize(train_cases=6, test_cases=2, pretrain_iters=6, highres_iters=2, finetune_iters=20, num_seeds=1)
 
 
