@@ -141,7 +141,8 @@ def test_two_preprocess_commands_on_one_dataset(tmp_path):
     reference = run_3dino("preprocess", "-d", "993", "-np", "1", env=env["reference"])
     assert reference.returncode == 0, reference.stderr
     expected = _bytes(roots["reference"])
-    assert sum(name.endswith(".b2nd") and "_seg" not in name for name in expected) == 3 * 16
+    # finetune and pretrain; pretrain_highres is skipped (no 32-voxel case passes its 48-voxel minimum axis)
+    assert sum(name.endswith(".b2nd") and "_seg" not in name for name in expected) == 2 * 16
 
     target = roots["raced"] / dataset.name
     raced = race(["preprocess", "-d", "993", "-np", "1"], env["raced"], target, watched=target,
@@ -152,7 +153,7 @@ def test_two_preprocess_commands_on_one_dataset(tmp_path):
         assert listing(target) == raced.files_at_stop  # deleted (and wrote) nothing, the winner's partials included
     finally:
         raced.kill_winner()
-    assert len([n for n in raced.files_at_stop if n.count("/") == 1]) < 3 * 16 * 2, "the winner had finished"
+    assert len([n for n in raced.files_at_stop if n.count("/") == 1]) < 2 * 16 * 2, "the winner had finished"
 
     again = run_3dino("preprocess", "-d", "993", "-np", "1", env=env["raced"])
     assert again.returncode == 0, again.stderr
