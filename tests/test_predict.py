@@ -128,8 +128,8 @@ def project(tmp_path_factory) -> dict[str, Path]:
     scans = root / "scans"
     for index in range(5):
         size = tuple(int(n) for n in rng.integers([34, 10, 30], [46, 14, 40]))
-        write_scan(body_scan(rng, size)[0], scan_geometry(rng, size), scans / f"patient_{index:04d}.nii.gz")
-    truncated = scans / "patient_0003.nii.gz"
+        write_scan(body_scan(rng, size)[0], scan_geometry(rng, size), scans / f"patient-{index:04d}.nii.gz")
+    truncated = scans / "patient-0003.nii.gz"
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     return {"root": root, "run_a": save_run(root / "run_a", plans, seed=0),
             "run_b": save_run(root / "run_b", plans, seed=1), "scans": scans}
@@ -143,7 +143,7 @@ def first_batch(project) -> tuple:
     return proc, out
 
 
-GOOD = ["patient_0000", "patient_0001", "patient_0002", "patient_0004"]
+GOOD = ["patient-0000", "patient-0001", "patient-0002", "patient-0004"]
 
 
 def _assert_same_geometry(a: Geometry, b: Geometry) -> None:
@@ -160,8 +160,8 @@ def test_batch_with_a_truncated_file(first_batch, project):
     failures = (out / "failures.csv").read_text().splitlines()
     assert failures[0] == "case,file,error" and len(failures) == 2
     case, file, error = failures[1].split(",", 2)
-    assert case == "patient_0003" and file.endswith("patient_0003.nii.gz") and "truncated" in error
-    assert "patient_0003 failed" in proc.stderr and "1 case(s) failed" in proc.stderr
+    assert case == "patient-0003" and file.endswith("patient-0003.nii.gz") and "truncated" in error
+    assert "patient-0003 failed" in proc.stderr and "1 case(s) failed" in proc.stderr
     for case in GOOD:  # the input's exact size, spacing, origin and direction; labels only
         labels, geo = read_image(out / f"{case}.nii.gz")
         _assert_same_geometry(geo, read_image(project["scans"] / f"{case}.nii.gz")[1])
@@ -185,7 +185,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, 
                           str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
                          timeout=600)
-    assert ddp.returncode != 0 and "patient_0003 failed" in ddp.stderr, ddp.stderr[-3000:]  # one case fails
+    assert ddp.returncode != 0 and "patient-0003 failed" in ddp.stderr, ddp.stderr[-3000:]  # one case fails
     assert not [line for line in ddp.stderr.splitlines() if "File" in line and "threedino_pipe" in line], \
         "a traceback through our code (torchrun prints its own when a rank exits 1)"
     assert (out / "failures.csv").read_text() == (first_batch[1] / "failures.csv").read_text()
@@ -203,16 +203,16 @@ def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_p
 
     out = tmp_path / "out"
     args = ["predict", "-i", str(project["scans"]), "-o", str(out), "-m", str(project["run_a"]), "--no-progress"]
-    raced = race(args, {"OMP_NUM_THREADS": "1"}, out, started=lambda: any(out.glob("patient_*.nii.gz")),
+    raced = race(args, {"OMP_NUM_THREADS": "1"}, out, started=lambda: any(out.glob("patient-*.nii.gz")),
                  watched=tmp_path)
     try:
         assert_refused(raced, "output folder", out)
-        assert "case(s)" not in raced.loser.stderr and "patient_" not in raced.loser.stderr
+        assert "case(s)" not in raced.loser.stderr and "patient-" not in raced.loser.stderr
         assert listing(tmp_path) == raced.files_at_stop  # the loser wrote nothing
     finally:
         raced.kill_winner()
     again = run_3dino(*args, "--continue", env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 1 and "patient_0003 failed" in again.stderr  # the truncated input, as before
+    assert again.returncode == 1 and "patient-0003 failed" in again.stderr  # the truncated input, as before
     assert "5 case(s); 0 already" not in again.stderr and "already predicted (--continue)" in again.stderr
     for case in GOOD:
         name = f"{case}.nii.gz"
@@ -223,15 +223,15 @@ def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_p
 def test_continue_predicts_only_what_is_missing(first_batch, project, tmp_path, caplog):
     out = tmp_path / "out"
     shutil.copytree(first_batch[1], out)
-    (out / "patient_0001.nii.gz").unlink()
+    (out / "patient-0001.nii.gz").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     with caplog.at_level(logging.INFO):
         assert predict.run(project["scans"], out, [project["run_a"]], resume=True) == 1  # the truncated file fails
     assert "5 case(s); 3 already predicted (--continue), predicting 2" in caplog.text
-    assert "patient_0001: done" in caplog.text and "patient_0000: done" not in caplog.text
+    assert "patient-0001: done" in caplog.text and "patient-0000: done" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz") if p.name in before} == before
-    np.testing.assert_array_equal(read_image(out / "patient_0001.nii.gz")[0],
-                                  read_image(first_batch[1] / "patient_0001.nii.gz")[0])
+    np.testing.assert_array_equal(read_image(out / "patient-0001.nii.gz")[0],
+                                  read_image(first_batch[1] / "patient-0001.nii.gz")[0])
     assert len((out / "failures.csv").read_text().splitlines()) == 2  # this run's failures only
 
 
@@ -288,8 +288,8 @@ def test_numbered_channel_groups_are_refused_by_a_one_channel_model(project, tmp
     scans = tmp_path / "scans"
     scans.mkdir()
     for index in range(2):
-        shutil.copy(project["scans"] / "patient_0000.nii.gz", scans / f"case_{index:04d}.nii.gz")
-    shutil.copy(project["scans"] / "patient_0001.nii.gz", scans / "other_0000.nii.gz")
+        shutil.copy(project["scans"] / "patient-0000.nii.gz", scans / f"case_{index:04d}.nii.gz")
+    shutil.copy(project["scans"] / "patient-0001.nii.gz", scans / "other_0000.nii.gz")
     out = tmp_path / "out"
     proc = run_3dino("predict", "-i", str(scans), "-o", str(out), "-m", str(project["run_a"]), "--no-progress",
                      "--device", "cpu", timeout=300)
@@ -382,7 +382,7 @@ def test_itk_warning_on_a_dicom_series_with_a_gap_is_our_warning_naming_the_seri
 def test_folds_are_averaged_and_probabilities_saved(project, tmp_path):
     scans = tmp_path / "in"
     scans.mkdir()
-    shutil.copy(project["scans"] / "patient_0000.nii.gz", scans / "p.nii.gz")
+    shutil.copy(project["scans"] / "patient-0000.nii.gz", scans / "p.nii.gz")
     probs = {}
     run_a, run_b = project["run_a"], project["run_b"]
     for name, runs in (("a", [run_a]), ("b", [run_b]), ("ab", [run_a, run_b])):
@@ -405,7 +405,7 @@ def test_folds_are_averaged_and_probabilities_saved(project, tmp_path):
 
 def test_tta_makes_the_prediction_flip_equivariant(project, tmp_path):
     """With all 8 flips averaged, predicting a scan flipped along i gives the flipped probabilities."""
-    array, geo = read_image(project["scans"] / "patient_0001.nii.gz")
+    array, geo = read_image(project["scans"] / "patient-0001.nii.gz")
     for name, data in (("orig", array), ("flip", array[::-1])):
         write_scan(np.ascontiguousarray(data), geo, tmp_path / name / f"{name}.nii.gz")
     probs = {}
@@ -431,7 +431,7 @@ def test_classification_writes_predictions_csv(project, tmp_path):
     parsed = read_predictions(out / "predictions.csv", ["benign", "malignant"])
     assert list(parsed.case_ids) == GOOD
     np.testing.assert_allclose(parsed.probs.sum(1), 1.0, atol=1e-5)
-    assert "patient_0003" in (out / "failures.csv").read_text()
+    assert "patient-0003" in (out / "failures.csv").read_text()
     before = (out / "predictions.csv").read_text()
     assert predict.run(project["scans"], out, [run], resume=True, num_workers=0) == 1
     assert (out / "predictions.csv").read_text() == before
@@ -454,7 +454,7 @@ def test_folds_by_number_and_checkpoint_best_or_final(project, tmp_path, monkeyp
     last iteration's weights, in run folders and in model zips."""
     scans = tmp_path / "in"
     scans.mkdir()
-    shutil.copy(project["scans"] / "patient_0000.nii.gz", scans / "p.nii.gz")
+    shutil.copy(project["scans"] / "patient-0000.nii.gz", scans / "p.nii.gz")
     results = tmp_path / "results" / "Dataset995_Bodies"
     fold0 = _copy_run(project["run_a"], results / "finetune__linear__none__pct100__fold0__seed0")
     fold1 = _copy_run(project["run_b"], results / "finetune__linear__none__pct100__fold1__seed1", fold=1)
