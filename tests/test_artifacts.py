@@ -25,6 +25,7 @@ from threedino_pipe.artifacts import (
     RunRecord,
     SegmentationValidation,
     Splits,
+    StudyKeys,
     Subset,
     VisualizeRecord,
 )
@@ -94,7 +95,10 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                 "num_cases": 3, "world_size": 1,
                 "options": {"overlap": 0.5, "tta": False, "window_batch_size": 1, "save_probabilities": False,
                             "precision": "fp32", "precision_requested": "auto", "device": "auto", "device_used": "cpu",
-                            "num_workers": 1, "continue": False, "checkpoint": "best"}}
+                            "num_workers": 1, "continue": False, "checkpoint": "best",
+                            "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10}}
+STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
+              "studies": {"39684a91631ceb9d": {"study_uid": "1.2.3"}}}
 SUMMARY = {"kind": "evaluation_summary", **HEAD, "mode": "evaluate", "task": "segmentation", "reference": "/ref",
            "prediction": "/pred", "dataset": None, "options": {"seed": 0, "num_bootstrap": 10, "confidence": 0.95},
            "labels": {"organ": [1]},
@@ -143,6 +147,7 @@ KINDS = [
     (SegmentationValidation, SEG_VALIDATION, "iters", (["best", "mean_dice"], "good")),
     (ProbeValidation, PROBE_VALIDATION, "metrics", (["best", "layers"], "four")),
     (PredictArgs, PREDICT_ARGS, "models", (["options", "continue"], "maybe")),
+    (StudyKeys, STUDY_KEYS, "salt", (["studies", "39684a91631ceb9d", "study_uid"], 3)),
     (EvaluationSummary, SUMMARY, "cases", (["cases", "failed", 0, "file"], 3)),
     (EmbedRecord, EMBED, "model", (["preprocessing", "resample"], "sometimes")),
     (VisualizeRecord, VISUALIZE, "pca", (["pca", "patches"], "many")),

@@ -324,8 +324,8 @@ def embed(
 @app.command()
 def predict(
     input_dir: Annotated[Path, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz channel "
-                         "files, plain single-channel files, or one DICOM series folder per case), a text file listing "
-                         "one scan per line, or one scan.")],
+                         "files, plain single-channel files), a folder tree of DICOM studies (any names and nesting), "
+                         "a text file listing one scan per line, or one scan.")],
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
     model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="Finetune run folder or model zip; "
                      "repeat -m for several folds (their probabilities are averaged).")] = None,
@@ -356,6 +356,14 @@ def predict(
     precision: Precision = "auto",
     num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Cases read and preprocessed ahead in "
                            "background threads while the current one is predicted (0 = none).")] = 1,
+    output_format: Annotated[list[str] | None, typer.Option("--output-format", help="nifti, dicom-seg or rtstruct; "
+                             "repeat or comma-separate for several (default: nifti; nifti,dicom-seg for DICOM "
+                             "input).")] = None,
+    series_rule: Annotated[list[str] | None, typer.Option("--series-rule", help="DICOM input: CHANNEL[:MODALITY]"
+                           "=REGEX, the SeriesDescription pattern (and modality) of a channel's series; "
+                           "repeatable.")] = None,
+    min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
+                          "series.")] = 10,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -370,7 +378,8 @@ def predict(
     raise typer.Exit(stage.run(input_dir, output_dir, model or [], overlap=overlap, tta=tta, resume=resume,
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
-                               selection=selection))
+                               selection=selection, output_formats=output_format, series_rules=series_rule,
+                               min_slices=min_slices))
 
 
 @app.command()

@@ -29,6 +29,7 @@ from threedino_pipe.artifacts.plans import (
 from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
 from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
+from threedino_pipe.artifacts.study_keys import StudyKeyEntry, StudyKeys
 from threedino_pipe.artifacts.subset import Subset
 from threedino_pipe.artifacts.validation import (
     ProbePoint,
@@ -40,7 +41,7 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings, BundledBackboneRecord)
+             DemoTimings, BundledBackboneRecord, StudyKeys)
 
 __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
@@ -49,5 +50,5 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "ImportedFold", "SplitPlan",
            "ListedCase", "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs",
            "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",
-           "RunRecord", "SegmentationValidation", "Splits", "StageTime", "Subset", "ValidationPoint",
-           "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder"]
+           "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
+           "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder"]

@@ -43,6 +43,9 @@ class PredictOptions(Record):
     num_workers: int = Field(ge=0)
     resume: bool = Field(alias="continue")
     checkpoint: Literal["best", "final"] = "best"
+    output_formats: list[Literal["nifti", "dicom-seg", "rtstruct"]] = ["nifti"]
+    series_rules: list[str] = []
+    min_slices: int = Field(default=10, ge=2)
 
 
 class PredictArgs(Artifact):

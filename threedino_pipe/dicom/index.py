@@ -179,12 +179,18 @@ class DicomIndex:
             return str(path)
 
 
-def iter_files(root: Path) -> Iterator[str]:
-    """Every regular file under ``root``, in a sorted walk (symbolic links to folders not followed)."""
+def iter_files(root: Path, exclude: Path | None = None) -> Iterator[str]:
+    """Every regular file under ``root``, in a sorted walk (symbolic links to folders not followed).
+
+    ``exclude``: a folder under ``root`` left out with everything in it (e.g. the output folder).
+    """
     if root.is_file():
         yield str(root)
         return
+    excluded = None if exclude is None else Path(exclude).resolve()
     for folder, dirs, files in os.walk(root):
+        if excluded is not None:
+            dirs[:] = [d for d in dirs if Path(folder, d).resolve() != excluded]
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(folder, name)
@@ -208,7 +214,8 @@ def _chunks(paths: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128) -> DicomIndex:
+def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128,
+                 exclude: str | Path | None = None) -> DicomIndex:
     """Index every DICOM file under ``root`` from headers only.
 
     Args:
@@ -216,6 +223,7 @@ def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128)
         processes: worker processes reading headers (1: read in this process). Trees of fewer
             than 1,000 files are always read in this process (a worker's start-up would cost more).
         chunk_size: files handed to a worker at a time.
+        exclude: a folder under ``root`` not to index (the output folder of a command).
 
     Raises:
         UserError: ``root`` does not exist.
@@ -224,7 +232,7 @@ def index_folder(root: str | Path, *, processes: int = 2, chunk_size: int = 128)
     if not root.exists():
         raise UserError("the DICOM input folder does not exist", file=root, fix="check the path given to -i")
     started = time.perf_counter()
-    walk = iter_files(root)
+    walk = iter_files(root, None if exclude is None else Path(exclude))
     first = list(itertools.islice(walk, IN_PROCESS_BELOW))
     paths: list[str] = []
     if processes <= 1 or len(first) < IN_PROCESS_BELOW:

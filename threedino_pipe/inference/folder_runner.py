@@ -47,10 +47,11 @@ class Failure:
 
 def failure_of(case: InputCase, exc: BaseException) -> Failure:
     """The failures.csv row of an exception raised while handling ``case``."""
+    fallback = case.label or str(case.files[0])
     if isinstance(exc, UserError):
-        return Failure(case.case_id, exc.file or str(case.files[0]), exc.problem)
+        return Failure(case.case_id, exc.file or fallback, exc.problem)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return Failure(case.case_id, str(case.files[0]), f"{type(exc).__name__}: {message}"[:500])
+    return Failure(case.case_id, fallback, f"{type(exc).__name__}: {message}"[:500])
 
 
 def part_path(output_dir: Path, name: str, rank: int, world_size: int) -> Path:
@@ -149,12 +150,14 @@ class BatchOutcome:
 
 def run_cases(cases: Sequence[InputCase], *, prepare: Callable[[InputCase], object],
               predict: Callable[[object], object], failures_path: Path, num_workers: int = 1,
-              on_result: Callable[[object], None] | None = None) -> BatchOutcome:
+              on_result: Callable[[object], None] | None = None,
+              failed_before: Sequence[Failure] = ()) -> BatchOutcome:
     """Prepare (read ahead) and predict every case; log each failure to ``failures_path`` and go on.
 
-    ``failures_path`` is (re)written at the start (header only) and after every failure.
+    ``failures_path`` is (re)written at the start (header, and ``failed_before``: inputs that failed
+    before reading, e.g. DICOM studies without usable series) and after every failure.
     """
-    failures: list[Failure] = []
+    failures: list[Failure] = list(failed_before)
     results = []
     write_failures(failures_path, failures)
     bar = progress.make_progress()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from threedino_pipe.runtime.errors import UserError
@@ -42,15 +42,39 @@ class InputCase:
 
     Attributes:
         case_id: the case name (output file stem, ``case_id`` in ``predictions.csv``).
-        files: one entry per model channel, in channel order (an image file or a DICOM series folder).
+        files: one entry per model channel, in channel order (an image file or a DICOM series folder;
+            for an indexed DICOM study, the first file of each chosen series).
+        series: for an indexed DICOM study (``inference.dicom_cases``), the chosen series per channel
+            (``dicom.index.SeriesRecord``), read by ``dicom.volume.read_series``; empty for files.
+        input_root: the folder the series were indexed under (messages show paths relative to it).
+        label: how failures.csv names the input when no file is to blame (the series UIDs for DICOM).
     """
 
     case_id: str
     files: tuple[Path, ...]
+    series: tuple = field(default=(), compare=False)
+    input_root: Path | None = None
+    label: str = ""
+
+    @property
+    def is_dicom(self) -> bool:
+        """True for an indexed DICOM study (its channels are series, not files)."""
+        return bool(self.series)
+
+    def display(self, path: str | Path) -> str:
+        """``path`` as messages show it: relative to the indexed input folder when it lies inside."""
+        if self.input_root is not None:
+            try:
+                return str(Path(path).relative_to(self.input_root))
+            except ValueError:
+                pass
+        return str(path)
 
     @property
     def output_ending(self) -> str:
-        """The ending of channel 0's file (``.nii.gz`` for a DICOM series folder)."""
+        """The ending of channel 0's file (``.nii.gz`` for a DICOM series folder or study)."""
+        if self.is_dicom:
+            return DICOM_OUTPUT_ENDING
         return split_ending(self.files[0])[1] or DICOM_OUTPUT_ENDING
 
     @property

@@ -41,13 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
+from threedino_pipe.dicom.volume import SeriesVolume, read_series
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
+from threedino_pipe.inference.case_outputs import CaseOutputs
 from threedino_pipe.inference.input_cases import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel
 from threedino_pipe.preprocessing.normalization import PAD_VALUE
 from threedino_pipe.preprocessing.pipeline import preprocess_case
-from threedino_pipe.raw_data.image_io import Geometry, read_image_with_nonfinite, write_image
+from threedino_pipe.raw_data.image_io import Geometry, read_image_with_nonfinite
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast
 
@@ -77,13 +79,18 @@ class InferenceOptions:
 
 @dataclass
 class PreparedCase:
-    """A case read and preprocessed: ``data`` is ``C x X' x Y' x Z'`` float32 (transposed order)."""
+    """A case read and preprocessed: ``data`` is ``C x X' x Y' x Z'`` float32 (transposed order).
+
+    ``source``: for a DICOM study, channel 0's series as read (``dicom.volume.SeriesVolume``), whose grid
+    the outputs are on and whose images the DICOM outputs reference.
+    """
 
     case: InputCase
     data: np.ndarray | None  # released (None) once the sliding window no longer needs it
     properties: PreprocessedCase
     geometry: Geometry
     seconds: float
+    source: SeriesVolume | None = None
 
 
 @dataclass
@@ -100,12 +107,31 @@ def _failure(problem: str, file: Path, fix: str | None = None) -> UserError:
     return UserError(problem, file=file, fix=fix)
 
 
+def read_series_case(case: InputCase) -> tuple[list[np.ndarray], Geometry, SeriesVolume]:
+    """A DICOM study's channel arrays (``X x Y x Z``, float32, CT in HU), channel 0's geometry and series.
+
+    Raises:
+        UserError: a series that cannot be read (named with study, series and file), or channels on other grids.
+    """
+    volumes = [read_series(series, display=case.display) for series in case.series]
+    first = volumes[0]
+    for index, volume in enumerate(volumes[1:], start=1):
+        if tuple(volume.geometry.size) != tuple(first.geometry.size):
+            raise _failure(f"channel {index:04d} (series {volume.series_uid}) has "
+                           f"{'x'.join(map(str, volume.geometry.size))} voxels but channel 0000 (series "
+                           f"{first.series_uid}) has {'x'.join(map(str, first.geometry.size))}",
+                           case.display(volume.instance_paths[0]), "give every channel of a study one grid")
+    return [v.array() for v in volumes], first.geometry, first
+
+
 def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
     """Channel arrays (``X x Y x Z``, NaN/Inf kept) and channel 0's geometry.
 
     Raises:
         UserError: an unreadable, truncated, non-3D or multi-component file, or channels whose sizes differ.
     """
+    if case.is_dicom:
+        return read_series_case(case)[:2]
     images, geometry_0 = [], None
     for index, path in enumerate(case.files):
         array, geo = read_image_with_nonfinite(path)
@@ -121,12 +147,16 @@ def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
 def prepare_case(case: InputCase, recipe: CasePreprocessing) -> PreparedCase:
     """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``)."""
     start = time.perf_counter()
-    images, geo = read_case(case)
+    source = None
+    if case.is_dicom:
+        images, geo, source = read_series_case(case)
+    else:
+        images, geo = read_case(case)
     try:
         data, _, properties = preprocess_case(images, geo, recipe)
     except UserError as exc:
-        raise _failure(exc.problem, case.files[0], exc.fix) from None
-    return PreparedCase(case, data, properties, geo, time.perf_counter() - start)
+        raise _failure(exc.problem, case.label or case.files[0], exc.fix) from None
+    return PreparedCase(case, data, properties, geo, time.perf_counter() - start, source)
 
 
 def flip_sets(tta: bool) -> list[tuple[int, ...]]:
@@ -246,8 +276,9 @@ def classify(data: np.ndarray, models: Sequence[LoadedModel], options: Inference
 
 
 def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
-                 device: torch.device, output_dir: Path) -> CaseResult:
-    """Predict a prepared case; segmentation writes ``<case><ending>`` (and probabilities) into ``output_dir``."""
+                 device: torch.device, output_dir: Path, outputs: CaseOutputs | None = None) -> CaseResult:
+    """Predict a prepared case; segmentation writes its outputs (``outputs``: formats and provenance; default
+    ``<case><ending>`` alone) and probabilities into ``output_dir``."""
     card = models[0].card
     result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds})
     start = time.perf_counter()
@@ -266,8 +297,8 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
                                      Path(output_dir) / f"{prepared.case.case_id}{PROBABILITIES}",
                                      output=output, names=card.output_names())
     del probs
-    result.output = Path(output_dir) / prepared.case.output_name
-    write_image(labels, prepared.geometry, result.output)
+    written = (outputs or CaseOutputs()).write(labels, prepared.case, prepared.geometry, prepared.source, output_dir)
+    result.output = written[-1]  # the label file, written last: its presence marks the case done
     del labels
     result.seconds["export"] = time.perf_counter() - start
     return result

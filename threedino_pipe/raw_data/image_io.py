@@ -192,8 +192,14 @@ def read_image_with_nonfinite(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
-def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, compress: bool = True) -> None:
-    """Write an ``X x Y x Z`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
+def write_image(array: np.ndarray, geometry: Geometry, path: str | Path, *, compress: bool = True,
+                notes: str | None = None) -> None:
+    """Write an ``X x Y x Z`` array with ``geometry`` to ``path`` atomically (format from the ending).
+
+    ``notes``: a line of text for the file's header (NIfTI: ``descrip``, at most 79 characters kept).
+    """
     image = from_array(array, geometry)
+    if notes:
+        image.SetMetaData("ITK_FileNotes", notes[:79])  # ITK's NIfTI writer puts it into descrip
     with atomic_path(path) as tmp, itk_messages.warnings_of(path):
         sitk.WriteImage(image, str(tmp), useCompression=compress)

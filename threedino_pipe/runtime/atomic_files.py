@@ -34,11 +34,13 @@ def _file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The temporary name keeps ``path``'s full suffix (e.g. ``.nii.gz``) so writers that pick a
-    format from the extension work unchanged.
+    format from the extension work unchanged. ``mode``: the file's permission bits (default: the
+    usual umask-based mode; ``0o600`` for a private file, which is never readable by others, not
+    even for a moment).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,16 +51,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _file_mode())  # mkstemp makes 0600 files; give the usual umask-based mode
+        os.chmod(tmp_path, _file_mode() if mode is None else mode)  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented, key-ordered-as-given JSON, atomically."""
-    with atomic_path(path) as tmp:
+def write_json(path: str | Path, data: Any, *, mode: int | None = None) -> None:
+    """Write ``data`` as indented, key-ordered-as-given JSON, atomically (``mode``: see :func:`atomic_path`)."""
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 

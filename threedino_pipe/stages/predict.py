@@ -1,14 +1,17 @@
 """``3dino predict``: every case of an input into the input's exact geometry (docs/predict.md).
 
-Writes into the output folder: one label image per case (``<case><ending>``, the input's format;
-NIfTI for DICOM series), optionally ``<case>_probabilities.npz``, ``predictions.csv`` for
-classification models, ``predict_args.json`` (models, checksums, version, options) and
-``failures.csv`` (``case,file,error``; header only when every case succeeded).
+Writes into the output folder: per case the formats of ``--output-format`` (``<case><ending>``, the
+label image in the input's format, NIfTI for DICOM; ``<case>_seg.dcm``; ``<case>_rtstruct.dcm``),
+optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification models,
+``predict_args.json`` (models, checksums, version, options) and ``failures.csv``
+(``case,file,error``; header only when every case succeeded). For DICOM input also
+``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -16,8 +19,13 @@ from pathlib import Path
 
 import torch
 
-from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions
+from threedino_pipe import __version__
+from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.dicom.seg_writer import ModelIdentity
+from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
 from threedino_pipe.inference import folder_runner
+from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
+from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
 from threedino_pipe.inference.fold_runs import runs_for_folds
 from threedino_pipe.inference.input_cases import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, load_models
@@ -43,13 +51,31 @@ def _check_options(overlap: float, window_batch_size: int, num_workers: int, pre
         raise UserError(f"unknown --precision {precision!r}", fix=f"pass one of {', '.join(PRECISIONS)}")
 
 
-def _check_outputs_spare_inputs(cases: list[InputCase], output_dir: Path) -> None:
+def _check_outputs_spare_inputs(cases: list[InputCase], output_dir: Path, outputs: CaseOutputs) -> None:
     inputs = {Path(f).resolve() for case in cases for f in case.files}
     for case in cases:
-        target = (output_dir / case.output_name).resolve()
-        if target in inputs:
-            raise UserError(f"the output of case '{case.case_id}' would overwrite its input", file=target,
-                            fix="write the predictions into another folder (-o)")
+        for name in outputs.names(case):
+            target = (output_dir / name).resolve()
+            if target in inputs:
+                raise UserError(f"the output of case '{case.case_id}' would overwrite its input", file=target,
+                                fix="write the predictions into another folder (-o)")
+
+
+def case_outputs(loaded: list[LoadedModel], formats: tuple[str, ...]) -> CaseOutputs:
+    """The outputs of a run: formats, the model identity (name, version, backbone tag, weights checksum), labels.
+
+    An ensemble is named by its runs' names joined by ``+`` and identified by the SHA-256 of its sorted
+    weights checksums.
+    """
+    card = loaded[0].card
+    names = [Path(m.source).name.removesuffix(".zip") for m in loaded]
+    checksums = sorted(m.weights_sha256 for m in loaded)
+    checksum = checksums[0] if len(checksums) == 1 else hashlib.sha256("".join(checksums).encode()).hexdigest()
+    model = ModelIdentity(name="+".join(names), version=f"threedino-pipe {__version__}",
+                          backbone_tag=card.backbone.tag, weights_checksum=checksum)
+    labels = {} if card.task == "classification" else {
+        int(v): str(n) for v, n in zip(card.output_values(), card.output_names(), strict=True) if int(v) != 0}
+    return CaseOutputs(formats=formats, model=model, labels=labels)
 
 
 def check_resume(path: Path, args: PredictArgs) -> None:
@@ -111,11 +137,14 @@ class FoldSelection:
 def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: float = 0.5, tta: bool = False,
         resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
         precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
-        selection: FoldSelection | None = None) -> int:
+        selection: FoldSelection | None = None, output_formats: list[str] | None = None,
+        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
-    (``-d -f``) names the models instead of ``models``.
+    (``-d -f``) names the models instead of ``models``. ``output_formats``: ``nifti``, ``dicom-seg``,
+    ``rtstruct`` (default: nifti, plus dicom-seg for DICOM input); ``series_rules``
+    (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -133,43 +162,82 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
     try:
         return _predict(input_path, output_dir, models, ranks, overlap=overlap, tta=tta, resume=resume,
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
-                        precision=precision, num_workers=num_workers, checkpoint=checkpoint)
+                        precision=precision, num_workers=num_workers, checkpoint=checkpoint,
+                        output_formats=list(output_formats or []), series_rules=list(series_rules or []),
+                        min_slices=min_slices)
     finally:
         cleanup()
 
 
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
-             num_workers: int, checkpoint: str) -> int:
+             num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
+             min_slices: int) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
         if ranks.is_main:  # rank 0 holds the output folder before anything is read; a second command refuses
             stack.enter_context(TargetLock(output_dir, "output folder"))
         loaded = load_models(list(models), stack, checkpoint=checkpoint)
-        cases = discover_cases(input_path, len(loaded[0].card.channel_names), exclude=output_dir)
-        _check_outputs_spare_inputs(cases, output_dir)
+        card = loaded[0].card
+        dicom = _dicom_input(input_path, output_dir, card.ordered_channel_names(), series_rules, min_slices,
+                             num_workers)
+        outputs = case_outputs(loaded, parse_formats(output_formats, dicom_input=dicom is not None))
+        cases = [] if dicom else discover_cases(input_path, len(card.channel_names), exclude=output_dir)
+        _check_outputs_spare_inputs(cases, output_dir, outputs)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
                                      precision=resolve_precision(precision, dev))
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
-                                 device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint)
+                                 device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
+                                 output_formats=list(outputs.formats), series_rules=series_rules,
+                                 min_slices=min_slices)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
-                           output=str(output_dir.resolve()), num_cases=len(cases), world_size=ranks.world_size,
-                           options=options)
+                           output=str(output_dir.resolve()), num_cases=dicom.usable if dicom else len(cases),
+                           world_size=ranks.world_size, options=options)
         if resume:
             check_resume(PredictArgs.in_folder(output_dir), args)
         barrier()  # every rank has checked the old predict_args.json before rank 0 replaces it
         output_dir.mkdir(parents=True, exist_ok=True)
         if ranks.rank == 0:
             args.write(PredictArgs.in_folder(output_dir))
+        failed_before: list[folder_runner.Failure] = []
+        if dicom is not None:
+            cases, failed_before = _name_studies(dicom, output_dir, ranks)
         for model in loaded:
             model.network.to(dev)
-        return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers)
+        return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
+                          failed_before if ranks.rank == 0 else [])
+
+
+def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
+                 min_slices: int, num_workers: int) -> DicomInput | None:
+    """The DICOM route's studies (``inference.dicom_cases``), or None for image files and the one-series folder."""
+    if min_slices < 2:
+        raise UserError(f"--min-slices {min_slices} is below 2", fix="pass 2 or more (the default is 10)")
+    index = index_dicom_input(input_path, exclude=output_dir, processes=max(1, num_workers))
+    if index is None:
+        if series_rules:
+            log.warning("--series-rule is used for DICOM studies only; the input holds none")
+        return None
+    return select_dicom(index, parse_rules(channel_names, series_rules), min_slices=min_slices)
+
+
+def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
+                  ) -> tuple[list[InputCase], list[folder_runner.Failure]]:
+    """Name every study by its salted key (rank 0 writes ``.study_keys.json`` and ``series_selection.csv``)."""
+    if ranks.rank == 0:
+        keys = StudyKeys.in_output(output_dir)
+        dicom.cases(keys)  # records every study's key
+        keys.write(StudyKeys.in_folder(output_dir))
+        dicom.write_selection(output_dir)
+    barrier()  # the other ranks name the studies with the salt rank 0 wrote
+    return dicom.cases(StudyKeys.read(StudyKeys.in_folder(output_dir)))
 
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
-               dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int) -> int:
+               dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
+               outputs: CaseOutputs, failed_before: list[folder_runner.Failure]) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
     mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
@@ -184,8 +252,8 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             folder_runner.write_csv(predictions_path, header, rows)
         elif ranks.rank == 0 and not resume:
             (output_dir / folder_runner.PREDICTIONS).unlink(missing_ok=True)
-    else:  # a label file is written last, so its presence marks a finished case
-        done = {c.case_id for c in mine if resume and (output_dir / c.output_name).is_file()
+    else:  # the label file is written last, so its presence marks a finished case
+        done = {c.case_id for c in mine if resume and (output_dir / outputs.marker(c)).is_file()
                 and (not inference.save_probabilities or (output_dir / f"{c.case_id}{PROBABILITIES}").is_file())}
     todo = [c for c in mine if c.case_id not in done]
     where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
@@ -200,9 +268,9 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
 
     outcome = folder_runner.run_cases(
         todo, prepare=lambda case: prepare_case(case, recipe),
-        predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir),
+        predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir, outputs),
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
-        num_workers=num_workers, on_result=on_result)
+        num_workers=num_workers, on_result=on_result, failed_before=failed_before)
     failures = len(outcome.failures)
     barrier()
     if ranks.world_size > 1 and ranks.rank == 0:

@@ -1,0 +1,128 @@
+"""DICOM studies as ``3dino predict`` cases: index a folder tree, choose each study's series, name the cases.
+
+The route (docs/predict.md, *DICOM input*): an input folder without image files at its top level
+is indexed from headers only (:func:`threedino_pipe.dicom.index.index_folder`); when it holds
+DICOM studies, each study's series are chosen for the model's channels
+(:func:`threedino_pipe.dicom.selection.select_series`, rules from the model card's channel names
+and ``--series-rule``, at least ``--min-slices`` slices). A usable study becomes one case named by
+its salted study key (:class:`threedino_pipe.artifacts.StudyKeys`); a study without usable
+series, or with two equally good ones, is a failure of that study only.
+
+The layout before this route stays as it was: a tree holding exactly one DICOM series, all its
+files in one folder (the input itself or one folder in it), is one case named by that folder and
+read by ITK (:mod:`threedino_pipe.inference.input_cases`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from threedino_pipe.artifacts import StudyKeys
+from threedino_pipe.dicom.index import DicomIndex, index_folder
+from threedino_pipe.dicom.selection import (
+    DEFAULT_MIN_SLICES,
+    ChannelRule,
+    StudySelection,
+    parse_series_rule,
+    rules_for_channels,
+    select_series,
+    write_selection_csv,
+)
+from threedino_pipe.inference.folder_runner import Failure
+from threedino_pipe.inference.input_cases import InputCase, is_image_file
+
+log = logging.getLogger(__name__)
+
+SELECTION_FILE = "series_selection.csv"
+
+
+def parse_rules(channel_names: dict[str, str], series_rules: Sequence[str]) -> list[ChannelRule]:
+    """The channel rules of a model: its channel names and the ``--series-rule CHANNEL[:MODALITY]=REGEX`` values.
+
+    Raises:
+        UserError: a malformed rule, a rule naming no channel, or a channel whose modality cannot be told.
+    """
+    patterns: dict[str, str] = {}
+    modalities: dict[str, str] = {}
+    for text in series_rules:
+        channel, modality, pattern = parse_series_rule(text)
+        patterns[channel] = pattern
+        if modality:
+            modalities[channel] = modality
+    return rules_for_channels(channel_names, patterns, modalities)
+
+
+def _is_single_series_folder(index: DicomIndex, source: Path) -> bool:
+    """True for the layout read before indexing: one series, all its files in ``source`` or one folder in it."""
+    series = list(index.iter_series())
+    if len(series) != 1 or index.skipped:
+        return False
+    folders = {Path(i.path).parent for i in series[0].instances}
+    if len(folders) != 1:
+        return False
+    folder = folders.pop().resolve()
+    return folder == source.resolve() or folder.parent == source.resolve()
+
+
+def index_dicom_input(source: Path, *, exclude: Path | None = None, processes: int = 2) -> DicomIndex | None:
+    """The index of ``source`` when it goes the DICOM route (module docstring), else None."""
+    source = Path(source)
+    if not source.is_dir():
+        return None
+    if any(is_image_file(entry) for entry in source.iterdir() if not entry.name.startswith(".")):
+        return None
+    index = index_folder(source, processes=max(1, processes), exclude=exclude)
+    if not index.studies or _is_single_series_folder(index, source):
+        return None
+    return index
+
+
+@dataclass
+class DicomInput:
+    """An indexed DICOM input and what selection made of each study."""
+
+    index: DicomIndex
+    selections: list[StudySelection]
+    channels: tuple[str, ...]  # channel keys in the model's order
+
+    @property
+    def usable(self) -> int:
+        """Studies whose every channel has its series."""
+        return sum(s.ok for s in self.selections)
+
+    def write_selection(self, output_dir: Path) -> Path:
+        """Write ``series_selection.csv`` (every series of every study) into ``output_dir``."""
+        path = Path(output_dir) / SELECTION_FILE
+        write_selection_csv(path, self.selections)
+        return path
+
+    def cases(self, keys: StudyKeys) -> tuple[list[InputCase], list[Failure]]:
+        """One case per usable study (named by its study key, sorted) and one failure per other study."""
+        cases, failures = [], []
+        for selection in self.selections:
+            key = keys.key_of(selection.study_uid)
+            if not selection.ok:
+                series = " ".join(d.series_uid for d in selection.decisions)
+                failures.append(Failure(key, f"series {series}" if series else f"study {selection.study_uid}",
+                                        selection.error.problem))
+                continue
+            chosen = tuple(selection.chosen[c] for c in self.channels)
+            label = "series " + " ".join(s.series_uid for s in chosen)
+            cases.append(InputCase(key, tuple(Path(s.instances[0].path) for s in chosen), series=chosen,
+                                   input_root=self.index.root, label=label))
+        for failure in failures:
+            log.warning("%s failed: %s", failure.case, failure.error)
+        return sorted(cases, key=lambda c: c.case_id), failures
+
+
+def select_dicom(index: DicomIndex, rules: Sequence[ChannelRule], *, min_slices: int = DEFAULT_MIN_SLICES
+                 ) -> DicomInput:
+    """Choose every study's series (``series_selection.csv`` rows; per-study failures kept, not raised)."""
+    selections = select_series(index, rules, min_slices=min_slices)
+    result = DicomInput(index, selections, tuple(r.channel for r in rules))
+    log.info("DICOM input: %d stud(ies), %d usable, %d series", len(selections), result.usable,
+             sum(len(s.decisions) for s in selections))
+    return result
