@@ -93,3 +93,22 @@ def test_the_bundled_backbone_is_a_tiny_vit_its_record_describes():
     # the same network at initialisation (docs/demo.md)
     assert record.final_signals["teacher_cls_std"] > 0.1 and record.final_signals["cls_rank"] > 5
     assert record.probe_curve[str(record.iterations)] > record.probe_curve["0"] + 0.02
+
+
+@pytest.mark.e2e
+def test_quick_demo_with_pretrain_here_runs_every_stage_and_says_so(tmp_path):
+    """`--pretrain-here` pretrains and adapts inside the demo; the report and demo.json say which backbone was
+    used, and the folder then refuses a run with the bundled backbone (other options)."""
+    out = tmp_path / "demo"
+    result = run_3dino("demo", "--quick", "--pretrain-here", "--out", str(out), "--no-progress", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = DemoLayout(out)
+    assert (layout.pretrain_run / "backbone.pt").is_file() and (layout.highres_run / "backbone.pt").is_file()
+    report = layout.report.read_text()
+    assert "pretrained inside this demo (--pretrain-here)" in report and "expect the `none` side to win" in report
+    seeds = pd.read_csv(layout.seeds_summary)
+    assert list(seeds["seed"].astype(str)) == ["0", "mean over seeds"]
+    assert 0.0 <= seeds["pretrained"].iloc[0] <= 1.0 and 0.0 <= seeds["none"].iloc[0] <= 1.0
+    assert json.loads((out / "demo.json").read_text())["options"]["backbone"] == "pretrain-here"
+    refused = run_3dino("demo", "--quick", "--out", str(out), "--no-progress")
+    assert refused.returncode != 0 and "other options" in refused.stderr and "Traceback" not in refused.stderr
