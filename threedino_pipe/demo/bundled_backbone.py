@@ -16,7 +16,6 @@ resolution. Rerunning the same command resumes (``--stop-after`` splits the run 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from threedino_pipe.artifacts import BundledBackboneRecord, DatasetJson, RunRecord, Splits
+from threedino_pipe.models.backbone_choice import file_sha256
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = HERE / "backbone_tiny_mni.pt"
@@ -58,14 +58,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make(work: Path, *, iters: int = ITERS, stop_after: int | None = None, install: bool = False) -> Path | None:
@@ -139,7 +131,7 @@ def install_backbone(folder: Path, work: Path, iters: int) -> None:
     run = RunRecord.read(folder / RunRecord.FILE)
     last = pd.read_csv(folder / "log.csv").iloc[-1]
     BundledBackboneRecord(
-        file=BACKBONE.name, sha256=sha256(BACKBONE), commands=commands(iters), iterations=iters,
+        file=BACKBONE.name, sha256=file_sha256(BACKBONE, digits=64), commands=commands(iters), iterations=iters,
         wall_seconds=float((work / "seconds.txt").read_text()),
         machine=f"{cpu_model()}, {os.cpu_count()} cores",
         made=time.strftime("%Y-%m-%d"), curves=CURVES.name,

@@ -127,7 +127,8 @@ def bundled_backbone() -> tuple[Path, BundledBackboneRecord]:
     Raises:
         UserError: the file or its record is missing, or the file's SHA-256 is not the recorded one.
     """
-    from threedino_pipe.demo.bundled_backbone import BACKBONE, RECORD, sha256
+    from threedino_pipe.demo.bundled_backbone import BACKBONE, RECORD
+    from threedino_pipe.models.backbone_choice import file_sha256
 
     fix = ("reinstall the package, rebuild the backbone with `make demo-backbone` (about an hour on 2 cores), or "
            "run `3dino demo --pretrain-here` to pretrain briefly inside the demo")
@@ -135,7 +136,7 @@ def bundled_backbone() -> tuple[Path, BundledBackboneRecord]:
         if not path.is_file():
             raise UserError("the demo's bundled backbone is missing", file=path, fix=fix)
     record = BundledBackboneRecord.read(RECORD)
-    if sha256(BACKBONE) != record.sha256:
+    if file_sha256(BACKBONE, digits=64) != record.sha256:
         raise UserError(f"the bundled backbone's SHA-256 is not the one its record {RECORD.name} states (the file "
                         "was changed or damaged)", file=BACKBONE, fix=fix)
     return BACKBONE, record
