@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--pretrain-iters", type=int, default=12_000)
     p.add_argument("--finetune-iters", type=int, default=600)
+    p.add_argument("--val-every", type=int, default=200,
+                   help="finetune validations (each sweeps the validation cases: about 50 s here at 1.0-1.5 mm)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pct", type=float, default=25.0)
     p.add_argument("--chunk", type=int, default=500, help="pretrain iterations per invocation of 3dino pretrain")
@@ -157,7 +159,8 @@ def finetune_and_evaluate(run: Runner, dataset_id: int, dataset_name: str, backb
     if (out / "per_case.csv").is_file():
         return out / "per_case.csv"
     run("finetune", "-d", str(dataset_id), "--pct", str(args.pct), "--head", "adapter", "--backbone", backbone,
-        "--iters", str(args.finetune_iters), "--seed", str(seed), "--precision", "fp32", "--num-workers", "1")
+        "--iters", str(args.finetune_iters), "--val-every", str(args.val_every), "--seed", str(seed), "--precision",
+        "fp32", "--num-workers", "1")
     pattern = f"finetune__adapter__*__pct{args.pct:g}__fold0__seed{seed}"
     folder = next(f for f in (run.work / "results" / dataset_name).glob(pattern)
                   if (f.name.split("__")[2] == "none") == (backbone == "none"))
