@@ -323,10 +323,10 @@ def embed(
 
 @app.command()
 def predict(
-    input_dir: Annotated[Path, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz channel "
-                         "files, plain single-channel files), a folder tree of DICOM studies (any names and nesting), "
-                         "a text file listing one scan per line, or one scan.")],
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
+    input_dir: Annotated[Path | None, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz "
+                         "channel files, plain single-channel files), a folder tree of DICOM studies (any names and "
+                         "nesting), a text file listing one scan per line, or one scan. Or --from-pacs.")] = None,
     model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="Finetune run folder or model zip; "
                      "repeat -m for several folds (their probabilities are averaged).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="With -f: the dataset whose finetune runs "
@@ -364,6 +364,18 @@ def predict(
                            "repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
                           "series.")] = 10,
+    from_pacs: Annotated[str | None, typer.Option("--from-pacs", help="Instead of -i: retrieve the --study studies "
+                         "from this DICOM node (AET@host:port; C-GET) or DICOMweb service (http(s) URL; WADO-RS) "
+                         "into OUT/.retrieved/.")] = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="With --from-pacs: a StudyInstanceUID to "
+                     "retrieve and predict; repeatable.")] = None,
+    send_to: Annotated[list[str] | None, typer.Option("--send-to", help="Send each case's DICOM results (SEG, "
+                       "RTSTRUCT) to this node (AET@host:port; C-STORE) or DICOMweb service (URL; STOW-RS) when "
+                       "it finishes; repeatable.")] = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title towards --from-pacs and --send-to "
+                        "nodes.")] = "THREEDINO",
+    move_listen: Annotated[str | None, typer.Option("--move-listen", help="With --from-pacs NODE: retrieve with "
+                           "C-MOVE, receiving on HOST:PORT (the node must know --ae-title there).")] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -379,7 +391,8 @@ def predict(
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
-                               min_slices=min_slices))
+                               min_slices=min_slices, from_pacs=from_pacs, studies=study, send_to=send_to,
+                               ae_title=ae_title, move_listen=move_listen))
 
 
 @app.command()
