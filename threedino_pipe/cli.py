@@ -396,6 +396,51 @@ def predict(
 
 
 @app.command()
+def listen(
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="The node's folder: incoming/, results/, "
+                          "journal.jsonl, listen.log (created; a restart in the same folder resumes).")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat for "
+                     "several folds (averaged).")],
+    ae_title: Annotated[str, typer.Option("--ae-title", help="The node's AE title (also the calling AE title "
+                        "towards --send-to).")] = "THREEDINO",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 11112,
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on (0.0.0.0: every interface).")
+                    ] = "127.0.0.1",
+    allow_ae: Annotated[list[str] | None, typer.Option("--allow-ae", help="Accept associations only from this "
+                        "calling AE title; repeatable (default: any).")] = None,
+    quiet_seconds: Annotated[float, typer.Option("--quiet-seconds", help="Predict a study once no file came for "
+                             "it for this many seconds.")] = 120.0,
+    send_to: Annotated[list[str] | None, typer.Option("--send-to", help="Send each study's DICOM results to this "
+                       "node (AET@host:port) or DICOMweb URL; repeatable.")] = None,
+    retry_seconds: Annotated[float, typer.Option("--retry-seconds", help="Wait after a failed send round before "
+                             "the next (doubles each round, at most 1 h).")] = 60.0,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Weights of each run: best or final.")] = "best",
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.99, help="Overlap of neighbouring sliding "
+                       "windows per axis.")] = 0.5,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation (8 flips; 8x slower).")] = False,
+    window_batch_size: Annotated[int, typer.Option("--window-batch-size", min=1, help="Sliding windows per "
+                                 "forward pass.")] = 1,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    output_format: Annotated[list[str] | None, typer.Option("--output-format", help="dicom-seg, rtstruct or nifti; "
+                             "repeat or comma-separate (default: dicom-seg).")] = None,
+    series_rule: Annotated[list[str] | None, typer.Option("--series-rule", help="CHANNEL[:MODALITY]=REGEX, the "
+                           "SeriesDescription pattern of a channel's series; repeatable.")] = None,
+    min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="Fewest slices of a usable series.")] = 10,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """A DICOM storage node: predict each study once it is quiet, send the results on (stops on SIGINT/SIGTERM)."""
+    _common(verbose, no_progress)
+    from threedino_pipe.stages import listen as stage
+    raise typer.Exit(stage.run(output_dir, model, ae_title=ae_title, port=port, bind=bind, allow_ae=allow_ae or [],
+                               quiet_seconds=quiet_seconds, send_to=send_to or [], retry_seconds=retry_seconds,
+                               checkpoint=checkpoint, overlap=overlap, tta=tta, window_batch_size=window_batch_size,
+                               device=device, precision=precision, output_formats=output_format,
+                               series_rules=series_rule or [], min_slices=min_slices))
+
+
+@app.command()
 def evaluate(
     reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference: a folder of label images "
                                             "(segmentation) or a case_id,label CSV (classification).")],
