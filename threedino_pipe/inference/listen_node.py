@@ -11,7 +11,6 @@ writes it, and a restarted node replays the whole journal through it, so both ag
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import sys
@@ -112,7 +111,7 @@ def remove_partial_files(incoming: Path) -> int:
 # that crashes leaves no prediction running into a folder its restart will use; then it becomes `3dino`.
 _BOOTSTRAP = """import ctypes, os, signal, sys
 try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
 except (OSError, AttributeError):
     pass
 if os.getppid() != int(sys.argv[1]):
@@ -171,7 +170,9 @@ def _worker_error(results: Path, returncode: int) -> str:
 
 def _chosen_series(path: Path) -> dict[str, str]:
     """Channel -> chosen SeriesInstanceUID from ``series_selection.csv`` (empty when there is none)."""
-    if not path.is_file():
+    header, rows = read_csv_rows(path)
+    try:
+        status, channel, series = (header.index(name) for name in ("status", "channel", "series_uid"))
+    except ValueError:  # no file, or another layout
         return {}
-    with path.open(newline="") as fh:
-        return {row["channel"]: row["series_uid"] for row in csv.DictReader(fh) if row.get("status") == "chosen"}
+    return {row[channel]: row[series] for row in rows if len(row) == len(header) and row[status] == "chosen"}

@@ -96,7 +96,7 @@ def run(output_dir: Path, models: Sequence[Path], *, ae_title: str = "THREEDINO"
              "--min-slices", str(min_slices), *(a for r in series_rules for a in ("--series-rule", r))]
     args += ["--tta"] if tta else []
     options = NodeOptions(formats, args, quiet_seconds, retry_seconds, link)
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     with TargetLock(output_dir, "listening node folder"):
         handler = logging.FileHandler(output_dir / LOG_FILE)
