@@ -101,7 +101,8 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
 
     node = _start(folder, port, project["run_a"], destination, log)
     try:
-        _wait_for(lambda: _events(folder, "done", mr_key), 180, "the MR study's `done`", node, log)
+        _wait_for(lambda: _events(folder, "done", mr_key) and _events(folder, "predicted", ct_key), 300,
+                  "the MR study's `done` and the CT study's `predicted`", node, log)
         assert _stop(node) == 0, log.read_text()
     finally:
         if node.poll() is None:

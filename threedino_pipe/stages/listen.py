@@ -206,9 +206,12 @@ class Node:
             extra = count_files(folder) - (state.total if state else 0)
             if extra > 0:  # stored before a crash ended the association
                 self.record("received", folder.name, instances=extra)
+        now = time.monotonic()
         for state in self.states.values():
             if state.phase == "predicting":  # the worker died with the node: predict it again
                 state.phase = "queued"
+            elif state.phase == "receiving":  # more files may come: a full quiet period again
+                self.arrivals[state.key] = now
         phases = [s.phase for s in self.states.values()]
         if phases:
             log.info("journal: %d stud(ies): %s", len(phases),

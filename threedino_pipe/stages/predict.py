@@ -198,6 +198,8 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         barrier()  # the other ranks index what rank 0 retrieved
         dicom = _dicom_input(input_path, output_dir, card.ordered_channel_names(), series_rules, min_slices,
                              num_workers, dicom_only=retrieving or asks_for_dicom(output_formats))
+        if retrieving and dicom is not None:  # .retrieved/ may hold earlier runs' studies: only --study's
+            dicom.selections = [s for s in dicom.selections if s.study_uid in link.studies]
         outputs = case_outputs(loaded, parse_formats(output_formats, dicom_input=dicom is not None or retrieving))
         if link is not None:
             link.check_formats(outputs.formats)
@@ -221,7 +223,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             args.write(PredictArgs.in_folder(output_dir))
         failed_before: list[folder_runner.Failure] = []
         if dicom is not None:
-            cases, failed_before = _name_studies(dicom, output_dir, ranks, link.studies if retrieving else None)
+            cases, failed_before = _name_studies(dicom, output_dir, ranks)
         for model in loaded:
             model.network.to(dev)
         sender = link.sender(JournalLine.in_folder(output_dir), outputs.formats) if link is not None else None
@@ -242,14 +244,9 @@ def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, st
     return select_dicom(index, parse_rules(channel_names, series_rules), min_slices=min_slices)
 
 
-def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo, wanted: tuple[str, ...] | None = None
+def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
                   ) -> tuple[list[InputCase], list[folder_runner.Failure]]:
-    """Name every study by its salted key (rank 0 writes ``.study_keys.json`` and ``series_selection.csv``).
-
-    ``wanted``: only these studies (``--study``: the retrieved folder may hold earlier runs' studies).
-    """
-    if wanted is not None:
-        dicom.selections = [s for s in dicom.selections if s.study_uid in wanted]
+    """Name every study by its salted key (rank 0 writes ``.study_keys.json`` and ``series_selection.csv``)."""
     if ranks.rank == 0:
         keys = StudyKeys.in_output(output_dir)
         dicom.cases(keys)  # records every study's key
