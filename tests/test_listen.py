@@ -47,18 +47,33 @@ def _start(folder: Path, port: int, model: Path, send_to: str, log: Path, crash:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("ab"), env=env)
 
 
-def _wait_for(condition, deadline_s: float, what: str, process: subprocess.Popen | None = None,
-              log: Path | None = None):
+def _diagnostics(folder: Path, log: Path) -> str:
+    """The node's stderr, journal and workers' logs (tails), for a failure message."""
+    parts = [log.read_text(errors="replace")[-3000:] if log.exists() else ""]
+    journal = JournalLine.in_folder(folder)
+    parts.append(journal.read_text(errors="replace")[-3000:] if journal.exists() else "(no journal)")
+    parts += [p.read_text(errors="replace")[-1500:] for p in sorted(folder.glob("results/*/predict.log"))]
+    return "\n----\n".join(parts)
+
+
+def _broken(folder: Path) -> bool:
+    """True when the journal shows what this test does not expect: a send failed, or the MR study failed."""
+    failed = [j for j in _events(folder, "predicted") if j.outcome == "failed"
+              and "no usable MR series" not in (j.error or "")]
+    return bool(failed or _events(folder, "send_failed"))
+
+
+def _wait_for(condition, deadline_s: float, what: str, process: subprocess.Popen, folder: Path, log: Path):
+    """Poll ``condition`` until it holds; fail early when the node ended or the journal shows a failure."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        if process is not None and process.poll() is not None:
+        if process.poll() is not None or _broken(folder):
             break
         time.sleep(0.25)
-    text = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"{what} did not happen within {deadline_s} s\n{text}")
+    raise AssertionError(f"{what} did not happen within {deadline_s} s\n{_diagnostics(folder, log)}")
 
 
 def _events(folder: Path, event: str, study: str | None = None) -> list[JournalLine]:
@@ -89,7 +104,10 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
         client.echo()  # waits (bounded: 480 tries, 2 min) until the node listens
         sent = client.store(study_files(mr) + study_files(ct))
         assert len(sent.stored) == len(study_files(mr)) + len(study_files(ct)) and not sent.refused
-        assert node.wait(timeout=300) == CRASH_EXIT_CODE, log.read_text()
+        deadline = time.monotonic() + 300  # the hook ends the node after the first acknowledged result
+        while node.poll() is None and not _broken(folder) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert node.poll() == CRASH_EXIT_CODE, _diagnostics(folder, log)
     finally:
         if node.poll() is None:
             node.kill()
@@ -102,8 +120,8 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
     node = _start(folder, port, project["run_a"], destination, log)
     try:
         _wait_for(lambda: _events(folder, "done", mr_key) and _events(folder, "predicted", ct_key), 300,
-                  "the MR study's `done` and the CT study's `predicted`", node, log)
-        assert _stop(node) == 0, log.read_text()
+                  "the MR study's `done` and the CT study's `predicted`", node, folder, log)
+        assert _stop(node) == 0, _diagnostics(folder, log)
     finally:
         if node.poll() is None:
             node.kill()
