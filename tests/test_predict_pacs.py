@@ -116,6 +116,20 @@ def test_dicomweb_source_and_destination(orthanc, dicom_studies, project, tmp_pa
     assert [(j.sop, j.to) for j in sent] == [(str(seg.SOPInstanceUID), orthanc.dicomweb_url)]
 
 
+def test_c_move_retrieval(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    orthanc.clear()
+    study = dicom_studies[1]["mr"]
+    upload(orthanc, study)
+    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"  # Orthanc knows THREEDINO at 127.0.0.1:move_port
+    out = tmp_path / "out"
+    proc = _predict(node, node, out, project["run_a"], study.identity.study_uid, "--move-listen",
+                    f"127.0.0.1:{orthanc.move_port}")
+    assert proc.returncode == 0, proc.stderr
+    key, = StudyKeys.read(StudyKeys.in_folder(out)).studies
+    assert len(list((out / ".retrieved" / key).glob("*.dcm"))) == len(study_files(study))
+    assert len(seg_instances(orthanc, study.identity.study_uid)) == 1
+
+
 def test_a_node_refusing_the_association_stops_the_command_clearly(orthanc, project, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     proc = run_3dino("predict", "--from-pacs", f"NOT_ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--study", "1.2.3",
