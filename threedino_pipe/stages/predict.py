@@ -5,7 +5,9 @@ label image in the input's format, NIfTI for DICOM; ``<case>_seg.dcm``; ``<case>
 optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification models,
 ``predict_args.json`` (models, checksums, version, options) and ``failures.csv``
 (``case,file,error``; header only when every case succeeded). For DICOM input also
-``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key).
+``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key); with
+``--from-pacs`` the retrieved studies in ``.retrieved/<study key>/``, and with ``--from-pacs`` or
+``--send-to`` the journal ``journal.jsonl`` (retrieved studies, acknowledged result objects).
 """
 
 from __future__ import annotations
