@@ -32,6 +32,7 @@ from threedino_pipe.inference.listen_node import (
     INCOMING,
     RESULTS,
     WORKER_LOG,
+    Outcome,
     StudyState,
     apply,
     collect,
@@ -246,17 +247,27 @@ class Node:
             return
         state = queued[0]
         results = self.results / state.results_name()
-        results.mkdir(parents=True, exist_ok=True)
-        entry = self.keys.studies.get(state.key)
-        if entry is not None:  # the worker names the study by the node's key
-            StudyKeys(salt=self.keys.salt, studies={state.key: entry}).write(StudyKeys.in_folder(results))
         self.record("started", state.key, cycle=state.cycle)
-        env = {k: v for k, v in os.environ.items() if k != CRASH_HOOK}  # the test hook is the node's, not the worker's
-        with (results / WORKER_LOG).open("ab") as out:
-            process = subprocess.Popen(worker_command(self.incoming / state.key, results, self.options.predict_args),
-                                       stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            process = self._spawn(state, results)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot start fails this study only
+            self.record("predicted", state.key, cycle=state.cycle, outcome="failed",
+                        error=f"the prediction could not start: {_problem(exc)}")
+            log.warning("study %s: the prediction could not start: %s", state.key, _problem(exc))
+            return
         self.worker = Worker(state, process, results, time.monotonic())
         log.info("study %s: predicting (cycle %d, process %d)", state.key, state.cycle, process.pid)
+
+    def _spawn(self, state: StudyState, results: Path) -> subprocess.Popen:
+        """Start the worker of ``state`` into ``results`` (named by the node's study key)."""
+        results.mkdir(parents=True, exist_ok=True)
+        entry = self.keys.studies.get(state.key)
+        if entry is not None:
+            StudyKeys(salt=self.keys.salt, studies={state.key: entry}).write(StudyKeys.in_folder(results))
+        env = {k: v for k, v in os.environ.items() if k != CRASH_HOOK}  # the test hook is the node's, not the worker's
+        with (results / WORKER_LOG).open("ab") as out:
+            return subprocess.Popen(worker_command(self.incoming / state.key, results, self.options.predict_args),
+                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def _reap_worker(self) -> None:
         worker = self.worker
@@ -266,7 +277,10 @@ class Node:
         if self.stop.is_set():
             return
         state, seconds = worker.state, time.monotonic() - worker.started
-        outcome = collect(self.folder, worker.results, state.key, self.options.formats, worker.process.returncode)
+        try:
+            outcome = collect(self.folder, worker.results, state.key, self.options.formats, worker.process.returncode)
+        except Exception as exc:  # noqa: BLE001 - a results folder the node cannot read fails this study only
+            outcome = Outcome([], {}, f"the results cannot be read: {_problem(exc)}")
         series = outcome.series_uids or None
         if outcome.error:
             self.record("predicted", state.key, cycle=state.cycle, outcome="failed", series_uids=series,
@@ -295,13 +309,14 @@ class Node:
             return
         try:
             self.sender.send_to(peer, state.key, [self.folder / o.file for o in state.outputs])
-        except UserError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a send round meets, the node goes on and retries later
+            problem = _problem(exc)
             attempt = state.attempts.get(peer.text, 0) + 1
             wait = min(MAX_RETRY_WAIT_S, self.options.retry_seconds * 2 ** (attempt - 1))
             retry_at = datetime.fromtimestamp(now + wait, UTC).isoformat(timespec="milliseconds")
-            self.record("send_failed", state.key, to=peer.text, attempt=attempt, error=exc.problem, retry_at=retry_at)
+            self.record("send_failed", state.key, to=peer.text, attempt=attempt, error=problem, retry_at=retry_at)
             log.warning("study %s: sending to %s failed (round %d): %s; next round in %g s", state.key, peer.text,
-                        attempt, exc.problem, wait)
+                        attempt, problem, wait)
 
     def _acknowledged(self, state: StudyState, peers: Sequence | None = None) -> bool:
         """True when every destination (or ``peers``) acknowledged every result of the study."""
@@ -321,3 +336,11 @@ class Node:
             worker.process.kill()
             worker.process.wait(timeout=STOP_WORKER_S)
         log.info("study %s: prediction interrupted; it is predicted again after a restart", worker.state.key)
+
+
+def _problem(exc: BaseException) -> str:
+    """One line saying what went wrong: a UserError's problem, else the exception's type and message."""
+    if isinstance(exc, UserError):
+        return exc.problem
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
