@@ -164,3 +164,34 @@ def test_listen_refuses_to_start_when_the_destination_refuses_the_association(or
     text = log.read_text()
     assert code == 2 and "Traceback" not in text, text
     assert "rejected the association permanently" in text and "NOT_ORTHANC" in text
+
+
+def test_journal_replay_cycles_and_a_torn_last_line(tmp_path):
+    from threedino_pipe.artifacts import Journal, JournalOutput
+    from threedino_pipe.inference.listen_node import apply
+
+    path = JournalLine.in_folder(tmp_path)
+    journal = Journal(path)
+    live: dict = {}
+    output = JournalOutput(kind="dicom-seg", file="results/k/k_seg.dcm", sop="2.25.1")
+    for event, fields in [("received", {"instances": 3, "calling_ae": "PACS"}), ("quiet", {"instances": 3}),
+                          ("started", {"cycle": 1}), ("received", {"instances": 2}),  # while predicting: next cycle
+                          ("predicted", {"cycle": 1, "outcome": "ok", "outputs": [output]}),
+                          ("sent", {"to": "PACS@h:104", "sop": "2.25.1"}), ("done", {"outputs": [output]})]:
+        apply(live, journal.add(event, "k", **fields))
+    state = live["k"]
+    assert (state.cycle, state.phase, state.instances, state.total, state.outputs) == (2, "receiving", 2, 5, [])
+    with path.open("ab") as fh:  # a crash in the middle of a write
+        fh.write(b'{"kind":"journal_line","schema_ver')
+    replayed: dict = {}
+    for line in read_journal(path):  # the torn line is left out
+        apply(replayed, line)
+    assert replayed == live
+    Journal(path).add("quiet", "k", instances=5)  # the next writer cuts the torn line off first
+    lines = read_journal(path)
+    assert len(lines) == 8 and lines[-1].event == "quiet" and path.read_bytes().endswith(b"\n")
+    apply(replayed, lines[-1])
+    assert replayed["k"].phase == "queued"
+    apply(replayed, Journal(path).add("started", "k", cycle=2))
+    apply(replayed, Journal(path).add("predicted", "k", cycle=2, outcome="failed", error="no usable MR series"))
+    assert replayed["k"].phase == "failed" and replayed["k"].results_name() == "k-2"
