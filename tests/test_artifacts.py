@@ -18,6 +18,7 @@ from threedino_pipe.artifacts import (
     EmbedRecord,
     EvaluationSummary,
     Fingerprint,
+    JournalLine,
     ModelCard,
     Plans,
     PredictArgs,
@@ -99,6 +100,10 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                             "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10}}
 STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
               "studies": {"39684a91631ceb9d": {"study_uid": "1.2.3"}}}
+JOURNAL_LINE = {"kind": "journal_line", **HEAD, "t": "2026-12-06T20:01:02.345+00:00", "event": "predicted",
+                "study": "39684a91631ceb9d", "cycle": 1, "outcome": "ok", "series_uids": {"0": "1.2.3.4"},
+                "outputs": [{"kind": "dicom-seg", "file": "results/39684a91631ceb9d/39684a91631ceb9d_seg.dcm",
+                             "sop": "2.25.1"}]}
 SUMMARY = {"kind": "evaluation_summary", **HEAD, "mode": "evaluate", "task": "segmentation", "reference": "/ref",
            "prediction": "/pred", "dataset": None, "options": {"seed": 0, "num_bootstrap": 10, "confidence": 0.95},
            "labels": {"organ": [1]},
@@ -148,6 +153,7 @@ KINDS = [
     (ProbeValidation, PROBE_VALIDATION, "metrics", (["best", "layers"], "four")),
     (PredictArgs, PREDICT_ARGS, "models", (["options", "continue"], "maybe")),
     (StudyKeys, STUDY_KEYS, "salt", (["studies", "39684a91631ceb9d", "study_uid"], 3)),
+    (JournalLine, JOURNAL_LINE, "event", (["outputs", 0, "sop"], 3)),
     (EvaluationSummary, SUMMARY, "cases", (["cases", "failed", 0, "file"], 3)),
     (EmbedRecord, EMBED, "model", (["preprocessing", "resample"], "sometimes")),
     (VisualizeRecord, VISUALIZE, "pca", (["pca", "patches"], "many")),

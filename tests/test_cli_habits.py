@@ -30,7 +30,7 @@ HABITS = [
     (["plan", "-d", "501", "--memory_gb", "4"], "--memory_gb: did you mean --memory-gb?"),
     (["finetune", "-d", "501", "-chk", "best"],
      "-chk: `3dino finetune` has no such option; the equivalent --checkpoint belongs to `3dino export` or "
-     "`3dino predict`"),
+     "`3dino listen` or `3dino predict`"),
 ]
 
 

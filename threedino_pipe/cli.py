@@ -323,10 +323,10 @@ def embed(
 
 @app.command()
 def predict(
-    input_dir: Annotated[Path, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz channel "
-                         "files, plain single-channel files), a folder tree of DICOM studies (any names and nesting), "
-                         "a text file listing one scan per line, or one scan.")],
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
+    input_dir: Annotated[Path | None, typer.Option("--input", "-i", help="A folder of scans ({case}_0000.nii.gz "
+                         "channel files, plain single-channel files), a folder tree of DICOM studies (any names and "
+                         "nesting), a text file listing one scan per line, or one scan. Or --from-pacs.")] = None,
     model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="Finetune run folder or model zip; "
                      "repeat -m for several folds (their probabilities are averaged).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="With -f: the dataset whose finetune runs "
@@ -364,6 +364,18 @@ def predict(
                            "repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
                           "series.")] = 10,
+    from_pacs: Annotated[str | None, typer.Option("--from-pacs", help="Instead of -i: retrieve the --study studies "
+                         "from this DICOM node (AET@host:port; C-GET) or DICOMweb service (http(s) URL; WADO-RS) "
+                         "into OUT/.retrieved/.")] = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="With --from-pacs: a StudyInstanceUID to "
+                     "retrieve and predict; repeatable.")] = None,
+    send_to: Annotated[list[str] | None, typer.Option("--send-to", help="Send each case's DICOM results (SEG, "
+                       "RTSTRUCT) to this node (AET@host:port; C-STORE) or DICOMweb service (URL; STOW-RS) when "
+                       "it finishes; repeatable.")] = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title towards --from-pacs and --send-to "
+                        "nodes.")] = "THREEDINO",
+    move_listen: Annotated[str | None, typer.Option("--move-listen", help="With --from-pacs NODE: retrieve with "
+                           "C-MOVE, receiving on HOST:PORT (the node must know --ae-title there).")] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -379,7 +391,53 @@ def predict(
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
-                               min_slices=min_slices))
+                               min_slices=min_slices, from_pacs=from_pacs, studies=study, send_to=send_to,
+                               ae_title=ae_title, move_listen=move_listen))
+
+
+@app.command()
+def listen(
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="The node's folder: incoming/, results/, "
+                          "journal.jsonl, listen.log (created; a restart in the same folder resumes).")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat for "
+                     "several folds (averaged).")],
+    ae_title: Annotated[str, typer.Option("--ae-title", help="The node's AE title (also the calling AE title "
+                        "towards --send-to).")] = "THREEDINO",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 11112,
+    bind: Annotated[str, typer.Option("--bind", help="Address to listen on (0.0.0.0: every interface).")
+                    ] = "127.0.0.1",
+    allow_ae: Annotated[list[str] | None, typer.Option("--allow-ae", help="Accept associations only from this "
+                        "calling AE title; repeatable (default: any).")] = None,
+    quiet_seconds: Annotated[float, typer.Option("--quiet-seconds", help="Predict a study once no file came for "
+                             "it for this many seconds.")] = 120.0,
+    send_to: Annotated[list[str] | None, typer.Option("--send-to", help="Send each study's DICOM results to this "
+                       "node (AET@host:port) or DICOMweb URL; repeatable.")] = None,
+    retry_seconds: Annotated[float, typer.Option("--retry-seconds", help="Wait after a failed send round before "
+                             "the next (doubles each round, at most 1 h).")] = 60.0,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Weights of each run: best or final.")] = "best",
+    overlap: Annotated[float, typer.Option("--overlap", min=0.0, max=0.99, help="Overlap of neighbouring sliding "
+                       "windows per axis.")] = 0.5,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation (8 flips; 8x slower).")] = False,
+    window_batch_size: Annotated[int, typer.Option("--window-batch-size", min=1, help="Sliding windows per "
+                                 "forward pass.")] = 1,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    output_format: Annotated[list[str] | None, typer.Option("--output-format", help="dicom-seg, rtstruct or nifti; "
+                             "repeat or comma-separate (default: dicom-seg).")] = None,
+    series_rule: Annotated[list[str] | None, typer.Option("--series-rule", help="CHANNEL[:MODALITY]=REGEX, the "
+                           "SeriesDescription pattern of a channel's series; repeatable.")] = None,
+    min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="Fewest slices of a usable series.")] = 10,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """A DICOM storage node: predict each study once it is quiet, send the results on (stops on SIGINT/SIGTERM)."""
+    _common(verbose, no_progress)
+    from threedino_pipe.stages import listen as stage
+    raise typer.Exit(stage.run(output_dir, model, ae_title=ae_title, port=port, bind=bind, allow_ae=allow_ae or [],
+                               quiet_seconds=quiet_seconds, send_to=send_to or [], retry_seconds=retry_seconds,
+                               checkpoint=checkpoint, overlap=overlap, tta=tta, window_batch_size=window_batch_size,
+                               device=device, precision=precision, output_formats=output_format,
+                               series_rules=series_rule or [], min_slices=min_slices))
 
 
 @app.command()

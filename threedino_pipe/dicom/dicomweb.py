@@ -25,6 +25,7 @@ from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its INFO lines name every request, per study
 
 
 @dataclass

@@ -174,7 +174,7 @@ class DimseClient:
 
         def on_open(event) -> None:
             opened.set()
-            _no_delay(event.assoc)
+            no_delay(event.assoc)
         assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, ext_neg=list(roles) or None,
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers])
         if not assoc.is_established:
@@ -336,7 +336,7 @@ class DimseClient:
             try:
                 server = scp.start_server(listen, block=False, evt_handlers=[
                     (evt.EVT_C_STORE, _store_handler(dest, result.files)),
-                    (evt.EVT_CONN_OPEN, lambda event: _no_delay(event.assoc))])
+                    (evt.EVT_CONN_OPEN, lambda event: no_delay(event.assoc))])
             except OSError as exc:
                 raise PermanentError(f"cannot listen on {listen[0]}:{listen[1]} for the C-MOVE ({exc})",
                                      fix="choose a free port for the storage node") from None
@@ -468,7 +468,7 @@ def _keep_responses_for_the_sender(assoc) -> None:
     dimse.get_msg = get_msg
 
 
-def _no_delay(assoc) -> None:
+def no_delay(assoc) -> None:
     """Switch off Nagle's algorithm on an association's socket.
 
     pynetdicom writes a DIMSE command and its dataset as separate PDUs; with Nagle on, each
@@ -506,11 +506,16 @@ def _safe_name(uid: str) -> str:
     return re.sub(r"[^0-9.]", "_", uid)[:80] or "unnamed"
 
 
+def instance_file_name(sop_instance_uid: str) -> str:
+    """A received instance's file name: ``<SOPInstanceUID>.dcm`` (other characters than digits and dots as ``_``)."""
+    return f"{_safe_name(sop_instance_uid)}.dcm"
+
+
 def _store_handler(dest: Path, files: list[Path]) -> Callable:
     """An EVT_C_STORE handler writing each received dataset, as received, to ``dest/<SOPInstanceUID>.dcm``."""
     def handle(event) -> int:
         try:
-            path = dest / f"{_safe_name(str(event.request.AffectedSOPInstanceUID))}.dcm"
+            path = dest / instance_file_name(str(event.request.AffectedSOPInstanceUID))
             with atomic_path(path) as tmp:
                 tmp.write_bytes(event.encoded_dataset(include_meta=True))
             files.append(path)

@@ -67,15 +67,20 @@ def _is_single_series_folder(index: DicomIndex, source: Path) -> bool:
     return folder == source.resolve() or folder.parent == source.resolve()
 
 
-def index_dicom_input(source: Path, *, exclude: Path | None = None, processes: int = 2) -> DicomIndex | None:
-    """The index of ``source`` when it goes the DICOM route (module docstring), else None."""
+def index_dicom_input(source: Path, *, exclude: Path | None = None, processes: int = 2,
+                      dicom_only: bool = False) -> DicomIndex | None:
+    """The index of ``source`` when it goes the DICOM route (module docstring), else None.
+
+    ``dicom_only`` (studies retrieved from a PACS, or DICOM outputs asked for): one series in one
+    folder goes the DICOM route too.
+    """
     source = Path(source)
     if not source.is_dir():
         return None
     if any(is_image_file(entry) for entry in source.iterdir() if not entry.name.startswith(".")):
         return None
     index = index_folder(source, processes=max(1, processes), exclude=exclude)
-    if not index.studies or _is_single_series_folder(index, source):
+    if not index.studies or (not dicom_only and _is_single_series_folder(index, source)):
         return None
     return index
 

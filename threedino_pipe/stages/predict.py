@@ -5,7 +5,9 @@ label image in the input's format, NIfTI for DICOM; ``<case>_seg.dcm``; ``<case>
 optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification models,
 ``predict_args.json`` (models, checksums, version, options) and ``failures.csv``
 (``case,file,error``; header only when every case succeeded). For DICOM input also
-``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key).
+``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key); with
+``--from-pacs`` the retrieved studies in ``.retrieved/<study key>/``, and with ``--from-pacs`` or
+``--send-to`` the journal ``journal.jsonl`` (retrieved studies, acknowledged result objects).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 
 from threedino_pipe import __version__
 from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.artifacts.journal import JournalLine
+from threedino_pipe.dicom.pacs import DEFAULT_CALLING_AE
 from threedino_pipe.dicom.seg_writer import ModelIdentity
 from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
 from threedino_pipe.inference import folder_runner
@@ -29,6 +33,7 @@ from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, 
 from threedino_pipe.inference.fold_runs import runs_for_folds
 from threedino_pipe.inference.input_cases import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, load_models
+from threedino_pipe.inference.pacs_cases import RETRIEVED, PacsLink, ResultSender, asks_for_dicom, retrieve_studies
 from threedino_pipe.inference.predictor import PROBABILITIES, CaseResult, InferenceOptions, predict_case, prepare_case
 from threedino_pipe.runtime.distributed import DistInfo, barrier, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
@@ -134,17 +139,22 @@ class FoldSelection:
         return runs_for_folds(self.dataset, self.folds, head=self.head, pct=self.pct, seed=self.seed)
 
 
-def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: float = 0.5, tta: bool = False,
+def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overlap: float = 0.5, tta: bool = False,
         resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
         precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
-        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES) -> int:
+        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, from_pacs: str | None = None,
+        studies: list[str] | None = None, send_to: list[str] | None = None, ae_title: str = DEFAULT_CALLING_AE,
+        move_listen: str | None = None) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
     (``-d -f``) names the models instead of ``models``. ``output_formats``: ``nifti``, ``dicom-seg``,
     ``rtstruct`` (default: nifti, plus dicom-seg for DICOM input); ``series_rules``
     (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
+    ``from_pacs`` (a node or DICOMweb URL, instead of ``input_path``) and ``studies``: retrieve these
+    studies first; ``send_to``: send each case's DICOM results when it finishes; ``ae_title``: ours;
+    ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``).
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -157,14 +167,19 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
     if checkpoint not in CHECKPOINT_FILES:
         raise UserError(f"unknown --checkpoint {checkpoint!r}", fix=f"pass one of {', '.join(CHECKPOINT_FILES)}")
     models = (selection or FoldSelection()).models(list(models or []))
-    input_path, output_dir = Path(input_path), Path(output_dir)
+    link = PacsLink.from_options(input_given=input_path is not None, from_pacs=from_pacs, studies=studies or [],
+                                 send_to=send_to or [], calling_ae=ae_title, move_listen=move_listen)
+    if link is not None:
+        link.check()  # a node that refuses us fails the command before anything is written
+    output_dir = Path(output_dir)
+    input_path = Path(input_path) if input_path is not None else output_dir / RETRIEVED
     ranks = init_distributed(device, backend="gloo", timeout=_DIST_TIMEOUT)  # gloo: only barriers are needed
     try:
         return _predict(input_path, output_dir, models, ranks, overlap=overlap, tta=tta, resume=resume,
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
-                        min_slices=min_slices)
+                        min_slices=min_slices, link=link)
     finally:
         cleanup()
 
@@ -172,7 +187,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
-             min_slices: int) -> int:
+             min_slices: int, link: PacsLink | None = None) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -180,10 +195,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             stack.enter_context(TargetLock(output_dir, "output folder"))
         loaded = load_models(list(models), stack, checkpoint=checkpoint)
         card = loaded[0].card
+        retrieving = link is not None and link.source is not None
+        failed_retrieval = retrieve_studies(link, output_dir, resume=resume) if retrieving and ranks.is_main else []
+        barrier()  # the other ranks index what rank 0 retrieved
         dicom = _dicom_input(input_path, output_dir, card.ordered_channel_names(), series_rules, min_slices,
-                             num_workers)
-        outputs = case_outputs(loaded, parse_formats(output_formats, dicom_input=dicom is not None))
-        cases = [] if dicom else discover_cases(input_path, len(card.channel_names), exclude=output_dir)
+                             num_workers, dicom_only=retrieving or asks_for_dicom(output_formats))
+        if retrieving and dicom is not None:  # .retrieved/ may hold earlier runs' studies: only --study's
+            dicom.selections = [s for s in dicom.selections if s.study_uid in link.studies]
+        outputs = case_outputs(loaded, parse_formats(output_formats, dicom_input=dicom is not None or retrieving))
+        if link is not None:
+            link.check_formats(outputs.formats)
+        cases = [] if dicom or retrieving else discover_cases(input_path, len(card.channel_names), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir, outputs)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
@@ -206,16 +228,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             cases, failed_before = _name_studies(dicom, output_dir, ranks)
         for model in loaded:
             model.network.to(dev)
+        sender = link.sender(JournalLine.in_folder(output_dir), outputs.formats) if link is not None else None
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
-                          failed_before if ranks.rank == 0 else [])
+                          [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], sender)
 
 
 def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
-                 min_slices: int, num_workers: int) -> DicomInput | None:
+                 min_slices: int, num_workers: int, dicom_only: bool = False) -> DicomInput | None:
     """The DICOM route's studies (``inference.dicom_cases``), or None for image files and the one-series folder."""
     if min_slices < 2:
         raise UserError(f"--min-slices {min_slices} is below 2", fix="pass 2 or more (the default is 10)")
-    index = index_dicom_input(input_path, exclude=output_dir, processes=max(1, num_workers))
+    index = index_dicom_input(input_path, exclude=output_dir, processes=max(1, num_workers), dicom_only=dicom_only)
     if index is None:
         if series_rules:
             log.warning("--series-rule is used for DICOM studies only; the input holds none")
@@ -237,7 +260,8 @@ def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
-               outputs: CaseOutputs, failed_before: list[folder_runner.Failure]) -> int:
+               outputs: CaseOutputs, failed_before: list[folder_runner.Failure],
+               sender: ResultSender | None = None) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
     mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
@@ -256,10 +280,18 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
         done = {c.case_id for c in mine if resume and (output_dir / outputs.marker(c)).is_file()
                 and (not inference.save_probabilities or (output_dir / f"{c.case_id}{PROBABILITIES}").is_file())}
     todo = [c for c in mine if c.case_id not in done]
+    if sender is not None:  # what an earlier run predicted but did not get acknowledged
+        failed_before = [*failed_before, *sender.catch_up(output_dir, [c.case_id for c in mine if c.case_id in done])]
     where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
     log.info("%d case(s)%s; %d already predicted (--continue), predicting %d on %s", len(cases), where,
              len(mine) - len(todo), len(todo), dev)
     recipe = card.preprocessing()
+
+    def predict_and_send(prepared) -> CaseResult:
+        result = predict_case(prepared, loaded, inference, dev, output_dir, outputs)
+        if sender is not None:  # a send that fails after its retries is this case's failure
+            sender.send_case(output_dir, result.case_id)
+        return result
 
     def on_result(result: CaseResult) -> None:
         if classification:
@@ -268,7 +300,7 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
 
     outcome = folder_runner.run_cases(
         todo, prepare=lambda case: prepare_case(case, recipe),
-        predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir, outputs),
+        predict=predict_and_send,
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result, failed_before=failed_before)
     failures = len(outcome.failures)

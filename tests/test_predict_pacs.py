@@ -1,0 +1,142 @@
+"""`3dino predict --from-pacs ... --send-to ...` against a real Orthanc (issue 14, integration step 4).
+
+The study is uploaded to Orthanc over its REST API, retrieved by the command (C-GET, or WADO-RS
+for a DICOMweb URL), predicted with test_predict's tiny MR model, and the SEG is sent back; Orthanc's
+REST API then finds it under the study, referencing the axial series. A resumed run predicts and
+sends nothing again; a node that refuses the association stops the command before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from conftest import run_3dino
+from test_dicom_pacs import identifiers, seg_instances, study_files
+from test_predict import one_thread, project  # noqa: F401 - fixtures: one torch thread; plans, runs and scans
+
+from threedino_pipe.artifacts import StudyKeys, read_journal
+from threedino_pipe.artifacts.journal import JournalLine
+
+pytestmark = pytest.mark.e2e
+
+ENV = {"OMP_NUM_THREADS": "1"}
+MISSING_STUDY = "1.2.826.0.1.3680043.8.498.99999999"
+
+
+def upload(orthanc, study) -> int:
+    """Store every file of ``study`` in Orthanc through its REST API; returns how many."""
+    files = study_files(study)
+    for path in files:
+        requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), timeout=30).raise_for_status()
+    return len(files)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _assert_nothing_identifies_the_patient(out: Path, study, *texts: str) -> None:
+    secrets = [s for s in identifiers(study) if s != "Test"]  # not pytest's folder names
+    for path in out.rglob("*"):
+        assert not any(s in path.name for s in secrets), path
+        if path.is_file() and path.suffix != ".dcm":  # the DICOM files carry the patient, as the standard requires
+            data = path.read_bytes()
+            data = gzip.decompress(data) if path.suffix == ".gz" else data
+            assert not any(s.encode() in data for s in secrets), path
+    for text in texts:
+        assert not any(s in text for s in secrets)
+
+
+def _predict(source: str, dest: str, out: Path, model: Path, *extra: str):
+    return run_3dino("predict", "--from-pacs", source, "--study", extra[0], *extra[1:], "-o", str(out), "-m",
+                     str(model), "--output-format", "nifti,dicom-seg", "--send-to", dest, "--num-workers", "0",
+                     "--no-progress", env=ENV)
+
+
+def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    orthanc.clear()
+    study = dicom_studies[1]["mr"]
+    uid = study.identity.study_uid
+    upload(orthanc, study)
+    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    out = tmp_path / "out"
+    proc = _predict(node, node, out, project["run_a"], uid, "--study", MISSING_STUDY)
+    assert proc.returncode == 1, proc.stderr  # the missing study fails alone; the other is predicted and sent
+    assert "Traceback" not in proc.stderr
+    keys = {entry.study_uid: key for key, entry in StudyKeys.read(StudyKeys.in_folder(out)).studies.items()}
+    key = keys[uid]
+    assert sorted(p.name for p in (out / ".retrieved").iterdir()) == [key]
+    failure, = _rows(out / "failures.csv")
+    assert failure["case"] == keys[MISSING_STUDY] and "has no study" in failure["error"]
+    rows = {r["series_uid"]: r for r in _rows(out / "series_selection.csv")}
+    assert rows[study.series["axial"]]["status"] == "chosen"
+
+    seg = pydicom.dcmread(out / f"{key}_seg.dcm", stop_before_pixels=True)
+    found = seg_instances(orthanc, uid)
+    assert len(found) == 1
+    tags = orthanc.rest(f"/instances/{found[0]['ID']}/tags?simplify")
+    assert tags["SOPInstanceUID"] == seg.SOPInstanceUID and tags["StudyInstanceUID"] == uid
+    assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == study.series["axial"]
+    journal = read_journal(JournalLine.in_folder(out))
+    assert [(j.event, j.study, j.sop, j.to) for j in journal if j.event == "sent"] == [
+        ("sent", key, str(seg.SOPInstanceUID), node)]
+    assert [(j.study, j.instances) for j in journal if j.event == "retrieved"] == [(key, len(study_files(study)))]
+
+    again = _predict(node, node, out, project["run_a"], uid, "--study", MISSING_STUDY, "--continue")
+    assert again.returncode == 1 and "1 already predicted" in again.stderr, again.stderr
+    assert "retrieved before (--continue)" in again.stderr
+    journal = read_journal(JournalLine.in_folder(out))
+    assert sum(j.event == "sent" for j in journal) == 1  # nothing sent twice
+    assert len(seg_instances(orthanc, uid)) == 1
+    _assert_nothing_identifies_the_patient(out, study, proc.stderr, again.stderr)
+
+
+def test_dicomweb_source_and_destination(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    if not orthanc.dicomweb:
+        pytest.skip("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
+    orthanc.clear()
+    study = dicom_studies[1]["mr"]
+    uid = study.identity.study_uid
+    upload(orthanc, study)
+    out = tmp_path / "out"
+    proc = _predict(orthanc.dicomweb_url, orthanc.dicomweb_url, out, project["run_a"], uid)
+    assert proc.returncode == 0, proc.stderr
+    key, = StudyKeys.read(StudyKeys.in_folder(out)).studies
+    seg = pydicom.dcmread(out / f"{key}_seg.dcm", stop_before_pixels=True)
+    found = seg_instances(orthanc, uid)
+    assert len(found) == 1 and orthanc.rest(f"/instances/{found[0]['ID']}/tags?simplify")["SOPInstanceUID"] == \
+        seg.SOPInstanceUID
+    sent = [j for j in read_journal(JournalLine.in_folder(out)) if j.event == "sent"]
+    assert [(j.sop, j.to) for j in sent] == [(str(seg.SOPInstanceUID), orthanc.dicomweb_url)]
+
+
+def test_c_move_retrieval(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    orthanc.clear()
+    study = dicom_studies[1]["mr"]
+    upload(orthanc, study)
+    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"  # Orthanc knows THREEDINO at 127.0.0.1:move_port
+    out = tmp_path / "out"
+    proc = _predict(node, node, out, project["run_a"], study.identity.study_uid, "--move-listen",
+                    f"127.0.0.1:{orthanc.move_port}")
+    assert proc.returncode == 0, proc.stderr
+    key, = StudyKeys.read(StudyKeys.in_folder(out)).studies
+    assert len(list((out / ".retrieved" / key).glob("*.dcm"))) == len(study_files(study))
+    assert len(seg_instances(orthanc, study.identity.study_uid)) == 1
+
+
+def test_a_node_refusing_the_association_stops_the_command_clearly(orthanc, project, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = run_3dino("predict", "--from-pacs", f"NOT_ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--study", "1.2.3",
+                     "-o", str(out), "-m", str(project["run_a"]), "--no-progress", env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "rejected the association permanently" in proc.stderr and "NOT_ORTHANC" in proc.stderr
+    assert "fix:" in proc.stderr and not out.exists()
+    proc = run_3dino("predict", "--study", "1.2.3", "-o", str(out), "-m", str(project["run_a"]), env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no input given" in proc.stderr and not out.exists()
