@@ -364,6 +364,10 @@ def predict(
                            "repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
                           "series.")] = 10,
+    qc: Annotated[bool, typer.Option("--qc/--no-qc", help="Segmentation models: qc.csv and qc_report.html "
+                  "(volumes, components, border share, confidence and flags per case and structure).")] = True,
+    qc_min_confidence: Annotated[float, typer.Option("--qc-min-confidence", min=0.0, max=1.0, help="QC: flag a "
+                                 "structure whose mean probability is below this (low_confidence).")] = 0.7,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -379,7 +383,7 @@ def predict(
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
-                               min_slices=min_slices))
+                               min_slices=min_slices, qc=qc, qc_min_confidence=qc_min_confidence))
 
 
 @app.command()

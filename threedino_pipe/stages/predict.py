@@ -5,7 +5,9 @@ label image in the input's format, NIfTI for DICOM; ``<case>_seg.dcm``; ``<case>
 optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification models,
 ``predict_args.json`` (models, checksums, version, options) and ``failures.csv``
 (``case,file,error``; header only when every case succeeded). For DICOM input also
-``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key).
+``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key). With
+``--qc`` (default) for segmentation models: ``qc.csv`` and ``qc_report.html`` per batch, from the
+per-case records ``.qc/<case>.json`` (``threedino_pipe.evaluation.qc_report``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 import torch
 
 from threedino_pipe import __version__
-from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, PredictArgs, PredictOptions, StudyKeys
 from threedino_pipe.dicom.seg_writer import ModelIdentity
 from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
+from threedino_pipe.evaluation.qc import DEFAULT_MIN_CONFIDENCE, check_min_confidence
+from threedino_pipe.evaluation.qc_report import QcBatch
 from threedino_pipe.inference import folder_runner
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
 from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
@@ -138,13 +142,15 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
         resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
         precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
-        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES) -> int:
+        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, qc: bool = True,
+        qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
     (``-d -f``) names the models instead of ``models``. ``output_formats``: ``nifti``, ``dicom-seg``,
     ``rtstruct`` (default: nifti, plus dicom-seg for DICOM input); ``series_rules``
-    (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
+    (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies. ``qc``
+    (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -154,6 +160,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
             nothing is written then.
     """
     _check_options(overlap, window_batch_size, num_workers, precision)
+    check_min_confidence(qc_min_confidence)
     if checkpoint not in CHECKPOINT_FILES:
         raise UserError(f"unknown --checkpoint {checkpoint!r}", fix=f"pass one of {', '.join(CHECKPOINT_FILES)}")
     models = (selection or FoldSelection()).models(list(models or []))
@@ -164,7 +171,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
-                        min_slices=min_slices)
+                        min_slices=min_slices, qc=qc, qc_min_confidence=qc_min_confidence)
     finally:
         cleanup()
 
@@ -172,7 +179,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
-             min_slices: int) -> int:
+             min_slices: int, qc: bool, qc_min_confidence: float) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -187,11 +194,11 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         _check_outputs_spare_inputs(cases, output_dir, outputs)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
-                                     precision=resolve_precision(precision, dev))
+                                     precision=resolve_precision(precision, dev), qc=_qc_applies(qc, card))
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,
-                                 min_slices=min_slices)
+                                 min_slices=min_slices, qc_min_confidence=qc_min_confidence)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
                            output=str(output_dir.resolve()), num_cases=dicom.usable if dicom else len(cases),
                            world_size=ranks.world_size, options=options)
@@ -206,8 +213,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             cases, failed_before = _name_studies(dicom, output_dir, ranks)
         for model in loaded:
             model.network.to(dev)
+        checks = QcBatch(output_dir, card, outputs.model.weights_checksum, qc_min_confidence, cases) \
+            if inference.qc else None
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
-                          failed_before if ranks.rank == 0 else [])
+                          failed_before if ranks.rank == 0 else [], checks)
+
+
+def _qc_applies(qc: bool, card: ModelCard) -> bool:
+    """``--qc`` for this model: segmentation only (a classification model is noted and not checked)."""
+    if qc and card.task == "classification":
+        log.info("QC (qc.csv, qc_report.html) is for segmentation models; this classification model has none")
+    return qc and card.task != "classification"
 
 
 def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
@@ -237,7 +253,7 @@ def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
-               outputs: CaseOutputs, failed_before: list[folder_runner.Failure]) -> int:
+               outputs: CaseOutputs, failed_before: list[folder_runner.Failure], checks: QcBatch | None = None) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
     mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
@@ -262,12 +278,14 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
     recipe = card.preprocessing()
 
     def on_result(result: CaseResult) -> None:
+        if checks is not None:
+            checks.add(result)
         if classification:
             rows.append(_prediction_row(result, list(card.class_names)))
             folder_runner.write_csv(predictions_path, header, rows)
 
     outcome = folder_runner.run_cases(
-        todo, prepare=lambda case: prepare_case(case, recipe),
+        todo, prepare=lambda case: prepare_case(case, recipe, inference.qc),
         predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir, outputs),
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result, failed_before=failed_before)
@@ -277,6 +295,8 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
         failures = len(folder_runner.merge_parts(output_dir, folder_runner.FAILURES, ranks.world_size))
         if classification:
             folder_runner.merge_parts(output_dir, folder_runner.PREDICTIONS, ranks.world_size, key_column=0)
+    if checks is not None and ranks.rank == 0:  # every rank's records are written: the batch files of all cases
+        checks.finish([c.case_id for c in cases if (output_dir / outputs.marker(c)).is_file()])
     predicted = len(outcome.results)
     if failures:
         log.warning("%d case(s) failed (listed in %s); %d predicted", failures, output_dir / folder_runner.FAILURES,
