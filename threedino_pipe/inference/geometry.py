@@ -238,7 +238,8 @@ def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase
                        output=output, values=values, confidence=confidence)
 
 
-def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int]) -> np.ndarray:
+def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int],
+                   confidence: ConfidenceSums | None = None) -> np.ndarray:
     """The label image on the preprocessed grid itself (``X' x Y' x Z'``), the rule of :func:`labels_on_crop`.
 
     What finetune's validation scores; for a case that needs no resampling it is the crop of what
@@ -246,7 +247,7 @@ def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequ
     """
     scores = as_channels(scores)
     return _label_rows(scores, scores.grid_shape, lambda channel, lo, hi: _as_numpy(channel[lo:hi]),
-                       output=output, values=values)
+                       output=output, values=values, confidence=confidence)
 
 
 def paste_into_input(cropped: np.ndarray, properties: PreprocessedCase) -> np.ndarray:
