@@ -91,6 +91,18 @@ def test_border_share_is_the_share_in_the_outermost_voxel_layer():
     assert border_share(np.zeros((4, 4, 4), bool)) == 0.0
 
 
+def test_a_case_is_measured_on_each_structure_s_bounding_box_as_on_the_whole_image():
+    rng = np.random.default_rng(0)
+    labels = ((rng.random((12, 9, 7)) < 0.15) * rng.integers(1, 3, (12, 9, 7))).astype(np.uint8)
+    labels[0, 0, 0] = 3  # a structure in a corner of the image
+    structures = [("a", 1, (1,)), ("b", 2, (2,)), ("corner", 3, (3,)), ("none", 4, (4,)), ("ab", 0, (1, 2))]
+    record = measure_case("x", labels, (1.0, 2.0, 3.0), structures, ConfidenceSums(5), weights_checksum="ab")
+    for measured, (name, _, values) in zip(record.structures, structures, strict=True):
+        whole = measure_structure(labels, name, values, (1.0, 2.0, 3.0), None)
+        assert measured == whole, name
+    assert record.structures[2].border_share == 1.0 and record.structures[3].voxels == 0
+
+
 def test_confidence_is_the_label_probability_over_its_voxels():
     # softmax, 3 channels over 4 voxels: argmax 1, 1, 2, 0
     probs = torch.tensor([[0.2, 0.1, 0.3, 0.6], [0.7, 0.5, 0.1, 0.3], [0.1, 0.4, 0.6, 0.1]]).reshape(3, 4, 1, 1)

@@ -64,31 +64,55 @@ def count_components(mask: np.ndarray) -> int:
     return int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1])
 
 
-def border_share(mask: np.ndarray) -> float:
-    """Share of the mask's voxels in the outermost voxel layer of the image (0 for an empty mask)."""
+Box = tuple[slice, slice, slice]
+
+
+def border_share(mask: np.ndarray, box: Box | None = None, shape: Sequence[int] | None = None) -> float:
+    """Share of the mask's voxels in the outermost voxel layer of the image (0 for an empty mask).
+
+    ``mask`` covers the whole image, or the region ``box`` (from 0, with stops) of an image of ``shape``.
+    """
     total = int(np.count_nonzero(mask))
     if not total:
         return 0.0
-    inner = mask[tuple(slice(1, max(1, n - 1)) for n in mask.shape)]
+    box = box or tuple(slice(0, n) for n in mask.shape)
+    shape = shape or mask.shape
+    inner = mask[tuple(slice(1 if b.start == 0 else 0, m - 1 if b.stop == n else m)
+                       for b, m, n in zip(box, mask.shape, shape, strict=True))]
     return (total - int(np.count_nonzero(inner))) / total
 
 
+def structure_boxes(labels: np.ndarray, structures: Structures) -> list[Box | None]:
+    """Per structure, the bounding box of its voxels in ``labels`` (None when it has none): one pass over the image."""
+    boxes = ndimage.find_objects(labels) if labels.size and int(labels.min()) >= 0 else []
+    out = []
+    for _, _, values in structures:
+        found = [boxes[v - 1] for v in values if 0 < v <= len(boxes) and boxes[v - 1] is not None]
+        out.append(tuple(slice(min(b[a].start for b in found), max(b[a].stop for b in found)) for a in range(3))
+                   if found else None)
+    return out
+
+
 def measure_structure(labels: np.ndarray, name: str, values: Sequence[int], spacing: Sequence[float],
-                      confidence: float | None) -> StructureQc:
-    """The measures of one structure (the voxels of ``labels`` holding any of ``values``)."""
-    mask = np.isin(labels, np.asarray(values, dtype=labels.dtype)) if len(values) > 1 else labels == values[0]
+                      confidence: float | None, box: Box | None = None) -> StructureQc:
+    """The measures of one structure (the voxels of ``labels`` holding any of ``values``; all inside ``box``
+    when given, so only that region is read)."""
+    region = labels if box is None else labels[box]
+    mask = np.isin(region, np.asarray(values, dtype=labels.dtype)) if len(values) > 1 else region == values[0]
     voxels = int(np.count_nonzero(mask))
     return StructureQc(name=name, label_values=[int(v) for v in values], voxels=voxels,
                        volume_ml=volume_ml(voxels, spacing), components=count_components(mask),
-                       border_share=border_share(mask),
+                       border_share=border_share(mask, box, labels.shape),
                        mean_confidence=None if not voxels or confidence is None else min(1.0, max(0.0, confidence)))
 
 
 def measure_case(case_id: str, labels: np.ndarray, spacing: Sequence[float], structures: Structures,
                  confidence: ConfidenceSums, *, weights_checksum: str, series_ranks: Sequence[int] = ()) -> CaseQc:
     """The QC record of one case: every structure of ``structures`` measured on ``labels`` (input grid)."""
-    measured = [measure_structure(labels, name, values, spacing, confidence.mean(channel))
-                for name, channel, values in structures]
+    boxes = structure_boxes(labels, structures)
+    measured = [measure_structure(labels, name, values, spacing, confidence.mean(channel), box)
+                if box is not None else measure_structure(labels[:0, :0, :0], name, values, spacing, None)
+                for (name, channel, values), box in zip(structures, boxes, strict=True)]
     return CaseQc(case_id=case_id, weights_checksum=weights_checksum, spacing_mm=[float(s) for s in spacing],
                   series_ranks=[int(r) for r in series_ranks], structures=measured)
 
