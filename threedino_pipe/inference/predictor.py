@@ -175,9 +175,10 @@ PREVIEW_VOXELS = 160  # a QC preview keeps at most about this many voxels per ax
 
 def preview_of(image: np.ndarray) -> tuple[np.ndarray, int]:
     """A copy of ``image`` taken every ``step`` voxels along each axis (at most about ``PREVIEW_VOXELS`` per
-    axis), and ``step``."""
+    axis; NaN/Inf as 0), and ``step``."""
     step = max(1, -(-max(image.shape) // PREVIEW_VOXELS))
-    return np.array(image[::step, ::step, ::step], dtype=np.float32), step
+    small = np.array(image[::step, ::step, ::step], dtype=np.float32)
+    return np.nan_to_num(small, copy=False, nan=0.0, posinf=0.0, neginf=0.0), step
 
 
 def prepare_case(case: InputCase, recipe: CasePreprocessing, preview: bool = False) -> PreparedCase:
