@@ -71,10 +71,14 @@ def csv_rows(records: Sequence[CaseQc], rules: QcRules) -> list[list[str]]:
     return [structure_row(r, s, rules) for r in sorted(records, key=lambda r: r.case_id) for s in r.structures]
 
 
-def _table(rows: Sequence[Sequence[str]]) -> pd.DataFrame:
-    """The report's table of ``qc.csv`` rows (the flag columns folded into one)."""
-    shown = [[*row[:9], row[-1] or "none"] for row in rows]
-    return pd.DataFrame(shown, columns=[*QC_COLUMNS[:9], "flags"])
+def _table(rows: Sequence[Sequence[str]], with_case: bool = True) -> pd.DataFrame:
+    """The report's table of ``qc.csv`` rows: the training range in one column, the flag columns folded into one."""
+    columns = ["case_id", "structure", "volume_ml", "training range (mL)", "components", "border_share",
+               "mean_confidence", "flags"]
+    shown = [[row[0], row[1], row[3], f"{row[7]} - {row[8]}" if row[7] else "not recorded", *row[4:7],
+              row[-1] or "none"] for row in rows]
+    start = 0 if with_case else 1
+    return pd.DataFrame([r[start:] for r in shown], columns=columns[start:])
 
 
 def _case_section(output_dir: Path, record: CaseQc, rules: QcRules) -> report.Section:
@@ -88,7 +92,7 @@ def _case_section(output_dir: Path, record: CaseQc, rules: QcRules) -> report.Se
                           "its modality (series_selection.csv says which and why).")
     rows = [structure_row(record, s, rules) for s in record.structures]
     return report.Section(f"{record.case_id}: {', '.join(flags)}", paragraphs=paragraphs,
-                          tables=[("", _table(rows))], figures=figures)
+                          tables=[("", _table(rows, with_case=False))], figures=figures)
 
 
 def _notes(rules: QcRules, card: ModelCard) -> list[str]:
@@ -113,7 +117,7 @@ def render_report(output_dir: Path, records: Sequence[CaseQc], missing: Sequence
     info = [("cases with QC", str(len(ordered))), ("flagged cases", str(len(flagged))),
             ("low confidence below", f"{rules.min_confidence:g}"),
             ("training volume ranges", "not recorded" if ranges is None else
-             "; ".join(f"{name} {r.min_ml:.3g}-{r.max_ml:.3g} mL" for name, r in ranges.items()))]
+             "; ".join(f"{name} {r.min_ml:.1f} - {r.max_ml:.1f} mL" for name, r in ranges.items()))]
     warnings = []
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED]) + (" ..." if len(missing) > _MAX_LISTED else "")
