@@ -12,6 +12,7 @@ from threedino_pipe.artifacts import (
     ARTIFACTS,
     BundledBackboneRecord,
     CaseProperties,
+    CaseQc,
     DatasetJson,
     DemoRecord,
     DemoTimings,
@@ -97,7 +98,12 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                 "options": {"overlap": 0.5, "tta": False, "window_batch_size": 1, "save_probabilities": False,
                             "precision": "fp32", "precision_requested": "auto", "device": "auto", "device_used": "cpu",
                             "num_workers": 1, "continue": False, "checkpoint": "best",
-                            "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10}}
+                            "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10,
+                            "qc": True, "qc_min_confidence": 0.7}}
+CASE_QC = {"kind": "case_qc", **HEAD, "case_id": "39684a91631ceb9d", "weights_checksum": "cd" * 32,
+           "spacing_mm": [0.8, 0.8, 3.0], "series_ranks": [2],
+           "structures": [{"name": "organ", "label_values": [1], "voxels": 1000, "volume_ml": 1.92, "components": 2,
+                           "border_share": 0.05, "mean_confidence": 0.91}], "thumbnail": "39684a91631ceb9d.png"}
 STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
               "studies": {"39684a91631ceb9d": {"study_uid": "1.2.3"}}}
 JOURNAL_LINE = {"kind": "journal_line", **HEAD, "t": "2026-12-06T20:01:02.345+00:00", "event": "predicted",
@@ -154,6 +160,7 @@ KINDS = [
     (PredictArgs, PREDICT_ARGS, "models", (["options", "continue"], "maybe")),
     (StudyKeys, STUDY_KEYS, "salt", (["studies", "39684a91631ceb9d", "study_uid"], 3)),
     (JournalLine, JOURNAL_LINE, "event", (["outputs", 0, "sop"], 3)),
+    (CaseQc, CASE_QC, "structures", (["structures", 0, "voxels"], "many")),
     (EvaluationSummary, SUMMARY, "cases", (["cases", "failed", 0, "file"], 3)),
     (EmbedRecord, EMBED, "model", (["preprocessing", "resample"], "sometimes")),
     (VisualizeRecord, VISUALIZE, "pca", (["pca", "patches"], "many")),

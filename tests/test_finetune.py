@@ -27,6 +27,7 @@ from threedino_pipe.models.backbone_choice import resolve_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.models.weight_files import save_backbone
+from threedino_pipe.raw_data.image_io import read_image
 from threedino_pipe.runtime.atomic_files import write_json
 from threedino_pipe.stages.finetune import output_targets
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, case_labels, curve_panels
@@ -40,7 +41,7 @@ FAST = ("--preset", "tiny", "--pct", "50", "--num-workers", "0", "--precision", 
 MODEL_KEYS = {"kind", "schema_version", "version", "task", "dataset", "plans", "configuration", "channel_names",
               "labels", "regions_class_order", "class_names", "head", "model_args", "backbone", "in_channels",
               "num_outputs", "output", "patch_size", "weights", "fold", "pct", "seed", "best_iteration",
-              "best_metric"}
+              "best_metric", "label_volumes_ml"}
 
 
 @pytest.fixture
@@ -114,6 +115,22 @@ def test_backbone_auto_prefers_newest_highres_run(tmp_path):
     assert resolve_backbone("none", results).model is None
 
 
+def _assert_training_volume_ranges(recorded: dict, env: dict, folder: Path) -> None:
+    """model.json's label_volumes_ml: per label, the smallest and largest volume (mL) of the run's training
+    labels, as the raw label images give them (voxels x voxel volume)."""
+    ids = json.loads((folder / "subset.json").read_text())["ids"]
+    volumes: dict[str, list[float]] = {"grey_matter": [], "white_matter": []}
+    for case in ids:
+        label, geometry = read_image(Path(env["THREEDINO_RAW"]) / DATASET / "labelsTr" / f"{case}.nii.gz")
+        for value, name in enumerate(volumes, start=1):
+            volumes[name].append(float((label == value).sum()) * float(np.prod(geometry.spacing)) / 1000)
+    assert set(recorded) == set(volumes) and len(ids) >= 2
+    for name, found in volumes.items():
+        assert recorded[name]["min_ml"] == pytest.approx(min(found), rel=1e-9)
+        assert recorded[name]["max_ml"] == pytest.approx(max(found), rel=1e-9)
+        assert 10 < recorded[name]["min_ml"] <= recorded[name]["max_ml"] < 3000  # a brain's tissue, in mL
+
+
 # ----- the command ----------------------------------------------------------------------------------
 def test_random_init_unetr_learns_tissue_model_json_reproduces_validation_same_subset_any_backbone(env, tmp_path):
     """``--backbone none`` (the paper's Random baseline, default head unetr), tiny preset, 12 iterations.
@@ -157,6 +174,7 @@ def test_random_init_unetr_learns_tissue_model_json_reproduces_validation_same_s
     assert (model_json["fold"], model_json["pct"], model_json["seed"]) == (0, 50.0, 0)
     assert model_json["best_iteration"] == 12
     assert model_json["best_metric"] == {"name": "dice", "value": best["mean_dice"]}
+    _assert_training_volume_ranges(model_json["label_volumes_ml"], env, folder)
     net = build_segmentation_model(**model_json["model_args"])
     net.load_state_dict(torch.load(folder / model_json["weights"], weights_only=True)["model"])
     torch.manual_seed(0)  # --seed 0: the initialisation the run started from

@@ -170,7 +170,8 @@ def test_batch_with_a_truncated_file(first_batch, project):
     assert args["kind"] == "predict_args" and args["options"]["overlap"] == 0.5
     model = args["models"][0]
     assert model["source"] == str(project["run_a"].resolve()) and len(model["weights_sha256"]) == 64
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary file is left behind"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".qc"], "no temporary file is left behind"
+    assert sorted(p.name for p in (out / ".qc").iterdir()) == sorted(f"{c}{e}" for c in GOOD for e in (".json", ".png"))
 
 
 def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, tmp_path):
@@ -194,6 +195,7 @@ def test_torchrun_two_ranks_write_what_one_process_writes(first_batch, project, 
         np.testing.assert_array_equal(read_image(out / f"{case}.nii.gz")[0],
                                       read_image(first_batch[1] / f"{case}.nii.gz")[0])
     assert read_json(out / "predict_args.json")["world_size"] == 2
+    assert (out / "qc.csv").read_text() == (first_batch[1] / "qc.csv").read_text()  # rank 0 reads every rank's QC
 
 
 def test_two_predict_commands_into_one_output_folder(first_batch, project, tmp_path):
@@ -238,13 +240,13 @@ def test_continue_predicts_only_what_is_missing(first_batch, project, tmp_path, 
 def test_continue_refuses_a_folder_written_by_another_model(first_batch, project, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first_batch[1], out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(UserError, match="written by another model") as err:
         predict.run(project["scans"], out, [project["run_b"]], resume=True)
     assert "new output folder" in err.value.render()
     with pytest.raises(UserError, match="--overlap 0.75 into a folder predicted with --overlap 0.5"):
         predict.run(project["scans"], out, [project["run_a"]], resume=True, overlap=0.75)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_model_zip_in_a_fresh_directory_gives_the_same_outputs(first_batch, project, tmp_path, monkeypatch):
@@ -356,8 +358,8 @@ def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_
     assert series_geo.size == geo.size
     with caplog.at_level(logging.INFO):
         assert predict.run(tmp_path / "in", tmp_path / "out", [project["run_a"]], num_workers=0) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["failures.csv", "mni_scan.nii.gz",
-                                                                   "predict_args.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".qc", "failures.csv", "mni_scan.nii.gz",
+                                                                   "predict_args.json", "qc.csv", "qc_report.html"]
     labels, out_geo = read_image(tmp_path / "out" / "mni_scan.nii.gz")
     assert labels.shape == series_array.shape
     assert out_geo.size == series_geo.size
@@ -432,6 +434,7 @@ def test_classification_writes_predictions_csv(project, tmp_path):
     assert list(parsed.case_ids) == GOOD
     np.testing.assert_allclose(parsed.probs.sum(1), 1.0, atol=1e-5)
     assert "patient-0003" in (out / "failures.csv").read_text()
+    assert not (out / "qc.csv").exists() and not (out / ".qc").exists()  # QC is for segmentation models
     before = (out / "predictions.csv").read_text()
     assert predict.run(project["scans"], out, [run], resume=True, num_workers=0) == 1
     assert (out / "predictions.csv").read_text() == before

@@ -376,6 +376,10 @@ def predict(
                         "nodes.")] = "THREEDINO",
     move_listen: Annotated[str | None, typer.Option("--move-listen", help="With --from-pacs NODE: retrieve with "
                            "C-MOVE, receiving on HOST:PORT (the node must know --ae-title there).")] = None,
+    qc: Annotated[bool, typer.Option("--qc/--no-qc", help="Segmentation models: qc.csv and qc_report.html "
+                  "(volumes, components, border share, confidence and flags per case and structure).")] = True,
+    qc_min_confidence: Annotated[float, typer.Option("--qc-min-confidence", min=0.0, max=1.0, help="QC: flag a "
+                                 "structure whose mean probability is below this (low_confidence).")] = 0.7,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -392,7 +396,8 @@ def predict(
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
                                min_slices=min_slices, from_pacs=from_pacs, studies=study, send_to=send_to,
-                               ae_title=ae_title, move_listen=move_listen))
+                               ae_title=ae_title, move_listen=move_listen, qc=qc,
+                               qc_min_confidence=qc_min_confidence))
 
 
 @app.command()

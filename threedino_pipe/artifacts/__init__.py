@@ -13,12 +13,13 @@ from threedino_pipe.artifacts.case_properties import (
     ImageGeometry,
     PreprocessedCase,
 )
+from threedino_pipe.artifacts.case_qc import CaseQc, StructureQc
 from threedino_pipe.artifacts.dataset_json import DatasetJson, ListedCase
 from threedino_pipe.artifacts.demo_records import BundledBackboneRecord, DemoRecord, DemoTimings, StageTime
 from threedino_pipe.artifacts.evaluation_summary import EvaluationSummary
 from threedino_pipe.artifacts.fingerprint import Fingerprint
 from threedino_pipe.artifacts.journal import Journal, JournalLine, JournalOutput, read_journal
-from threedino_pipe.artifacts.model_card import CHECKPOINT_FILES, BackboneRecord, BestMetric, ModelCard
+from threedino_pipe.artifacts.model_card import CHECKPOINT_FILES, BackboneRecord, BestMetric, ModelCard, VolumeRange
 from threedino_pipe.artifacts.plans import (
     CasePreprocessing,
     FinetuneConfiguration,
@@ -42,7 +43,7 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine)
+             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine, CaseQc)
 
 __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
@@ -52,4 +53,5 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "ListedCase", "ModelCard", "ModelIdentity", "ModelSource", "Normalization", "Plans", "PredictArgs",
            "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
-           "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder", "read_journal"]
+           "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder", "read_journal",
+           "CaseQc", "StructureQc", "VolumeRange"]

@@ -56,6 +56,20 @@ class PreprocessedCase(Record):
     normalization: list[ChannelNormalization]
     class_locations: dict[str, list[list[int]]] = {}
     class_label: int | None = None
+    # voxels of each label value in the whole label image (original grid, before cropping); None without a
+    # label, and in files preprocessed before it was recorded
+    label_voxels: dict[str, int] | None = None
+
+    OMIT_WHEN_NONE = ("label_voxels",)
+
+    def volume_ml_of(self, values: tuple[int, ...] | list[int]) -> float | None:
+        """Volume (mL) of the voxels holding any of ``values`` in the original label image; None when not
+        recorded (``label_voxels``)."""
+        if self.label_voxels is None:
+            return None
+        voxel_ml = float(self.original_geometry.spacing[0] * self.original_geometry.spacing[1]
+                         * self.original_geometry.spacing[2]) / 1000.0
+        return sum(int(self.label_voxels.get(str(int(v)), 0)) for v in values) * voxel_ml
 
     def original_spacing_transposed(self) -> list[float]:
         """Spacing (mm) of the input image per transposed axis."""

@@ -39,6 +39,23 @@ class BestMetric(Record):
     value: float
 
 
+class VolumeRange(Record):
+    """The smallest and largest volume (mL) of one structure over a run's training cases."""
+
+    min_ml: float = Field(ge=0.0)
+    max_ml: float = Field(ge=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VolumeRange:
+        if self.min_ml > self.max_ml:
+            raise ValueError(f"min_ml {self.min_ml} exceeds max_ml {self.max_ml}")
+        return self
+
+    def contains(self, volume_ml: float) -> bool:
+        """True when ``volume_ml`` lies within [min_ml, max_ml]."""
+        return self.min_ml <= volume_ml <= self.max_ml
+
+
 class ModelCard(Artifact):
     """The whole ``model.json``."""
 
@@ -68,12 +85,15 @@ class ModelCard(Artifact):
     seed: int
     best_iteration: int | None = None
     best_metric: BestMetric | None = None
+    # segmentation: per structure (output_names, background left out) its volume range over the training cases,
+    # in mL of the original images; None in cards written before it was recorded (QC then does not check volumes)
+    label_volumes_ml: dict[str, VolumeRange] | None = None
     # classification probe only
     normalization: list[Normalization] | None = None
     input_view: str | None = None
     probe: dict[str, Any] | None = None
 
-    OMIT_WHEN_NONE = PROBE_ONLY
+    OMIT_WHEN_NONE = (*PROBE_ONLY, "label_volumes_ml")
 
     @field_validator("weights")
     @classmethod
@@ -123,6 +143,26 @@ class ModelCard(Artifact):
             return regions if len(regions) == self.num_outputs else [f"region_{r}" for r in range(self.num_outputs)]
         by_value = {int(v): k for k, v in labels.items() if not isinstance(v, list)}
         return [by_value.get(v, f"label_{v}") for v in self.softmax_values()]
+
+    def structures(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """``(name, output channel, label values)`` of each segmented structure, background left out.
+
+        Softmax: one per declared label value (the channel of that value; the voxels of that value).
+        Sigmoid: one per region (its channel; the voxels of any of the region's label values, which
+        are the ``labels`` entry of its name, else its ``regions_class_order`` value). Empty for
+        classification.
+        """
+        if self.task == "classification":
+            return []
+        names, labels = self.output_names(), self.labels or {}
+        if self.output == "softmax":
+            return [(n, c, (v,)) for c, (n, v) in enumerate(zip(names, self.output_values(), strict=True)) if v != 0]
+        out = []
+        for channel, (name, value) in enumerate(zip(names, self.output_values(), strict=True)):
+            declared = labels.get(name)
+            values = declared if isinstance(declared, list) else [value if declared is None else declared]
+            out.append((name, channel, tuple(int(v) for v in values)))
+        return out
 
     def ordered_channel_names(self) -> dict[str, str]:
         """Channel index (string) -> name, in index order."""

@@ -46,6 +46,8 @@ class PredictOptions(Record):
     output_formats: list[Literal["nifti", "dicom-seg", "rtstruct"]] = ["nifti"]
     series_rules: list[str] = []
     min_slices: int = Field(default=10, ge=2)
+    qc: bool = False  # files written before QC existed: none ran
+    qc_min_confidence: float = Field(default=0.7, ge=0.0, le=1.0)
 
 
 class PredictArgs(Artifact):

@@ -159,6 +159,9 @@ class StudySelection:
         chosen: channel key -> the series feeding it (empty when the study failed).
         ranked: channel key -> every usable series for it, best first (for a fallback).
         error: the per-study failure (None when every channel has its series).
+        chosen_rank: channel key -> the chosen series' rank among every usable series of the channel's
+            modality in the study, SeriesDescription pattern or not, leaving out series chosen for other
+            channels (1: nothing ranks higher; 2 or more: a pattern chose a lower-ranked series).
     """
 
     study_uid: str
@@ -166,6 +169,7 @@ class StudySelection:
     chosen: dict[str, SeriesRecord] = field(default_factory=dict)
     ranked: dict[str, list[SeriesRecord]] = field(default_factory=dict)
     error: UserError | None = None
+    chosen_rank: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -299,7 +303,21 @@ def select_study(study: StudyRecord, rules: Sequence[ChannelRule], *, min_slices
             fix = "check that the study holds a complete axial series of the modality the model reads"
         error = UserError(f"study {study.study_uid}: " + "; ".join(failures), fix=fix)
         chosen = {}
-    return StudySelection(study.study_uid, decisions, chosen, ranked, error)
+    return StudySelection(study.study_uid, decisions, chosen, ranked, error, _chosen_ranks(chosen, usable, rules))
+
+
+def _chosen_ranks(chosen: Mapping[str, SeriesRecord], usable: Sequence[SeriesRecord],
+                  rules: Sequence[ChannelRule]) -> dict[str, int]:
+    """Per channel, 1 + the usable series of its modality that rank above its chosen one (patterns ignored,
+    series chosen for other channels left out)."""
+    taken = {s.series_uid for s in chosen.values()}
+    ranks = {}
+    for rule in rules:
+        if rule.channel in chosen:
+            mine = _rank_key(chosen[rule.channel])
+            ranks[rule.channel] = 1 + sum(s.modality == rule.modality and s.series_uid not in taken
+                                          and _rank_key(s) > mine for s in usable)
+    return ranks
 
 
 def select_series(index: DicomIndex, rules: Sequence[ChannelRule], *,

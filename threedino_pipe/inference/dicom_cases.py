@@ -117,7 +117,8 @@ class DicomInput:
             chosen = tuple(selection.chosen[c] for c in self.channels)
             label = "series " + " ".join(s.series_uid for s in chosen)
             cases.append(InputCase(key, tuple(Path(s.instances[0].path) for s in chosen), series=chosen,
-                                   input_root=self.index.root, label=label))
+                                   input_root=self.index.root, label=label,
+                                   series_ranks=tuple(selection.chosen_rank.get(c, 1) for c in self.channels)))
         for failure in failures:
             log.warning("%s failed: %s", failure.case, failure.error)
         return sorted(cases, key=lambda c: c.case_id), failures

@@ -166,8 +166,36 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
     return np.dtype(np.uint8) if 0 <= min(values, default=0) and max(values, default=0) < 256 else np.dtype(np.int16)
 
 
+class ConfidenceSums:
+    """Per output channel, the summed probability of that channel over the voxels it was restored as, and their
+    count (:func:`restore_labels` with ``confidence``): softmax, the voxels whose argmax is the channel (its
+    probability there is the maximum); sigmoid, the voxels where the region passed 0.5. Voxels outside the
+    crop box (background) are not counted.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.sums = np.zeros(channels, np.float64)
+        self.counts = np.zeros(channels, np.int64)
+
+    def add(self, channel: int, values: np.ndarray) -> None:
+        """Add the probabilities ``values`` (of voxels restored as ``channel``)."""
+        self.sums[channel] += float(values.sum(dtype=np.float64))
+        self.counts[channel] += int(values.size)
+
+    def add_argmax(self, index: np.ndarray, best: np.ndarray) -> None:
+        """Add a softmax slab: ``index`` (the argmax channel per voxel) and ``best`` (its probability)."""
+        n = len(self.sums)
+        self.sums += np.bincount(index.ravel(), weights=best.ravel(), minlength=n)[:n]
+        self.counts += np.bincount(index.ravel(), minlength=n)[:n]
+
+    def mean(self, channel: int) -> float | None:
+        """The mean probability of ``channel`` over its voxels; None when it has none."""
+        count = int(self.counts[channel])
+        return float(self.sums[channel]) / count if count else None
+
+
 def _label_rows(scores: Channels, shape: Sequence[int], rows: Callable, *, output: str,
-                values: Sequence[int]) -> np.ndarray:
+                values: Sequence[int], confidence: ConfidenceSums | None = None) -> np.ndarray:
     """Labels of ``shape`` from ``scores`` read slab by slab: ``rows(channel, lo, hi)`` gives float32 rows."""
     dtype = label_dtype(values)
     lookup = np.asarray(values, dtype=dtype)
@@ -181,15 +209,21 @@ def _label_rows(scores: Channels, shape: Sequence[int], rows: Callable, *, outpu
                 np.putmask(index, value > best, c)
                 np.maximum(best, value, out=best)
             labels[lo:hi] = lookup[index]
+            if confidence is not None:
+                confidence.add_argmax(index, best)
         else:
             out = labels[lo:hi]
             for r in range(len(scores)):
-                out[rows(scores[r], lo, hi) > 0.5] = lookup[r]
+                value = rows(scores[r], lo, hi)
+                passed = value > 0.5
+                out[passed] = lookup[r]
+                if confidence is not None:
+                    confidence.add(r, value[passed])
     return labels
 
 
 def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase, *, output: str,
-                   values: Sequence[int]) -> np.ndarray:
+                   values: Sequence[int], confidence: ConfidenceSums | None = None) -> np.ndarray:
     """The label image of the cropped region (transposed order) from ``K x X' x Y' x Z'`` scores.
 
     Args:
@@ -197,13 +231,15 @@ def labels_on_crop(scores: torch.Tensor | Channels, properties: PreprocessedCase
         output: ``softmax`` (``values[c]`` is the label of channel ``c``; argmax) or ``sigmoid``
             (``values[r]`` is region ``r``'s ``regions_class_order`` value; threshold 0.5, later
             regions written over earlier ones).
+        confidence: when given, the restored probabilities are added to it (:class:`ConfidenceSums`).
     """
     return _label_rows(as_channels(scores), properties.shape_after_crop,
                        lambda channel, lo, hi: resample_rows(channel, properties, 0, lo, hi),
-                       output=output, values=values)
+                       output=output, values=values, confidence=confidence)
 
 
-def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int]) -> np.ndarray:
+def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequence[int],
+                   confidence: ConfidenceSums | None = None) -> np.ndarray:
     """The label image on the preprocessed grid itself (``X' x Y' x Z'``), the rule of :func:`labels_on_crop`.
 
     What finetune's validation scores; for a case that needs no resampling it is the crop of what
@@ -211,7 +247,7 @@ def labels_on_grid(scores: torch.Tensor | Channels, *, output: str, values: Sequ
     """
     scores = as_channels(scores)
     return _label_rows(scores, scores.grid_shape, lambda channel, lo, hi: _as_numpy(channel[lo:hi]),
-                       output=output, values=values)
+                       output=output, values=values, confidence=confidence)
 
 
 def paste_into_input(cropped: np.ndarray, properties: PreprocessedCase) -> np.ndarray:
@@ -223,9 +259,11 @@ def paste_into_input(cropped: np.ndarray, properties: PreprocessedCase) -> np.nd
 
 
 def restore_labels(scores: torch.Tensor | Channels, properties: PreprocessedCase, *, output: str,
-                   values: Sequence[int]) -> np.ndarray:
-    """``X x Y x Z`` labels on the input grid (original order) from scores on the preprocessed grid."""
-    return paste_into_input(labels_on_crop(scores, properties, output=output, values=values), properties)
+                   values: Sequence[int], confidence: ConfidenceSums | None = None) -> np.ndarray:
+    """``X x Y x Z`` labels on the input grid (original order) from scores on the preprocessed grid
+    (``confidence``: see :func:`labels_on_crop`)."""
+    cropped = labels_on_crop(scores, properties, output=output, values=values, confidence=confidence)
+    return paste_into_input(cropped, properties)
 
 
 def _restored_rows_original(channel, properties: PreprocessedCase, fill: float) -> Iterator[np.ndarray]:

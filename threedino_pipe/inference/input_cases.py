@@ -48,6 +48,8 @@ class InputCase:
             (``dicom.index.SeriesRecord``), read by ``dicom.volume.read_series``; empty for files.
         input_root: the folder the series were indexed under (messages show paths relative to it).
         label: how failures.csv names the input when no file is to blame (the series UIDs for DICOM).
+        series_ranks: for an indexed DICOM study, per channel the chosen series' rank among the study's
+            usable series of its modality (``StudySelection.chosen_rank``; 1 = the best); empty for files.
     """
 
     case_id: str
@@ -55,6 +57,7 @@ class InputCase:
     series: tuple = field(default=(), compare=False)
     input_root: Path | None = None
     label: str = ""
+    series_ranks: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def is_dicom(self) -> bool:

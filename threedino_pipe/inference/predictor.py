@@ -68,6 +68,8 @@ class InferenceOptions:
         window_batch_size: windows per forward pass.
         save_probabilities: also write ``<case>_probabilities.npz``.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward pass), resolved.
+        qc: keep what QC measures per case (:class:`QcInputs`: the label image, each label's summed
+            probability, a preview of channel 0) in the :class:`CaseResult`.
     """
 
     overlap: float = 0.5
@@ -75,6 +77,7 @@ class InferenceOptions:
     window_batch_size: int = 1
     save_probabilities: bool = False
     precision: str = "fp32"
+    qc: bool = False
 
 
 @dataclass
@@ -82,7 +85,8 @@ class PreparedCase:
     """A case read and preprocessed: ``data`` is ``C x X' x Y' x Z'`` float32 (transposed order).
 
     ``source``: for a DICOM study, channel 0's series as read (``dicom.volume.SeriesVolume``), whose grid
-    the outputs are on and whose images the DICOM outputs reference.
+    the outputs are on and whose images the DICOM outputs reference. ``preview``: channel 0 on the input
+    grid taken every ``preview_step`` voxels (QC's thumbnails), when asked for.
     """
 
     case: InputCase
@@ -91,16 +95,38 @@ class PreparedCase:
     geometry: Geometry
     seconds: float
     source: SeriesVolume | None = None
+    preview: np.ndarray | None = None
+    preview_step: int = 1
+
+
+@dataclass
+class QcInputs:
+    """What QC measures of a segmented case (``InferenceOptions.qc``).
+
+    Attributes:
+        labels: the label image on the input grid (``X x Y x Z``), as written.
+        geometry: the input grid.
+        confidence: per output channel, the summed probability over the voxels restored as it.
+        preview: channel 0 (``X x Y x Z`` taken every ``preview_step`` voxels), for thumbnails.
+    """
+
+    labels: np.ndarray
+    geometry: Geometry
+    confidence: geometry.ConfidenceSums
+    preview: np.ndarray | None
+    preview_step: int = 1
 
 
 @dataclass
 class CaseResult:
-    """What predicting one case gave: timings, output file and, for classification, probabilities."""
+    """What predicting one case gave: timings, output file and, for classification, probabilities;
+    with ``InferenceOptions.qc`` the :class:`QcInputs` of a segmented case (the consumer drops them)."""
 
     case_id: str
     seconds: dict[str, float] = field(default_factory=dict)
     output: Path | None = None
     probabilities: list[float] | None = None
+    qc: QcInputs | None = None
 
 
 def _failure(problem: str, file: Path, fix: str | None = None) -> UserError:
@@ -144,8 +170,20 @@ def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
     return images, geometry_0
 
 
-def prepare_case(case: InputCase, recipe: CasePreprocessing) -> PreparedCase:
-    """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``)."""
+PREVIEW_VOXELS = 160  # a QC preview keeps at most about this many voxels per axis
+
+
+def preview_of(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """A copy of ``image`` taken every ``step`` voxels along each axis (at most about ``PREVIEW_VOXELS`` per
+    axis; NaN/Inf as 0), and ``step``."""
+    step = max(1, -(-max(image.shape) // PREVIEW_VOXELS))
+    small = np.array(image[::step, ::step, ::step], dtype=np.float32)
+    return np.nan_to_num(small, copy=False, nan=0.0, posinf=0.0, neginf=0.0), step
+
+
+def prepare_case(case: InputCase, recipe: CasePreprocessing, preview: bool = False) -> PreparedCase:
+    """Read a case and preprocess it exactly as finetuning's data was (``preprocess_case``); ``preview``
+    keeps a reduced copy of channel 0 (:func:`preview_of`)."""
     start = time.perf_counter()
     source = None
     if case.is_dicom:
@@ -156,7 +194,8 @@ def prepare_case(case: InputCase, recipe: CasePreprocessing) -> PreparedCase:
         data, _, properties = preprocess_case(images, geo, recipe)
     except UserError as exc:
         raise _failure(exc.problem, case.label or case.files[0], exc.fix) from None
-    return PreparedCase(case, data, properties, geo, time.perf_counter() - start, source)
+    small, step = preview_of(images[0]) if preview else (None, 1)
+    return PreparedCase(case, data, properties, geo, time.perf_counter() - start, source, small, step)
 
 
 def flip_sets(tta: bool) -> list[tuple[int, ...]]:
@@ -289,7 +328,9 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
     # streamed (no probabilities saved): the windows run while the labels are restored row block by row block
     probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities)
     output = card.output
-    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=card.output_values())
+    confidence = geometry.ConfidenceSums(card.num_outputs) if options.qc else None
+    labels = geometry.restore_labels(probs, prepared.properties, output=output, values=card.output_values(),
+                                     confidence=confidence)
     result.seconds["inference"] = time.perf_counter() - start
     start = time.perf_counter()
     if options.save_probabilities:  # before the label file, whose presence marks the case done
@@ -299,6 +340,8 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
     del probs
     written = (outputs or CaseOutputs()).write(labels, prepared.case, prepared.geometry, prepared.source, output_dir)
     result.output = written[-1]  # the label file, written last: its presence marks the case done
+    if confidence is not None:
+        result.qc = QcInputs(labels, prepared.geometry, confidence, prepared.preview, prepared.preview_step)
     del labels
     result.seconds["export"] = time.perf_counter() - start
     return result

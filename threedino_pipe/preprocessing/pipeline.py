@@ -107,6 +107,20 @@ def _stack_and_crop(images: list[np.ndarray], geometry: Geometry, recipe: CasePr
     return data, seg, nan_counts, [float(geometry.spacing[a]) for a in transpose], box
 
 
+def label_voxels(label: np.ndarray | None) -> dict[str, int] | None:
+    """Voxels per label value (``{"0": n0, "1": n1, ...}``, values present only) of a label image; None without."""
+    if label is None:
+        return None
+    values = np.asarray(label)
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)
+    if values.size and values.min() >= 0:
+        counts = np.bincount(values.ravel())
+        return {str(v): int(n) for v, n in enumerate(counts) if n}
+    found, counts = np.unique(values, return_counts=True)
+    return {str(int(v)): int(n) for v, n in zip(found, counts, strict=True)}
+
+
 def preprocess_case(images: list[np.ndarray], geometry: Geometry, recipe: CasePreprocessing,
                     label: np.ndarray | None = None, *, seed: int = 0
                     ) -> tuple[np.ndarray, np.ndarray | None, PreprocessedCase]:
@@ -128,6 +142,7 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, recipe: CasePr
     """
     check_recipe(recipe, len(images))
     data, seg, nan_counts, spacing, box = _stack_and_crop(images, geometry, recipe, label)
+    voxels = label_voxels(label)  # of the whole label image, before cropping and resampling: its volumes in mL
     shape_after_crop = [int(n) for n in data.shape[1:]]
     if recipe.resample:
         target = [float(s) for s in recipe.spacing]
@@ -160,5 +175,6 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, recipe: CasePr
     case = PreprocessedCase(
         configuration=recipe.configuration, original_geometry=geometry.to_dict(), transpose=list(recipe.transpose),
         crop_box=cropping.to_original_order(box, list(recipe.transpose)), shape_after_crop=shape_after_crop,
-        spacing=spacing, shape=[int(n) for n in data.shape[1:]], normalization=records, class_locations=locations)
+        spacing=spacing, shape=[int(n) for n in data.shape[1:]], normalization=records, class_locations=locations,
+        label_voxels=voxels)
     return data, seg, case

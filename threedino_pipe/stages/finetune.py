@@ -45,6 +45,7 @@ from threedino_pipe.training.run_setup import (
     run_lock,
 )
 from threedino_pipe.training.segmentation_trainer import SegRunConfig, train_segmentation
+from threedino_pipe.training_data.label_volumes import training_volume_ranges
 from threedino_pipe.training_data.patch_loader import Augmentation
 from threedino_pipe.training_data.splits import select_subset
 
@@ -165,7 +166,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
                           f"{run_config.lr:g}, {run_config.precision}, device {dist.device}")
         best = train_segmentation(run_config, folder, finetune_dir, dist, resume=resume,
                                   rerun=f"3dino preprocess -d {dataset} -c finetune",
-                                  model_card=_model_card(plans, run_config, choice),
+                                  model_card=_model_card(plans, run_config, choice, finetune_dir),
                                   backbone_state=choice.model.state_dict() if choice.pretrained else None,
                                   stop_after=stop_after)
         if dist.is_main:
@@ -205,9 +206,10 @@ def _segmentation_configuration(pre: Path, plans: Plans, dataset: str) -> tuple[
     return config, finetune_dir
 
 
-def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice) -> ModelCard:
-    """model.json before training: the network's arguments and best checkpoint are filled in at each new best."""
-    return ModelCard(
+def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice, finetune_dir: Path) -> ModelCard:
+    """model.json before training: the network's arguments and best checkpoint are filled in at each new best;
+    the structures' volume ranges over the training cases (``label_volumes_ml``) come from their case files."""
+    card = ModelCard(
         task="segmentation", dataset=config.dataset, plans=plans, configuration=CONFIGURATION,
         channel_names=plans.channel_names, labels=plans.labels, regions_class_order=plans.regions_class_order,
         class_names=plans.class_names, head=config.head, model_args={},
@@ -216,6 +218,8 @@ def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice) -> M
                                 preset=choice.info.get("preset") if choice.pretrained else None),
         in_channels=config.in_channels, num_outputs=config.num_outputs, output=config.output,
         patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed)
+    card.label_volumes_ml = training_volume_ranges(finetune_dir, config.train_ids, card.structures())
+    return card
 
 
 def _write_subset(folder: Path, config: SegRunConfig) -> None:

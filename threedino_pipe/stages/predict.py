@@ -7,7 +7,9 @@ optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification 
 (``case,file,error``; header only when every case succeeded). For DICOM input also
 ``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key); with
 ``--from-pacs`` the retrieved studies in ``.retrieved/<study key>/``, and with ``--from-pacs`` or
-``--send-to`` the journal ``journal.jsonl`` (retrieved studies, acknowledged result objects).
+``--send-to`` the journal ``journal.jsonl`` (retrieved studies, acknowledged result objects). With
+``--qc`` (default) for segmentation models: ``qc.csv`` and ``qc_report.html`` per batch, from the
+per-case records ``.qc/<case>.json`` (``threedino_pipe.evaluation.qc_report``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pathlib import Path
 import torch
 
 from threedino_pipe import __version__
-from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, PredictArgs, PredictOptions, StudyKeys
 from threedino_pipe.artifacts.journal import JournalLine
 from threedino_pipe.dicom.pacs import DEFAULT_CALLING_AE
 from threedino_pipe.dicom.seg_writer import ModelIdentity
 from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
+from threedino_pipe.evaluation.qc import DEFAULT_MIN_CONFIDENCE, check_min_confidence
+from threedino_pipe.evaluation.qc_report import QcBatch
 from threedino_pipe.inference import folder_runner
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
 from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
@@ -145,7 +149,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
         series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, from_pacs: str | None = None,
         studies: list[str] | None = None, send_to: list[str] | None = None, ae_title: str = DEFAULT_CALLING_AE,
-        move_listen: str | None = None) -> int:
+        move_listen: str | None = None, qc: bool = True, qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
@@ -154,7 +158,8 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
     (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
     ``from_pacs`` (a node or DICOMweb URL, instead of ``input_path``) and ``studies``: retrieve these
     studies first; ``send_to``: send each case's DICOM results when it finishes; ``ae_title``: ours;
-    ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``).
+    ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``). ``qc``
+    (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -164,6 +169,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
             nothing is written then.
     """
     _check_options(overlap, window_batch_size, num_workers, precision)
+    check_min_confidence(qc_min_confidence)
     if checkpoint not in CHECKPOINT_FILES:
         raise UserError(f"unknown --checkpoint {checkpoint!r}", fix=f"pass one of {', '.join(CHECKPOINT_FILES)}")
     models = (selection or FoldSelection()).models(list(models or []))
@@ -179,7 +185,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
-                        min_slices=min_slices, link=link)
+                        min_slices=min_slices, link=link, qc=qc, qc_min_confidence=qc_min_confidence)
     finally:
         cleanup()
 
@@ -187,7 +193,8 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
-             min_slices: int, link: PacsLink | None = None) -> int:
+             min_slices: int, link: PacsLink | None = None, qc: bool = True,
+             qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -209,11 +216,11 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         _check_outputs_spare_inputs(cases, output_dir, outputs)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
-                                     precision=resolve_precision(precision, dev))
+                                     precision=resolve_precision(precision, dev), qc=_qc_applies(qc, card))
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,
-                                 min_slices=min_slices)
+                                 min_slices=min_slices, qc_min_confidence=qc_min_confidence)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
                            output=str(output_dir.resolve()), num_cases=dicom.usable if dicom else len(cases),
                            world_size=ranks.world_size, options=options)
@@ -229,8 +236,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         for model in loaded:
             model.network.to(dev)
         sender = link.sender(JournalLine.in_folder(output_dir), outputs.formats) if link is not None else None
+        checks = QcBatch(output_dir, card, outputs.model.weights_checksum, qc_min_confidence, cases) \
+            if inference.qc else None
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
-                          [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], sender)
+                          [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], sender, checks)
+
+
+def _qc_applies(qc: bool, card: ModelCard) -> bool:
+    """``--qc`` for this model: segmentation only (a classification model is noted and not checked)."""
+    if qc and card.task == "classification":
+        log.info("QC (qc.csv, qc_report.html) is for segmentation models; this classification model has none")
+    return qc and card.task != "classification"
 
 
 def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
@@ -261,7 +277,7 @@ def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
                outputs: CaseOutputs, failed_before: list[folder_runner.Failure],
-               sender: ResultSender | None = None) -> int:
+               sender: ResultSender | None = None, checks: QcBatch | None = None) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
     mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
@@ -294,12 +310,14 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
         return result
 
     def on_result(result: CaseResult) -> None:
+        if checks is not None:
+            checks.add(result)
         if classification:
             rows.append(_prediction_row(result, list(card.class_names)))
             folder_runner.write_csv(predictions_path, header, rows)
 
     outcome = folder_runner.run_cases(
-        todo, prepare=lambda case: prepare_case(case, recipe),
+        todo, prepare=lambda case: prepare_case(case, recipe, inference.qc),
         predict=predict_and_send,
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result, failed_before=failed_before)
@@ -309,6 +327,8 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
         failures = len(folder_runner.merge_parts(output_dir, folder_runner.FAILURES, ranks.world_size))
         if classification:
             folder_runner.merge_parts(output_dir, folder_runner.PREDICTIONS, ranks.world_size, key_column=0)
+    if checks is not None and ranks.rank == 0:  # every rank's records are written: the batch files of all cases
+        checks.finish([c.case_id for c in cases if (output_dir / outputs.marker(c)).is_file()])
     predicted = len(outcome.results)
     if failures:
         log.warning("%d case(s) failed (listed in %s); %d predicted", failures, output_dir / folder_runner.FAILURES,

@@ -39,7 +39,8 @@ def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def overlay_planes(image: np.ndarray, spacing: Sequence[float], labels: Sequence[tuple[str, np.ndarray | None]],
-                   *, num_labels: int, title: str = "", centre: Sequence[int] | None = None) -> bytes:
+                   *, num_labels: int, title: str = "", centre: Sequence[int] | None = None,
+                   plane_names: Sequence[str] | None = None) -> bytes:
     """PNG bytes: rows = the three planes through ``centre``, columns = the image, then each label map on it.
 
     Args:
@@ -51,6 +52,8 @@ def overlay_planes(image: np.ndarray, spacing: Sequence[float], labels: Sequence
         title: figure title.
         centre: voxel (i, j, k) the planes pass through (default: the centre of the first map's
             foreground).
+        plane_names: a name per index axis written before each row's slice (e.g. ``axial``,
+            :func:`threedino_pipe.visualization.planes.plane_names`); default none.
     """
     if centre is None:
         first = next((m for _, m in labels if m is not None), None)
@@ -79,7 +82,8 @@ def overlay_planes(image: np.ndarray, spacing: Sequence[float], labels: Sequence
             if row == 0:
                 ax.set_title(column_title, fontsize=9)
             if col == 0:
-                ax.set_ylabel(f"{name} = {centre[axis]}", fontsize=8)
+                named = f"{plane_names[axis]} " if plane_names else ""
+                ax.set_ylabel(f"{named}{name} = {centre[axis]}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -58,14 +58,16 @@ def png_size(rows: int) -> tuple[int, int]:
     return round(3 * COLUMN_INCHES * DPI), round((rows * ROW_INCHES + TITLE_INCHES) * DPI)
 
 
+def plane_names(direction: Sequence[float]) -> list[str]:
+    """Per index axis, the anatomical name of the plane perpendicular to it (``direction``: 9 numbers, row-major)."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return [PLANES[int(np.abs(matrix[:, axis]).argmax())] for axis in range(3)]
+
+
 def plane_titles(geometry: Geometry) -> list[str]:
     """Per index axis: its plane's anatomical name and the centre slice, e.g. ``axial (k = 22)``."""
-    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
-    titles = []
-    for axis in range(3):
-        patient_axis = int(np.abs(direction[:, axis]).argmax())
-        titles.append(f"{PLANES[patient_axis]} ({INDEX_AXES[axis]} = {int(geometry.size[axis]) // 2})")
-    return titles
+    return [f"{name} ({INDEX_AXES[axis]} = {int(geometry.size[axis]) // 2})"
+            for axis, name in enumerate(plane_names(geometry.direction))]
 
 
 def _plane(volume: np.ndarray, axis: int) -> np.ndarray:
