@@ -364,6 +364,8 @@ def predict(
                            "repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
                           "series.")] = 10,
+    keep_patient_names: Annotated[bool, typer.Option("--keep-patient-names", help="DICOM input: name each "
+                                  "study's outputs by its PatientID instead of its salted study key.")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -379,7 +381,7 @@ def predict(
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
-                               min_slices=min_slices))
+                               min_slices=min_slices, keep_patient_names=keep_patient_names))
 
 
 @app.command()

@@ -27,6 +27,7 @@ from threedino_pipe.artifacts.plans import (
     SplitPlan,
 )
 from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
+from threedino_pipe.artifacts.predict_log import LoggedOutput, PredictLogLine, SentObject
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
 from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
 from threedino_pipe.artifacts.study_keys import StudyKeyEntry, StudyKeys
@@ -41,7 +42,7 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings, BundledBackboneRecord, StudyKeys)
+             DemoTimings, BundledBackboneRecord, StudyKeys, PredictLogLine)
 
 __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
@@ -52,3 +53,4 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "PredictOptions", "PreprocessedCase", "PretrainConfiguration", "ProbePoint", "ProbeValidation", "Record",
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
            "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder"]
+__all__ += ["LoggedOutput", "PredictLogLine", "SentObject"]

@@ -46,6 +46,7 @@ class PredictOptions(Record):
     output_formats: list[Literal["nifti", "dicom-seg", "rtstruct"]] = ["nifti"]
     series_rules: list[str] = []
     min_slices: int = Field(default=10, ge=2)
+    keep_patient_names: bool = False
 
 
 class PredictArgs(Artifact):

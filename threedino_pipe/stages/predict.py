@@ -5,7 +5,8 @@ label image in the input's format, NIfTI for DICOM; ``<case>_seg.dcm``; ``<case>
 optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification models,
 ``predict_args.json`` (models, checksums, version, options) and ``failures.csv``
 (``case,file,error``; header only when every case succeeded). For DICOM input also
-``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key).
+``series_selection.csv`` and the private ``.study_keys.json`` (cases are named by study key), and for
+every case a line of ``predict_log.jsonl`` (inputs, models, options, times, outcome, outputs).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 import torch
 
 from threedino_pipe import __version__
-from threedino_pipe.artifacts import CHECKPOINT_FILES, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, PredictArgs, PredictLogLine, PredictOptions, StudyKeys
 from threedino_pipe.dicom.seg_writer import ModelIdentity
 from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
 from threedino_pipe.inference import folder_runner
+from threedino_pipe.inference.case_log import CaseLog
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
 from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
 from threedino_pipe.inference.fold_runs import runs_for_folds
@@ -138,13 +140,15 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
         resume: bool = False, save_probabilities: bool = False, window_batch_size: int = 1, device: str = "auto",
         precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
-        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES) -> int:
+        series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES,
+        keep_patient_names: bool = False) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
     (``-d -f``) names the models instead of ``models``. ``output_formats``: ``nifti``, ``dicom-seg``,
     ``rtstruct`` (default: nifti, plus dicom-seg for DICOM input); ``series_rules``
-    (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
+    (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies;
+    ``keep_patient_names`` names a DICOM study's outputs by its PatientID instead of its study key.
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -164,7 +168,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
-                        min_slices=min_slices)
+                        min_slices=min_slices, keep_patient_names=keep_patient_names)
     finally:
         cleanup()
 
@@ -172,7 +176,7 @@ def run(input_path: Path, output_dir: Path, models: list[Path], *, overlap: floa
 def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: DistInfo, *, overlap: float, tta: bool,
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
-             min_slices: int) -> int:
+             min_slices: int, keep_patient_names: bool) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -180,8 +184,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             stack.enter_context(TargetLock(output_dir, "output folder"))
         loaded = load_models(list(models), stack, checkpoint=checkpoint)
         card = loaded[0].card
-        dicom = _dicom_input(input_path, output_dir, card.ordered_channel_names(), series_rules, min_slices,
-                             num_workers)
+        dicom = _dicom_input(input_path, output_dir, card, series_rules, min_slices, num_workers)
         outputs = case_outputs(loaded, parse_formats(output_formats, dicom_input=dicom is not None))
         cases = [] if dicom else discover_cases(input_path, len(card.channel_names), exclude=output_dir)
         _check_outputs_spare_inputs(cases, output_dir, outputs)
@@ -191,7 +194,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,
-                                 min_slices=min_slices)
+                                 min_slices=min_slices, keep_patient_names=keep_patient_names)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
                            output=str(output_dir.resolve()), num_cases=dicom.usable if dicom else len(cases),
                            world_size=ranks.world_size, options=options)
@@ -203,14 +206,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             args.write(PredictArgs.in_folder(output_dir))
         failed_before: list[folder_runner.Failure] = []
         if dicom is not None:
-            cases, failed_before = _name_studies(dicom, output_dir, ranks)
+            cases, failed_before = _name_studies(dicom, output_dir, ranks, keep_patient_names)
         for model in loaded:
             model.network.to(dev)
+        case_log = CaseLog(PredictLogLine.rank_part(output_dir, ranks.rank, ranks.world_size), args.models, options,
+                           list(card.ordered_channel_names().values()), outputs, output_dir,
+                           classification=card.task == "classification")
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
-                          failed_before if ranks.rank == 0 else [])
+                          failed_before if ranks.rank == 0 else [], case_log)
 
 
-def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
+def _dicom_input(input_path: Path, output_dir: Path, card: ModelCard, series_rules: list[str],
                  min_slices: int, num_workers: int) -> DicomInput | None:
     """The DICOM route's studies (``inference.dicom_cases``), or None for image files and the one-series folder."""
     if min_slices < 2:
@@ -220,15 +226,17 @@ def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, st
         if series_rules:
             log.warning("--series-rule is used for DICOM studies only; the input holds none")
         return None
-    return select_dicom(index, parse_rules(channel_names, series_rules), min_slices=min_slices)
+    rules = parse_rules(card.ordered_channel_names(), series_rules, card.series_rules)
+    return select_dicom(index, rules, min_slices=min_slices)
 
 
-def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
+def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo, keep_patient_names: bool = False
                   ) -> tuple[list[InputCase], list[folder_runner.Failure]]:
-    """Name every study by its salted key (rank 0 writes ``.study_keys.json`` and ``series_selection.csv``)."""
+    """Name every study by its salted key, or by its PatientID with ``keep_patient_names`` (rank 0 writes
+    ``.study_keys.json`` and ``series_selection.csv``)."""
     if ranks.rank == 0:
         keys = StudyKeys.in_output(output_dir)
-        dicom.cases(keys)  # records every study's key
+        dicom.record_keys(keys, keep_patient_names=keep_patient_names)
         keys.write(StudyKeys.in_folder(output_dir))
         dicom.write_selection(output_dir)
     barrier()  # the other ranks name the studies with the salt rank 0 wrote
@@ -237,7 +245,7 @@ def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
-               outputs: CaseOutputs, failed_before: list[folder_runner.Failure]) -> int:
+               outputs: CaseOutputs, failed_before: list[folder_runner.Failure], case_log: CaseLog) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
     mine = folder_runner.shard(cases, ranks.rank, ranks.world_size)
@@ -266,15 +274,17 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             rows.append(_prediction_row(result, list(card.class_names)))
             folder_runner.write_csv(predictions_path, header, rows)
 
+    case_log.failed_before(failed_before)
     outcome = folder_runner.run_cases(
-        todo, prepare=lambda case: prepare_case(case, recipe),
+        todo, prepare=lambda case: prepare_case(case_log.start(case), recipe),
         predict=lambda prepared: predict_case(prepared, loaded, inference, dev, output_dir, outputs),
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
-        num_workers=num_workers, on_result=on_result, failed_before=failed_before)
+        num_workers=num_workers, on_result=on_result, failed_before=failed_before, on_case=case_log.done)
     failures = len(outcome.failures)
     barrier()
     if ranks.world_size > 1 and ranks.rank == 0:
         failures = len(folder_runner.merge_parts(output_dir, folder_runner.FAILURES, ranks.world_size))
+        PredictLogLine.merge_parts(output_dir, ranks.world_size)
         if classification:
             folder_runner.merge_parts(output_dir, folder_runner.PREDICTIONS, ranks.world_size, key_column=0)
     predicted = len(outcome.results)
