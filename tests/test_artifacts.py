@@ -99,12 +99,13 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                             "num_workers": 1, "continue": False, "checkpoint": "best",
                             "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10,
                             "keep_patient_names": False}}
-PREDICT_LOG = {"kind": "predict_log_line", **HEAD, "case": "39684a91631ceb9d", "series": {"CT": "1.2.3.4"},
+PREDICT_LOG = {"kind": "predict_log_line", **HEAD, "case_id": "39684a91631ceb9d", "series_uids": {"CT": "1.2.3.4"},
                "files": {}, "models": [IDENTITY], "options": PREDICT_ARGS["options"],
                "started": "2026-12-06T18:00:00.000+00:00", "ended": "2026-12-06T18:00:09.500+00:00",
                "outcome": "predicted",
-               "outputs": [{"file": "39684a91631ceb9d.nii.gz", "format": "nifti"},
-                           {"file": "39684a91631ceb9d_seg.dcm", "format": "dicom-seg", "sop_instance_uid": "2.25.1"}],
+               "outputs": [{"file": "39684a91631ceb9d.nii.gz", "output_format": "nifti"},
+                           {"file": "39684a91631ceb9d_seg.dcm", "output_format": "dicom-seg",
+                            "sop_instance_uid": "2.25.1"}],
                "sends": [{"to": "PACS@127.0.0.1:4242", "sop_instance_uid": "2.25.1",
                           "time": "2026-12-06T18:00:10.000+00:00"}]}
 STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
@@ -278,12 +279,12 @@ def test_predict_log_lines_are_appended_whole_and_read_back(tmp_path):
     path = tmp_path / "predict_log.jsonl"
     line = PredictLogLine.model_validate(PREDICT_LOG)
     line.append(path)
-    failed = line.model_copy(update={"case": "other", "outcome": "failed", "error": "no usable MR series",
+    failed = line.model_copy(update={"case_id": "other", "outcome": "failed", "error": "no usable MR series",
                                      "outputs": []})
     failed.append(path)
     with path.open("a") as fh:
         fh.write('{"kind": "predict_log_line", "case": "cut sh')  # a crash inside a write: never whole
-    assert [(x.case, x.outcome) for x in PredictLogLine.read_lines(path)] == [("39684a91631ceb9d", "predicted"),
+    assert [(x.case_id, x.outcome) for x in PredictLogLine.read_lines(path)] == [("39684a91631ceb9d", "predicted"),
                                                                                ("other", "failed")]
     line.append(path)  # starts on a line of its own after the cut one
     text = path.read_text().splitlines()

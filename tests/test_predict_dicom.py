@@ -162,7 +162,7 @@ def test_no_patient_name_or_id_in_any_file_but_the_result_objects(tree, mr_batch
 
 def test_predict_log_has_a_line_per_study(tree, mr_batch):
     proc, out, key_of = mr_batch
-    lines = {line.case: line for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
+    lines = {line.case_id: line for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
     assert set(lines) == set(key_of.values())  # every study once: predicted or failed
     args = PredictArgs.read(PredictArgs.in_folder(out))
     failures = {r["case"]: r for r in _rows(out / "failures.csv")}
@@ -170,11 +170,11 @@ def test_predict_log_has_a_line_per_study(tree, mr_batch):
         study = tree["good"][name]
         line = lines[key_of[study.identity.study_uid]]
         assert line.outcome == "predicted" and line.error is None
-        assert line.series == {"MR": study.series["axial"]} and line.files == {}
+        assert line.series_uids == {"MR": study.series["axial"]} and line.files == {}
         assert [(m.model_json_sha256, m.weights_sha256) for m in line.models] == args.identity()
         assert line.options == args.options and line.started <= line.ended
         assert line.started.endswith("+00:00")
-        formats = {o.format: o for o in line.outputs}
+        formats = {o.output_format: o for o in line.outputs}
         assert sorted(formats) == ["dicom-seg", "nifti", "rtstruct"]
         for fmt in ("dicom-seg", "rtstruct"):
             written = pydicom.dcmread(out / formats[fmt].file, stop_before_pixels=True)
@@ -182,7 +182,7 @@ def test_predict_log_has_a_line_per_study(tree, mr_batch):
         assert formats["nifti"].sop_instance_uid is None and line.sends == []
     for key, failure in failures.items():
         assert lines[key].outcome == "failed" and lines[key].error == failure["error"]
-        assert lines[key].outputs == [] and lines[key].series == {}
+        assert lines[key].outputs == [] and lines[key].series_uids == {}
 
 
 def test_bad_studies_are_named_and_leave_nothing_behind(tree, mr_batch):
@@ -293,7 +293,7 @@ def test_mixed_orientations_and_stray_files_in_a_series(tree, project, tmp_path)
     assert rows[bad_series]["status"] == "skipped" and "orientation" in rows[bad_series]["reason"]
     assert rows[good.series["axial"]]["status"] == "chosen"
     assert not list(out.glob(f"{bad_key}*")) and not [p for p in out.rglob("*") if ".partial" in p.name]
-    outcomes = {line.case: line.outcome for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
+    outcomes = {line.case_id: line.outcome for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
     assert outcomes == {good_key: "predicted", bad_key: "failed"}
 
 
@@ -320,7 +320,7 @@ def test_keep_patient_names_names_outputs_by_patient_id(tree, project, tmp_path)
     assert names[ct.identity.study_uid] == ct.identity.patient_id
     failure, = _rows(out / "failures.csv")
     assert failure["case"] == ct.identity.patient_id
-    lines = {line.case: line.outcome for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
+    lines = {line.case_id: line.outcome for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
     assert lines == {names[mr.identity.study_uid]: "predicted", names[second]: "predicted",
                      ct.identity.patient_id: "failed"}
     assert PredictArgs.read(PredictArgs.in_folder(out)).options.keep_patient_names is True
@@ -346,7 +346,7 @@ def test_series_rules_stored_with_the_model_and_overridden(tree, project, tmp_pa
                          "--no-progress", *more, env=ENV)
         assert proc.returncode == 0, proc.stderr
         line, = PredictLogLine.read_lines(out / "predict_log.jsonl")
-        return line.series["MR"]
+        return line.series_uids["MR"]
 
     assert chosen(tmp_path / "stored") == study.series["second"]
     assert chosen(tmp_path / "override", "--series-rule", "MR=run 2$") == study.series["first"]
@@ -370,9 +370,9 @@ def test_predict_log_of_image_files(project, tmp_path):  # noqa: F811 - the fixt
     proc = run_3dino("predict", "-i", str(inputs), "-o", str(out), "-m", str(project["run_a"]), "--num-workers", "0",
                      "--no-progress", env=ENV)
     assert proc.returncode == 1
-    lines = {line.case: line for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
+    lines = {line.case_id: line for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
     good, bad = lines["patient-0000"], lines["patient-0003"]
     assert good.outcome == "predicted" and good.files == {"MR": str(inputs / "patient-0000.nii.gz")}
-    assert [(o.file, o.format) for o in good.outputs] == [("patient-0000.nii.gz", "nifti")]
+    assert [(o.file, o.output_format) for o in good.outputs] == [("patient-0000.nii.gz", "nifti")]
     assert bad.outcome == "failed" and "truncated" in bad.error.lower() and bad.outputs == []
     assert good.started <= good.ended <= bad.started <= bad.ended

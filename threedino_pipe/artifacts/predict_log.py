@@ -37,7 +37,7 @@ class LoggedOutput(Record):
     """One file a case wrote: its name in the output folder, its format and, for DICOM objects, its UID."""
 
     file: str
-    format: str
+    output_format: str
     sop_instance_uid: str | None = None
 
     OMIT_WHEN_NONE = ("sop_instance_uid",)
@@ -59,8 +59,8 @@ class PredictLogLine(Artifact):
     WRITER = "3dino predict"
     FILE = "predict_log.jsonl"
 
-    case: str
-    series: dict[str, str] = {}  # DICOM: channel name -> chosen SeriesInstanceUID
+    case_id: str
+    series_uids: dict[str, str] = {}  # DICOM: channel name -> chosen SeriesInstanceUID
     files: dict[str, str] = {}  # image files: channel name -> path as given
     models: list[ModelIdentity] = Field(min_length=1)
     options: PredictOptions

@@ -73,12 +73,12 @@ class CaseLog:
     def _written(self, case: InputCase) -> list[LoggedOutput]:
         """The files ``case`` wrote (a DICOM object with its SOPInstanceUID)."""
         if self.classification:
-            return [LoggedOutput(file=PREDICTIONS, format="predictions")]
+            return [LoggedOutput(file=PREDICTIONS, output_format="predictions")]
         out = []
         if self.options.save_probabilities:
-            out.append(LoggedOutput(file=f"{case.case_id}{PROBABILITIES}", format="probabilities"))
+            out.append(LoggedOutput(file=f"{case.case_id}{PROBABILITIES}", output_format="probabilities"))
         for fmt, name in zip(self.outputs.formats, self.outputs.names(case), strict=True):
-            out.append(LoggedOutput(file=name, format=fmt, sop_instance_uid=self._sop_uid(name)
+            out.append(LoggedOutput(file=name, output_format=fmt, sop_instance_uid=self._sop_uid(name)
                                     if fmt != "nifti" else None))
         return out
 
@@ -92,7 +92,7 @@ class CaseLog:
     def _append(self, case: str, inputs: tuple[dict[str, str], dict[str, str]], started: str | None,
                 failure: Failure | None, outputs: list[LoggedOutput]) -> None:
         ended = utc_now()
-        line = PredictLogLine(case=case, series=inputs[0], files=inputs[1], models=self.models,
+        line = PredictLogLine(case_id=case, series_uids=inputs[0], files=inputs[1], models=self.models,
                               options=self.options, started=started or ended, ended=ended,
                               outcome="failed" if failure else "predicted",
                               error=failure.error if failure else None, error_file=failure.file if failure else None,
