@@ -40,7 +40,7 @@ PACKAGES = {"rle": "pydicom", "jpeg-ls": "pyjpegls", "jpeg2000": "pylibjpeg-open
 
 @pytest.fixture(scope="module")
 def ct_image():
-    image, _ = synthetic_ct_volume((24, 20, 12), (0.9, 0.9, 2.0), labels=2, seed=3)
+    image, _ = synthetic_ct_volume((48, 40, 12), (0.9, 0.9, 2.0), labels=2, seed=3)  # J2K: >= 32
     return image
 
 
