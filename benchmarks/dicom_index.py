@@ -1,4 +1,4 @@
-"""Issue 14's DICOM benchmark: indexing speed against SimpleITK, and SEG/RTSTRUCT writing time and memory.
+"""Issue 14's DICOM index benchmark: indexing speed against SimpleITK (the writers: ``dicom_write.py``).
 
 Index: a generated tree of ``--files`` DICOM files (default 10,000 CT slices of 256 x 256 int16,
 ``--studies`` 50 studies of 2 series each, one folder per series, random file names), with a warm
@@ -12,17 +12,11 @@ file cache (every file read once before timing). Timed, each ``--repeats`` times
 
 Files per second and the ratio ours / SimpleITK (target >= 5).
 
-Writers: a generated 512 x 512 x 300 CT (0.8 x 0.8 x 1.5 mm, HU) with 14 ellipsoid labels is
-written as a DICOM series, read back with :func:`threedino_pipe.dicom.volume.read_series`, and the
-label map is written as a DICOM SEG and as an RTSTRUCT, each in its own process: wall time of the
-write alone, and extra memory = peak RSS during the write (sampled every 20 ms) minus the RSS once
-the inputs are loaded (targets: <= 30 s and <= 1.5 GiB each).
-
 The machine is shared: the script refuses to run while the 1-minute load average is 1.5 or more
 (``--force`` overrides). Output: a table and ``--out`` (JSON with every run, machine, command).
 
     .venv/bin/python benchmarks/dicom_index.py [--files 10000] [--studies 50] [--processes 2]
-        [--repeats 2] [--work-dir DIR] [--skip-index] [--skip-writers] [--force]
+        [--repeats 2] [--work-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -31,19 +25,18 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import TreeMemorySampler, format_table, invocation, machine_info, median, rss_bytes, write_json
+from common import format_table, invocation, machine_info, median, write_json
 
 # numpy and threedino_pipe are imported inside the functions: the index's worker processes are
 # spawned and import this script again, as they would import the `3dino` entry point (a few modules).
 
 MIB = 1024 * 1024
-TARGET_RATIO, TARGET_WRITE_S, TARGET_EXTRA_BYTES = 5.0, 30.0, 1.5 * 1024 * MIB
+TARGET_RATIO = 5.0
 
 
 def build_tree(root: Path, files: int, studies: int, seed: int = 0) -> int:
@@ -132,111 +125,32 @@ def index_benchmark(args, work: Path) -> dict:
             "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO}
 
 
-def prepare_writer_inputs(work: Path, shape: tuple[int, int, int], labels: int) -> Path:
-    folder = work / "writer_case"
-    marker = work / "writer_case.complete"
-    key = json.dumps({"shape": list(shape), "labels": labels})
-    if marker.exists() and marker.read_text() == key:
-        return folder
-    import numpy as np
-
-    from threedino_pipe.demo.dicom_examples import Identity, series_datasets, synthetic_ct_volume, write_datasets
-    from threedino_pipe.dicom.uids import derive_uid
-    shutil.rmtree(folder, ignore_errors=True)
-    image, label = synthetic_ct_volume(shape, (0.8, 0.8, 1.5), labels)
-    identity = Identity(study_uid=derive_uid("bench-writer"))
-    write_datasets(series_datasets(image, identity, series_uid=derive_uid("bench-writer", "series"), series_number=1,
-                                   modality="CT", description="CT 1.5mm"), folder / "series")
-    np.save(folder / "label.npy", label)
-    marker.write_text(key)
-    return folder
-
-
-def write_once(kind: str, folder: Path, out: Path) -> dict:
-    """In a fresh process: load the series and label map, then time one writer and sample its extra memory."""
-    import numpy as np
-
-    from threedino_pipe.dicom.index import index_folder
-    from threedino_pipe.dicom.rtstruct_writer import write_rtstruct
-    from threedino_pipe.dicom.seg_writer import ModelIdentity, write_seg
-    from threedino_pipe.dicom.volume import read_series, source_datasets
-    index = index_folder(folder / "series", processes=1)
-    volume = read_series(next(index.iter_series()))
-    label = np.load(folder / "label.npy")
-    headers = source_datasets(volume)
-    labels = {v: f"structure_{v:02d}" for v in range(1, int(label.max()) + 1)}
-    model = ModelIdentity("benchmark_model", "threedino-pipe 0.1.0", "none", "0f" * 32)
-    writer = write_seg if kind == "seg" else write_rtstruct
-    baseline = rss_bytes(os.getpid())
-    with TreeMemorySampler(os.getpid(), interval=0.02, pss_every=0) as sampler:
-        start = time.perf_counter()
-        result = writer(label, labels, volume, model, out, headers=headers)
-        seconds = time.perf_counter() - start
-    return {"kind": kind, "seconds": seconds, "baseline_rss": baseline, "peak_rss": sampler.peak_rss,
-            "extra_bytes": sampler.peak_rss - baseline, "file_bytes": Path(result.path).stat().st_size,
-            "labels": len(labels), "shape": list(label.shape)}
-
-
-def writer_benchmark(args, work: Path) -> dict:
-    folder = prepare_writer_inputs(work, tuple(args.writer_shape), args.labels)
-    results = {}
-    for kind in ("seg", "rtstruct"):
-        run = subprocess.run([sys.executable, __file__, "--write-once", kind, str(folder)], capture_output=True,
-                             text=True, env=dict(os.environ), timeout=1800)
-        if run.returncode != 0:
-            raise SystemExit(f"{kind} writer failed:\n{run.stderr[-3000:]}")
-        results[kind] = json.loads(run.stdout.strip().splitlines()[-1])
-        results[kind]["meets_target"] = (results[kind]["seconds"] <= TARGET_WRITE_S
-                                         and results[kind]["extra_bytes"] <= TARGET_EXTRA_BYTES)
-        print(f"{kind}: {results[kind]['seconds']:.1f} s, extra {results[kind]['extra_bytes'] / MIB:.0f} MiB",
-              flush=True)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--studies", type=int, default=50)
     parser.add_argument("--processes", type=int, default=2, help="index workers and ITK threads")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--writer-shape", type=int, nargs=3, default=[512, 512, 300])
-    parser.add_argument("--labels", type=int, default=14)
     parser.add_argument("--work-dir", type=Path, default=None, help="kept; generated inputs are reused")
-    parser.add_argument("--skip-index", action="store_true")
-    parser.add_argument("--skip-writers", action="store_true")
     parser.add_argument("--force", action="store_true", help="run even when the machine is busy")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/dicom_index.json"))
-    parser.add_argument("--write-once", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.write_once:
-        kind, folder = args.write_once
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(write_once(kind, Path(folder), Path(tmp) / f"{kind}.dcm")))
-        return 0
     load = os.getloadavg()[0]
     if load >= 1.5 and not args.force:
         print(f"the machine is busy (load average {load:.2f} >= 1.5): run this later, or pass --force")
         return 2
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dicom_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine_info(), "command": invocation(argv), "index": None, "writers": None}
+    report = {"machine": machine_info(), "command": invocation(argv), "index": None}
     try:
-        if not args.skip_index:
-            report["index"] = index_benchmark(args, work)
-        if not args.skip_writers:
-            report["writers"] = writer_benchmark(args, work)
+        report["index"] = index_benchmark(args, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    rows = []
-    if report["index"]:
-        for name, row in report["index"]["summary"].items():
-            rows.append([f"index: {name}", row["median_s"], f"{row['files_per_s']:.0f} files/s", ""])
-        rows.append(["index: ours / SimpleITK read", report["index"]["ratio_vs_discover_and_read"], "",
-                     f">= {TARGET_RATIO:g}: {report['index']['meets_target']}"])
-    for kind, row in (report["writers"] or {}).items():
-        rows.append([f"write {kind}", row["seconds"], f"extra {row['extra_bytes'] / MIB:.0f} MiB",
-                     f"<= 30 s, <= 1.5 GiB: {row['meets_target']}"])
+    rows = [[f"index: {name}", row["median_s"], f"{row['files_per_s']:.0f} files/s", ""]
+            for name, row in report["index"]["summary"].items()]
+    rows.append(["index: ours / SimpleITK read", report["index"]["ratio_vs_discover_and_read"], "",
+                 f">= {TARGET_RATIO:g}: {report['index']['meets_target']}"])
     print(format_table(["what", "seconds", "rate / memory", "target"], rows))
     write_json(args.out, report)
     return 0

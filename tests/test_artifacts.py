@@ -23,6 +23,7 @@ from threedino_pipe.artifacts import (
     ModelCard,
     Plans,
     PredictArgs,
+    PredictLogLine,
     ProbeValidation,
     RunRecord,
     SegmentationValidation,
@@ -99,11 +100,21 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                             "precision": "fp32", "precision_requested": "auto", "device": "auto", "device_used": "cpu",
                             "num_workers": 1, "continue": False, "checkpoint": "best",
                             "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10,
-                            "qc": True, "qc_min_confidence": 0.7}}
+                            "qc": True, "qc_min_confidence": 0.7,
+                            "keep_patient_names": False}}
 CASE_QC = {"kind": "case_qc", **HEAD, "case_id": "39684a91631ceb9d", "weights_checksum": "cd" * 32,
            "spacing_mm": [0.8, 0.8, 3.0], "series_ranks": [2],
            "structures": [{"name": "organ", "label_values": [1], "voxels": 1000, "volume_ml": 1.92, "components": 2,
                            "border_share": 0.05, "mean_confidence": 0.91}], "thumbnail": "39684a91631ceb9d.png"}
+PREDICT_LOG = {"kind": "predict_log_line", **HEAD, "case_id": "39684a91631ceb9d", "series_uids": {"CT": "1.2.3.4"},
+               "files": {}, "models": [IDENTITY], "options": PREDICT_ARGS["options"],
+               "started": "2026-12-06T18:00:00.000+00:00", "ended": "2026-12-06T18:00:09.500+00:00",
+               "outcome": "predicted",
+               "outputs": [{"file": "39684a91631ceb9d.nii.gz", "output_format": "nifti"},
+                           {"file": "39684a91631ceb9d_seg.dcm", "output_format": "dicom-seg",
+                            "sop_instance_uid": "2.25.1"}],
+               "sends": [{"to": "PACS@127.0.0.1:4242", "sop_instance_uid": "2.25.1",
+                          "time": "2026-12-06T18:00:10.000+00:00"}]}
 STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
               "studies": {"39684a91631ceb9d": {"study_uid": "1.2.3"}}}
 JOURNAL_LINE = {"kind": "journal_line", **HEAD, "t": "2026-12-06T20:01:02.345+00:00", "event": "predicted",
@@ -161,6 +172,7 @@ KINDS = [
     (StudyKeys, STUDY_KEYS, "salt", (["studies", "39684a91631ceb9d", "study_uid"], 3)),
     (JournalLine, JOURNAL_LINE, "event", (["outputs", 0, "sop"], 3)),
     (CaseQc, CASE_QC, "structures", (["structures", 0, "voxels"], "many")),
+    (PredictLogLine, PREDICT_LOG, "outcome", (["outputs", 1, "sop_instance_uid"], ["2.25.1"])),
     (EvaluationSummary, SUMMARY, "cases", (["cases", "failed", 0, "file"], 3)),
     (EmbedRecord, EMBED, "model", (["preprocessing", "resample"], "sometimes")),
     (VisualizeRecord, VISUALIZE, "pca", (["pca", "patches"], "many")),
@@ -274,3 +286,46 @@ def test_plans_dependencies_leave_out_reasons_and_checksum_tracks_stored_fields(
     spacing = json.loads(json.dumps(PLANS))
     spacing["configurations"]["finetune"]["spacing"] = [2.0, 1.0, 1.0]
     assert Plans.model_validate(spacing).stored_checksum("finetune") != plans.stored_checksum("finetune")
+
+
+def test_predict_log_lines_are_appended_whole_and_read_back(tmp_path):
+    path = tmp_path / "predict_log.jsonl"
+    line = PredictLogLine.model_validate(PREDICT_LOG)
+    line.append(path)
+    failed = line.model_copy(update={"case_id": "other", "outcome": "failed", "error": "no usable MR series",
+                                     "outputs": []})
+    failed.append(path)
+    with path.open("a") as fh:
+        fh.write('{"kind": "predict_log_line", "case": "cut sh')  # a crash inside a write: never whole
+    assert [(x.case_id, x.outcome) for x in PredictLogLine.read_lines(path)] == [("39684a91631ceb9d", "predicted"),
+                                                                               ("other", "failed")]
+    line.append(path)  # starts on a line of its own after the cut one
+    text = path.read_text().splitlines()
+    assert len(text) == 4 and text[2].endswith("cut sh") and text[3].startswith('{"kind":"predict_log_line"')
+    with pytest.raises(UserError, match="line 3 is not JSON"):
+        PredictLogLine.read_lines(path)
+    for rank in range(2):
+        line.append(PredictLogLine.rank_part(tmp_path / "ranks", rank, 2))
+    assert PredictLogLine.merge_parts(tmp_path / "ranks", 2) == 2
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir()) == ["predict_log.jsonl"]
+
+
+@pytest.mark.parametrize(("rules", "message"), [
+    ({"CT": "soft(|std"}, "'series_rules' of channel 'CT': the pattern 'soft(|std' does not compile"),
+    ({"T2": "t2"}, "'series_rules' names channel 'T2', which 'channel_names' does not have"),
+])
+def test_series_rules_of_dataset_json_are_checked(tmp_path, rules, message):
+    spec = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz",
+            "series_rules": rules}
+    _write(tmp_path / "dataset.json", spec)
+    with pytest.raises(UserError) as err:
+        DatasetJson.read(tmp_path)
+    assert message in err.value.problem and err.value.file.endswith("dataset.json")
+    assert '"series_rules": {"CT": "soft|std"}' in err.value.fix
+    spec["series_rules"] = {"0": "soft|std"}  # a channel by its index is fine too
+    _write(tmp_path / "dataset.json", spec)
+    assert DatasetJson.read(tmp_path).series_rules == {"0": "soft|std"}
+    model = {**MODEL, "series_rules": rules}
+    with pytest.raises(UserError) as err:
+        ModelCard.read(_write(tmp_path / "model.json", model))
+    assert message in err.value.problem and err.value.file.endswith("model.json")

@@ -367,3 +367,20 @@ def test_rerun_with_other_options_names_run_and_run_starts_a_second_run_beside_t
     assert json.loads((beside / "run.json").read_text())["options"]["lr"] == 0.01
     assert json.loads((folder / "run.json").read_text())["options"]["lr"] == 0.001
     assert (beside / "checkpoint_final.pt").is_file() and (beside / "model.json").is_file()
+
+
+def test_series_rules_of_the_plans_are_stored_in_model_json(mni_preprocessed, tmp_path):
+    """dataset.json's series_rules, carried by plans.json, go into model.json, where predict reads them."""
+    pre = tmp_path / "pre"
+    shutil.copytree(mni_preprocessed["THREEDINO_PREPROCESSED"], pre)
+    env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
+    plans_path = pre / DATASET / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    channel = plans["channel_names"]["0"]
+    plans["series_rules"] = {channel: "mprage|t1w"}
+    plans_path.write_text(json.dumps(plans))
+    result = run_3dino("finetune", "-d", "990", *FAST, "--head", "linear", "--backbone", "none", "--iters", "1",
+                       "--val-every", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    model_json = json.loads((_run_dir(env) / "model.json").read_text())
+    assert model_json["series_rules"] == {channel: "mprage|t1w"}

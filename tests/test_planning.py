@@ -366,3 +366,23 @@ def test_plans_table_fits_120_columns_with_the_reasons_wrapped(synthetic_raw, fo
     assert len(reason) > 60  # long enough to need wrapping beside the other columns
     cells = "".join(line.split("│")[3].strip() for line in result.stdout.splitlines() if line.count("│") == 4)
     assert reason.replace(" ", "") in cells.replace(" ", "")
+
+
+def test_series_rules_go_from_dataset_json_into_plans(synthetic_raw, folders):
+    """dataset.json's series_rules (DICOM series per channel for predict) reach plans.json (and from there
+    model.json); a pattern that does not compile stops plan, naming dataset.json and the channel."""
+    folder = folders["raw"] / "Dataset991_Ellipsoids"
+    shutil.copytree(synthetic_raw / "Dataset991_Ellipsoids", folder)
+    spec = json.loads((folder / "dataset.json").read_text())
+    channel = spec["channel_names"]["0"]
+    spec["series_rules"] = {channel: "soft tissue|std"}
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    plan.run("991", num_processes=1)
+    _, plans = load_outputs(folders["preprocessed"], folder.name)
+    assert plans["series_rules"] == {channel: "soft tissue|std"}
+
+    spec["series_rules"] = {channel: "soft(|std"}
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    result = run_3dino("plan", "-d", "991", "-np", "1")
+    assert_clean_failure(result, "dataset.json", f"'series_rules' of channel '{channel}'", "does not compile",
+                         '"series_rules": {"CT": "soft|std"}')

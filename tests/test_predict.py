@@ -359,7 +359,8 @@ def test_dicom_series_predicts_into_nifti_with_the_series_geometry(project, tmp_
     with caplog.at_level(logging.INFO):
         assert predict.run(tmp_path / "in", tmp_path / "out", [project["run_a"]], num_workers=0) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".qc", "failures.csv", "mni_scan.nii.gz",
-                                                                   "predict_args.json", "qc.csv", "qc_report.html"]
+                                                                   "predict_args.json", "predict_log.jsonl", "qc.csv",
+                                                                   "qc_report.html"]
     labels, out_geo = read_image(tmp_path / "out" / "mni_scan.nii.gz")
     assert labels.shape == series_array.shape
     assert out_geo.size == series_geo.size

@@ -380,6 +380,8 @@ def predict(
                   "(volumes, components, border share, confidence and flags per case and structure).")] = True,
     qc_min_confidence: Annotated[float, typer.Option("--qc-min-confidence", min=0.0, max=1.0, help="QC: flag a "
                                  "structure whose mean probability is below this (low_confidence).")] = 0.7,
+    keep_patient_names: Annotated[bool, typer.Option("--keep-patient-names", help="DICOM input: name each "
+                                  "study's outputs by its PatientID instead of its salted study key.")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -397,7 +399,7 @@ def predict(
                                selection=selection, output_formats=output_format, series_rules=series_rule,
                                min_slices=min_slices, from_pacs=from_pacs, studies=study, send_to=send_to,
                                ae_title=ae_title, move_listen=move_listen, qc=qc,
-                               qc_min_confidence=qc_min_confidence))
+                               qc_min_confidence=qc_min_confidence, keep_patient_names=keep_patient_names))
 
 
 @app.command()

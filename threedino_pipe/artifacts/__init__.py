@@ -29,6 +29,7 @@ from threedino_pipe.artifacts.plans import (
     SplitPlan,
 )
 from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
+from threedino_pipe.artifacts.predict_log import LoggedOutput, PredictLogLine, SentObject
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
 from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
 from threedino_pipe.artifacts.study_keys import StudyKeyEntry, StudyKeys
@@ -43,7 +44,7 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine, CaseQc)
+             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine, CaseQc, PredictLogLine)
 
 __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
@@ -55,3 +56,4 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
            "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder", "read_journal",
            "CaseQc", "StructureQc", "VolumeRange"]
+__all__ += ["LoggedOutput", "PredictLogLine", "SentObject"]

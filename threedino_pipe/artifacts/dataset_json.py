@@ -5,7 +5,9 @@ Fields: ``channel_names`` ({"0": "CT"}; nnU-Net v1's ``modality`` is accepted), 
 ``regions_class_order``), ``numTraining``, ``file_ending``; our extensions: ``task``
 ("segmentation", the default when labels are given; "classification" with ``class_names``;
 "unlabeled" for pretraining-only collections) and nnU-Net v2's optional ``dataset`` listing
-(case id -> ``{"images": [...], "label": ...}``). Other keys nnU-Net allows (``name``,
+(case id -> ``{"images": [...], "label": ...}``) and ``series_rules`` (channel name or index ->
+the SeriesDescription regular expression a DICOM series must match to feed that channel in
+``3dino predict``; copied into plans.json and model.json). Other keys nnU-Net allows (``name``,
 ``description``, ``licence``, ...) are kept as they are.
 
 The user writes this file, so a problem names the field and says how to write it (there is no
@@ -14,6 +16,8 @@ command to rerun).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -38,9 +42,28 @@ FIXES = {
     "class_names": 'add e.g. "class_names": ["benign", "malignant"]',
     "regions_class_order": "add the label value written for each region, in the order of 'labels'",
     "case_groups": 'write group -> case ids, e.g. "case_groups": {"patient_07": ["case_012", "case_013"]}',
+    "series_rules": 'write channel name -> SeriesDescription regular expression (searched case-insensitively), '
+                    'e.g. "series_rules": {"CT": "soft|std"}',
     "dataset": f"each entry needs 'images' (a list of file paths) and, for segmentation, 'label': write e.g. "
                f"{_LISTING_EXAMPLE}",
 }
+
+
+def series_rules_problem(rules: Mapping[str, str], channel_names: Mapping[object, str]) -> str | None:
+    """Why ``series_rules`` (channel name or index -> SeriesDescription regex) is unusable, or None.
+
+    A key must name a channel (its index or name) and a value must be a Python regular expression.
+    """
+    known = {str(k) for k in channel_names} | {str(v) for v in channel_names.values()}
+    for channel, pattern in rules.items():
+        if channel not in known:
+            return (f"'series_rules' names channel {channel!r}, which 'channel_names' does not have (one of "
+                    f"{', '.join(sorted(known))})")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            return f"'series_rules' of channel {channel!r}: the pattern {pattern!r} does not compile ({exc})"
+    return None
 
 
 class DatasetJsonProblem(Exception):
@@ -74,6 +97,7 @@ class DatasetJson(Record):
     regions_class_order: list[int] | None = None
     dataset: dict[str, ListedCase] | None = None
     case_groups: dict[str, list[str]] | None = None  # group -> its cases: kept on one side of every split
+    series_rules: dict[str, str] | None = None  # channel name or index -> SeriesDescription regex (DICOM input)
     _notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")
@@ -129,6 +153,9 @@ class DatasetJson(Record):
         if self.task == "classification" and len(self.class_names) < 2:
             raise DatasetJsonProblem("class_names", "a classification dataset needs 'class_names' with at least "
                                      "2 classes")
+        problem = series_rules_problem(self.series_rules or {}, self.channel_names)
+        if problem:
+            raise DatasetJsonProblem("series_rules", problem)
         if self.task == "segmentation" and self.dataset:
             for case, item in self.dataset.items():
                 if item.label is None:

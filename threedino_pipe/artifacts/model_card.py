@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from threedino_pipe.artifacts.base import Artifact, Record
+from threedino_pipe.artifacts.dataset_json import series_rules_problem
 from threedino_pipe.artifacts.plans import CasePreprocessing, Normalization, Plans
 
 HEADS = ("adapter", "unetr", "linear", "probe")
@@ -92,8 +93,10 @@ class ModelCard(Artifact):
     normalization: list[Normalization] | None = None
     input_view: str | None = None
     probe: dict[str, Any] | None = None
+    # dataset.json's series_rules: channel name or index -> SeriesDescription regex (predict's DICOM selection)
+    series_rules: dict[str, str] | None = None
 
-    OMIT_WHEN_NONE = (*PROBE_ONLY, "label_volumes_ml")
+    OMIT_WHEN_NONE = (*PROBE_ONLY, "label_volumes_ml", "series_rules")
 
     @field_validator("weights")
     @classmethod
@@ -106,6 +109,9 @@ class ModelCard(Artifact):
     def _outputs_agree(self) -> ModelCard:
         if any(p <= 0 for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} is not 3 positive sizes")
+        problem = series_rules_problem(self.series_rules or {}, self.channel_names)
+        if problem:
+            raise ValueError(problem)
         if getattr(self.plans.configurations, self.configuration, None) is None:
             raise ValueError(f"the plans have no configuration {self.configuration!r}")
         if self.task == "classification":

@@ -161,8 +161,9 @@ class Plans(Artifact):
     decisions: dict[str, str]
     configurations: Configurations
     splits: SplitPlan | None = None  # labelled datasets; plans made before it existed: preprocess's defaults
+    series_rules: dict[str, str] | None = None  # dataset.json's, for model.json (DICOM series per channel)
 
-    OMIT_WHEN_NONE = ("splits",)
+    OMIT_WHEN_NONE = ("splits", "series_rules")
 
     @classmethod
     def of_dataset(cls, folder: Path) -> Plans:

@@ -48,6 +48,7 @@ class PredictOptions(Record):
     min_slices: int = Field(default=10, ge=2)
     qc: bool = False  # files written before QC existed: none ran
     qc_min_confidence: float = Field(default=0.7, ge=0.0, le=1.0)
+    keep_patient_names: bool = False
 
 
 class PredictArgs(Artifact):

@@ -23,9 +23,12 @@ PRIVATE_MODE = 0o600
 
 
 class StudyKeyEntry(Record):
-    """One study named by its key."""
+    """One study named by its key (``name``: the output name instead of the key, ``--keep-patient-names``)."""
 
     study_uid: str
+    name: str | None = None
+
+    OMIT_WHEN_NONE = ("name",)
 
 
 class StudyKeys(Artifact):
@@ -50,11 +53,21 @@ class StudyKeys(Artifact):
         path = cls.in_folder(folder)
         return cls.read(path) if path.is_file() else cls.new()
 
-    def key_of(self, study_uid: str) -> str:
-        """The study key of ``study_uid`` (16 hex digits), recorded in :attr:`studies`."""
-        key = hashlib.sha256((self.salt + study_uid).encode()).hexdigest()[:KEY_DIGITS]
-        self.studies[key] = StudyKeyEntry(study_uid=study_uid)
+    def key_of(self, study_uid: str, name: str | None = None) -> str:
+        """The study key of ``study_uid`` (16 hex digits), recorded in :attr:`studies` with its output
+        ``name`` (None: the key names the outputs)."""
+        key = self._key(study_uid)
+        self.studies[key] = StudyKeyEntry(study_uid=study_uid, name=name)
         return key
+
+    def name_of(self, study_uid: str) -> str:
+        """The name of ``study_uid``'s outputs: the name recorded with its key, else the key (not recorded)."""
+        key = self._key(study_uid)
+        entry = self.studies.get(key)
+        return entry.name if entry is not None and entry.name else key
+
+    def _key(self, study_uid: str) -> str:
+        return hashlib.sha256((self.salt + study_uid).encode()).hexdigest()[:KEY_DIGITS]
 
     def write(self, path: str | Path) -> Path:
         """Write atomically with mode 0600: the file is never readable by others, not even for a moment."""

@@ -286,3 +286,17 @@ def read_instance_header(path: str | Path) -> InstanceHeader | SkippedFile:
 def read_chunk(paths: Sequence[str]) -> list[InstanceHeader | SkippedFile]:
     """:func:`read_instance_header` of each path (the unit of work of the index's worker processes)."""
     return [read_instance_header(p) for p in paths]
+
+
+def read_text_elements(path: str | Path, keywords: Sequence[str]) -> dict[str, str]:
+    """Top-level text values of ``keywords`` in one file (pydicom, never its pixels); "" for an absent one.
+
+    For values the index leaves out on purpose: the PatientID that ``--keep-patient-names`` names
+    outputs by, the SOPInstanceUID of a written result object.
+
+    Raises:
+        OSError: the file cannot be read; ``pydicom.errors.InvalidDicomError``: it is not DICOM.
+    """
+    import pydicom
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=list(keywords))
+    return {keyword: text(ds.get(keyword)) for keyword in keywords}

@@ -10,7 +10,8 @@ positions, inconsistent multi-frame positions, sheared stacks) is refused with a
 :class:`~threedino_pipe.runtime.errors.UserError` naming the study, the series and a file.
 
 Pixels are decoded by pydicom (compressed transfer syntaxes through the installed handlers:
-pylibjpeg with its libjpeg, openjpeg and RLE plugins, pyjpegls) and rescaled by RescaleSlope and
+RLE by pydicom itself, JPEG 2000 by pylibjpeg-openjpeg, JPEG-LS by pyjpegls, the JPEG processes by
+GDCM) and rescaled by RescaleSlope and
 RescaleIntercept (per frame for multi-frame objects, from PixelValueTransformationSequence), so
 CT comes out in HU. The voxels are float32 ``X x Y x Z``.
 """
@@ -29,7 +30,7 @@ from threedino_pipe.dicom.index import SeriesRecord
 from threedino_pipe.raw_data.image_io import Geometry, from_array, to_array
 from threedino_pipe.runtime.errors import UserError
 
-DECODER_FIX = ("install the decoders (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pyjpegls), "
+DECODER_FIX = ("install the decoders (pip install pylibjpeg pylibjpeg-openjpeg pyjpegls python-gdcm), "
                "or re-export the series uncompressed")
 
 

@@ -16,12 +16,15 @@ read by ITK (:mod:`threedino_pipe.inference.input_cases`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import StudyKeys
-from threedino_pipe.dicom.index import DicomIndex, index_folder
+from threedino_pipe.dicom.header import read_text_elements
+from threedino_pipe.dicom.index import DicomIndex, StudyRecord, index_folder
 from threedino_pipe.dicom.selection import (
     DEFAULT_MIN_SLICES,
     ChannelRule,
@@ -39,17 +42,21 @@ log = logging.getLogger(__name__)
 SELECTION_FILE = "series_selection.csv"
 
 
-def parse_rules(channel_names: dict[str, str], series_rules: Sequence[str]) -> list[ChannelRule]:
-    """The channel rules of a model: its channel names and the ``--series-rule CHANNEL[:MODALITY]=REGEX`` values.
+def parse_rules(channel_names: dict[str, str], series_rules: Sequence[str],
+                stored: Mapping[str, str] | None = None) -> list[ChannelRule]:
+    """The channel rules of a model: its channel names, its stored ``series_rules`` (model.json, from
+    dataset.json) and the ``--series-rule CHANNEL[:MODALITY]=REGEX`` values, which override a stored
+    pattern of the same channel.
 
     Raises:
         UserError: a malformed rule, a rule naming no channel, or a channel whose modality cannot be told.
     """
-    patterns: dict[str, str] = {}
+    by_name = {name: key for key, name in channel_names.items()}
+    patterns: dict[str, str] = {by_name.get(k, k): v for k, v in (stored or {}).items()}
     modalities: dict[str, str] = {}
     for text in series_rules:
         channel, modality, pattern = parse_series_rule(text)
-        patterns[channel] = pattern
+        patterns[by_name.get(channel, channel)] = pattern
         if modality:
             modalities[channel] = modality
     return rules_for_channels(channel_names, patterns, modalities)
@@ -104,11 +111,19 @@ class DicomInput:
         write_selection_csv(path, self.selections)
         return path
 
+    def record_keys(self, keys: StudyKeys, *, keep_patient_names: bool = False) -> None:
+        """Record every study's key in ``keys``; with ``keep_patient_names`` its output name from PatientID
+        (:func:`patient_names`)."""
+        names = patient_names(self, keys) if keep_patient_names else {}
+        for selection in self.selections:
+            keys.key_of(selection.study_uid, names.get(selection.study_uid))
+
     def cases(self, keys: StudyKeys) -> tuple[list[InputCase], list[Failure]]:
-        """One case per usable study (named by its study key, sorted) and one failure per other study."""
+        """One case per usable study (named by ``keys``: its study key or recorded name, sorted) and one failure
+        per other study."""
         cases, failures = [], []
         for selection in self.selections:
-            key = keys.key_of(selection.study_uid)
+            key = keys.name_of(selection.study_uid)
             if not selection.ok:
                 series = " ".join(d.series_uid for d in selection.decisions)
                 failures.append(Failure(key, f"series {series}" if series else f"study {selection.study_uid}",
@@ -132,3 +147,35 @@ def select_dicom(index: DicomIndex, rules: Sequence[ChannelRule], *, min_slices:
     log.info("DICOM input: %d stud(ies), %d usable, %d series", len(selections), result.usable,
              sum(len(s.decisions) for s in selections))
     return result
+
+
+def _file_name(text: str) -> str:
+    """``text`` as a file name stem: runs of characters other than letters, digits, ``.``, ``_``, ``-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:64]
+
+
+def _patient_id(study: StudyRecord) -> str:
+    """The PatientID of a study, read from one of its files ("" when none says it)."""
+    paths = [i.path for s in study.series.values() for i in s.instances] or \
+        [f.path for s in study.series.values() for f in s.skipped]
+    for path in paths[:3]:
+        try:
+            return read_text_elements(path, ["PatientID"])["PatientID"]
+        except Exception:  # noqa: BLE001 - a damaged file: try the next one
+            continue
+    return ""
+
+
+def patient_names(dicom: DicomInput, keys: StudyKeys) -> dict[str, str]:
+    """Study UID -> output name from its PatientID (``--keep-patient-names``), made a safe file name.
+
+    A patient with several studies in the input gets ``<PatientID>_<first 8 digits of the study key>``
+    for each (so names never collide); a study without a usable PatientID keeps its study key.
+    """
+    ids = {s.study_uid: _file_name(_patient_id(dicom.index.studies[s.study_uid])) for s in dicom.selections}
+    counts = Counter(ids.values())
+    names = {}
+    for study_uid, name in ids.items():
+        if name:
+            names[study_uid] = name if counts[name] == 1 else f"{name}_{keys.key_of(study_uid)[:8]}"
+    return names

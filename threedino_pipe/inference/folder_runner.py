@@ -151,11 +151,13 @@ class BatchOutcome:
 def run_cases(cases: Sequence[InputCase], *, prepare: Callable[[InputCase], object],
               predict: Callable[[object], object], failures_path: Path, num_workers: int = 1,
               on_result: Callable[[object], None] | None = None,
-              failed_before: Sequence[Failure] = ()) -> BatchOutcome:
+              failed_before: Sequence[Failure] = (),
+              on_case: Callable[[InputCase, object | None, Failure | None], None] | None = None) -> BatchOutcome:
     """Prepare (read ahead) and predict every case; log each failure to ``failures_path`` and go on.
 
     ``failures_path`` is (re)written at the start (header, and ``failed_before``: inputs that failed
-    before reading, e.g. DICOM studies without usable series) and after every failure.
+    before reading, e.g. DICOM studies without usable series) and after every failure. ``on_case``
+    is called after each case with its result or its failure.
     """
     failures: list[Failure] = list(failed_before)
     results = []
@@ -182,10 +184,14 @@ def run_cases(cases: Sequence[InputCase], *, prepare: Callable[[InputCase], obje
                 write_failures(failures_path, failures)
                 log.warning("%s failed: %s: %s", case.case_id, failure.file, failure.error)
                 log.debug("traceback of %s", case.case_id, exc_info=error)
+                if on_case is not None:
+                    on_case(case, None, failure)
             else:
                 timings = getattr(results[-1], "seconds", {})
                 detail = ", ".join(f"{k.replace('_', '+')} {v:.1f} s" for k, v in timings.items())
                 line = f"{case.case_id}: done in {seconds:.1f} s ({detail})"
                 bar.console.print(line) if progress.enabled() else log.info(line)
+                if on_case is not None:
+                    on_case(case, results[-1], None)
             bar.update(task, advance=1, description=f"predict (last: {case.case_id}, {seconds:.1f} s)")
     return BatchOutcome(results, failures)

@@ -306,4 +306,4 @@ def make_plans(fingerprint: Fingerprint, spec: DatasetJson, options: PlanOptions
                  channel_names={str(k): v for k, v in spec.channel_names.items()},
                  labels=spec.labels, regions_class_order=spec.regions_class_order, class_names=spec.class_names,
                  memory_target_gb=memory_gb, options=recorded, transpose=transpose, decisions=decisions,
-                 configurations=Configurations(**configurations))
+                 configurations=Configurations(**configurations), series_rules=spec.series_rules)

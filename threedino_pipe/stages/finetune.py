@@ -217,7 +217,8 @@ def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice, fine
                                 family=config.backbone_family,
                                 preset=choice.info.get("preset") if choice.pretrained else None),
         in_channels=config.in_channels, num_outputs=config.num_outputs, output=config.output,
-        patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed)
+        patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed,
+        series_rules=plans.series_rules)
     card.label_volumes_ml = training_volume_ranges(finetune_dir, config.train_ids, card.structures())
     return card
 

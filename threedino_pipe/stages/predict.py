@@ -10,6 +10,7 @@ optionally ``<case>_probabilities.npz``, ``predictions.csv`` for classification 
 ``--send-to`` the journal ``journal.jsonl`` (retrieved studies, acknowledged result objects). With
 ``--qc`` (default) for segmentation models: ``qc.csv`` and ``qc_report.html`` per batch, from the
 per-case records ``.qc/<case>.json`` (``threedino_pipe.evaluation.qc_report``).
+Every case gets a line of ``predict_log.jsonl`` (inputs, models, options, times, outcome, outputs).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from threedino_pipe import __version__
-from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, PredictArgs, PredictOptions, StudyKeys
+from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, PredictArgs, PredictLogLine, PredictOptions, StudyKeys
 from threedino_pipe.artifacts.journal import JournalLine
 from threedino_pipe.dicom.pacs import DEFAULT_CALLING_AE
 from threedino_pipe.dicom.seg_writer import ModelIdentity
@@ -32,6 +33,7 @@ from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
 from threedino_pipe.evaluation.qc import DEFAULT_MIN_CONFIDENCE, check_min_confidence
 from threedino_pipe.evaluation.qc_report import QcBatch
 from threedino_pipe.inference import folder_runner
+from threedino_pipe.inference.case_log import CaseLog
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
 from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
 from threedino_pipe.inference.fold_runs import runs_for_folds
@@ -149,7 +151,8 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
         series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, from_pacs: str | None = None,
         studies: list[str] | None = None, send_to: list[str] | None = None, ae_title: str = DEFAULT_CALLING_AE,
-        move_listen: str | None = None, qc: bool = True, qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> int:
+        move_listen: str | None = None, qc: bool = True, qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        keep_patient_names: bool = False) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
@@ -160,6 +163,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
     studies first; ``send_to``: send each case's DICOM results when it finishes; ``ae_title``: ours;
     ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``). ``qc``
     (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
+    ``keep_patient_names`` names a DICOM study's outputs by its PatientID instead of its study key.
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -185,7 +189,8 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
                         save_probabilities=save_probabilities, window_batch_size=window_batch_size, device=device,
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
-                        min_slices=min_slices, link=link, qc=qc, qc_min_confidence=qc_min_confidence)
+                        min_slices=min_slices, link=link, qc=qc, qc_min_confidence=qc_min_confidence,
+                        keep_patient_names=keep_patient_names)
     finally:
         cleanup()
 
@@ -194,7 +199,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
              min_slices: int, link: PacsLink | None = None, qc: bool = True,
-             qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> int:
+             qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -205,7 +210,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         retrieving = link is not None and link.source is not None
         failed_retrieval = retrieve_studies(link, output_dir, resume=resume) if retrieving and ranks.is_main else []
         barrier()  # the other ranks index what rank 0 retrieved
-        dicom = _dicom_input(input_path, output_dir, card.ordered_channel_names(), series_rules, min_slices,
+        dicom = _dicom_input(input_path, output_dir, card, series_rules, min_slices,
                              num_workers, dicom_only=retrieving or asks_for_dicom(output_formats))
         if retrieving and dicom is not None:  # .retrieved/ may hold earlier runs' studies: only --study's
             dicom.selections = [s for s in dicom.selections if s.study_uid in link.studies]
@@ -220,7 +225,8 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,
-                                 min_slices=min_slices, qc_min_confidence=qc_min_confidence)
+                                 min_slices=min_slices, qc_min_confidence=qc_min_confidence,
+                                 keep_patient_names=keep_patient_names)
         args = PredictArgs(models=[m.identity() for m in loaded], input=str(input_path.resolve()),
                            output=str(output_dir.resolve()), num_cases=dicom.usable if dicom else len(cases),
                            world_size=ranks.world_size, options=options)
@@ -232,14 +238,17 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
             args.write(PredictArgs.in_folder(output_dir))
         failed_before: list[folder_runner.Failure] = []
         if dicom is not None:
-            cases, failed_before = _name_studies(dicom, output_dir, ranks)
+            cases, failed_before = _name_studies(dicom, output_dir, ranks, keep_patient_names)
         for model in loaded:
             model.network.to(dev)
         sender = link.sender(JournalLine.in_folder(output_dir), outputs.formats) if link is not None else None
         checks = QcBatch(output_dir, card, outputs.model.weights_checksum, qc_min_confidence, cases) \
             if inference.qc else None
+        case_log = CaseLog(PredictLogLine.rank_part(output_dir, ranks.rank, ranks.world_size), args.models, options,
+                           list(card.ordered_channel_names().values()), outputs, output_dir,
+                           classification=card.task == "classification")
         return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
-                          [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], sender, checks)
+                          [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], case_log, sender, checks)
 
 
 def _qc_applies(qc: bool, card: ModelCard) -> bool:
@@ -249,7 +258,7 @@ def _qc_applies(qc: bool, card: ModelCard) -> bool:
     return qc and card.task != "classification"
 
 
-def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, str], series_rules: list[str],
+def _dicom_input(input_path: Path, output_dir: Path, card: ModelCard, series_rules: list[str],
                  min_slices: int, num_workers: int, dicom_only: bool = False) -> DicomInput | None:
     """The DICOM route's studies (``inference.dicom_cases``), or None for image files and the one-series folder."""
     if min_slices < 2:
@@ -259,15 +268,17 @@ def _dicom_input(input_path: Path, output_dir: Path, channel_names: dict[str, st
         if series_rules:
             log.warning("--series-rule is used for DICOM studies only; the input holds none")
         return None
-    return select_dicom(index, parse_rules(channel_names, series_rules), min_slices=min_slices)
+    rules = parse_rules(card.ordered_channel_names(), series_rules, card.series_rules)
+    return select_dicom(index, rules, min_slices=min_slices)
 
 
-def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
+def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo, keep_patient_names: bool = False
                   ) -> tuple[list[InputCase], list[folder_runner.Failure]]:
-    """Name every study by its salted key (rank 0 writes ``.study_keys.json`` and ``series_selection.csv``)."""
+    """Name every study by its salted key, or by its PatientID with ``keep_patient_names`` (rank 0 writes
+    ``.study_keys.json`` and ``series_selection.csv``)."""
     if ranks.rank == 0:
         keys = StudyKeys.in_output(output_dir)
-        dicom.cases(keys)  # records every study's key
+        dicom.record_keys(keys, keep_patient_names=keep_patient_names)
         keys.write(StudyKeys.in_folder(output_dir))
         dicom.write_selection(output_dir)
     barrier()  # the other ranks name the studies with the salt rank 0 wrote
@@ -276,7 +287,7 @@ def _name_studies(dicom: DicomInput, output_dir: Path, ranks: DistInfo
 
 def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: InferenceOptions,
                dev: torch.device, output_dir: Path, ranks: DistInfo, resume: bool, num_workers: int,
-               outputs: CaseOutputs, failed_before: list[folder_runner.Failure],
+               outputs: CaseOutputs, failed_before: list[folder_runner.Failure], case_log: CaseLog,
                sender: ResultSender | None = None, checks: QcBatch | None = None) -> int:
     card = loaded[0].card
     classification = card.task == "classification"
@@ -316,15 +327,17 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             rows.append(_prediction_row(result, list(card.class_names)))
             folder_runner.write_csv(predictions_path, header, rows)
 
+    case_log.failed_before(failed_before)
     outcome = folder_runner.run_cases(
-        todo, prepare=lambda case: prepare_case(case, recipe, inference.qc),
+        todo, prepare=lambda case: prepare_case(case_log.start(case), recipe, inference.qc),
         predict=predict_and_send,
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
-        num_workers=num_workers, on_result=on_result, failed_before=failed_before)
+        num_workers=num_workers, on_result=on_result, failed_before=failed_before, on_case=case_log.done)
     failures = len(outcome.failures)
     barrier()
     if ranks.world_size > 1 and ranks.rank == 0:
         failures = len(folder_runner.merge_parts(output_dir, folder_runner.FAILURES, ranks.world_size))
+        PredictLogLine.merge_parts(output_dir, ranks.world_size)
         if classification:
             folder_runner.merge_parts(output_dir, folder_runner.PREDICTIONS, ranks.world_size, key_column=0)
     if checks is not None and ranks.rank == 0:  # every rank's records are written: the batch files of all cases

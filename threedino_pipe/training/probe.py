@@ -383,7 +383,8 @@ def _finish(folder: Path, grid: ProbeGrid, points: list[GridPoint], x: torch.Ten
         input_view="centre: the whole preprocessed volume resized (trilinear) to patch_size "
                    "(threedino_pipe.inference.features.centre_view)",
         probe={**point.to_dict(), "grid_size": len(points)}, fold=fold, pct=float(pct), seed=seed,
-        best_iteration=iters, best_metric=BestMetric(name="auc", value=metrics["auc"]["macro"])).write(
+        best_iteration=iters, best_metric=BestMetric(name="auc", value=metrics["auc"]["macro"]),
+        series_rules=plans.series_rules).write(
         ModelCard.in_folder(folder))
     plot_curves(folder / "log.csv", folder / "curves.png", title=f"{dataset} probe: best of {len(points)} grid points")
     console.print(f"[green]probe[/]: {folder}: best lr {point.lr:g}, layers {point.layers}, avgpool "
