@@ -329,7 +329,7 @@ def test_no_qc_writes_no_qc_files(project, tmp_path):  # noqa: F811
                      "--no-qc", "--num-workers", "0", "--no-progress", env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["failures.csv", f"{GOOD[0]}.nii.gz",
-                                                                   "predict_args.json"]
+                                                                   "predict_args.json", "predict_log.jsonl"]
     bad = run_3dino("predict", "-i", str(scans), "-o", str(tmp_path / "bad"), "-m", str(project["run_a"]),
                     "--qc-min-confidence", "1.5", env=ENV)
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()
