@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from threedino_pipe.artifacts.base import Artifact, Record
+from threedino_pipe.runtime.atomic_files import append_line
 from threedino_pipe.runtime.errors import UserError
 
 CRASH_HOOK = "THREEDINO_TEST_CRASH_AFTER"
@@ -119,14 +120,8 @@ class Journal:
 
     def append(self, line: JournalLine) -> None:
         """Append ``line`` with one ``write`` and ``fsync``; then honour the test hook (module docstring)."""
-        data = (json.dumps(line.to_data(), separators=(",", ":")) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_line(self.path, json.dumps(line.to_data(), separators=(",", ":")))
             self._written[line.event] += 1
             if self._crash is not None and self._crash == (line.event, self._written[line.event]):
                 os._exit(CRASH_EXIT_CODE)
