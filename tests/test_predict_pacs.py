@@ -19,8 +19,8 @@ from conftest import run_3dino
 from test_dicom_pacs import identifiers, seg_instances, study_files
 from test_predict import one_thread, project  # noqa: F401 - fixtures: one torch thread; plans, runs and scans
 
-from threedino_pipe.artifacts import StudyKeys, read_journal
-from threedino_pipe.artifacts.journal import JournalLine
+from threedino_pipe.artifacts import PredictLogLine, StudyKeys, read_journal
+from threedino_pipe.artifacts.journal import CRASH_EXIT_CODE, CRASH_HOOK, JournalLine
 
 pytestmark = pytest.mark.e2e
 
@@ -53,10 +53,10 @@ def _assert_nothing_identifies_the_patient(out: Path, study, *texts: str) -> Non
         assert not any(s in text for s in secrets)
 
 
-def _predict(source: str, dest: str, out: Path, model: Path, *extra: str):
+def _predict(source: str, dest: str, out: Path, model: Path, *extra: str, env: dict | None = None):
     return run_3dino("predict", "--from-pacs", source, "--study", extra[0], *extra[1:], "-o", str(out), "-m",
                      str(model), "--output-format", "nifti,dicom-seg", "--send-to", dest, "--num-workers", "0",
-                     "--no-progress", env=ENV)
+                     "--no-progress", env={**ENV, **(env or {})})
 
 
 def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
@@ -87,14 +87,41 @@ def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project
     assert [(j.event, j.study, j.sop, j.to) for j in journal if j.event == "sent"] == [
         ("sent", key, str(seg.SOPInstanceUID), node)]
     assert [(j.study, j.instances) for j in journal if j.event == "retrieved"] == [(key, len(study_files(study)))]
+    lines = {line.case_id: line for line in PredictLogLine.read_lines(PredictLogLine.in_folder(out))}
+    assert lines[key].outcome == "predicted" and lines[keys[MISSING_STUDY]].outcome == "failed"
+    sent, = lines[key].sends  # the SEG Orthanc holds, acknowledged by the node as given
+    assert (sent.to, sent.sop_instance_uid) == (node, tags["SOPInstanceUID"])
+    assert sent.time == next(j.t for j in journal if j.event == "sent") and lines[keys[MISSING_STUDY]].sends == []
 
     again = _predict(node, node, out, project["run_a"], uid, "--study", MISSING_STUDY, "--continue")
     assert again.returncode == 1 and "1 already predicted" in again.stderr, again.stderr
     assert "retrieved before (--continue)" in again.stderr
     journal = read_journal(JournalLine.in_folder(out))
     assert sum(j.event == "sent" for j in journal) == 1  # nothing sent twice
+    assert [len(line.sends) for line in PredictLogLine.read_lines(PredictLogLine.in_folder(out))] == [0, 1, 0]
     assert len(seg_instances(orthanc, uid)) == 1
     _assert_nothing_identifies_the_patient(out, study, proc.stderr, again.stderr)
+
+
+def test_a_crash_after_an_acknowledgement_loses_no_send_in_the_log(orthanc, dicom_studies, project,  # noqa: F811
+                                                                    tmp_path):
+    orthanc.clear()
+    study = dicom_studies[1]["mr"]
+    uid = study.identity.study_uid
+    upload(orthanc, study)
+    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    out = tmp_path / "out"
+    crashed = _predict(node, node, out, project["run_a"], uid, env={CRASH_HOOK: "sent"})  # ends right after
+    # journalling the acknowledged SEG, before the case's predict_log line
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
+    assert PredictLogLine.read_lines(PredictLogLine.in_folder(out)) == []  # the case's line was never written
+    again = _predict(node, node, out, project["run_a"], uid, "--continue")
+    assert again.returncode == 0 and "1 already predicted" in again.stderr, again.stderr
+    sent, = [j for j in read_journal(JournalLine.in_folder(out)) if j.event == "sent"]  # nothing sent again
+    line, = PredictLogLine.read_lines(PredictLogLine.in_folder(out))
+    assert line.outcome == "predicted" and [(s.to, s.sop_instance_uid, s.time) for s in line.sends] == [
+        (node, sent.sop, sent.t)]
+    assert [o.sop_instance_uid for o in line.outputs if o.output_format == "dicom-seg"] == [sent.sop]
 
 
 def test_dicomweb_source_and_destination(orthanc, dicom_studies, project, tmp_path):  # noqa: F811

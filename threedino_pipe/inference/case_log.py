@@ -3,8 +3,13 @@
 :class:`CaseLog` stamps a case when its reading starts and appends its line when it ends: the
 inputs (the chosen SeriesInstanceUID per channel of a DICOM study, else the file per channel), the
 models' checksums, the options, start and end time, the outcome and the files written, with the
-SOPInstanceUID of each DICOM result object read back from the file. A DICOM study that failed
-selection gets its line too. Nothing of a source header beyond UIDs is written, so the log holds no
+SOPInstanceUID of each DICOM result object read back from the file, and the result objects a
+``--send-to`` destination acknowledged (``sends``: each ``sent`` line of ``journal.jsonl`` is handed
+to :meth:`CaseLog.sent` as it is journalled; a case's line is appended after its sends). A DICOM
+study that failed selection gets its line too. With ``--continue``, sends the journal holds but no
+line does (a run that ended between an acknowledgement and its case's line) go into the next line
+of their case, and a case an earlier run predicted whose results are sent now gets a line of its own.
+Nothing of a source header beyond UIDs is written, so the log holds no
 patient name or ID (the case is named by its study key unless ``--keep-patient-names``).
 """
 
@@ -16,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threedino_pipe.artifacts import LoggedOutput, ModelIdentity, PredictLogLine, PredictOptions
+from threedino_pipe.artifacts import LoggedOutput, ModelIdentity, PredictLogLine, PredictOptions, SentObject
+from threedino_pipe.artifacts.journal import JournalLine, read_journal
 from threedino_pipe.artifacts.predict_log import utc_now
 from threedino_pipe.dicom.header import read_text_elements
 from threedino_pipe.inference.case_outputs import CaseOutputs
@@ -44,6 +50,7 @@ class CaseLog:
     output_dir: Path
     classification: bool = False
     _started: dict[str, str] = field(default_factory=dict)
+    _sends: dict[str, list[SentObject]] = field(default_factory=dict)  # case -> acknowledged, not yet logged
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, case: InputCase) -> InputCase:
@@ -63,6 +70,28 @@ class CaseLog:
         """Append a line per input that failed before any reading (a DICOM study without usable series)."""
         for failure in failures:
             self._append(failure.case, ({}, {}), None, failure, [])
+
+    def sent(self, line: JournalLine) -> None:
+        """Keep one acknowledged result object (a ``sent`` journal line) for the next line of its case."""
+        with self._lock:
+            self._sends.setdefault(line.study, []).append(
+                SentObject(to=line.to or "", sop_instance_uid=line.sop or "", time=line.t))
+
+    def carry_over(self, journal_path: Path, case_ids: Sequence[str]) -> None:
+        """``--continue``: keep the sends of ``case_ids`` that ``journal_path`` holds and no line logged yet."""
+        logs = {self.path, PredictLogLine.in_folder(self.output_dir)}
+        logged = {(line.case_id, s.to, s.sop_instance_uid) for path in logs
+                  for line in PredictLogLine.read_lines(path) for s in line.sends}
+        wanted = set(case_ids)
+        for line in read_journal(journal_path):
+            if line.event == "sent" and line.study in wanted and (line.study, line.to, line.sop) not in logged:
+                self.sent(line)
+
+    def sent_earlier_results(self, cases: Sequence[InputCase]) -> None:
+        """Append a ``predicted`` line for each of ``cases`` (predicted by an earlier run) with sends to log."""
+        for case in cases:
+            if case.case_id in self._sends:
+                self.done(case, None, None)
 
     def _inputs(self, case: InputCase) -> tuple[dict[str, str], dict[str, str]]:
         """(channel -> SeriesInstanceUID, channel -> file) of a case."""
@@ -92,10 +121,12 @@ class CaseLog:
     def _append(self, case: str, inputs: tuple[dict[str, str], dict[str, str]], started: str | None,
                 failure: Failure | None, outputs: list[LoggedOutput]) -> None:
         ended = utc_now()
+        with self._lock:
+            sends = self._sends.pop(case, [])
         line = PredictLogLine(case_id=case, series_uids=inputs[0], files=inputs[1], models=self.models,
                               options=self.options, started=started or ended, ended=ended,
                               outcome="failed" if failure else "predicted",
                               error=failure.error if failure else None, error_file=failure.file if failure else None,
-                              outputs=outputs)
+                              outputs=outputs, sends=sends)
         with self._lock:
             line.append(self.path)

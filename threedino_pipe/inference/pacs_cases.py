@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +232,7 @@ class ResultSender:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     formats: tuple[str, ...] = DICOM_FORMATS
     sent: dict[str, set[str]] = field(default_factory=dict)  # destination -> acknowledged SOPInstanceUIDs
+    on_sent: Callable[[JournalLine], None] | None = None  # called with each ``sent`` line once it is journalled
 
     def __post_init__(self) -> None:
         self.journal = Journal(self.journal_path)
@@ -260,8 +261,10 @@ class ResultSender:
             return 0
 
         def acknowledged(uid: str, _path: Path | None = None) -> None:
-            self.journal.add("sent", study, to=peer.text, sop=uid)
+            line = self.journal.add("sent", study, to=peer.text, sop=uid)
             done.add(uid)
+            if self.on_sent is not None:
+                self.on_sent(line)
         if peer.url:
             stored = set(peer.web(self.retry).store(todo))
             for uid in sorted(stored):

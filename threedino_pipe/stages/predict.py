@@ -308,6 +308,9 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
                 and (not inference.save_probabilities or (output_dir / f"{c.case_id}{PROBABILITIES}").is_file())}
     todo = [c for c in mine if c.case_id not in done]
     if sender is not None:  # what an earlier run predicted but did not get acknowledged
+        sender.on_sent = case_log.sent  # each acknowledged object goes into its case's predict_log line
+        if resume:
+            case_log.carry_over(sender.journal_path, [c.case_id for c in mine])
         failed_before = [*failed_before, *sender.catch_up(output_dir, [c.case_id for c in mine if c.case_id in done])]
     where = f" (rank {ranks.rank} of {ranks.world_size}: {len(mine)})" if ranks.world_size > 1 else ""
     log.info("%d case(s)%s; %d already predicted (--continue), predicting %d on %s", len(cases), where,
@@ -328,6 +331,7 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             folder_runner.write_csv(predictions_path, header, rows)
 
     case_log.failed_before(failed_before)
+    case_log.sent_earlier_results([c for c in mine if c.case_id in done])
     outcome = folder_runner.run_cases(
         todo, prepare=lambda case: prepare_case(case_log.start(case), recipe, inference.qc),
         predict=predict_and_send,
