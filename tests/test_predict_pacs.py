@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 from pathlib import Path
 
 import pydicom
@@ -132,8 +133,10 @@ def test_dicomweb_source_and_destination(orthanc, dicom_studies, project, tmp_pa
     uid = study.identity.study_uid
     upload(orthanc, study)
     out = tmp_path / "out"
-    proc = _predict(orthanc.dicomweb_url, orthanc.dicomweb_url, out, project["run_a"], uid)
+    proc = _predict(orthanc.dicomweb_url, orthanc.dicomweb_url, out, project["run_a"], uid, "--query",
+                    "ModalitiesInStudy=MR", "--query", "StudyDate=-20261231")  # QIDO-RS: the same study
     assert proc.returncode == 0, proc.stderr
+    assert "1 stud(ies) matched" in proc.stderr and "1 stud(ies) to retrieve in all" in proc.stderr
     key, = StudyKeys.read(StudyKeys.in_folder(out)).studies
     seg = pydicom.dcmread(out / f"{key}_seg.dcm", stop_before_pixels=True)
     found = seg_instances(orthanc, uid)
@@ -141,6 +144,61 @@ def test_dicomweb_source_and_destination(orthanc, dicom_studies, project, tmp_pa
         seg.SOPInstanceUID
     sent = [j for j in read_journal(JournalLine.in_folder(out)) if j.event == "sent"]
     assert [(j.sop, j.to) for j in sent] == [(str(seg.SOPInstanceUID), orthanc.dicomweb_url)]
+
+
+def test_query_selects_the_studies_to_retrieve(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    orthanc.clear()
+    study, other = dicom_studies[1]["mr"], dicom_studies[1]["multiframe"]  # two MR studies, two patients
+    upload(orthanc, study)
+    for path in study_files(other):  # the other study moved to 2019: a StudyDate range tells them apart
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = "20190304"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        requests.post(f"{orthanc.url}/instances", data=buffer.getvalue(), timeout=30).raise_for_status()
+    uid = study.identity.study_uid
+    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    out = tmp_path / "out"
+    common = ("-m", str(project["run_a"]), "--output-format", "dicom-seg", "--send-to", node, "--num-workers", "0",
+              "--no-progress")
+    proc = run_3dino("predict", "--from-pacs", node, "--query", "StudyDate=20260101-20261231", "--query",
+                     "ModalitiesInStudy=MR", "--study", uid, "-o", str(out), *common, env=ENV)  # --study: the same
+    assert proc.returncode == 0, proc.stderr
+    assert "--query (StudyDate, ModalitiesInStudy): 1 stud(ies) matched" in proc.stderr
+    assert "1 stud(ies) to retrieve in all" in proc.stderr  # the union holds the study once
+    key, = StudyKeys.read(StudyKeys.in_folder(out)).studies
+    assert [p.name for p in (out / ".retrieved").iterdir()] == [key] and (out / f"{key}_seg.dcm").is_file()
+    assert len(seg_instances(orthanc, uid)) == 1 and seg_instances(orthanc, other.identity.study_uid) == []
+    line, = PredictLogLine.read_lines(PredictLogLine.in_folder(out))
+    assert line.case_id == key and len(line.sends) == 1
+
+    # a PatientID may be queried by, and is then written nowhere; a query that matches nothing writes nothing
+    nothing = tmp_path / "nothing"
+    proc = run_3dino("predict", "--from-pacs", node, "--query", f"PatientID={other.identity.patient_id}",
+                     "--query", "StudyDate=20260101-", "-o", str(nothing), *common, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--query (PatientID, StudyDate) matches no study" in proc.stderr and "fix:" in proc.stderr
+    assert not nothing.exists()
+    _assert_nothing_identifies_the_patient(out, study, proc.stderr)
+    _assert_nothing_identifies_the_patient(out, other, proc.stderr)
+
+
+def test_bad_query_options_are_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    for args, message in [(("--query", "StudyDat=20260115"), "--query StudyDat: not a study-level key"),
+                          (("--query", "StudyDate=2026"), "is not a date YYYYMMDD or a range"),
+                          (("--query", "Modality"), "--query needs KEY=VALUE"),
+                          ((), "--from-pacs needs --study or --query")]:
+        proc = run_3dino("predict", "--from-pacs", "PACS@127.0.0.1:1", *args, "-o", str(out), "-m",
+                         str(tmp_path / "model"), env=ENV)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr and "fix:" in proc.stderr, proc.stderr
+    assert "did you mean StudyDate?" in run_3dino("predict", "--from-pacs", "PACS@127.0.0.1:1", "--query",
+                                                  "studydate=20260115", "-o", str(out), "-m", "m", env=ENV).stderr
+    proc = run_3dino("predict", "--query", "ModalitiesInStudy=CT", "-i", str(tmp_path), "-o", str(out), "-m", "m",
+                     env=ENV)
+    assert proc.returncode == 2 and "--query needs --from-pacs" in proc.stderr
+    assert not out.exists()
 
 
 def test_c_move_retrieval(orthanc, dicom_studies, project, tmp_path):  # noqa: F811

@@ -364,11 +364,15 @@ def predict(
                            "repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="DICOM input: fewest slices of a usable "
                           "series.")] = 10,
-    from_pacs: Annotated[str | None, typer.Option("--from-pacs", help="Instead of -i: retrieve the --study studies "
-                         "from this DICOM node (AET@host:port; C-GET) or DICOMweb service (http(s) URL; WADO-RS) "
-                         "into OUT/.retrieved/.")] = None,
+    from_pacs: Annotated[str | None, typer.Option("--from-pacs", help="Instead of -i: retrieve the --study/--query "
+                         "studies from this DICOM node (AET@host:port; C-GET) or DICOMweb service (http(s) URL; "
+                         "WADO-RS) into OUT/.retrieved/.")] = None,
     study: Annotated[list[str] | None, typer.Option("--study", help="With --from-pacs: a StudyInstanceUID to "
                      "retrieve and predict; repeatable.")] = None,
+    query: Annotated[list[str] | None, typer.Option("--query", help="With --from-pacs: KEY=VALUE, a study-level "
+                     "match (StudyDate=YYYYMMDD[-YYYYMMDD], ModalitiesInStudy, StudyDescription, AccessionNumber, "
+                     "PatientID, ...) selecting studies to retrieve (C-FIND or QIDO-RS); repeatable (all must "
+                     "match); joins --study.")] = None,
     send_to: Annotated[list[str] | None, typer.Option("--send-to", help="Send each case's DICOM results (SEG, "
                        "RTSTRUCT) to this node (AET@host:port; C-STORE) or DICOMweb service (URL; STOW-RS) when "
                        "it finishes; repeatable.")] = None,
@@ -397,7 +401,7 @@ def predict(
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                                selection=selection, output_formats=output_format, series_rules=series_rule,
-                               min_slices=min_slices, from_pacs=from_pacs, studies=study, send_to=send_to,
+                               min_slices=min_slices, from_pacs=from_pacs, studies=study, query=query, send_to=send_to,
                                ae_title=ae_title, move_listen=move_listen, qc=qc,
                                qc_min_confidence=qc_min_confidence, keep_patient_names=keep_patient_names))
 

@@ -13,6 +13,8 @@ twice (and a result sent twice anyway is the same object: its UIDs are determini
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -35,6 +37,45 @@ log = logging.getLogger(__name__)
 
 RETRIEVED = ".retrieved"
 _HOST_PORT = re.compile(r"^(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
+#: Study-level attributes ``--query`` may match on (C-FIND at STUDY level, QIDO-RS studies).
+QUERY_KEYS = ("StudyDate", "StudyTime", "StudyDescription", "ModalitiesInStudy", "AccessionNumber", "StudyID",
+              "ReferringPhysicianName", "PatientID")
+_DATE_RANGE = re.compile(r"^(\d{8}|\d{8}-|-\d{8}|\d{8}-\d{8})$")
+_QUERY_HELP = ("StudyDate=20260101-20260131 (a date YYYYMMDD or a range), ModalitiesInStudy=CT, "
+               "StudyDescription='*HEAD*' (* and ? are wildcards), AccessionNumber=..., PatientID=...")
+
+
+def parse_query(texts: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--query KEY=VALUE`` values -> ((keyword, value), ...), each keyword one of :data:`QUERY_KEYS`.
+
+    A value is never repeated in a message (it may be a PatientID).
+
+    Raises:
+        UserError: no ``=``, an unknown keyword (the nearest known one suggested), a keyword given twice,
+            an empty value, or a StudyDate that is neither a date nor a range of dates.
+    """
+    query: dict[str, str] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UserError("--query needs KEY=VALUE", fix=f"write e.g. --query {_QUERY_HELP.split(', ')[0]}")
+        if key not in QUERY_KEYS:
+            lower = {k.lower(): k for k in QUERY_KEYS}
+            near = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.6)
+            hint = f"did you mean {lower[near[0]]}? " if near else ""
+            raise UserError(f"--query {key}: not a study-level key that studies are queried by",
+                            fix=f"{hint}use one of {', '.join(QUERY_KEYS)}, e.g. {_QUERY_HELP}")
+        if key in query:
+            raise UserError(f"--query {key} is given twice", fix=f"give {key} once (for dates, as a range "
+                            "YYYYMMDD-YYYYMMDD)")
+        if not value:
+            raise UserError(f"--query {key}= has no value", fix=f"give a value, or leave out --query {key}")
+        if key == "StudyDate" and not _DATE_RANGE.match(value):
+            raise UserError(f"--query StudyDate={value} is not a date YYYYMMDD or a range",
+                            fix="write e.g. StudyDate=20260115, StudyDate=20260101-20260131 or StudyDate=20260101-")
+        query[key] = value
+    return tuple(query.items())
 
 
 def asks_for_dicom(output_formats: Sequence[str] | None) -> bool:
@@ -99,6 +140,7 @@ class PacsLink:
     source: Peer | None = None
     studies: tuple[str, ...] = ()
     destinations: tuple[Peer, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()  # --query: (keyword, value); the matches join ``studies``
     calling_ae: str = DEFAULT_CALLING_AE
     move_listen: tuple[str, int] | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -106,12 +148,13 @@ class PacsLink:
     @classmethod
     def from_options(cls, *, input_given: bool, from_pacs: str | None, studies: Sequence[str],
                      send_to: Sequence[str], calling_ae: str = DEFAULT_CALLING_AE,
-                     move_listen: str | None = None) -> PacsLink | None:
+                     move_listen: str | None = None, query: Sequence[str] = ()) -> PacsLink | None:
         """The link the options describe (None without ``--from-pacs`` and ``--send-to``).
 
         Raises:
-            UserError: no input, both ``-i`` and ``--from-pacs``, ``--study`` without ``--from-pacs`` (or
-                the reverse), ``--move-listen`` with a DICOMweb source, malformed nodes or AE title.
+            UserError: no input, both ``-i`` and ``--from-pacs``, ``--study``/``--query`` without
+                ``--from-pacs`` (or neither with it), a bad ``--query`` (:func:`parse_query`),
+                ``--move-listen`` with a DICOMweb source, malformed nodes or AE title.
         """
         if from_pacs and input_given:
             raise UserError("both -i and --from-pacs name the input", fix="pass either -i FOLDER or --from-pacs "
@@ -119,9 +162,12 @@ class PacsLink:
         if not from_pacs and not input_given:
             raise UserError("no input given", fix="pass -i FOLDER (scans or DICOM studies), or --from-pacs "
                             "AET@host:port --study UID")
-        if bool(from_pacs) != bool(studies):
-            raise UserError("--from-pacs needs --study" if from_pacs else "--study needs --from-pacs",
-                            fix="pass --from-pacs AET@host:port (or a DICOMweb URL) and one --study UID per study")
+        if bool(from_pacs) != bool(studies or query):
+            raise UserError("--from-pacs needs --study or --query" if from_pacs else
+                            f"{'--study' if studies else '--query'} needs --from-pacs",
+                            fix="pass --from-pacs AET@host:port (or a DICOMweb URL) with one --study UID per study "
+                            "and/or --query KEY=VALUE selecting the studies (e.g. --query StudyDate=20260115)")
+        parsed = parse_query(query)
         if not 0 < len(calling_ae.strip()) <= 16 or "\\" in calling_ae:
             raise UserError(f"--ae-title {calling_ae!r} is not an AE title", fix="pass 1 to 16 characters, e.g. "
                             "THREEDINO")
@@ -134,12 +180,36 @@ class PacsLink:
                             fix="leave out --move-listen (WADO-RS needs no listening address)")
         return cls(source=source, studies=tuple(dict.fromkeys(s.strip() for s in studies)),
                    destinations=tuple(Peer.parse(t, "--send-to") for t in dict.fromkeys(send_to)),
-                   calling_ae=calling_ae.strip(), move_listen=listen)
+                   calling_ae=calling_ae.strip(), move_listen=listen, query=parsed)
 
     def check(self) -> None:
         """Reach every peer once before anything is written (a refused association fails the command here)."""
         for peer in ([self.source] if self.source else []) + list(self.destinations):
             peer.check(self.calling_ae, self.retry)
+
+    def with_query_matches(self) -> PacsLink:
+        """This link with the studies ``--query`` matches at the source added to ``--study``'s (in order, each once).
+
+        Raises:
+            UserError: the query matches no study (or the source cannot be searched).
+        """
+        if not self.query or self.source is None:
+            return self
+        filters, keys = dict(self.query), ("StudyInstanceUID",)  # the answers carry the UID only
+        if self.source.url:
+            rows = self.source.web(self.retry).find_studies(keys=keys, **filters)
+        else:
+            rows = self.source.dimse(self.calling_ae, self.retry).find_studies(keys=keys, **filters)
+        found = list(dict.fromkeys(str(r["StudyInstanceUID"]) for r in rows if r.get("StudyInstanceUID")))
+        named = ", ".join(filters)
+        if not found:
+            raise UserError(f"--query ({named}) matches no study at {self.source.text}",
+                            fix="widen the query (a StudyDate range YYYYMMDD-YYYYMMDD, wildcards * in "
+                            "StudyDescription) or check the values; or pass --study UID")
+        studies = tuple(dict.fromkeys([*self.studies, *found]))
+        log.info("--query (%s): %d stud(ies) matched at %s; %d stud(ies) to retrieve in all", named, len(found),
+                 self.source.text, len(studies))
+        return dataclasses.replace(self, studies=studies)
 
     def check_formats(self, formats: Sequence[str]) -> None:
         """Refuse ``--send-to`` when no DICOM output is written (nothing to send)."""

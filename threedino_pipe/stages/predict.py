@@ -150,17 +150,18 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         precision: str = "auto", num_workers: int = 1, checkpoint: str = "best",
         selection: FoldSelection | None = None, output_formats: list[str] | None = None,
         series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, from_pacs: str | None = None,
-        studies: list[str] | None = None, send_to: list[str] | None = None, ae_title: str = DEFAULT_CALLING_AE,
-        move_listen: str | None = None, qc: bool = True, qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-        keep_patient_names: bool = False) -> int:
+        studies: list[str] | None = None, query: list[str] | None = None, send_to: list[str] | None = None,
+        ae_title: str = DEFAULT_CALLING_AE, move_listen: str | None = None, qc: bool = True,
+        qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
     (``-d -f``) names the models instead of ``models``. ``output_formats``: ``nifti``, ``dicom-seg``,
     ``rtstruct`` (default: nifti, plus dicom-seg for DICOM input); ``series_rules``
     (``CHANNEL[:MODALITY]=REGEX``) and ``min_slices`` choose the series of DICOM studies.
-    ``from_pacs`` (a node or DICOMweb URL, instead of ``input_path``) and ``studies``: retrieve these
-    studies first; ``send_to``: send each case's DICOM results when it finishes; ``ae_title``: ours;
+    ``from_pacs`` (a node or DICOMweb URL, instead of ``input_path``) with ``studies`` and/or ``query``
+    (``KEY=VALUE`` study-level matches, C-FIND or QIDO-RS): retrieve these studies first; ``send_to``: send
+    each case's DICOM results when it finishes; ``ae_title``: ours;
     ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``). ``qc``
     (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
     ``keep_patient_names`` names a DICOM study's outputs by its PatientID instead of its study key.
@@ -178,9 +179,11 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         raise UserError(f"unknown --checkpoint {checkpoint!r}", fix=f"pass one of {', '.join(CHECKPOINT_FILES)}")
     models = (selection or FoldSelection()).models(list(models or []))
     link = PacsLink.from_options(input_given=input_path is not None, from_pacs=from_pacs, studies=studies or [],
-                                 send_to=send_to or [], calling_ae=ae_title, move_listen=move_listen)
+                                 send_to=send_to or [], calling_ae=ae_title, move_listen=move_listen,
+                                 query=query or [])
     if link is not None:
         link.check()  # a node that refuses us fails the command before anything is written
+        link = link.with_query_matches()  # so does a --query that matches nothing
     output_dir = Path(output_dir)
     input_path = Path(input_path) if input_path is not None else output_dir / RETRIEVED
     ranks = init_distributed(device, backend="gloo", timeout=_DIST_TIMEOUT)  # gloo: only barriers are needed
