@@ -107,6 +107,8 @@ CASE_QC = {"kind": "case_qc", **HEAD, "case_id": "39684a91631ceb9d", "weights_ch
            "structures": [{"name": "organ", "label_values": [1], "voxels": 1000, "volume_ml": 1.92, "components": 2,
                            "border_share": 0.05, "mean_confidence": 0.91}], "thumbnail": "39684a91631ceb9d.png"}
 PREDICT_LOG = {"kind": "predict_log_line", **HEAD, "case_id": "39684a91631ceb9d", "series_uids": {"CT": "1.2.3.4"},
+               "series_fallbacks": [{"channel": "CT", "series_uid": "1.2.3.5", "rank": 2, "read_instead": "1.2.3.4",
+                                     "reason": "study 1.2.3, series 1.2.3.5: cannot decode the pixel data"}],
                "files": {}, "models": [IDENTITY], "options": PREDICT_ARGS["options"],
                "started": "2026-12-06T18:00:00.000+00:00", "ended": "2026-12-06T18:00:09.500+00:00",
                "outcome": "predicted",

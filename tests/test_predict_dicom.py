@@ -238,18 +238,19 @@ def test_dicom_output_formats_are_refused_for_image_files(project, tmp_path):  #
     assert not out.exists()
 
 
-def _restudy(study, dest: Path, tag: str, edit=None) -> tuple[str, str]:
-    """A copy of ``study``'s axial series as a new study (UIDs derived from ``tag``; same patient), each
-    dataset passed through ``edit(k, ds)``; returns (study UID, series UID)."""
+def _restudy(study, dest: Path, tag: str, edit=None, study_tag: str | None = None) -> tuple[str, str]:
+    """A copy of ``study``'s axial series as a new study (UIDs derived from ``tag``; study and frame of reference
+    from ``study_tag`` when given, so that two copies form one study; same patient), each dataset passed
+    through ``edit(k, ds)``; returns (study UID, series UID)."""
     index = index_folder(study.folder, processes=1)
     series = index.studies[study.identity.study_uid].series[study.series["axial"]]
-    study_uid, series_uid = derive_uid(tag, "study"), derive_uid(tag, "series")
+    study_uid, series_uid = derive_uid(study_tag or tag, "study"), derive_uid(tag, "series")
     dest.mkdir(parents=True)
     for k, instance in enumerate(sorted(series.instances, key=lambda i: i.instance_number or 0)):
         ds = pydicom.dcmread(instance.path)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = derive_uid(tag, ds.SOPInstanceUID)
-        ds.FrameOfReferenceUID = derive_uid(tag, "for")
+        ds.FrameOfReferenceUID = derive_uid(study_tag or tag, "for")
         if edit is not None:
             edit(k, ds)
         ds.save_as(dest / f"slice{k:03d}", enforce_file_format=True)
@@ -295,6 +296,52 @@ def test_mixed_orientations_and_stray_files_in_a_series(tree, project, tmp_path)
     assert not list(out.glob(f"{bad_key}*")) and not [p for p in out.rglob("*") if ".partial" in p.name]
     outcomes = {line.case_id: line.outcome for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
     assert outcomes == {good_key: "predicted", bad_key: "failed"}
+
+
+def _cut_pixels(k: int, ds) -> None:
+    """Slice 3's pixel data cut to half, as a whole element: the header index cannot tell, decoding fails."""
+    if k == 3:
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+def _derived(k: int, ds) -> None:
+    """A DERIVED/SECONDARY copy of the series: usable, ranked below the ORIGINAL/PRIMARY one."""
+    ds.ImageType, ds.SeriesNumber, ds.SeriesDescription = ["DERIVED", "SECONDARY", "AXIAL"], 7, "HEAD 3mm copy"
+
+
+def test_a_chosen_series_that_cannot_be_read_falls_back_to_the_next(tree, project, tmp_path):  # noqa: F811
+    """The top-ranked CT series has a slice whose pixels cannot be decoded: the study is predicted from the
+    second, series_selection.csv and predict_log.jsonl say so, and QC flags series_ranked_second; a study with
+    nothing to fall back to fails as before, naming its series."""
+    run = _copy_run(project["run_a"], tmp_path / "ct_run", channel_names={"0": "CT"})
+    ct, inputs = tree["good"]["ct"], tmp_path / "in"
+    study_uid, first = _restudy(ct, inputs / "s" / "a", "fallback-first", _cut_pixels, study_tag="fallback")
+    _, second = _restudy(ct, inputs / "s" / "b", "fallback-second", _derived, study_tag="fallback")
+    lone_study, lone = _restudy(ct, inputs / "t", "fallback-alone", _cut_pixels)
+    out = tmp_path / "out"
+    proc = run_3dino("predict", "-i", str(inputs), "-o", str(out), "-m", str(run), "--num-workers", "0",
+                     "--no-progress", env=ENV)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    keys = {e.study_uid: k for k, e in StudyKeys.read(StudyKeys.in_folder(out)).studies.items()}
+    key = keys[study_uid]
+    rows = {r["series_uid"]: r for r in _rows(out / "series_selection.csv")}
+    assert rows[first]["status"] == "unreadable" and "cannot decode the pixel data" in rows[first]["reason"]
+    assert f"series {second} was read instead" in rows[first]["reason"]
+    assert rows[second]["status"] == "chosen" and f"read instead of series {first}" in rows[second]["reason"]
+    lines = {line.case_id: line for line in PredictLogLine.read_lines(out / "predict_log.jsonl")}
+    line = lines[key]
+    assert line.outcome == "predicted" and line.series_uids == {"CT": second}
+    fallback, = line.series_fallbacks
+    assert (fallback.channel, fallback.series_uid, fallback.read_instead, fallback.rank) == ("CT", first, second, 2)
+    assert "cannot decode the pixel data" in fallback.reason
+    seg = pydicom.dcmread(out / f"{key}_seg.dcm", stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == second
+    qc = [r for r in _rows(out / "qc.csv") if r["case_id"] == key]
+    assert qc and {r["series_ranked_second"] for r in qc} == {"1"}
+    failure, = _rows(out / "failures.csv")  # nothing else to read: the study fails as before
+    assert failure["case"] == keys[lone_study] and lone in failure["error"]
+    assert "cannot decode the pixel data" in failure["error"] and lines[keys[lone_study]].outcome == "failed"
+    assert rows[lone]["status"] == "chosen" and lines[keys[lone_study]].series_fallbacks == []
 
 
 def test_keep_patient_names_names_outputs_by_patient_id(tree, project, tmp_path):  # noqa: F811 - the fixture

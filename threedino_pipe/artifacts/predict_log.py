@@ -1,7 +1,9 @@
 """``predict_log.jsonl``: one line per case ``3dino predict`` handled, appended, never rewritten (docs/predict.md).
 
 Each line is one JSON object (kind ``predict_log_line``): the case, its inputs (the chosen
-SeriesInstanceUID per channel for a DICOM study, the file per channel for image files), the
+SeriesInstanceUID per channel for a DICOM study, the file per channel for image files; for a
+DICOM channel whose chosen series could not be read, ``series_fallbacks`` says why and which series
+was read instead), the
 models' checksums, the options, start and end time (UTC, ISO 8601), the outcome (``predicted`` or
 ``failed`` with the message), the files written and, for DICOM results, their SOPInstanceUIDs;
 ``sends`` lists the result objects acknowledged by a destination. No patient name or ID: a DICOM
@@ -51,6 +53,18 @@ class SentObject(Record):
     time: str
 
 
+class SeriesFallback(Record):
+    """A channel's series that could not be read (``series_uid``, ``reason``: the problem, UIDs but no patient
+    data) and the series read instead (``read_instead``, of rank ``rank`` among the study's usable series of
+    its modality)."""
+
+    channel: str
+    series_uid: str
+    reason: str
+    read_instead: str
+    rank: int = Field(ge=2)
+
+
 class PredictLogLine(Artifact):
     """One line of ``predict_log.jsonl``: what happened to one case, with what, when."""
 
@@ -60,7 +74,8 @@ class PredictLogLine(Artifact):
     FILE = "predict_log.jsonl"
 
     case_id: str
-    series_uids: dict[str, str] = {}  # DICOM: channel name -> chosen SeriesInstanceUID
+    series_uids: dict[str, str] = {}  # DICOM: channel name -> SeriesInstanceUID read (after a fallback: that one)
+    series_fallbacks: list[SeriesFallback] = []  # DICOM: chosen series that could not be read, and what was instead
     files: dict[str, str] = {}  # image files: channel name -> path as given
     models: list[ModelIdentity] = Field(min_length=1)
     options: PredictOptions

@@ -31,7 +31,7 @@ import csv
 import io
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pydicom.uid import UID
@@ -162,6 +162,8 @@ class StudySelection:
         chosen_rank: channel key -> the chosen series' rank among every usable series of the channel's
             modality in the study, SeriesDescription pattern or not, leaving out series chosen for other
             channels (1: nothing ranks higher; 2 or more: a pattern chose a lower-ranked series).
+        candidate_ranks: channel key -> SeriesInstanceUID -> that rank, for the chosen series and every
+            other series in ``ranked`` (a series read instead of one that cannot be read has rank 2 or more).
     """
 
     study_uid: str
@@ -170,10 +172,18 @@ class StudySelection:
     ranked: dict[str, list[SeriesRecord]] = field(default_factory=dict)
     error: UserError | None = None
     chosen_rank: dict[str, int] = field(default_factory=dict)
+    candidate_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def alternatives(self, channel: str) -> list[tuple[SeriesRecord, int]]:
+        """The usable series of ``channel`` after its chosen one, best first, with their ranks (a read fallback),
+        leaving out series chosen for other channels."""
+        taken = {s.series_uid for s in self.chosen.values()}
+        ranks = self.candidate_ranks.get(channel, {})
+        return [(s, ranks[s.series_uid]) for s in self.ranked.get(channel, []) if s.series_uid not in taken]
 
 
 def _label(series: SeriesRecord) -> str:
@@ -303,21 +313,45 @@ def select_study(study: StudyRecord, rules: Sequence[ChannelRule], *, min_slices
             fix = "check that the study holds a complete axial series of the modality the model reads"
         error = UserError(f"study {study.study_uid}: " + "; ".join(failures), fix=fix)
         chosen = {}
-    return StudySelection(study.study_uid, decisions, chosen, ranked, error, _chosen_ranks(chosen, usable, rules))
+    ranks = _study_ranks(chosen, ranked, usable, rules)
+    return StudySelection(study.study_uid, decisions, chosen, ranked, error,
+                          {c: ranks[c][s.series_uid] for c, s in chosen.items()}, ranks)
 
 
-def _chosen_ranks(chosen: Mapping[str, SeriesRecord], usable: Sequence[SeriesRecord],
-                  rules: Sequence[ChannelRule]) -> dict[str, int]:
-    """Per channel, 1 + the usable series of its modality that rank above its chosen one (patterns ignored,
-    series chosen for other channels left out)."""
-    taken = {s.series_uid for s in chosen.values()}
-    ranks = {}
+def _study_ranks(chosen: Mapping[str, SeriesRecord], ranked: Mapping[str, Sequence[SeriesRecord]],
+                 usable: Sequence[SeriesRecord], rules: Sequence[ChannelRule]) -> dict[str, dict[str, int]]:
+    """Per channel with a chosen series, for it and each series in ``ranked``: 1 + the usable series of the
+    channel's modality that rank above it (patterns ignored, series chosen for other channels left out)."""
+    ranks: dict[str, dict[str, int]] = {}
     for rule in rules:
-        if rule.channel in chosen:
-            mine = _rank_key(chosen[rule.channel])
-            ranks[rule.channel] = 1 + sum(s.modality == rule.modality and s.series_uid not in taken
-                                          and _rank_key(s) > mine for s in usable)
+        if rule.channel not in chosen:
+            continue
+        others = {s.series_uid for c, s in chosen.items() if c != rule.channel}
+        peers = [_rank_key(s) for s in usable if s.modality == rule.modality and s.series_uid not in others]
+        ranks[rule.channel] = {s.series_uid: 1 + sum(key > _rank_key(s) for key in peers)
+                               for s in [chosen[rule.channel], *ranked.get(rule.channel, [])]}
     return ranks
+
+
+def with_read_fallbacks(selection: StudySelection, fallbacks: Sequence[tuple[str, str, str]]) -> StudySelection:
+    """``selection`` with its decisions updated after reading: each (series UID, problem, series read instead)
+    of ``fallbacks`` marks that series ``unreadable`` (it was chosen or tried, and its pixels could not be
+    read) and the series read instead ``chosen`` (its reason naming the series it replaced)."""
+    dropped = {uid: (problem, used) for uid, problem, used in fallbacks}
+    replaced: dict[str, str] = {}
+    for uid, _, used in fallbacks:
+        replaced.setdefault(used, uid)  # the first series dropped for it: the one selection chose
+    decisions = []
+    for decision in selection.decisions:
+        if decision.series_uid in dropped:
+            problem, used = dropped[decision.series_uid]
+            decision = replace(decision, status="unreadable",
+                               reason=f"cannot be read ({problem}); series {used} was read instead")
+        elif decision.series_uid in replaced:
+            decision = replace(decision, status="chosen", reason=f"read instead of series "
+                               f"{replaced[decision.series_uid]}, which cannot be read; {decision.reason}")
+        decisions.append(decision)
+    return replace(selection, decisions=decisions)
 
 
 def select_series(index: DicomIndex, rules: Sequence[ChannelRule], *,

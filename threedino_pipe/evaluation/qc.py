@@ -16,8 +16,8 @@ Flags (:func:`structure_flags`): ``empty`` (no voxel), ``volume_outside_training
 the card's ``label_volumes_ml`` range; not evaluated when the card has none), ``low_confidence``
 (below ``--qc-min-confidence``, default 0.7; not evaluated when empty) and
 ``series_ranked_second`` (a DICOM study one of whose channels was read from a series that another
-usable series of the study outranked, :attr:`threedino_pipe.dicom.selection.StudySelection.chosen_rank`;
-not evaluated for image files).
+usable series of the study outranked, :attr:`threedino_pipe.dicom.selection.StudySelection.chosen_rank`,
+or after a read fallback the rank of the series read instead; not evaluated for image files).
 
 What ``3dino predict`` runs per case and per batch is :class:`threedino_pipe.evaluation.qc_report.QcBatch`.
 """

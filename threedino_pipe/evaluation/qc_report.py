@@ -170,7 +170,8 @@ class QcBatch:
         try:
             record = measure_case(result.case_id, inputs.labels, inputs.geometry.spacing, self.card.structures(),
                                   inputs.confidence, weights_checksum=self.weights_checksum,
-                                  series_ranks=self.series_ranks.get(result.case_id, ()))
+                                  series_ranks=result.read_as.series_ranks if result.read_as is not None else
+                                  self.series_ranks.get(result.case_id, ()))  # read_as: after a read fallback
             thumbnail = CaseQc.thumbnail_path(self.output_dir, result.case_id)
             write_thumbnail(thumbnail_png(inputs, result.case_id), thumbnail)
             record.thumbnail = thumbnail.name

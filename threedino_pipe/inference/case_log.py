@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threedino_pipe.artifacts import LoggedOutput, ModelIdentity, PredictLogLine, PredictOptions, SentObject
+from threedino_pipe.artifacts import (
+    LoggedOutput,
+    ModelIdentity,
+    PredictLogLine,
+    PredictOptions,
+    SentObject,
+    SeriesFallback,
+)
 from threedino_pipe.artifacts.journal import JournalLine, read_journal
 from threedino_pipe.artifacts.predict_log import utc_now
 from threedino_pipe.dicom.header import read_text_elements
@@ -63,8 +70,9 @@ class CaseLog:
         """Append the line of a case that was predicted (``result``) or failed (``failure``)."""
         with self._lock:
             started = self._started.pop(case.case_id, None)
+        case = getattr(result, "read_as", None) or case  # after a read fallback: the series read
         outputs = [] if failure is not None else self._written(case)
-        self._append(case.case_id, self._inputs(case), started, failure, outputs)
+        self._append(case.case_id, self._inputs(case), started, failure, outputs, self._fallbacks(case))
 
     def failed_before(self, failures: Sequence[Failure]) -> None:
         """Append a line per input that failed before any reading (a DICOM study without usable series)."""
@@ -99,6 +107,11 @@ class CaseLog:
             return {n: s.series_uid for n, s in zip(self.channel_names, case.series, strict=False)}, {}
         return {}, {n: str(f) for n, f in zip(self.channel_names, case.files, strict=False)}
 
+    def _fallbacks(self, case: InputCase) -> list[SeriesFallback]:
+        """The case's read fallbacks, channels by name."""
+        return [SeriesFallback(channel=self.channel_names[f.channel], series_uid=f.dropped, reason=f.problem,
+                               read_instead=f.used, rank=f.rank) for f in case.fallbacks]
+
     def _written(self, case: InputCase) -> list[LoggedOutput]:
         """The files ``case`` wrote (a DICOM object with its SOPInstanceUID)."""
         if self.classification:
@@ -119,7 +132,8 @@ class CaseLog:
             return None
 
     def _append(self, case: str, inputs: tuple[dict[str, str], dict[str, str]], started: str | None,
-                failure: Failure | None, outputs: list[LoggedOutput]) -> None:
+                failure: Failure | None, outputs: list[LoggedOutput],
+                fallbacks: list[SeriesFallback] | None = None) -> None:
         ended = utc_now()
         with self._lock:
             sends = self._sends.pop(case, [])
@@ -127,6 +141,14 @@ class CaseLog:
                               options=self.options, started=started or ended, ended=ended,
                               outcome="failed" if failure else "predicted",
                               error=failure.error if failure else None, error_file=failure.file if failure else None,
-                              outputs=outputs, sends=sends)
+                              outputs=outputs, sends=sends, series_fallbacks=fallbacks or [])
         with self._lock:
             line.append(self.path)
+
+
+def logged_fallbacks(path: Path) -> list[tuple[str, str, str]]:
+    """(series that could not be read, the problem, series read instead) of every case whose last line in the
+    ``predict_log.jsonl`` at ``path`` says it was predicted (for ``series_selection.csv``)."""
+    last = {line.case_id: line for line in PredictLogLine.read_lines(path)}
+    return [(f.series_uid, f.reason, f.read_instead) for line in last.values() if line.outcome == "predicted"
+            for f in line.series_fallbacks]

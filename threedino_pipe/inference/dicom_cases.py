@@ -15,6 +15,7 @@ read by ITK (:mod:`threedino_pipe.inference.input_cases`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from threedino_pipe.artifacts import StudyKeys
 from threedino_pipe.dicom.header import read_text_elements
-from threedino_pipe.dicom.index import DicomIndex, StudyRecord, index_folder
+from threedino_pipe.dicom.index import DicomIndex, SeriesRecord, StudyRecord, index_folder
 from threedino_pipe.dicom.selection import (
     DEFAULT_MIN_SLICES,
     ChannelRule,
@@ -32,10 +33,13 @@ from threedino_pipe.dicom.selection import (
     parse_series_rule,
     rules_for_channels,
     select_series,
+    with_read_fallbacks,
     write_selection_csv,
 )
+from threedino_pipe.dicom.volume import SeriesVolume, read_series
 from threedino_pipe.inference.folder_runner import Failure
-from threedino_pipe.inference.input_cases import InputCase, is_image_file
+from threedino_pipe.inference.input_cases import InputCase, ReadFallback, is_image_file
+from threedino_pipe.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +109,13 @@ class DicomInput:
         """Studies whose every channel has its series."""
         return sum(s.ok for s in self.selections)
 
-    def write_selection(self, output_dir: Path) -> Path:
-        """Write ``series_selection.csv`` (every series of every study) into ``output_dir``."""
+    def write_selection(self, output_dir: Path, fallbacks: Sequence[tuple[str, str, str]] = ()) -> Path:
+        """Write ``series_selection.csv`` (every series of every study) into ``output_dir``; ``fallbacks``
+        ((series that could not be read, the problem, series read instead), from ``predict_log.jsonl``)
+        mark those series ``unreadable`` and the series read instead ``chosen``."""
         path = Path(output_dir) / SELECTION_FILE
-        write_selection_csv(path, self.selections)
+        write_selection_csv(path, [with_read_fallbacks(s, fallbacks) for s in self.selections] if fallbacks
+                            else self.selections)
         return path
 
     def record_keys(self, keys: StudyKeys, *, keep_patient_names: bool = False) -> None:
@@ -133,7 +140,8 @@ class DicomInput:
             label = "series " + " ".join(s.series_uid for s in chosen)
             cases.append(InputCase(key, tuple(Path(s.instances[0].path) for s in chosen), series=chosen,
                                    input_root=self.index.root, label=label,
-                                   series_ranks=tuple(selection.chosen_rank.get(c, 1) for c in self.channels)))
+                                   series_ranks=tuple(selection.chosen_rank.get(c, 1) for c in self.channels),
+                                   alternatives=tuple(tuple(selection.alternatives(c)) for c in self.channels)))
         for failure in failures:
             log.warning("%s failed: %s", failure.case, failure.error)
         return sorted(cases, key=lambda c: c.case_id), failures
@@ -179,3 +187,51 @@ def patient_names(dicom: DicomInput, keys: StudyKeys) -> dict[str, str]:
         if name:
             names[study_uid] = name if counts[name] == 1 else f"{name}_{keys.key_of(study_uid)[:8]}"
     return names
+
+
+def _read_channel(case: InputCase, index: int) -> tuple[SeriesRecord, SeriesVolume, list[ReadFallback]]:
+    """Channel ``index`` of a DICOM study as read: its chosen series, or when that cannot be read the first of
+    its alternatives (``InputCase.alternatives``) that can, with a :class:`ReadFallback` per series dropped.
+
+    Raises:
+        UserError: no series of the channel can be read (the chosen one's problem, naming the others').
+    """
+    series = case.series[index]
+    try:
+        return series, read_series(series, display=case.display), []
+    except UserError as exc:
+        first = exc
+    dropped = [(series.series_uid, first)]
+    for alternative, rank in case.alternatives[index] if index < len(case.alternatives) else ():
+        try:
+            volume = read_series(alternative, display=case.display)
+        except UserError as exc:
+            dropped.append((alternative.series_uid, exc))
+            continue
+        log.warning("%s: series %s cannot be read (%s); channel %d is read from series %s (ranked %d) instead",
+                    case.case_id, series.series_uid, first.problem, index, alternative.series_uid, rank)
+        return alternative, volume, [ReadFallback(index, uid, exc.problem, alternative.series_uid, rank)
+                                     for uid, exc in dropped]
+    if len(dropped) == 1:
+        raise first
+    others = "; ".join(f"series {uid}: {exc.problem}" for uid, exc in dropped[1:])
+    raise UserError(f"{first.problem}; no other usable series of the channel can be read either ({others})",
+                    file=first.file, fix=first.fix)
+
+
+def read_study(case: InputCase) -> tuple[list[SeriesVolume], InputCase]:
+    """Every channel of a DICOM study (:func:`_read_channel`) and the case as read: when a channel fell back
+    to another series, ``series``, ``files``, ``label`` and ``series_ranks`` name the series read and
+    ``fallbacks`` says why (``case`` itself otherwise)."""
+    read = [_read_channel(case, index) for index in range(len(case.series))]
+    fallbacks = tuple(f for _, _, found in read for f in found)
+    volumes = [volume for _, volume, _ in read]
+    if not fallbacks:
+        return volumes, case
+    ranks = list(case.series_ranks or [1] * len(read))
+    for fallback in fallbacks:
+        ranks[fallback.channel] = fallback.rank
+    series = tuple(record for record, _, _ in read)
+    return volumes, dataclasses.replace(case, files=tuple(Path(s.instances[0].path) for s in series), series=series,
+                                        label="series " + " ".join(s.series_uid for s in series),
+                                        series_ranks=tuple(ranks), fallbacks=fallbacks)

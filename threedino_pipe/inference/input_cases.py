@@ -37,6 +37,18 @@ _MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
+class ReadFallback:
+    """A channel's series that could not be read (``dropped``, with the problem) and the series read instead
+    (``used``, of rank ``rank`` among the study's usable series of its modality)."""
+
+    channel: int
+    dropped: str
+    problem: str
+    used: str
+    rank: int
+
+
+@dataclass(frozen=True)
 class InputCase:
     """One case to predict.
 
@@ -50,6 +62,10 @@ class InputCase:
         label: how failures.csv names the input when no file is to blame (the series UIDs for DICOM).
         series_ranks: for an indexed DICOM study, per channel the chosen series' rank among the study's
             usable series of its modality (``StudySelection.chosen_rank``; 1 = the best); empty for files.
+        alternatives: for an indexed DICOM study, per channel the other usable series with their ranks,
+            best first (``StudySelection.alternatives``): read, in order, when the chosen one cannot be.
+        fallbacks: set on the case as read (``inference.predictor.read_series_case``): each chosen series
+            that could not be read and the series read instead.
     """
 
     case_id: str
@@ -58,6 +74,8 @@ class InputCase:
     input_root: Path | None = None
     label: str = ""
     series_ranks: tuple[int, ...] = field(default=(), compare=False)
+    alternatives: tuple[tuple[tuple, ...], ...] = field(default=(), compare=False)
+    fallbacks: tuple[ReadFallback, ...] = field(default=(), compare=False)
 
     @property
     def is_dicom(self) -> bool:

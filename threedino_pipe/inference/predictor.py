@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
-from threedino_pipe.dicom.volume import SeriesVolume, read_series
+from threedino_pipe.dicom.volume import SeriesVolume
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.case_outputs import CaseOutputs
+from threedino_pipe.inference.dicom_cases import read_study
 from threedino_pipe.inference.input_cases import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel
 from threedino_pipe.preprocessing.normalization import PAD_VALUE
@@ -127,19 +128,23 @@ class CaseResult:
     output: Path | None = None
     probabilities: list[float] | None = None
     qc: QcInputs | None = None
+    read_as: InputCase | None = None  # the case as read (its series after a read fallback)
 
 
 def _failure(problem: str, file: Path, fix: str | None = None) -> UserError:
     return UserError(problem, file=file, fix=fix)
 
 
-def read_series_case(case: InputCase) -> tuple[list[np.ndarray], Geometry, SeriesVolume]:
-    """A DICOM study's channel arrays (``X x Y x Z``, float32, CT in HU), channel 0's geometry and series.
+def read_series_case(case: InputCase) -> tuple[list[np.ndarray], Geometry, SeriesVolume, InputCase]:
+    """A DICOM study's channel arrays (``X x Y x Z``, float32, CT in HU), channel 0's geometry and series, and
+    the case as read (a channel whose chosen series cannot be read falls back to the next usable one:
+    ``dicom_cases.read_study``).
 
     Raises:
-        UserError: a series that cannot be read (named with study, series and file), or channels on other grids.
+        UserError: a channel none of whose usable series can be read (named with study, series and file), or
+            channels on other grids.
     """
-    volumes = [read_series(series, display=case.display) for series in case.series]
+    volumes, case = read_study(case)
     first = volumes[0]
     for index, volume in enumerate(volumes[1:], start=1):
         if tuple(volume.geometry.size) != tuple(first.geometry.size):
@@ -147,7 +152,7 @@ def read_series_case(case: InputCase) -> tuple[list[np.ndarray], Geometry, Serie
                            f"{'x'.join(map(str, volume.geometry.size))} voxels but channel 0000 (series "
                            f"{first.series_uid}) has {'x'.join(map(str, first.geometry.size))}",
                            case.display(volume.instance_paths[0]), "give every channel of a study one grid")
-    return [v.array() for v in volumes], first.geometry, first
+    return [v.array() for v in volumes], first.geometry, first, case
 
 
 def read_case(case: InputCase) -> tuple[list[np.ndarray], Geometry]:
@@ -187,7 +192,7 @@ def prepare_case(case: InputCase, recipe: CasePreprocessing, preview: bool = Fal
     start = time.perf_counter()
     source = None
     if case.is_dicom:
-        images, geo, source = read_series_case(case)
+        images, geo, source, case = read_series_case(case)
     else:
         images, geo = read_case(case)
     try:
@@ -319,7 +324,7 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
     """Predict a prepared case; segmentation writes its outputs (``outputs``: formats and provenance; default
     ``<case><ending>`` alone) and probabilities into ``output_dir``."""
     card = models[0].card
-    result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds})
+    result = CaseResult(prepared.case.case_id, {"read_preprocess": prepared.seconds}, read_as=prepared.case)
     start = time.perf_counter()
     if card.task == "classification":
         result.probabilities = classify(prepared.data, models, options, device)

@@ -33,7 +33,7 @@ from threedino_pipe.dicom.selection import DEFAULT_MIN_SLICES
 from threedino_pipe.evaluation.qc import DEFAULT_MIN_CONFIDENCE, check_min_confidence
 from threedino_pipe.evaluation.qc_report import QcBatch
 from threedino_pipe.inference import folder_runner
-from threedino_pipe.inference.case_log import CaseLog
+from threedino_pipe.inference.case_log import CaseLog, logged_fallbacks
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
 from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
 from threedino_pipe.inference.fold_runs import runs_for_folds
@@ -250,8 +250,12 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         case_log = CaseLog(PredictLogLine.rank_part(output_dir, ranks.rank, ranks.world_size), args.models, options,
                            list(card.ordered_channel_names().values()), outputs, output_dir,
                            classification=card.task == "classification")
-        return _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
+        code = _run_shard(cases, loaded, inference, dev, output_dir, ranks, resume, num_workers, outputs,
                           [*failed_retrieval, *failed_before] if ranks.rank == 0 else [], case_log, sender, checks)
+        fallbacks = logged_fallbacks(PredictLogLine.in_folder(output_dir)) if dicom and ranks.rank == 0 else []
+        if fallbacks:  # a chosen series that could not be read: series_selection.csv names the one read instead
+            dicom.write_selection(output_dir, fallbacks)
+        return code
 
 
 def _qc_applies(qc: bool, card: ModelCard) -> bool:
