@@ -58,6 +58,7 @@ class CaseLog:
     classification: bool = False
     _started: dict[str, str] = field(default_factory=dict)
     _sends: dict[str, list[SentObject]] = field(default_factory=dict)  # case -> acknowledged, not yet logged
+    _read: dict[str, InputCase] = field(default_factory=dict)  # case -> as read (:meth:`read`)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, case: InputCase) -> InputCase:
@@ -66,11 +67,16 @@ class CaseLog:
             self._started[case.case_id] = utc_now()
         return case
 
+    def read(self, case: InputCase) -> None:
+        """Note ``case`` as read (after a read fallback its series are others than those chosen) for its line."""
+        with self._lock:
+            self._read[case.case_id] = case
+
     def done(self, case: InputCase, result: object | None, failure: Failure | None) -> None:
         """Append the line of a case that was predicted (``result``) or failed (``failure``)."""
         with self._lock:
             started = self._started.pop(case.case_id, None)
-        case = getattr(result, "read_as", None) or case  # after a read fallback: the series read
+            case = self._read.pop(case.case_id, case)
         outputs = [] if failure is not None else self._written(case)
         self._append(case.case_id, self._inputs(case), started, failure, outputs, self._fallbacks(case))
 
@@ -96,10 +102,18 @@ class CaseLog:
                 self.sent(line)
 
     def sent_earlier_results(self, cases: Sequence[InputCase]) -> None:
-        """Append a ``predicted`` line for each of ``cases`` (predicted by an earlier run) with sends to log."""
-        for case in cases:
-            if case.case_id in self._sends:
-                self.done(case, None, None)
+        """Append a ``predicted`` line for each of ``cases`` (predicted by an earlier run) with sends to log; its
+        inputs as the case's last line says they were read (``None``: unknown, the chosen ones)."""
+        pending = [case for case in cases if case.case_id in self._sends]
+        if not pending:
+            return
+        last = {line.case_id: line for line in PredictLogLine.read_lines(PredictLogLine.in_folder(self.output_dir))
+                if line.series_uids or line.files}
+        for case in pending:
+            before = last.get(case.case_id)
+            inputs = (before.series_uids, before.files) if before else self._inputs(case)
+            fallbacks = before.series_fallbacks if before else self._fallbacks(case)
+            self._append(case.case_id, inputs, None, None, self._written(case), fallbacks)
 
     def _inputs(self, case: InputCase) -> tuple[dict[str, str], dict[str, str]]:
         """(channel -> SeriesInstanceUID, channel -> file) of a case."""

@@ -325,6 +325,7 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
     recipe = card.preprocessing()
 
     def predict_and_send(prepared) -> CaseResult:
+        case_log.read(prepared.case)  # the series read (after a read fallback, not those chosen)
         result = predict_case(prepared, loaded, inference, dev, output_dir, outputs)
         if sender is not None:  # a send that fails after its retries is this case's failure
             sender.send_case(output_dir, result.case_id)
