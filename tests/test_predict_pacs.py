@@ -60,12 +60,16 @@ def _predict(source: str, dest: str, out: Path, model: Path, *extra: str, env: d
                      "--no-progress", env={**ENV, **(env or {})})
 
 
-def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+def _mr_study_in_orthanc(orthanc, dicom_studies) -> tuple:
+    """Orthanc emptied and given the example MR study; returns (study, its UID, Orthanc's DIMSE node)."""
     orthanc.clear()
     study = dicom_studies[1]["mr"]
-    uid = study.identity.study_uid
     upload(orthanc, study)
-    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    return study, study.identity.study_uid, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+
+
+def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project, tmp_path):  # noqa: F811
+    study, uid, node = _mr_study_in_orthanc(orthanc, dicom_studies)
     out = tmp_path / "out"
     proc = _predict(node, node, out, project["run_a"], uid, "--study", MISSING_STUDY)
     assert proc.returncode == 1, proc.stderr  # the missing study fails alone; the other is predicted and sent
@@ -106,11 +110,7 @@ def test_from_pacs_to_pacs_round_trip_and_resume(orthanc, dicom_studies, project
 
 def test_a_crash_after_an_acknowledgement_loses_no_send_in_the_log(orthanc, dicom_studies, project,  # noqa: F811
                                                                     tmp_path):
-    orthanc.clear()
-    study = dicom_studies[1]["mr"]
-    uid = study.identity.study_uid
-    upload(orthanc, study)
-    node = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    study, uid, node = _mr_study_in_orthanc(orthanc, dicom_studies)
     out = tmp_path / "out"
     crashed = _predict(node, node, out, project["run_a"], uid, env={CRASH_HOOK: "sent"})  # ends right after
     # journalling the acknowledged SEG, before the case's predict_log line
