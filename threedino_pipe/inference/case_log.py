@@ -103,7 +103,7 @@ class CaseLog:
 
     def sent_earlier_results(self, cases: Sequence[InputCase]) -> None:
         """Append a ``predicted`` line for each of ``cases`` (predicted by an earlier run) with sends to log; its
-        inputs as the case's last line says they were read (``None``: unknown, the chosen ones)."""
+        inputs as the case's last line says they were read (without such a line: the series chosen)."""
         pending = [case for case in cases if case.case_id in self._sends]
         if not pending:
             return
