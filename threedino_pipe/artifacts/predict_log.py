@@ -4,7 +4,8 @@ Each line is one JSON object (kind ``predict_log_line``): the case, its inputs (
 SeriesInstanceUID per channel for a DICOM study, the file per channel for image files), the
 models' checksums, the options, start and end time (UTC, ISO 8601), the outcome (``predicted`` or
 ``failed`` with the message), the files written and, for DICOM results, their SOPInstanceUIDs;
-``sends`` lists the result objects acknowledged by a destination. No patient name or ID: a DICOM
+``sends`` lists the result objects acknowledged by a destination; ``windows`` counts a segmented case's
+sliding windows and those skipped as air. No patient name or ID: a DICOM
 case is named by its study key (by its PatientID only with ``--keep-patient-names``).
 
 A line is appended with one ``write`` on a file opened for appending and flushed to disk
@@ -43,6 +44,15 @@ class LoggedOutput(Record):
     OMIT_WHEN_NONE = ("sop_instance_uid",)
 
 
+class LoggedWindows(Record):
+    """The sliding windows of a segmented case: all of them, those skipped as air outside the body, and why
+    none was skipped (``note``; empty when skipping ran, or with ``--no-skip``)."""
+
+    total: int = Field(ge=0)
+    skipped: int = Field(ge=0)
+    note: str = ""
+
+
 class SentObject(Record):
     """One result object acknowledged by a destination (``AET@host:port`` or a DICOMweb URL)."""
 
@@ -71,8 +81,9 @@ class PredictLogLine(Artifact):
     error_file: str | None = None
     outputs: list[LoggedOutput] = []
     sends: list[SentObject] = []
+    windows: LoggedWindows | None = None  # segmented cases that were predicted
 
-    OMIT_WHEN_NONE = ("error", "error_file")
+    OMIT_WHEN_NONE = ("error", "error_file", "windows")
 
     def append(self, path: str | Path) -> Path:
         """Append this line to the JSONL file ``path`` (created when missing); returns ``path``."""

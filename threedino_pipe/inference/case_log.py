@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threedino_pipe.artifacts import LoggedOutput, ModelIdentity, PredictLogLine, PredictOptions
+from threedino_pipe.artifacts import LoggedOutput, LoggedWindows, ModelIdentity, PredictLogLine, PredictOptions
 from threedino_pipe.artifacts.predict_log import utc_now
 from threedino_pipe.dicom.header import read_text_elements
 from threedino_pipe.inference.case_outputs import CaseOutputs
@@ -57,7 +57,10 @@ class CaseLog:
         with self._lock:
             started = self._started.pop(case.case_id, None)
         outputs = [] if failure is not None else self._written(case)
-        self._append(case.case_id, self._inputs(case), started, failure, outputs)
+        counts = getattr(result, "windows", None) if failure is None else None
+        windows = None if counts is None else LoggedWindows(total=counts.total, skipped=counts.skipped,
+                                                            note=counts.note)
+        self._append(case.case_id, self._inputs(case), started, failure, outputs, windows)
 
     def failed_before(self, failures: Sequence[Failure]) -> None:
         """Append a line per input that failed before any reading (a DICOM study without usable series)."""
@@ -90,12 +93,12 @@ class CaseLog:
             return None
 
     def _append(self, case: str, inputs: tuple[dict[str, str], dict[str, str]], started: str | None,
-                failure: Failure | None, outputs: list[LoggedOutput]) -> None:
+                failure: Failure | None, outputs: list[LoggedOutput], windows: LoggedWindows | None = None) -> None:
         ended = utc_now()
         line = PredictLogLine(case_id=case, series_uids=inputs[0], files=inputs[1], models=self.models,
                               options=self.options, started=started or ended, ended=ended,
                               outcome="failed" if failure else "predicted",
                               error=failure.error if failure else None, error_file=failure.file if failure else None,
-                              outputs=outputs)
+                              outputs=outputs, windows=windows)
         with self._lock:
             line.append(self.path)
