@@ -16,6 +16,7 @@ from conftest import run_3dino
 from threedino_pipe.artifacts import CaseProperties, ModelCard, RunRecord, SegmentationValidation
 from threedino_pipe.demo.examples import build_synthetic_dataset
 from threedino_pipe.evaluation.segmentation_metrics import dice
+from threedino_pipe.inference.air_windows import AirRule
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.raw_data.image_io import read_image
@@ -58,7 +59,7 @@ def test_validation_scores_the_labels_predict_writes(tmp_path):
     options = RunRecord.read(RunRecord.in_folder(run)).options
     config = SegRunConfig(**{k: v for k, v in options.items() if k in SegRunConfig.__dataclass_fields__})
     scored = case_labels(network.eval(), open_array(finetune / f"{case}.b2nd")[:], config, card.output_values(),
-                         torch.device("cpu"))
+                         torch.device("cpu"), AirRule.of(properties))
     box = tuple(slice(lo, hi) for lo, hi in properties.crop_box)
     np.testing.assert_array_equal(written[box], scored)
     outside = np.ones(written.shape, bool)

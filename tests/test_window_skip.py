@@ -258,7 +258,7 @@ def test_predict_with_and_without_skipping_agree(finetuned, tmp_path):
     assert skip.options.skip and not full.options.skip
     assert skip.windows.total == full.windows.total > 0 and full.windows.skipped == 0
     # the model predicts background in air after brief finetuning; if the probe found otherwise, say so
-    assert skip.windows.skipped > 0, skip.windows.note
+    assert skip.windows.skipped > 0, skip.windows.skip_off
     for value in (1, 2):
         a, b = labels["skip"] == value, labels["full"] == value
         assert a.any(), f"structure {value} not predicted: the comparison would be empty"

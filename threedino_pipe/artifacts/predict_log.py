@@ -46,11 +46,11 @@ class LoggedOutput(Record):
 
 class LoggedWindows(Record):
     """The sliding windows of a segmented case: all of them, those skipped as air outside the body, and why
-    none was skipped (``note``; empty when skipping ran, or with ``--no-skip``)."""
+    none was skipped (``skip_off``; empty when skipping ran, or with ``--no-skip``)."""
 
     total: int = Field(ge=0)
     skipped: int = Field(ge=0)
-    note: str = ""
+    skip_off: str = ""
 
 
 class SentObject(Record):

@@ -59,7 +59,7 @@ class CaseLog:
         outputs = [] if failure is not None else self._written(case)
         counts = getattr(result, "windows", None) if failure is None else None
         windows = None if counts is None else LoggedWindows(total=counts.total, skipped=counts.skipped,
-                                                            note=counts.note)
+                                                            skip_off=counts.note)
         self._append(case.case_id, self._inputs(case), started, failure, outputs, windows)
 
     def failed_before(self, failures: Sequence[Failure]) -> None:
