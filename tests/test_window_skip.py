@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_3dino
+from conftest import finetune_briefly, run_3dino
+from test_predict import one_thread  # noqa: F401 - the fixture: one torch thread
 
 from threedino_pipe.artifacts import DatasetJson, PredictLogLine
 from threedino_pipe.inference import geometry
@@ -33,14 +34,6 @@ from threedino_pipe.raw_data.image_io import Geometry, read_image, write_image
 SHAPE = (64, 56, 48)
 PATCH = (16, 16, 16)
 SPACING = (2.0, 2.0, 2.0)  # the 10 mm margin is 5 voxels
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def synthetic_case(noisy_air: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -232,13 +225,7 @@ def finetuned(tmp_path_factory):
     write_image(hu, geo, root / "scan" / "test_0000.nii.gz")
     env = {"THREEDINO_RAW": str(root / "raw"), "THREEDINO_PREPROCESSED": str(root / "pre"),
            "THREEDINO_RESULTS": str(root / "results")}
-    for args in (("plan", "-d", "994", "--preset", "tiny", "--patch-size", "32,32,16"),
-                 ("preprocess", "-d", "994", "-np", "1"),
-                 ("finetune", "-d", "994", "--pct", "100", "--backbone", "none", "--head", "unetr", "--iters", "40",
-                  "--val-every", "40", "--batch-size", "2", "--lr", "0.003", "--precision", "fp32",
-                  "--num-workers", "0", "--no-progress")):
-        done = run_3dino(*args, env=env)
-        assert done.returncode == 0, done.stderr
+    finetune_briefly(994, env, patch="32,32,16", iters=40, batch_size=2, lr=0.003)
     run = next((root / "results" / "Dataset994_SmallBodies").glob("finetune__unetr__*"))
     return run, root / "scan", env
 
