@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's virtual environment)::
 
     .venv/bin/python benchmarks/predict.py [--repeats 2] [--overlap 0.5] [--skip-memory]
-        [--memory-head adapter] [--memory-overlap 0]
+        [--memory-head adapter] [--memory-overlap 0] [--air] [--air-shape 512,512,400] [--air-model RUN]
 
 What it measures:
 
@@ -46,6 +46,19 @@ What it measures:
    ``--memory-overlap`` defaults to 0 (100 windows instead of 567 at 0.5: 8-25 minutes on 2 CPU
    cores instead of over 2 hours). Target <= 4 GiB.
 
+3. **Skipping air** (with ``--air``; not run otherwise, so the commands of docs/benchmarks.md measure what
+   they did), side by side on one case: ``3dino predict`` at its defaults (windows of air outside
+   the body skipped) against the same command with ``--no-skip``, alternating, ``--repeats`` times
+   each, on a CT-like case of ``--air-shape`` voxels (``write_big_ct``: an ellipsoid body in air
+   whose in-plane share of the field is largest at the middle slice, with 12 blobs of other
+   densities) with the plans' spacing, at ``--overlap``. Recorded per side: wall time of the whole
+   command, the windows (all, skipped, and why none was when a safeguard applied, from
+   ``predict_log.jsonl``), and the agreement of the two label images (Dice per label value present in
+   either, and whether they are equal). The model is ``--air-model`` (a finetune run folder or zip:
+   use a finetuned one, as the probe turns skipping off for a network that predicts foreground in
+   air) or else the memory part's random-weight ``--memory-head`` network with 14 classes, for which
+   the probe usually turns skipping off (then both sides run every window).
+
 Prints a table and writes everything, with machine information and the exact command, to
 ``--out`` (JSON). The scratch folder is deleted unless ``--keep`` or ``--work-dir``.
 """
@@ -82,13 +95,14 @@ from common import (
 )
 from monai.inferers import sliding_window_inference
 
+from threedino_pipe.artifacts import PredictLogLine
 from threedino_pipe.demo.examples import build_synthetic_dataset, oblique_direction
 from threedino_pipe.inference.blended_rows import SIGMA_SCALE
 from threedino_pipe.inference.input_cases import discover_cases
 from threedino_pipe.inference.model_loading import load_run
 from threedino_pipe.inference.predictor import InferenceOptions, predict_case, prepare_case
 from threedino_pipe.models.segmentation import build_segmentation_model
-from threedino_pipe.raw_data.image_io import Geometry, write_image
+from threedino_pipe.raw_data.image_io import Geometry, read_image, write_image
 from threedino_pipe.runtime import atomic_files
 from threedino_pipe.runtime.precision import autocast, resolve_precision
 
@@ -122,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-overlap", type=float, default=0.0,
                    help="overlap of the memory run (memory does not depend on it, time does)")
     p.add_argument("--memory-workers", type=int, default=1, help="predict's --num-workers in the memory run")
+    p.add_argument("--air", action="store_true", help="also the skip vs --no-skip part (windows of air)")
+    p.add_argument("--air-shape", default="256,256,160",
+                   help="X,Y,Z voxels of the skip vs --no-skip case (the issue's case: 512,512,400)")
+    p.add_argument("--air-model", type=Path, default=None,
+                   help="finetune run folder or zip for the skip part (default: a random-weight network)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (kept; default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary scratch folder")
@@ -200,14 +219,15 @@ def write_big_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, 
 
 
 def run_ours(case_dir: Path, out_dir: Path, run: Path, overlap: float, precision: str,
-             num_workers: int = 1, sample_memory: bool = False) -> tuple[Measurement, list[dict[str, float]]]:
+             num_workers: int = 1, sample_memory: bool = False,
+             extra: tuple[str, ...] = ()) -> tuple[Measurement, list[dict[str, float]]]:
     """``3dino predict`` as a subprocess; its measurement and, per case, the stage seconds of its log line.
 
     Timed runs do not sample memory (the sampler would take CPU from the command).
     """
     shutil.rmtree(out_dir, ignore_errors=True)
     command = [*threedino(), "predict", "-i", str(case_dir), "-o", str(out_dir), "-m", str(run),
-               "--overlap", str(overlap), "--precision", precision, "--num-workers", str(num_workers)]
+               "--overlap", str(overlap), "--precision", precision, "--num-workers", str(num_workers), *extra]
     m = run_measured(command, sample_memory=sample_memory)
     if m.returncode:
         raise SystemExit(f"3dino predict failed ({m.returncode}):\n{m.output_tail}")
@@ -334,6 +354,51 @@ def memory(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
             "peak_pss_gib": m.peak_pss / GIB, "target_gib": MEMORY_TARGET / GIB}
 
 
+def label_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Dice per label value present in either label image (1.0 where both lack it), and whether they are equal."""
+    values = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
+    dice = {}
+    for v in values:
+        x, y = a == v, b == v
+        dice[str(v)] = float(2.0 * (x & y).sum() / max(int(x.sum() + y.sum()), 1))
+    return {"dice_per_label": dice, "min_dice": min(dice.values(), default=1.0), "equal": bool(np.array_equal(a, b))}
+
+
+def air_skip(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """``3dino predict`` (windows of air skipped) against ``--no-skip`` on one CT-like case, side by side."""
+    shape = tuple(int(v) for v in args.air_shape.split(","))
+    if args.air_model is not None:
+        run = args.air_model
+        card = load_run(run).card
+        spacing = tuple(float(s) for s in card.plans.configurations.finetune.spacing)
+    else:
+        labels = {"background": 0, **{f"class_{v:02d}": v for v in range(1, MEMORY_CLASSES)}}
+        run = save_run(work / "run_air", plans, args.memory_head, args.preset, labels, args.seed)
+        spacing = tuple(float(s) for s in plans["configurations"]["finetune"]["spacing"])
+    case_dir = work / "air"
+    case_dir.mkdir(exist_ok=True)
+    write_big_ct(case_dir / "air_ct.nii.gz", shape, spacing, args.seed)
+    print(f"skip case {shape}, overlap {args.overlap}, model {run}", flush=True)
+    sides: dict[str, dict[str, Any]] = {"skip": {"wall_s": [], "extra": ()},
+                                        "no_skip": {"wall_s": [], "extra": ("--no-skip",)}}
+    for r in range(args.repeats):
+        for name, side in sides.items():
+            out = work / f"out_air_{name}"
+            m, stages = run_ours(case_dir, out, run, args.overlap, args.precision, extra=side["extra"])
+            side["wall_s"].append(m.wall_s)
+            side["stages_s"] = stages
+            side["windows"] = PredictLogLine.read_lines(out / PredictLogLine.FILE)[0].windows.model_dump(mode="json")
+            side["labels"] = read_image(out / "air_ct.nii.gz")[0]
+            print(f"  repeat {r + 1}/{args.repeats}: {name} {m.wall_s:.1f} s, windows {side['windows']}", flush=True)
+    agreement = label_agreement(sides["skip"].pop("labels"), sides["no_skip"].pop("labels"))
+    for side in sides.values():
+        side.pop("extra")
+        side["median_s"] = median(side["wall_s"])
+    return {"case_shape": shape, "spacing": spacing, "overlap": args.overlap, "precision": args.precision,
+            "model": str(run), **sides, "time_ratio": sides["skip"]["median_s"] / sides["no_skip"]["median_s"],
+            "agreement": agreement}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -366,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             results["overhead"] = overhead(work, plans, args, precision)
         if not args.skip_memory:
             results["memory"] = memory(work, plans, args)
+        if args.air:
+            results["air"] = air_skip(work, plans, args)
     finally:
         if args.work_dir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -384,6 +451,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"RSS {mem['peak_rss_gib']:.2f} GiB, PSS {mem['peak_pss_gib']:.2f} GiB",
                      f"{mem['measurement']['wall_s']:.0f} s", f"<= {MEMORY_TARGET / GIB:g} GiB",
                      "met" if mem["measurement"]["peak_rss"] <= MEMORY_TARGET else "missed"])
+    if "air" in results:
+        air = results["air"]
+        windows = air["skip"]["windows"]
+        rows.append([f"skip vs --no-skip {'x'.join(map(str, air['case_shape']))}",
+                     f"{air['skip']['median_s']:.1f} s / {air['no_skip']['median_s']:.1f} s",
+                     f"{air['time_ratio']:.3f}; {windows['skipped']} of {windows['total']} windows skipped"
+                     + (f" ({windows['skip_off']})" if windows.get("skip_off") else ""),
+                     "Dice >= 0.99", f"min Dice {air['agreement']['min_dice']:.4f}"
+                     + (", equal" if air["agreement"]["equal"] else "")])
     print()
     print(format_table(["what", "measured", "ratio / time", "target", ""], rows))
     if "overhead" in results:

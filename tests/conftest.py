@@ -65,6 +65,19 @@ def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
                           cwd=cwd, timeout=timeout)
 
 
+def finetune_briefly(dataset_id: int, env: dict, *, patch: str, iters: int, batch_size: int, lr: float,
+                     head: str = "unetr") -> None:
+    """The real ``plan`` (tiny preset, ``--patch-size patch``), ``preprocess`` and a short ``finetune`` (no
+    backbone, fp32, validation at the end) of a generated dataset under ``env``'s THREEDINO_* folders."""
+    for args in (("plan", "-d", str(dataset_id), "--preset", "tiny", "--patch-size", patch),
+                 ("preprocess", "-d", str(dataset_id), "-np", "1"),
+                 ("finetune", "-d", str(dataset_id), "--pct", "100", "--backbone", "none", "--head", head,
+                  "--iters", str(iters), "--val-every", str(iters), "--batch-size", str(batch_size), "--lr", str(lr),
+                  "--precision", "fp32", "--num-workers", "0", "--no-progress")):
+        done = run_3dino(*args, env=env)
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.fixture(scope="session")
 def mni_preprocessed(mni_raw, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The MNI dataset planned and preprocessed once (real CLI); returns THREEDINO_* env for it.

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_3dino
+from conftest import finetune_briefly, run_3dino
 
 from threedino_pipe.artifacts import CaseProperties, ModelCard, RunRecord, SegmentationValidation
 from threedino_pipe.demo.examples import build_synthetic_dataset
 from threedino_pipe.evaluation.segmentation_metrics import dice
+from threedino_pipe.inference.air_windows import AirRule
 from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.preprocessing.arrays import open_array
 from threedino_pipe.raw_data.image_io import read_image
@@ -31,13 +32,7 @@ def test_validation_scores_the_labels_predict_writes(tmp_path):
     env = {"THREEDINO_RAW": str(raw), "THREEDINO_PREPROCESSED": str(tmp_path / "pre"),
            "THREEDINO_RESULTS": str(tmp_path / "results")}
     # 32-voxel windows over 56 voxels: starts 0, 16, 24 at overlap 0.5 (0 and 24 at overlap 0), so the overlap counts
-    for args in (("plan", "-d", "993", "--preset", "tiny", "--patch-size", "32,32,16"),
-                 ("preprocess", "-d", "993", "-np", "1"),
-                 ("finetune", "-d", "993", "--pct", "100", "--backbone", "none", "--head", "unetr", "--iters", "8",
-                  "--val-every", "8", "--batch-size", "1", "--lr", "0.001", "--precision", "fp32",
-                  "--num-workers", "0", "--no-progress")):
-        done = run_3dino(*args, env=env)
-        assert done.returncode == 0, done.stderr
+    finetune_briefly(993, env, patch="32,32,16", iters=8, batch_size=1, lr=0.001)
     run = tmp_path / "results" / DATASET / "finetune__unetr__none__pct100__fold0__seed0"
     validation = SegmentationValidation.read(SegmentationValidation.in_folder(run))
     case = sorted(validation.best.per_case)[0]
@@ -58,7 +53,7 @@ def test_validation_scores_the_labels_predict_writes(tmp_path):
     options = RunRecord.read(RunRecord.in_folder(run)).options
     config = SegRunConfig(**{k: v for k, v in options.items() if k in SegRunConfig.__dataclass_fields__})
     scored = case_labels(network.eval(), open_array(finetune / f"{case}.b2nd")[:], config, card.output_values(),
-                         torch.device("cpu"))
+                         torch.device("cpu"), AirRule.of(properties))
     box = tuple(slice(lo, hi) for lo, hi in properties.crop_box)
     np.testing.assert_array_equal(written[box], scored)
     outside = np.ones(written.shape, bool)

@@ -386,6 +386,8 @@ def predict(
                                  "structure whose mean probability is below this (low_confidence).")] = 0.7,
     keep_patient_names: Annotated[bool, typer.Option("--keep-patient-names", help="DICOM input: name each "
                                   "study's outputs by its PatientID instead of its salted study key.")] = False,
+    skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Skip sliding windows that hold only air outside "
+                    "the body (a conservative body mask with a margin); --no-skip runs every window.")] = True,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -403,7 +405,8 @@ def predict(
                                selection=selection, output_formats=output_format, series_rules=series_rule,
                                min_slices=min_slices, from_pacs=from_pacs, studies=study, query=query, send_to=send_to,
                                ae_title=ae_title, move_listen=move_listen, qc=qc,
-                               qc_min_confidence=qc_min_confidence, keep_patient_names=keep_patient_names))
+                               qc_min_confidence=qc_min_confidence, keep_patient_names=keep_patient_names,
+                               skip=skip))
 
 
 @app.command()

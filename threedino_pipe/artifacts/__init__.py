@@ -29,7 +29,13 @@ from threedino_pipe.artifacts.plans import (
     SplitPlan,
 )
 from threedino_pipe.artifacts.predict_args import ModelIdentity, PredictArgs, PredictOptions
-from threedino_pipe.artifacts.predict_log import LoggedOutput, PredictLogLine, SentObject, SeriesFallback
+from threedino_pipe.artifacts.predict_log import (
+    LoggedOutput,
+    LoggedWindows,
+    PredictLogLine,
+    SentObject,
+    SeriesFallback,
+)
 from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
 from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
 from threedino_pipe.artifacts.study_keys import StudyKeyEntry, StudyKeys
@@ -56,4 +62,4 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
            "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder", "read_journal",
            "CaseQc", "StructureQc", "VolumeRange"]
-__all__ += ["LoggedOutput", "PredictLogLine", "SentObject", "SeriesFallback"]
+__all__ += ["LoggedOutput", "LoggedWindows", "PredictLogLine", "SentObject", "SeriesFallback"]

@@ -6,7 +6,8 @@ DICOM channel whose chosen series could not be read, ``series_fallbacks`` says w
 was read instead), the
 models' checksums, the options, start and end time (UTC, ISO 8601), the outcome (``predicted`` or
 ``failed`` with the message), the files written and, for DICOM results, their SOPInstanceUIDs;
-``sends`` lists the result objects acknowledged by a destination. No patient name or ID: a DICOM
+``sends`` lists the result objects acknowledged by a destination; ``windows`` counts a segmented case's
+sliding windows and those skipped as air. No patient name or ID: a DICOM
 case is named by its study key (by its PatientID only with ``--keep-patient-names``).
 
 A line is appended with one ``write`` on a file opened for appending and flushed to disk
@@ -43,6 +44,15 @@ class LoggedOutput(Record):
     sop_instance_uid: str | None = None
 
     OMIT_WHEN_NONE = ("sop_instance_uid",)
+
+
+class LoggedWindows(Record):
+    """The sliding windows of a segmented case: all of them, those skipped as air outside the body, and why
+    none was skipped (``skip_off``; empty when skipping ran, or with ``--no-skip``)."""
+
+    total: int = Field(ge=0)
+    skipped: int = Field(ge=0)
+    skip_off: str = ""
 
 
 class SentObject(Record):
@@ -86,8 +96,9 @@ class PredictLogLine(Artifact):
     error_file: str | None = None
     outputs: list[LoggedOutput] = []
     sends: list[SentObject] = []
+    windows: LoggedWindows | None = None  # segmented cases that were predicted
 
-    OMIT_WHEN_NONE = ("error", "error_file")
+    OMIT_WHEN_NONE = ("error", "error_file", "windows")
 
     def append(self, path: str | Path) -> Path:
         """Append this line to the JSONL file ``path`` (created when missing); returns ``path``."""

@@ -10,6 +10,10 @@ sum is a float32 buffer of rows on the device the windows run on, holding the cu
 windows (``patch[0]`` rows) and the final rows the reader has not passed yet (at most its largest
 read block). Rows are divided by the summed weights as they are read.
 
+With a :class:`~threedino_pipe.inference.air_windows.WindowSkip`, windows that hold only air
+outside the body are not run: their gaussian weight is added with pure background (nothing added
+to the blended channels), in the same order as the windows that run.
+
 For a 512 x 512 x 400 case with 13 blended channels, 112^3 windows and 43-row read blocks that
 is 1.9 GB (buffer and weights), instead of a whole-case accumulator (2.5 GB in float16 for MONAI's,
 plus its weight map; ``docs/benchmarks.md``, "Predict").
@@ -18,10 +22,14 @@ plus its weight map; ``docs/benchmarks.md``, "Predict").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from threedino_pipe.inference.air_windows import WindowSkip
 
 RESERVE_ROWS = 8  # spare rows of the running sum beyond a row of windows and the first read block
 SIGMA_SCALE = 0.125  # gaussian blending of the sliding window (predict and finetune's validation)
@@ -80,14 +88,16 @@ class BlendedRows(RowSource):
         overlap: fraction of a window shared with its neighbour along each axis, in [0, 1).
         batch_size: windows per ``predict`` call.
         device: where windows are predicted and blended; rows are read as float32 CPU tensors.
+        skip: which windows need not run (air outside the body), or None: every window runs.
     """
 
     def __init__(self, source: Tensor, region: Sequence[slice], patch: Sequence[int], channels: int,
                  predict: Callable[[Tensor], Tensor], *, overlap: float = 0.5, batch_size: int = 1,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", skip: WindowSkip | None = None) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.source, self.predict, self.batch_size = source, predict, max(1, int(batch_size))
+        self.skip = skip
         self.patch = tuple(int(p) for p in patch)
         self.padded = tuple(int(n) for n in source.shape[1:])
         self.region = [slice(*r.indices(n)[:2]) for r, n in zip(region, self.padded, strict=True)]
@@ -140,22 +150,46 @@ class BlendedRows(RowSource):
 
     @torch.inference_mode()
     def _next_batch(self) -> None:
-        batch, capacity = [], self.total.shape[1]
-        for start in self.starts[self.next_window:self.next_window + self.batch_size]:
-            if batch and start[0] + self.patch[0] - min(start[0], self.read_from) > capacity:
-                break  # a later row of windows that would not fit beside the rows not yet read: next batch
-            batch.append(start)
-        windows = torch.stack([self.source[(slice(None), *self._slices(start))] for start in batch])
-        probabilities = self.predict(windows.to(self.device, non_blocking=True))
-        for start, window in zip(batch, probabilities, strict=True):
+        batch = self._collect()
+        runs = [start for start, decision in batch if decision != "skip"]
+        probabilities = iter(())
+        if runs:
+            windows = torch.stack([self.source[(slice(None), *self._slices(start))] for start in runs])
+            probabilities = iter(self.predict(windows.to(self.device, non_blocking=True)))
+        for start, decision in batch:  # in window order, skipped ones included: the sums' order is the full one
             self._make_room(start[0])
             rows = slice(start[0] - self.base, start[0] - self.base + self.patch[0])
             inplane = self._slices(start)[1:]
-            self.total[(slice(None), rows, *inplane)].addcmul_(window.float(), self.weight)
+            if decision != "skip":  # a skipped window adds pure background: 0 in every blended channel
+                window = next(probabilities).float()
+                if decision == "probe":
+                    self.skip.probed(window)
+                self.total[(slice(None), rows, *inplane)].addcmul_(window, self.weight)
             self.weights[(rows, *inplane)].add_(self.weight)
         self.next_window += len(batch)
         if self.next_window == len(self.starts):
             self.source = None  # every window read: the case can go (the rows may still be read)
+
+    def _collect(self) -> list[tuple[tuple[int, ...], str]]:
+        """The next windows and what to do with each (``run``, ``skip``, ``probe``): up to ``batch_size``
+        that run, ending after a probe (its answer decides the windows after it)."""
+        batch, runs, capacity = [], 0, self.total.shape[1]
+        for start in self.starts[self.next_window:]:
+            if batch and start[0] + self.patch[0] - min(start[0], self.read_from) > capacity:
+                break  # a later row of windows that would not fit beside the rows not yet read: next batch
+            if runs == self.batch_size:
+                break
+            decision = "run" if self.skip is None else self.skip.decide(start, self._case_box(start))
+            batch.append((start, decision))
+            runs += decision != "skip"
+            if decision == "probe":
+                break
+        return batch
+
+    def _case_box(self, start: Sequence[int]) -> tuple[slice, ...]:
+        """The window at ``start`` (padded coordinates) in case coordinates, clipped to the case."""
+        return tuple(slice(max(s - r.start, 0), min(s + p - r.start, r.stop - r.start))
+                     for s, p, r in zip(start, self.patch, self.region, strict=True))
 
     def _slices(self, start: Sequence[int]) -> tuple[slice, ...]:
         return tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))

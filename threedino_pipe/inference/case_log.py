@@ -23,6 +23,7 @@ from pathlib import Path
 
 from threedino_pipe.artifacts import (
     LoggedOutput,
+    LoggedWindows,
     ModelIdentity,
     PredictLogLine,
     PredictOptions,
@@ -78,7 +79,10 @@ class CaseLog:
             started = self._started.pop(case.case_id, None)
             case = self._read.pop(case.case_id, case)
         outputs = [] if failure is not None else self._written(case)
-        self._append(case.case_id, self._inputs(case), started, failure, outputs, self._fallbacks(case))
+        counts = getattr(result, "windows", None) if failure is None else None
+        windows = None if counts is None else LoggedWindows(total=counts.total, skipped=counts.skipped,
+                                                            skip_off=counts.note)
+        self._append(case.case_id, self._inputs(case), started, failure, outputs, self._fallbacks(case), windows)
 
     def failed_before(self, failures: Sequence[Failure]) -> None:
         """Append a line per input that failed before any reading (a DICOM study without usable series)."""
@@ -147,7 +151,7 @@ class CaseLog:
 
     def _append(self, case: str, inputs: tuple[dict[str, str], dict[str, str]], started: str | None,
                 failure: Failure | None, outputs: list[LoggedOutput],
-                fallbacks: list[SeriesFallback] | None = None) -> None:
+                fallbacks: list[SeriesFallback] | None = None, windows: LoggedWindows | None = None) -> None:
         ended = utc_now()
         with self._lock:
             sends = self._sends.pop(case, [])
@@ -155,7 +159,7 @@ class CaseLog:
                               options=self.options, started=started or ended, ended=ended,
                               outcome="failed" if failure else "predicted",
                               error=failure.error if failure else None, error_file=failure.file if failure else None,
-                              outputs=outputs, sends=sends, series_fallbacks=fallbacks or [])
+                              outputs=outputs, sends=sends, series_fallbacks=fallbacks or [], windows=windows)
         with self._lock:
             line.append(self.path)
 

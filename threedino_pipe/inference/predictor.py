@@ -19,6 +19,10 @@ window), windows of the model's ``patch_size``, ``overlap`` between windows and
   as they finish (no array of the whole case's probabilities exists). Saving probabilities needs
   them all at once: then the rows fill a float16 ``K x`` array of the case on the CPU.
 
+Windows that hold only air outside the body are skipped (``InferenceOptions.skip``, on by default;
+``inference/air_windows``): a conservative body mask of the preprocessed case with a margin, and
+a probe window that must come out background; a skipped window blends as pure background.
+
 Cases smaller than a window are padded with finetuning's pad value (-1, the bottom of the
 normalisation range, :data:`threedino_pipe.preprocessing.normalization.PAD_VALUE`).
 
@@ -43,6 +47,7 @@ from torch import Tensor, nn
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
 from threedino_pipe.dicom.volume import SeriesVolume
 from threedino_pipe.inference import geometry
+from threedino_pipe.inference.air_windows import AirRule, WindowCounts, WindowSkip, all_background, body_mask
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.case_outputs import CaseOutputs
 from threedino_pipe.inference.dicom_cases import read_study
@@ -71,6 +76,7 @@ class InferenceOptions:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward pass), resolved.
         qc: keep what QC measures per case (:class:`QcInputs`: the label image, each label's summed
             probability, a preview of channel 0) in the :class:`CaseResult`.
+        skip: skip windows that hold only air outside the body (``inference/air_windows``).
     """
 
     overlap: float = 0.5
@@ -79,6 +85,7 @@ class InferenceOptions:
     save_probabilities: bool = False
     precision: str = "fp32"
     qc: bool = False
+    skip: bool = True
 
 
 @dataclass
@@ -129,6 +136,7 @@ class CaseResult:
     probabilities: list[float] | None = None
     qc: QcInputs | None = None
     read_as: InputCase | None = None  # the case as read (its series after a read fallback)
+    windows: WindowCounts | None = None
 
 
 def _failure(problem: str, file: Path, fix: str | None = None) -> UserError:
@@ -263,7 +271,8 @@ def _pad_to(data: Tensor, size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 @torch.inference_mode()
 def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequence[int]]], activation: str,
                           num_outputs: int, options: InferenceOptions, device: torch.device, *,
-                          streamed: bool = False) -> geometry.Channels:
+                          streamed: bool = False, air: AirRule | None = None,
+                          counts: WindowCounts | None = None) -> geometry.Channels:
     """Blended probabilities ``K x X x Y x Z`` of a preprocessed case ``data`` (``C x X x Y x Z`` float32).
 
     Softmax models keep channels 1..K-1 only (the background is 1 minus their sum, derived when
@@ -276,34 +285,43 @@ def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequ
         streamed: return a forward-only :class:`~threedino_pipe.inference.blended_rows.RowSource` whose
             windows run as rows are read (``geometry`` reads them in order); else a float16 CPU tensor
             of the whole case (random access, for saving probabilities).
+        air: the case's normalisation schemes and spacing: with ``options.skip``, windows of air outside
+            the body are skipped (``inference/air_windows``); None: every window runs.
+        counts: filled with the windows' number and the skipped ones (as the windows run).
     """
     implicit = activation == "softmax" and num_outputs > 1
     groups: dict[tuple[int, ...], list[nn.Module]] = {}
     for network, patch in networks:
         groups.setdefault(tuple(int(p) for p in patch), []).append(network)
+    counts = counts if counts is not None else WindowCounts()
+    mask = body_mask(data, air) if options.skip and air is not None else None
     parts = []
     for patch, members in groups.items():
         source, region = _pad_to(data, patch)
         ensemble = EnsembleProbabilities(members, activation, options.tta, options.precision,
                                          drop_background=implicit)
+        skip = None if mask is None else WindowSkip(mask, lambda p: all_background(p, activation), counts)
         rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
-                           batch_size=options.window_batch_size, device=device)
+                           batch_size=options.window_batch_size, device=device, skip=skip)
+        counts.total += len(rows.starts)
         parts.append((rows, len(members) / len(networks)))
     scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
     return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
 
 
 def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
-                         device: torch.device, *, streamed: bool = False) -> geometry.Channels:
+                         device: torch.device, *, streamed: bool = False,
+                         counts: WindowCounts | None = None) -> geometry.Channels:
     """:func:`blended_probabilities` of a prepared case, whose ``data`` is released (on a GPU the case
-    moves to GPU memory)."""
+    moves to GPU memory); ``counts``: filled with the windows run and skipped."""
     data = torch.from_numpy(prepared.data)
     prepared.data = None
     if device.type == "cuda":
         data = data.to(device)
     card = models[0].card
     return blended_probabilities(data, [(m.network, m.patch_size) for m in models], card.output, card.num_outputs,
-                                 options, device, streamed=streamed)
+                                 options, device, streamed=streamed, air=AirRule.of(prepared.properties),
+                                 counts=counts)
 
 
 @torch.inference_mode()
@@ -331,12 +349,15 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
         result.seconds["inference"] = time.perf_counter() - start
         return result
     # streamed (no probabilities saved): the windows run while the labels are restored row block by row block
-    probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities)
+    result.windows = WindowCounts()
+    probs = window_probabilities(prepared, models, options, device, streamed=not options.save_probabilities,
+                                 counts=result.windows)
     output = card.output
     confidence = geometry.ConfidenceSums(card.num_outputs) if options.qc else None
     labels = geometry.restore_labels(probs, prepared.properties, output=output, values=card.output_values(),
                                      confidence=confidence)
     result.seconds["inference"] = time.perf_counter() - start
+    _log_windows(prepared.case.case_id, result.windows, options.skip)
     start = time.perf_counter()
     if options.save_probabilities:  # before the label file, whose presence marks the case done
         geometry.write_probabilities(probs, prepared.properties,
@@ -350,3 +371,13 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
     del labels
     result.seconds["export"] = time.perf_counter() - start
     return result
+
+
+def _log_windows(case_id: str, counts: WindowCounts, asked: bool) -> None:
+    """One log line: the windows a case skipped, or why it skipped none."""
+    if not asked:
+        log.debug("%s: %d windows, none skipped (--no-skip)", case_id, counts.total)
+    elif counts.note:
+        log.info("%s: no window skipped (%s)", case_id, counts.note)
+    else:
+        log.info("%s: %d of %d windows skipped (air outside the body)", case_id, counts.skipped, counts.total)

@@ -152,7 +152,8 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         series_rules: list[str] | None = None, min_slices: int = DEFAULT_MIN_SLICES, from_pacs: str | None = None,
         studies: list[str] | None = None, query: list[str] | None = None, send_to: list[str] | None = None,
         ae_title: str = DEFAULT_CALLING_AE, move_listen: str | None = None, qc: bool = True,
-        qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False) -> int:
+        qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False,
+        skip: bool = True) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
@@ -165,6 +166,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
     ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``). ``qc``
     (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
     ``keep_patient_names`` names a DICOM study's outputs by its PatientID instead of its study key.
+    ``skip``: sliding windows that hold only air outside the body are not run (``inference/air_windows``).
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -193,7 +195,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
                         min_slices=min_slices, link=link, qc=qc, qc_min_confidence=qc_min_confidence,
-                        keep_patient_names=keep_patient_names)
+                        keep_patient_names=keep_patient_names, skip=skip)
     finally:
         cleanup()
 
@@ -202,7 +204,8 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
              resume: bool, save_probabilities: bool, window_batch_size: int, device: str, precision: str,
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
              min_slices: int, link: PacsLink | None = None, qc: bool = True,
-             qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False) -> int:
+             qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False,
+             skip: bool = True) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -224,7 +227,8 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         _check_outputs_spare_inputs(cases, output_dir, outputs)
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
-                                     precision=resolve_precision(precision, dev), qc=_qc_applies(qc, card))
+                                     precision=resolve_precision(precision, dev), qc=_qc_applies(qc, card),
+                                     skip=skip)
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from threedino_pipe.artifacts import CHECKPOINT_FILES, BestMetric, ModelCard, SegmentationValidation, ValidationScore
 from threedino_pipe.inference import geometry
+from threedino_pipe.inference.air_windows import AirRule
 from threedino_pipe.inference.predictor import InferenceOptions, blended_probabilities
 from threedino_pipe.models.backbones import DEFAULT_FAMILY
 from threedino_pipe.models.segmentation import SegmentationNetwork, build_segmentation_model
@@ -164,17 +165,19 @@ def build_network(config: SegRunConfig, backbone_state: dict | None) -> Segmenta
 
 
 def case_labels(net: torch.nn.Module, image: np.ndarray, config: SegRunConfig, values: list[int],
-                device: torch.device) -> np.ndarray:
+                device: torch.device, air: AirRule | None = None) -> np.ndarray:
     """The label map (``X x Y x Z`` label values) validation scores for one preprocessed case ``C x X x Y x Z``.
 
     ``3dino predict``'s sliding window and label rule with the run's overlap and precision
     (``values``: the label value of each output channel, as in model.json); for a case that needs
     no resampling it equals the crop of what ``3dino predict`` writes with the run's checkpoint.
+    ``air`` (the case's normalisation schemes and spacing): windows of air outside the body are skipped
+    as ``predict`` skips them (``inference/air_windows``); None: every window runs.
     """
     data = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(device)
     options = InferenceOptions(overlap=config.overlap, precision=config.precision)
     probabilities = blended_probabilities(data, [(net, config.patch_size)], config.output, config.num_outputs,
-                                          options, device, streamed=True)
+                                          options, device, streamed=True, air=air)
     return geometry.labels_on_grid(probabilities, output=config.output, values=values)
 
 
@@ -191,7 +194,8 @@ def validate(net: torch.nn.Module, config: SegRunConfig, val_cases: Segmentation
     columns = []
     for index, case in enumerate(val_cases.cases):
         image_arr, seg_arr = val_cases.arrays(index)
-        labels = case_labels(net, image_arr[...], config, values, device)
+        air = AirRule(case.schemes, case.spacing) if case.schemes else None
+        labels = case_labels(net, image_arr[...], config, values, device, air)
         seg = torch.from_numpy(np.asarray(seg_arr[...]).astype(np.int64))[None]
         predicted = targets.one_hot(torch.from_numpy(labels.astype(np.int64))[None, None])
         dice = compute_dice(predicted, targets.one_hot(seg), include_background=config.output != "softmax")[0]

@@ -95,13 +95,16 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class SegCase:
-    """A preprocessed finetune case: array paths, shape (voxels), foreground voxel lists per label."""
+    """A preprocessed finetune case: array paths, shape (voxels), foreground voxel lists per label; each
+    channel's normalisation scheme and the spacing (mm), which validation's sliding window needs to skip air."""
 
     case_id: str
     image_path: Path
     seg_path: Path
     shape: tuple[int, int, int]
     class_locations: dict[int, np.ndarray]  # label -> int array [N, 3] of (x, y, z) voxels
+    schemes: tuple[str, ...] = ()
+    spacing: tuple[float, ...] = ()
 
 
 class SegmentationCases:
@@ -124,7 +127,9 @@ class SegmentationCases:
             meta = CaseProperties.read(meta_path, rerun=rerun)
             locations = {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)
                          for k, v in meta.class_locations.items()}
-            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta.shape), locations))
+            self.cases.append(SegCase(case_id, image, seg, tuple(int(s) for s in meta.shape), locations,
+                                      tuple(n.scheme for n in meta.normalization),
+                                      tuple(float(s) for s in meta.spacing)))
         self._open: dict[int, dict[int, tuple[Any, Any]]] = {}
 
     def __len__(self) -> int:
