@@ -191,6 +191,9 @@ def pretrain(
     save_every: SaveEvery = 100,
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
+    augment_device: Annotated[str, typer.Option("--augment-device", help="auto (batched torch augmentations on "
+                                                "the training GPU; MONAI in the workers on a CPU), cpu-monai or "
+                                                "torch (docs/augmentation.md).")] = "auto",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -205,7 +208,7 @@ def pretrain(
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
               grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
-              probe_every=probe_every, budget_hours=budget_hours)
+              probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device)
 
 
 @app.command("adapt-highres")
