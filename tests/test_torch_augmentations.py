@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +249,16 @@ def test_runs_on_the_crops_device(crops, device):
 def test_refuses_crops_that_are_not_cubes():
     with pytest.raises(ValueError, match="cubic"):
         T.local_view(torch.zeros(2, 1, 8, 8, 6), torch.Generator().manual_seed(0))
+
+
+def test_imports_without_monai():
+    """The GPU machines have torch but no MONAI: the module (and its parameters) must import without it."""
+    code = ("import sys; sys.modules['monai'] = None\n"
+            "from threedino_pipe.training_data.torch_augmentations import BatchAugmenter\n"
+            "import torch; out = BatchAugmenter()(torch.zeros(2, 1, 8, 8, 8), torch.zeros(0, 1, 4, 4, 4), seed=0)\n"
+            "assert not [m for m in sys.modules if m.startswith('monai') and sys.modules[m] is not None]\n"
+            "print(tuple(out[0].shape))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 1, 8, 8, 8)"
