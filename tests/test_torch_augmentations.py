@@ -27,6 +27,7 @@ from threedino_pipe.training_data.augmentations import (
 )
 from threedino_pipe.training_data.crops import LOCAL_CROSSSLICE_SCALE, LOCAL_INPLANE_SCALE, RandomResizedCrop3D
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_CROPS = 2048
 CROP = 16
 GROUPS = 32             # batch means: 32 groups of 64 crops
@@ -45,15 +46,6 @@ def ct_like_volume(rng: np.random.Generator) -> np.ndarray:
     tissue = (0.2 * np.sin(6 * grid[0]) * np.cos(5 * grid[1]) + 0.3 * grid[2]
               + 0.05 * rng.standard_normal(body.shape))
     return np.clip(np.where(body, tissue, -1.0), -1, 1).astype(np.float32)[None]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these small per-crop operations only lose to threading (and the machine may be busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
