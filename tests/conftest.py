@@ -129,6 +129,17 @@ def orthanc(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): small
+    tensor work only loses to threading, the more so on a loaded 2-core machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: what one test session may leave under pytest's temporary folder, in MB: a passed session leaves nothing
 #: (pyproject.toml: tmp_path_retention_policy = "failed"); a failed test keeps its tmp_path, and then the
 #: module fixtures' folders stay too (the session fixtures above remove theirs); DEVELOPERS.md, "Tests"

@@ -119,7 +119,28 @@ def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_does_no
     record = json.loads((tmp_path / "results" / "pretrain" / "auto" / "run.json").read_text())
     assert set(record["decisions"]["deviations_from_paper"]) == {"peak_lr", "momentum_start", "layerscale_init"}
     paper_run = json.loads((tmp_path / "results" / "pretrain" / "paper" / "run.json").read_text())
-    assert paper_run["decisions"] == {"recipe": "paper", "deviations_from_paper": {}}
+    assert {k: paper_run["decisions"][k] for k in ("recipe", "deviations_from_paper")} == {
+        "recipe": "paper", "deviations_from_paper": {}}
+    assert paper_run["decisions"]["augmentations"]["implementation"] == "cpu-monai"  # auto on a CPU
+
+
+def test_augment_device_torch_trains_is_recorded_and_a_resume_must_keep_it(env, tmp_path):
+    """`--augment-device torch` on the CPU: the batched torch augmentations in the training process."""
+    args = ("pretrain", "-d", "990", *FAST, *NO_SNAPSHOTS, "--iters", "2", "--run", "torch_aug")
+    done = run_3dino(*args, "--augment-device", "torch", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "augmentations torch" in done.stderr
+    folder = tmp_path / "results" / "pretrain" / "torch_aug"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["options"]["augment_device"] == "torch"
+    assert record["decisions"]["augmentations"] == {"implementation": "torch", "reason": "--augment-device torch"}
+    rows = list(csv.DictReader((folder / "log.csv").open()))
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    again = run_3dino(*args, env=env)  # auto: MONAI on a CPU, another random stream
+    assert again.returncode != 0 and "augment_device: 'torch' -> 'cpu-monai'" in again.stderr, again.stderr
+    wrong = run_3dino(*args, "--augment-device", "gpu", env=env)
+    assert wrong.returncode != 0 and "unknown --augment-device gpu" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
 
 
 def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tmp_path):

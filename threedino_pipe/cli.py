@@ -119,6 +119,9 @@ def preprocess(
 Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option("--precision", help="auto (bf16 where supported, fp16 on GPUs without bf16, "
                                         "else fp32), fp32, bf16 or fp16.")]
+AugmentDevice = Annotated[str, typer.Option("--augment-device", help="auto (batched torch augmentations on the "
+                                            "training GPU; MONAI in the workers on a CPU), cpu-monai or torch "
+                                            "(docs/augmentation.md).")]
 Workers = Annotated[int, typer.Option("--num-workers", min=0, help="Data-loading worker processes per training "
                                       "process (0 = in-process; the batches are the same for any number).")]
 StopAfter = Annotated[int | None, typer.Option("--stop-after", min=1, help="Checkpoint and exit cleanly after this "
@@ -191,6 +194,7 @@ def pretrain(
     save_every: SaveEvery = 100,
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
+    augment_device: AugmentDevice = "auto",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -205,7 +209,7 @@ def pretrain(
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
               grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
-              probe_every=probe_every, budget_hours=budget_hours)
+              probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device)
 
 
 @app.command("adapt-highres")
@@ -230,6 +234,7 @@ def adapt_highres(
     save_every: SaveEvery = 100,
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
+    augment_device: AugmentDevice = "auto",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -239,7 +244,7 @@ def adapt_highres(
     stage.run(from_run, iteration=iteration, iters=iters, run_name=run_name, batch_size=batch_size, base_lr=base_lr,
               stop_after=stop_after, restart=restart, num_workers=num_workers, device=device, precision=precision,
               save_every=save_every, snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing,
-              probe_every=probe_every)
+              probe_every=probe_every, augment_device=augment_device)
 
 
 @app.command()

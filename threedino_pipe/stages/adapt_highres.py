@@ -27,6 +27,7 @@ from threedino_pipe.training.ssl_setup import (
     plans_dependencies,
     pooled_configuration,
     recipe_decisions,
+    resolve_augment_device,
     source_checkpoint,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair, train_ssl
@@ -37,12 +38,12 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
         batch_size: int | None = None, base_lr: float = 0.001, stop_after: int | None = None,
         restart: bool = False, num_workers: int = 2, device: str = "auto", precision: str = "auto",
         save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
-        probe_every: int | None = None) -> Path:
+        probe_every: int | None = None, augment_device: str = "auto") -> Path:
     """Adapt a pretrain run to 112^3 / 64^3 crops; returns the new run folder.
 
     The SSL recipe (``auto`` or ``paper``, as the source run) is configured anew for this run's batch
     and length, its run-length rules judged by the source run's length (the network is trained
-    already); ``probe_every`` as in ``pretrain``.
+    already); ``probe_every`` and ``augment_device`` as in ``pretrain``.
     """
     from_run = Path(from_run)
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
@@ -59,6 +60,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
+        augmentations = resolve_augment_device(augment_device, dist.device)
         state = load_checkpoint(checkpoint_path, rerun="3dino pretrain")
         src_config, student, teacher = load_ssl_pair(state)
         grid = config.global_crop // 16
@@ -71,12 +73,12 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             head_dims=src_config.head_dims, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
             num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
             grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
-            probe_every=probe_every, scale_iters=src_config.iters)
+            probe_every=probe_every, scale_iters=src_config.iters, augment_device=augmentations["implementation"])
         folder = run_folder(from_run.parent, run_name, f"{from_run.name}__highres")
         held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
                            plans=plans_dependencies(plans_list, "pretrain_highres"),
-                           decisions=recipe_decisions(run_config))
+                           decisions={**recipe_decisions(run_config), "augmentations": augmentations})
         resume = open_run(folder, record, restart=restart, dist=dist)
         if finished_already(folder, resume, stop_after, console):
             return folder

@@ -28,6 +28,7 @@ from threedino_pipe.training.ssl_setup import (
     plans_dependencies,
     pooled_configuration,
     recipe_decisions,
+    resolve_augment_device,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig, train_ssl
 
@@ -40,13 +41,15 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         koleo_weight: float = 0.1, base_lr: float = 0.002, prototypes: int | None = None,
         save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
         recipe: str = "auto", recipe_overrides: dict | None = None, probe_every: int | None = None,
-        budget_hours: float | None = None) -> Path:
+        budget_hours: float | None = None, augment_device: str = "auto") -> Path:
     """Pretrain a 3D ViT with 3DINO on the pooled ``datasets``; returns the run folder.
 
     ``recipe`` ``auto`` adapts the paper's settings to the run's batch and length, ``paper`` keeps them
     (:mod:`threedino_pipe.ssl.recipe`); ``recipe_overrides`` sets single settings (None = the recipe's).
     ``probe_every`` (default a tenth of the run; 0 = never) runs the patch probe when a pooled dataset is
     labelled. ``budget_hours`` replaces ``iters`` by what fits, from the step time measured at the start.
+    ``augment_device`` ``auto`` augments with batched torch on a GPU, with MONAI in the workers on a CPU
+    (``cpu-monai`` / ``torch`` force one; the choice is recorded in run.json's decisions).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision}", fix=f"use one of {', '.join(PRECISIONS)}")
@@ -62,6 +65,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
+        augmentations = resolve_augment_device(augment_device, dist.device)
         held.enter_context(run_lock(folder, dist))
         head_dims = dict(HEAD_DIMS[preset])
         if prototypes:
@@ -73,7 +77,8 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                 batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision, drop_path=drop_path,
                 koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
                 snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing, recipe_name=recipe,
-                recipe_overrides=recipe_overrides or {}, probe_every=probe_every)
+                recipe_overrides=recipe_overrides or {}, probe_every=probe_every,
+                augment_device=augmentations["implementation"])
 
         budget = None
         if budget_hours is not None:
@@ -83,14 +88,16 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         run_config = make_config(iters)
         record = RunRecord(stage="pretrain", options={**run_config.options(), "budget_hours": budget_hours},
                            volatile=list(SSLRunConfig.VOLATILE), plans=plans_dependencies(plans_list, "pretrain"),
-                           decisions=recipe_decisions(run_config), budget=budget)
+                           decisions={**recipe_decisions(run_config), "augmentations": augmentations},
+                           budget=budget)
         resume = open_run(folder, record, restart=restart, dist=dist)
         if finished_already(folder, resume, stop_after, console):
             return folder
         if dist.is_main:
             console.print(f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {preset}, "
                           f"{iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
-                          f"{run_config.precision}, device {dist.device}, recipe {describe(run_config)}")
+                          f"{run_config.precision}, device {dist.device}, augmentations {run_config.augment_device}, "
+                          f"recipe {describe(run_config)}")
         train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after)
         if dist.is_main:
             console.print(f"[green]pretrain[/]: {folder}")

@@ -20,6 +20,7 @@ from threedino_pipe.training.ssl_trainer import SSLRunConfig, SSLTask
 
 CPU_BATCH_CAP = 4
 RECIPES = ("auto", "paper")
+AUGMENT_DEVICES = ("auto", "cpu-monai", "torch")
 BUDGET_WARMUP, BUDGET_STEPS = 2, 3
 BUDGET_PLACEHOLDER_ITERS = 1000  # the recipe's length while the step is timed (the step time does not depend on it)
 POOLED_FIELDS = ("global_crop", "local_crop", "num_local_crops", "min_axis")
@@ -104,6 +105,23 @@ def recipe_decisions(config: SSLRunConfig) -> dict:
     """What run.json records of the recipe: its name and every deviation from the paper with its reason."""
     recipe = config.ssl_recipe()
     return {"recipe": recipe.recipe, "deviations_from_paper": dict(recipe.deviations)}
+
+
+def resolve_augment_device(requested: str, device: torch.device) -> dict[str, str]:
+    """``--augment-device``: ``{"implementation": "cpu-monai" | "torch", "reason": ...}`` (run.json's decisions).
+
+    ``auto`` picks the batched torch augmentations when training on a GPU (CPU workers running MONAI
+    cannot feed one) and MONAI, the reference, in the data-loading workers on a CPU.
+    """
+    if requested not in AUGMENT_DEVICES:
+        raise UserError(f"unknown --augment-device {requested}", fix=f"use one of {', '.join(AUGMENT_DEVICES)}")
+    if requested != "auto":
+        return {"implementation": requested, "reason": f"--augment-device {requested}"}
+    if device.type == "cuda":
+        return {"implementation": "torch", "reason": f"auto: training on {device}; the batched torch augmentations "
+                "run there (MONAI in CPU workers makes a fraction of the crops a GPU consumes)"}
+    return {"implementation": "cpu-monai", "reason": f"auto: training on the {device.type}; the MONAI pipelines "
+            "(the reference) run in the data-loading workers"}
 
 
 def budget_iterations(folder: Path, hours: float, restart: bool, make_config: Callable[[int], SSLRunConfig],

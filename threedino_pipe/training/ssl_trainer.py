@@ -45,6 +45,7 @@ from threedino_pipe.training.feature_probe import ProbeCases, load_probe_cases, 
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
 from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
+from threedino_pipe.training_data.torch_augmentations import BatchAugmenter, batch_seed
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "threedino_pipe.ssl_checkpoint"
@@ -81,6 +82,7 @@ class SSLRunConfig:
     init_from: str | None = None
     recipe: dict = field(default_factory=dict)  # SSLRecipe.options() (ssl/recipe.py); empty: the paper's
     recipe_reasons: dict = field(default_factory=dict)  # why each setting deviates from the paper (not compared)
+    augment_device: str = "cpu-monai"  # MONAI in the loader's workers, or "torch": batched on the training device
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
@@ -178,9 +180,10 @@ class SSLTask:
         dataset = PretrainDataset(dataset_folders, config.configuration, config.min_axis)
         if dist.is_main:
             logger.info(dataset.summary())
+        self.augmenter = BatchAugmenter() if config.augment_device == "torch" else None
         self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
                                            config.global_crop, config.local_crop, config.num_local_crops,
-                                           rank=dist.rank, world_size=dist.world_size)
+                                           augment=self.augmenter is None, rank=dist.rank, world_size=dist.world_size)
         self.probe_cases = _probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
         self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
         self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)
@@ -196,6 +199,9 @@ class SSLTask:
                            config.batch_size, self.dist.rank)
         global_crops = batch["global_crops"].to(device, non_blocking=True)
         local_crops = batch["local_crops"].to(device, non_blocking=True)
+        if self.augmenter is not None:  # --augment-device torch: the loader's crops are not augmented yet
+            global_crops, local_crops = self.augmenter(global_crops, local_crops,
+                                                       batch_seed(config.seed, batch["batch_index"], self.dist.rank))
         temp = values["teacher_temp"]
         with autocast(config.precision, device):
             teacher = self.teacher.teacher_outputs(global_crops, masks)

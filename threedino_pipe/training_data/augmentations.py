@@ -4,8 +4,9 @@ Each function returns a MONAI :class:`~monai.transforms.Compose` of array transf
 channel-first crop ``C x S x S x S`` (cubic, values normalised to about [-1, 1]). Seed a pipeline
 with ``compose.set_random_state(seed=...)``: the seed propagates to every random transform.
 Ranges not fixed by the method are chosen for [-1, 1] intensities and 48-112 voxel cubes and
-documented in ``docs/augmentation.md``. Outputs are not clipped (noise, sharpening and Gibbs
-ringing may overshoot [-1, 1] slightly).
+documented in ``docs/augmentation.md``; the values live in
+:mod:`threedino_pipe.training_data.augment_params`, shared with the batched torch implementation.
+Outputs are not clipped (noise, sharpening and Gibbs ringing may overshoot [-1, 1] slightly).
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ from monai.transforms import (
     RandRotate90,
 )
 
-FLIP_PROB = 0.3
-ROTATE_PROB = 0.3
-INTENSITY_PROB = 0.8
-GAMMA_RANGE = (0.5, 2.0)
-NOISE_STD = 0.002
-HISTOGRAM_POINTS = 10
-BLUR_SIGMA = (0.25, 1.5)            # voxels, drawn per axis (MONAI's default range)
-SHARPEN_SIGMA1 = (0.5, 1.0)         # voxels, first blur (MONAI's default range)
-SHARPEN_SIGMA2 = 0.5                # second blur drawn in [0.5, sigma1] (MONAI's rule)
-SHARPEN_ALPHA = (1.0, 5.0)          # MONAI's default (10, 30) overshoots [-1, 1] up to about +-4
-GIBBS_ALPHA = (0.0, 0.8)            # alpha near 1 removes almost all of k-space (a blank crop)
-GLOBAL1_BLUR_SHARPEN_PROB = 1.0
-GLOBAL2_BLUR_SHARPEN_PROB = 0.1
-GLOBAL2_GIBBS_PROB = 0.2
-LOCAL_BLUR_PROB = 0.5
+from threedino_pipe.training_data.augment_params import (
+    BLUR_SIGMA,
+    FLIP_PROB,
+    GAMMA_RANGE,
+    GIBBS_ALPHA,
+    GLOBAL1_BLUR_SHARPEN_PROB,
+    GLOBAL2_BLUR_SHARPEN_PROB,
+    GLOBAL2_GIBBS_PROB,
+    HISTOGRAM_POINTS,
+    INTENSITY_PROB,
+    LOCAL_BLUR_PROB,
+    NOISE_STD,
+    ROTATE_PROB,
+    SHARPEN_ALPHA,
+    SHARPEN_SIGMA1,
+    SHARPEN_SIGMA2,
+)
 
 
 def _geometric() -> list:
