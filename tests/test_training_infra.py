@@ -37,6 +37,17 @@ def test_rerun_resumes_and_different_options_refuse(tmp_path):
     assert not (run / "checkpoint_latest.pt").exists()
 
 
+def test_a_run_made_before_an_option_existed_resumes_with_the_value_it_used(tmp_path):
+    """run.json files written before --augment-device hold no augment_device: those runs augmented with MONAI."""
+    run = tmp_path / "run"
+    RunRecord(options={"iters": 10}, plans={}).write(run / RunRecord.FILE)
+    (run / "checkpoint_latest.pt").write_bytes(b"x")
+    assert open_run_folder(run, RunRecord(options={"iters": 10, "augment_device": "cpu-monai"}, plans={})) is True
+    with pytest.raises(UserError) as err:
+        open_run_folder(run, RunRecord(options={"iters": 10, "augment_device": "torch"}, plans={}))
+    assert "options.augment_device: 'cpu-monai' -> 'torch'" in err.value.render()
+
+
 def test_checkpoint_round_trip_with_rng_state_is_weights_only(tmp_path):
     random.seed(1)
     np.random.seed(2)

@@ -63,6 +63,10 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+# Options added to the run record after runs were made without them: the value an older run used.
+OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai"}  # before --augment-device every run augmented with MONAI
+
+
 def open_run_folder(folder: Path, record: RunRecord, *, restart: bool = False,
                     new_run_fix: str = "pass a new --run name to start another run") -> bool:
     """Create or reopen a run folder; returns True when an existing run should be resumed.
@@ -85,7 +89,9 @@ def open_run_folder(folder: Path, record: RunRecord, *, restart: bool = False,
             stale.unlink(missing_ok=True)
         recorded = RunRecord.read(path, rerun="the same command with --restart")
         volatile = set(record.volatile) | set(recorded.volatile)
-        old = {"options": {k: v for k, v in recorded.options.items() if k not in volatile}, "plans": recorded.plans}
+        recorded_options = {**{k: v for k, v in OPTIONS_ADDED_LATER.items() if k in record.options},
+                            **recorded.options}
+        old = {"options": {k: v for k, v in recorded_options.items() if k not in volatile}, "plans": recorded.plans}
         new = {"options": {k: v for k, v in record.options.items() if k not in volatile}, "plans": record.plans}
         diffs = differences(old, new)
         if diffs:
