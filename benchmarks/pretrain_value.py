@@ -116,21 +116,38 @@ def test_ids(preprocessed: Path) -> list[str]:
     return json.loads((preprocessed / "splits.json").read_text())["test"]
 
 
+def probe_cases(preprocessed: Path) -> tuple[tuple, tuple]:
+    """The probe's (training, test) cases: fold 0's training and validation lists, and the test list."""
+    from threedino_pipe.training.feature_probe import load_cases
+
+    splits = json.loads((preprocessed / "splits.json").read_text())
+    train_ids = sorted(set(splits["folds"][0]["train"]) | set(splits["folds"][0]["val"]))
+    folder = preprocessed / "finetune"
+    return load_cases(folder, train_ids), load_cases(folder, sorted(splits["test"]))
+
+
+def probe_pairs(backbone, train: tuple, test: tuple) -> list:
+    """(prediction, label) pairs of the test cases from a probe fitted on ``backbone``'s training-case tokens."""
+    import torch
+
+    from threedino_pipe.training.feature_probe import case_predictions, fit_probe
+
+    device = torch.device("cpu")
+    return case_predictions(backbone, fit_probe(backbone, *train, device), *test, device)
+
+
 def probes(run_dir: Path, preprocessed: Path, bootstrap: int) -> dict:
     """(a) final teacher vs its initial network, (c) every snapshot: fitted on non-test, scored on test cases."""
     import torch
 
-    from threedino_pipe.training.feature_probe import balanced_accuracy, case_predictions, fit_probe, load_cases
+    from threedino_pipe.training.feature_probe import balanced_accuracy
     from threedino_pipe.training.ssl_trainer import build_ssl_pair, load_ssl_pair
 
     splits = json.loads((preprocessed / "splits.json").read_text())
-    train_ids = sorted(set(splits["folds"][0]["train"]) | set(splits["folds"][0]["val"]))
-    folder, device = preprocessed / "finetune", torch.device("cpu")
-    train, test = load_cases(folder, train_ids), load_cases(folder, sorted(splits["test"]))
+    train, test = probe_cases(preprocessed)
 
     def pairs_of(backbone) -> list:
-        predict = fit_probe(backbone, *train, device)
-        return case_predictions(backbone, predict, *test, device)
+        return probe_pairs(backbone, train, test)
 
     final = torch.load(run_dir / "checkpoint_final.pt", map_location="cpu", weights_only=True)
     config, _, teacher = load_ssl_pair(final)
@@ -148,7 +165,7 @@ def probes(run_dir: Path, preprocessed: Path, bootstrap: int) -> dict:
         curve[int(path.stem.split("_")[1])] = balanced_accuracy(pairs_of(snap.backbone))
     return {"probe_pretrained": balanced_accuracy(trained), "probe_random": balanced_accuracy(random_init),
             "probe_difference_ci95": [float(np.nanpercentile(diffs, 2.5)), float(np.nanpercentile(diffs, 97.5))],
-            "probe_curve": curve, "probe_train_cases": len(train_ids), "probe_test_cases": len(splits["test"])}
+            "probe_curve": curve, "probe_train_cases": len(train[0]), "probe_test_cases": len(splits["test"])}
 
 
 def finetune_and_evaluate(run: Runner, dataset_id: int, dataset_name: str, backbone: str, seed: int,

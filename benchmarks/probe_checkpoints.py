@@ -14,18 +14,17 @@ from pathlib import Path
 
 import torch
 
-from threedino_pipe.training.feature_probe import balanced_accuracy, case_predictions, fit_probe, load_cases
-from threedino_pipe.training.ssl_trainer import load_ssl_pair
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_value import probe_cases, probe_pairs  # noqa: E402
+
+from threedino_pipe.training.feature_probe import balanced_accuracy  # noqa: E402
+from threedino_pipe.training.ssl_trainer import load_ssl_pair  # noqa: E402
 
 torch.set_num_threads(2)
-pre = Path(sys.argv[1])
-splits = json.loads((pre / "splits.json").read_text())
-train_ids = sorted(set(splits["folds"][0]["train"]) | set(splits["folds"][0]["val"]))
-train, test = load_cases(pre / "finetune", train_ids), load_cases(pre / "finetune", sorted(splits["test"]))
+train, test = probe_cases(Path(sys.argv[1]))
 out = {}
 for path in sys.argv[3:]:
     _, _, teacher = load_ssl_pair(torch.load(path, map_location="cpu", weights_only=True))
-    predict = fit_probe(teacher.backbone, *train, torch.device("cpu"))
-    out[path] = balanced_accuracy(case_predictions(teacher.backbone, predict, *test, torch.device("cpu")))
+    out[path] = balanced_accuracy(probe_pairs(teacher.backbone, train, test))
     print(path, round(out[path], 4), flush=True)
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
