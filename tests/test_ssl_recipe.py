@@ -60,3 +60,12 @@ def test_overrides_are_recorded_and_feed_the_schedules():
     assert queued.queue_size == 2048
     with pytest.raises(ValueError, match="unknown centring"):
         apply_overrides(recipe, {"centering": "zscore"})
+
+
+def test_ibot_centering_is_its_own_override_with_its_own_queue():
+    """``--ibot-centering`` changes the iBOT targets only; a queue there gets the default queue length."""
+    recipe = apply_overrides(configure(4, 100, 256, 0.002), {"ibot_centering": "sinkhorn_queue"})
+    assert (recipe.centering, recipe.ibot_centering, recipe.queue_size) == ("sinkhorn", "sinkhorn_queue", 2048)
+    assert "set by the user" in recipe.deviations["ibot_centering"] and "centering" not in recipe.deviations
+    with pytest.raises(ValueError, match="unknown centring 'zscore'"):
+        apply_overrides(recipe, {"ibot_centering": "zscore"})

@@ -170,6 +170,9 @@ def pretrain(
     centering: Annotated[str | None, typer.Option("--centering", help="Teacher centring: sinkhorn (over the "
                                                   "batch), sinkhorn_queue (over a queue of recent teacher outputs) "
                                                   "or softmax (DINO v1). Default: the recipe's.")] = None,
+    ibot_centering: Annotated[str | None, typer.Option("--ibot-centering", help="Centring of the iBOT (masked "
+                                                       "patch) targets, same choices as --centering. Default: "
+                                                       "the recipe's.")] = None,
     queue_size: Annotated[int | None, typer.Option("--queue-size", min=1, help="Teacher embeddings per process "
                                                    "in the sinkhorn_queue (default: the recipe's).")] = None,
     peak_lr: Annotated[float | None, typer.Option("--peak-lr", min=0.0, help="Peak learning rate, replacing the "
@@ -201,7 +204,7 @@ def pretrain(
     """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import pretrain as stage
-    overrides = {"centering": centering, "queue_size": queue_size, "peak_lr": peak_lr,
+    overrides = {"centering": centering, "ibot_centering": ibot_centering, "queue_size": queue_size, "peak_lr": peak_lr,
                  "momentum_start": momentum_start, "layerscale_init": layerscale_init, "warmup_iters": warmup_iters,
                  "teacher_temp_end": teacher_temp}
     stage.run(list(datasets) + list(more or []), preset=preset, iters=iters, batch_size=batch_size,

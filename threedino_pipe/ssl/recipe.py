@@ -141,13 +141,15 @@ def apply_overrides(recipe: SSLRecipe, overrides: dict) -> SSLRecipe:
     unknown = set(chosen) - set(recipe.options())
     if unknown:
         raise ValueError(f"unknown recipe settings: {sorted(unknown)}")
-    if chosen.get("centering", recipe.centering) not in MODES:
-        raise ValueError(f"unknown centring {chosen['centering']!r}")
+    for key in ("centering", "ibot_centering"):
+        if chosen.get(key, getattr(recipe, key)) not in MODES:
+            raise ValueError(f"unknown centring {chosen[key]!r}")
     deviations = dict(recipe.deviations)
     for key, value in chosen.items():
         if value != getattr(recipe, key):
             deviations[key] = f"set by the user ({value!r}; the {recipe.recipe} recipe gives {getattr(recipe, key)!r})"
-    if chosen.get("centering") == "sinkhorn_queue" and not chosen.get("queue_size") and not recipe.queue_size:
+    queued = "sinkhorn_queue" in (chosen.get("centering"), chosen.get("ibot_centering"))
+    if queued and not chosen.get("queue_size") and not recipe.queue_size:
         chosen["queue_size"] = QUEUE_ROWS
     return SSLRecipe(**{**recipe.options(), **chosen, "deviations": deviations})
 

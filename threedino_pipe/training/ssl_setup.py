@@ -90,15 +90,17 @@ def make_recipe(name: str, total_batch: int, iters: int, prototypes: int, base_l
     try:
         return apply_overrides(recipe, overrides)
     except ValueError as exc:
-        raise UserError(str(exc), fix=f"--centering takes one of {', '.join(MODES)}") from None
+        raise UserError(str(exc), fix=f"--centering and --ibot-centering take one of {', '.join(MODES)}") from None
 
 
 def describe(config: SSLRunConfig) -> str:
     """One line: the recipe's name and its main settings."""
     r = config.ssl_recipe()
-    queue = f" (queue {r.queue_size * config.world_size})" if r.centering == "sinkhorn_queue" else ""
+    queued = "sinkhorn_queue" in (r.centering, r.ibot_centering)
+    queue = f" (queue {r.queue_size * config.world_size})" if queued else ""
+    ibot = "" if r.ibot_centering == r.centering else f", iBOT {r.ibot_centering}"
     return (f"{r.recipe}: {r.prototypes} prototypes, peak lr {r.peak_lr:.3g}, teacher momentum {r.momentum_start:g} "
-            f"-> 1, LayerScale {r.layerscale_init:g}, centring {r.centering}{queue}")
+            f"-> 1, LayerScale {r.layerscale_init:g}, centring {r.centering}{ibot}{queue}")
 
 
 def recipe_decisions(config: SSLRunConfig) -> dict:
