@@ -254,3 +254,14 @@ def test_imports_without_monai():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(2, 1, 8, 8, 8)"
+
+
+def test_blur_by_banded_matrices_equals_monai_on_a_box_shorter_than_the_kernel():
+    """Per-axis sizes 5, 12 and 20 (the first shorter than the 13 taps of sigma 1.5), two channels."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 2, 5, 12, 20) * 2 - 1
+    sigma = torch.tensor([[1.5, 0.4, 1.0], [0.25, 1.5, 0.8]])
+    expected = torch.stack([torch.as_tensor(GaussianSmooth(sigma=sigma[i].tolist())(x[i])) for i in range(2)])
+    torch.testing.assert_close(T.gaussian_blur(x, sigma, 1.5), expected, atol=1e-6, rtol=0)
+    matrix = T.band_matrices(torch.tensor([[1.0, 2.0, 3.0]]), 4)[0]
+    assert matrix.tolist() == [[2, 3, 0, 0], [1, 2, 3, 0], [0, 1, 2, 3], [0, 0, 1, 2]]
