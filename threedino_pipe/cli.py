@@ -619,8 +619,10 @@ def study(
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """The label-efficiency experiment: finetune, predict and evaluate every backbone x pct x seed x fold cell,
-    then summary, paired tests, labels needed, a figure and report.html (exit 1 if a cell failed)."""
+    """Label-efficiency curves: finetune, predict and evaluate each cell, then statistics.
+
+    One cell per backbone x pct x seed x fold; then summary, paired tests, labels needed, a figure and
+    report.html (exit 1 if a cell failed)."""
     _common(verbose, no_progress)
     from threedino_pipe.study import command as stage
     raise typer.Exit(stage.run(dataset, backbones=backbones, pct=pct, seeds=seeds, folds=folds, iters=iters,

@@ -52,7 +52,7 @@ class StudyCell(Artifact):
     FILE = "cell.json"
 
     spec: StudyCellSpec
-    status: Literal["done", "failed"]
+    outcome: Literal["done", "failed"]
     run_folder: str | None            # the finetune run (None when finetune failed before naming it)
     wall_seconds: float
     error: str | None = None

@@ -29,6 +29,8 @@ from threedino_pipe.evaluation.statistics import CONFIDENCE, holm, paired_wilcox
 METRICS = {"dice": True, "hd95_mm": False}
 MEAN_LABEL = "mean_over_labels"
 FULL_PCT = 100.0
+SUMMARY_COLUMNS = ["metric", "label", "entry", "pct", "mean", "median", "ci95_lo", "ci95_hi", "n_cases", "n_nan",
+                   "n_runs", "ci_unreliable"]
 
 
 def case_means(per_case: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS)) -> pd.DataFrame:
@@ -58,7 +60,7 @@ def summary_table(means: pd.DataFrame, *, num_resamples: int = 1000, seed: int =
                      "median": stats["median"], "ci95_lo": stats["ci95"][0], "ci95_hi": stats["ci95"][1],
                      "n_cases": stats["n"], "n_nan": stats["n_nan"], "n_runs": int(group["n_runs"].max()),
                      "ci_unreliable": stats["ci_unreliable"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def _paired(means: pd.DataFrame, metric: str, label: str, pct: float, entry: str) -> pd.Series:

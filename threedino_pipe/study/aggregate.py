@@ -40,7 +40,7 @@ class Collected:
 
 
 def _cell_row(spec, record: StudyCell | None, done: bool) -> dict:
-    status = "done" if done else ("failed" if record is not None and record.status == "failed" else "not_run")
+    status = "done" if done else ("failed" if record is not None and record.outcome == "failed" else "not_run")
     return {"cell": spec.cell, "backbone": spec.label, "entry": spec.entry, "head": spec.head or "", "pct": spec.pct,
             "seed": spec.seed, "fold": spec.fold, "status": status,
             "run_folder": record.run_folder if record is not None and record.run_folder else "",
@@ -70,27 +70,35 @@ def collect(layout: StudyLayout, study: StudyRecord) -> Collected:
     return Collected(pd.DataFrame(rows, columns=CELL_COLUMNS), records, per_case)
 
 
+def statistics_tables(per_case: pd.DataFrame, reference: str) -> dict[str, pd.DataFrame]:
+    """summary.csv, tests.csv and labels_needed.csv of the done cells' per-case rows (columns ``entry``, not
+    ``backbone``; empty tables when nothing is done, no tests while the reference has no done cell)."""
+    means = (le.case_means(per_case.rename(columns={"backbone": "entry"})) if len(per_case)
+             else pd.DataFrame(columns=["entry", "pct", "label", "metric", "case_id", "value", "n_runs"]))
+    compared = means if reference in set(means["entry"]) else means.iloc[:0]
+    return {"summary.csv": le.summary_table(means, num_resamples=NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+            "tests.csv": le.tests_table(compared, reference),
+            "labels_needed.csv": le.labels_needed_table(compared, reference, num_resamples=NUM_BOOTSTRAP,
+                                                        seed=BOOTSTRAP_SEED)}
+
+
 def write_outputs(layout: StudyLayout, study: StudyRecord, collected: Collected) -> None:
     """cells.csv, per_case.csv, summary.csv, tests.csv, labels_needed.csv, the figure (PNG, SVG), report.html."""
     write_csv(collected.cells, layout.out("cells.csv"))
     write_csv(collected.per_case, layout.out("per_case.csv"))
-    entries = list(dict.fromkeys(c.label for c in study.cells))
-    means = le.case_means(collected.per_case.rename(columns={"backbone": "entry"}))
-    summary = le.summary_table(means, num_resamples=NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED)
-    reference_present = study.reference in set(means["entry"])
-    tests = le.tests_table(means, study.reference) if reference_present else le.tests_table(means.iloc[:0], "")
-    needed = (le.labels_needed_table(means, study.reference, num_resamples=NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED)
-              if reference_present else le.labels_needed_table(means.iloc[:0], ""))
-    tables = {"summary.csv": summary, "tests.csv": tests, "labels_needed.csv": needed}
+    tables = statistics_tables(collected.per_case, study.reference)
+    summary = tables["summary.csv"]
+    png = b""
+    if len(summary):
+        present = set(summary["entry"])
+        png, svg = label_efficiency_plot(summary, [e for e in dict.fromkeys(c.label for c in study.cells)
+                                                   if e in present], le.MEAN_LABEL)
+        write_bytes(png, layout.out(f"{FIGURE}.png"))
+        write_bytes(svg, layout.out(f"{FIGURE}.svg"))
     for name, table in tables.items():
         table = table.rename(columns={"entry": "backbone"})
         if study.selection_biased:
             table.insert(0, "selection_biased", True)
         tables[name] = table
         write_csv(table, layout.out(name))
-    png, svg = label_efficiency_plot(summary, [e for e in entries if e in set(summary.get("entry", []))],
-                                     le.MEAN_LABEL) if len(summary) else (b"", b"")
-    if png:
-        write_bytes(png, layout.out(f"{FIGURE}.png"))
-        write_bytes(svg, layout.out(f"{FIGURE}.svg"))
     write_text(report_html(study, collected.cells, collected.records, tables, png), layout.out("report.html"))

@@ -116,7 +116,7 @@ def _estimate(layout: StudyLayout, study: StudyRecord) -> dict[str, float]:
     for spec in study.cells:
         if layout.cell_record(spec.cell).is_file():
             record = StudyCell.read(layout.cell_record(spec.cell))
-            if record.status == "done":
+            if record.outcome == "done":
                 walls[spec.cell] = record.wall_seconds
     out = {}
     for spec in study.cells:
@@ -156,7 +156,7 @@ def run_cells(setup_: Setup, share: str | None, console: Console) -> int:
             continue
         console.print(f"[bold]study[/] [{index}/{len(chosen)}] {spec.cell}: finetune, predict, evaluate")
         record = run_cell(spec, setup_.options, tests, layout)
-        if record.status == "failed":
+        if record.outcome == "failed":
             failed += 1
             console.print(f"[red]study[/] {spec.cell} failed: {record.error}")
         else:

@@ -34,7 +34,7 @@ def report_html(study: StudyRecord, cells: pd.DataFrame, records: list[StudyCell
                 for row in cells.itertuples() if row.status != "done"]
     summary = tables["summary.csv"]
     main = summary[summary["label"] == MEAN_LABEL] if len(summary) else summary
-    commands = pd.DataFrame([{"cell": r.spec.cell, "status": r.status, "wall s": r.wall_seconds,
+    commands = pd.DataFrame([{"cell": r.spec.cell, "status": r.outcome, "wall s": r.wall_seconds,
                               "commands": " && ".join(r.commands)} for r in records])
     sections = [Section("Labels needed", paragraphs=[
                     f"The smallest % of labels at which each backbone's mean reaches {study.reference}'s mean at 100 %"

@@ -46,21 +46,21 @@ def is_done(layout: StudyLayout, cell: str) -> bool:
     if not path.is_file():
         return False
     record = StudyCell.read(path)
-    return (record.status == "done" and EvaluationSummary.in_folder(layout.evaluation(cell)).is_file()
+    return (record.outcome == "done" and EvaluationSummary.in_folder(layout.evaluation(cell)).is_file()
             and record.run_folder is not None and ModelCard.in_folder(record.run_folder).is_file())
 
 
 def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout: StudyLayout,
-            ran: dict) -> None:
-    """finetune, predict, evaluate; ``ran["run_folder"]`` is set as soon as finetune returns."""
+            ran: list[str]) -> None:
+    """finetune, predict, evaluate; the run folder is appended to ``ran`` as soon as finetune returns."""
     from threedino_pipe.stages import evaluate, finetune, predict
 
     more = {"iters": options.iters} if options.iters else {}
-    ran["run_folder"] = str(finetune.run(options.dataset, pct=spec.pct, fold=spec.fold, seed=spec.seed,
-                                         backbone=spec.backbone, head=spec.head, num_workers=options.num_workers,
-                                         device=options.device, beside=True, **more))
+    ran.append(str(finetune.run(options.dataset, pct=spec.pct, fold=spec.fold, seed=spec.seed, backbone=spec.backbone,
+                                head=spec.head, num_workers=options.num_workers, device=options.device, beside=True,
+                                **more)))
     predictions = layout.predictions(spec.cell)
-    if predict.run(tests.input, predictions, [Path(ran["run_folder"])], resume=True, qc=False,
+    if predict.run(tests.input, predictions, [Path(ran[0])], resume=True, qc=False,
                    device=options.device) != 0:
         raise UserError("predict failed for some test cases", file=predictions / "failures.csv",
                         fix="read failures.csv, fix the cause and rerun the study")
@@ -73,7 +73,7 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
 def run_cell(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout: StudyLayout) -> StudyCell:
     """Run one cell and write its ``cell.json``; any error is recorded (status ``failed``), not raised."""
     start = time.perf_counter()
-    ran: dict = {"run_folder": None}
+    ran: list[str] = []
     error = None
     try:
         _stages(spec, options, tests, layout, ran)
@@ -82,9 +82,9 @@ def run_cell(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout
     except Exception as exc:  # noqa: BLE001 - a cell's failure of any kind is recorded and the study goes on
         log.debug("cell %s failed", spec.cell, exc_info=True)
         error = f"{type(exc).__name__}: {exc}"
-    record = StudyCell(spec=spec, status="failed" if error else "done", run_folder=ran["run_folder"],
+    record = StudyCell(spec=spec, outcome="failed" if error else "done", run_folder=ran[0] if ran else None,
                        wall_seconds=round(time.perf_counter() - start, 2), error=error,
-                       commands=commands(spec, options, tests, layout, ran["run_folder"]))
+                       commands=commands(spec, options, tests, layout, ran[0] if ran else None))
     layout.cell(spec.cell).mkdir(parents=True, exist_ok=True)
     record.write(layout.cell_record(spec.cell))
     return record
