@@ -113,6 +113,11 @@ def test_rerun_recomputes_nothing_and_a_deleted_cell_only_itself(full_study, stu
     changed = {p for p in after if before.get(p) != after[p]}
     assert changed and all(f"/cells/{gone}/" in p for p in changed)  # the runs and the other cells: untouched
     assert done.stderr.count("done already") == 7
+    listed = _study(study_env, "--dry-run")
+    assert listed.returncode == 0 and listed.stderr.count("  done  ~") == 8
+    other = _study(study_env, "--name", "longer", "--iters", "4", "--dry-run")  # estimated from the runs' log.csv
+    assert other.returncode == 0 and other.stderr.count("to run  ~") == 8 and "iteration time" in other.stderr
+    assert not (full_study.parent / "study__longer").exists()
 
 
 def test_shares_then_collect_equal_the_full_run_and_the_slurm_task_runs_a_share(full_study, study_env, tmp_path):

@@ -576,7 +576,8 @@ class _ManyValues(typer.core.TyperCommand):
         spread, current, fresh = [], None, False
         for arg in args:
             if arg.startswith("-"):
-                current, fresh = (arg if arg in self.MANY else None), True
+                flag, _, value = arg.partition("=")
+                current, fresh = (flag if flag in self.MANY else None), not value
             elif current is not None and not fresh:
                 spread.append(current)  # a further value of a list option: repeat its flag
             else:

@@ -12,17 +12,20 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 
 from threedino_pipe.artifacts import Plans, Splits, StudyCell, StudyRecord
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages.finetune import DEFAULT_ITERS
 from threedino_pipe.study import aggregate, slurm, test_cases
 from threedino_pipe.study import cells as study_cells
 from threedino_pipe.study.layout import StudyLayout
 from threedino_pipe.study.runner import CellOptions, is_done, run_cell
 
 DEFAULT_NAME = "main"
+SECONDS = "seconds"  # the log.csv column of one iteration's wall time
 
 
 @dataclass(frozen=True)
@@ -109,38 +112,64 @@ def _open(layout: StudyLayout, study: StudyRecord) -> None:
     study.write(layout.record)
 
 
-def _estimate(layout: StudyLayout, study: StudyRecord) -> dict[str, float]:
-    """Seconds per cell: a done cell's own wall time, else the median of the done cells of its entry, else of
-    all done cells; missing when no cell has finished yet."""
+def _study_walls(layout: StudyLayout, study: StudyRecord) -> dict[str, float]:
+    """Wall seconds of this study's done cells."""
     walls: dict[str, float] = {}
     for spec in study.cells:
-        if layout.cell_record(spec.cell).is_file():
+        if layout.folder.is_dir() and layout.cell_record(spec.cell).is_file():
             record = StudyCell.read(layout.cell_record(spec.cell))
             if record.outcome == "done":
                 walls[spec.cell] = record.wall_seconds
+    return walls
+
+
+def seconds_per_iteration(dataset_results: Path, head: str) -> float | None:
+    """The median seconds of one training iteration over the ``log.csv`` of this dataset's finetune runs of
+    ``head`` (validation iterations included); None without any."""
+    values: list[float] = []
+    for log in sorted(Path(dataset_results).glob(f"finetune__{head}__*/log.csv")):
+        table = pd.read_csv(log)
+        if SECONDS in table.columns:
+            values += table[SECONDS].dropna().tolist()
+    return statistics.median(values) if values else None
+
+
+def estimate(layout: StudyLayout, study: StudyRecord, iters: int | None) -> dict[str, tuple[float, str]]:
+    """Per cell ``(seconds, how)``: a done cell's own wall time; else the median of this study's done cells of its
+    entry, else of all; else iterations x the median iteration time of the dataset's runs of its head (training
+    only); cells with none of these are left out."""
+    walls = _study_walls(layout, study)
+    per_iteration: dict[str, float | None] = {}
     out = {}
     for spec in study.cells:
-        same = [walls[c.cell] for c in study.cells if c.cell in walls and c.label == spec.label]
-        pool = same or list(walls.values())
-        if spec.cell in walls or pool:
-            out[spec.cell] = walls.get(spec.cell, statistics.median(pool) if pool else 0.0)
+        pool = [walls[c.cell] for c in study.cells if c.cell in walls and c.label == spec.label] or list(walls.values())
+        head = spec.head or ("unetr" if spec.backbone == "none" else "adapter")
+        if head not in per_iteration:
+            per_iteration[head] = seconds_per_iteration(layout.folder.parent, head)
+        if spec.cell in walls:
+            out[spec.cell] = (walls[spec.cell], "its wall time")
+        elif pool:
+            out[spec.cell] = (statistics.median(pool), "this study's done cells")
+        elif per_iteration[head] is not None:
+            out[spec.cell] = ((iters or DEFAULT_ITERS) * per_iteration[head],
+                              f"the dataset's {head} runs' iteration time, training only")
     return out
 
 
 def dry_run(setup_: Setup, console: Console) -> int:
     """List the cells with their state and estimated time; writes nothing."""
     layout, study = setup_.layout, setup_.study
-    estimates = _estimate(layout, study) if layout.folder.is_dir() else {}
+    estimates = estimate(layout, study, setup_.options.iters)
     total = 0.0
     console.print(f"study {study.name} of {study.dataset}: {len(study.cells)} cells, test cases "
                   f"{len(study.test_cases)} ({study.test_source}), reference {study.reference}")
     for index, spec in enumerate(study.cells, 1):
         state = "done" if layout.folder.is_dir() and is_done(layout, spec.cell) else "to run"
-        seconds = estimates.get(spec.cell)
+        seconds, how = estimates.get(spec.cell, (None, ""))
         total += 0.0 if seconds is None or state == "done" else seconds
-        guess = "unknown (no cell finished yet)" if seconds is None else f"~{seconds:.0f} s"
+        guess = "unknown (no finished cell or run to go by)" if seconds is None else f"~{seconds:.0f} s ({how})"
         console.print(f"{index:4d}  {spec.cell}  {state}  {guess}")
-    console.print(f"estimated time of the cells to run: ~{total:.0f} s (estimates from this study's finished cells)")
+    console.print(f"estimated time of the cells to run: ~{total:.0f} s")
     return 0
 
 
