@@ -175,11 +175,22 @@ def test_no_test_list_is_refused_and_on_validation_or_imagests_are_used(study_en
     splits = Splits.read(Splits.in_folder(planned))
     splits.test = []  # as `plan` leaves a dataset of fewer than 20 cases without --test-fraction
     splits.write(Splits.in_folder(pre))
+    os.symlink(planned / "finetune", pre / "finetune")  # the same arrays: the runs of the full study are reused
     done = _study(env, "--dry-run")
     assert done.returncode == 2 and "--test-fraction" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r").exists()
     done = _study(env, "--dry-run", "--on-validation")
     assert done.returncode == 0 and "(validation)" in done.stderr
+    on_validation = {**env, "THREEDINO_RESULTS": study_env["THREEDINO_RESULTS"]}
+    done = run_3dino("study", "-d", "990", "--backbones", str(BACKBONE), "none", "--pct", "100", "--seeds", "0",
+                     "--iters", "2", "--num-workers", "0", "--no-progress", "--on-validation", "--name", "val",
+                     env=on_validation, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = Path(study_env["THREEDINO_RESULTS"]) / DATASET / "study__val"
+    assert set(pd.read_csv(folder / "per_case.csv")["case_id"]) == set(splits.folds[0].val)
+    for name in ("summary.csv", "tests.csv", "labels_needed.csv"):
+        assert pd.read_csv(folder / name)["selection_biased"].all(), name
+    assert "Selection-biased" in (folder / "report.html").read_text()
     done = _study({**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "r2")}, "--dry-run")
     assert done.returncode == 0 and "(imagesTs)" in done.stderr and "to run" in done.stderr
     done = _study(study_env, "--reference", "nothing", "--dry-run")
