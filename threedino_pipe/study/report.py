@@ -16,7 +16,8 @@ BIASED_NOTE = ("Selection-biased: these results are measured on the validation c
                "(3dino plan --test-fraction) for numbers to report.")
 
 
-def _rounded(table: pd.DataFrame) -> pd.DataFrame:
+def _shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as the report shows it: without the selection_biased column (a note says it once)."""
     return table.drop(columns=[c for c in ("selection_biased",) if c in table.columns])
 
 
@@ -39,15 +40,15 @@ def report_html(study: StudyRecord, cells: pd.DataFrame, records: list[StudyCell
     sections = [Section("Labels needed", paragraphs=[
                     f"The smallest % of labels at which each backbone's mean reaches {study.reference}'s mean at 100 %"
                     ", linear in log(%) between the grid points, with a 95 % bootstrap CI over test cases."],
-                    tables=[("", _rounded(tables["labels_needed.csv"]))]),
+                    tables=[("", _shown(tables["labels_needed.csv"]))]),
                 Section("Paired tests", paragraphs=[
                     f"Each backbone against {study.reference} per % labels: two-sided Wilcoxon signed-rank over the "
                     "test cases (each case's metric averaged over seeds), Holm's correction over all comparisons of "
                     "one metric (p_holm), matched-pairs rank-biserial effect size."],
-                    tables=[("", _rounded(tables["tests.csv"]))]),
+                    tables=[("", _shown(tables["tests.csv"]))]),
                 Section("Summary", paragraphs=["Mean and median over test cases (seeds averaged per case), 95 % "
                                                "bootstrap CI of the mean over cases."],
-                        tables=[("mean over labels", _rounded(main)), ("every label", _rounded(summary))]),
+                        tables=[("mean over labels", _shown(main)), ("every label", _shown(summary))]),
                 Section("Cells", paragraphs=["Each cell is these commands, run in order."],
                         tables=[("", commands)])]
     figures = [("Label efficiency: mean over test cases with 95 % bootstrap CI bands, log % axis", png)] if png else []
