@@ -52,6 +52,9 @@ SHARED_KEYS = {
     "test": "the statistical test a comparison entry names (evaluation/compare.py)",
     "mode": "the checkpoint state of the teacher centring (ssl/centering.py)",
     "orientation": "a DICOM series summary (dicom/selection.py)",
+    "pct": "a column of the study's per_case.csv and summary tables (pandas, evaluation/label_efficiency.py)",
+    "metric": "a column of the study's summary and test tables (pandas, evaluation/label_efficiency.py)",
+    "entry": "a column of the study's tables: the backbone entry (pandas, evaluation/label_efficiency.py)",
 }
 # Modules of the runtime layer, below artifacts/ (they cannot import it), that handle JSON themselves
 BELOW_ARTIFACTS = {

@@ -28,7 +28,9 @@ from threedino_pipe.artifacts import (
     RunRecord,
     SegmentationValidation,
     Splits,
+    StudyCell,
     StudyKeys,
+    StudyRecord,
     Subset,
     VisualizeRecord,
 )
@@ -160,6 +162,13 @@ BUNDLED = {"kind": "bundled_backbone", **HEAD, "file": "backbone_tiny_mni.pt", "
            "iterations": 6000, "wall_seconds": 3600.0, "machine": "x86_64, 2 cores", "made": "2026-12-06",
            "recipe_name": "auto", "deviations": {"peak_lr": "why"}, "final_signals": {"cls_rank": 9.0},
            "probe_curve": {"0": 0.8, "6000": 0.85}, "curves": "backbone_tiny_mni_curves.png"}
+CELL_SPEC = {"cell": "none__pct50__fold0__seed0", "entry": "none", "label": "none", "backbone": "none", "head": None,
+             "pct": 50.0, "seed": 0, "fold": 0}
+STUDY = {"kind": "study", **HEAD, "dataset": "Dataset990_X", "name": "main", "options": {"iters": 2},
+         "reference": "none", "test_source": "splits_test", "selection_biased": False, "test_cases": ["c7"],
+         "cells": [CELL_SPEC]}
+STUDY_CELL = {"kind": "study_cell", **HEAD, "spec": CELL_SPEC, "outcome": "failed", "run_folder": None,
+              "wall_seconds": 1.5, "error": "backbone.pt: not a checkpoint", "commands": ["3dino finetune -d 990"]}
 # (class, a valid file, a required field, (path to a field, a value of the wrong type)); writer from the class
 KINDS = [
     (Plans, PLANS, "task", (["configurations", "finetune", "patch_size"], "64x64x64")),
@@ -182,6 +191,8 @@ KINDS = [
     (DemoRecord, DEMO, "options", (["options"], ["quick"])),
     (DemoTimings, TIMINGS, "quick", (["stages", 0, "seconds"], "long")),
     (BundledBackboneRecord, BUNDLED, "sha256", (["iterations"], "many")),
+    (StudyRecord, STUDY, "cells", (["cells", 0, "pct"], "half")),
+    (StudyCell, STUDY_CELL, "outcome", (["spec", "seed"], "first")),
 ]
 IDS = [k[0].__name__ for k in KINDS]
 

@@ -384,3 +384,26 @@ def test_series_rules_of_the_plans_are_stored_in_model_json(mni_preprocessed, tm
     assert result.returncode == 0, result.stderr
     model_json = json.loads((_run_dir(env) / "model.json").read_text())
     assert model_json["series_rules"] == {channel: "mprage|t1w"}
+
+
+def test_a_study_cell_with_other_options_stands_beside_the_run_instead_of_being_refused(tmp_path):
+    """finetune's ``beside`` (3dino study's cells): the first of name, name__2, ... that is free or holds this run."""
+    from threedino_pipe.artifacts import RunRecord
+    from threedino_pipe.stages.finetune import run_beside
+
+    folder = tmp_path / "finetune__unetr__none__pct50__fold0__seed0"
+    short = RunRecord(stage="finetune", options={"iters": 2, "num_workers": 0}, volatile=["num_workers"], plans={})
+    longer = RunRecord(stage="finetune", options={"iters": 30, "num_workers": 0}, volatile=["num_workers"], plans={})
+    assert run_beside(folder, short) == folder  # free
+    folder.mkdir()
+    short.write(folder / RunRecord.FILE)
+    other_workers = RunRecord(stage="finetune", options={"iters": 2, "num_workers": 4}, volatile=["num_workers"],
+                              plans={})
+    assert run_beside(folder, other_workers) == folder  # the same run: a volatile option may differ
+    second = folder.with_name(f"{folder.name}__2")
+    assert run_beside(folder, longer) == second  # other --iters: beside it
+    second.mkdir()
+    longer.write(second / RunRecord.FILE)
+    assert run_beside(folder, longer) == second and run_beside(folder, short) == folder
+    third = RunRecord(stage="finetune", options={"iters": 300, "num_workers": 0}, volatile=["num_workers"], plans={})
+    assert run_beside(folder, third) == folder.with_name(f"{folder.name}__3")

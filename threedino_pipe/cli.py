@@ -570,6 +570,71 @@ def demo(
     stage.run(out=out, quick=quick, pretrain_here=pretrain_here)
 
 
+class _ManyValues(typer.core.TyperCommand):
+    """A command whose list options take several values after one flag (``--pct 10 25 50 100``)."""
+
+    MANY = ("--backbones", "--pct", "--seeds", "--folds")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        spread, current, fresh = [], None, False
+        for arg in args:
+            if arg.startswith("-"):
+                flag, _, value = arg.partition("=")
+                current, fresh = (flag if flag in self.MANY else None), not value
+            elif current is not None and not fresh:
+                spread.append(current)  # a further value of a list option: repeat its flag
+            else:
+                fresh = False
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+@app.command(cls=_ManyValues)
+def study(
+    dataset: Dataset,
+    backbones: Annotated[list[str], typer.Option("--backbones", help="Backbone entries, each a pretrain run folder, "
+                         "a backbone file, auto or none, optionally with its head (RUN:adapter, none:unetr): "
+                         "--backbones RUN none.")],
+    pct: Annotated[list[float], typer.Option("--pct", help="Label shares in % of the fold's training cases "
+                   "(--pct 10 25 50 100; 100 is needed for labels-needed).")],
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", min=0, help="Finetune seeds (subset draw and "
+                     "initialisation): --seeds 0 1 2 (default 0).")] = None,
+    folds: Annotated[list[int] | None, typer.Option("--folds", min=0, help="Cross-validation folds: --folds 0 1 "
+                     "(default 0).")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", min=1, help="Finetune iterations of every cell "
+                     "(default: finetune's).")] = None,
+    name: Annotated[str, typer.Option("--name", help="The study's name: its folder is "
+                    "results/DatasetNNN_Name/study__NAME/.")] = "main",
+    on_validation: Annotated[bool, typer.Option("--on-validation", help="Without a test list: evaluate on the "
+                             "fold's validation cases, marking every output selection-biased.")] = False,
+    reference: Annotated[str | None, typer.Option("--reference", help="The entry the others are tested against and "
+                         "whose 100 % mean sets labels-needed (default: the none entry, else the first).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells with their state and estimated time; "
+                       "run nothing.")] = False,
+    cells: Annotated[str | None, typer.Option("--cells", help="K/N: run only the K-th of N shares of the cells "
+                     "(any scheduler); aggregate later with --collect.")] = None,
+    collect: Annotated[bool, typer.Option("--collect", help="Aggregate the cells' results (after the shares); run "
+                       "no cell.")] = False,
+    emit_slurm: Annotated[Path | None, typer.Option("--emit-slurm", help="Write a SLURM job-array script (one cell "
+                          "per task) to this file; run nothing.")] = None,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Finetune's data-loading worker processes "
+                           "(results do not depend on it).")] = 2,
+    device: Device = "auto",
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Label-efficiency curves: finetune, predict and evaluate each cell, then statistics.
+
+    One cell per backbone x pct x seed x fold; then summary, paired tests, labels needed, a figure and
+    report.html (exit 1 if a cell failed)."""
+    _common(verbose, no_progress)
+    from threedino_pipe.study import command as stage
+    raise typer.Exit(stage.run(dataset, backbones=backbones, pct=pct, seeds=seeds, folds=folds, iters=iters,
+                               name=name, on_validation=on_validation, reference=reference, dry_run_only=dry_run,
+                               cells=cells, collect_only=collect, emit_slurm=emit_slurm, num_workers=num_workers,
+                               device=device))
+
+
 @app.callback(invoke_without_command=True)
 def _version(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
     if version:

@@ -36,8 +36,9 @@ from threedino_pipe.artifacts.predict_log import (
     SentObject,
     SeriesFallback,
 )
-from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder
+from threedino_pipe.artifacts.run_record import BudgetRecord, RunRecord, open_run_folder, run_differences
 from threedino_pipe.artifacts.splits import Fold, ImportedFold, Splits
+from threedino_pipe.artifacts.study import StudyCell, StudyRecord
 from threedino_pipe.artifacts.study_keys import StudyKeyEntry, StudyKeys
 from threedino_pipe.artifacts.subset import Subset
 from threedino_pipe.artifacts.validation import (
@@ -50,7 +51,7 @@ from threedino_pipe.artifacts.validation import (
 
 ARTIFACTS = (DatasetJson, Fingerprint, Plans, CaseProperties, Splits, RunRecord, Subset, SegmentationValidation,
              ProbeValidation, ModelCard, PredictArgs, EvaluationSummary, EmbedRecord, VisualizeRecord, DemoRecord,
-             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine, CaseQc, PredictLogLine)
+             DemoTimings, BundledBackboneRecord, StudyKeys, JournalLine, CaseQc, PredictLogLine, StudyRecord, StudyCell)
 
 __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestMetric", "BudgetRecord",
            "BundledBackboneRecord", "CasePreprocessing", "CaseProperties", "ChannelNormalization", "DatasetJson",
@@ -62,4 +63,5 @@ __all__ = ["ARTIFACTS", "CHECKPOINT_FILES", "Artifact", "BackboneRecord", "BestM
            "RunRecord", "SegmentationValidation", "Splits", "StageTime", "StudyKeyEntry", "StudyKeys", "Subset",
            "ValidationPoint", "ValidationScore", "VisualizeRecord", "checksum", "open_run_folder", "read_journal",
            "CaseQc", "StructureQc", "VolumeRange"]
+__all__ += ["StudyCell", "StudyRecord", "run_differences"]
 __all__ += ["LoggedOutput", "LoggedWindows", "PredictLogLine", "SentObject", "SeriesFallback"]

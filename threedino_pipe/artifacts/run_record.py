@@ -67,6 +67,21 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai"}  # before --augment-device every run augmented with MONAI
 
 
+def run_differences(folder: Path, record: RunRecord) -> list[str]:
+    """The fields in which the run of ``folder`` (its ``run.json``) differs from ``record``, volatile options
+    left out; empty when the folder holds no run yet or the same run (``finetune``'s runs beside each other)."""
+    path = Path(folder) / RunRecord.FILE
+    if not path.is_file():
+        return []
+    recorded = RunRecord.read(path, rerun="the same command with --restart")
+    volatile = set(record.volatile) | set(recorded.volatile)
+    recorded_options = {**{k: v for k, v in OPTIONS_ADDED_LATER.items() if k in record.options},
+                        **recorded.options}
+    old = {"options": {k: v for k, v in recorded_options.items() if k not in volatile}, "plans": recorded.plans}
+    new = {"options": {k: v for k, v in record.options.items() if k not in volatile}, "plans": record.plans}
+    return differences(old, new)
+
+
 def open_run_folder(folder: Path, record: RunRecord, *, restart: bool = False,
                     new_run_fix: str = "pass a new --run name to start another run") -> bool:
     """Create or reopen a run folder; returns True when an existing run should be resumed.
@@ -87,13 +102,7 @@ def open_run_folder(folder: Path, record: RunRecord, *, restart: bool = False,
     if path.is_file():
         for stale in folder.glob(".*.partial*"):  # temporary files of a killed process (atomic_path)
             stale.unlink(missing_ok=True)
-        recorded = RunRecord.read(path, rerun="the same command with --restart")
-        volatile = set(record.volatile) | set(recorded.volatile)
-        recorded_options = {**{k: v for k, v in OPTIONS_ADDED_LATER.items() if k in record.options},
-                            **recorded.options}
-        old = {"options": {k: v for k, v in recorded_options.items() if k not in volatile}, "plans": recorded.plans}
-        new = {"options": {k: v for k, v in record.options.items() if k not in volatile}, "plans": record.plans}
-        diffs = differences(old, new)
+        diffs = run_differences(folder, record)
         if diffs:
             raise UserError("this run folder was made with other options or plans (" + "; ".join(diffs[:6])
                             + (f"; +{len(diffs) - 6} more" if len(diffs) > 6 else "") + ")",

@@ -125,3 +125,35 @@ def comparison_barplot(groups: Sequence[str], sides: Mapping[str, Sequence[tuple
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: str,
+                          metrics: Sequence[tuple[str, str]] = (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))
+                          ) -> tuple[bytes, bytes]:
+    """The study's figure: each metric (one panel) against % labels on a log axis, one line per backbone entry
+    (mean over test cases, seeds averaged) with its 95 % bootstrap CI as a band. Returns ``(png, svg)`` bytes.
+
+    ``summary``: :func:`threedino_pipe.evaluation.label_efficiency.summary_table`'s rows of structure ``label``.
+    """
+    fig = Figure(figsize=(5.2 * len(metrics), 4.0))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    pcts = sorted(summary["pct"].unique())
+    for ax, (metric, title) in zip(axes, metrics, strict=True):
+        for index, entry in enumerate(entries):
+            rows = summary[(summary["metric"] == metric) & (summary["label"] == label)
+                           & (summary["entry"] == entry)].sort_values("pct")
+            colour = SIDE_COLOURS[index % len(SIDE_COLOURS)]
+            ax.plot(rows["pct"], rows["mean"], marker="o", color=colour, label=entry)
+            ax.fill_between(rows["pct"], rows["ci95_lo"], rows["ci95_hi"], color=colour, alpha=0.2, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xticks(pcts)
+        ax.set_xticklabels([f"{p:g}" for p in pcts])
+        ax.minorticks_off()
+        ax.set_xlabel("% of the training labels")
+        ax.set_title(f"{title}, {label}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    png = _png(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    return png, buffer.getvalue()

@@ -154,3 +154,35 @@ def welch_ttest(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
         result = stats.ttest_ind(x, y, equal_var=False)
     out["statistic"], out["p_value"] = float(result.statistic), float(result.pvalue)
     return out
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values of one family of tests (NaN p-values stay NaN and are not counted).
+
+    The i-th smallest of m p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``: reject where the
+    adjusted p is below alpha and the family-wise error rate is at most alpha.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    m = finite.size
+    order = finite[np.argsort(p[finite], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        out[index] = running
+    return out
+
+
+def rank_biserial(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation of ``b - a``, in [-1, 1]: ``(R+ - R-) / (R+ + R-)`` with R+ (R-)
+    the rank sum of the positive (negative) differences (zero differences and NaN pairs dropped, ties get
+    mean ranks, as :func:`paired_wilcoxon`). +1: b is larger in every pair; NaN when no difference is non-zero."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = (y - x)[~(np.isnan(x) | np.isnan(y))]
+    d = d[d != 0]
+    if d.size == 0:
+        return float("nan")
+    ranks = stats.rankdata(np.abs(d))
+    positive, negative = ranks[d > 0].sum(), ranks[d < 0].sum()
+    return float((positive - negative) / (positive + negative))

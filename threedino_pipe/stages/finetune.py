@@ -27,6 +27,7 @@ from threedino_pipe.artifacts import (
     SegmentationValidation,
     Splits,
     Subset,
+    run_differences,
 )
 from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.models.backbones import get_family
@@ -104,10 +105,12 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         lr: float | None = None, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int = 0,
         val_every: int | None = None, overlap: float = 0.5, num_workers: int = 2, device: str = "auto",
         precision: str = "auto", stop_after: int | None = None, restart: bool = False, save_every: int = 500,
-        augment: bool = True, run_name: str | None = None) -> Path:
+        augment: bool = True, run_name: str | None = None, beside: bool = False) -> Path:
     """Finetune on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder (see the module docstring).
 
-    ``run_name`` (``--run``) names the run folder instead of the derived name.
+    ``run_name`` (``--run``) names the run folder instead of the derived name. ``beside`` (``3dino study``'s
+    cells): when that folder holds a run made with other options, use the first of ``<name>__2``,
+    ``<name>__3``, ... that is free or holds this very run, instead of refusing.
     """
     _check_options(head, precision, preset, overlap, iters)
     console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
@@ -150,9 +153,11 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
         folder = run_folder(paths.results_root() / pre.name, run_name, run_folder_name(head, tag, pct, fold, seed))
-        held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="finetune", options=run_config.options(), volatile=list(SegRunConfig.VOLATILE),
                            plans={pre.name: plans.dependencies(CONFIGURATION)})
+        if beside:
+            folder = run_beside(folder, record)
+        held.enter_context(run_lock(folder, dist))
         resume = open_run(folder, record, restart=restart, dist=dist)
         if resume and _finished(folder, iters) and not stop_after:
             console.print(f"{folder} is finished already ({iters} iterations); pass --restart to train again")
@@ -227,6 +232,20 @@ def _write_subset(folder: Path, config: SegRunConfig) -> None:
     """``subset.json``: the training case ids ``--pct --fold --seed`` chose (and the fold's validation cases)."""
     Subset(dataset=config.dataset, fold=config.fold, seed=config.seed, pct=config.pct, ids=config.train_ids,
            val_ids=config.val_ids).write(Subset.in_folder(folder))
+
+
+def run_beside(folder: Path, record: RunRecord, limit: int = 100) -> Path:
+    """``folder`` when it is free or holds the run of ``record``, else the first such ``<folder>__K`` (K >= 2).
+
+    Raises:
+        UserError: ``limit`` folders beside it all hold other runs.
+    """
+    for k in range(1, limit + 1):
+        candidate = folder if k == 1 else folder.with_name(f"{folder.name}__{k}")
+        if not run_differences(candidate, record):
+            return candidate
+    raise UserError(f"{limit} runs with other options stand beside this one already", file=folder,
+                    fix="pass --run NAME, or delete runs you no longer need")
 
 
 def _finished(folder: Path, iters: int) -> bool:

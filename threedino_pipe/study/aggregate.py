@@ -1,0 +1,104 @@
+"""The study's tables, figure and report from its cells' records (``--collect`` and the end of a full run).
+
+Everything here is a function of the cells' ``cell.json`` and evaluation ``per_case.csv`` files only, so
+shares run anywhere and collected later give the same ``per_case.csv``, ``summary.csv``, ``tests.csv`` and
+``labels_needed.csv`` byte for byte as one full run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from threedino_pipe.artifacts import StudyCell, StudyRecord
+from threedino_pipe.evaluation import label_efficiency as le
+from threedino_pipe.evaluation.outputs import PER_CASE_FILE, write_bytes, write_csv, write_text
+from threedino_pipe.evaluation.plots import label_efficiency_plot
+from threedino_pipe.study.layout import StudyLayout
+from threedino_pipe.study.report import report_html
+from threedino_pipe.study.runner import is_done
+
+NUM_BOOTSTRAP = 1000
+BOOTSTRAP_SEED = 0
+FIGURE = "label_efficiency"
+CELL_COLUMNS = ["cell", "backbone", "entry", "head", "pct", "seed", "fold", "status", "run_folder", "wall_seconds",
+                "error"]
+
+
+@dataclass
+class Collected:
+    """What the study's outputs are made of."""
+
+    cells: pd.DataFrame      # one row per cell, status done | failed | not_run
+    records: list[StudyCell]
+    per_case: pd.DataFrame
+
+    @property
+    def complete(self) -> bool:
+        return bool((self.cells["status"] == "done").all())
+
+
+def _cell_row(spec, record: StudyCell | None, done: bool) -> dict:
+    status = "done" if done else ("failed" if record is not None and record.outcome == "failed" else "not_run")
+    return {"cell": spec.cell, "backbone": spec.label, "entry": spec.entry, "head": spec.head or "", "pct": spec.pct,
+            "seed": spec.seed, "fold": spec.fold, "status": status,
+            "run_folder": record.run_folder if record is not None and record.run_folder else "",
+            "wall_seconds": record.wall_seconds if record is not None else float("nan"),
+            "error": (record.error or "") if record is not None and not done else ""}
+
+
+def collect(layout: StudyLayout, study: StudyRecord) -> Collected:
+    """Every cell's state and the per-case metrics of the done cells, in the study's cell order."""
+    rows, records, tables = [], [], []
+    for spec in study.cells:
+        path = layout.cell_record(spec.cell)
+        record = StudyCell.read(path) if path.is_file() else None
+        done = is_done(layout, spec.cell)
+        rows.append(_cell_row(spec, record, done))
+        if record is not None:
+            records.append(record)
+        if done:
+            table = pd.read_csv(layout.evaluation(spec.cell) / PER_CASE_FILE)
+            table.insert(0, "fold", spec.fold)
+            table.insert(0, "seed", spec.seed)
+            table.insert(0, "pct", spec.pct)
+            table.insert(0, "backbone", spec.label)
+            tables.append(table.sort_values(["case_id", "label"], kind="stable"))
+    per_case = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["backbone", "pct", "seed", "fold", "case_id", "label", *le.METRICS])
+    return Collected(pd.DataFrame(rows, columns=CELL_COLUMNS), records, per_case)
+
+
+def statistics_tables(per_case: pd.DataFrame, reference: str) -> dict[str, pd.DataFrame]:
+    """summary.csv, tests.csv and labels_needed.csv of the done cells' per-case rows (columns ``entry``, not
+    ``backbone``; empty tables when nothing is done, no tests while the reference has no done cell)."""
+    means = (le.case_means(per_case.rename(columns={"backbone": "entry"})) if len(per_case)
+             else pd.DataFrame(columns=["entry", "pct", "label", "metric", "case_id", "value", "n_runs"]))
+    compared = means if reference in set(means["entry"]) else means.iloc[:0]
+    return {"summary.csv": le.summary_table(means, num_resamples=NUM_BOOTSTRAP, seed=BOOTSTRAP_SEED),
+            "tests.csv": le.tests_table(compared, reference),
+            "labels_needed.csv": le.labels_needed_table(compared, reference, num_resamples=NUM_BOOTSTRAP,
+                                                        seed=BOOTSTRAP_SEED)}
+
+
+def write_outputs(layout: StudyLayout, study: StudyRecord, collected: Collected) -> None:
+    """cells.csv, per_case.csv, summary.csv, tests.csv, labels_needed.csv, the figure (PNG, SVG), report.html."""
+    write_csv(collected.cells, layout.out("cells.csv"))
+    write_csv(collected.per_case, layout.out("per_case.csv"))
+    tables = statistics_tables(collected.per_case, study.reference)
+    summary = tables["summary.csv"]
+    png = b""
+    if len(summary):
+        present = set(summary["entry"])
+        png, svg = label_efficiency_plot(summary, [e for e in dict.fromkeys(c.label for c in study.cells)
+                                                   if e in present], le.MEAN_LABEL)
+        write_bytes(png, layout.out(f"{FIGURE}.png"))
+        write_bytes(svg, layout.out(f"{FIGURE}.svg"))
+    for name, table in tables.items():
+        table = table.rename(columns={"entry": "backbone"})
+        if study.selection_biased:
+            table.insert(0, "selection_biased", True)
+        tables[name] = table
+        write_csv(table, layout.out(name))
+    write_text(report_html(study, collected.cells, collected.records, tables, png), layout.out("report.html"))
