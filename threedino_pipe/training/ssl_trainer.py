@@ -83,6 +83,7 @@ class SSLRunConfig:
     recipe: dict = field(default_factory=dict)  # SSLRecipe.options() (ssl/recipe.py); empty: the paper's
     recipe_reasons: dict = field(default_factory=dict)  # why each setting deviates from the paper (not compared)
     augment_device: str = "cpu-monai"  # MONAI in the loader's workers, or "torch": batched on the training device
+    method: str = "dino"  # the objective (``3dino pretrain --method``); runs recorded before it ran 3DINO
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
@@ -107,6 +108,10 @@ class SSLRunConfig:
     def from_options(cls, options: dict[str, Any]) -> SSLRunConfig:
         """The config a checkpoint or run.json recorded (fields this version does not know are dropped)."""
         fields = cls.__dataclass_fields__
+        if options.get("method", "dino") != "dino":
+            raise UserError(f"a `--method {options['method']}` run: it has no 3DINO student, teacher or heads",
+                            fix="pass the folder of a `3dino pretrain` run made with --method dino; the "
+                            "run's backbone.pt is what finetune, embed and visualize take")
         missing = [k for k, f in fields.items() if k not in options and f.default is MISSING
                    and f.default_factory is MISSING]
         if missing:
@@ -184,7 +189,7 @@ class SSLTask:
         self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
                                            config.global_crop, config.local_crop, config.num_local_crops,
                                            augment=self.augmenter is None, rank=dist.rank, world_size=dist.world_size)
-        self.probe_cases = _probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
+        self.probe_cases = first_probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
         self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
         self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)
 
@@ -267,13 +272,14 @@ class SSLTask:
     def finish(self, folder: Path, iteration: int) -> None:
         save_backbone(self.teacher.backbone, folder / "backbone.pt", preset=self.config.preset,
                       meta={"run": folder.name, "iteration": iteration, "datasets": self.config.datasets,
-                            "configuration": self.config.configuration, "kind": "teacher_backbone"})
+                            "configuration": self.config.configuration, "kind": "teacher_backbone",
+                            "method": self.config.method, "family": self.teacher.backbone.family})
 
     def close(self) -> None:
         self.loader.close()
 
 
-def _probe_cases(dataset_folders: list[Path]) -> ProbeCases | None:
+def first_probe_cases(dataset_folders: list[Path]) -> ProbeCases | None:
     """The first pooled dataset with labelled finetune arrays and splits, for the patch probe."""
     for folder in dataset_folders:
         cases = load_probe_cases(folder)
