@@ -11,9 +11,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import REPO, run_3dino
+from typer.testing import CliRunner
 
+from threedino_pipe.artifacts import RunRecord, open_run_folder
+from threedino_pipe.cli import app
+from threedino_pipe.models.backbone_choice import pretraining_method
 from threedino_pipe.models.presets import build_backbone
-from threedino_pipe.models.weight_files import load_backbone, load_backbone_state
+from threedino_pipe.models.weight_files import export_3dino, load_backbone, load_backbone_state, save_backbone
+from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.ssl.simmim import masked_l1, patchify, random_token_masks
 from threedino_pipe.training.simmim_trainer import MASK_RATIO
 
@@ -73,7 +78,7 @@ def test_patchify_orders_patches_and_voxels_as_the_patch_embedding():
 
 
 # ----- the real command: one shared run (plus its split twin) -------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def simmim_runs(mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
     """A tiny SimMIM run of 20 iterations under its default name, and the same run in two invocations
     (``--stop-after 8``, then the same command). Read-only for the tests."""
@@ -159,32 +164,49 @@ def test_simmim_backbone_finetunes_and_predicts(simmim_runs, mni_raw, tmp_path):
 
 
 @pytest.mark.e2e
-def test_simmim_refusals_and_old_runs_resume(simmim_runs, tmp_path):
+def test_simmim_refusals(simmim_runs, tmp_path):
     """3DINO-only options under simmim, --mask-ratio under dino, 3DINO-only commands on a SimMIM run: named
-    errors without a traceback; a 3DINO run recorded before --method existed resumes."""
+    errors (the real command once: no traceback, non-zero exit; the others in-process), nothing written."""
     env = {**simmim_runs["env"], "THREEDINO_RESULTS": str(tmp_path / "results")}
-    cases = [((*SIMMIM, "--koleo-weight", "0.2", "--prototypes", "64"), "--koleo-weight, --prototypes are 3DINO"),
-             (("pretrain", "-d", "990", "--preset", "tiny", "--mask-ratio", "0.5"), "--mask-ratio is SimMIM's"),
+    result = run_3dino(*SIMMIM, "--koleo-weight", "0.2", "--prototypes", "64", env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--koleo-weight, --prototypes are 3DINO options" in " ".join(result.stderr.split())
+    cases = [(("pretrain", "-d", "990", "--preset", "tiny", "--mask-ratio", "0.5"), "--mask-ratio is SimMIM's"),
              ((*SIMMIM, "--mask-ratio", "1.0"), "must lie strictly between 0 and 1"),
+             ((*SIMMIM, "--recipe", "paper"), "--recipe is a 3DINO option"),
              ((*SIMMIM, "--augment-device", "torch"), "--method simmim augments its crops"),
              (("pretrain", "-d", "990", "--method", "mae"), "unknown --method mae"),
              (("adapt-highres", "--from", str(simmim_runs["run"]), "--iters", "1"), "--method simmim` run"),
              (("export", str(simmim_runs["run"]), "-o", str(tmp_path / "t.pth")), "--method simmim` run")]
+    runner = CliRunner()
     for args, message in cases:
-        result = run_3dino(*args, env=env)
-        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-        assert message in " ".join(result.stderr.split()), (args, result.stderr)
+        outcome = runner.invoke(app, list(args), env=env)
+        assert isinstance(outcome.exception, UserError), (args, outcome.output, outcome.exception)
+        assert message in str(outcome.exception), (args, str(outcome.exception))
+    assert not (tmp_path / "results").exists() and not (tmp_path / "t.pth").exists()
 
-    dino = ("pretrain", "-d", "990", "--preset", "tiny", "--batch-size", "1", "--num-workers", "0", "--precision",
-            "fp32", "--no-progress", "--iters", "2", "--snapshot-every", "0", "--probe-every", "0")
-    first = run_3dino(*dino, "--stop-after", "1", env=env)
-    assert first.returncode == 0, first.stderr
-    path = tmp_path / "results" / "pretrain" / "tiny__990" / "run.json"
-    record = json.loads(path.read_text())
-    assert record["options"]["method"] == "dino" and record["decisions"]["method"] == "dino"
-    del record["options"]["method"]  # as written before --method existed
-    path.write_text(json.dumps(record))
-    second = run_3dino(*dino, env=env)
-    assert second.returncode == 0 and "resuming" in second.stderr, second.stderr
-    _, info = load_backbone(path.parent / "backbone.pt")
-    assert info["meta"]["method"] == "dino"
+
+def test_runs_recorded_before_method_existed_resume_as_3dino(tmp_path):
+    """run.json written before --method: its missing ``method`` reads as ``dino`` (resume), never as ``simmim``."""
+    folder = tmp_path / "tiny__990"
+    options = {"preset": "tiny", "iters": 6, "augment_device": "cpu-monai"}
+    RunRecord(stage="pretrain", options=options, volatile=[]).write(folder / RunRecord.FILE)
+    (folder / "checkpoint_latest.pt").write_bytes(b"")
+    assert open_run_folder(folder, RunRecord(stage="pretrain", options={**options, "method": "dino"}))
+    with pytest.raises(UserError, match="method: 'dino' -> 'simmim'"):
+        open_run_folder(folder, RunRecord(stage="pretrain", options={**options, "method": "simmim"}))
+
+
+def test_pretraining_method_of_backbone_files(tmp_path):
+    """What model.json records as the backbone's method, per kind of file finetune may be given."""
+    backbone = build_backbone("tiny")
+    files = {"simmim": ({"kind": "simmim_backbone", "method": "simmim"}, "simmim"),
+             "old_3dino": ({"kind": "teacher_backbone"}, "dino"),  # our 3DINO files before methods were recorded
+             "other": ({}, None)}
+    for name, (meta, expected) in files.items():
+        save_backbone(backbone, tmp_path / f"{name}.pt", preset="tiny", meta=meta)
+        assert pretraining_method(load_backbone(tmp_path / f"{name}.pt")[1]) == expected, name
+    export_3dino(backbone, None, tmp_path / "released.pth")  # the released 3DINO-ViT layout
+    assert pretraining_method(load_backbone(tmp_path / "released.pth")[1]) == "dino"
+    torch.save(backbone.state_dict(), tmp_path / "plain.pth")  # a bare state dict: unknown
+    assert pretraining_method(load_backbone(tmp_path / "plain.pth")[1]) is None

@@ -84,7 +84,6 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     held = contextlib.ExitStack()
     try:
         if method == "simmim":
-            held.enter_context(run_lock(folder, dist))
             augmentations = simmim_augmentations(augment_device)
             run_config, decisions = simmim_config(
                 config, dist, console, preset=preset, iters=iters, batch_size=batch_size, precision=precision,
@@ -92,6 +91,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                 datasets=names, configuration="pretrain", seed=seed, mask_ratio=mask_ratio, num_workers=num_workers,
                 save_every=save_every, grad_checkpointing=grad_checkpointing,
                 augment_device=augmentations["implementation"])
+            held.enter_context(run_lock(folder, dist))
             record = RunRecord(stage="pretrain", options=run_config.options(), volatile=list(SimMIMRunConfig.VOLATILE),
                                plans=plans_dependencies(plans_list, "pretrain"),
                                decisions={**decisions, "augmentations": augmentations})
@@ -111,6 +111,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                 snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing, recipe_name=recipe,
                 recipe_overrides=recipe_overrides or {}, probe_every=probe_every,
                 augment_device=augmentations["implementation"])
+            held.enter_context(run_lock(folder, dist))
 
         budget = None
         if budget_hours is not None:
