@@ -74,7 +74,7 @@ def simmim_config(config: PretrainConfiguration, dist: DistInfo, console: Consol
     layerscale = overrides.get("layerscale_init")
     decisions = {
         "peak_lr": "set by the user" if peak_lr is not None else
-        f"SimMIM's 8e-4 at a batch of 2048 scaled linearly to the total batch {total}, at least 1e-4",
+        f"SimMIM's 1e-4 per 512 volumes scaled linearly to the total batch {total}, at least 1e-4",
         "one_crop_per_volume": f"the plans' global crop ({config.global_crop}^3 voxels), one per volume and "
         "iteration; no local crops",
     }
