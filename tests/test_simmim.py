@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.weight_files import export_3dino, load_backbone, load_backbone_state, save_backbone
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.ssl.simmim import masked_l1, patchify, random_token_masks
+from threedino_pipe.stages import embed, visualize
 from threedino_pipe.training.simmim_trainer import MASK_RATIO
 
 SIMMIM = ("pretrain", "-d", "990", "--method", "simmim", "--preset", "tiny", "--iters", "20", "--batch-size", "2",
@@ -162,6 +164,13 @@ def test_simmim_backbone_finetunes_and_predicts(simmim_runs, mni_raw, tmp_path):
     assert predicted.returncode == 0, predicted.stderr
     assert (out / source.name.replace("_0000", "")).is_file()
 
+    # embed and visualize take the SimMIM run folder as they take a 3DINO one
+    table = embed.run(run, source, tmp_path / "features", device="cpu")
+    rows = list(csv.reader(table.open()))
+    assert rows[1][0] == "mni_000" and all(math.isfinite(float(v)) for v in rows[1][1:])
+    maps = visualize.run(run, source, tmp_path / "maps", size=64, device="cpu")
+    assert set(maps.pngs) == {"pca_rgb", "attention"} and all(Path(p).is_file() for p in maps.pngs.values())
+
 
 @pytest.mark.e2e
 def test_simmim_refusals(simmim_runs, tmp_path):
@@ -176,7 +185,7 @@ def test_simmim_refusals(simmim_runs, tmp_path):
              ((*SIMMIM, "--recipe", "paper"), "--recipe is a 3DINO option"),
              ((*SIMMIM, "--augment-device", "torch"), "--method simmim augments its crops"),
              (("pretrain", "-d", "990", "--method", "mae"), "unknown --method mae"),
-             (("adapt-highres", "--from", str(simmim_runs["run"]), "--iters", "1"), "--method simmim` run"),
+             (("adapt-highres", "--from", str(simmim_runs["run"]), "--base-lr", "0.01"), "--base-lr is a 3DINO"),
              (("export", str(simmim_runs["run"]), "-o", str(tmp_path / "t.pth")), "--method simmim` run")]
     runner = CliRunner()
     for args, message in cases:
@@ -184,6 +193,27 @@ def test_simmim_refusals(simmim_runs, tmp_path):
         assert isinstance(outcome.exception, UserError), (args, outcome.output, outcome.exception)
         assert message in str(outcome.exception), (args, str(outcome.exception))
     assert not (tmp_path / "results").exists() and not (tmp_path / "t.pth").exists()
+
+
+@pytest.mark.e2e
+def test_simmim_run_adapts_to_high_resolution(simmim_runs, tmp_path):
+    """adapt-highres continues a SimMIM run with SimMIM on 112^3 crops: 7^3 position grid, method recorded."""
+    results = tmp_path / "results"
+    shutil.copytree(simmim_runs["run"], results / "pretrain" / "tiny__simmim__990")
+    env = {**simmim_runs["env"], "THREEDINO_RESULTS": str(results)}
+    done = run_3dino("adapt-highres", "--from", str(results / "pretrain" / "tiny__simmim__990"), "--iters", "2",
+                     "--batch-size", "1", "--num-workers", "0", "--precision", "fp32", "--no-progress",
+                     "--snapshot-every", "0", "--probe-every", "0", env=env)
+    assert done.returncode == 0, done.stderr
+    folder = results / "pretrain" / "tiny__simmim__990__highres"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["stage"] == "adapt-highres" and record["options"]["method"] == "simmim"
+    assert record["options"]["configuration"] == "pretrain_highres" and record["options"]["global_crop"] == 112
+    assert record["options"]["init_from"] == "tiny__simmim__990/checkpoint_final.pt@20"
+    rows = list(csv.DictReader((folder / "log.csv").open()))
+    assert len(rows) == 2 and all(math.isfinite(float(r["loss"])) for r in rows)
+    backbone, info = load_backbone(folder / "backbone.pt")
+    assert backbone.pos_embed.shape[1] == 7**3 + 1 and info["meta"]["method"] == "simmim"
 
 
 def test_runs_recorded_before_method_existed_resume_as_3dino(tmp_path):

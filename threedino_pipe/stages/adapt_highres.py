@@ -20,6 +20,8 @@ from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
+from threedino_pipe.training.simmim_setup import simmim_augmentations, simmim_config
+from threedino_pipe.training.simmim_trainer import SimMIMRunConfig, build_simmim_network, train_simmim
 from threedino_pipe.training.ssl_setup import (
     config_from_plans,
     describe,
@@ -47,6 +49,15 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     """
     from_run = Path(from_run)
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
+    if source.options.get("method") == "simmim":
+        if base_lr != 0.001:
+            raise UserError("--base-lr is a 3DINO option; a SimMIM run continues with SimMIM's learning-rate rule",
+                            file=from_run / RunRecord.FILE, fix="leave --base-lr out for a --method simmim run")
+        return _adapt_simmim(from_run, source, iteration=iteration, iters=iters, run_name=run_name,
+                             batch_size=batch_size, stop_after=stop_after, restart=restart, num_workers=num_workers,
+                             device=device, precision=precision, save_every=save_every, snapshot_every=snapshot_every,
+                             grad_checkpointing=grad_checkpointing, probe_every=probe_every,
+                             augment_device=augment_device)
     recorded = SSLRunConfig.from_options(source.options)
     if recorded.configuration != "pretrain":
         raise UserError("this run is not a stage-1 pretrain run", file=from_run / RunRecord.FILE,
@@ -88,6 +99,56 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
                           f"{src_config.pos_grid}^3 -> {grid}^3, recipe {describe(run_config)}")
         train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after,
                   init_state=None if resume else {"student": student.state_dict(), "teacher": teacher.state_dict()})
+        return folder
+    finally:
+        held.close()
+        cleanup()
+
+
+def _adapt_simmim(from_run: Path, source: RunRecord, *, iteration: int | None, iters: int, run_name: str | None,
+                  batch_size: int | None, stop_after: int | None, restart: bool, num_workers: int, device: str,
+                  precision: str, save_every: int, snapshot_every: int | None, grad_checkpointing: bool,
+                  probe_every: int | None, augment_device: str) -> Path:
+    """adapt-highres of a ``--method simmim`` run: SimMIM continued on ``pretrain_highres`` (112^3 crops), the
+    position embedding interpolated to 7^3, the schedule restarted; returns the new run folder."""
+    recorded = SimMIMRunConfig.from_options(source.options)
+    checkpoint_path = source_checkpoint(from_run, iteration)
+    console = Console(stderr=True)
+    plans_list = [dataset_plans(d) for d in recorded.datasets]
+    _refuse_without_volumes(plans_list)
+    config = pooled_configuration(plans_list, "pretrain_highres")
+    PretrainDataset([f for f, _ in plans_list], "pretrain_highres", config.min_axis)  # its refusals, before any write
+    dist = init_distributed(device)
+    held = contextlib.ExitStack()
+    try:
+        augmentations = simmim_augmentations(augment_device)
+        state = load_checkpoint(checkpoint_path, rerun="3dino pretrain --method simmim")
+        network = build_simmim_network(SimMIMRunConfig.from_options(state["config"]))
+        network.load_state_dict(state["network"])
+        network.backbone.interpolate_pos_embed_to(config.global_crop // 16)
+        run_config, decisions = simmim_config(
+            config, dist, console, preset=recorded.preset, iters=iters, batch_size=batch_size, precision=precision,
+            snapshot_every=snapshot_every, probe_every=probe_every, drop_path=recorded.drop_path,
+            overrides={"layerscale_init": recorded.layerscale_init}, datasets=recorded.datasets,
+            configuration="pretrain_highres", seed=recorded.seed, mask_ratio=recorded.mask_ratio,
+            num_workers=num_workers, save_every=save_every, grad_checkpointing=grad_checkpointing,
+            augment_device=augmentations["implementation"],
+            init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}")
+        folder = run_folder(from_run.parent, run_name, f"{from_run.name}__highres")
+        held.enter_context(run_lock(folder, dist))
+        record = RunRecord(stage="adapt-highres", options=run_config.options(),
+                           volatile=list(SimMIMRunConfig.VOLATILE),
+                           plans=plans_dependencies(plans_list, "pretrain_highres"),
+                           decisions={**decisions, "augmentations": augmentations})
+        resume = open_run(folder, record, restart=restart, dist=dist)
+        if finished_already(folder, resume, stop_after, console):
+            return folder
+        if dist.is_main:
+            console.print(f"adapt-highres run {folder} (SimMIM) from {checkpoint_path} (iteration "
+                          f"{state['iteration']}): {iters} iterations, crop {config.global_crop}, position grid "
+                          f"{recorded.pos_grid}^3 -> {run_config.pos_grid}^3, mask ratio {run_config.mask_ratio:g}")
+        train_simmim(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after,
+                     init_state=None if resume else {"network": network.state_dict()})
         return folder
     finally:
         held.close()

@@ -81,6 +81,7 @@ class SimMIMRunConfig:
     world_size: int = 1
     augment_device: str = "cpu-monai"
     method: str = METHOD
+    init_from: str | None = None  # adapt-highres: ``<run>/<checkpoint>@<iteration>`` it continues
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
