@@ -19,21 +19,21 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import DistInfo, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS
-from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
+from threedino_pipe.training.pretrain_run import train_run
+from threedino_pipe.training.run_setup import dataset_plans, run_folder, run_lock
 from threedino_pipe.training.simmim_setup import check_method, simmim_augmentations, simmim_config
-from threedino_pipe.training.simmim_trainer import SimMIMRunConfig, train_simmim
+from threedino_pipe.training.simmim_trainer import SimMIMRunConfig
 from threedino_pipe.training.ssl_model import HEAD_DIMS
 from threedino_pipe.training.ssl_setup import (
     budget_iterations,
     config_from_plans,
     describe,
-    finished_already,
     plans_dependencies,
     pooled_configuration,
     recipe_decisions,
     resolve_augment_device,
 )
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, train_ssl
+from threedino_pipe.training.ssl_trainer import SSLRunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +133,17 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
 def _train(folder: Path, record: RunRecord, run_config: SSLRunConfig | SimMIMRunConfig, plans_list: list,
            dist: DistInfo, console: Console, restart: bool, stop_after: int | None) -> Path:
     """Open (or resume) the run folder with ``record`` and train the run's method into it."""
-    resume = open_run(folder, record, restart=restart, dist=dist)
-    if finished_already(folder, resume, stop_after, console):
-        return folder
     simmim = isinstance(run_config, SimMIMRunConfig)
-    if dist.is_main:
-        what = (f"SimMIM, mask ratio {run_config.mask_ratio:g}, peak lr {run_config.peak_lr:.3g}" if simmim
-                else f"3DINO, recipe {describe(run_config)}")
-        console.print(f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {run_config.preset}, "
-                      f"{run_config.iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
-                      f"{run_config.precision}, device {dist.device}, augmentations {run_config.augment_device}, "
-                      f"{what}")
-    train = train_simmim if simmim else train_ssl
-    train(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after)
+    what = (f"SimMIM, mask ratio {run_config.mask_ratio:g}, peak lr {run_config.peak_lr:.3g}" if simmim
+            else f"3DINO, recipe {describe(run_config)}")
+
+    def announce(resume: bool) -> str:
+        return (f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {run_config.preset}, "
+                f"{run_config.iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
+                f"{run_config.precision}, device {dist.device}, augmentations {run_config.augment_device}, {what}")
+
+    train_run(folder, record, run_config, [f for f, _ in plans_list], dist, console, restart=restart,
+              stop_after=stop_after, announce=announce)
     if dist.is_main:
         console.print(f"[green]pretrain[/]: {folder}")
     return folder

@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.vit3d import VisionTransformer3D
-from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.errors import UserError
@@ -33,8 +32,13 @@ from threedino_pipe.runtime.precision import autocast, make_scaler
 from threedino_pipe.ssl import apply_schedules, build_param_groups, clip_gradients, make_schedules, schedule_values
 from threedino_pipe.ssl.simmim import masked_l1, patchify, random_token_masks
 from threedino_pipe.training.feature_probe import probe_score
-from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
-from threedino_pipe.training.ssl_trainer import first_probe_cases
+from threedino_pipe.training.loop import check_finite, optimizer_step
+from threedino_pipe.training.ssl_trainer import (
+    first_probe_cases,
+    restore_optimisation,
+    run_pretraining,
+    save_run_backbone,
+)
 from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
 
 logger = logging.getLogger(__name__)
@@ -212,19 +216,13 @@ class SimMIMTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
+        restore_optimisation(state, self.optimizer, self.scaler, self.loader)
 
     def on_save(self, folder: Path, iteration: int) -> None:
         pass
 
     def finish(self, folder: Path, iteration: int) -> None:
-        save_backbone(self.network.backbone, folder / "backbone.pt", preset=self.config.preset,
-                      meta={"run": folder.name, "iteration": iteration, "datasets": self.config.datasets,
-                            "configuration": self.config.configuration, "kind": "simmim_backbone",
-                            "method": METHOD, "family": self.network.backbone.family})
+        save_run_backbone(self.network.backbone, folder, iteration, self.config, "simmim_backbone")
 
     def close(self) -> None:
         self.loader.close()
@@ -233,9 +231,5 @@ class SimMIMTask:
 def train_simmim(config: SimMIMRunConfig, folder: Path, dataset_folders: list[Path], dist: DistInfo, *,
                  resume: bool, stop_after: int | None = None, init_state: dict | None = None) -> Path:
     """Run (or resume) SimMIM training into ``folder`` (run.json already written); returns the folder."""
-    task = SimMIMTask(config, dataset_folders, dist, init_state)
-    settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=CHECKPOINT_FORMAT,
-                            config=config.options(), curves=CURVES, snapshot_every=config.snapshot_every,
-                            log_every=config.log_every, final_checkpoint=True, stop_after=stop_after)
-    TrainingLoop(task, folder, dist, settings).run(resume=resume)
-    return folder
+    return run_pretraining(SimMIMTask(config, dataset_folders, dist, init_state), config, folder, dist,
+                           CHECKPOINT_FORMAT, CURVES, resume=resume, stop_after=stop_after)
