@@ -132,6 +132,14 @@ def build_simmim_network(config: SimMIMRunConfig) -> SimMIMNetwork:
     return SimMIMNetwork(backbone)
 
 
+def simmim_optimizer(network: SimMIMNetwork) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999) over backbone and head: no layer-wise decay, weight decay off for biases, norms,
+    LayerScale and tokens (lr and weight decay are set each step from the schedules)."""
+    groups = build_param_groups(network.backbone.named_parameters(), network.head.named_parameters(prefix="head"),
+                                layer_decay=1.0, patch_embed_lr_mult=1.0)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+
+
 def simmim_loss(network: nn.Module, crops: Tensor, masks: Tensor, patch: int) -> Tensor:
     """Masked L1 of ``network``'s reconstruction of ``crops`` (``[B, C, g, g, g]``) under ``masks`` ``[B, n]``."""
     prediction = network(crops, masks)
@@ -152,10 +160,7 @@ class SimMIMTask:
         self.network.to(dist.device)
         if config.grad_checkpointing:
             self.network.backbone.set_grad_checkpointing(True)
-        groups = build_param_groups(self.network.backbone.named_parameters(),
-                                    self.network.head.named_parameters(prefix="head"),
-                                    layer_decay=1.0, patch_embed_lr_mult=1.0)
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+        self.optimizer = simmim_optimizer(self.network)
         self.scaler = make_scaler(config.precision, dist.device)
         self.total_batch = config.batch_size * dist.world_size
         self.schedules = make_schedules(config.iters, self.total_batch, peak_lr=config.peak_lr, min_lr=MIN_LR,
