@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +197,32 @@ def test_simmim_refusals(simmim_runs, tmp_path):
         assert isinstance(outcome.exception, UserError), (args, outcome.output, outcome.exception)
         assert message in str(outcome.exception), (args, str(outcome.exception))
     assert not (tmp_path / "results").exists() and not (tmp_path / "t.pth").exists()
+
+
+@pytest.mark.e2e
+def test_simmim_torchrun_two_ranks_match_one_process_with_double_batch(simmim_runs, tmp_path):
+    """Each rank its share of the batch and of the iteration's masks, DDP-averaged gradients: the same weights
+    as one process (every crop masks as many patches, so the mean of the ranks' losses is the batch's). A tiny
+    learning rate keeps Adam's sign-like first updates of near-zero gradients below the tolerance."""
+    env = {**simmim_runs["env"], "THREEDINO_RESULTS": str(tmp_path / "results")}
+    common = (*SIMMIM[:8], "3", "--num-workers", "0", "--precision", "fp32", "--no-progress", "--snapshot-every",
+              "0", "--probe-every", "0", "--drop-path", "0", "--peak-lr", "1e-6")
+    single = run_3dino(*common, "--batch-size", "2", "--run", "single", env=env)
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), "-m", "threedino_pipe.cli", *common,
+                          "--batch-size", "1", "--run-name", "ddp"],
+                         capture_output=True, text=True, env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+                         cwd=REPO, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    runs = tmp_path / "results" / "pretrain"
+    a, b = (torch.load(runs / name / "checkpoint_final.pt", weights_only=True)["network"] for name in ("single", "ddp"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=key)
+    assert json.loads((runs / "ddp" / "run.json").read_text())["options"]["world_size"] == 2
 
 
 @pytest.mark.e2e

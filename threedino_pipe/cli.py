@@ -264,8 +264,9 @@ def finetune(
                                              "probe (classification datasets). Default: adapter with a pretrained "
                                              "backbone, unetr with --backbone none, probe for classification.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
-                                          "pretrain run), a pretrain run folder, a backbone file (ours or the "
-                                          "official 3DINO-ViT), or none (random init, trained end to end).")]
+                                          "pretrain run), a pretrain run folder (3DINO: the paper's 3DINO-ViT; "
+                                          "--method simmim: MIM-ViT), a backbone file (ours or the official "
+                                          "3DINO-ViT), or none (random init, trained end to end: Random).")]
     = "auto",
     unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
                                            "frozen).")] = False,
