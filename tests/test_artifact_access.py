@@ -39,6 +39,7 @@ SHARED_KEYS = {
     "best": "checkpoint_latest.pt of a finetune run (its best validation)",
     "lr": "torch optimiser param groups and schedule values",
     "preset": "backbone checkpoint metadata (models/weight_files.py)",
+    "method": "backbone checkpoint metadata and the pretraining configs (SSLRunConfig, SimMIMRunConfig options)",
     "backbone": "backbone checkpoint files ({'backbone': state_dict})",
     "embed_dim": "backbone dims dicts (models/presets.py)",
     "kind": "the header of torch files (feature cache)",

@@ -168,7 +168,7 @@ def test_random_init_unetr_learns_tissue_model_json_reproduces_validation_same_s
     assert model_json["kind"] == "model" and model_json["schema_version"] == 1 and model_json["task"] == "segmentation"
     assert model_json["plans"]["kind"] == "plans" and model_json["head"] == "unetr"
     assert model_json["backbone"] == {"tag": "none", "source": "none", "sha256": None, "frozen": False,
-                                      "preset": None, "family": "vit3d"}
+                                      "preset": None, "family": "vit3d", "method": None}
     assert model_json["num_outputs"] == 3 and model_json["output"] == "softmax" and model_json["in_channels"] == 1
     assert model_json["patch_size"] == model_json["plans"]["configurations"]["finetune"]["patch_size"]
     assert (model_json["fold"], model_json["pct"], model_json["seed"]) == (0, 50.0, 0)

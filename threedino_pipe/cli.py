@@ -158,7 +158,8 @@ def pretrain(
     num_workers: Workers = 2,
     device: Device = "auto",
     precision: Precision = "auto",
-    drop_path: Annotated[float, typer.Option("--drop-path", min=0.0, max=1.0, help="Stochastic depth rate.")] = 0.3,
+    drop_path: Annotated[float | None, typer.Option("--drop-path", min=0.0, max=1.0, help="Stochastic depth rate "
+                                                    "(default: 0.3 for dino, 0.1 for simmim).")] = None,
     koleo_weight: Annotated[float, typer.Option("--koleo-weight", min=0.0, help="Weight of the KoLeo term.")] = 0.1,
     base_lr: Annotated[float, typer.Option("--base-lr", help="Base lr, scaled by sqrt(total batch / 1024); the "
                                            "auto recipe keeps the peak at least half of it.")] = 0.002,
@@ -198,10 +199,14 @@ def pretrain(
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
     augment_device: AugmentDevice = "auto",
+    method: Annotated[str, typer.Option("--method", help="Objective: dino (3DINO) or simmim (masked voxel "
+                                        "reconstruction, L1; the paper's MIM-ViT baseline).")] = "dino",
+    mask_ratio: Annotated[float | None, typer.Option("--mask-ratio", help="simmim: fraction of patches masked "
+                                                     "(default 0.6, SimMIM's).")] = None,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Self-supervised 3DINO pretraining of a 3D ViT on one or more preprocessed datasets."""
+    """Self-supervised pretraining of a 3D ViT (3DINO, or SimMIM) on one or more preprocessed datasets."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import pretrain as stage
     overrides = {"centering": centering, "ibot_centering": ibot_centering, "queue_size": queue_size, "peak_lr": peak_lr,
@@ -212,7 +217,8 @@ def pretrain(
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
               grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
-              probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device)
+              probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device, method=method,
+              mask_ratio=mask_ratio)
 
 
 @app.command("adapt-highres")
@@ -261,8 +267,9 @@ def finetune(
                                              "probe (classification datasets). Default: adapter with a pretrained "
                                              "backbone, unetr with --backbone none, probe for classification.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
-                                          "pretrain run), a pretrain run folder, a backbone file (ours or the "
-                                          "official 3DINO-ViT), or none (random init, trained end to end).")]
+                                          "pretrain run), a pretrain run folder (3DINO: the paper's 3DINO-ViT; "
+                                          "--method simmim: MIM-ViT), a backbone file (ours or the official "
+                                          "3DINO-ViT), or none (random init, trained end to end: Random).")]
     = "auto",
     unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
                                            "frozen).")] = False,

@@ -23,7 +23,11 @@ PROBE_ONLY = ("normalization", "input_view", "probe")
 
 
 class BackboneRecord(Record):
-    """Which backbone the model started from (``source`` ``none``: random initialisation)."""
+    """Which backbone the model started from (``source`` ``none``: random initialisation).
+
+    ``method``: how the backbone was pretrained (``dino`` = 3DINO, ``simmim``), None for random
+    initialisation, a file of unknown origin, or a card written before methods were recorded.
+    """
 
     tag: str
     source: str
@@ -31,6 +35,7 @@ class BackboneRecord(Record):
     frozen: bool
     preset: str | None = None
     family: str = "vit3d"
+    method: str | None = None
 
 
 class BestMetric(Record):

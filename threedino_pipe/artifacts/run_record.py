@@ -64,7 +64,8 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 # Options added to the run record after runs were made without them: the value an older run used.
-OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai"}  # before --augment-device every run augmented with MONAI
+# before --augment-device every run augmented with MONAI; before --method every pretrain run was 3DINO
+OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai", "method": "dino"}
 
 
 def run_differences(folder: Path, record: RunRecord) -> list[str]:

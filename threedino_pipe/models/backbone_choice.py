@@ -40,6 +40,8 @@ class BackboneChoice:
         info: the family loader's info (dims, layout, preset, ...), empty for random init.
         how: one line saying how it was chosen (printed by finetune).
         family: the backbone family (:mod:`threedino_pipe.models.backbones`).
+        method: how it was pretrained (``dino``, ``simmim``; :func:`pretraining_method`), None when
+            unknown or for random initialisation.
     """
 
     tag: str
@@ -50,6 +52,7 @@ class BackboneChoice:
     info: dict = field(default_factory=dict)
     how: str = ""
     family: str = DEFAULT_FAMILY
+    method: str | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -68,6 +71,18 @@ def file_sha256(path: str | Path, digits: int = 16) -> str:
         for block in iter(lambda: fh.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()[:digits]
+
+
+def pretraining_method(info: dict) -> str | None:
+    """The method that pretrained a loaded backbone file (``info`` of its family's loader): the ``method`` of
+    its metadata; ``dino`` for the released 3DINO-ViT layout and for our 3DINO files written before
+    methods were recorded (metadata ``kind`` ``teacher_backbone``); else None (unknown)."""
+    meta = info.get("meta") or {}
+    if meta.get("method"):
+        return str(meta["method"])
+    if meta.get("kind") == "teacher_backbone" or str(info.get("layout", "")).startswith("released"):
+        return "dino"
+    return None
 
 
 def safe_tag(name: str) -> str:
@@ -134,4 +149,5 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
             how = f"--backbone: the file {path}"
     model, info = get_family(family).load(path, expect=expect)
     return BackboneChoice(tag=_tag_for_file(path), source=str(path.resolve()), path=path,
-                          sha256=file_sha256(path), model=model, info=info, how=how, family=model.family)
+                          sha256=file_sha256(path), model=model, info=info, how=how, family=model.family,
+                          method=pretraining_method(info))

@@ -14,23 +14,25 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe.artifacts import Fingerprint, Plans, RunRecord
+from threedino_pipe.artifacts import Fingerprint, Plans, PretrainConfiguration, RunRecord
 from threedino_pipe.planning.planner import cases_passing, largest_smallest_axis
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
+from threedino_pipe.training.pretrain_run import train_run
+from threedino_pipe.training.run_setup import dataset_plans, run_folder, run_lock
+from threedino_pipe.training.simmim_setup import simmim_augmentations, simmim_config
+from threedino_pipe.training.simmim_trainer import SimMIMRunConfig, build_simmim_network
 from threedino_pipe.training.ssl_setup import (
     config_from_plans,
     describe,
-    finished_already,
     plans_dependencies,
     pooled_configuration,
     recipe_decisions,
     resolve_augment_device,
     source_checkpoint,
 )
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair, train_ssl
+from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair
 from threedino_pipe.training_data.pretrain_loader import PretrainDataset
 
 
@@ -47,16 +49,18 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
     """
     from_run = Path(from_run)
     source = RunRecord.read(from_run / RunRecord.FILE, rerun="3dino pretrain")
+    if source.options.get("method") == "simmim":
+        if base_lr != 0.001:
+            raise UserError("--base-lr is a 3DINO option; a SimMIM run continues with SimMIM's learning-rate rule",
+                            file=from_run / RunRecord.FILE, fix="leave --base-lr out for a --method simmim run")
+        return _adapt_simmim(from_run, source, iteration=iteration, iters=iters, run_name=run_name,
+                             batch_size=batch_size, stop_after=stop_after, restart=restart, num_workers=num_workers,
+                             device=device, precision=precision, save_every=save_every, snapshot_every=snapshot_every,
+                             grad_checkpointing=grad_checkpointing, probe_every=probe_every,
+                             augment_device=augment_device)
     recorded = SSLRunConfig.from_options(source.options)
-    if recorded.configuration != "pretrain":
-        raise UserError("this run is not a stage-1 pretrain run", file=from_run / RunRecord.FILE,
-                        fix="pass the folder of a `3dino pretrain` run")
-    checkpoint_path = source_checkpoint(from_run, iteration)
+    checkpoint_path, plans_list, config = _sources(from_run, recorded, iteration)
     console = Console(stderr=True)
-    plans_list = [dataset_plans(d) for d in recorded.datasets]
-    _refuse_without_volumes(plans_list)
-    config = pooled_configuration(plans_list, "pretrain_highres")
-    PretrainDataset([f for f, _ in plans_list], "pretrain_highres", config.min_axis)  # its refusals, before any write
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
@@ -79,16 +83,69 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),
                            plans=plans_dependencies(plans_list, "pretrain_highres"),
                            decisions={**recipe_decisions(run_config), "augmentations": augmentations})
-        resume = open_run(folder, record, restart=restart, dist=dist)
-        if finished_already(folder, resume, stop_after, console):
-            return folder
-        if dist.is_main:
-            console.print(f"adapt-highres run {folder} from {checkpoint_path} (iteration {state['iteration']}): "
-                          f"{iters} iterations, crops {config.global_crop}/{config.local_crop}, position grid "
-                          f"{src_config.pos_grid}^3 -> {grid}^3, recipe {describe(run_config)}")
-        train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after,
-                  init_state=None if resume else {"student": student.state_dict(), "teacher": teacher.state_dict()})
-        return folder
+        line = (f"adapt-highres run {folder} from {checkpoint_path} (iteration {state['iteration']}): {iters} "
+                f"iterations, crops {config.global_crop}/{config.local_crop}, position grid {src_config.pos_grid}^3 -> "
+                f"{grid}^3, recipe {describe(run_config)}")
+        return train_run(folder, record, run_config, [f for f, _ in plans_list], dist, console, restart=restart,
+                         stop_after=stop_after, announce=lambda resume: line,
+                         init_state={"student": student.state_dict(), "teacher": teacher.state_dict()})
+    finally:
+        held.close()
+        cleanup()
+
+
+def _sources(from_run: Path, recorded: SSLRunConfig | SimMIMRunConfig,
+             iteration: int | None) -> tuple[Path, list[tuple[Path, Plans]], PretrainConfiguration]:
+    """The source run's checkpoint, its datasets' plans and their pooled ``pretrain_highres`` configuration;
+    every refusal (not a stage-1 run, no such snapshot, no volume passing the min axis) before any write."""
+    if recorded.configuration != "pretrain":
+        raise UserError("this run is not a stage-1 pretrain run", file=from_run / RunRecord.FILE,
+                        fix="pass the folder of a `3dino pretrain` run")
+    checkpoint_path = source_checkpoint(from_run, iteration)
+    plans_list = [dataset_plans(d) for d in recorded.datasets]
+    _refuse_without_volumes(plans_list)
+    config = pooled_configuration(plans_list, "pretrain_highres")
+    PretrainDataset([f for f, _ in plans_list], "pretrain_highres", config.min_axis)  # its refusals
+    return checkpoint_path, plans_list, config
+
+
+def _adapt_simmim(from_run: Path, source: RunRecord, *, iteration: int | None, iters: int, run_name: str | None,
+                  batch_size: int | None, stop_after: int | None, restart: bool, num_workers: int, device: str,
+                  precision: str, save_every: int, snapshot_every: int | None, grad_checkpointing: bool,
+                  probe_every: int | None, augment_device: str) -> Path:
+    """adapt-highres of a ``--method simmim`` run: SimMIM continued on ``pretrain_highres`` (112^3 crops), the
+    position embedding interpolated to 7^3, the schedule restarted; returns the new run folder."""
+    recorded = SimMIMRunConfig.from_options(source.options)
+    checkpoint_path, plans_list, config = _sources(from_run, recorded, iteration)
+    console = Console(stderr=True)
+    dist = init_distributed(device)
+    held = contextlib.ExitStack()
+    try:
+        augmentations = simmim_augmentations(augment_device)
+        state = load_checkpoint(checkpoint_path, rerun="3dino pretrain --method simmim")
+        network = build_simmim_network(SimMIMRunConfig.from_options(state["config"]))
+        network.load_state_dict(state["network"])
+        network.backbone.interpolate_pos_embed_to(config.global_crop // 16)
+        run_config, decisions = simmim_config(
+            config, dist, console, preset=recorded.preset, iters=iters, batch_size=batch_size, precision=precision,
+            snapshot_every=snapshot_every, probe_every=probe_every, drop_path=recorded.drop_path,
+            overrides={"layerscale_init": recorded.layerscale_init}, datasets=recorded.datasets,
+            configuration="pretrain_highres", seed=recorded.seed, mask_ratio=recorded.mask_ratio,
+            num_workers=num_workers, save_every=save_every, grad_checkpointing=grad_checkpointing,
+            augment_device=augmentations["implementation"],
+            init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}")
+        folder = run_folder(from_run.parent, run_name, f"{from_run.name}__highres")
+        held.enter_context(run_lock(folder, dist))
+        record = RunRecord(stage="adapt-highres", options=run_config.options(),
+                           volatile=list(SimMIMRunConfig.VOLATILE),
+                           plans=plans_dependencies(plans_list, "pretrain_highres"),
+                           decisions={**decisions, "augmentations": augmentations})
+        line = (f"adapt-highres run {folder} (SimMIM) from {checkpoint_path} (iteration {state['iteration']}): "
+                f"{iters} iterations, crop {config.global_crop}, position grid {recorded.pos_grid}^3 -> "
+                f"{run_config.pos_grid}^3, mask ratio {run_config.mask_ratio:g}")
+        return train_run(folder, record, run_config, [f for f, _ in plans_list], dist, console, restart=restart,
+                         stop_after=stop_after, announce=lambda resume: line,
+                         init_state={"network": network.state_dict()})
     finally:
         held.close()
         cleanup()

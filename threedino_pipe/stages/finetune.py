@@ -149,7 +149,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             val_every=val_every or default_val_every(iters), overlap=overlap,
             precision=resolve_precision(precision, dist.device), world_size=dist.world_size,
             augmentation=Augmentation.for_spacing(config.spacing).options() if augment else {},
-            backbone_family=choice.family,
+            backbone_family=choice.family, backbone_method=choice.method,
             num_workers=num_workers, save_every=save_every, device=device)
         tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
         folder = run_folder(paths.results_root() / pre.name, run_name, run_folder_name(head, tag, pct, fold, seed))
@@ -219,7 +219,7 @@ def _model_card(plans: Plans, config: SegRunConfig, choice: BackboneChoice, fine
         channel_names=plans.channel_names, labels=plans.labels, regions_class_order=plans.regions_class_order,
         class_names=plans.class_names, head=config.head, model_args={},
         backbone=BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=config.frozen,
-                                family=config.backbone_family,
+                                family=config.backbone_family, method=choice.method,
                                 preset=choice.info.get("preset") if choice.pretrained else None),
         in_channels=config.in_channels, num_outputs=config.num_outputs, output=config.output,
         patch_size=config.patch_size, fold=config.fold, pct=config.pct, seed=config.seed,

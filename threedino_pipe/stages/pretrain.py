@@ -1,8 +1,9 @@
-"""``3dino pretrain``: 3DINO self-supervised pretraining on pooled preprocessed datasets.
+"""``3dino pretrain``: self-supervised pretraining (3DINO, or SimMIM) on pooled preprocessed datasets.
 
 Reads each dataset's ``plans.json`` (configuration ``pretrain``) and ``pretrain/`` arrays; writes
 ``<results>/pretrain/<run>/`` (docs/architecture.md, the stage contract). A rerun of the same command resumes; one
-with other options refuses (``--run`` / ``--restart``).
+with other options refuses (``--run`` / ``--restart``). ``--method`` picks the objective: ``dino`` (3DINO,
+:mod:`threedino_pipe.training.ssl_trainer`) or ``simmim`` (:mod:`threedino_pipe.training.simmim_trainer`).
 """
 
 from __future__ import annotations
@@ -15,34 +16,43 @@ from rich.console import Console
 
 from threedino_pipe.artifacts import RunRecord
 from threedino_pipe.runtime import paths
-from threedino_pipe.runtime.distributed import cleanup, init_distributed
+from threedino_pipe.runtime.distributed import DistInfo, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS
-from threedino_pipe.training.run_setup import dataset_plans, open_run, run_folder, run_lock
+from threedino_pipe.training.pretrain_run import train_run
+from threedino_pipe.training.run_setup import dataset_plans, run_folder, run_lock
+from threedino_pipe.training.simmim_setup import check_method, simmim_augmentations, simmim_config
+from threedino_pipe.training.simmim_trainer import SimMIMRunConfig
 from threedino_pipe.training.ssl_model import HEAD_DIMS
 from threedino_pipe.training.ssl_setup import (
     budget_iterations,
     config_from_plans,
     describe,
-    finished_already,
     plans_dependencies,
     pooled_configuration,
     recipe_decisions,
     resolve_augment_device,
 )
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, train_ssl
+from threedino_pipe.training.ssl_trainer import SSLRunConfig
 
 logger = logging.getLogger(__name__)
 
 
 def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000, batch_size: int | None = None,
         run_name: str | None = None, stop_after: int | None = None, restart: bool = False, seed: int = 0,
-        num_workers: int = 2, device: str = "auto", precision: str = "auto", drop_path: float = 0.3,
+        num_workers: int = 2, device: str = "auto", precision: str = "auto", drop_path: float | None = None,
         koleo_weight: float = 0.1, base_lr: float = 0.002, prototypes: int | None = None,
         save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
         recipe: str = "auto", recipe_overrides: dict | None = None, probe_every: int | None = None,
-        budget_hours: float | None = None, augment_device: str = "auto") -> Path:
-    """Pretrain a 3D ViT with 3DINO on the pooled ``datasets``; returns the run folder.
+        budget_hours: float | None = None, augment_device: str = "auto", method: str = "dino",
+        mask_ratio: float | None = None) -> Path:
+    """Pretrain a 3D ViT with 3DINO (``method`` ``dino``) or SimMIM (``simmim``) on the pooled ``datasets``;
+    returns the run folder.
+
+    ``drop_path`` None is the method's (0.3 for 3DINO, 0.1 for SimMIM); ``mask_ratio`` (SimMIM only) None is 0.6.
+    Under ``simmim`` the 3DINO-only options (KoLeo, base lr, prototypes, recipe, centring, teacher settings,
+    ``budget_hours``) are refused when set; ``recipe_overrides`` may set ``peak_lr``, ``warmup_iters`` and
+    ``layerscale_init``.
 
     ``recipe`` ``auto`` adapts the paper's settings to the run's batch and length, ``paper`` keeps them
     (:mod:`threedino_pipe.ssl.recipe`); ``recipe_overrides`` sets single settings (None = the recipe's).
@@ -53,6 +63,13 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision}", fix=f"use one of {', '.join(PRECISIONS)}")
+    overrides = {k: v for k, v in (recipe_overrides or {}).items() if v is not None}
+    check_method(method, {"--koleo-weight": koleo_weight, "--base-lr": base_lr, "--prototypes": prototypes,
+                          "--recipe": recipe, "--centering": overrides.get("centering"),
+                          "--queue-size": overrides.get("queue_size"),
+                          "--momentum-start": overrides.get("momentum_start"),
+                          "--teacher-temp": overrides.get("teacher_temp_end"), "--budget-hours": budget_hours},
+                 mask_ratio)
     console = Console(stderr=True)
     plans_list = [dataset_plans(d) for d in datasets]
     config = pooled_configuration(plans_list, "pretrain")
@@ -61,10 +78,24 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(HEAD_DIMS)}")
     names = [folder.name for folder, _ in plans_list]
     ids = "+".join(str(paths.dataset_id(n)) for n in names)
-    folder = run_folder(paths.results_root() / "pretrain", run_name, f"{preset}__{ids}")
+    label = preset if method == "dino" else f"{preset}__{method}"  # existing 3DINO runs keep their folders
+    folder = run_folder(paths.results_root() / "pretrain", run_name, f"{label}__{ids}")
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
+        if method == "simmim":
+            augmentations = simmim_augmentations(augment_device)
+            run_config, decisions = simmim_config(
+                config, dist, console, preset=preset, iters=iters, batch_size=batch_size, precision=precision,
+                snapshot_every=snapshot_every, probe_every=probe_every, drop_path=drop_path, overrides=overrides,
+                datasets=names, configuration="pretrain", seed=seed, mask_ratio=mask_ratio, num_workers=num_workers,
+                save_every=save_every, grad_checkpointing=grad_checkpointing,
+                augment_device=augmentations["implementation"])
+            held.enter_context(run_lock(folder, dist))
+            record = RunRecord(stage="pretrain", options=run_config.options(), volatile=list(SimMIMRunConfig.VOLATILE),
+                               plans=plans_dependencies(plans_list, "pretrain"),
+                               decisions={**decisions, "augmentations": augmentations})
+            return _train(folder, record, run_config, plans_list, dist, console, restart, stop_after)
         augmentations = resolve_augment_device(augment_device, dist.device)
         held.enter_context(run_lock(folder, dist))
         head_dims = dict(HEAD_DIMS[preset])
@@ -74,11 +105,13 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         def make_config(n_iters: int) -> SSLRunConfig:
             return config_from_plans(
                 config, dist, console, datasets=names, configuration="pretrain", preset=preset, iters=n_iters,
-                batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision, drop_path=drop_path,
+                batch_size=batch_size, base_lr=base_lr, seed=seed, precision=precision,
+                drop_path=0.3 if drop_path is None else drop_path,
                 koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
                 snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing, recipe_name=recipe,
                 recipe_overrides=recipe_overrides or {}, probe_every=probe_every,
                 augment_device=augmentations["implementation"])
+            held.enter_context(run_lock(folder, dist))
 
         budget = None
         if budget_hours is not None:
@@ -88,20 +121,29 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         run_config = make_config(iters)
         record = RunRecord(stage="pretrain", options={**run_config.options(), "budget_hours": budget_hours},
                            volatile=list(SSLRunConfig.VOLATILE), plans=plans_dependencies(plans_list, "pretrain"),
-                           decisions={**recipe_decisions(run_config), "augmentations": augmentations},
+                           decisions={**recipe_decisions(run_config), "method": "dino", "backbone_family": "vit3d",
+                                      "augmentations": augmentations},
                            budget=budget)
-        resume = open_run(folder, record, restart=restart, dist=dist)
-        if finished_already(folder, resume, stop_after, console):
-            return folder
-        if dist.is_main:
-            console.print(f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {preset}, "
-                          f"{iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
-                          f"{run_config.precision}, device {dist.device}, augmentations {run_config.augment_device}, "
-                          f"recipe {describe(run_config)}")
-        train_ssl(run_config, folder, [f for f, _ in plans_list], dist, resume=resume, stop_after=stop_after)
-        if dist.is_main:
-            console.print(f"[green]pretrain[/]: {folder}")
-        return folder
+        return _train(folder, record, run_config, plans_list, dist, console, restart, stop_after)
     finally:
         held.close()
         cleanup()
+
+
+def _train(folder: Path, record: RunRecord, run_config: SSLRunConfig | SimMIMRunConfig, plans_list: list,
+           dist: DistInfo, console: Console, restart: bool, stop_after: int | None) -> Path:
+    """Open (or resume) the run folder with ``record`` and train the run's method into it."""
+    simmim = isinstance(run_config, SimMIMRunConfig)
+    what = (f"SimMIM, mask ratio {run_config.mask_ratio:g}, peak lr {run_config.peak_lr:.3g}" if simmim
+            else f"3DINO, recipe {describe(run_config)}")
+
+    def announce(resume: bool) -> str:
+        return (f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {run_config.preset}, "
+                f"{run_config.iters} iterations, batch {run_config.batch_size} x {dist.world_size} process(es), "
+                f"{run_config.precision}, device {dist.device}, augmentations {run_config.augment_device}, {what}")
+
+    train_run(folder, record, run_config, [f for f, _ in plans_list], dist, console, restart=restart,
+              stop_after=stop_after, announce=announce)
+    if dist.is_main:
+        console.print(f"[green]pretrain[/]: {folder}")
+    return folder

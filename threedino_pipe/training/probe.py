@@ -124,7 +124,7 @@ def _backbone(spec: str, preset: str | None, config: FinetuneConfiguration, seed
                                 family=family.name)
         return model, choice.tag, record, f"none:{name}:{seed}"
     record = BackboneRecord(tag=choice.tag, source=choice.source, sha256=choice.sha256, frozen=True,
-                            preset=choice.info.get("preset"), family=family.name)
+                            preset=choice.info.get("preset"), family=family.name, method=choice.method)
     return choice.model, choice.tag, record, choice.sha256
 
 

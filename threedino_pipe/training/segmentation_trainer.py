@@ -106,8 +106,9 @@ class SegRunConfig:
     num_workers: int = 2
     save_every: int = 500
     device: str = "auto"
+    backbone_method: str | None = None  # recorded, not compared: backbone_sha256 already pins the file
 
-    VOLATILE = ("num_workers", "save_every", "device", "stop_after")
+    VOLATILE = ("num_workers", "save_every", "device", "stop_after", "backbone_method")
 
     @property
     def num_outputs(self) -> int:

@@ -83,6 +83,7 @@ class SSLRunConfig:
     recipe: dict = field(default_factory=dict)  # SSLRecipe.options() (ssl/recipe.py); empty: the paper's
     recipe_reasons: dict = field(default_factory=dict)  # why each setting deviates from the paper (not compared)
     augment_device: str = "cpu-monai"  # MONAI in the loader's workers, or "torch": batched on the training device
+    method: str = "dino"  # the objective (``3dino pretrain --method``); runs recorded before it ran 3DINO
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
@@ -107,6 +108,10 @@ class SSLRunConfig:
     def from_options(cls, options: dict[str, Any]) -> SSLRunConfig:
         """The config a checkpoint or run.json recorded (fields this version does not know are dropped)."""
         fields = cls.__dataclass_fields__
+        if options.get("method", "dino") != "dino":
+            raise UserError(f"a `--method {options['method']}` run: it has no 3DINO student, teacher or heads",
+                            fix="pass the folder of a `3dino pretrain` run made with --method dino; the "
+                            "run's backbone.pt is what finetune, embed and visualize take")
         missing = [k for k, f in fields.items() if k not in options and f.default is MISSING
                    and f.default_factory is MISSING]
         if missing:
@@ -184,7 +189,7 @@ class SSLTask:
         self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
                                            config.global_crop, config.local_crop, config.num_local_crops,
                                            augment=self.augmenter is None, rank=dist.rank, world_size=dist.world_size)
-        self.probe_cases = _probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
+        self.probe_cases = first_probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
         self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
         self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)
 
@@ -252,10 +257,7 @@ class SSLTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
+        restore_optimisation(state, self.optimizer, self.scaler, self.loader)
         if "dino_centring" in state:
             self.dino_centring.load_state_dict(state["dino_centring"])
             self.ibot_centring.load_state_dict(state["ibot_centring"])
@@ -265,15 +267,41 @@ class SSLTask:
         pass
 
     def finish(self, folder: Path, iteration: int) -> None:
-        save_backbone(self.teacher.backbone, folder / "backbone.pt", preset=self.config.preset,
-                      meta={"run": folder.name, "iteration": iteration, "datasets": self.config.datasets,
-                            "configuration": self.config.configuration, "kind": "teacher_backbone"})
+        save_run_backbone(self.teacher.backbone, folder, iteration, self.config, "teacher_backbone")
 
     def close(self) -> None:
         self.loader.close()
 
 
-def _probe_cases(dataset_folders: list[Path]) -> ProbeCases | None:
+def restore_optimisation(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler | None, loader: Any) -> None:
+    """Restore a pretraining checkpoint's optimiser, gradient scaler (when both have one) and data stream."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+
+
+def save_run_backbone(backbone: torch.nn.Module, folder: Path, iteration: int, config: Any, kind: str) -> None:
+    """``backbone.pt`` of a finished pretraining run, its metadata naming the run, the data, the pretraining
+    ``method`` and the backbone ``family`` (``config``: the run's SSLRunConfig or SimMIMRunConfig)."""
+    save_backbone(backbone, folder / "backbone.pt", preset=config.preset,
+                  meta={"run": folder.name, "iteration": iteration, "datasets": config.datasets,
+                        "configuration": config.configuration, "kind": kind, "method": config.method,
+                        "family": backbone.family})
+
+
+def run_pretraining(task: Any, config: Any, folder: Path, dist: DistInfo, checkpoint_format: str, curves: list,
+                    *, resume: bool, stop_after: int | None) -> Path:
+    """Run (or resume) a pretraining ``task`` into ``folder`` on the shared TrainingLoop; returns the folder."""
+    settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=checkpoint_format,
+                            config=config.options(), curves=curves, snapshot_every=config.snapshot_every,
+                            log_every=config.log_every, final_checkpoint=True, stop_after=stop_after)
+    TrainingLoop(task, folder, dist, settings).run(resume=resume)
+    return folder
+
+
+def first_probe_cases(dataset_folders: list[Path]) -> ProbeCases | None:
     """The first pooled dataset with labelled finetune arrays and splits, for the patch probe."""
     for folder in dataset_folders:
         cases = load_probe_cases(folder)
@@ -295,9 +323,5 @@ def train_ssl(config: SSLRunConfig, folder: Path, dataset_folders: list[Path], d
         stop_after: checkpoint and return after this many iterations of this invocation.
         init_state: ``{"student": ..., "teacher": ...}`` state dicts to start from (adapt-highres).
     """
-    task = SSLTask(config, dataset_folders, dist, init_state)
-    settings = LoopSettings(iters=config.iters, save_every=config.save_every, checkpoint_format=CHECKPOINT_FORMAT,
-                            config=config.options(), curves=CURVES, snapshot_every=config.snapshot_every,
-                            log_every=config.log_every, final_checkpoint=True, stop_after=stop_after)
-    TrainingLoop(task, folder, dist, settings).run(resume=resume)
-    return folder
+    return run_pretraining(SSLTask(config, dataset_folders, dist, init_state), config, folder, dist,
+                           CHECKPOINT_FORMAT, CURVES, resume=resume, stop_after=stop_after)

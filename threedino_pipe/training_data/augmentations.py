@@ -86,6 +86,11 @@ def global_transform_2() -> Compose:
                     RandGibbsNoise(prob=GLOBAL2_GIBBS_PROB, alpha=GIBBS_ALPHA)])
 
 
+def geometric_transform() -> Compose:
+    """SimMIM's crop: the geometric part alone (flips, 90-degree rotations); the target is the crop itself."""
+    return Compose(_geometric())
+
+
 def local_transform() -> Compose:
     """Local crops: geometric, intensity (p 0.8), then Gaussian blur (p 0.5)."""
     return Compose([*_geometric(), _intensity(), _blur(LOCAL_BLUR_PROB)])

@@ -1,4 +1,4 @@
-"""Multi-crop views of one volume: 2 augmented global crops and ``n_local`` augmented local crops."""
+"""Multi-crop views of one volume: 2 (or 1) augmented global crops and ``n_local`` augmented local crops."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import torch
 from monai.transforms import Compose, Randomizable
 from monai.utils import MAX_SEED, convert_to_tensor
 
-from threedino_pipe.training_data.augmentations import global_transform_1, global_transform_2, local_transform
+from threedino_pipe.training_data.augmentations import (
+    geometric_transform,
+    global_transform_1,
+    global_transform_2,
+    local_transform,
+)
 from threedino_pipe.training_data.crops import (
     DEFAULT_RATIO,
     GLOBAL_CROSSSLICE_SCALE,
@@ -43,6 +48,9 @@ class MultiCropper:
         ratio: in-plane aspect ratio range.
         augment: apply the MONAI pipelines of :mod:`threedino_pipe.training_data.augmentations`
             (False: crops only, e.g. for throughput measurements of the reading alone).
+        n_global: global crops per volume: 2 (3DINO) or 1 (SimMIM).
+        geometric_only: augment the crops with flips and 90-degree rotations only (SimMIM's
+            reconstruction target is the crop itself; no intensity, blur or noise transforms).
     """
 
     def __init__(self, global_size: int = 96, local_size: int = 48, n_local: int = 8, *,
@@ -50,17 +58,19 @@ class MultiCropper:
                  global_crossslice_scale: tuple[float, float] = GLOBAL_CROSSSLICE_SCALE,
                  local_inplane_scale: tuple[float, float] = LOCAL_INPLANE_SCALE,
                  local_crossslice_scale: tuple[float, float] = LOCAL_CROSSSLICE_SCALE,
-                 ratio: tuple[float, float] = DEFAULT_RATIO, augment: bool = True) -> None:
-        if n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {n_local}")
-        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+                 ratio: tuple[float, float] = DEFAULT_RATIO, augment: bool = True, n_global: int = 2,
+                 geometric_only: bool = False) -> None:
+        if n_local < 0 or n_global not in (1, 2):
+            raise ValueError(f"need n_local >= 0 and n_global 1 or 2, got {n_local} and {n_global}")
+        self.global_size, self.local_size, self.n_local, self.n_global = global_size, local_size, n_local, n_global
         self.global_crop = RandomResizedCrop3D(global_size, tuple(global_inplane_scale),
                                                tuple(global_crossslice_scale), tuple(ratio))
         self.local_crop = RandomResizedCrop3D(local_size, tuple(local_inplane_scale),
                                               tuple(local_crossslice_scale), tuple(ratio))
         self.augment = augment
-        self.transforms: tuple[Compose, Compose, Compose] | None = (
-            (global_transform_1(), global_transform_2(), local_transform()) if augment else None)
+        pipelines = ((geometric_transform(), geometric_transform(), geometric_transform()) if geometric_only else
+                     (global_transform_1(), global_transform_2(), local_transform()))
+        self.transforms: tuple[Compose, Compose, Compose] | None = pipelines if augment else None
         # One RandomState shared by every random transform, reseeded per crop: as deterministic as
         # Compose.set_random_state(seed=...), which builds a new RandomState for each of about 12
         # transforms per crop (about 12 % of the pipeline's time).
@@ -82,11 +92,11 @@ class MultiCropper:
         """Views of ``volume`` (``C x X x Y x Z`` tensor, numpy or blosc2 array; only the boxes are read).
 
         Returns:
-            {"global": float32 ``[2, C, g, g, g]`` (crop 1 then crop 2),
+            {"global": float32 ``[n_global, C, g, g, g]`` (crop 1 then crop 2),
              "local": float32 ``[n_local, C, l, l, l]``}.
         """
         t1, t2, tl = self.transforms if self.transforms is not None else (None, None, None)
-        globals_ = [self._apply(t, self.global_crop(volume, rng), rng) for t in (t1, t2)]
+        globals_ = [self._apply(t, self.global_crop(volume, rng), rng) for t in (t1, t2)[:self.n_global]]
         locals_ = [self._apply(tl, self.local_crop(volume, rng), rng) for _ in range(self.n_local)]
         channels = int(volume.shape[0])
         local = (torch.stack(locals_) if locals_ else
