@@ -101,7 +101,8 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                             "num_workers": 1, "continue": False, "checkpoint": "best",
                             "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10,
                             "qc": True, "qc_min_confidence": 0.7,
-                            "keep_patient_names": False, "skip": True}}
+                            "keep_patient_names": False, "skip": True,
+                            "coarse": False}}
 CASE_QC = {"kind": "case_qc", **HEAD, "case_id": "39684a91631ceb9d", "weights_checksum": "cd" * 32,
            "spacing_mm": [0.8, 0.8, 3.0], "series_ranks": [2],
            "structures": [{"name": "organ", "label_values": [1], "voxels": 1000, "volume_ml": 1.92, "components": 2,

@@ -15,11 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_3dino
 from test_predict import one_thread  # noqa: F401 - the fixture: one torch thread
-from test_window_skip import finetuned  # noqa: F401 - the fixture: a briefly finetuned model
+from test_window_skip import assert_same_labels, finetuned, predict_sides  # noqa: F401 - finetuned: the fixture
 
-from threedino_pipe.artifacts import PredictArgs, PredictLogLine
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.air_windows import AirRule, WindowCounts, WindowSkip, all_background, body_mask
 from threedino_pipe.inference.blended_rows import BlendedRows, materialise, window_starts
@@ -37,7 +35,6 @@ from threedino_pipe.inference.predictor import (
     blended_probabilities,
     coarse_pass,
 )
-from threedino_pipe.raw_data.image_io import read_image
 
 SHAPE = (64, 56, 48)
 PATCH = (16, 16, 16)
@@ -185,25 +182,11 @@ def test_the_probe_turns_the_coarse_mask_off_when_a_skipped_window_holds_foregro
 
 @pytest.mark.e2e
 def test_predict_with_and_without_the_coarse_pass_agree(finetuned, tmp_path):  # noqa: F811 - the fixture
-    run, scan, env = finetuned
-    labels, lines, logs = {}, {}, {}
-    for name, extra in (("coarse", ("--coarse",)), ("full", ("--no-coarse",))):
-        out = tmp_path / name
-        done = run_3dino("predict", "-i", str(scan), "-o", str(out), "-m", str(run), "--precision", "fp32",
-                         "--no-qc", "--no-progress", *extra, env=env)
-        assert done.returncode == 0, done.stderr
-        labels[name] = read_image(out / "test.nii.gz")[0]
-        lines[name] = PredictLogLine.read_lines(out / PredictLogLine.FILE)
-        logs[name] = done.stderr
-        assert PredictArgs.read(out / PredictArgs.FILE).options.coarse == (name == "coarse")
+    labels, lines, logs = predict_sides(finetuned, tmp_path, {"coarse": ("--coarse",), "full": ("--no-coarse",)})
     coarse, full = lines["coarse"][0], lines["full"][0]
+    assert coarse.options.coarse and not full.options.coarse
     assert coarse.windows.total == full.windows.total > 0 and full.windows.coarse_windows is None
     assert coarse.windows.coarse_windows > 0 and coarse.windows.coarse_skipped is not None
     assert coarse.windows.coarse_off is not None
     assert "coarse pass:" in logs["coarse"] and "coarse pass:" not in logs["full"]
-    for value in (1, 2):
-        a, b = labels["coarse"] == value, labels["full"] == value
-        assert a.any(), f"structure {value} not predicted: the comparison would be empty"
-        dice = 2.0 * (a & b).sum() / (a.sum() + b.sum())
-        assert dice >= 0.99, (value, dice)
-    assert np.array_equal(labels["coarse"], labels["full"])  # only the window set changed
+    assert_same_labels(labels["coarse"], labels["full"])
