@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's virtual environment)::
 
     .venv/bin/python benchmarks/predict.py [--repeats 2] [--overlap 0.5] [--skip-memory]
-        [--memory-head adapter] [--memory-overlap 0] [--air] [--air-shape 512,512,400] [--air-model RUN]
+        [--memory-head adapter] [--memory-overlap 0] [--air] [--coarse] [--air-shape 512,512,400] [--air-model RUN]
 
 What it measures:
 
@@ -58,6 +58,15 @@ What it measures:
    use a finetuned one, as the probe turns skipping off for a network that predicts foreground in
    air) or else the memory part's random-weight ``--memory-head`` network with 14 classes, for which
    the probe usually turns skipping off (then both sides run every window).
+
+4. **The coarse pass** (with ``--coarse``; not run otherwise), side by side on the same kind of case
+   (``--air-shape``, ``--air-model``), alternating, ``--repeats`` times each: ``3dino predict --coarse``
+   against ``--no-coarse`` (today's default: air skipped) and the full computation (``--no-skip
+   --no-coarse``). Recorded per side: wall time, the windows from ``predict_log.jsonl`` and the
+   fraction of the full computation's windows run (at full resolution, and with the coarse pass's
+   windows added), and the agreement (Dice per label, equal) of ``--coarse``'s labels with the full
+   computation's and with the default's. With a random-weight network the coarse pass usually finds
+   foreground everywhere (or its probe turns it off), so use a finetuned ``--air-model``.
 
 Prints a table and writes everything, with machine information and the exact command, to
 ``--out`` (JSON). The scratch folder is deleted unless ``--keep`` or ``--work-dir``.
@@ -137,10 +146,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="overlap of the memory run (memory does not depend on it, time does)")
     p.add_argument("--memory-workers", type=int, default=1, help="predict's --num-workers in the memory run")
     p.add_argument("--air", action="store_true", help="also the skip vs --no-skip part (windows of air)")
+    p.add_argument("--coarse", action="store_true",
+                   help="also the --coarse vs --no-coarse vs full computation part (the coarse pass)")
     p.add_argument("--air-shape", default="256,256,160",
-                   help="X,Y,Z voxels of the skip vs --no-skip case (the issue's case: 512,512,400)")
+                   help="X,Y,Z voxels of the skip and coarse parts' case (the issue's case: 512,512,400)")
     p.add_argument("--air-model", type=Path, default=None,
-                   help="finetune run folder or zip for the skip part (default: a random-weight network)")
+                   help="finetune run folder or zip for the skip and coarse parts (default: a random-weight network)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (kept; default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary scratch folder")
@@ -364,8 +375,9 @@ def label_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     return {"dice_per_label": dice, "min_dice": min(dice.values(), default=1.0), "equal": bool(np.array_equal(a, b))}
 
 
-def air_skip(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """``3dino predict`` (windows of air skipped) against ``--no-skip`` on one CT-like case, side by side."""
+def case_and_model(work: Path, plans: dict, args: argparse.Namespace, name: str) -> tuple[Path, Path, tuple]:
+    """The ``--air-shape`` CT-like case (in its own folder ``work/name``) and ``--air-model`` (or a random-weight
+    14-class network): the folder, the run and the spacing."""
     shape = tuple(int(v) for v in args.air_shape.split(","))
     if args.air_model is not None:
         run = args.air_model
@@ -375,28 +387,66 @@ def air_skip(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any
         labels = {"background": 0, **{f"class_{v:02d}": v for v in range(1, MEMORY_CLASSES)}}
         run = save_run(work / "run_air", plans, args.memory_head, args.preset, labels, args.seed)
         spacing = tuple(float(s) for s in plans["configurations"]["finetune"]["spacing"])
-    case_dir = work / "air"
+    case_dir = work / name
     case_dir.mkdir(exist_ok=True)
-    write_big_ct(case_dir / "air_ct.nii.gz", shape, spacing, args.seed)
-    print(f"skip case {shape}, overlap {args.overlap}, model {run}", flush=True)
-    sides: dict[str, dict[str, Any]] = {"skip": {"wall_s": [], "extra": ()},
-                                        "no_skip": {"wall_s": [], "extra": ("--no-skip",)}}
+    write_big_ct(case_dir / f"{name}_ct.nii.gz", shape, spacing, args.seed)
+    print(f"{name} case {shape}, overlap {args.overlap}, model {run}", flush=True)
+    return case_dir, run, spacing
+
+
+def side_by_side(work: Path, case_dir: Path, run: Path, extras: dict[str, tuple[str, ...]],
+                 args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """``3dino predict`` with each side's extra options, alternating, ``--repeats`` times: per side the wall
+    times, their median, the stages and the windows of the last run; and each side's label image."""
+    sides: dict[str, dict[str, Any]] = {name: {"wall_s": [], "options": list(extra)} for name, extra in extras.items()}
+    labels = {}
     for r in range(args.repeats):
         for name, side in sides.items():
-            out = work / f"out_air_{name}"
-            m, stages = run_ours(case_dir, out, run, args.overlap, args.precision, extra=side["extra"])
+            out = work / f"out_{case_dir.name}_{name}"
+            m, stages = run_ours(case_dir, out, run, args.overlap, args.precision, extra=extras[name])
             side["wall_s"].append(m.wall_s)
             side["stages_s"] = stages
             side["windows"] = PredictLogLine.read_lines(out / PredictLogLine.FILE)[0].windows.model_dump(mode="json")
-            side["labels"] = read_image(out / "air_ct.nii.gz")[0]
+            labels[name] = read_image(next(out.glob("*_ct.nii.gz")))[0]
             print(f"  repeat {r + 1}/{args.repeats}: {name} {m.wall_s:.1f} s, windows {side['windows']}", flush=True)
-    agreement = label_agreement(sides["skip"].pop("labels"), sides["no_skip"].pop("labels"))
     for side in sides.values():
-        side.pop("extra")
         side["median_s"] = median(side["wall_s"])
-    return {"case_shape": shape, "spacing": spacing, "overlap": args.overlap, "precision": args.precision,
-            "model": str(run), **sides, "time_ratio": sides["skip"]["median_s"] / sides["no_skip"]["median_s"],
-            "agreement": agreement}
+    return sides, labels
+
+
+def air_skip(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """``3dino predict`` (windows of air skipped) against ``--no-skip`` on one CT-like case, side by side."""
+    case_dir, run, spacing = case_and_model(work, plans, args, "air")
+    sides, labels = side_by_side(work, case_dir, run, {"skip": (), "no_skip": ("--no-skip",)}, args)
+    return {"case_shape": tuple(int(v) for v in args.air_shape.split(",")), "spacing": spacing,
+            "overlap": args.overlap, "precision": args.precision, "model": str(run), **sides,
+            "time_ratio": sides["skip"]["median_s"] / sides["no_skip"]["median_s"],
+            "agreement": label_agreement(labels["skip"], labels["no_skip"])}
+
+
+def coarse_windows(windows: dict[str, Any]) -> dict[str, Any]:
+    """Windows run at full resolution and by the coarse pass, as fractions of the full computation's windows."""
+    total = max(int(windows["total"]), 1)
+    full = total - int(windows["skipped"]) - int(windows.get("coarse_skipped") or 0)
+    coarse = int(windows.get("coarse_windows") or 0)
+    return {"full_run": full, "coarse_run": coarse, "fraction_run": full / total,
+            "fraction_with_coarse_pass": (full + coarse) / total}
+
+
+def coarse_pass(work: Path, plans: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """``3dino predict --coarse`` against its default (``--no-coarse``, air skipped) and the full computation
+    (``--no-skip --no-coarse``) on the ``--air-shape`` case, side by side: windows run, seconds, Dice."""
+    case_dir, run, spacing = case_and_model(work, plans, args, "coarse")
+    extras = {"coarse": ("--coarse",), "default": ("--no-coarse",), "full": ("--no-skip", "--no-coarse")}
+    sides, labels = side_by_side(work, case_dir, run, extras, args)
+    for side in sides.values():
+        side["run"] = coarse_windows(side["windows"])
+    return {"case_shape": tuple(int(v) for v in args.air_shape.split(",")), "spacing": spacing,
+            "overlap": args.overlap, "precision": args.precision, "model": str(run), **sides,
+            "time_ratio_to_default": sides["coarse"]["median_s"] / sides["default"]["median_s"],
+            "time_ratio_to_full": sides["coarse"]["median_s"] / sides["full"]["median_s"],
+            "agreement_with_full": label_agreement(labels["coarse"], labels["full"]),
+            "agreement_with_default": label_agreement(labels["coarse"], labels["default"])}
 
 
 # --------------------------------------------------------------------------- main
@@ -408,6 +458,19 @@ def _ratio_row(what: str, ours: list[float], monai: list[float], ratios: list[fl
     return [what, f"{median(ours):.1f} s / {median(monai):.1f} s",
             f"{ratio:.3f} (" + ", ".join(f"{r:.3f}" for r in ratios) + ")", f"<= {RATIO_TARGET:g}",
             "met" if ratio <= RATIO_TARGET else "missed"]
+
+
+def _coarse_row(coarse: dict[str, Any]) -> list[str]:
+    """The summary row of the coarse part."""
+    run = coarse["coarse"]["run"]
+    off = coarse["coarse"]["windows"].get("coarse_off")
+    return [f"--coarse vs --no-coarse vs full {'x'.join(map(str, coarse['case_shape']))}",
+            f"{coarse['coarse']['median_s']:.1f} s / {coarse['default']['median_s']:.1f} s / "
+            f"{coarse['full']['median_s']:.1f} s",
+            f"{coarse['time_ratio_to_default']:.3f}; {run['fraction_with_coarse_pass']:.3f} of the windows run "
+            f"({run['full_run']} full + {run['coarse_run']} coarse)" + (f" ({off})" if off else ""),
+            "Dice >= 0.99", f"min Dice {coarse['agreement_with_full']['min_dice']:.4f}"
+            + (", equal" if coarse["agreement_with_full"]["equal"] else "")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = memory(work, plans, args)
         if args.air:
             results["air"] = air_skip(work, plans, args)
+        if args.coarse:
+            results["coarse"] = coarse_pass(work, plans, args)
     finally:
         if args.work_dir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -460,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                      + (f" ({windows['skip_off']})" if windows.get("skip_off") else ""),
                      "Dice >= 0.99", f"min Dice {air['agreement']['min_dice']:.4f}"
                      + (", equal" if air["agreement"]["equal"] else "")])
+    if "coarse" in results:
+        rows.append(_coarse_row(results["coarse"]))
     print()
     print(format_table(["what", "measured", "ratio / time", "target", ""], rows))
     if "overhead" in results:

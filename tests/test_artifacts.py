@@ -103,7 +103,8 @@ PREDICT_ARGS = {"kind": "predict_args", **HEAD, "models": [IDENTITY], "input": "
                             "num_workers": 1, "continue": False, "checkpoint": "best",
                             "output_formats": ["nifti", "dicom-seg"], "series_rules": ["MR=t1"], "min_slices": 10,
                             "qc": True, "qc_min_confidence": 0.7,
-                            "keep_patient_names": False, "skip": True}}
+                            "keep_patient_names": False, "skip": True,
+                            "coarse": False}}
 CASE_QC = {"kind": "case_qc", **HEAD, "case_id": "39684a91631ceb9d", "weights_checksum": "cd" * 32,
            "spacing_mm": [0.8, 0.8, 3.0], "series_ranks": [2],
            "structures": [{"name": "organ", "label_values": [1], "voxels": 1000, "volume_ml": 1.92, "components": 2,
@@ -119,7 +120,8 @@ PREDICT_LOG = {"kind": "predict_log_line", **HEAD, "case_id": "39684a91631ceb9d"
                             "sop_instance_uid": "2.25.1"}],
                "sends": [{"to": "PACS@127.0.0.1:4242", "sop_instance_uid": "2.25.1",
                           "time": "2026-12-06T18:00:10.000+00:00"}],
-               "windows": {"total": 567, "skipped": 64, "skip_off": ""}}
+               "windows": {"total": 567, "skipped": 64, "skip_off": "", "coarse_windows": 70,
+                           "coarse_skipped": 300, "coarse_off": ""}}
 STUDY_KEYS = {"kind": "study_keys", **HEAD, "salt": "0123456789abcdef0123456789abcdef",
               "studies": {"39684a91631ceb9d": {"study_uid": "1.2.3"}}}
 JOURNAL_LINE = {"kind": "journal_line", **HEAD, "t": "2026-12-06T20:01:02.345+00:00", "event": "predicted",

@@ -230,25 +230,38 @@ def finetuned(tmp_path_factory):
     return run, root / "scan", env
 
 
-@pytest.mark.e2e
-def test_predict_with_and_without_skipping_agree(finetuned, tmp_path):
+def predict_sides(finetuned, tmp_path, sides: dict[str, tuple[str, ...]]) -> tuple[dict, dict, dict]:
+    """``3dino predict`` of the test scan with the finetuned model, once per side (its extra options): each
+    side's label image, ``predict_log.jsonl`` lines and stderr."""
     run, scan, env = finetuned
-    labels, lines = {}, {}
-    for name, extra in (("skip", ()), ("full", ("--no-skip",))):
+    labels, lines, logs = {}, {}, {}
+    for name, extra in sides.items():
         out = tmp_path / name
         done = run_3dino("predict", "-i", str(scan), "-o", str(out), "-m", str(run), "--precision", "fp32",
                          "--no-qc", "--no-progress", *extra, env=env)
         assert done.returncode == 0, done.stderr
         labels[name] = read_image(out / "test.nii.gz")[0]
         lines[name] = PredictLogLine.read_lines(out / PredictLogLine.FILE)
+        logs[name] = done.stderr
+    return labels, lines, logs
+
+
+def assert_same_labels(a: np.ndarray, b: np.ndarray, values=(1, 2)) -> None:
+    """Dice >= 0.99 per structure (each predicted), and equal label images."""
+    for value in values:
+        x, y = a == value, b == value
+        assert x.any(), f"structure {value} not predicted: the comparison would be empty"
+        dice = 2.0 * (x & y).sum() / (x.sum() + y.sum())
+        assert dice >= 0.99, (value, dice)
+    assert np.array_equal(a, b)  # equal is expected: only the window set changed
+
+
+@pytest.mark.e2e
+def test_predict_with_and_without_skipping_agree(finetuned, tmp_path):
+    labels, lines, _ = predict_sides(finetuned, tmp_path, {"skip": (), "full": ("--no-skip",)})
     skip, full = lines["skip"][0], lines["full"][0]
     assert skip.options.skip and not full.options.skip
     assert skip.windows.total == full.windows.total > 0 and full.windows.skipped == 0
     # the model predicts background in air after brief finetuning; if the probe found otherwise, say so
     assert skip.windows.skipped > 0, skip.windows.skip_off
-    for value in (1, 2):
-        a, b = labels["skip"] == value, labels["full"] == value
-        assert a.any(), f"structure {value} not predicted: the comparison would be empty"
-        dice = 2.0 * (a & b).sum() / (a.sum() + b.sum())
-        assert dice >= 0.99, (value, dice)
-    assert np.array_equal(labels["skip"], labels["full"])  # equal is expected: only air windows changed
+    assert_same_labels(labels["skip"], labels["full"])

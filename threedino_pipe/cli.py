@@ -403,6 +403,9 @@ def predict(
                                   "study's outputs by its PatientID instead of its salted study key.")] = False,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Skip sliding windows that hold only air outside "
                     "the body (a conservative body mask with a margin); --no-skip runs every window.")] = True,
+    coarse: Annotated[bool, typer.Option("--coarse/--no-coarse", help="First run the model on the case "
+                      "downsampled by 2 and skip full-resolution windows far from anything it found (a low "
+                      "threshold and a 10 mm margin).")] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -421,7 +424,7 @@ def predict(
                                min_slices=min_slices, from_pacs=from_pacs, studies=study, query=query, send_to=send_to,
                                ae_title=ae_title, move_listen=move_listen, qc=qc,
                                qc_min_confidence=qc_min_confidence, keep_patient_names=keep_patient_names,
-                               skip=skip))
+                               skip=skip, coarse=coarse))
 
 
 @app.command()

@@ -50,6 +50,7 @@ class PredictOptions(Record):
     qc_min_confidence: float = Field(default=0.7, ge=0.0, le=1.0)
     keep_patient_names: bool = False
     skip: bool = False  # files written before window skipping: every window ran
+    coarse: bool = False  # files written before the coarse pass: none ran
 
 
 class PredictArgs(Artifact):

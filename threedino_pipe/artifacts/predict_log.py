@@ -7,7 +7,7 @@ was read instead), the
 models' checksums, the options, start and end time (UTC, ISO 8601), the outcome (``predicted`` or
 ``failed`` with the message), the files written and, for DICOM results, their SOPInstanceUIDs;
 ``sends`` lists the result objects acknowledged by a destination; ``windows`` counts a segmented case's
-sliding windows and those skipped as air. No patient name or ID: a DICOM
+sliding windows and those skipped as air (and, with ``--coarse``, by the coarse pass). No patient name or ID: a DICOM
 case is named by its study key (by its PatientID only with ``--keep-patient-names``).
 
 A line is appended with one ``write`` on a file opened for appending and flushed to disk
@@ -48,11 +48,28 @@ class LoggedOutput(Record):
 
 class LoggedWindows(Record):
     """The sliding windows of a segmented case: all of them, those skipped as air outside the body, and why
-    none was skipped (``skip_off``; empty when skipping ran, or with ``--no-skip``)."""
+    none was skipped (``skip_off``; empty when skipping ran, or with ``--no-skip``). With ``--coarse``:
+    ``coarse_windows`` the windows the coarse pass ran (on the downsampled case), ``coarse_skipped`` the
+    full-resolution windows skipped as far from anything it found (beyond those skipped as air), and
+    ``coarse_off`` why none was (empty when its mask was used)."""
 
     total: int = Field(ge=0)
     skipped: int = Field(ge=0)
     skip_off: str = ""
+    coarse_windows: int | None = Field(default=None, ge=0)
+    coarse_skipped: int | None = Field(default=None, ge=0)
+    coarse_off: str | None = None
+
+    OMIT_WHEN_NONE = ("coarse_windows", "coarse_skipped", "coarse_off")
+
+    @classmethod
+    def of(cls, counts) -> LoggedWindows:
+        """From predict's ``WindowCounts`` (``inference/air_windows``; its ``coarse`` part when the coarse pass ran)."""
+        coarse = counts.coarse
+        return cls(total=counts.total, skipped=counts.skipped, skip_off=counts.note,
+                   coarse_windows=None if coarse is None else coarse.total,
+                   coarse_skipped=None if coarse is None else coarse.skipped,
+                   coarse_off=None if coarse is None else coarse.note)
 
 
 class SentObject(Record):

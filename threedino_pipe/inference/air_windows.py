@@ -183,11 +183,13 @@ def all_background(probabilities: Tensor, activation: str) -> bool:
 @dataclass
 class WindowCounts:
     """Windows of a case (all window sizes): how many there were and how many were skipped; ``note``: why
-    none was (empty when skipping was on, or not asked for)."""
+    none was (empty when skipping was on, or not asked for). ``coarse``: with the coarse pass, ``total`` is
+    the windows the coarse pass ran, ``skipped`` the full windows its mask skipped (beyond the air rule's)."""
 
     total: int = 0
     skipped: int = 0
     note: str = ""
+    coarse: WindowCounts | None = None  # the coarse pass (inference/coarse_windows), when asked for
 
 
 @dataclass
@@ -203,6 +205,7 @@ class WindowSkip:
     counts: WindowCounts = field(default_factory=WindowCounts)
     skipped: list[tuple[int, ...]] = field(default_factory=list)
     state: str = "probe"  # probe (no window run yet that could be skipped), on, off
+    probe_note: str = "the network predicted foreground in a window of air (the probe)"
 
     def __post_init__(self) -> None:
         if not self.mask.trusted:
@@ -224,5 +227,5 @@ class WindowSkip:
             self.state = "on"
         else:
             self.state = "off"
-            self.counts.note = "the network predicted foreground in a window of air (the probe)"
+            self.counts.note = self.probe_note
 

@@ -80,8 +80,7 @@ class CaseLog:
             case = self._read.pop(case.case_id, case)
         outputs = [] if failure is not None else self._written(case)
         counts = getattr(result, "windows", None) if failure is None else None
-        windows = None if counts is None else LoggedWindows(total=counts.total, skipped=counts.skipped,
-                                                            skip_off=counts.note)
+        windows = None if counts is None else LoggedWindows.of(counts)
         self._append(case.case_id, self._inputs(case), started, failure, outputs, self._fallbacks(case), windows)
 
     def failed_before(self, failures: Sequence[Failure]) -> None:

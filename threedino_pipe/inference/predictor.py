@@ -36,7 +36,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,17 @@ from torch import Tensor, nn
 from threedino_pipe.artifacts import CasePreprocessing, PreprocessedCase
 from threedino_pipe.dicom.volume import SeriesVolume
 from threedino_pipe.inference import geometry
-from threedino_pipe.inference.air_windows import AirRule, WindowCounts, WindowSkip, all_background, body_mask
+from threedino_pipe.inference.air_windows import AirRule, BodyMask, WindowCounts, WindowSkip, all_background, body_mask
 from threedino_pipe.inference.blended_rows import BlendedRows, WeightedRows, materialise
 from threedino_pipe.inference.case_outputs import CaseOutputs
+from threedino_pipe.inference.coarse_windows import (
+    FACTOR,
+    PROBE_NOTE,
+    CombinedSkip,
+    coarse_mask,
+    downsample,
+    foreground_grid,
+)
 from threedino_pipe.inference.dicom_cases import read_study
 from threedino_pipe.inference.input_cases import InputCase
 from threedino_pipe.inference.model_loading import LoadedModel
@@ -77,6 +85,8 @@ class InferenceOptions:
         qc: keep what QC measures per case (:class:`QcInputs`: the label image, each label's summed
             probability, a preview of channel 0) in the :class:`CaseResult`.
         skip: skip windows that hold only air outside the body (``inference/air_windows``).
+        coarse: run the coarse pass first and skip windows far from anything it found
+            (``inference/coarse_windows``).
     """
 
     overlap: float = 0.5
@@ -86,6 +96,7 @@ class InferenceOptions:
     precision: str = "fp32"
     qc: bool = False
     skip: bool = True
+    coarse: bool = False
 
 
 @dataclass
@@ -286,7 +297,8 @@ def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequ
             windows run as rows are read (``geometry`` reads them in order); else a float16 CPU tensor
             of the whole case (random access, for saving probabilities).
         air: the case's normalisation schemes and spacing: with ``options.skip``, windows of air outside
-            the body are skipped (``inference/air_windows``); None: every window runs.
+            the body are skipped (``inference/air_windows``), and with ``options.coarse`` windows far from
+            anything the coarse pass found (``inference/coarse_windows``); None: every window runs.
         counts: filled with the windows' number and the skipped ones (as the windows run).
     """
     implicit = activation == "softmax" and num_outputs > 1
@@ -295,18 +307,49 @@ def blended_probabilities(data: Tensor, networks: Sequence[tuple[nn.Module, Sequ
         groups.setdefault(tuple(int(p) for p in patch), []).append(network)
     counts = counts if counts is not None else WindowCounts()
     mask = body_mask(data, air) if options.skip and air is not None else None
+    near = None
+    if options.coarse and air is not None:
+        near = coarse_pass(data, networks, activation, num_outputs, options, device, air, counts)
     parts = []
     for patch, members in groups.items():
         source, region = _pad_to(data, patch)
         ensemble = EnsembleProbabilities(members, activation, options.tta, options.precision,
                                          drop_background=implicit)
-        skip = None if mask is None else WindowSkip(mask, lambda p: all_background(p, activation), counts)
+        skip = _window_rule(mask, near, activation, counts)
         rows = BlendedRows(source, region, patch, num_outputs - int(implicit), ensemble, overlap=options.overlap,
                            batch_size=options.window_batch_size, device=device, skip=skip)
         counts.total += len(rows.starts)
         parts.append((rows, len(members) / len(networks)))
     scores = parts[0][0] if len(parts) == 1 else WeightedRows(parts)
     return geometry.Channels(scores if streamed else materialise(scores), implicit_background=implicit)
+
+
+def _window_rule(air: BodyMask | None, near: BodyMask | None, activation: str,
+                 counts: WindowCounts) -> WindowSkip | CombinedSkip | None:
+    """Which windows of one window size run: the air rule's body mask and the coarse pass's mask (either None)."""
+    def background(p: Tensor) -> bool:
+        return all_background(p, activation)
+
+    air_rule = None if air is None else WindowSkip(air, background, counts)
+    if near is None:
+        return air_rule
+    return CombinedSkip(air_rule, WindowSkip(near, background, counts.coarse, probe_note=PROBE_NOTE))
+
+
+def coarse_pass(data: Tensor, networks: Sequence[tuple[nn.Module, Sequence[int]]], activation: str,
+                 num_outputs: int, options: InferenceOptions, device: torch.device, air: AirRule,
+                 counts: WindowCounts) -> BodyMask:
+    """The coarse pass's dilated could-hold-foreground mask of ``data`` (``C x X x Y x Z``): the same sliding
+    window on the case downsampled by ``FACTOR`` (the air rule at the coarse spacing); ``counts.coarse`` gets
+    the windows it ran."""
+    small = downsample(data, FACTOR)
+    inner = WindowCounts()
+    coarse_air = AirRule(air.schemes, tuple(s * FACTOR for s in air.spacing))
+    scores = blended_probabilities(small, networks, activation, num_outputs, replace(options, coarse=False),
+                                   device, streamed=True, air=coarse_air, counts=inner)
+    found = foreground_grid(scores.stored, activation == "softmax" and not scores.implicit)
+    counts.coarse = WindowCounts(total=inner.total - inner.skipped)
+    return coarse_mask(found, air.spacing, FACTOR)
 
 
 def window_probabilities(prepared: PreparedCase, models: Sequence[LoadedModel], options: InferenceOptions,
@@ -374,10 +417,15 @@ def predict_case(prepared: PreparedCase, models: Sequence[LoadedModel], options:
 
 
 def _log_windows(case_id: str, counts: WindowCounts, asked: bool) -> None:
-    """One log line: the windows a case skipped, or why it skipped none."""
+    """One log line: the windows a case skipped, or why it skipped none (and the coarse pass's, when it ran)."""
     if not asked:
         log.debug("%s: %d windows, none skipped (--no-skip)", case_id, counts.total)
     elif counts.note:
-        log.info("%s: no window skipped (%s)", case_id, counts.note)
+        log.info("%s: no window skipped as air (%s)", case_id, counts.note)
     else:
         log.info("%s: %d of %d windows skipped (air outside the body)", case_id, counts.skipped, counts.total)
+    coarse = counts.coarse
+    if coarse is not None:
+        log.info("%s: coarse pass: %d windows run; %s", case_id, coarse.total,
+                 f"no window skipped by it ({coarse.note})" if coarse.note else
+                 f"{coarse.skipped} of {counts.total} full windows skipped (far from any structure)")

@@ -153,7 +153,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
         studies: list[str] | None = None, query: list[str] | None = None, send_to: list[str] | None = None,
         ae_title: str = DEFAULT_CALLING_AE, move_listen: str | None = None, qc: bool = True,
         qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False,
-        skip: bool = True) -> int:
+        skip: bool = True, coarse: bool = False) -> int:
     """Predict every case of ``input_path`` with the averaged ``models`` into ``output_dir``.
 
     ``checkpoint`` ``best`` (the default) or ``final`` picks each run's weights file; ``selection``
@@ -166,7 +166,9 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
     ``move_listen``: retrieve with C-MOVE to this ``HOST:PORT`` (``inference.pacs_cases``). ``qc``
     (segmentation models): ``qc.csv`` and ``qc_report.html`` with ``qc_min_confidence`` (docs/predict.md, *QC*).
     ``keep_patient_names`` names a DICOM study's outputs by its PatientID instead of its study key.
-    ``skip``: sliding windows that hold only air outside the body are not run (``inference/air_windows``).
+    ``skip``: sliding windows that hold only air outside the body are not run (``inference/air_windows``);
+    ``coarse``: a coarse pass first, and windows far from anything it found are not run
+    (``inference/coarse_windows``).
 
     Returns:
         The exit code: 0 when every case was predicted, 1 when any case failed (``failures.csv``).
@@ -195,7 +197,7 @@ def run(input_path: Path | None, output_dir: Path, models: list[Path], *, overla
                         precision=precision, num_workers=num_workers, checkpoint=checkpoint,
                         output_formats=list(output_formats or []), series_rules=list(series_rules or []),
                         min_slices=min_slices, link=link, qc=qc, qc_min_confidence=qc_min_confidence,
-                        keep_patient_names=keep_patient_names, skip=skip)
+                        keep_patient_names=keep_patient_names, skip=skip, coarse=coarse)
     finally:
         cleanup()
 
@@ -205,7 +207,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
              num_workers: int, checkpoint: str, output_formats: list[str], series_rules: list[str],
              min_slices: int, link: PacsLink | None = None, qc: bool = True,
              qc_min_confidence: float = DEFAULT_MIN_CONFIDENCE, keep_patient_names: bool = False,
-             skip: bool = True) -> int:
+             skip: bool = True, coarse: bool = False) -> int:
     """:func:`run` after the options are checked and the process group joined."""
     dev = ranks.device
     with contextlib.ExitStack() as stack:
@@ -228,7 +230,7 @@ def _predict(input_path: Path, output_dir: Path, models: list[Path], ranks: Dist
         inference = InferenceOptions(overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                      save_probabilities=save_probabilities,
                                      precision=resolve_precision(precision, dev), qc=_qc_applies(qc, card),
-                                     skip=skip)
+                                     skip=skip, coarse=coarse)
         options = PredictOptions(**asdict(inference), precision_requested=precision, device=device,
                                  device_used=str(dev), num_workers=num_workers, resume=resume, checkpoint=checkpoint,
                                  output_formats=list(outputs.formats), series_rules=series_rules,
