@@ -21,7 +21,7 @@ from threedino_pipe.models.weight_files import export_3dino
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.ssl_setup import source_checkpoint
-from threedino_pipe.training.ssl_trainer import SSLRunConfig, load_ssl_pair
+from threedino_pipe.training.ssl_trainer import load_ssl_pair, refuse_other_method
 
 FORMATS = ("auto", "zip", "3dino")
 PRETRAIN_STAGES = ("pretrain", "adapt-highres")
@@ -90,7 +90,7 @@ def export_teacher(run_dir: Path, output: Path) -> Path:
     run_dir = Path(run_dir)
     if not RunRecord.in_folder(run_dir).is_file():
         raise UserError("not a run folder (no run.json)", file=run_dir, fix="pass a pretrain run folder")
-    SSLRunConfig.from_options(RunRecord.read(RunRecord.in_folder(run_dir)).options)  # refuses a SimMIM run
+    refuse_other_method(RunRecord.read(RunRecord.in_folder(run_dir)).options)
     path = source_checkpoint(run_dir, None)
     state = load_checkpoint(path, rerun="3dino pretrain")
     if "teacher" not in state or "student" not in state or "config" not in state:

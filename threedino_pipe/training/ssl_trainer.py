@@ -108,16 +108,21 @@ class SSLRunConfig:
     def from_options(cls, options: dict[str, Any]) -> SSLRunConfig:
         """The config a checkpoint or run.json recorded (fields this version does not know are dropped)."""
         fields = cls.__dataclass_fields__
-        if options.get("method", "dino") != "dino":
-            raise UserError(f"a `--method {options['method']}` run: it has no 3DINO student, teacher or heads",
-                            fix="pass the folder of a `3dino pretrain` run made with --method dino; the "
-                            "run's backbone.pt is what finetune, embed and visualize take")
+        refuse_other_method(options)
         missing = [k for k, f in fields.items() if k not in options and f.default is MISSING
                    and f.default_factory is MISSING]
         if missing:
             raise UserError(f"not the record of a pretrain or adapt-highres run (no {', '.join(missing)})",
                             fix="pass the folder of a `3dino pretrain` or `3dino adapt-highres` run")
         return cls(**{k: v for k, v in options.items() if k in fields})
+
+
+def refuse_other_method(options: dict[str, Any]) -> None:
+    """A UserError when run options record another pretraining method than 3DINO (``--method simmim``)."""
+    if options.get("method", "dino") != "dino":
+        raise UserError(f"a `--method {options['method']}` run: it has no 3DINO student, teacher or heads",
+                        fix="pass the folder of a `3dino pretrain` run made with --method dino; the "
+                        "run's backbone.pt is what finetune, embed and visualize take")
 
 
 def build_ssl_pair(config: SSLRunConfig) -> tuple[SSLNetwork, SSLNetwork]:
