@@ -106,6 +106,35 @@ def test_augmentations_are_seeded_and_change_the_crop():
     assert not torch.equal(outs[0], x)  # blur or sharpen is always applied to the first global crop
 
 
+def test_intensity_prob_sets_the_intensity_step_of_both_implementations():
+    """``--intensity-prob``: the MONAI members' probability; 0 leaves intensities untouched in MONAI and torch."""
+    from threedino_pipe.training_data.augment_params import AugmentParams
+    from threedino_pipe.training_data.torch_augmentations import intensity
+
+    for make in (global_transform_1, global_transform_2, local_transform):
+        assert [t.prob for t in make(0.25).transforms[6].transforms] == [0.25] * 3
+    x = torch.linspace(-1, 1, 16 ** 3).reshape(1, 16, 16, 16)
+    changed = 0
+    for seed in range(12):
+        kept, drawn = make_step(0.0, seed), make_step(1.0, seed)
+        assert torch.equal(torch.as_tensor(kept(x.clone())), x)
+        changed += not torch.equal(torch.as_tensor(drawn(x.clone())), x)
+    assert changed >= 10  # p 1: every crop changes (but a histogram shift that happens to draw ~identity)
+    batch = torch.rand(6, 1, 8, 8, 8) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(intensity(batch.clone(), g, AugmentParams(intensity_prob=0.0)), batch)
+    assert not torch.equal(intensity(batch.clone(), g, AugmentParams(intensity_prob=1.0)), batch)
+    cropper = MultiCropper(global_size=12, local_size=8, n_local=2, intensity_prob=0.0)
+    assert [t.prob for t in cropper.transforms[2].transforms[6].transforms] == [0.0] * 3
+
+
+def make_step(prob: float, seed: int):
+    """The intensity step alone (the OneOf of the pipelines), seeded."""
+    step = local_transform(prob).transforms[6]
+    step.set_random_state(seed=seed)
+    return step
+
+
 def test_multicropper_shapes_determinism_and_boxes():
     volume = torch.rand(2, 40, 36, 20) * 2 - 1
     cropper = MultiCropper(global_size=24, local_size=12, n_local=3)

@@ -187,6 +187,7 @@ def test_simmim_refusals(simmim_runs, tmp_path):
     cases = [(("pretrain", "-d", "990", "--preset", "tiny", "--mask-ratio", "0.5"), "--mask-ratio is SimMIM's"),
              ((*SIMMIM, "--mask-ratio", "1.0"), "must lie strictly between 0 and 1"),
              ((*SIMMIM, "--recipe", "paper"), "--recipe is a 3DINO option"),
+             ((*SIMMIM, "--intensity-prob", "0"), "--intensity-prob is a 3DINO option"),
              ((*SIMMIM, "--augment-device", "torch"), "--method simmim augments its crops"),
              (("pretrain", "-d", "990", "--method", "mae"), "unknown --method mae"),
              (("adapt-highres", "--from", str(simmim_runs["run"]), "--base-lr", "0.01"), "--base-lr is a 3DINO"),

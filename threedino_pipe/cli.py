@@ -203,6 +203,9 @@ def pretrain(
                                         "reconstruction, L1; the paper's MIM-ViT baseline).")] = "dino",
     mask_ratio: Annotated[float | None, typer.Option("--mask-ratio", help="simmim: fraction of patches masked "
                                                      "(default 0.6, SimMIM's).")] = None,
+    intensity_prob: Annotated[float, typer.Option("--intensity-prob", min=0.0, max=1.0, help="dino: probability "
+                                                  "of the crops' intensity augmentation (gamma, noise or histogram "
+                                                  "shift; the method: 0.8).")] = 0.8,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -218,7 +221,7 @@ def pretrain(
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
               grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
               probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device, method=method,
-              mask_ratio=mask_ratio)
+              mask_ratio=mask_ratio, intensity_prob=intensity_prob)
 
 
 @app.command("adapt-highres")

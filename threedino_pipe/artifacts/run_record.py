@@ -65,7 +65,7 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 # Options added to the run record after runs were made without them: the value an older run used.
 # before --augment-device every run augmented with MONAI; before --method every pretrain run was 3DINO
-OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai", "method": "dino"}
+OPTIONS_ADDED_LATER = {"augment_device": "cpu-monai", "method": "dino", "intensity_prob": 0.8}
 
 
 def run_differences(folder: Path, record: RunRecord) -> list[str]:

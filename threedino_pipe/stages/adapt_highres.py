@@ -77,7 +77,8 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
             head_dims=src_config.head_dims, init_from=f"{from_run.name}/{checkpoint_path.name}@{state['iteration']}",
             num_workers=num_workers, save_every=save_every, snapshot_every=snapshot_every,
             grad_checkpointing=grad_checkpointing, recipe_name=src_config.ssl_recipe().recipe,
-            probe_every=probe_every, scale_iters=src_config.iters, augment_device=augmentations["implementation"])
+            probe_every=probe_every, scale_iters=src_config.iters, augment_device=augmentations["implementation"],
+            intensity_prob=src_config.intensity_prob)
         folder = run_folder(from_run.parent, run_name, f"{from_run.name}__highres")
         held.enter_context(run_lock(folder, dist))
         record = RunRecord(stage="adapt-highres", options=run_config.options(), volatile=list(SSLRunConfig.VOLATILE),

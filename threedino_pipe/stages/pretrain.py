@@ -34,6 +34,7 @@ from threedino_pipe.training.ssl_setup import (
     resolve_augment_device,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig
+from threedino_pipe.training_data.augment_params import INTENSITY_PROB
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
         recipe: str = "auto", recipe_overrides: dict | None = None, probe_every: int | None = None,
         budget_hours: float | None = None, augment_device: str = "auto", method: str = "dino",
-        mask_ratio: float | None = None) -> Path:
+        mask_ratio: float | None = None, intensity_prob: float = INTENSITY_PROB) -> Path:
     """Pretrain a 3D ViT with 3DINO (``method`` ``dino``) or SimMIM (``simmim``) on the pooled ``datasets``;
     returns the run folder.
 
@@ -60,6 +61,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
     labelled. ``budget_hours`` replaces ``iters`` by what fits, from the step time measured at the start.
     ``augment_device`` ``auto`` augments with batched torch on a GPU, with MONAI in the workers on a CPU
     (``cpu-monai`` / ``torch`` force one; the choice is recorded in run.json's decisions).
+    ``intensity_prob`` (3DINO only) is the probability of the augmentations' intensity step (the method: 0.8).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision}", fix=f"use one of {', '.join(PRECISIONS)}")
@@ -68,7 +70,8 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                           "--recipe": recipe, "--centering": overrides.get("centering"),
                           "--queue-size": overrides.get("queue_size"),
                           "--momentum-start": overrides.get("momentum_start"),
-                          "--teacher-temp": overrides.get("teacher_temp_end"), "--budget-hours": budget_hours},
+                          "--teacher-temp": overrides.get("teacher_temp_end"), "--budget-hours": budget_hours,
+                          "--intensity-prob": intensity_prob},
                  mask_ratio)
     console = Console(stderr=True)
     plans_list = [dataset_plans(d) for d in datasets]
@@ -110,7 +113,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                 koleo_weight=koleo_weight, head_dims=head_dims, num_workers=num_workers, save_every=save_every,
                 snapshot_every=snapshot_every, grad_checkpointing=grad_checkpointing, recipe_name=recipe,
                 recipe_overrides=recipe_overrides or {}, probe_every=probe_every,
-                augment_device=augmentations["implementation"])
+                augment_device=augmentations["implementation"], intensity_prob=intensity_prob)
             held.enter_context(run_lock(folder, dist))
 
         budget = None

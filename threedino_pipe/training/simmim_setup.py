@@ -25,7 +25,7 @@ METHODS = ("dino", "simmim")
 # 3DINO's own options (CLI name -> the value that means "not given"): SimMIM has no teacher, heads or recipe
 DINO_ONLY = {"--koleo-weight": 0.1, "--base-lr": 0.002, "--prototypes": None, "--recipe": "auto",
              "--centering": None, "--queue-size": None, "--momentum-start": None, "--teacher-temp": None,
-             "--budget-hours": None}
+             "--budget-hours": None, "--intensity-prob": 0.8}
 
 
 def check_method(method: str, given: dict[str, Any], mask_ratio: float | None) -> None:

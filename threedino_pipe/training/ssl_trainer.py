@@ -44,6 +44,7 @@ from threedino_pipe.ssl.signals import LearningSignals
 from threedino_pipe.training.feature_probe import ProbeCases, load_probe_cases, probe_score
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
+from threedino_pipe.training_data.augment_params import INTENSITY_PROB, AugmentParams
 from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
 from threedino_pipe.training_data.torch_augmentations import BatchAugmenter, batch_seed
 
@@ -84,6 +85,7 @@ class SSLRunConfig:
     recipe_reasons: dict = field(default_factory=dict)  # why each setting deviates from the paper (not compared)
     augment_device: str = "cpu-monai"  # MONAI in the loader's workers, or "torch": batched on the training device
     method: str = "dino"  # the objective (``3dino pretrain --method``); runs recorded before it ran 3DINO
+    intensity_prob: float = INTENSITY_PROB  # the augmentations' intensity step (gamma/noise/histogram shift)
     # volatile: may differ between a run and its resumption
     num_workers: int = 0
     save_every: int = 100
@@ -190,10 +192,12 @@ class SSLTask:
         dataset = PretrainDataset(dataset_folders, config.configuration, config.min_axis)
         if dist.is_main:
             logger.info(dataset.summary())
-        self.augmenter = BatchAugmenter() if config.augment_device == "torch" else None
+        self.augmenter = (BatchAugmenter(AugmentParams(intensity_prob=config.intensity_prob))
+                          if config.augment_device == "torch" else None)
         self.loader = make_pretrain_loader(dataset, config.batch_size, config.num_workers, config.seed,
                                            config.global_crop, config.local_crop, config.num_local_crops,
-                                           augment=self.augmenter is None, rank=dist.rank, world_size=dist.world_size)
+                                           augment=self.augmenter is None, rank=dist.rank, world_size=dist.world_size,
+                                           intensity_prob=config.intensity_prob)
         self.probe_cases = first_probe_cases(dataset_folders) if dist.is_main and config.probe_every else None
         self.model = DistributedDataParallel(self.student) if dist.world_size > 1 else self.student
         self.grid = tuple([config.global_crop // self.student.backbone.patch_size] * 3)

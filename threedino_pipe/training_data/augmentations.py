@@ -50,16 +50,16 @@ def _geometric() -> list:
     return flips + rotations
 
 
-def _intensity() -> OneOf:
-    """One of gamma / Gaussian noise / histogram shift, the chosen one applied with p 0.8.
+def _intensity(prob: float = INTENSITY_PROB) -> OneOf:
+    """One of gamma / Gaussian noise / histogram shift, the chosen one applied with ``prob`` (the method: 0.8).
 
     A uniform choice followed by a p-0.8 application is the same as "apply one of them with
     p 0.8", so no extra random-apply wrapper is needed.
     """
     return OneOf([
-        RandAdjustContrast(prob=INTENSITY_PROB, gamma=GAMMA_RANGE),
-        RandGaussianNoise(prob=INTENSITY_PROB, mean=0.0, std=NOISE_STD),
-        RandHistogramShift(num_control_points=HISTOGRAM_POINTS, prob=INTENSITY_PROB),
+        RandAdjustContrast(prob=prob, gamma=GAMMA_RANGE),
+        RandGaussianNoise(prob=prob, mean=0.0, std=NOISE_STD),
+        RandHistogramShift(num_control_points=HISTOGRAM_POINTS, prob=prob),
     ])
 
 
@@ -75,14 +75,14 @@ def _blur_or_sharpen(prob: float) -> OneOf:
     return OneOf([_blur(prob), sharpen])
 
 
-def global_transform_1() -> Compose:
-    """First global crop: geometric, intensity (p 0.8), then blur or sharpen (p 1.0)."""
-    return Compose([*_geometric(), _intensity(), _blur_or_sharpen(GLOBAL1_BLUR_SHARPEN_PROB)])
+def global_transform_1(intensity_prob: float = INTENSITY_PROB) -> Compose:
+    """First global crop: geometric, intensity (p ``intensity_prob``, 0.8), then blur or sharpen (p 1.0)."""
+    return Compose([*_geometric(), _intensity(intensity_prob), _blur_or_sharpen(GLOBAL1_BLUR_SHARPEN_PROB)])
 
 
-def global_transform_2() -> Compose:
-    """Second global crop: geometric, intensity (p 0.8), blur or sharpen (p 0.1), Gibbs noise (p 0.2)."""
-    return Compose([*_geometric(), _intensity(), _blur_or_sharpen(GLOBAL2_BLUR_SHARPEN_PROB),
+def global_transform_2(intensity_prob: float = INTENSITY_PROB) -> Compose:
+    """Second global crop: geometric, intensity (p ``intensity_prob``), blur or sharpen (p 0.1), Gibbs (p 0.2)."""
+    return Compose([*_geometric(), _intensity(intensity_prob), _blur_or_sharpen(GLOBAL2_BLUR_SHARPEN_PROB),
                     RandGibbsNoise(prob=GLOBAL2_GIBBS_PROB, alpha=GIBBS_ALPHA)])
 
 
@@ -91,6 +91,6 @@ def geometric_transform() -> Compose:
     return Compose(_geometric())
 
 
-def local_transform() -> Compose:
-    """Local crops: geometric, intensity (p 0.8), then Gaussian blur (p 0.5)."""
-    return Compose([*_geometric(), _intensity(), _blur(LOCAL_BLUR_PROB)])
+def local_transform(intensity_prob: float = INTENSITY_PROB) -> Compose:
+    """Local crops: geometric, intensity (p ``intensity_prob``), then Gaussian blur (p 0.5)."""
+    return Compose([*_geometric(), _intensity(intensity_prob), _blur(LOCAL_BLUR_PROB)])

@@ -10,6 +10,7 @@ import torch
 from monai.transforms import Compose, Randomizable
 from monai.utils import MAX_SEED, convert_to_tensor
 
+from threedino_pipe.training_data.augment_params import INTENSITY_PROB
 from threedino_pipe.training_data.augmentations import (
     geometric_transform,
     global_transform_1,
@@ -51,6 +52,7 @@ class MultiCropper:
         n_global: global crops per volume: 2 (3DINO) or 1 (SimMIM).
         geometric_only: augment the crops with flips and 90-degree rotations only (SimMIM's
             reconstruction target is the crop itself; no intensity, blur or noise transforms).
+        intensity_prob: probability of the intensity step (gamma, noise or histogram shift; the method: 0.8).
     """
 
     def __init__(self, global_size: int = 96, local_size: int = 48, n_local: int = 8, *,
@@ -59,7 +61,7 @@ class MultiCropper:
                  local_inplane_scale: tuple[float, float] = LOCAL_INPLANE_SCALE,
                  local_crossslice_scale: tuple[float, float] = LOCAL_CROSSSLICE_SCALE,
                  ratio: tuple[float, float] = DEFAULT_RATIO, augment: bool = True, n_global: int = 2,
-                 geometric_only: bool = False) -> None:
+                 geometric_only: bool = False, intensity_prob: float = INTENSITY_PROB) -> None:
         if n_local < 0 or n_global not in (1, 2):
             raise ValueError(f"need n_local >= 0 and n_global 1 or 2, got {n_local} and {n_global}")
         self.global_size, self.local_size, self.n_local, self.n_global = global_size, local_size, n_local, n_global
@@ -69,7 +71,8 @@ class MultiCropper:
                                               tuple(local_crossslice_scale), tuple(ratio))
         self.augment = augment
         pipelines = ((geometric_transform(), geometric_transform(), geometric_transform()) if geometric_only else
-                     (global_transform_1(), global_transform_2(), local_transform()))
+                     (global_transform_1(intensity_prob), global_transform_2(intensity_prob),
+                      local_transform(intensity_prob)))
         self.transforms: tuple[Compose, Compose, Compose] | None = pipelines if augment else None
         # One RandomState shared by every random transform, reseeded per crop: as deterministic as
         # Compose.set_random_state(seed=...), which builds a new RandomState for each of about 12
