@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=list(DATASETS), required=True)
     p.add_argument("--pretrain-iters", type=int, default=12_000)
     p.add_argument("--finetune-iters", type=int, default=600)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="finetune --lr for both arms (default: finetune's, 1e-4 for the adapter); runs and outputs "
+                        "then carry __lr<LR> in their names")
     p.add_argument("--val-every", type=int, default=200,
                    help="finetune validations (each sweeps the validation cases: about 50 s here at 1.0-1.5 mm)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -171,16 +174,21 @@ def probes(run_dir: Path, preprocessed: Path, bootstrap: int) -> dict:
 def finetune_and_evaluate(run: Runner, dataset_id: int, dataset_name: str, backbone: str, seed: int,
                           args: argparse.Namespace, test_images: Path, test_labels: Path) -> Path:
     """One finetune run, its predictions on the test cases and their evaluation; returns per_case.csv."""
-    tag = "pretrained" if backbone != "none" else "none"
+    tag = ("pretrained" if backbone != "none" else "none") + (f"__lr{args.finetune_lr:g}" if args.finetune_lr else "")
     out = run.work / "evaluations" / f"{tag}__seed{seed}"
     if (out / "per_case.csv").is_file():
         return out / "per_case.csv"
+    lr = ("--lr", f"{args.finetune_lr:g}", "--run", f"finetune__adapter__{tag}__pct{args.pct:g}__seed{seed}") \
+        if args.finetune_lr else ()
     run("finetune", "-d", str(dataset_id), "--pct", str(args.pct), "--head", "adapter", "--backbone", backbone,
         "--iters", str(args.finetune_iters), "--val-every", str(args.val_every), "--seed", str(seed), "--precision",
-        "fp32", "--num-workers", "1")
-    pattern = f"finetune__adapter__*__pct{args.pct:g}__fold0__seed{seed}"
-    folder = next(f for f in (run.work / "results" / dataset_name).glob(pattern)
-                  if (f.name.split("__")[2] == "none") == (backbone == "none"))
+        "fp32", "--num-workers", "1", *lr)
+    if args.finetune_lr:
+        folder = run.work / "results" / dataset_name / lr[-1]
+    else:
+        pattern = f"finetune__adapter__*__pct{args.pct:g}__fold0__seed{seed}"
+        folder = next(f for f in (run.work / "results" / dataset_name).glob(pattern)
+                      if (f.name.split("__")[2] == "none") == (backbone == "none"))
     predictions = run.work / "predictions" / f"{tag}__seed{seed}"
     run("predict", "-i", str(test_images), "-o", str(predictions), "-m", str(folder), "--precision", "fp32")
     run("evaluate", "-r", str(test_labels), "-p", str(predictions), "-d", str(dataset_id), "-o", str(out))
@@ -203,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset_id, name = DATASETS[args.dataset]
     result: dict = {"command": invocation(sys.argv if argv is None else ["pretrain_value.py", *argv]),
                     "machine": machine_info(), "dataset": args.dataset, "pretrain_iters": args.pretrain_iters,
-                    "finetune_iters": args.finetune_iters, "pct": args.pct, "seeds": args.seeds}
+                    "finetune_iters": args.finetune_iters, "finetune_lr": args.finetune_lr, "pct": args.pct,
+                    "seeds": args.seeds}
     out = args.out or work / "pretrain_value.json"
     try:
         raw = build_raw(args.dataset, work / "raw")
