@@ -1,4 +1,5 @@
-"""Segmentation networks: a 3D ViT backbone plus one of the heads ``adapter``, ``unetr``, ``linear``.
+"""Segmentation networks: a 3D ViT backbone plus one of the heads ``adapter``, ``unetr``, ``linear``; or
+MONAI's SwinUNETR (``swinunetr``, :mod:`threedino_pipe.models.swin_unetr`) on a Swin encoder.
 
 Build with :func:`build_segmentation_model`; ``net.model_args()`` returns the builder's keyword
 arguments (JSON-able, head options resolved), so ``build_segmentation_model(**net.model_args())``
@@ -19,17 +20,45 @@ from threedino_pipe.models.adapter3d import AdapterSegmentationHead
 from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.models.channel_mixing import fold_channels
 from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
+from threedino_pipe.models.swin_unetr import SwinUNETRNetwork
+from threedino_pipe.runtime.errors import UserError
 
-HEADS = ("adapter", "unetr", "linear")
+HEADS = ("adapter", "unetr", "linear", "swinunetr")
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
 HEAD_NEEDS = {"adapter": "token_blocks"}
+# heads that take one backbone family only; that family feeds no other head
+HEAD_FAMILY = {"swinunetr": "swin"}
+# heads whose backbone is always trained with them (--unfreeze changes nothing)
+END_TO_END_HEADS = ("swinunetr",)
 
 # Finetuning defaults per head (docs/method.md, "Downstream: segmentation"): AdamW lr and batch size.
 HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
     "adapter": {"lr": 1e-4, "batch_size": 8},
     "unetr": {"lr": 1e-4, "batch_size": 8},
     "linear": {"lr": 1e-3, "batch_size": 16},
+    "swinunetr": {"lr": 1e-4, "batch_size": 8},  # Tang et al.'s finetuning lr (AdamW 1e-4)
 }
+
+
+def head_family_problem(head: str, family: str) -> str | None:
+    """Why ``head`` cannot be built on a ``family`` backbone (None: it can)."""
+    wanted = HEAD_FAMILY.get(head)
+    if wanted is not None and family != wanted:
+        return f"--head {head} needs a {wanted} backbone (MONAI's SwinUNETR encoder), not a {family} one"
+    if wanted is None and family in HEAD_FAMILY.values():
+        return (f"--head {head} reads the patch tokens of a ViT's blocks; a {family} backbone feeds only --head "
+                f"{', '.join(h for h, f in HEAD_FAMILY.items() if f == family)}")
+    return None
+
+
+def check_head_family(head: str, family: str, *, file: str | None = None) -> None:
+    """A :class:`UserError` naming the backbone ``file`` when ``head`` cannot be built on its ``family``."""
+    problem = head_family_problem(head, family)
+    if problem is not None:
+        others = [h for h in HEADS if head_family_problem(h, family) is None]
+        raise UserError(problem, file=file,
+                        fix=f"pass --head {' or '.join(others)} for this backbone, or another --backbone for "
+                        f"--head {head} (docs/finetune.md, 'Backbone kinds')")
 
 
 class SegmentationNetwork(nn.Module):
@@ -122,11 +151,12 @@ def _build_head(head: str, backbone: Backbone, in_channels: int, num_outputs: in
 
 def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
                              freeze_backbone: bool = True, backbone_family: str = DEFAULT_FAMILY,
-                             **head_options) -> SegmentationNetwork:
+                             **head_options) -> SegmentationNetwork | SwinUNETRNetwork:
     """Build a segmentation network with a randomly initialised backbone.
 
     Args:
-        head: ``adapter``, ``unetr`` or ``linear``.
+        head: ``adapter``, ``unetr``, ``linear`` (3D ViT families) or ``swinunetr`` (MONAI's SwinUNETR, family
+            ``swin``; the encoder takes ``in_channels`` itself).
         backbone_dims: a preset name or the backbone's ``dims`` (its family's ``build`` arguments).
         backbone_family: the backbone family (:mod:`threedino_pipe.models.backbones`; model.json files
             written before families existed leave it out: ``vit3d``).
@@ -140,6 +170,11 @@ def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: 
     if in_channels < 1 or num_outputs < 1:
         raise ValueError(f"in_channels ({in_channels}) and num_outputs ({num_outputs}) must be >= 1")
     family = get_family(backbone_family)
+    if problem := head_family_problem(head, family.name):
+        raise ValueError(problem)
+    if head == "swinunetr":
+        return SwinUNETRNetwork(backbone_dims, in_channels, num_outputs, freeze_backbone=freeze_backbone,
+                                **head_options)
     if head in HEAD_NEEDS and HEAD_NEEDS[head] not in family.capabilities:
         raise ValueError(f"the {head} head needs a backbone with {HEAD_NEEDS[head]!r}, which {family.name} lacks")
     backbone = family.build(backbone_dims)
