@@ -17,17 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from threedino_pipe.models.adapter3d import AdapterSegmentationHead
+from threedino_pipe.models.backbone_network import BackboneNetwork
 from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.models.channel_mixing import fold_channels
 from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
 from threedino_pipe.models.swin_unetr import SwinUNETRNetwork
 from threedino_pipe.runtime.errors import UserError
 
-HEADS = ("adapter", "unetr", "linear", "swinunetr")
+HEADS = ("adapter", "unetr", "linear")  # the heads on the patch tokens of a ViT's blocks
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
 HEAD_NEEDS = {"adapter": "token_blocks"}
 # heads that take one backbone family only; that family feeds no other head
 HEAD_FAMILY = {"swinunetr": "swin"}
+SEGMENTATION_HEADS = (*HEADS, *HEAD_FAMILY)
 # heads whose backbone is always trained with them (--unfreeze changes nothing)
 END_TO_END_HEADS = ("swinunetr",)
 
@@ -55,13 +57,13 @@ def check_head_family(head: str, family: str, *, file: str | None = None) -> Non
     """A :class:`UserError` naming the backbone ``file`` when ``head`` cannot be built on its ``family``."""
     problem = head_family_problem(head, family)
     if problem is not None:
-        others = [h for h in HEADS if head_family_problem(h, family) is None]
+        others = [h for h in SEGMENTATION_HEADS if head_family_problem(h, family) is None]
         raise UserError(problem, file=file,
                         fix=f"pass --head {' or '.join(others)} for this backbone, or another --backbone for "
                         f"--head {head} (docs/finetune.md, 'Backbone kinds')")
 
 
-class SegmentationNetwork(nn.Module):
+class SegmentationNetwork(BackboneNetwork, nn.Module):
     """Backbone + head. ``forward(x [B, in_channels, X, Y, Z]) -> logits [B, num_outputs, X, Y, Z]``.
 
     Frozen backbone (default): its parameters have ``requires_grad=False`` and stay in eval mode;
@@ -93,30 +95,7 @@ class SegmentationNetwork(nn.Module):
         a gradient (DDP needs no ``find_unused_parameters``)."""
         return {"mask_token"} | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
 
-    def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze (``requires_grad=False``, eval mode) or unfreeze the backbone's parameters."""
-        self.frozen = bool(frozen)
-        unused = self.unused_backbone_parameters()
-        for name, p in self.backbone.named_parameters():
-            p.requires_grad_(not self.frozen and name not in unused)
-        self.backbone.train(self.training and not self.frozen)
-
-    def train(self, mode: bool = True) -> SegmentationNetwork:
-        super().train(mode)
-        self.backbone.train(mode and not self.frozen)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters to optimise: the head's, plus the backbone's when it is not frozen."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    # ----- forward -----------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, X, Y, Z]`` with sides multiples of the patch."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got {tuple(x.shape)}")
-        self.backbone.patch_grid(x.shape[2:])
-
+    # ----- forward (freezing, train(), trainable_parameters() and check_input(): BackboneNetwork) ---------
     def backbone_input(self, x: Tensor) -> Tensor:
         """The backbone's input: channels folded into the batch for a single-channel backbone."""
         return fold_channels(x) if self.fold else x
@@ -165,8 +144,8 @@ def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: 
         freeze_backbone: backbone parameters get ``requires_grad=False``.
         head_options: head-specific options (see the head classes), recorded by ``model_args()``.
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(SEGMENTATION_HEADS)}")
     if in_channels < 1 or num_outputs < 1:
         raise ValueError(f"in_channels ({in_channels}) and num_outputs ({num_outputs}) must be >= 1")
     family = get_family(backbone_family)

@@ -4,8 +4,9 @@ The whole network is MONAI's (``monai.networks.nets.SwinUNETR``: its forward, co
 encoders and decoders); only ``swinViT`` is our :class:`SwinEncoder`, MONAI's encoder with the same
 parameter names that also satisfies the backbone protocol, so a checkpoint's ``model`` state dict is
 the one MONAI's SwinUNETR itself has (``swinViT.*``, ``encoder1.*``, ..., ``out.*``). It offers what
-finetune, predict and the validation ask of a segmentation network (``model_args``, ``backbone``,
-``trainable_parameters``, ``check_input``). Input ``[B, in_channels, X, Y, Z]``, each side a
+finetune, predict and the validation ask of a segmentation network (``model_args``, ``backbone``;
+freezing, ``trainable_parameters`` and ``check_input`` from
+:class:`~threedino_pipe.models.backbone_network.BackboneNetwork`). Input ``[B, in_channels, X, Y, Z]``, each side a
 multiple of 32 voxels; output logits ``[B, num_outputs, X, Y, Z]``. The encoder takes every input
 channel itself (``in_channels`` of its dims is the data's).
 """
@@ -13,14 +14,14 @@ channel itself (``in_channels`` of its dims is the data's).
 from __future__ import annotations
 
 from monai.networks.nets import SwinUNETR
-from torch import Tensor, nn
 
+from threedino_pipe.models.backbone_network import BackboneNetwork
 from threedino_pipe.models.swin import FAMILY, SwinEncoder, swin_dims
 
 HEAD = "swinunetr"
 
 
-class SwinUNETRNetwork(SwinUNETR):
+class SwinUNETRNetwork(BackboneNetwork, SwinUNETR):
     """MONAI's SwinUNETR trained end to end (by default); ``backbone`` is its Swin encoder (``swinViT``)."""
 
     head_name = HEAD
@@ -45,23 +46,3 @@ class SwinUNETRNetwork(SwinUNETR):
         return {"head": HEAD, "backbone_dims": self.swinViT.dims, "backbone_family": FAMILY,
                 "in_channels": self.in_channels, "num_outputs": self.num_outputs, "freeze_backbone": self.frozen}
 
-    def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze (``requires_grad=False``, eval mode) or unfreeze the Swin encoder."""
-        self.frozen = bool(frozen)
-        self.swinViT.requires_grad_(not self.frozen)
-        self.swinViT.train(self.training and not self.frozen)
-
-    def train(self, mode: bool = True) -> SwinUNETRNetwork:
-        super().train(mode)
-        self.swinViT.train(mode and not self.frozen)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every parameter (the encoder's too unless frozen)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def check_input(self, x: Tensor) -> None:
-        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, X, Y, Z]`` with sides multiples of 32."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got {tuple(x.shape)}")
-        self.swinViT.patch_grid(x.shape[2:])

@@ -37,7 +37,7 @@ from threedino_pipe.models.segmentation import (
     HEAD_FAMILY,
     HEAD_NEEDS,
     HEAD_TRAINING_DEFAULTS,
-    HEADS,
+    SEGMENTATION_HEADS,
     check_head_family,
 )
 from threedino_pipe.models.swin import FAMILY as SWIN
@@ -61,7 +61,7 @@ from threedino_pipe.training_data.splits import select_subset
 
 logger = logging.getLogger(__name__)
 CONFIGURATION = "finetune"
-ALL_HEADS = (*HEADS, "probe")
+ALL_HEADS = (*SEGMENTATION_HEADS, "probe")
 CPU_BATCH_CAP = 2
 DEFAULT_ITERS = 30_000
 WARMUP_FRACTION = 0.1      # docs/method.md, "Downstream: segmentation": 3,000 warm-up iterations of 30,000
