@@ -13,10 +13,12 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import SimpleITK as sitk
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from threedino_pipe.cli import app
@@ -27,6 +29,7 @@ from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.models.swin import SwinEncoder, build_swin, load_swin, repeat_channels
 from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages.finetune import head_patch_size
 
 DATASET = "Dataset990_MNITissue"
 # small dims: one block per stage, 3-voxel windows (the relative position tables stay small)
@@ -204,3 +207,13 @@ def test_swin_random_swin_transfer_and_3dino_train_on_the_same_cases(swin_run, t
                                      for s in subsets)
     card = json.loads((folders[0] / "run.json").read_text())["options"]
     assert card["backbone_family"] == "swin" and card["backbone_dims"] == "tiny" and card["frozen"] is False
+
+
+def test_swinunetr_patch_is_rounded_down_to_multiples_of_32_and_a_side_under_32_is_refused(tmp_path):
+    console = Console(stderr=True, quiet=True)
+    plans = SimpleNamespace(patch_size=[48, 64, 96])
+    assert head_patch_size("swinunetr", plans, tmp_path, "990", console) == [32, 64, 96]
+    assert head_patch_size("unetr", plans, tmp_path, "990", console) == [48, 64, 96]
+    with pytest.raises(UserError) as err:
+        head_patch_size("swinunetr", SimpleNamespace(patch_size=[16, 64, 64]), tmp_path, "990", console)
+    assert str(tmp_path / "plans.json") in str(err.value) and "3dino plan -d 990 --patch-size" in err.value.fix

@@ -19,6 +19,7 @@ from threedino_pipe.models.backbone_network import BackboneNetwork
 from threedino_pipe.models.swin import FAMILY, SwinEncoder, swin_dims
 
 HEAD = "swinunetr"
+SWINUNETR_ARGS = ("feature_size", "depths", "num_heads", "patch_size", "window_size")  # from the encoder's dims
 
 
 class SwinUNETRNetwork(BackboneNetwork, SwinUNETR):
@@ -29,9 +30,7 @@ class SwinUNETRNetwork(BackboneNetwork, SwinUNETR):
     def __init__(self, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
                  freeze_backbone: bool = False) -> None:
         dims = swin_dims(backbone_dims, in_channels)
-        super().__init__(in_channels=in_channels, out_channels=num_outputs, patch_size=dims["patch_size"],
-                         depths=dims["depths"], num_heads=dims["num_heads"], window_size=dims["window_size"],
-                         feature_size=dims["feature_size"])
+        super().__init__(in_channels=in_channels, out_channels=num_outputs, **{k: dims[k] for k in SWINUNETR_ARGS})
         self.swinViT = SwinEncoder(**dims)  # MONAI's encoder, same names, plus the backbone protocol
         self.in_channels, self.num_outputs = in_channels, num_outputs
         self.frozen = False
