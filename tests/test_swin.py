@@ -64,6 +64,7 @@ def test_a_swin_file_in_tangs_layout_loads_strictly_and_its_channels_are_repeate
     choice = resolve_backbone(str(ours), tmp_path)  # the family is read from the file's keys
     assert (choice.family, choice.method, choice.tag, len(choice.sha256)) == ("swin", "tang", "swin_fd", 16)
     assert isinstance(choice.model, Backbone) and choice.dims == {**SMALL, "in_channels": 1, "patch_size": 2}
+    assert build_swin({**SMALL, "window_size": [3, 3, 3]}).dims == choice.dims  # MONAI takes either
     for key, value in encoder.state_dict().items():
         assert torch.equal(choice.model.state_dict()[key], value), key
 
@@ -137,14 +138,15 @@ def test_finetune_refuses_mismatched_files_and_head_backbone_pairs_by_name(encod
     assert not (tmp_path / "results" / DATASET).exists()
 
 
-# ----- one tiny SwinUNETR run (Swin Transfer from a file), shared ---------------------------------------------
+# ----- one tiny SwinUNETR run (Swin Transfer-FD from a run folder), shared -----------------------------------
 @pytest.fixture(scope="module")
 def swin_run(encoder, mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("swin_run")
     env = {**mni_preprocessed, "THREEDINO_RESULTS": str(root / "results")}
-    swin_file = _tang_file(root / "swin_fd.pt", encoder)
-    outcome = CliRunner().invoke(app, ["finetune", "-d", "990", *FAST, "--backbone", str(swin_file), "--iters", "3",
-                                       "--val-every", "3", "--lr", "0.001"], env=env)
+    (root / "swin_fd").mkdir()  # a `3dino pretrain --method tang --arch swin` run folder: its backbone.pt
+    swin_file = _tang_file(root / "swin_fd" / "backbone.pt", encoder)
+    outcome = CliRunner().invoke(app, ["finetune", "-d", "990", *FAST, "--backbone", str(swin_file.parent),
+                                       "--iters", "3", "--val-every", "3", "--lr", "0.001"], env=env)
     assert outcome.exit_code == 0, (outcome.output, outcome.exception)
     folder = root / "results" / DATASET / "finetune__swinunetr__swin_fd__pct50__fold0__seed0"
     yield {"env": env, "root": root, "file": swin_file, "folder": folder, "output": outcome.output}
