@@ -29,6 +29,7 @@ from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.models.swin import SwinEncoder, build_swin, load_swin, repeat_channels
 from threedino_pipe.models.weight_files import save_backbone
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.stages import embed
 from threedino_pipe.stages.finetune import head_patch_size
 
 DATASET = "Dataset990_MNITissue"
@@ -187,6 +188,13 @@ def test_swinunetr_finetunes_from_a_swin_file_and_predicts_in_the_input_geometry
     assert labels.GetDirection() == pytest.approx(image.GetDirection(), abs=1e-6)
     values = set(sitk.GetArrayViewFromImage(labels).ravel().tolist())
     assert values <= {0, 1, 2}
+
+    # no CLS token: embed refuses the run and the Swin file by the family's missing capability, naming them
+    for model in (folder, swin_run["file"]):
+        with pytest.raises(UserError, match="the swin backbone has no global \\(CLS\\) token") as err:
+            embed.run(model, scans, tmp_path / "features", device="cpu")
+        assert err.value.file is not None and str(model) in str(err.value)
+    assert not (tmp_path / "features").exists()
 
 
 @pytest.mark.e2e
