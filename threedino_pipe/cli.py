@@ -266,13 +266,17 @@ def finetune(
                                        "label-efficiency subset of splits.json: round(P % of the cases); too few "
                                        "cases is an error naming the minimum).")] = 100.0,
     fold: Annotated[int, typer.Option("--fold", min=0, help="Cross-validation fold of splits.json.")] = 0,
-    head: Annotated[str | None, typer.Option("--head", help="adapter (ViT-Adapter + UNet decoder), unetr, linear, or "
-                                             "probe (classification datasets). Default: adapter with a pretrained "
-                                             "backbone, unetr with --backbone none, probe for classification.")] = None,
+    head: Annotated[str | None, typer.Option("--head", help="adapter (ViT-Adapter + UNet decoder), unetr, linear, "
+                                             "swinunetr (MONAI's SwinUNETR, trained end to end, on a Swin backbone), "
+                                             "or probe (classification datasets). Default: adapter with a pretrained "
+                                             "backbone, unetr with --backbone none, swinunetr with a Swin file, probe "
+                                             "for classification.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
                                           "pretrain run), a pretrain run folder (3DINO: the paper's 3DINO-ViT; "
-                                          "--method simmim: MIM-ViT), a backbone file (ours or the official "
-                                          "3DINO-ViT), or none (random init, trained end to end: Random).")]
+                                          "--method simmim: MIM-ViT; --method tang --arch vit: MONAI-ViT; --arch "
+                                          "swin: Swin Transfer-FD), a backbone file (ours, the official 3DINO-ViT, "
+                                          "or Tang et al.'s model_swinvit.pt: Swin Transfer), or none (random init, "
+                                          "trained end to end: Random; with --head swinunetr: Swin Random).")]
     = "auto",
     unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
                                            "frozen).")] = False,

@@ -6,6 +6,7 @@
 - a run folder: its ``backbone.pt`` (an unfinished run has none: an error);
 - a file: our ``backbone.pt``, an export, or the released 3DINO-ViT file
   (its family's loader, strict: :func:`threedino_pipe.models.weight_files.load_backbone` for ``vit3d``);
+  a Swin file in Tang et al.'s layout (family ``swin``, :func:`threedino_pipe.models.swin.load_swin`);
 - ``none``: a randomly initialised backbone trained end to end (the paper's Random baseline).
 
 The tag names the backbone in the run folder name: the run folder's name, the file's stem (a
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
+from threedino_pipe.models.swin import FAMILY as SWIN
+from threedino_pipe.models.swin import is_swin_file
 from threedino_pipe.runtime.errors import UserError
 
 BACKBONE_FILE = "backbone.pt"
@@ -90,9 +93,16 @@ def safe_tag(name: str) -> str:
     return _UNSAFE.sub("-", name).strip("-") or "backbone"
 
 
-def newest_pretrained(results_root: Path) -> Path | None:
-    """``backbone.pt`` of the newest adapt-highres run, else of the newest pretrain run, else None."""
-    runs = [p for p in (Path(results_root) / "pretrain").glob("*") if (p / BACKBONE_FILE).is_file()]
+def file_family(path: str | Path) -> str:
+    """The backbone family of a weights file by its layout: ``swin`` (Tang et al.'s), else ``vit3d``."""
+    return SWIN if is_swin_file(path) else DEFAULT_FAMILY
+
+
+def newest_pretrained(results_root: Path, family: str | None = None) -> Path | None:
+    """``backbone.pt`` of the newest adapt-highres run, else of the newest pretrain run, else None;
+    ``family``: only runs whose backbone is of that family."""
+    runs = [p for p in (Path(results_root) / "pretrain").glob("*") if (p / BACKBONE_FILE).is_file()
+            and (family is None or file_family(p / BACKBONE_FILE) == family)]
     highres = [p for p in runs if "__highres" in p.name]
     for group in (highres, runs):
         if group:
@@ -108,14 +118,16 @@ def _tag_for_file(path: Path) -> str:
 
 
 def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None,
-                     family: str = DEFAULT_FAMILY) -> BackboneChoice:
+                     family: str | None = None) -> BackboneChoice:
     """Resolve ``--backbone spec`` (see the module docstring) and load the weights.
 
     Args:
         spec: ``auto``, ``none``, a run folder or a weights file.
         results_root: the results folder (``auto`` looks in its ``pretrain/``).
         expect: a preset the backbone must match (``--preset``), or None.
-        family: the backbone family whose loader reads the file (``vit3d``: the 3D ViT).
+        family: the backbone family wanted (``vit3d``: the 3D ViT, ``swin``), or None: the file's own
+            (:func:`file_family`), ``vit3d`` for ``none`` and ``auto``; ``auto`` looks at runs of that family
+            only, and a file of another family is a UserError.
 
     Raises:
         UserError: no pretrained run for ``auto``, a path that does not exist, a run without
@@ -124,14 +136,11 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
     spec = str(spec).strip()
     if spec == "none":
         return BackboneChoice(tag="none", source="none", how="--backbone none: random initialisation, "
-                              "trained end to end", family=family)
+                              "trained end to end", family=family or DEFAULT_FAMILY)
     if spec == "auto":
-        path = newest_pretrained(results_root)
+        path = newest_pretrained(results_root, family or DEFAULT_FAMILY)
         if path is None:
-            raise UserError(f"--backbone auto found no pretrained backbone (no run with a {BACKBONE_FILE} under "
-                            f"{Path(results_root) / 'pretrain'})", file=Path(results_root) / "pretrain",
-                            fix="run `3dino pretrain` (and `3dino adapt-highres`) first, pass a backbone file or "
-                            "run folder with --backbone, or pass --backbone none for random initialisation")
+            raise _none_found(results_root, family or DEFAULT_FAMILY)
         kind = "adapt-highres" if "__highres" in path.parent.name else "pretrain"
         how = f"--backbone auto: the newest {kind} run, {path.parent}"
     else:
@@ -147,7 +156,24 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
             how = f"--backbone: the run {path.parent}"
         else:
             how = f"--backbone: the file {path}"
-    model, info = get_family(family).load(path, expect=expect)
+    found = file_family(path)
+    if family is not None and found != family:
+        raise UserError(f"holds a {found} backbone, where a {family} backbone is needed", file=path,
+                        fix=f"pass a {family} backbone file or run folder (docs/finetune.md, 'Backbone kinds')")
+    model, info = get_family(found).load(path, expect=expect)
     return BackboneChoice(tag=_tag_for_file(path), source=str(path.resolve()), path=path,
                           sha256=file_sha256(path), model=model, info=info, how=how, family=model.family,
                           method=pretraining_method(info))
+
+
+def _none_found(results_root: Path, family: str) -> UserError:
+    """``--backbone auto`` found no run with a ``family`` backbone."""
+    where = Path(results_root) / "pretrain"
+    if family == SWIN:
+        return UserError(f"--backbone auto found no pretrained Swin encoder (no run with a Swin {BACKBONE_FILE} "
+                         f"under {where})", file=where,
+                         fix="run `3dino pretrain --method tang --arch swin` first, pass a Swin file (Tang et al.'s "
+                         "model_swinvit.pt) with --backbone, or pass --backbone none (Swin Random)")
+    return UserError(f"--backbone auto found no pretrained backbone (no run with a {BACKBONE_FILE} under {where})",
+                     file=where, fix="run `3dino pretrain` (and `3dino adapt-highres`) first, pass a backbone file or "
+                     "run folder with --backbone, or pass --backbone none for random initialisation")

@@ -1,8 +1,8 @@
 """Backbone families: what finetune, predict, embed and visualize ask of a backbone, one entry per family.
 
-A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO) today; a Swin encoder, a
-ViT pretrained by another method or a 2D natural-image ViT applied slice by slice go in as more
-entries of :data:`FAMILIES`. Each family gives
+A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO) and ``swin`` (MONAI's Swin
+encoder of SwinUNETR, :mod:`threedino_pipe.models.swin`; none of the optional capabilities); a 2D
+natural-image ViT applied slice by slice goes in as one more entry of :data:`FAMILIES`. Each family gives
 
 - ``build(dims)``: a randomly initialised backbone from a preset name or a dims dict (what
   ``model.json``'s ``model_args.backbone_dims`` holds);
@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.swin import build_swin, load_swin
 from threedino_pipe.models.weight_files import load_backbone
 from threedino_pipe.runtime.errors import UserError
 
@@ -90,6 +91,7 @@ def _offering(capability: str) -> list[str]:
 
 FAMILIES: dict[str, BackboneFamily] = {
     "vit3d": BackboneFamily("vit3d", build_backbone, load_backbone, frozenset(CAPABILITIES)),
+    "swin": BackboneFamily("swin", build_swin, load_swin, frozenset()),
 }
 
 

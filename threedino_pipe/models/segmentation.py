@@ -1,4 +1,5 @@
-"""Segmentation networks: a 3D ViT backbone plus one of the heads ``adapter``, ``unetr``, ``linear``.
+"""Segmentation networks: a 3D ViT backbone plus one of the heads ``adapter``, ``unetr``, ``linear``; or
+MONAI's SwinUNETR (``swinunetr``, :mod:`threedino_pipe.models.swin_unetr`) on a Swin encoder.
 
 Build with :func:`build_segmentation_model`; ``net.model_args()`` returns the builder's keyword
 arguments (JSON-able, head options resolved), so ``build_segmentation_model(**net.model_args())``
@@ -16,23 +17,53 @@ import torch
 from torch import Tensor, nn
 
 from threedino_pipe.models.adapter3d import AdapterSegmentationHead
+from threedino_pipe.models.backbone_network import BackboneNetwork
 from threedino_pipe.models.backbones import DEFAULT_FAMILY, Backbone, get_family
 from threedino_pipe.models.channel_mixing import fold_channels
 from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
+from threedino_pipe.models.swin_unetr import SwinUNETRNetwork
+from threedino_pipe.runtime.errors import UserError
 
-HEADS = ("adapter", "unetr", "linear")
+HEADS = ("adapter", "unetr", "linear")  # the heads on the patch tokens of a ViT's blocks
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
 HEAD_NEEDS = {"adapter": "token_blocks"}
+# heads that take one backbone family only; that family feeds no other head
+HEAD_FAMILY = {"swinunetr": "swin"}
+SEGMENTATION_HEADS = (*HEADS, *HEAD_FAMILY)
+# heads whose backbone is always trained with them (--unfreeze changes nothing)
+END_TO_END_HEADS = ("swinunetr",)
 
 # Finetuning defaults per head (docs/method.md, "Downstream: segmentation"): AdamW lr and batch size.
 HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
     "adapter": {"lr": 1e-4, "batch_size": 8},
     "unetr": {"lr": 1e-4, "batch_size": 8},
     "linear": {"lr": 1e-3, "batch_size": 16},
+    "swinunetr": {"lr": 1e-4, "batch_size": 8},  # Tang et al.'s finetuning lr (AdamW 1e-4)
 }
 
 
-class SegmentationNetwork(nn.Module):
+def head_family_problem(head: str, family: str) -> str | None:
+    """Why ``head`` cannot be built on a ``family`` backbone (None: it can)."""
+    wanted = HEAD_FAMILY.get(head)
+    if wanted is not None and family != wanted:
+        return f"--head {head} needs a {wanted} backbone (MONAI's SwinUNETR encoder), not a {family} one"
+    if wanted is None and family in HEAD_FAMILY.values():
+        return (f"--head {head} reads the patch tokens of a ViT's blocks; a {family} backbone feeds only --head "
+                f"{', '.join(h for h, f in HEAD_FAMILY.items() if f == family)}")
+    return None
+
+
+def check_head_family(head: str, family: str, *, file: str | None = None) -> None:
+    """A :class:`UserError` naming the backbone ``file`` when ``head`` cannot be built on its ``family``."""
+    problem = head_family_problem(head, family)
+    if problem is not None:
+        others = [h for h in SEGMENTATION_HEADS if head_family_problem(h, family) is None]
+        raise UserError(problem, file=file,
+                        fix=f"pass --head {' or '.join(others)} for this backbone, or another --backbone for "
+                        f"--head {head} (docs/finetune.md, 'Backbone kinds')")
+
+
+class SegmentationNetwork(BackboneNetwork, nn.Module):
     """Backbone + head. ``forward(x [B, in_channels, X, Y, Z]) -> logits [B, num_outputs, X, Y, Z]``.
 
     Frozen backbone (default): its parameters have ``requires_grad=False`` and stay in eval mode;
@@ -64,30 +95,7 @@ class SegmentationNetwork(nn.Module):
         a gradient (DDP needs no ``find_unused_parameters``)."""
         return {"mask_token"} | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
 
-    def set_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze (``requires_grad=False``, eval mode) or unfreeze the backbone's parameters."""
-        self.frozen = bool(frozen)
-        unused = self.unused_backbone_parameters()
-        for name, p in self.backbone.named_parameters():
-            p.requires_grad_(not self.frozen and name not in unused)
-        self.backbone.train(self.training and not self.frozen)
-
-    def train(self, mode: bool = True) -> SegmentationNetwork:
-        super().train(mode)
-        self.backbone.train(mode and not self.frozen)
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters to optimise: the head's, plus the backbone's when it is not frozen."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    # ----- forward -----------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
-        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, X, Y, Z]`` with sides multiples of the patch."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got {tuple(x.shape)}")
-        self.backbone.patch_grid(x.shape[2:])
-
+    # ----- forward (freezing, train(), trainable_parameters() and check_input(): BackboneNetwork) ---------
     def backbone_input(self, x: Tensor) -> Tensor:
         """The backbone's input: channels folded into the batch for a single-channel backbone."""
         return fold_channels(x) if self.fold else x
@@ -122,11 +130,12 @@ def _build_head(head: str, backbone: Backbone, in_channels: int, num_outputs: in
 
 def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: int, num_outputs: int, *,
                              freeze_backbone: bool = True, backbone_family: str = DEFAULT_FAMILY,
-                             **head_options) -> SegmentationNetwork:
+                             **head_options) -> SegmentationNetwork | SwinUNETRNetwork:
     """Build a segmentation network with a randomly initialised backbone.
 
     Args:
-        head: ``adapter``, ``unetr`` or ``linear``.
+        head: ``adapter``, ``unetr``, ``linear`` (3D ViT families) or ``swinunetr`` (MONAI's SwinUNETR, family
+            ``swin``; the encoder takes ``in_channels`` itself).
         backbone_dims: a preset name or the backbone's ``dims`` (its family's ``build`` arguments).
         backbone_family: the backbone family (:mod:`threedino_pipe.models.backbones`; model.json files
             written before families existed leave it out: ``vit3d``).
@@ -135,11 +144,16 @@ def build_segmentation_model(head: str, backbone_dims: str | dict, in_channels: 
         freeze_backbone: backbone parameters get ``requires_grad=False``.
         head_options: head-specific options (see the head classes), recorded by ``model_args()``.
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head not in SEGMENTATION_HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(SEGMENTATION_HEADS)}")
     if in_channels < 1 or num_outputs < 1:
         raise ValueError(f"in_channels ({in_channels}) and num_outputs ({num_outputs}) must be >= 1")
     family = get_family(backbone_family)
+    if problem := head_family_problem(head, family.name):
+        raise ValueError(problem)
+    if head == "swinunetr":
+        return SwinUNETRNetwork(backbone_dims, in_channels, num_outputs, freeze_backbone=freeze_backbone,
+                                **head_options)
     if head in HEAD_NEEDS and HEAD_NEEDS[head] not in family.capabilities:
         raise ValueError(f"the {head} head needs a backbone with {HEAD_NEEDS[head]!r}, which {family.name} lacks")
     backbone = family.build(backbone_dims)

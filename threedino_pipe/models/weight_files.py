@@ -162,8 +162,9 @@ def _check_expect(dims: dict, expect: str | dict | None, path: Path) -> None:
                         fix="pass a checkpoint of the expected size, or the matching --preset")
 
 
-def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, what: str, note: str = "") -> None:
-    """Strict key and shape comparison; a :class:`UserError` listing the differences."""
+def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, what: str, note: str = "",
+                 fix: str = "the file is incomplete or of another architecture; " + _FIX_SOURCE) -> None:
+    """Strict key and shape comparison; a :class:`UserError` listing the differences (``fix``: what to do)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -175,7 +176,7 @@ def _match_state(model: torch.nn.Module, state: dict[str, Tensor], path: Path, w
     if parts:
         raise UserError(f"{what} weights do not match the architecture inferred from the file{note}; "
                         + "; ".join(parts),
-                        file=path, fix="the file is incomplete or of another architecture; " + _FIX_SOURCE)
+                        file=path, fix=fix)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{what} weights hold NaN or Inf values in {len(bad)} tensors: {_few(bad)}", file=path,

@@ -32,7 +32,16 @@ from threedino_pipe.artifacts import (
 from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.models.backbones import get_family
 from threedino_pipe.models.presets import PRESETS
-from threedino_pipe.models.segmentation import HEAD_NEEDS, HEAD_TRAINING_DEFAULTS, HEADS
+from threedino_pipe.models.segmentation import (
+    END_TO_END_HEADS,
+    HEAD_FAMILY,
+    HEAD_NEEDS,
+    HEAD_TRAINING_DEFAULTS,
+    SEGMENTATION_HEADS,
+    check_head_family,
+)
+from threedino_pipe.models.swin import FAMILY as SWIN
+from threedino_pipe.models.swin import repeat_channels
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
@@ -52,11 +61,12 @@ from threedino_pipe.training_data.splits import select_subset
 
 logger = logging.getLogger(__name__)
 CONFIGURATION = "finetune"
-ALL_HEADS = (*HEADS, "probe")
+ALL_HEADS = (*SEGMENTATION_HEADS, "probe")
 CPU_BATCH_CAP = 2
 DEFAULT_ITERS = 30_000
 WARMUP_FRACTION = 0.1      # docs/method.md, "Downstream: segmentation": 3,000 warm-up iterations of 30,000
 DEFAULT_WEIGHT_DECAY = 1e-5
+SWIN_MULTIPLE = 32         # SwinUNETR halves a patch five times (2-voxel patches, four mergings)
 
 
 def run_folder_name(head: str, tag: str, pct: float, fold: int, seed: int) -> str:
@@ -125,12 +135,14 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     splits = Splits.of_dataset(pre, dataset)
     train_ids = select_subset(splits, fold, seed, pct, None, splits_file=Splits.in_folder(pre))
     val_ids = list(splits.fold(fold).val)
-    choice = resolve_backbone(backbone, paths.results_root(), expect=preset)
+    choice = resolve_backbone(backbone, paths.results_root(), expect=preset, family=HEAD_FAMILY.get(head))
     console.print(choice.how)
-    head = head or ("adapter" if choice.pretrained else "unetr")
+    head = head or default_head(choice)
+    check_head_family(head, choice.family, file=choice.source)
     if head in HEAD_NEEDS:
         get_family(choice.family).require(HEAD_NEEDS[head], f"--head {head} cannot be built", file=choice.source)
-    frozen = choice.pretrained and not unfreeze
+    frozen = choice.pretrained and not unfreeze and head not in END_TO_END_HEADS
+    patch = head_patch_size(head, config, pre, dataset, console)
     iters = iters or DEFAULT_ITERS
     dist = init_distributed(device)
     held = contextlib.ExitStack()
@@ -144,14 +156,14 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
             pct=float(pct), fold=fold, seed=seed, train_ids=train_ids, val_ids=val_ids, iters=iters,
             batch_size=batch_for_device(config.batch_size, batch_size, dist, CPU_BATCH_CAP, console, "patches"),
             lr=float(lr if lr is not None else HEAD_TRAINING_DEFAULTS[head]["lr"]), weight_decay=weight_decay,
-            warmup_iters=round(WARMUP_FRACTION * iters), patch_size=list(config.patch_size),
+            warmup_iters=round(WARMUP_FRACTION * iters), patch_size=patch,
             in_channels=plans.num_channels, output=output, targets=targets, target_names=names,
             val_every=val_every or default_val_every(iters), overlap=overlap,
             precision=resolve_precision(precision, dist.device), world_size=dist.world_size,
             augmentation=Augmentation.for_spacing(config.spacing).options() if augment else {},
             backbone_family=choice.family, backbone_method=choice.method,
             num_workers=num_workers, save_every=save_every, device=device)
-        tag = choice.tag if frozen or not choice.pretrained else f"{choice.tag}-unfrozen"
+        tag = choice.tag if frozen or not choice.pretrained or head in END_TO_END_HEADS else f"{choice.tag}-unfrozen"
         folder = run_folder(paths.results_root() / pre.name, run_name, run_folder_name(head, tag, pct, fold, seed))
         record = RunRecord(stage="finetune", options=run_config.options(), volatile=list(SegRunConfig.VOLATILE),
                            plans={pre.name: plans.dependencies(CONFIGURATION)})
@@ -172,7 +184,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         best = train_segmentation(run_config, folder, finetune_dir, dist, resume=resume,
                                   rerun=f"3dino preprocess -d {dataset} -c finetune",
                                   model_card=_model_card(plans, run_config, choice, finetune_dir),
-                                  backbone_state=choice.model.state_dict() if choice.pretrained else None,
+                                  backbone_state=_backbone_state(choice, plans.num_channels),
                                   stop_after=stop_after)
         if dist.is_main:
             if best is not None:
@@ -182,6 +194,41 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     finally:
         held.close()
         cleanup()
+
+
+def default_head(choice: BackboneChoice) -> str:
+    """The head when ``--head`` is left out: ``swinunetr`` for a Swin encoder, else ``adapter`` with a pretrained
+    backbone and ``unetr`` with ``--backbone none``."""
+    if choice.family == SWIN:
+        return "swinunetr"
+    return "adapter" if choice.pretrained else "unetr"
+
+
+def head_patch_size(head: str, config: FinetuneConfiguration, pre: Path, dataset: str, console: Console) -> list[int]:
+    """The training patch: plans.json's; for ``swinunetr`` each side rounded down to a multiple of 32 voxels
+    (SwinUNETR's five halvings), a side under 32 being a UserError naming plans.json."""
+    patch = [int(p) for p in config.patch_size]
+    if head != "swinunetr":
+        return patch
+    if min(patch) < SWIN_MULTIPLE:
+        raise UserError(f"--head swinunetr needs patch sides of at least {SWIN_MULTIPLE} voxels (multiples of "
+                        f"{SWIN_MULTIPLE}); the finetune patch size is {patch}", file=Plans.in_folder(pre),
+                        fix=f"rerun `3dino plan -d {dataset} --patch-size ...` with multiples of {SWIN_MULTIPLE}, "
+                        f"then `3dino preprocess -d {dataset}`")
+    cropped = [p - p % SWIN_MULTIPLE for p in patch]
+    if cropped != patch:
+        console.print(f"note: --head swinunetr trains on {cropped} patches (plans.json's {patch} rounded down to "
+                      f"multiples of {SWIN_MULTIPLE}); `3dino plan --patch-size` chooses others")
+    return cropped
+
+
+def _backbone_state(choice: BackboneChoice, in_channels: int) -> dict | None:
+    """The pretrained backbone's weights for the network (None: random initialisation); a 1-channel Swin
+    encoder's patch embedding repeated over ``in_channels`` channels (``models.swin.repeat_channels``)."""
+    if not choice.pretrained:
+        return None
+    state = choice.model.state_dict()
+    return repeat_channels(state, in_channels) if choice.family == SWIN else state
 
 
 def _check_probe(pre: Path, plans: Plans, head: str | None) -> None:
