@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from threedino_pipe.models.natural2d import build_slice_backbone, load_slice_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.weight_files import load_backbone
 from threedino_pipe.runtime.errors import UserError
@@ -36,6 +37,7 @@ CAPABILITIES = {
     "cls_token": "global (CLS) token: no CLS features for the probe or `3dino embed`",
     "cls_attention": "attention of a global token over the patches: no CLS attention map in `3dino visualize`",
     "token_blocks": "token sequence through indexed blocks: no ViT-Adapter head (`--head adapter`)",
+    "cubic_patches": "grid of cubic 16-voxel patches: no UNETR head (`--head unetr`, four 2x upsamplings)",
 }
 
 
@@ -90,6 +92,8 @@ def _offering(capability: str) -> list[str]:
 
 FAMILIES: dict[str, BackboneFamily] = {
     "vit3d": BackboneFamily("vit3d", build_backbone, load_backbone, frozenset(CAPABILITIES)),
+    # a natural-image 2D ViT (Hugging Face folder) slice by slice: its token grid is (X/p, Y/p, Z), not cubic
+    "hf2d": BackboneFamily("hf2d", build_slice_backbone, load_slice_backbone, frozenset({"cls_token"})),
 }
 
 

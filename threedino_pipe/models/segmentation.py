@@ -22,7 +22,7 @@ from threedino_pipe.models.decoders import LinearDecoder, UNETRDecoder
 
 HEADS = ("adapter", "unetr", "linear")
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
-HEAD_NEEDS = {"adapter": "token_blocks"}
+HEAD_NEEDS = {"adapter": "token_blocks", "unetr": "cubic_patches"}
 
 # Finetuning defaults per head (docs/method.md, "Downstream: segmentation"): AdamW lr and batch size.
 HEAD_TRAINING_DEFAULTS: dict[str, dict] = {
@@ -105,13 +105,14 @@ class SegmentationNetwork(nn.Module):
         features = self.tapped_features(x, self.head.layers)
         if self.head_name == "unetr":
             return self.head(features, x)
-        return self.head(features, x.shape[2:])
+        return self.head(features, x.shape[2:], grid=self.backbone.patch_grid(x.shape[2:]))
 
 
 def _build_head(head: str, backbone: Backbone, in_channels: int, num_outputs: int,
                 options: dict) -> nn.Module:
     channels = in_channels if backbone.in_chans == 1 else 1
-    if head == "linear":
+    if head == "linear":  # a backbone shallower than 4 blocks (a small 2D model) taps all of them
+        options.setdefault("num_layers", min(4, backbone.depth))
         return LinearDecoder(backbone.embed_dim, backbone.depth, channels, num_outputs,
                              patch_size=backbone.patch_size, **options)
     if head == "unetr":

@@ -64,6 +64,14 @@ def run_folder_name(head: str, tag: str, pct: float, fold: int, seed: int) -> st
     return f"finetune__{head}__{tag}__pct{pct:g}__fold{fold}__seed{seed}"
 
 
+def default_head(choice: BackboneChoice) -> str:
+    """``--head`` left out: ``unetr`` from scratch; ``adapter`` on a pretrained backbone whose family offers it,
+    else ``linear`` (e.g. a natural-image 2D backbone, ``hf2d``)."""
+    if not choice.pretrained:
+        return "unetr"
+    return "adapter" if HEAD_NEEDS["adapter"] in get_family(choice.family).capabilities else "linear"
+
+
 def default_val_every(iters: int) -> int:
     """A tenth of the run, at most every 1,000 iterations, at least every iteration."""
     return max(1, min(1000, iters // 10))
@@ -127,7 +135,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     val_ids = list(splits.fold(fold).val)
     choice = resolve_backbone(backbone, paths.results_root(), expect=preset)
     console.print(choice.how)
-    head = head or ("adapter" if choice.pretrained else "unetr")
+    head = head or default_head(choice)
     if head in HEAD_NEEDS:
         get_family(choice.family).require(HEAD_NEEDS[head], f"--head {head} cannot be built", file=choice.source)
     frozen = choice.pretrained and not unfreeze
