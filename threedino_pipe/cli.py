@@ -265,11 +265,15 @@ def finetune(
     fold: Annotated[int, typer.Option("--fold", min=0, help="Cross-validation fold of splits.json.")] = 0,
     head: Annotated[str | None, typer.Option("--head", help="adapter (ViT-Adapter + UNet decoder), unetr, linear, or "
                                              "probe (classification datasets). Default: adapter with a pretrained "
-                                             "backbone, unetr with --backbone none, probe for classification.")] = None,
+                                             "backbone (linear with a Hugging Face folder), unetr with --backbone "
+                                             "none, probe for classification.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
                                           "pretrain run), a pretrain run folder (3DINO: the paper's 3DINO-ViT; "
                                           "--method simmim: MIM-ViT), a backbone file (ours or the official "
-                                          "3DINO-ViT), or none (random init, trained end to end: Random).")]
+                                          "3DINO-ViT), a local Hugging Face folder of Dinov2Model or "
+                                          "DINOv3ViTModel (2D, slice by slice: DINOv3; pip install "
+                                          "threedino-pipe\\[natural]), or none (random init, trained end to end: "
+                                          "Random).")]
     = "auto",
     unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
                                            "frozen).")] = False,

@@ -1,8 +1,8 @@
 """Backbone families: what finetune, predict, embed and visualize ask of a backbone, one entry per family.
 
-A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO) today; a Swin encoder, a
-ViT pretrained by another method or a 2D natural-image ViT applied slice by slice go in as more
-entries of :data:`FAMILIES`. Each family gives
+A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO) and ``hf2d`` (a natural-image
+2D ViT from a local Hugging Face folder applied slice by slice, :mod:`threedino_pipe.models.natural2d`);
+a Swin encoder goes in as one more entry of :data:`FAMILIES`. Each family gives
 
 - ``build(dims)``: a randomly initialised backbone from a preset name or a dims dict (what
   ``model.json``'s ``model_args.backbone_dims`` holds);
