@@ -146,8 +146,9 @@ def test_each_kind_finetunes_the_linear_head_and_predicts_without_its_folder(hf_
     scans = mni_raw / DATASET / "imagesTs"
     for method, folder in hf_folders.items():
         moved = shutil.copytree(folder, tmp_path / f"{method}_model")
-        refused = CliRunner().invoke(app, [*common, "--backbone", str(moved), "--head", "adapter"], env=env)
-        assert refused.exit_code != 0 and "the hf2d backbone has no token sequence" in str(refused.exception)
+        for head, lacks in (("adapter", "no token sequence"), ("unetr", "no grid of cubic 16-voxel patches")):
+            refused = CliRunner().invoke(app, [*common, "--backbone", str(moved), "--head", head], env=env)
+            assert refused.exit_code != 0 and f"the hf2d backbone has {lacks}" in str(refused.exception)
         _invoke([*common, "--backbone", str(moved)], env)  # --head left out: linear for this family
         run = tmp_path / "results" / DATASET / f"finetune__linear__hf2d-{method}-{method}_model__pct50__fold0__seed0"
         card = json.loads((run / "model.json").read_text())
