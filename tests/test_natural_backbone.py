@@ -9,6 +9,7 @@ input geometry. Broken or foreign folders, and a missing transformers, are named
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import REPO
+from conftest import HELD_OUT, REPO
 from typer.testing import CliRunner
 
 from threedino_pipe.cli import app
@@ -174,7 +175,7 @@ def test_each_kind_finetunes_the_linear_head_and_predicts_without_its_folder(hf_
 
 
 @pytest.mark.e2e
-def test_each_kind_trains_the_classification_probe(hf_folders, tissue, tmp_path):
+def test_each_kind_trains_the_classification_probe_and_embeds(hf_folders, tissue, tmp_path):
     env = {**tissue["env"], "THREEDINO_RESULTS": str(tmp_path / "results")}
     for method, folder in hf_folders.items():
         _invoke(["finetune", "-d", "995", "--head", "probe", "--pct", "100", "--backbone", str(folder), "--iters",
@@ -185,5 +186,12 @@ def test_each_kind_trains_the_classification_probe(hf_folders, tissue, tmp_path)
         assert (card["backbone"]["family"], card["backbone"]["method"]) == ("hf2d", method)
         validation = json.loads((run / "validation.json").read_text())
         assert np.isfinite(validation["metrics"]["accuracy"]["all"])
-        features = torch.load(run / "features.pt", weights_only=True)
-        assert features  # the frozen features of the 2D model, cached
+        # `3dino embed` writes the probe's input (the slices' mean CLS tokens ...) for fresh scans
+        out = tmp_path / f"embed_{method}.csv"
+        _invoke(["embed", "-m", str(run), "-i", str(tissue["held_out"]), "-o", str(out), "--layers",
+                 str(card["probe"]["layers"]), "--avgpool" if card["probe"]["avgpool"] else "--no-avgpool",
+                 "--device", "cpu", "--no-progress"], env)
+        rows = list(csv.DictReader(out.open()))
+        width = (card["probe"]["layers"] + card["probe"]["avgpool"]) * 32
+        assert len(rows) == HELD_OUT and all(len(r) == 1 + width for r in rows)
+        assert all(np.isfinite(float(v)) for r in rows for k, v in r.items() if k != "case_id")
