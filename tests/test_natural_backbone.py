@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from threedino_pipe.cli import app
 from threedino_pipe.models.backbone_choice import file_sha256, resolve_backbone
 from threedino_pipe.models.backbones import Backbone
+from threedino_pipe.models.segmentation import build_segmentation_model
 from threedino_pipe.runtime.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -80,6 +81,22 @@ def test_slice_features_are_the_2d_model_on_each_slice(hf_folders, tmp_path, met
     with torch.no_grad():
         first = hf(net.slice_images(x[:1]), output_hidden_states=True).last_hidden_state[:, 0]
     assert torch.allclose(cls[0], first.mean(dim=0), atol=1e-5)  # the volume's CLS: the slices' mean
+
+
+def test_unfrozen_every_trainable_parameter_gets_a_gradient(hf_folders, tmp_path):
+    """``--unfreeze``: the linear head trains the 2D model too, and every trainable parameter (the mask
+    token, which only pretraining uses, stays frozen) gets a gradient, as DDP needs."""
+    choice = resolve_backbone(str(hf_folders["dinov3"]), tmp_path)
+    net = build_segmentation_model("linear", choice.dims, 2, 3, freeze_backbone=False, backbone_family="hf2d")
+    net.backbone.load_state_dict(choice.model.state_dict(), strict=True)
+    net.train()
+    logits = net(torch.randn(1, 2, 32, 32, 8))
+    assert logits.shape == (1, 3, 32, 32, 8) and net.model_args()["num_layers"] == 2
+    logits.square().mean().backward()
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert "backbone.model.embeddings.mask_token" not in trainable
+    assert any(n.startswith("backbone.model.") for n in trainable)
+    assert all(p.grad is not None for p in trainable.values()), [n for n, p in trainable.items() if p.grad is None]
 
 
 def test_broken_or_foreign_folders_are_named_errors(hf_folders, tmp_path):

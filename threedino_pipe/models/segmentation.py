@@ -59,10 +59,12 @@ class SegmentationNetwork(nn.Module):
                 "num_outputs": self.num_outputs, "freeze_backbone": self.frozen, **self.head.options}
 
     def unused_backbone_parameters(self) -> set[str]:
-        """Backbone parameters this network never uses (the mask token; the final norm for the
+        """Backbone parameters this network never uses (the mask token, ``model.embeddings.mask_token`` in a
+        Hugging Face backbone; the final norm for the
         adapter, which takes pre-norm tokens); they stay frozen so every trainable parameter gets
         a gradient (DDP needs no ``find_unused_parameters``)."""
-        return {"mask_token"} | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
+        masks = {name for name, _ in self.backbone.named_parameters() if name.rsplit(".", 1)[-1] == "mask_token"}
+        return masks | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         """Freeze (``requires_grad=False``, eval mode) or unfreeze the backbone's parameters."""
