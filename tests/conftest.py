@@ -129,6 +129,40 @@ def orthanc(tmp_path_factory):
     server.stop()
 
 
+#: fresh crops of the tissue classification dataset for a held-out check (fixture ``tissue``)
+HELD_OUT = 40
+
+
+@pytest.fixture(scope="session")
+def tissue(tmp_path_factory) -> Iterator[dict]:
+    """19 MNI crops (grey- vs white-matter dominated) planned and preprocessed by the real CLI, a
+    random tiny backbone file, and 40 fresh crops with their classes for a held-out check (the
+    classification dataset of the probe tests, shared by every test of a classification backbone)."""
+    import SimpleITK as sitk
+    import torch
+    from tissue_classification import build_tissue_dataset, tissue_cases
+
+    from threedino_pipe.models.presets import build_backbone
+    from threedino_pipe.models.weight_files import save_backbone
+    root = tmp_path_factory.mktemp("tissue")
+    env = {"THREEDINO_RAW": str(root / "raw"), "THREEDINO_PREPROCESSED": str(root / "preprocessed"),
+           "THREEDINO_RESULTS": str(root / "results")}
+    build_tissue_dataset(root / "raw", 995, 19, seed=0)
+    for args in (("plan", "-d", "995"), ("preprocess", "-d", "995", "-c", "finetune")):
+        result = run_3dino(*args, env=env)
+        assert result.returncode == 0, result.stderr
+    held_out = root / "held_out"
+    held_out.mkdir()
+    classes = {}
+    for index, (image, cls) in enumerate(tissue_cases(HELD_OUT, seed=100)):
+        sitk.WriteImage(image, str(held_out / f"fresh_{index:03d}_0000.nii.gz"))
+        classes[f"fresh_{index:03d}"] = cls
+    torch.manual_seed(0)
+    save_backbone(build_backbone("tiny"), root / "tiny_random.pt", preset="tiny")
+    yield {"root": root, "env": env, "backbone": root / "tiny_random.pt", "held_out": held_out, "classes": classes}
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): small

@@ -9,10 +9,8 @@ import math
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from conftest import run_3dino
-from tissue_classification import build_tissue_dataset, tissue_cases
 
 from threedino_pipe import cli
 from threedino_pipe.evaluation.classification_metrics import classification_metrics
@@ -150,32 +148,6 @@ def test_best_point_ranks_auc_then_accuracy_then_loss():
 
 
 # ----- a real-scan classification run ----------------------------------------------------------
-HELD_OUT = 40
-
-
-@pytest.fixture(scope="module")
-def tissue(tmp_path_factory) -> dict:
-    """19 MNI crops (grey- vs white-matter dominated) planned and preprocessed by the real CLI, a
-    random tiny backbone file, and 40 fresh crops with their classes for a held-out check."""
-    root = tmp_path_factory.mktemp("tissue")
-    env = {"THREEDINO_RAW": str(root / "raw"), "THREEDINO_PREPROCESSED": str(root / "preprocessed"),
-           "THREEDINO_RESULTS": str(root / "results")}
-    build_tissue_dataset(root / "raw", 995, 19, seed=0)
-    for args in (("plan", "-d", "995"), ("preprocess", "-d", "995", "-c", "finetune")):
-        result = run_3dino(*args, env=env)
-        assert result.returncode == 0, result.stderr
-    held_out = root / "held_out"
-    held_out.mkdir()
-    classes = {}
-    for index, (image, cls) in enumerate(tissue_cases(HELD_OUT, seed=100)):
-        sitk.WriteImage(image, str(held_out / f"fresh_{index:03d}_0000.nii.gz"))
-        classes[f"fresh_{index:03d}"] = cls
-    torch.manual_seed(0)
-    from threedino_pipe.models.weight_files import save_backbone
-    save_backbone(build_backbone("tiny"), root / "tiny_random.pt", preset="tiny")
-    return {"root": root, "env": env, "backbone": root / "tiny_random.pt", "held_out": held_out, "classes": classes}
-
-
 def _cli_has_probe() -> bool:
     return "head" in inspect.signature(cli.finetune).parameters
 

@@ -269,14 +269,16 @@ def finetune(
     head: Annotated[str | None, typer.Option("--head", help="adapter (ViT-Adapter + UNet decoder), unetr, linear, "
                                              "swinunetr (MONAI's SwinUNETR, trained end to end, on a Swin backbone), "
                                              "or probe (classification datasets). Default: adapter with a pretrained "
-                                             "backbone, unetr with --backbone none, swinunetr with a Swin file, probe "
-                                             "for classification.")] = None,
+                                             "backbone (linear with a Hugging Face folder), unetr with --backbone "
+                                             "none, swinunetr with a Swin file, probe for classification.")] = None,
     backbone: Annotated[str, typer.Option("--backbone", help="auto (the newest adapt-highres run, else the newest "
                                           "pretrain run), a pretrain run folder (3DINO: the paper's 3DINO-ViT; "
                                           "--method simmim: MIM-ViT; --method tang --arch vit: MONAI-ViT; --arch "
                                           "swin: Swin Transfer-FD), a backbone file (ours, the official 3DINO-ViT, "
-                                          "or Tang et al.'s model_swinvit.pt: Swin Transfer), or none (random init, "
-                                          "trained end to end: Random; with --head swinunetr: Swin Random).")]
+                                          "or Tang et al.'s model_swinvit.pt: Swin Transfer), a local Hugging Face "
+                                          "folder of Dinov2Model or DINOv3ViTModel (2D, slice by slice: DINOv3; pip "
+                                          "install threedino-pipe\\[natural]), or none (random init, trained end to "
+                                          "end: Random; with --head swinunetr: Swin Random).")]
     = "auto",
     unfreeze: Annotated[bool, typer.Option("--unfreeze", help="Train the pretrained backbone too (default: "
                                            "frozen).")] = False,

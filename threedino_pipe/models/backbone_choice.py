@@ -7,6 +7,9 @@
 - a file: our ``backbone.pt``, an export, or the released 3DINO-ViT file
   (its family's loader, strict: :func:`threedino_pipe.models.weight_files.load_backbone` for ``vit3d``);
   a Swin file in Tang et al.'s layout (family ``swin``, :func:`threedino_pipe.models.swin.load_swin`);
+- a local Hugging Face folder (``config.json`` + weights of ``Dinov2Model`` or ``DINOv3ViTModel``): the
+  ``hf2d`` family, a 2D ViT run slice by slice (:mod:`threedino_pipe.models.natural2d`); tag
+  ``hf2d-<method>-<folder name>``;
 - ``none``: a randomly initialised backbone trained end to end (the paper's Random baseline).
 
 The tag names the backbone in the run folder name: the run folder's name, the file's stem (a
@@ -27,6 +30,8 @@ from threedino_pipe.models.swin import is_swin_file
 from threedino_pipe.runtime.errors import UserError
 
 BACKBONE_FILE = "backbone.pt"
+HF_CONFIG = "config.json"  # a folder with it (and no backbone.pt) is a Hugging Face model folder
+HF_FAMILY = "hf2d"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -148,10 +153,14 @@ def resolve_backbone(spec: str, results_root: Path, *, expect: str | None = None
         if not path.exists():
             raise UserError("--backbone: no such run folder or file", file=path,
                             fix="pass auto, none, a pretrain run folder or a backbone checkpoint file")
+        if path.is_dir() and not (path / BACKBONE_FILE).is_file() and (path / HF_CONFIG).is_file():
+            return _hugging_face_folder(path, expect)
         if path.is_dir():
             if not (path / BACKBONE_FILE).is_file():
-                raise UserError(f"the run folder has no {BACKBONE_FILE} (the run is unfinished, or not a pretrain "
-                                "run)", file=path, fix="finish the run (rerun its command) or pass another backbone")
+                raise UserError(f"the folder has no {BACKBONE_FILE} (a pretrain run that is unfinished, or not a "
+                                f"pretrain run) and no {HF_CONFIG} (not a Hugging Face model folder)", file=path,
+                                fix="finish the run (rerun its command), or pass another backbone: a pretrain run, "
+                                "a backbone file or a folder written by a Hugging Face model's save_pretrained")
             path = path / BACKBONE_FILE
             how = f"--backbone: the run {path.parent}"
         else:
@@ -177,3 +186,17 @@ def _none_found(results_root: Path, family: str) -> UserError:
     return UserError(f"--backbone auto found no pretrained backbone (no run with a {BACKBONE_FILE} under {where})",
                      file=where, fix="run `3dino pretrain` (and `3dino adapt-highres`) first, pass a backbone file or "
                      "run folder with --backbone, or pass --backbone none for random initialisation")
+
+
+def _hugging_face_folder(folder: Path, expect: str | None) -> BackboneChoice:
+    """A local Hugging Face model folder (``config.json`` + weights) as an ``hf2d`` backbone, run slice by slice;
+    its tag names the family, the method and the folder (``hf2d-dinov2-<folder>``), its checksum is the weights
+    file's."""
+    model, info = get_family(HF_FAMILY).load(folder, expect=expect)
+    method = pretraining_method(info)
+    weights = Path(info["weights_file"])
+    how = (f"--backbone: the Hugging Face folder {folder} ({method}, {model.embed_dim} wide, patch "
+           f"{model.patch_size}; slices along the last axis, mean/std from {info['normalisation']})")
+    return BackboneChoice(tag=safe_tag(f"{HF_FAMILY}-{method}-{folder.resolve().name}"), source=str(folder.resolve()),
+                          path=weights, sha256=file_sha256(weights), model=model, info=info, how=how,
+                          family=HF_FAMILY, method=method)

@@ -1,8 +1,9 @@
 """Backbone families: what finetune, predict, embed and visualize ask of a backbone, one entry per family.
 
-A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO) and ``swin`` (MONAI's Swin
-encoder of SwinUNETR, :mod:`threedino_pipe.models.swin`; none of the optional capabilities); a 2D
-natural-image ViT applied slice by slice goes in as one more entry of :data:`FAMILIES`. Each family gives
+A family is one backbone architecture: ``vit3d`` (the 3D ViT of 3DINO), ``swin`` (MONAI's Swin
+encoder of SwinUNETR, :mod:`threedino_pipe.models.swin`; none of the optional capabilities) and
+``hf2d`` (a natural-image 2D ViT from a local Hugging Face folder applied slice by slice,
+:mod:`threedino_pipe.models.natural2d`). Each family gives
 
 - ``build(dims)``: a randomly initialised backbone from a preset name or a dims dict (what
   ``model.json``'s ``model_args.backbone_dims`` holds);
@@ -26,6 +27,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from threedino_pipe.models.natural2d import build_slice_backbone, load_slice_backbone
 from threedino_pipe.models.presets import build_backbone
 from threedino_pipe.models.swin import build_swin, load_swin
 from threedino_pipe.models.weight_files import load_backbone
@@ -37,6 +39,7 @@ CAPABILITIES = {
     "cls_token": "global (CLS) token: no CLS features for the probe or `3dino embed`",
     "cls_attention": "attention of a global token over the patches: no CLS attention map in `3dino visualize`",
     "token_blocks": "token sequence through indexed blocks: no ViT-Adapter head (`--head adapter`)",
+    "cubic_patches": "grid of cubic 16-voxel patches: no UNETR head (`--head unetr`, four 2x upsamplings)",
 }
 
 
@@ -92,6 +95,8 @@ def _offering(capability: str) -> list[str]:
 FAMILIES: dict[str, BackboneFamily] = {
     "vit3d": BackboneFamily("vit3d", build_backbone, load_backbone, frozenset(CAPABILITIES)),
     "swin": BackboneFamily("swin", build_swin, load_swin, frozenset()),
+    # a natural-image 2D ViT (Hugging Face folder) slice by slice: its token grid is (X/p, Y/p, Z), not cubic
+    "hf2d": BackboneFamily("hf2d", build_slice_backbone, load_slice_backbone, frozenset({"cls_token"})),
 }
 
 

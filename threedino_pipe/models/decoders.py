@@ -56,8 +56,10 @@ class LinearDecoder(nn.Module):
         nn.init.trunc_normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, features: Sequence[Tensor], spatial: Sequence[int]) -> Tensor:
-        grid = [s // self.patch_size for s in spatial]
+    def forward(self, features: Sequence[Tensor], spatial: Sequence[int],
+                grid: Sequence[int] | None = None) -> Tensor:
+        """``grid``: the backbone's token grid (default: ``spatial`` divided by the patch size)."""
+        grid = list(grid) if grid is not None else [s // self.patch_size for s in spatial]
         mixed = torch.cat([mix(f) for mix, f in zip(self.mixers, features, strict=True)], dim=-1)
         logits = tokens_to_volume(self.classifier(mixed), grid)
         return F.interpolate(logits, size=tuple(spatial), mode="trilinear", align_corners=False)

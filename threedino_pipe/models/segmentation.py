@@ -26,7 +26,7 @@ from threedino_pipe.runtime.errors import UserError
 
 HEADS = ("adapter", "unetr", "linear")  # the heads on the patch tokens of a ViT's blocks
 # the backbone capability a head needs beyond multi-scale patch features (models/backbones.py)
-HEAD_NEEDS = {"adapter": "token_blocks"}
+HEAD_NEEDS = {"adapter": "token_blocks", "unetr": "cubic_patches"}
 # heads that take one backbone family only; that family feeds no other head
 HEAD_FAMILY = {"swinunetr": "swin"}
 SEGMENTATION_HEADS = (*HEADS, *HEAD_FAMILY)
@@ -90,10 +90,12 @@ class SegmentationNetwork(BackboneNetwork, nn.Module):
                 "num_outputs": self.num_outputs, "freeze_backbone": self.frozen, **self.head.options}
 
     def unused_backbone_parameters(self) -> set[str]:
-        """Backbone parameters this network never uses (the mask token; the final norm for the
+        """Backbone parameters this network never uses (the mask token, ``model.embeddings.mask_token`` in a
+        Hugging Face backbone; the final norm for the
         adapter, which takes pre-norm tokens); they stay frozen so every trainable parameter gets
         a gradient (DDP needs no ``find_unused_parameters``)."""
-        return {"mask_token"} | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
+        masks = {name for name, _ in self.backbone.named_parameters() if name.rsplit(".", 1)[-1] == "mask_token"}
+        return masks | ({"norm.weight", "norm.bias"} if self.head_name == "adapter" else set())
 
     # ----- forward (freezing, train(), trainable_parameters() and check_input(): BackboneNetwork) ---------
     def backbone_input(self, x: Tensor) -> Tensor:
@@ -113,13 +115,14 @@ class SegmentationNetwork(BackboneNetwork, nn.Module):
         features = self.tapped_features(x, self.head.layers)
         if self.head_name == "unetr":
             return self.head(features, x)
-        return self.head(features, x.shape[2:])
+        return self.head(features, x.shape[2:], grid=self.backbone.patch_grid(x.shape[2:]))
 
 
 def _build_head(head: str, backbone: Backbone, in_channels: int, num_outputs: int,
                 options: dict) -> nn.Module:
     channels = in_channels if backbone.in_chans == 1 else 1
-    if head == "linear":
+    if head == "linear":  # a backbone shallower than 4 blocks (a small 2D model) taps all of them
+        options.setdefault("num_layers", min(4, backbone.depth))
         return LinearDecoder(backbone.embed_dim, backbone.depth, channels, num_outputs,
                              patch_size=backbone.patch_size, **options)
     if head == "unetr":

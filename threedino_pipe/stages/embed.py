@@ -78,7 +78,7 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
         device: str = "auto") -> Path:
     """Write the frozen features of every case of ``input_path`` to a CSV table; returns its path."""
     console = Console(stderr=True)
-    if layers not in (1, MAX_LAYERS):
+    if not 1 <= layers <= MAX_LAYERS:
         raise UserError(f"--layers {layers} is not 1 or {MAX_LAYERS}", fix=f"pass --layers 1 or --layers {MAX_LAYERS}")
     csv_path = _output_csv(output)
     dev = pick_device(device)
@@ -88,6 +88,10 @@ def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS
         if layers > backbone.depth:
             raise UserError(f"--layers {layers} but the backbone has {backbone.depth} blocks", file=model,
                             fix="pass --layers 1")
+        deepest = min(MAX_LAYERS, backbone.depth)  # the probe's grid: 1 or 4 blocks, 4 clipped to the depth
+        if layers not in (1, deepest):
+            raise UserError(f"--layers {layers} is not 1 or {deepest}", file=model,
+                            fix=f"pass --layers 1 or --layers {deepest}")
         entries = list_entries(Path(input_path))
         num_channels = len(card.channel_names) if card is not None else _bare_channels(entries)
         recipe = card.preprocessing() if card is not None else CasePreprocessing.bare(num_channels)

@@ -197,11 +197,14 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
 
 
 def default_head(choice: BackboneChoice) -> str:
-    """The head when ``--head`` is left out: ``swinunetr`` for a Swin encoder, else ``adapter`` with a pretrained
-    backbone and ``unetr`` with ``--backbone none``."""
+    """The head when ``--head`` is left out: ``swinunetr`` for a Swin encoder; ``unetr`` with ``--backbone none``;
+    ``adapter`` on a pretrained backbone whose family offers it, else ``linear`` (a natural-image 2D backbone,
+    ``hf2d``)."""
     if choice.family == SWIN:
         return "swinunetr"
-    return "adapter" if choice.pretrained else "unetr"
+    if not choice.pretrained:
+        return "unetr"
+    return "adapter" if HEAD_NEEDS["adapter"] in get_family(choice.family).capabilities else "linear"
 
 
 def head_patch_size(head: str, config: FinetuneConfiguration, pre: Path, dataset: str, console: Console) -> list[int]:
