@@ -22,6 +22,7 @@ from conftest import THREEDINO, run_3dino
 
 from threedino_pipe.artifacts import Plans, Splits
 from threedino_pipe.demo.bundled_backbone import BACKBONE
+from threedino_pipe.study import slurm
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"
@@ -143,13 +144,12 @@ def test_shares_then_collect_equal_the_full_run_and_the_slurm_task_runs_a_share(
 
 
 def test_slurm_tasks_with_several_gpus_run_the_cells_finetune_under_torchrun(full_study, study_env, tmp_path):
-    script = tmp_path / "gpus.sbatch"
-    assert _study(study_env, "--name", "gpus", "--gpus-per-cell", "2", "--emit-slurm", str(script)).returncode == 0
-    text = script.read_text()
-    assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=8" in text
-    assert "--gpus-per-cell 2 --cells" in text and "#SBATCH --array=1-8" in text
+    text = slurm.script(["-d", "990", "--gpus-per-cell", "2"], 8, "study__gpus", gpus=2)
+    assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=8" in text and "#SBATCH --array=1-8" in text
     script = tmp_path / "one_gpu.sbatch"  # G = 1 runs on this CPU: torchrun --standalone with one gloo process
     assert _study(study_env, "--name", "torchrun", "--gpus-per-cell", "1", "--emit-slurm", str(script)).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --gres=gpu:1" in text and '--gpus-per-cell 1 --cells "${SLURM_ARRAY_TASK_ID}/8"' in text
     task = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"},
                           capture_output=True, text=True, timeout=600)
     assert task.returncode == 0, task.stderr[-3000:]

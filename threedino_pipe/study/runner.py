@@ -60,14 +60,12 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
     """finetune, predict, evaluate; the run folder is appended to ``ran`` as soon as finetune returns."""
     from threedino_pipe.stages import evaluate, finetune, predict
 
-    more = {"iters": options.iters} if options.iters else {}
-    arguments = {"dataset": options.dataset, "pct": spec.pct, "fold": spec.fold, "seed": spec.seed,
-                 "backbone": spec.backbone, "head": spec.head, "num_workers": options.num_workers,
-                 "device": options.device, **more}
     if options.gpus:
-        ran.append(_torchrun_finetune(arguments, options.gpus, layout.cell(spec.cell)))
+        ran.append(_torchrun_finetune(spec, options, layout.cell(spec.cell)))
     else:
-        ran.append(str(finetune.run(**arguments, beside=True)))
+        ran.append(str(finetune.run(**cell_finetune.finetune_arguments(spec, options.dataset, options.iters,
+                                                                      options.num_workers, options.device),
+                                    beside=True)))
     predictions = layout.predictions(spec.cell)
     if predict.run(tests.input, predictions, [Path(ran[0])], resume=True, qc=False,
                    device=options.device) != 0:
@@ -79,8 +77,8 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
                         fix="read the listed cases in summary.json, fix the cause and rerun the study")
 
 
-def _torchrun_finetune(arguments: dict, gpus: int, cell: Path) -> str:
-    """The cell's finetune under ``torchrun --standalone --nproc-per-node gpus``; returns its run folder.
+def _torchrun_finetune(spec: StudyCellSpec, options: CellOptions, cell: Path) -> str:
+    """The cell's finetune under ``torchrun --standalone --nproc-per-node G``; returns its run folder.
 
     Raises:
         UserError: the finetune refused or failed (its last output lines in the message).
@@ -88,7 +86,9 @@ def _torchrun_finetune(arguments: dict, gpus: int, cell: Path) -> str:
     cell.mkdir(parents=True, exist_ok=True)
     folder_file = cell / "run_folder.txt"
     folder_file.unlink(missing_ok=True)
-    done = subprocess.run(cell_finetune.command(gpus, arguments, folder_file), capture_output=True, text=True)
+    gpus = options.gpus
+    done = subprocess.run(cell_finetune.command(gpus, spec, options.dataset, options.iters, options.num_workers,
+                                                options.device, folder_file), capture_output=True, text=True)
     if done.returncode != 0 or not folder_file.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
         raise UserError(f"the cell's finetune under torchrun ({gpus} processes) exited with {done.returncode}:\n"
