@@ -1,6 +1,6 @@
 """``3dino study`` on a classification dataset (issue 17, item 3) through the real command: probe cells on the
 MNI tissue crops planned with a test list, AUC/F1/accuracy with CIs, the paired bootstrap of the AUC difference,
-labels needed, the figure and report; and the heads of the other task refused.
+labels needed, the figure and the report (in chromium); and the heads of the other task refused.
 
 Two entries (the demo's bundled backbone and ``none``, the probe on a random frozen tiny ViT) x 50 and 100 % x
 one seed, 20 grid iterations each.
@@ -78,8 +78,24 @@ def test_classification_study_runs_probe_cells_and_compares_the_auc(tissue_study
     assert "paired bootstrap" in report and f"-r {folder / 'reference.csv'}" in report
 
 
-def test_classification_study_refuses_a_segmentation_head(tissue_study):
-    done = run_3dino("study", "-d", "996", "--backbones", "none:unetr", *COMMON, "--name", "heads", "--dry-run",
-                     env=tissue_study["env"])
-    assert done.returncode == 2 and "does not fit this classification dataset" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_classification_study_refuses_a_segmentation_head(tissue_study, monkeypatch):
+    from typer.testing import CliRunner
+
+    from threedino_pipe.cli import app
+    from threedino_pipe.runtime.errors import UserError
+    for key, value in tissue_study["env"].items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["study", "-d", "996", "--backbones", "none:unetr", *COMMON, "--name", "heads",
+                                      "--dry-run"])
+    assert isinstance(result.exception, UserError), result.output
+    assert "does not fit this classification dataset" in result.exception.render()
+    assert "probe" in result.exception.fix
+    assert not (tissue_study["folder"].parent / "study__heads").exists()
+
+
+def test_classification_study_report_renders_in_chromium(tissue_study, tmp_path):
+    from test_report_browser import CHROMIUM, _open_in_chromium
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed")
+    images = _open_in_chromium(tissue_study["folder"] / "report.html", tmp_path / "shot.png")
+    assert len(images) == 1 and all(i["complete"] and i["width"] > 0 for i in images), images
