@@ -56,6 +56,8 @@ SHARED_KEYS = {
     "pct": "a column of the study's per_case.csv and summary tables (pandas, evaluation/label_efficiency.py)",
     "metric": "a column of the study's summary and test tables (pandas, evaluation/label_efficiency.py)",
     "entry": "a column of the study's tables: the backbone entry (pandas, evaluation/label_efficiency.py)",
+    "reference": "a column of evaluate's classification per_case.csv: each case's reference class (pandas, "
+                 "evaluation/label_efficiency_classification.py)",
 }
 # Modules of the runtime layer, below artifacts/ (they cannot import it), that handle JSON themselves
 BELOW_ARTIFACTS = {

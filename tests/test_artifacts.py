@@ -167,7 +167,8 @@ BUNDLED = {"kind": "bundled_backbone", **HEAD, "file": "backbone_tiny_mni.pt", "
 CELL_SPEC = {"cell": "none__pct50__fold0__seed0", "entry": "none", "label": "none", "backbone": "none", "head": None,
              "pct": 50.0, "seed": 0, "fold": 0}
 STUDY = {"kind": "study", **HEAD, "dataset": "Dataset990_X", "name": "main", "options": {"iters": 2},
-         "reference": "none", "test_source": "splits_test", "selection_biased": False, "test_cases": ["c7"],
+         "reference": "none", "task": "segmentation", "test_source": "splits_test", "selection_biased": False,
+         "test_cases": ["c7"],
          "cells": [CELL_SPEC]}
 STUDY_CELL = {"kind": "study_cell", **HEAD, "spec": CELL_SPEC, "outcome": "failed", "run_folder": None,
               "wall_seconds": 1.5, "error": "backbone.pt: not a checkpoint", "commands": ["3dino finetune -d 990"]}

@@ -8,6 +8,7 @@ the pretrained backbone is the demo's bundled one; every finetune runs 2 iterati
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from conftest import THREEDINO, run_3dino
 
 from threedino_pipe.artifacts import Plans, Splits
 from threedino_pipe.demo.bundled_backbone import BACKBONE
+from threedino_pipe.study import slurm
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"
@@ -139,6 +141,23 @@ def test_shares_then_collect_equal_the_full_run_and_the_slurm_task_runs_a_share(
     assert task.returncode == 0, task.stderr[-3000:]
     ran = sorted(p.parent.name for p in (full_study.parent / "study__slurm" / "cells").glob("*/cell.json"))
     assert ran == [pd.read_csv(full_study / "cells.csv")["cell"][2]]  # task 3 of 8: the third cell only
+
+
+def test_slurm_tasks_with_several_gpus_run_the_cells_finetune_under_torchrun(full_study, study_env, tmp_path):
+    text = slurm.script(["-d", "990", "--gpus-per-cell", "2"], 8, "study__gpus", gpus=2)
+    assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=8" in text and "#SBATCH --array=1-8" in text
+    script = tmp_path / "one_gpu.sbatch"  # G = 1 runs on this CPU: torchrun --standalone with one gloo process
+    assert _study(study_env, "--name", "torchrun", "--gpus-per-cell", "1", "--emit-slurm", str(script)).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --gres=gpu:1" in text and '--gpus-per-cell 1 --cells "${SLURM_ARRAY_TASK_ID}/8"' in text
+    task = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"},
+                          capture_output=True, text=True, timeout=600)
+    assert task.returncode == 0, task.stderr[-3000:]
+    cell = pd.read_csv(full_study / "cells.csv").iloc[2]
+    record = json.loads((full_study.parent / "study__torchrun" / "cells" / cell["cell"] / "cell.json").read_text())
+    assert record["outcome"] == "done"
+    assert record["commands"][0].startswith("torchrun --standalone --nproc-per-node 1 -m threedino_pipe.cli finetune")
+    assert record["run_folder"] == cell["run_folder"]  # one process under torchrun: the full study's run, reused
 
 
 def test_a_cell_failing_at_run_time_is_recorded_and_the_others_finish(full_study, study_env, tmp_path):

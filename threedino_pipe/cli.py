@@ -641,6 +641,9 @@ def study(
     device: Device = "auto",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
+    gpus_per_cell: Annotated[int | None, typer.Option("--gpus-per-cell", min=1, help="Run each cell's finetune under "
+                             "torchrun --standalone --nproc-per-node G (G GPUs per SLURM task with --emit-slurm).")
+                             ] = None,
 ) -> None:
     """Label-efficiency curves: finetune, predict and evaluate each cell, then statistics.
 
@@ -651,7 +654,7 @@ def study(
     raise typer.Exit(stage.run(dataset, backbones=backbones, pct=pct, seeds=seeds, folds=folds, iters=iters,
                                name=name, on_validation=on_validation, reference=reference, dry_run_only=dry_run,
                                cells=cells, collect_only=collect, emit_slurm=emit_slurm, num_workers=num_workers,
-                               device=device))
+                               device=device, gpus_per_cell=gpus_per_cell))
 
 
 @app.callback(invoke_without_command=True)

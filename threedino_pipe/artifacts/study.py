@@ -37,6 +37,7 @@ class StudyRecord(Artifact):
     name: str                         # --name
     options: dict                     # every option that defines the cells (a rerun with others is refused)
     reference: str                    # label of the reference entry of tests.csv and labels_needed.csv
+    task: Literal["segmentation", "classification"] = "segmentation"  # the dataset's (probe cells: classification)
     test_source: Literal["imagesTs", "splits_test", "validation"]
     selection_biased: bool            # --on-validation: the test cases chose the checkpoints
     test_cases: list[str]

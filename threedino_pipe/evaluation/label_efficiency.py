@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -136,20 +136,21 @@ def _column_means(matrix: np.ndarray) -> np.ndarray:
         return np.nanmean(matrix, axis=0)
 
 
-def _needed_ci(matrices: dict[str, np.ndarray], reference: str, pcts: list[float], higher: bool,
-               num_resamples: int, seed: int) -> dict[str, tuple[list[float], int]]:
+def needed_ci(curve: Callable[[str, np.ndarray], np.ndarray], entries: Sequence[str], num_cases: int,
+              reference: str, pcts: list[float], higher: bool, num_resamples: int,
+              seed: int) -> dict[str, tuple[list[float], int]]:
     """Per entry: the percentile bootstrap CI of labels-needed over resampled cases, and how many resamples
-    did not reach the target (left out of the interval)."""
+    did not reach the target (left out of the interval). ``curve(entry, index)`` is the entry's value at each
+    of ``pcts`` on the cases ``index`` (n,) (the same resampled cases for every entry and the target)."""
     rng = np.random.default_rng(seed)
-    n = next(iter(matrices.values())).shape[0]
     full = pcts.index(FULL_PCT)
-    samples = {entry: [] for entry in matrices}
+    samples = {entry: [] for entry in entries}
     for _ in range(num_resamples):
-        index = rng.integers(0, n, size=n)
-        curves = {entry: _column_means(m[index]) for entry, m in matrices.items()}
+        index = rng.integers(0, num_cases, size=num_cases)
+        curves = {entry: curve(entry, index) for entry in entries}
         target = curves[reference][full]
-        for entry, curve in curves.items():
-            samples[entry].append(labels_needed(pcts, curve.tolist(), float(target), higher)[0])
+        for entry, values in curves.items():
+            samples[entry].append(labels_needed(pcts, values.tolist(), float(target), higher)[0])
     tail = (1.0 - CONFIDENCE) / 2.0 * 100.0
     out = {}
     for entry, values in samples.items():
@@ -161,16 +162,28 @@ def _needed_ci(matrices: dict[str, np.ndarray], reference: str, pcts: list[float
     return out
 
 
+def needed_row(metric: str, label: str, entry: str, reference: str, target: float, curve: np.ndarray,
+               pcts: list[float], higher: bool, ci: tuple[list[float], int], num_resamples: int) -> dict:
+    """One row of labels_needed.csv: the entry's curve against ``target`` (:func:`labels_needed`) and its CI."""
+    needed, status = labels_needed(pcts, curve.tolist(), target, higher)
+    (lo, hi), missed = ci
+    return {"metric": metric, "label": label, "entry": entry, "reference": reference, "target": target,
+            "pct_needed": needed, "status": status, "ci95_lo": lo, "ci95_hi": hi, "n_not_reached": missed,
+            "num_resamples": num_resamples}
+
+
+NEEDED_COLUMNS = ["metric", "label", "entry", "reference", "target", "pct_needed", "status", "ci95_lo", "ci95_hi",
+                  "n_not_reached", "num_resamples"]
+
+
 def labels_needed_table(means: pd.DataFrame, reference: str, *, num_resamples: int = 1000,
                         seed: int = 0) -> pd.DataFrame:
     """Per metric, structure and entry: ``pct_needed`` for the entry's mean to reach the reference's 100 %
     mean (:func:`labels_needed`), its ``status``, a bootstrap CI over cases (``ci95_lo``, ``ci95_hi``;
     ``n_not_reached`` resamples left out). Empty when 100 is not among the study's pcts."""
     pcts = sorted(float(p) for p in means["pct"].unique())
-    columns = ["metric", "label", "entry", "reference", "target", "pct_needed", "status", "ci95_lo", "ci95_hi",
-               "n_not_reached", "num_resamples"]
     if FULL_PCT not in pcts:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=NEEDED_COLUMNS)
     rows = []
     cases = sorted(means["case_id"].unique())
     entries = list(dict.fromkeys(means["entry"]))
@@ -179,11 +192,8 @@ def labels_needed_table(means: pd.DataFrame, reference: str, *, num_resamples: i
         matrices = {entry: _case_matrix(means, metric, label, entry, pcts, cases) for entry in entries}
         curves = {entry: _column_means(m) for entry, m in matrices.items()}
         target = float(curves[reference][pcts.index(FULL_PCT)])
-        cis = _needed_ci(matrices, reference, pcts, higher, num_resamples, seed)
-        for entry in entries:
-            needed, status = labels_needed(pcts, curves[entry].tolist(), target, higher)
-            (lo, hi), missed = cis[entry]
-            rows.append({"metric": metric, "label": label, "entry": entry, "reference": reference, "target": target,
-                         "pct_needed": needed, "status": status, "ci95_lo": lo, "ci95_hi": hi,
-                         "n_not_reached": missed, "num_resamples": num_resamples})
-    return pd.DataFrame(rows, columns=columns)
+        cis = needed_ci(lambda entry, index, m=matrices: _column_means(m[entry][index]), entries, len(cases),
+                        reference, pcts, higher, num_resamples, seed)
+        rows += [needed_row(metric, label, entry, reference, target, curves[entry], pcts, higher, cis[entry],
+                            num_resamples) for entry in entries]
+    return pd.DataFrame(rows, columns=NEEDED_COLUMNS)

@@ -127,21 +127,22 @@ def comparison_barplot(groups: Sequence[str], sides: Mapping[str, Sequence[tuple
     return _png(fig)
 
 
-def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: str,
+def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: str | None,
                           metrics: Sequence[tuple[str, str]] = (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))
                           ) -> tuple[bytes, bytes]:
     """The study's figure: each metric (one panel) against % labels on a log axis, one line per backbone entry
     (mean over test cases, seeds averaged) with its 95 % bootstrap CI as a band. Returns ``(png, svg)`` bytes.
 
-    ``summary``: :func:`threedino_pipe.evaluation.label_efficiency.summary_table`'s rows of structure ``label``.
+    ``summary``: :func:`threedino_pipe.evaluation.label_efficiency.summary_table`'s rows of structure ``label``
+    (``label`` None: every row of each metric, titled by the metric only).
     """
     fig = Figure(figsize=(5.2 * len(metrics), 4.0))
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
     pcts = sorted(summary["pct"].unique())
     for ax, (metric, title) in zip(axes, metrics, strict=True):
         for index, entry in enumerate(entries):
-            rows = summary[(summary["metric"] == metric) & (summary["label"] == label)
-                           & (summary["entry"] == entry)].sort_values("pct")
+            rows = summary[(summary["metric"] == metric) & (summary["entry"] == entry)
+                           & ((summary["label"] == label) if label is not None else True)].sort_values("pct")
             colour = SIDE_COLOURS[index % len(SIDE_COLOURS)]
             ax.plot(rows["pct"], rows["mean"], marker="o", color=colour, label=entry)
             ax.fill_between(rows["pct"], rows["ci95_lo"], rows["ci95_hi"], color=colour, alpha=0.2, linewidth=0)
@@ -150,7 +151,7 @@ def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: 
         ax.set_xticklabels([f"{p:g}" for p in pcts])
         ax.minorticks_off()
         ax.set_xlabel("% of the training labels")
-        ax.set_title(f"{title}, {label}")
+        ax.set_title(title if label is None else f"{title}, {label}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     png = _png(fig)

@@ -1,4 +1,5 @@
-"""Summary statistics and tests: bootstrap CIs over cases, paired Wilcoxon, Welch's t-test.
+"""Summary statistics and tests: bootstrap CIs over cases, paired bootstrap differences, paired Wilcoxon,
+Welch's t-test.
 
 Bootstrap: percentile method, cases resampled with replacement, ``numpy.random.default_rng(seed)``
 so a given seed always gives the same interval. An interval over fewer than
@@ -68,13 +69,42 @@ def bootstrap_statistic_ci(num_cases: int, statistic: Callable[[np.ndarray], np.
     Returns:
         (m intervals ``[lo, hi]``, m counts of resamples where the statistic was undefined).
     """
+    samples = _resampled(num_cases, statistic, num_resamples, seed)
+    return ([_percentiles(samples[:, j], confidence) for j in range(samples.shape[1])],
+            np.isnan(samples).sum(axis=0).astype(int).tolist())
+
+
+def _resampled(num_cases: int, statistic: Callable[[np.ndarray], np.ndarray], num_resamples: int,
+               seed: int) -> np.ndarray:
+    """(num_resamples, m) values of ``statistic`` on case indices drawn with replacement (``default_rng(seed)``)."""
     if num_cases < 1:
         raise ValueError("bootstrap needs at least one case")
     rng = np.random.default_rng(seed)
-    samples = np.array([np.atleast_1d(statistic(rng.integers(0, num_cases, size=num_cases)))
-                        for _ in range(num_resamples)], dtype=np.float64)
-    return ([_percentiles(samples[:, j], confidence) for j in range(samples.shape[1])],
-            np.isnan(samples).sum(axis=0).astype(int).tolist())
+    return np.array([np.atleast_1d(statistic(rng.integers(0, num_cases, size=num_cases)))
+                     for _ in range(num_resamples)], dtype=np.float64)
+
+
+def paired_bootstrap_difference(num_cases: int, statistic_a: Callable[[np.ndarray], float],
+                                statistic_b: Callable[[np.ndarray], float], *, num_resamples: int = 1000,
+                                seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """Paired percentile bootstrap of ``statistic_b - statistic_a`` over the same resampled cases.
+
+    Both statistics take an index array (n,) into the n paired cases (the same cases on both sides) and return
+    a float, NaN where undefined on a resample (e.g. an AUC on a single class; those resamples are left out).
+    Returns ``difference`` (on all cases), ``ci95`` ``[lo, hi]``, ``p_value`` (two-sided: twice the smaller
+    share of resampled differences at or below, and at or above, zero, each counted with the +1 of
+    ``(k + 1) / (B + 1)``, at most 1), ``n_undefined_resamples`` and ``num_resamples``.
+    """
+    every = np.arange(num_cases)
+    samples = _resampled(num_cases, lambda index: statistic_b(index) - statistic_a(index), num_resamples, seed)[:, 0]
+    finite = samples[~np.isnan(samples)]
+    p_value = float("nan")
+    if finite.size:
+        below, above = (np.count_nonzero(finite <= 0) + 1, np.count_nonzero(finite >= 0) + 1)
+        p_value = min(1.0, 2.0 * min(below, above) / (finite.size + 1))
+    return {"difference": float(statistic_b(every) - statistic_a(every)), "ci95": _percentiles(samples, confidence),
+            "p_value": p_value, "n_undefined_resamples": int(samples.size - finite.size),
+            "num_resamples": num_resamples}
 
 
 def ci_unreliable(n: int) -> bool:

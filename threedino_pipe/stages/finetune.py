@@ -27,7 +27,6 @@ from threedino_pipe.artifacts import (
     SegmentationValidation,
     Splits,
     Subset,
-    run_differences,
 )
 from threedino_pipe.models.backbone_choice import BackboneChoice, resolve_backbone
 from threedino_pipe.models.backbones import get_family
@@ -51,6 +50,7 @@ from threedino_pipe.training.run_setup import (
     batch_for_device,
     dataset_plans,
     open_run,
+    run_beside,
     run_folder,
     run_lock,
 )
@@ -130,7 +130,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
         more = {} if iters is None else {"iters": iters}  # the probe has its own default (12,500)
         return probe.run(dataset, pct=pct, fold=fold, seed=seed, backbone=backbone, preset=preset,
                          batch_size=batch_size, device=device, num_workers=num_workers, restart=restart,
-                         stop_after=stop_after, run_name=run_name, **more)
+                         stop_after=stop_after, run_name=run_name, beside=beside, **more)
     config, finetune_dir = _segmentation_configuration(pre, plans, dataset)
     splits = Splits.of_dataset(pre, dataset)
     train_ids = select_subset(splits, fold, seed, pct, None, splits_file=Splits.in_folder(pre))
@@ -282,20 +282,6 @@ def _write_subset(folder: Path, config: SegRunConfig) -> None:
     """``subset.json``: the training case ids ``--pct --fold --seed`` chose (and the fold's validation cases)."""
     Subset(dataset=config.dataset, fold=config.fold, seed=config.seed, pct=config.pct, ids=config.train_ids,
            val_ids=config.val_ids).write(Subset.in_folder(folder))
-
-
-def run_beside(folder: Path, record: RunRecord, limit: int = 100) -> Path:
-    """``folder`` when it is free or holds the run of ``record``, else the first such ``<folder>__K`` (K >= 2).
-
-    Raises:
-        UserError: ``limit`` folders beside it all hold other runs.
-    """
-    for k in range(1, limit + 1):
-        candidate = folder if k == 1 else folder.with_name(f"{folder.name}__{k}")
-        if not run_differences(candidate, record):
-            return candidate
-    raise UserError(f"{limit} runs with other options stand beside this one already", file=folder,
-                    fix="pass --run NAME, or delete runs you no longer need")
 
 
 def _finished(folder: Path, iters: int) -> bool:

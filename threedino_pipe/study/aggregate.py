@@ -13,6 +13,7 @@ import pandas as pd
 
 from threedino_pipe.artifacts import StudyCell, StudyRecord
 from threedino_pipe.evaluation import label_efficiency as le
+from threedino_pipe.evaluation import label_efficiency_classification as lec
 from threedino_pipe.evaluation.outputs import PER_CASE_FILE, write_bytes, write_csv, write_text
 from threedino_pipe.evaluation.plots import label_efficiency_plot
 from threedino_pipe.study.layout import StudyLayout
@@ -64,9 +65,10 @@ def collect(layout: StudyLayout, study: StudyRecord) -> Collected:
             table.insert(0, "seed", spec.seed)
             table.insert(0, "pct", spec.pct)
             table.insert(0, "backbone", spec.label)
-            tables.append(table.sort_values(["case_id", "label"], kind="stable"))
+            tables.append(table.sort_values([c for c in ("case_id", "label") if c in table.columns], kind="stable"))
+    empty = ["case_id"] if study.task == "classification" else ["case_id", "label", *le.METRICS]
     per_case = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["backbone", "pct", "seed", "fold", "case_id", "label", *le.METRICS])
+        columns=["backbone", "pct", "seed", "fold", *empty])
     return Collected(pd.DataFrame(rows, columns=CELL_COLUMNS), records, per_case)
 
 
@@ -82,17 +84,36 @@ def statistics_tables(per_case: pd.DataFrame, reference: str) -> dict[str, pd.Da
                                                         seed=BOOTSTRAP_SEED)}
 
 
+def classification_tables(per_case: pd.DataFrame, reference: str) -> dict[str, pd.DataFrame]:
+    """The same three tables of a classification study (:mod:`~threedino_pipe.evaluation.
+    label_efficiency_classification`): AUC, F1 and accuracy per entry and pct, the paired bootstrap of the macro
+    AUC difference, labels needed on the macro AUC."""
+    pooled = lec.pool(per_case.rename(columns={"backbone": "entry"})) if len(per_case) else {}
+    settings = {"num_resamples": NUM_BOOTSTRAP, "seed": BOOTSTRAP_SEED}
+    return {"summary.csv": lec.summary_table(pooled, **settings),
+            "tests.csv": lec.tests_table(pooled, reference, **settings),
+            "labels_needed.csv": lec.labels_needed_table(pooled, reference, **settings)}
+
+
+def _figure(study: StudyRecord, summary: pd.DataFrame) -> tuple[bytes, bytes]:
+    """The label-efficiency figure (PNG, SVG) of the entries with results, in the study's entry order."""
+    present = set(summary["entry"])
+    entries = [e for e in dict.fromkeys(c.label for c in study.cells) if e in present]
+    if study.task == "classification":
+        return label_efficiency_plot(lec.figure_rows(summary), entries, None, list(lec.TITLES.items()))
+    return label_efficiency_plot(summary, entries, le.MEAN_LABEL)
+
+
 def write_outputs(layout: StudyLayout, study: StudyRecord, collected: Collected) -> None:
     """cells.csv, per_case.csv, summary.csv, tests.csv, labels_needed.csv, the figure (PNG, SVG), report.html."""
     write_csv(collected.cells, layout.out("cells.csv"))
     write_csv(collected.per_case, layout.out("per_case.csv"))
-    tables = statistics_tables(collected.per_case, study.reference)
+    tables = (classification_tables if study.task == "classification" else statistics_tables)(
+        collected.per_case, study.reference)
     summary = tables["summary.csv"]
     png = b""
     if len(summary):
-        present = set(summary["entry"])
-        png, svg = label_efficiency_plot(summary, [e for e in dict.fromkeys(c.label for c in study.cells)
-                                                   if e in present], le.MEAN_LABEL)
+        png, svg = _figure(study, summary)
         write_bytes(png, layout.out(f"{FIGURE}.png"))
         write_bytes(svg, layout.out(f"{FIGURE}.svg"))
     for name, table in tables.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 from threedino_pipe.artifacts.study import StudyCellSpec
 from threedino_pipe.models.segmentation import HEADS
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.training.probe import HEAD as PROBE  # the classification head: the linear probe
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
@@ -35,16 +36,37 @@ def _tag(backbone: str) -> str:
     return path.name.split(".")[0] or path.name
 
 
+def default_head(task: str, backbone: str) -> str:
+    """The head finetune picks: the probe for classification, else adapter (pretrained) or unetr (``none``)."""
+    if task == "classification":
+        return PROBE
+    return "unetr" if backbone == "none" else "adapter"
+
+
+def check_heads(entries: list[Entry], task: str, plans_file: Path) -> None:
+    """The entries' heads fit the dataset's task (the probe classifies, the other heads segment).
+
+    Raises:
+        UserError: an entry names a head of the other task.
+    """
+    for entry in entries:
+        if entry.head is not None and (entry.head == PROBE) != (task == "classification"):
+            fitting = PROBE if task == "classification" else ", ".join(HEADS)
+            raise UserError(f"--backbones {entry.text}: the {entry.head} head does not fit this {task} dataset",
+                            file=plans_file, fix=f"name {fitting} after the colon, or no head (finetune's default)")
+
+
 def parse_entry(text: str) -> Entry:
-    """``RUN``, ``RUN:HEAD`` or ``none[:HEAD]`` (HEAD one of the segmentation heads)."""
+    """``RUN``, ``RUN:HEAD`` or ``none[:HEAD]`` (HEAD one of the segmentation heads, or ``probe``)."""
     backbone, head = text, None
     if ":" in text:
         before, after = text.rsplit(":", 1)
-        if after in HEADS:
+        if after in (*HEADS, PROBE):
             backbone, head = before, after
         elif not Path(text).exists():
             raise UserError(f"--backbones {text}: unknown head {after!r}",
-                            fix=f"name one of the heads {', '.join(HEADS)} after the colon (RUN:adapter, none:unetr)")
+                            fix=f"name one of the heads {', '.join((*HEADS, PROBE))} after the colon (RUN:adapter, "
+                                "none:unetr)")
     if backbone not in ("none", "auto"):
         backbone = str(Path(backbone).absolute())  # the same entry from any folder (shares, SLURM tasks)
     label = _tag(backbone) + (f":{head}" if head else "")

@@ -50,6 +50,16 @@ def _check_grid(pcts: list[float], seeds: list[int], folds: list[int], splits: S
             raise UserError(f"{name} names a value twice", fix=f"give each {name} value once")
 
 
+def _check_gpus(gpus: int | None, task: str) -> None:
+    if gpus is None:
+        return
+    if gpus < 1:
+        raise UserError(f"--gpus-per-cell {gpus} must be at least 1", fix="pass --gpus-per-cell 1 or more")
+    if task == "classification":
+        raise UserError("--gpus-per-cell: the probe cells of a classification study run in one process",
+                        fix="leave --gpus-per-cell out")
+
+
 def _reference(entries: list[study_cells.Entry], reference: str | None) -> str:
     labels = [e.label for e in entries]
     if reference is None:
@@ -61,27 +71,30 @@ def _reference(entries: list[study_cells.Entry], reference: str | None) -> str:
 
 
 def _args(dataset: str, entries, pcts, seeds, folds, iters, name, on_validation, reference, num_workers,
-          device) -> list[str]:
+          device, gpus) -> list[str]:
     """The study's options as command-line arguments (for the SLURM script)."""
     args = ["-d", dataset, "--backbones", *[e.text for e in entries], "--pct", *[f"{p:g}" for p in pcts],
             "--seeds", *map(str, seeds), "--folds", *map(str, folds), "--name", name, "--reference", reference,
             "--num-workers", str(num_workers), "--device", device]
-    return args + (["--iters", str(iters)] if iters else []) + (["--on-validation"] if on_validation else [])
+    return (args + (["--iters", str(iters)] if iters else []) + (["--on-validation"] if on_validation else [])
+            + (["--gpus-per-cell", str(gpus)] if gpus else []))
 
 
 def setup(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[int], folds: list[int],
           iters: int | None, name: str, on_validation: bool, reference: str | None, num_workers: int,
-          device: str) -> Setup:
+          device: str, gpus_per_cell: int | None = None) -> Setup:
     """Check every option and find the test cases, before anything is written."""
     raw = paths.resolve_dataset(dataset)
     pre = paths.resolve_preprocessed(dataset)
     plans = Plans.of_dataset(pre)
-    if plans.task != "segmentation":
-        raise UserError(f"{pre.name} is a {plans.task} dataset: study runs segmentation cells only so far",
-                        file=Plans.in_folder(pre), fix="run the probe's cells by hand (3dino finetune --head probe)")
+    if plans.task not in ("segmentation", "classification"):
+        raise UserError(f"{pre.name} is an {plans.task} dataset: a study needs labels", file=Plans.in_folder(pre),
+                        fix="run the study on a labelled (segmentation or classification) dataset")
     if iters is not None and iters < 1:
         raise UserError(f"--iters {iters} must be at least 1", fix="pass --iters 1 or more")
     entries = study_cells.parse_entries(backbones)
+    study_cells.check_heads(entries, plans.task, Plans.in_folder(pre))
+    _check_gpus(gpus_per_cell, plans.task)
     pcts, seeds, folds = [float(p) for p in pct], list(seeds), list(folds)
     _check_grid(pcts, seeds, folds, Splits.of_dataset(pre, dataset), pre)
     dataset_results = paths.results_root() / pre.name
@@ -91,12 +104,13 @@ def setup(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[i
     source, case_ids = test_cases.find_test_cases(raw, pre, dataset, folds, on_validation)
     ref = _reference(entries, reference)
     options = {"backbones": [e.text for e in entries], "pct": pcts, "seeds": seeds, "folds": folds, "iters": iters,
-               "on_validation": on_validation}
-    study = StudyRecord(dataset=pre.name, name=name, options=options, reference=ref, test_source=source,
-                        selection_biased=source == "validation", test_cases=case_ids,
+               "on_validation": on_validation, **({"gpus_per_cell": gpus_per_cell} if gpus_per_cell else {})}
+    study = StudyRecord(dataset=pre.name, name=name, options=options, reference=ref, task=plans.task,
+                        test_source=source, selection_biased=source == "validation", test_cases=case_ids,
                         cells=study_cells.make_cells(entries, pcts, seeds, folds))
-    args = _args(dataset, entries, pcts, seeds, folds, iters, name, on_validation, ref, num_workers, device)
-    return Setup(study, layout, CellOptions(pre.name, iters, num_workers, device), raw, args)
+    args = _args(dataset, entries, pcts, seeds, folds, iters, name, on_validation, ref, num_workers, device,
+                 gpus_per_cell)
+    return Setup(study, layout, CellOptions(pre.name, iters, num_workers, device, gpus_per_cell), raw, args)
 
 
 def _open(layout: StudyLayout, study: StudyRecord) -> None:
@@ -143,7 +157,7 @@ def estimate(layout: StudyLayout, study: StudyRecord, iters: int | None) -> dict
     out = {}
     for spec in study.cells:
         pool = [walls[c.cell] for c in study.cells if c.cell in walls and c.label == spec.label] or list(walls.values())
-        head = spec.head or ("unetr" if spec.backbone == "none" else "adapter")
+        head = spec.head or study_cells.default_head(study.task, spec.backbone)
         if head not in per_iteration:
             per_iteration[head] = seconds_per_iteration(layout.folder.parent, head)
         if spec.cell in walls:
@@ -210,18 +224,19 @@ def run(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[int
         folds: list[int] | None = None, iters: int | None = None, name: str = DEFAULT_NAME,
         on_validation: bool = False, reference: str | None = None, dry_run_only: bool = False,
         cells: str | None = None, collect_only: bool = False, emit_slurm: Path | None = None,
-        num_workers: int = 2, device: str = "auto") -> int:
+        num_workers: int = 2, device: str = "auto", gpus_per_cell: int | None = None) -> int:
     """Run (or list, share, collect, emit as a SLURM array) the study; returns the exit code (docs/study.md)."""
     if sum(bool(x) for x in (dry_run_only, cells, collect_only, emit_slurm)) > 1:
         raise UserError("--dry-run, --cells, --collect and --emit-slurm exclude each other", fix="pass one of them")
     console = Console(stderr=True, soft_wrap=True)
     setup_ = setup(dataset, backbones=backbones, pct=pct, seeds=list(seeds or [0]), folds=list(folds or [0]),
                    iters=iters, name=name, on_validation=on_validation, reference=reference,
-                   num_workers=num_workers, device=device)
+                   num_workers=num_workers, device=device, gpus_per_cell=gpus_per_cell)
     if dry_run_only:
         return dry_run(setup_, console)
     if emit_slurm is not None:
-        path = slurm.write_script(emit_slurm, setup_.args, len(setup_.study.cells), f"study__{name}")
+        path = slurm.write_script(emit_slurm, setup_.args, len(setup_.study.cells), f"study__{name}",
+                                  gpus=gpus_per_cell or 1)
         console.print(f"[green]study[/]: {path} (sbatch {path}; then `3dino study ... --collect`)")
         return 0
     _open(setup_.layout, setup_.study)

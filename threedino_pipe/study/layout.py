@@ -44,5 +44,10 @@ class StudyLayout:
         """Links to the test cases' reference labels (splits.json's test list or the validation cases)."""
         return self.folder / "reference"
 
+    @property
+    def reference_csv(self) -> Path:
+        """The test cases' reference classes, ``case_id,label`` (a classification study's evaluate reference)."""
+        return self.folder / "reference.csv"
+
     def out(self, name: str) -> Path:
         return self.folder / name

@@ -4,6 +4,7 @@ seed and fold; its ``cell.json`` records how it ended (a failure is recorded, ne
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from threedino_pipe.artifacts import EvaluationSummary, ModelCard, StudyCell
 from threedino_pipe.artifacts.study import StudyCellSpec
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.study import cell_finetune
 from threedino_pipe.study.layout import StudyLayout
 from threedino_pipe.study.test_cases import TestCases
 
@@ -25,13 +27,16 @@ class CellOptions:
     iters: int | None
     num_workers: int
     device: str
+    gpus: int | None = None  # --gpus-per-cell: finetune under torchrun with this many processes (None: in-process)
 
 
 def commands(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout: StudyLayout,
              run_folder: str | None) -> list[str]:
     """The three commands a user would type for this cell (the run folder as finetune named it)."""
     run = run_folder or "<run folder>"
-    finetune = (f"3dino finetune -d {options.dataset} --pct {spec.pct:g} --fold {spec.fold} --seed {spec.seed} "
+    launcher = (f"torchrun --standalone --nproc-per-node {options.gpus} -m threedino_pipe.cli finetune"
+                if options.gpus else "3dino finetune")
+    finetune = (f"{launcher} -d {options.dataset} --pct {spec.pct:g} --fold {spec.fold} --seed {spec.seed} "
                 f"--backbone {spec.backbone}" + (f" --head {spec.head}" if spec.head else "")
                 + (f" --iters {options.iters}" if options.iters else ""))
     return [finetune,
@@ -55,10 +60,12 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
     """finetune, predict, evaluate; the run folder is appended to ``ran`` as soon as finetune returns."""
     from threedino_pipe.stages import evaluate, finetune, predict
 
-    more = {"iters": options.iters} if options.iters else {}
-    ran.append(str(finetune.run(options.dataset, pct=spec.pct, fold=spec.fold, seed=spec.seed, backbone=spec.backbone,
-                                head=spec.head, num_workers=options.num_workers, device=options.device, beside=True,
-                                **more)))
+    if options.gpus:
+        ran.append(_torchrun_finetune(spec, options, layout.cell(spec.cell)))
+    else:
+        ran.append(str(finetune.run(**cell_finetune.finetune_arguments(spec, options.dataset, options.iters,
+                                                                      options.num_workers, options.device),
+                                    beside=True)))
     predictions = layout.predictions(spec.cell)
     if predict.run(tests.input, predictions, [Path(ran[0])], resume=True, qc=False,
                    device=options.device) != 0:
@@ -68,6 +75,25 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
     if evaluate.run(tests.reference, predictions, dataset=options.dataset, output=evaluation, num_processes=1) != 0:
         raise UserError("evaluate found missing or failed cases", file=EvaluationSummary.in_folder(evaluation),
                         fix="read the listed cases in summary.json, fix the cause and rerun the study")
+
+
+def _torchrun_finetune(spec: StudyCellSpec, options: CellOptions, cell: Path) -> str:
+    """The cell's finetune under ``torchrun --standalone --nproc-per-node G``; returns its run folder.
+
+    Raises:
+        UserError: the finetune refused or failed (its last output lines in the message).
+    """
+    cell.mkdir(parents=True, exist_ok=True)
+    folder_file = cell / "run_folder.txt"
+    folder_file.unlink(missing_ok=True)
+    gpus = options.gpus
+    done = subprocess.run(cell_finetune.command(gpus, spec, options.dataset, options.iters, options.num_workers,
+                                                options.device, folder_file), capture_output=True, text=True)
+    if done.returncode != 0 or not folder_file.is_file():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        raise UserError(f"the cell's finetune under torchrun ({gpus} processes) exited with {done.returncode}:\n"
+                        f"{tail}", fix="read the error above, fix its cause and rerun the study")
+    return folder_file.read_text().strip()
 
 
 def run_cell(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout: StudyLayout) -> StudyCell:

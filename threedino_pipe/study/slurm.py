@@ -11,14 +11,16 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.atomic_files import atomic_path
 
 
-def script(study_args: list[str], num_cells: int, job_name: str) -> str:
-    """The script's text: ``#SBATCH --array=1-N``, the THREEDINO_* folders of this machine, then task K runs
-    ``3dino study ... --cells K/N`` with this Python (the same installation on the cluster's shared disk)."""
+def script(study_args: list[str], num_cells: int, job_name: str, gpus: int = 1) -> str:
+    """The script's text: ``#SBATCH --array=1-N``, ``gpus`` GPUs and 4 CPUs per GPU per task, the THREEDINO_*
+    folders of this machine, then task K runs ``3dino study ... --cells K/N`` with this Python (the same
+    installation on the cluster's shared disk); with ``--gpus-per-cell`` among ``study_args`` the study runs
+    each cell's finetune under ``torchrun --standalone --nproc-per-node G``."""
     command = [sys.executable, "-m", "threedino_pipe.cli", "study", *study_args]
     folders = {"THREEDINO_RAW": paths.raw_root(), "THREEDINO_PREPROCESSED": paths.preprocessed_root(),
                "THREEDINO_RESULTS": paths.results_root()}
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=1-{num_cells}",
-             "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=4", "#SBATCH --gres=gpu:1",
+             "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={4 * gpus}", f"#SBATCH --gres=gpu:{gpus}",
              "# one study cell per array task; when every task has ended, aggregate with:",
              f"#   {shlex.join(command)} --collect", "set -euo pipefail",
              *[f"export {name}={shlex.quote(str(Path(value).resolve()))}" for name, value in folders.items()],
@@ -27,11 +29,11 @@ def script(study_args: list[str], num_cells: int, job_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_script(path: Path, study_args: list[str], num_cells: int, job_name: str) -> Path:
+def write_script(path: Path, study_args: list[str], num_cells: int, job_name: str, gpus: int = 1) -> Path:
     """Write the script atomically, executable; returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(script(study_args, num_cells, job_name))
+        tmp.write_text(script(study_args, num_cells, job_name, gpus))
         os.chmod(tmp, 0o755)
     return path

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import DatasetJson, Splits
-from threedino_pipe.raw_data.raw import discover_cases
+from threedino_pipe.raw_data.raw import discover_cases, read_class_labels
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.study.layout import StudyLayout
@@ -28,10 +28,17 @@ class TestCases:
     case_ids: list[str]
 
 
+def ts_reference(raw: Path, spec: DatasetJson) -> Path:
+    """Where the imagesTs cases' references are: ``labelsTs/`` (segmentation) or ``labelsTs.csv`` (classification)."""
+    return raw / ("labelsTs.csv" if spec.task == "classification" else "labelsTs")
+
+
 def _ts_cases(raw: Path, spec: DatasetJson) -> list[str]:
-    labels = raw / "labelsTs"
-    if not (raw / "imagesTs").is_dir() or not labels.is_dir():
+    labels = ts_reference(raw, spec)
+    if not (raw / "imagesTs").is_dir() or not labels.exists():
         return []
+    if spec.task == "classification":
+        return sorted(read_class_labels(labels, spec.class_names, raw)[0])
     return sorted(p.name[: -len(spec.file_ending)] for p in labels.iterdir() if p.name.endswith(spec.file_ending))
 
 
@@ -62,28 +69,45 @@ def find_test_cases(raw: Path, pre: Path, dataset: str, folds: list[int], on_val
     return "validation", sorted(splits.fold(folds[0], file=Splits.in_folder(pre)).val)
 
 
+def _write_reference_csv(path: Path, case_ids: list[str], classes: dict[str, int], names: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("case_id,label\n" + "".join(f"{c},{names[classes[c]]}\n" for c in case_ids))
+
+
 def prepare(raw: Path, source: str, case_ids: list[str], layout: StudyLayout) -> TestCases:
-    """The predict input and evaluate reference of the test cases: ``imagesTs``/``labelsTs`` as they are, else
-    ``test_cases.txt`` (the cases' images from imagesTr, one per line) and ``reference/`` (links to their labels).
+    """The predict input and evaluate reference of the test cases: ``imagesTs``/``labelsTs`` (``labelsTs.csv``)
+    as they are, else ``test_cases.txt`` (the cases' images from imagesTr, one per line) and ``reference/`` (links
+    to their labels) or, for a classification dataset, ``reference.csv`` (their classes).
     """
-    if source == "imagesTs":
-        return TestCases(source, raw / "imagesTs", raw / "labelsTs", case_ids)
     spec = DatasetJson.read(raw)
+    if source == "imagesTs":
+        return TestCases(source, raw / "imagesTs", ts_reference(raw, spec), case_ids)
+    classification = spec.task == "classification"
     found, _ = discover_cases(raw, spec)
     by_id = {c.case_id: c for c in found}
-    missing = [c for c in case_ids if c not in by_id or by_id[c].label is None]
+    missing = [c for c in case_ids if c not in by_id
+               or (by_id[c].class_label if classification else by_id[c].label) is None]
     if missing:
         raise UserError(f"test case(s) {', '.join(missing[:5])} have no images or label in the raw dataset",
                         file=raw, fix=f"restore them, or rerun `3dino plan -d {raw.name}` and `3dino preprocess`")
-    layout.reference.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for case in case_ids:
-        files = by_id[case]
-        lines += [str(Path(image).resolve()) for image in files.images if image is not None]
-        link = layout.reference / Path(files.label).name
-        if not link.is_symlink():
-            with contextlib.suppress(FileExistsError):  # another share of the study made it just now
-                os.symlink(Path(files.label).resolve(), link)
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    lines = [str(Path(image).resolve()) for case in case_ids for image in by_id[case].images if image is not None]
+    if classification:
+        _write_reference_csv(layout.reference_csv, case_ids, {c: by_id[c].class_label for c in case_ids},
+                             spec.class_names)
+    else:
+        _link_labels([Path(by_id[c].label) for c in case_ids], layout.reference)
     with atomic_path(layout.test_list) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    return TestCases(source, layout.test_list, layout.reference, case_ids)
+    return TestCases(source, layout.test_list, layout.reference_csv if classification else layout.reference,
+                     case_ids)
+
+
+def _link_labels(labels: list[Path], folder: Path) -> None:
+    """Links in ``folder`` to the label images (kept when there already)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for label in labels:
+        link = folder / label.name
+        if not link.is_symlink():
+            with contextlib.suppress(FileExistsError):  # another share of the study made it just now
+                os.symlink(label.resolve(), link)

@@ -70,7 +70,7 @@ from threedino_pipe.training.probe_grid import (
     cosine_factor,
     grid_points,
 )
-from threedino_pipe.training.run_setup import dataset_plans, new_run_fix, run_folder
+from threedino_pipe.training.run_setup import dataset_plans, new_run_fix, run_beside, run_folder
 from threedino_pipe.training_data.splits import select_subset
 from threedino_pipe.visualization.curves import plot_curves
 
@@ -272,9 +272,10 @@ def _subset(pre: Path, finetune_dir: Path, dataset: str, *, fold: int, seed: int
 def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str = "auto",
         preset: str | None = None, iters: int = 12_500, batch_size: int | None = None, device: str = "auto",
         num_workers: int = 2, restart: bool = False, stop_after: int | None = None,
-        num_augmentations: int = DEFAULT_AUGMENTATIONS, run_name: str | None = None) -> Path:
+        num_augmentations: int = DEFAULT_AUGMENTATIONS, run_name: str | None = None, beside: bool = False) -> Path:
     """Train the linear-probe grid on ``dataset``'s ``--pct`` subset of ``fold``; returns the run folder
-    (``run_name``: ``--run``, else the derived name)."""
+    (``run_name``: ``--run``, else the derived name; ``beside``: as finetune's, a run with other options
+    there makes this one ``<name>__2``, ...)."""
     del num_workers  # see the module docstring
     console = Console(stderr=True)
     if iters < 1:
@@ -301,6 +302,8 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
                "num_augmentations": num_augmentations, "learning_rates": list(LEARNING_RATES), "device": device}
     record = RunRecord(stage="finetune", options=options, volatile=list(VOLATILE),
                        plans={pre.name: plans.dependencies(CONFIGURATION)})
+    if beside:
+        folder = run_beside(folder, record)
     resume = open_run_folder(folder, record, restart=restart, new_run_fix=new_run_fix(folder))
     if resume and _finished(folder, iters):
         console.print(f"{folder} is finished already; pass --restart to train again")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from threedino_pipe.artifacts import Plans, RunRecord, open_run_folder
+from threedino_pipe.artifacts import Plans, RunRecord, open_run_folder, run_differences
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import DistInfo, barrier
 from threedino_pipe.runtime.errors import UserError
@@ -56,6 +56,20 @@ def run_folder(parent: Path, name: str | None, default: str) -> Path:
 def new_run_fix(folder: Path) -> str:
     """The refusal's fix for a rerun with other options: a second run beside ``folder`` with ``--run``."""
     return f"pass --run NAME to start a second run beside {Path(folder).name} (e.g. --run {Path(folder).name}__2)"
+
+
+def run_beside(folder: Path, record: RunRecord, limit: int = 100) -> Path:
+    """``folder`` when it is free or holds the run of ``record``, else the first such ``<folder>__K`` (K >= 2).
+
+    Raises:
+        UserError: ``limit`` folders beside it all hold other runs.
+    """
+    for k in range(1, limit + 1):
+        candidate = folder if k == 1 else folder.with_name(f"{folder.name}__{k}")
+        if not run_differences(candidate, record):
+            return candidate
+    raise UserError(f"{limit} runs with other options stand beside this one already", file=folder,
+                    fix="pass --run NAME, or delete runs you no longer need")
 
 
 def run_lock(folder: Path, dist: DistInfo) -> contextlib.AbstractContextManager:
