@@ -102,6 +102,29 @@ def tang_optimizer(network: TangNetwork) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
+def tang_views(crops: Tensor, seed: int, it: int, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs (rotated, cut out), targets (rotated) and rotation classes of iteration ``it``'s ``crops``
+    ``[2B, C, S, S, S]`` on ``rank`` (drawn from a generator seeded by the three)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + it) * 7919 + rank)
+    rotations = draw_rotations(crops.shape[0], generator)
+    targets = rotate_crops(crops, rotations)
+    inputs = apply_cutout(targets, cutout_masks(crops.shape[0], crops.shape[-1], generator), generator)
+    return inputs, targets, rotations
+
+
+def tang_terms(model: torch.nn.Module, inputs: Tensor, targets: Tensor, rotations: Tensor, precision: str,
+               device: torch.device) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The loss, its three terms and the rotation logits of ``model`` on ``inputs`` ``[2B, C, S, S, S]`` (crop-major:
+    rows 0..B-1 the volumes' first crops, B..2B-1 their second)."""
+    n = inputs.shape[0] // 2
+    with autocast(precision, device):
+        logits, projections, reconstruction = model(inputs)
+    terms = {"inpaint": inpainting_l1(reconstruction.float(), targets),
+             "rotation": rotation_loss(logits.float(), rotations),
+             "contrast": contrastive_loss(projections[:n].float(), projections[n:].float())}
+    return tang_loss(terms), terms, logits
+
+
 class TangTask(SimMIMTask):
     """Tang et al.'s step on the shared :class:`~threedino_pipe.training.loop.TrainingLoop` (module docstring);
     probing, state and closing as SimMIM's task (the probe only for the ViT)."""
@@ -128,28 +151,15 @@ class TangTask(SimMIMTask):
         self.probe_cases = first_probe_cases(dataset_folders) if wants_probe else None
         self.model = DistributedDataParallel(self.network) if dist.world_size > 1 else self.network
 
-    def views(self, crops: Tensor, it: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Inputs (rotated, cut out), targets (rotated) and rotation classes of iteration ``it``'s ``crops``."""
-        generator = torch.Generator().manual_seed((self.config.seed * 1_000_003 + it) * 7919 + self.dist.rank)
-        rotations = draw_rotations(crops.shape[0], generator)
-        targets = rotate_crops(crops, rotations)
-        inputs = apply_cutout(targets, cutout_masks(crops.shape[0], crops.shape[-1], generator), generator)
-        return inputs, targets, rotations
-
     def step(self, it: int) -> dict[str, Any]:
         config, device = self.config, self.dist.device
         tick = time.perf_counter()
         batch = next(self.loader)
         values = schedule_values(self.schedules, it)
         apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
-        inputs, targets, rotations = (t.to(device, non_blocking=True) for t in self.views(batch["global_crops"], it))
-        n = inputs.shape[0] // 2  # crop-major: rows 0..n-1 the volumes' first crops, n..2n-1 their second
-        with autocast(config.precision, device):
-            logits, projections, reconstruction = self.model(inputs)
-        terms = {"inpaint": inpainting_l1(reconstruction.float(), targets),
-                 "rotation": rotation_loss(logits.float(), rotations),
-                 "contrast": contrastive_loss(projections[:n].float(), projections[n:].float())}
-        loss = tang_loss(terms)
+        inputs, targets, rotations = (t.to(device, non_blocking=True)
+                                      for t in tang_views(batch["global_crops"], config.seed, it, self.dist.rank))
+        loss, terms, logits = tang_terms(self.model, inputs, targets, rotations, config.precision, device)
         row = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         check_finite(row.values(), it, row)
         optimizer_step(loss, self.optimizer, self.scaler, clip=lambda: clip_gradients(self.network, CLIP_NORM))
