@@ -210,8 +210,7 @@ def pretrain(
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Self-supervised pretraining of a 3D ViT (3DINO, SimMIM or Tang et al.'s; Tang et al.'s also of a Swin encoder)
-    on one or more preprocessed datasets."""
+    """Self-supervised pretraining of a 3D ViT or Swin (3DINO, SimMIM, Tang et al.) on preprocessed datasets."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import pretrain as stage
     overrides = {"centering": centering, "ibot_centering": ibot_centering, "queue_size": queue_size, "peak_lr": peak_lr,
