@@ -62,13 +62,20 @@ def check_method(method: str, given: dict[str, Any], mask_ratio: float | None, a
                         fix=f"pass e.g. --mask-ratio {MASK_RATIO} (SimMIM's)")
 
 
+def worker_augmentations(requested: str, method: str, what: str, reason: str) -> dict[str, str]:
+    """``--augment-device`` of a method whose crops are made in the data-loading workers only (simmim, tang):
+    run.json's ``decisions.augmentations``; anything but ``auto``/``cpu-monai`` is refused, saying ``what``."""
+    if requested not in ("auto", "cpu-monai"):
+        raise UserError(f"--augment-device {requested}: --method {method} {what}",
+                        fix=f"leave --augment-device out with --method {method}")
+    return {"implementation": "cpu-monai", "reason": f"{method}: {reason}"}
+
+
 def simmim_augmentations(requested: str) -> dict[str, str]:
     """``--augment-device`` under simmim: run.json's ``decisions.augmentations`` (only the loader's workers)."""
-    if requested not in ("auto", "cpu-monai"):
-        raise UserError(f"--augment-device {requested}: --method simmim augments its crops with flips and "
-                        "rotations in the data-loading workers", fix="leave --augment-device out with --method simmim")
-    return {"implementation": "cpu-monai", "reason": "simmim: one crop per volume with flips and 90-degree "
-            "rotations only, cheap enough for the data-loading workers on any device"}
+    return worker_augmentations(requested, "simmim", "augments its crops with flips and rotations in the "
+                                "data-loading workers", "one crop per volume with flips and 90-degree rotations "
+                                "only, cheap enough for the data-loading workers on any device")
 
 
 def simmim_config(config: PretrainConfiguration, dist: DistInfo, console: Console, *, preset: str, iters: int,

@@ -11,17 +11,16 @@ from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import resolve_precision
 from threedino_pipe.training.run_setup import batch_for_device
+from threedino_pipe.training.simmim_setup import worker_augmentations
 from threedino_pipe.training.ssl_setup import CPU_BATCH_CAP
 from threedino_pipe.training.tang_trainer import DROP_PATH, PEAK_LR, WARMUP_ITERS, TangRunConfig
 
 
 def tang_augmentations(requested: str) -> dict[str, str]:
     """``--augment-device`` under tang: run.json's ``decisions.augmentations``."""
-    if requested not in ("auto", "cpu-monai"):
-        raise UserError(f"--augment-device {requested}: --method tang crops in the data-loading workers and "
-                        "rotates and cuts out its crops itself", fix="leave --augment-device out with --method tang")
-    return {"implementation": "cpu-monai", "reason": "tang: two plain crops per volume in the data-loading workers; "
-            "the rotations and cutouts are drawn in the training process, seeded by the iteration"}
+    return worker_augmentations(requested, "tang", "crops in the data-loading workers and rotates and cuts out "
+                                "its crops itself", "two plain crops per volume in the data-loading workers; the "
+                                "rotations and cutouts are drawn in the training process, seeded by the iteration")
 
 
 def tang_config(config: PretrainConfiguration, dist: DistInfo, console: Console, *, preset: str, iters: int,
