@@ -1,4 +1,4 @@
-"""Benchmark: one pretraining step per method (3DINO, SimMIM) side by side: crops/s, FLOPs and MFU.
+"""Benchmark: one pretraining step per method (3DINO, SimMIM, Tang et al.'s) side by side: crops/s, FLOPs and MFU.
 
 Usage (from the repository root, with the project's virtual environment)::
 
@@ -13,10 +13,13 @@ What it measures, in one process, on synthetic crops already in memory (the load
 - **SimMIM**: the step of ``threedino_pipe.training.simmim_trainer`` (one ``96^3`` crop per volume, the
   iteration's token masks at the default ratio, masked L1 of the linear head's reconstruction,
   backward, clipping, AdamW), the trainer's own network (``build_simmim_network``) and optimiser.
+- **Tang et al.** (``tang-vit``, ``tang-swin``): the step of ``threedino_pipe.training.tang_trainer`` (two
+  ``96^3`` crops per volume, rotated and cut out, inpainting L1 + rotation cross-entropy + contrastive,
+  backward, clipping, AdamW) with the 3D ViT or MONAI's Swin encoder of the preset (``build_tang_network``).
 
 Per method: ``--warmup`` untimed and ``--iters`` timed steps (the methods alternate step by step, so
 both see the same load), the median step time; crops/s and volumes/s (3DINO makes 10 crops per
-volume, SimMIM 1); FLOPs of one step (forward + backward, the teacher's forward for 3DINO) counted
+volume, SimMIM 1, Tang et al. 2); FLOPs of one step (forward + backward, the teacher's forward for 3DINO) counted
 with ``torch.utils.flop_counter.FlopCounterMode``; MFU = FLOPs / median step time / the machine's
 matrix-multiply peak of the dtype (``common.matmul_peak``, measured before and after, best). Writes
 everything with machine information and the exact command to ``--out`` (JSON) and prints a table.
@@ -58,10 +61,20 @@ from threedino_pipe.training.simmim_trainer import (
     simmim_optimizer,
     simmim_peak_lr,
 )
+from threedino_pipe.training.tang_network import build_tang_network
+from threedino_pipe.training.tang_trainer import CLIP_NORM as TANG_CLIP
+from threedino_pipe.training.tang_trainer import (
+    DROP_PATH,
+    PEAK_LR,
+    WEIGHT_DECAY,
+    tang_optimizer,
+    tang_terms,
+    tang_views,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-METHODS = ("dino", "simmim")
+METHODS = ("dino", "simmim", "tang-vit", "tang-swin")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +133,32 @@ class SimMIMStep:
         return float(loss.item())
 
 
+class TangStep:
+    """Tang et al.'s network (``arch`` vit or swin), optimiser and schedules, as ``TangTask`` builds them."""
+
+    def __init__(self, arch: str, preset: str, batch: int, total_iters: int, device: torch.device,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.network = build_tang_network(arch, preset, GLOBAL_CROP, 1, DROP_PATH).to(device)
+        self.optimizer = tang_optimizer(self.network)
+        self.schedules = make_schedules(total_iters, batch, peak_lr=PEAK_LR, warmup_iters=total_iters // 10,
+                                        weight_decay=WEIGHT_DECAY, weight_decay_end=WEIGHT_DECAY)
+        self.device, self.seed = device, seed
+
+    def step(self, crops: torch.Tensor, it: int, precision: str, *, update: bool = True) -> float:
+        """One iteration as ``TangTask.step`` runs it on ``crops`` ``[2B, 1, 96^3]`` (crop-major); the loss."""
+        values = schedule_values(self.schedules, it)
+        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        inputs, targets, rotations = (t.to(self.device) for t in tang_views(crops.cpu(), self.seed, it, 0))
+        loss = tang_terms(self.network, inputs, targets, rotations, precision, self.device)[0]
+        if update:
+            optimizer_step(loss, self.optimizer, None, clip=lambda: clip_gradients(self.network, TANG_CLIP))
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        return float(loss.item())
+
+
 def timed(run: Any, device: torch.device) -> float:
     """Seconds ``run()`` takes, the device's queue included."""
     sync(device)
@@ -136,8 +175,12 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     simmim = SimMIMStep(args.preset, args.batch, total, device, seed=args.seed)
     data = synthetic_batch(args.batch, args.seed)
     crops = data["global_crops"][:args.batch].to(device)  # one crop per volume
+    pairs = data["global_crops"].to(device)  # two per volume, crop-major
+    tang = {arch: TangStep(arch, args.preset, args.batch, total, device, seed=args.seed) for arch in ("vit", "swin")}
     steps = {"dino": lambda it: ssl_step(dino, data, it, args.dtype),
-             "simmim": lambda it: simmim.step(crops, it, args.dtype)}
+             "simmim": lambda it: simmim.step(crops, it, args.dtype),
+             "tang-vit": lambda it: tang["vit"].step(pairs, it, args.dtype),
+             "tang-swin": lambda it: tang["swin"].step(pairs, it, args.dtype)}
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     for it in range(args.warmup + args.iters):
         for method in METHODS:
@@ -147,9 +190,13 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         print(f"  step {it + 1}: " + ", ".join(f"{m} {seconds[m][-1]:.2f} s" for m in METHODS if seconds[m]),
               flush=True)
     flops = {"dino": counted_flops(lambda: ssl_step(dino, data, 0, "fp32", optimizer_step=False))[0],
-             "simmim": counted_flops(lambda: simmim.step(crops, 0, "fp32", update=False))[0]}
-    crops_per_step = {"dino": (2 + N_LOCAL) * args.batch, "simmim": args.batch}
-    params = {"dino": param_count(dino.student), "simmim": param_count(simmim.network)}
+             "simmim": counted_flops(lambda: simmim.step(crops, 0, "fp32", update=False))[0],
+             **{f"tang-{a}": counted_flops(lambda a=a: tang[a].step(pairs, 0, "fp32", update=False))[0]
+                for a in tang}}
+    crops_per_step = {"dino": (2 + N_LOCAL) * args.batch, "simmim": args.batch, "tang-vit": 2 * args.batch,
+                      "tang-swin": 2 * args.batch}
+    params = {"dino": param_count(dino.student), "simmim": param_count(simmim.network),
+              **{f"tang-{a}": param_count(tang[a].network) for a in tang}}
     return {m: {"step_seconds": seconds[m], "median_step_s": median(seconds[m]), "flops_per_step": flops[m],
                 "crops_per_step": crops_per_step[m], "crops_per_s": crops_per_step[m] / median(seconds[m]),
                 "volumes_per_s": args.batch / median(seconds[m]), "params_trained": params[m]} for m in METHODS}

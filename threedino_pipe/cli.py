@@ -199,17 +199,21 @@ def pretrain(
     snapshot_every: SnapshotEvery = None,
     grad_checkpointing: GradCheckpointing = False,
     augment_device: AugmentDevice = "auto",
-    method: Annotated[str, typer.Option("--method", help="Objective: dino (3DINO) or simmim (masked voxel "
-                                        "reconstruction, L1; the paper's MIM-ViT baseline).")] = "dino",
+    method: Annotated[str, typer.Option("--method", help="Objective: dino (3DINO), simmim (masked voxel "
+                                        "reconstruction, L1; the paper's MIM-ViT baseline) or tang (Tang et al.'s "
+                                        "inpainting, rotation and contrastive coding; MONAI-ViT / Swin "
+                                        "Transfer-FD).")] = "dino",
     mask_ratio: Annotated[float | None, typer.Option("--mask-ratio", help="simmim: fraction of patches masked "
                                                      "(default 0.6, SimMIM's).")] = None,
     intensity_prob: Annotated[float, typer.Option("--intensity-prob", min=0.0, max=1.0, help="dino: probability "
                                                   "of the crops' intensity augmentation (gamma, noise or histogram "
                                                   "shift; the method: 0.8).")] = 0.8,
+    arch: Annotated[str, typer.Option("--arch", help="Encoder: vit (our 3D ViT) or, with --method tang only, swin "
+                                      "(MONAI's SwinUNETR encoder; backbone.pt in Tang et al.'s layout).")] = "vit",
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
-    """Self-supervised pretraining of a 3D ViT (3DINO, or SimMIM) on one or more preprocessed datasets."""
+    """Self-supervised pretraining of a 3D ViT or Swin (3DINO, SimMIM, Tang et al.) on preprocessed datasets."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import pretrain as stage
     overrides = {"centering": centering, "ibot_centering": ibot_centering, "queue_size": queue_size, "peak_lr": peak_lr,
@@ -221,7 +225,7 @@ def pretrain(
               prototypes=prototypes, save_every=save_every, snapshot_every=snapshot_every,
               grad_checkpointing=grad_checkpointing, recipe=recipe, recipe_overrides=overrides,
               probe_every=probe_every, budget_hours=budget_hours, augment_device=augment_device, method=method,
-              mask_ratio=mask_ratio, intensity_prob=intensity_prob)
+              mask_ratio=mask_ratio, intensity_prob=intensity_prob, arch=arch)
 
 
 @app.command("adapt-highres")

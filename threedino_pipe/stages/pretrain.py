@@ -1,9 +1,10 @@
-"""``3dino pretrain``: self-supervised pretraining (3DINO, or SimMIM) on pooled preprocessed datasets.
+"""``3dino pretrain``: self-supervised pretraining (3DINO, SimMIM or Tang et al.) on pooled preprocessed datasets.
 
 Reads each dataset's ``plans.json`` (configuration ``pretrain``) and ``pretrain/`` arrays; writes
 ``<results>/pretrain/<run>/`` (docs/architecture.md, the stage contract). A rerun of the same command resumes; one
 with other options refuses (``--run`` / ``--restart``). ``--method`` picks the objective: ``dino`` (3DINO,
-:mod:`threedino_pipe.training.ssl_trainer`) or ``simmim`` (:mod:`threedino_pipe.training.simmim_trainer`).
+:mod:`threedino_pipe.training.ssl_trainer`) ``simmim`` (:mod:`threedino_pipe.training.simmim_trainer`) or ``tang``
+(:mod:`threedino_pipe.training.tang_trainer`, ``--arch vit|swin``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from threedino_pipe.training.ssl_setup import (
     resolve_augment_device,
 )
 from threedino_pipe.training.ssl_trainer import SSLRunConfig
+from threedino_pipe.training.tang_setup import tang_augmentations, tang_config
+from threedino_pipe.training.tang_trainer import TangRunConfig
 from threedino_pipe.training_data.augment_params import INTENSITY_PROB
 
 logger = logging.getLogger(__name__)
@@ -46,14 +49,15 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         save_every: int = 100, snapshot_every: int | None = None, grad_checkpointing: bool = False,
         recipe: str = "auto", recipe_overrides: dict | None = None, probe_every: int | None = None,
         budget_hours: float | None = None, augment_device: str = "auto", method: str = "dino",
-        mask_ratio: float | None = None, intensity_prob: float = INTENSITY_PROB) -> Path:
+        mask_ratio: float | None = None, intensity_prob: float = INTENSITY_PROB, arch: str = "vit") -> Path:
     """Pretrain a 3D ViT with 3DINO (``method`` ``dino``) or SimMIM (``simmim``) on the pooled ``datasets``;
     returns the run folder.
 
     ``drop_path`` None is the method's (0.3 for 3DINO, 0.1 for SimMIM); ``mask_ratio`` (SimMIM only) None is 0.6.
     Under ``simmim`` the 3DINO-only options (KoLeo, base lr, prototypes, recipe, centring, teacher settings,
     ``budget_hours``) are refused when set; ``recipe_overrides`` may set ``peak_lr``, ``warmup_iters`` and
-    ``layerscale_init``.
+    ``layerscale_init``. ``method`` ``tang`` (Tang et al.'s inpainting, rotation and contrastive self-supervision)
+    refuses the same 3DINO-only options; ``arch`` (``vit`` or, only under tang, ``swin``) picks its encoder.
 
     ``recipe`` ``auto`` adapts the paper's settings to the run's batch and length, ``paper`` keeps them
     (:mod:`threedino_pipe.ssl.recipe`); ``recipe_overrides`` sets single settings (None = the recipe's).
@@ -72,7 +76,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                           "--momentum-start": overrides.get("momentum_start"),
                           "--teacher-temp": overrides.get("teacher_temp_end"), "--budget-hours": budget_hours,
                           "--intensity-prob": intensity_prob},
-                 mask_ratio)
+                 mask_ratio, arch)
     console = Console(stderr=True)
     plans_list = [dataset_plans(d) for d in datasets]
     config = pooled_configuration(plans_list, "pretrain")
@@ -81,21 +85,24 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         raise UserError(f"unknown --preset {preset}", fix=f"use one of {', '.join(HEAD_DIMS)}")
     names = [folder.name for folder, _ in plans_list]
     ids = "+".join(str(paths.dataset_id(n)) for n in names)
-    label = preset if method == "dino" else f"{preset}__{method}"  # existing 3DINO runs keep their folders
+    label = preset if method == "dino" else f"{preset}__{method}" if method == "simmim" else \
+        f"{preset}__{method}-{arch}"  # existing 3DINO runs keep their folders; tang's name its encoder
     folder = run_folder(paths.results_root() / "pretrain", run_name, f"{label}__{ids}")
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
-        if method == "simmim":
-            augmentations = simmim_augmentations(augment_device)
-            run_config, decisions = simmim_config(
+        if method in ("simmim", "tang"):
+            augmentations = (simmim_augmentations if method == "simmim" else tang_augmentations)(augment_device)
+            method_config = simmim_config if method == "simmim" else tang_config
+            extra = {"mask_ratio": mask_ratio} if method == "simmim" else {"arch": arch}
+            run_config, decisions = method_config(
                 config, dist, console, preset=preset, iters=iters, batch_size=batch_size, precision=precision,
                 snapshot_every=snapshot_every, probe_every=probe_every, drop_path=drop_path, overrides=overrides,
-                datasets=names, configuration="pretrain", seed=seed, mask_ratio=mask_ratio, num_workers=num_workers,
+                datasets=names, configuration="pretrain", seed=seed, **extra, num_workers=num_workers,
                 save_every=save_every, grad_checkpointing=grad_checkpointing,
                 augment_device=augmentations["implementation"])
             held.enter_context(run_lock(folder, dist))
-            record = RunRecord(stage="pretrain", options=run_config.options(), volatile=list(SimMIMRunConfig.VOLATILE),
+            record = RunRecord(stage="pretrain", options=run_config.options(), volatile=list(run_config.VOLATILE),
                                plans=plans_dependencies(plans_list, "pretrain"),
                                decisions={**decisions, "augmentations": augmentations})
             return _train(folder, record, run_config, plans_list, dist, console, restart, stop_after)
@@ -133,12 +140,16 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
         cleanup()
 
 
-def _train(folder: Path, record: RunRecord, run_config: SSLRunConfig | SimMIMRunConfig, plans_list: list,
-           dist: DistInfo, console: Console, restart: bool, stop_after: int | None) -> Path:
+def _train(folder: Path, record: RunRecord, run_config: SSLRunConfig | SimMIMRunConfig | TangRunConfig,
+           plans_list: list, dist: DistInfo, console: Console, restart: bool, stop_after: int | None) -> Path:
     """Open (or resume) the run folder with ``record`` and train the run's method into it."""
-    simmim = isinstance(run_config, SimMIMRunConfig)
-    what = (f"SimMIM, mask ratio {run_config.mask_ratio:g}, peak lr {run_config.peak_lr:.3g}" if simmim
-            else f"3DINO, recipe {describe(run_config)}")
+    if isinstance(run_config, TangRunConfig):
+        what = f"Tang et al. (inpainting, rotation, contrastive), encoder {run_config.arch}, " \
+               f"peak lr {run_config.peak_lr:.3g}"
+    elif isinstance(run_config, SimMIMRunConfig):
+        what = f"SimMIM, mask ratio {run_config.mask_ratio:g}, peak lr {run_config.peak_lr:.3g}"
+    else:
+        what = f"3DINO, recipe {describe(run_config)}"
 
     def announce(resume: bool) -> str:
         return (f"pretrain run {folder} ({'resuming' if resume else 'new'}): preset {run_config.preset}, "

@@ -21,43 +21,61 @@ from threedino_pipe.training.simmim_trainer import (
 )
 from threedino_pipe.training.ssl_setup import CPU_BATCH_CAP
 
-METHODS = ("dino", "simmim")
-# 3DINO's own options (CLI name -> the value that means "not given"): SimMIM has no teacher, heads or recipe
+METHODS = ("dino", "simmim", "tang")
+ARCHS = ("vit", "swin")  # --arch: the encoder; only --method tang trains MONAI's Swin encoder
+# 3DINO's own options (CLI name -> the value that means "not given"): SimMIM and Tang et al. have no teacher,
+# heads or recipe
 DINO_ONLY = {"--koleo-weight": 0.1, "--base-lr": 0.002, "--prototypes": None, "--recipe": "auto",
              "--centering": None, "--queue-size": None, "--momentum-start": None, "--teacher-temp": None,
              "--budget-hours": None, "--intensity-prob": 0.8}
+OWN_SETTINGS = {"simmim": "--peak-lr, --warmup-iters, --layerscale-init, --drop-path, --mask-ratio",
+                "tang": "--arch, --peak-lr, --warmup-iters, --drop-path"}
 
 
-def check_method(method: str, given: dict[str, Any], mask_ratio: float | None) -> None:
-    """Refuse an unknown ``--method``, 3DINO-only options under simmim, and ``--mask-ratio`` under dino.
+def check_method(method: str, given: dict[str, Any], mask_ratio: float | None, arch: str = "vit") -> None:
+    """Refuse an unknown ``--method`` or ``--arch``, 3DINO-only options under simmim and tang, ``--mask-ratio``
+    under dino and tang, and ``--arch swin`` under any method but tang.
 
     ``given`` maps the CLI names of :data:`DINO_ONLY` to the values passed.
     """
     if method not in METHODS:
         raise UserError(f"unknown --method {method}", fix=f"use one of {', '.join(METHODS)}")
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch}", fix=f"use one of {', '.join(ARCHS)}")
+    if arch != "vit" and method != "tang":
+        raise UserError(f"--arch {arch}: --method {method} trains the 3D ViT only",
+                        fix="leave --arch out, or pass --method tang (Tang et al.'s recipe trains MONAI's Swin "
+                        "encoder)")
+    if method != "simmim" and mask_ratio is not None:
+        raise UserError(f"--mask-ratio is SimMIM's option (--method {method} draws its own masks)",
+                        fix="pass --method simmim, or leave --mask-ratio out")
     if method == "dino":
-        if mask_ratio is not None:
-            raise UserError("--mask-ratio is SimMIM's option (3DINO draws each masked crop's ratio in [0.2, 0.75])",
-                            fix="pass --method simmim, or leave --mask-ratio out")
         return
     passed = [name for name, default in DINO_ONLY.items() if given.get(name, default) != default]
     if passed:
         raise UserError(f"{', '.join(passed)} {'is a 3DINO option' if len(passed) == 1 else 'are 3DINO options'}; "
-                        "--method simmim has no teacher, prototypes, KoLeo term, recipe or step-time budget",
-                        fix=f"leave {', '.join(passed)} out with --method simmim (its settings: --peak-lr, "
-                        "--warmup-iters, --layerscale-init, --drop-path, --mask-ratio)")
+                        f"--method {method} has no teacher, prototypes, KoLeo term, recipe or step-time budget",
+                        fix=f"leave {', '.join(passed)} out with --method {method} (its settings: "
+                        f"{OWN_SETTINGS[method]})")
     if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {mask_ratio} must lie strictly between 0 and 1",
                         fix=f"pass e.g. --mask-ratio {MASK_RATIO} (SimMIM's)")
 
 
+def worker_augmentations(requested: str, method: str, what: str, reason: str) -> dict[str, str]:
+    """``--augment-device`` of a method whose crops are made in the data-loading workers only (simmim, tang):
+    run.json's ``decisions.augmentations``; anything but ``auto``/``cpu-monai`` is refused, saying ``what``."""
+    if requested not in ("auto", "cpu-monai"):
+        raise UserError(f"--augment-device {requested}: --method {method} {what}",
+                        fix=f"leave --augment-device out with --method {method}")
+    return {"implementation": "cpu-monai", "reason": f"{method}: {reason}"}
+
+
 def simmim_augmentations(requested: str) -> dict[str, str]:
     """``--augment-device`` under simmim: run.json's ``decisions.augmentations`` (only the loader's workers)."""
-    if requested not in ("auto", "cpu-monai"):
-        raise UserError(f"--augment-device {requested}: --method simmim augments its crops with flips and "
-                        "rotations in the data-loading workers", fix="leave --augment-device out with --method simmim")
-    return {"implementation": "cpu-monai", "reason": "simmim: one crop per volume with flips and 90-degree "
-            "rotations only, cheap enough for the data-loading workers on any device"}
+    return worker_augmentations(requested, "simmim", "augments its crops with flips and rotations in the "
+                                "data-loading workers", "one crop per volume with flips and 90-degree rotations "
+                                "only, cheap enough for the data-loading workers on any device")
 
 
 def simmim_config(config: PretrainConfiguration, dist: DistInfo, console: Console, *, preset: str, iters: int,

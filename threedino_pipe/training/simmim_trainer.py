@@ -103,12 +103,18 @@ class SimMIMRunConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SimMIMRunConfig:
         """The config a checkpoint or run.json recorded (fields this version does not know are dropped)."""
-        fields = cls.__dataclass_fields__
-        missing = [k for k, f in fields.items() if k not in options and f.default is MISSING]
-        if missing or options.get("method") != METHOD:
-            raise UserError(f"not the record of a SimMIM pretrain run (no {', '.join(missing) or 'method simmim'})",
-                            fix="pass the folder of a `3dino pretrain --method simmim` run")
-        return cls(**{k: v for k, v in options.items() if k in fields})
+        return config_from_options(cls, options, METHOD, "SimMIM")
+
+
+def config_from_options(cls: type, options: dict[str, Any], method: str, name: str) -> Any:
+    """The ``cls`` dataclass a run of ``method`` recorded in ``options`` (unknown fields dropped); a UserError
+    naming ``name`` when a required field is missing or the options record another method."""
+    fields = cls.__dataclass_fields__
+    missing = [k for k, f in fields.items() if k not in options and f.default is MISSING]
+    if missing or options.get("method") != method:
+        raise UserError(f"not the record of a {name} pretrain run (no {', '.join(missing) or 'method ' + method})",
+                        fix=f"pass the folder of a `3dino pretrain --method {method}` run")
+    return cls(**{k: v for k, v in options.items() if k in fields})
 
 
 class SimMIMNetwork(nn.Module):
