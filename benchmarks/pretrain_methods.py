@@ -119,7 +119,7 @@ class SimMIMStep:
 
         ``update=False`` stops after the backward pass (FLOP counting: clipping and AdamW add none).
         """
-        values = step_schedules(self.optimizer, self.schedules, it)
+        step_schedules(self.optimizer, self.schedules, it)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + it)
         masks = random_token_masks(crops.shape[0], self.n_patches, self.config.mask_ratio, generator=generator)
         with autocast(precision, self.device):
@@ -146,7 +146,7 @@ class TangStep:
 
     def step(self, crops: torch.Tensor, it: int, precision: str, *, update: bool = True) -> float:
         """One iteration as ``TangTask.step`` runs it on ``crops`` ``[2B, 1, 96^3]`` (crop-major); the loss."""
-        values = step_schedules(self.optimizer, self.schedules, it)
+        step_schedules(self.optimizer, self.schedules, it)
         inputs, targets, rotations = (t.to(self.device) for t in tang_views(crops.cpu(), self.seed, it, 0))
         loss = tang_terms(self.network, inputs, targets, rotations, precision, self.device)[0]
         if update:
