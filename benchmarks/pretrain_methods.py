@@ -50,7 +50,7 @@ from pretrain_throughput import GLOBAL_CROP, N_LOCAL, StepState, ssl_step, synth
 
 from threedino_pipe.models.presets import param_count
 from threedino_pipe.runtime.precision import autocast
-from threedino_pipe.ssl import apply_schedules, clip_gradients, make_schedules, schedule_values
+from threedino_pipe.ssl import clip_gradients, make_schedules, step_schedules
 from threedino_pipe.ssl.simmim import random_token_masks
 from threedino_pipe.training.loop import optimizer_step
 from threedino_pipe.training.simmim_trainer import (
@@ -119,8 +119,7 @@ class SimMIMStep:
 
         ``update=False`` stops after the backward pass (FLOP counting: clipping and AdamW add none).
         """
-        values = schedule_values(self.schedules, it)
-        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        step_schedules(self.optimizer, self.schedules, it)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + it)
         masks = random_token_masks(crops.shape[0], self.n_patches, self.config.mask_ratio, generator=generator)
         with autocast(precision, self.device):
@@ -147,8 +146,7 @@ class TangStep:
 
     def step(self, crops: torch.Tensor, it: int, precision: str, *, update: bool = True) -> float:
         """One iteration as ``TangTask.step`` runs it on ``crops`` ``[2B, 1, 96^3]`` (crop-major); the loss."""
-        values = schedule_values(self.schedules, it)
-        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        step_schedules(self.optimizer, self.schedules, it)
         inputs, targets, rotations = (t.to(self.device) for t in tang_views(crops.cpu(), self.seed, it, 0))
         loss = tang_terms(self.network, inputs, targets, rotations, precision, self.device)[0]
         if update:

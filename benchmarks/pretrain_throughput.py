@@ -73,7 +73,7 @@ from threedino_pipe.ssl import (
     iBOTPatchLoss,
     make_schedules,
     random_patch_masks,
-    schedule_values,
+    step_schedules,
     update_teacher,
 )
 from threedino_pipe.ssl.centering import TeacherCentring
@@ -165,8 +165,7 @@ def ssl_step(state: StepState, batch: dict[str, torch.Tensor], it: int, precisio
             clock.append(time.perf_counter())
             phases[name] = phases.get(name, 0.0) + clock[-1] - clock[-2]
 
-    values = schedule_values(state.schedules, it)
-    apply_schedules(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+    values = step_schedules(optimizer, state.schedules, it)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
     masks = _rank_rows(random_patch_masks(2 * config.batch_size, state.grid, generator=generator),
                        config.batch_size, 0)

@@ -56,6 +56,27 @@ def synthetic_raw(tmp_path_factory) -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def finetune_and_predict_from(run: Path, results: Path, mni_raw: Path, tmp_path: Path, env: dict,
+                               name: str) -> tuple[Path, Path]:
+    """Finetune a linear head (2 iterations, tiny) on dataset 990 from the pretrain ``run`` into run ``name``,
+    then predict one training scan with it; returns (the finetune run folder, the scan). Asserts both worked."""
+    done = run_3dino("finetune", "-d", "990", "--preset", "tiny", "--pct", "50", "--num-workers", "0", "--precision",
+                     "fp32", "--no-progress", "--head", "linear", "--iters", "2", "--val-every", "2", "--batch-size",
+                     "1", "--backbone", str(run), "--run", name, env=env)
+    assert done.returncode == 0, done.stderr
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = sorted((mni_raw / "Dataset990_MNITissue" / "imagesTr").glob("*_0000.nii.gz"))[0]
+    shutil.copy(source, scans / source.name)
+    out = tmp_path / "out"
+    folder = results / "Dataset990_MNITissue" / name
+    predicted = run_3dino("predict", "-i", str(scans), "-o", str(out), "-m", str(folder), "--device", "cpu",
+                          "--no-progress", env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    assert (out / source.name.replace("_0000", "")).is_file()
+    return folder, source
+
+
 def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
               timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real ``3dino`` command in a subprocess; returns the completed process (text)."""

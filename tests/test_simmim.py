@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_3dino
+from conftest import REPO, finetune_and_predict_from, run_3dino
 from typer.testing import CliRunner
 
 from threedino_pipe.artifacts import RunRecord, open_run_folder
@@ -147,26 +147,12 @@ def test_simmim_resumes_bitwise_after_stop_after(simmim_runs):
 @pytest.mark.e2e
 def test_simmim_backbone_finetunes_and_predicts(simmim_runs, mni_raw, tmp_path):
     env, run = simmim_runs["env"], simmim_runs["run"]
-    done = run_3dino("finetune", "-d", "990", "--preset", "tiny", "--pct", "50", "--num-workers", "0", "--precision",
-                     "fp32", "--no-progress", "--head", "linear", "--iters", "2", "--val-every", "2", "--batch-size",
-                     "1", "--backbone", str(run), "--run", "from_simmim", env=env)
-    assert done.returncode == 0, done.stderr
-    folder = simmim_runs["results"] / "Dataset990_MNITissue" / "from_simmim"
+    folder, source = finetune_and_predict_from(run, simmim_runs["results"], mni_raw, tmp_path, env, "from_simmim")
     card = json.loads((folder / "model.json").read_text())
     assert card["backbone"]["method"] == "simmim" and card["backbone"]["family"] == "vit3d"
     assert card["backbone"]["tag"] == "tiny__simmim__990" and len(card["backbone"]["sha256"]) == 16
     options = json.loads((folder / "run.json").read_text())["options"]
     assert options["backbone_method"] == "simmim" and options["backbone_sha256"] == card["backbone"]["sha256"]
-
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    source = sorted((mni_raw / "Dataset990_MNITissue" / "imagesTr").glob("*_0000.nii.gz"))[0]
-    shutil.copy(source, scans / source.name)
-    out = tmp_path / "out"
-    predicted = run_3dino("predict", "-i", str(scans), "-o", str(out), "-m", str(folder), "--device", "cpu",
-                          "--no-progress", env=env)
-    assert predicted.returncode == 0, predicted.stderr
-    assert (out / source.name.replace("_0000", "")).is_file()
 
     # embed and visualize take the SimMIM run folder as they take a 3DINO one
     table = embed.run(run, source, tmp_path / "features", device="cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_3dino
+from conftest import REPO, finetune_and_predict_from, run_3dino
 from monai.networks.nets import SwinUNETR
 from typer.testing import CliRunner
 
@@ -169,22 +169,9 @@ def test_tang_swin_backbone_is_in_tang_et_al_layout(tang_runs):
 @pytest.mark.e2e
 def test_tang_vit_backbone_finetunes_and_predicts(tang_runs, mni_raw, tmp_path):
     env, run = tang_runs["env"], tang_runs["vit"]
-    done = run_3dino("finetune", "-d", "990", "--preset", "tiny", "--pct", "50", "--num-workers", "0", "--precision",
-                     "fp32", "--no-progress", "--head", "linear", "--iters", "2", "--val-every", "2", "--batch-size",
-                     "1", "--backbone", str(run), "--run", "from_tang", env=env)
-    assert done.returncode == 0, done.stderr
-    folder = tang_runs["results"] / "Dataset990_MNITissue" / "from_tang"
+    folder, _ = finetune_and_predict_from(run, tang_runs["results"], mni_raw, tmp_path, env, "from_tang")
     card = json.loads((folder / "model.json").read_text())
     assert card["backbone"]["method"] == "tang" and card["backbone"]["family"] == "vit3d"
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    source = sorted((mni_raw / "Dataset990_MNITissue" / "imagesTr").glob("*_0000.nii.gz"))[0]
-    shutil.copy(source, scans / source.name)
-    out = tmp_path / "out"
-    predicted = run_3dino("predict", "-i", str(scans), "-o", str(out), "-m", str(folder), "--device", "cpu",
-                          "--no-progress", env=env)
-    assert predicted.returncode == 0, predicted.stderr
-    assert (out / source.name.replace("_0000", "")).is_file()
 
 
 def test_tang_refusals(mni_preprocessed, tmp_path):

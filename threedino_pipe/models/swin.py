@@ -58,12 +58,13 @@ class SwinEncoder(SwinTransformer):
     family = FAMILY
 
     def __init__(self, feature_size: int, depths: Sequence[int], num_heads: Sequence[int], in_channels: int,
-                 patch_size: int, window_size: int | Sequence[int]) -> None:
+                 patch_size: int, window_size: int | Sequence[int], drop_path_rate: float = 0.0) -> None:
         if len(depths) != STAGES or len(num_heads) != STAGES:
             raise ValueError(f"SwinUNETR has {STAGES} stages: depths {depths} and num_heads {num_heads}")
         window = [int(w) for w in window_size] if isinstance(window_size, list | tuple) else [int(window_size)] * 3
         super().__init__(in_chans=in_channels, embed_dim=feature_size, window_size=tuple(window),
-                         patch_size=(patch_size,) * 3, depths=tuple(depths), num_heads=tuple(num_heads))
+                         patch_size=(patch_size,) * 3, depths=tuple(depths), num_heads=tuple(num_heads),
+                         drop_path_rate=drop_path_rate)
         self._dims = {"feature_size": int(feature_size), "depths": [int(d) for d in depths],
                       "num_heads": [int(h) for h in num_heads], "in_channels": int(in_channels),
                       "patch_size": int(patch_size), "window_size": window[0] if len(set(window)) == 1 else window}

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from threedino_pipe.ssl.schedules import CosineSchedule, schedule_values
+
 #: wrapper components that DDP, FSDP, activation checkpointing and torch.compile insert into names
 _WRAPPER = re.compile(r"(^|\.)(?:module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 #: layer 0 of the layer-wise decay, and exempt from weight decay
@@ -101,3 +103,12 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last
     for group in optimizer.param_groups:
         group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
         group["lr"] = (last_layer_lr if group.get("is_last_layer", False) else lr) * group.get("lr_multiplier", 1.0)
+
+
+def step_schedules(optimizer: torch.optim.Optimizer, schedules: dict[str, CosineSchedule],
+                   iteration: int) -> dict[str, float]:
+    """Every schedule's value at ``iteration``, applied to ``optimizer`` (:func:`apply_schedules`); returned for
+    log.csv. Call before the iteration's optimiser step."""
+    values = schedule_values(schedules, iteration)
+    apply_schedules(optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+    return values

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast, make_scaler
-from threedino_pipe.ssl import apply_schedules, build_param_groups, clip_gradients, make_schedules, schedule_values
+from threedino_pipe.ssl import build_param_groups, clip_gradients, make_schedules, step_schedules
 from threedino_pipe.ssl.simmim import masked_l1, patchify, random_token_masks
 from threedino_pipe.training.feature_probe import probe_score
 from threedino_pipe.training.loop import check_finite, optimizer_step
+from threedino_pipe.training.run_options import PretrainRunOptions
 from threedino_pipe.training.ssl_trainer import (
     first_probe_cases,
     restore_optimisation,
@@ -60,19 +61,12 @@ def simmim_peak_lr(total_batch: int) -> float:
 
 
 @dataclass
-class SimMIMRunConfig:
+class SimMIMRunConfig(PretrainRunOptions):
     """Everything that defines a SimMIM run (recorded in run.json; ``VOLATILE`` fields may change on resume).
 
     Crop size in voxels; ``batch_size`` volumes per rank; ``peak_lr`` the learning rate after the warm-up.
     """
 
-    datasets: list[str]
-    configuration: str
-    preset: str
-    iters: int
-    batch_size: int
-    global_crop: int
-    min_axis: int
     peak_lr: float
     warmup_iters: int
     mask_ratio: float = MASK_RATIO
@@ -86,19 +80,6 @@ class SimMIMRunConfig:
     augment_device: str = "cpu-monai"
     method: str = METHOD
     init_from: str | None = None  # adapt-highres: ``<run>/<checkpoint>@<iteration>`` it continues
-    # volatile: may differ between a run and its resumption
-    num_workers: int = 0
-    save_every: int = 100
-    snapshot_every: int = 0
-    log_every: int = 1
-    grad_checkpointing: bool = False
-    probe_every: int = 0
-
-    VOLATILE = ("num_workers", "save_every", "snapshot_every", "log_every", "grad_checkpointing", "stop_after",
-                "device", "probe_every")
-
-    def options(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SimMIMRunConfig:
@@ -193,8 +174,7 @@ class SimMIMTask:
         config, device = self.config, self.dist.device
         tick = time.perf_counter()
         batch = next(self.loader)
-        values = schedule_values(self.schedules, it)
-        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        values = step_schedules(self.optimizer, self.schedules, it)
         masks = self.masks(it)
         crops = batch["global_crops"].to(device, non_blocking=True)
         with autocast(config.precision, device):

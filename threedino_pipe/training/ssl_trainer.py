@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,11 @@ from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import autocast, make_scaler
 from threedino_pipe.ssl import (
     DINOLoss,
-    apply_schedules,
     build_param_groups,
     clip_gradients,
     iBOTPatchLoss,
     random_patch_masks,
-    schedule_values,
+    step_schedules,
     update_teacher,
 )
 from threedino_pipe.ssl.centering import TeacherCentring
@@ -43,6 +42,7 @@ from threedino_pipe.ssl.recipe import SSLRecipe, paper, recipe_schedules
 from threedino_pipe.ssl.signals import LearningSignals
 from threedino_pipe.training.feature_probe import ProbeCases, load_probe_cases, probe_score
 from threedino_pipe.training.loop import LoopSettings, TrainingLoop, check_finite, optimizer_step
+from threedino_pipe.training.run_options import PretrainRunOptions
 from threedino_pipe.training.ssl_model import SSLLosses, SSLNetwork, build_ssl_network, make_teacher
 from threedino_pipe.training_data.augment_params import INTENSITY_PROB, AugmentParams
 from threedino_pipe.training_data.pretrain_loader import PretrainDataset, make_pretrain_loader
@@ -57,21 +57,14 @@ CURVES = ["loss", "dino_global", "dino_local", "ibot", "koleo", "target_entropy"
 
 
 @dataclass
-class SSLRunConfig:
+class SSLRunConfig(PretrainRunOptions):
     """Everything that defines an SSL run (recorded in run.json; ``volatile`` fields may change on resume).
 
     Crop sizes in voxels; ``batch_size`` per rank; ``base_lr`` before the sqrt(total batch / 1024) rule.
     """
 
-    datasets: list[str]
-    configuration: str
-    preset: str
-    iters: int
-    batch_size: int
-    global_crop: int
     local_crop: int
     num_local_crops: int
-    min_axis: int
     base_lr: float
     seed: int = 0
     precision: str = "fp32"
@@ -86,25 +79,13 @@ class SSLRunConfig:
     augment_device: str = "cpu-monai"  # MONAI in the loader's workers, or "torch": batched on the training device
     method: str = "dino"  # the objective (``3dino pretrain --method``); runs recorded before it ran 3DINO
     intensity_prob: float = INTENSITY_PROB  # the augmentations' intensity step (gamma/noise/histogram shift)
-    # volatile: may differ between a run and its resumption
-    num_workers: int = 0
-    save_every: int = 100
-    snapshot_every: int = 0
-    log_every: int = 1
-    grad_checkpointing: bool = False
-    probe_every: int = 0
-
-    VOLATILE = ("num_workers", "save_every", "snapshot_every", "log_every", "grad_checkpointing", "stop_after",
-                "device", "probe_every", "recipe_reasons")
+    VOLATILE = (*PretrainRunOptions.VOLATILE, "recipe_reasons")
 
     def ssl_recipe(self) -> SSLRecipe:
         """The run's recipe (a run recorded before recipes existed ran the paper's)."""
         if self.recipe:
             return SSLRecipe(**self.recipe, deviations=dict(self.recipe_reasons))
         return paper(self.batch_size * self.world_size, self.iters, self.head_dims["out_dim"], self.base_lr)
-
-    def options(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SSLRunConfig:
@@ -206,8 +187,7 @@ class SSLTask:
         config, device = self.config, self.dist.device
         tick = time.perf_counter()
         batch = next(self.loader)
-        values = schedule_values(self.schedules, it)
-        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        values = step_schedules(self.optimizer, self.schedules, it)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
         masks = _rank_rows(random_patch_masks(2 * self.total_batch, self.grid, generator=generator),
                            config.batch_size, self.dist.rank)

@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 
 import torch
-from monai.networks.nets import SwinUNETR
 from torch import Tensor, nn
 
 from threedino_pipe.models.presets import build_backbone
+from threedino_pipe.models.swin import SwinEncoder
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
@@ -38,10 +38,9 @@ def swin_dims(preset: str, in_channels: int) -> dict:
 
 
 def build_swin_encoder(dims: dict, drop_path: float = 0.0) -> nn.Module:
-    """MONAI's ``SwinUNETR(...).swinViT`` (:class:`monai.networks.nets.swin_unetr.SwinTransformer`) of ``dims``."""
-    return SwinUNETR(in_channels=dims["in_channels"], out_channels=1, feature_size=dims["feature_size"],
-                     depths=tuple(dims["depths"]), num_heads=tuple(dims["num_heads"]), patch_size=dims["patch_size"],
-                     window_size=dims["window_size"], dropout_path_rate=drop_path).swinViT
+    """The Swin family's encoder of ``dims`` (:class:`threedino_pipe.models.swin.SwinEncoder`: MONAI's
+    ``SwinUNETR(...).swinViT``, the same parameter names), stochastic depth ``drop_path``."""
+    return SwinEncoder(**dims, drop_path_rate=drop_path)
 
 
 class ReconstructionHead(nn.Module):

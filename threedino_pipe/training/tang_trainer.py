@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from threedino_pipe.runtime.device import peak_memory_mb
 from threedino_pipe.runtime.distributed import DistInfo
 from threedino_pipe.runtime.precision import autocast, make_scaler
-from threedino_pipe.ssl import apply_schedules, build_param_groups, clip_gradients, make_schedules, schedule_values
+from threedino_pipe.ssl import build_param_groups, clip_gradients, make_schedules, step_schedules
 from threedino_pipe.ssl.tang import (
     apply_cutout,
     contrastive_loss,
@@ -35,6 +35,7 @@ from threedino_pipe.ssl.tang import (
     tang_loss,
 )
 from threedino_pipe.training.loop import check_finite, optimizer_step
+from threedino_pipe.training.run_options import PretrainRunOptions
 from threedino_pipe.training.simmim_trainer import SimMIMTask, config_from_options
 from threedino_pipe.training.ssl_trainer import first_probe_cases, run_pretraining, save_run_backbone
 from threedino_pipe.training.tang_network import TangNetwork, build_tang_network, save_swin_backbone, swin_dims
@@ -51,19 +52,12 @@ PEAK_LR, WEIGHT_DECAY, CLIP_NORM, WARMUP_ITERS, DROP_PATH, MIN_LR = 4e-4, 0.1, 1
 
 
 @dataclass
-class TangRunConfig:
+class TangRunConfig(PretrainRunOptions):
     """Everything that defines a Tang et al. run (recorded in run.json; ``VOLATILE`` fields may change on resume).
 
     Crop size in voxels; ``batch_size`` volumes per rank (two crops each); ``arch`` ``vit`` or ``swin``.
     """
 
-    datasets: list[str]
-    configuration: str
-    preset: str
-    iters: int
-    batch_size: int
-    global_crop: int
-    min_axis: int
     peak_lr: float
     warmup_iters: int
     arch: str = "vit"
@@ -74,19 +68,6 @@ class TangRunConfig:
     world_size: int = 1
     augment_device: str = "cpu-monai"
     method: str = METHOD
-    # volatile: may differ between a run and its resumption
-    num_workers: int = 0
-    save_every: int = 100
-    snapshot_every: int = 0
-    log_every: int = 1
-    grad_checkpointing: bool = False
-    probe_every: int = 0
-
-    VOLATILE = ("num_workers", "save_every", "snapshot_every", "log_every", "grad_checkpointing", "stop_after",
-                "device", "probe_every")
-
-    def options(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TangRunConfig:
@@ -155,8 +136,7 @@ class TangTask(SimMIMTask):
         config, device = self.config, self.dist.device
         tick = time.perf_counter()
         batch = next(self.loader)
-        values = schedule_values(self.schedules, it)
-        apply_schedules(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        values = step_schedules(self.optimizer, self.schedules, it)
         inputs, targets, rotations = (t.to(device, non_blocking=True)
                                       for t in tang_views(batch["global_crops"], config.seed, it, self.dist.rank))
         loss, terms, logits = tang_terms(self.model, inputs, targets, rotations, config.precision, device)
