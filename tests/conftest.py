@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,73 @@ def pytest_sessionfinish(session, exitstatus):
     else:
         print(text, file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ----- one tiny run per pretraining baseline and tiny natural-image models, shared by several modules -----
+SIMMIM = ("pretrain", "-d", "990", "--method", "simmim", "--preset", "tiny", "--iters", "20", "--batch-size", "2",
+          "--num-workers", "0", "--precision", "fp32", "--no-progress", "--snapshot-every", "0", "--probe-every", "0")
+TANG = ("pretrain", "-d", "990", "--method", "tang", "--preset", "tiny", "--batch-size", "2", "--num-workers", "0",
+        "--precision", "fp32", "--no-progress", "--snapshot-every", "0", "--probe-every", "0")
+#: tiny natural-image models (transformers' Dinov2Model and DINOv3ViTModel), random weights
+HF_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+           "image_size": 32}
+HF_KINDS = {"dinov2": ("Dinov2Config", "Dinov2Model", {"patch_size": 8}),
+            "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", {"patch_size": 4, "num_register_tokens": 2})}
+HF_MEAN, HF_STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+
+
+# ----- the real command: one shared run (plus its split twin) -------------------------------------------------
+@pytest.fixture(scope="session")
+def simmim_runs(mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
+    """A tiny SimMIM run of 20 iterations under its default name, and the same run in two invocations
+    (``--stop-after 8``, then the same command). Read-only for the tests."""
+    results = tmp_path_factory.mktemp("simmim_results")
+    env = {**mni_preprocessed, "THREEDINO_RESULTS": str(results), "PYTHONPATH": str(REPO)}
+    whole = run_3dino(*SIMMIM, env=env)
+    assert whole.returncode == 0, whole.stderr
+    first = run_3dino(*SIMMIM, "--run", "split", "--stop-after", "8", env=env)
+    assert first.returncode == 0, first.stderr
+    second = run_3dino(*SIMMIM, "--run", "split", env=env)
+    assert second.returncode == 0, second.stderr
+    yield {"env": env, "results": results, "run": results / "pretrain" / "tiny__simmim__990",
+           "split": results / "pretrain" / "split", "stderr": (whole.stderr, first.stderr, second.stderr)}
+    shutil.rmtree(results, ignore_errors=True)
+
+
+# ----- the real command: one tiny run per encoder (plus the ViT run's split twin) ---------------------------------
+@pytest.fixture(scope="session")
+def tang_runs(mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
+    """A tiny ViT run of 20 iterations and the same run in two invocations (``--stop-after 8``, then again), and
+    a Swin run of 1 iteration, under their default names. Read-only for the tests."""
+    results = tmp_path_factory.mktemp("tang_results")
+    env = {**mni_preprocessed, "THREEDINO_RESULTS": str(results), "PYTHONPATH": str(REPO)}
+    outcomes = [run_3dino(*TANG, "--iters", "20", env=env),
+                run_3dino(*TANG, "--iters", "20", "--run", "split", "--stop-after", "8", env=env),
+                run_3dino(*TANG, "--iters", "20", "--run", "split", env=env),
+                run_3dino(*TANG, "--iters", "1", "--arch", "swin", env=env)]
+    for outcome in outcomes:
+        assert outcome.returncode == 0, outcome.stderr
+    runs = results / "pretrain"
+    yield {"env": env, "results": results, "vit": runs / "tiny__tang-vit__990", "split": runs / "split",
+           "swin": runs / "tiny__tang-swin__990", "stderr": [o.stderr for o in outcomes]}
+    shutil.rmtree(results, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """``save_pretrained`` folders of a tiny random Dinov2Model and DINOv3ViTModel (the latter with a
+    preprocessor_config.json of its own mean and std)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    root = tmp_path_factory.mktemp("hf_models")
+    folders = {}
+    for method, (config_name, model_name, extra) in HF_KINDS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_name)(**HF_TINY, **extra)
+        getattr(transformers, model_name)(config).save_pretrained(root / method)
+        folders[method] = root / method
+    preprocessor = {"image_mean": HF_MEAN, "image_std": HF_STD}
+    (folders["dinov3"] / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    yield folders
+    shutil.rmtree(root, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import HELD_OUT, REPO
+from conftest import HELD_OUT, HF_KINDS, HF_MEAN, HF_STD, REPO
 from typer.testing import CliRunner
 
 from threedino_pipe.cli import app
@@ -32,37 +32,17 @@ from threedino_pipe.runtime.errors import UserError
 transformers = pytest.importorskip("transformers")
 
 DATASET = "Dataset990_MNITissue"
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-        "image_size": 32}
-KINDS = {"dinov2": ("Dinov2Config", "Dinov2Model", {"patch_size": 8}),
-         "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", {"patch_size": 4, "num_register_tokens": 2})}
-MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
 
-@pytest.fixture(scope="session")
-def hf_folders(tmp_path_factory) -> dict[str, Path]:
-    """``save_pretrained`` folders of a tiny random Dinov2Model and DINOv3ViTModel (the latter with a
-    preprocessor_config.json of its own mean and std)."""
-    root = tmp_path_factory.mktemp("hf_models")
-    folders = {}
-    for method, (config_name, model_name, extra) in KINDS.items():
-        torch.manual_seed(0)
-        config = getattr(transformers, config_name)(**TINY, **extra)
-        getattr(transformers, model_name)(config).save_pretrained(root / method)
-        folders[method] = root / method
-    (folders["dinov3"] / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD}))
-    yield folders
-    shutil.rmtree(root, ignore_errors=True)
 
-
-@pytest.mark.parametrize("method", list(KINDS))
+@pytest.mark.parametrize("method", list(HF_KINDS))
 def test_slice_features_are_the_2d_model_on_each_slice(hf_folders, tmp_path, method):
     choice = resolve_backbone(str(hf_folders[method]), tmp_path)
     net = choice.model
     assert isinstance(net, Backbone) and choice.family == net.family == "hf2d" and choice.method == method
     assert choice.tag == f"hf2d-{method}-{method}" and choice.source == str(hf_folders[method].resolve())
     assert choice.sha256 == file_sha256(hf_folders[method] / "model.safetensors")
-    mean, std = (MEAN, STD) if method == "dinov3" else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = (HF_MEAN, HF_STD) if method == "dinov3" else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert np.allclose(net.dims["pixel_mean"], mean) and np.allclose(net.dims["pixel_std"], std)
     p = net.patch_size
     x = torch.randn(2, 1, 32, 24, 5)

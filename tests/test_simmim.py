@@ -10,12 +10,11 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, finetune_and_predict_from, run_3dino
+from conftest import REPO, SIMMIM, finetune_and_predict_from, run_3dino
 from typer.testing import CliRunner
 
 from threedino_pipe.artifacts import RunRecord, open_run_folder
@@ -27,9 +26,6 @@ from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.ssl.simmim import masked_l1, patchify, random_token_masks
 from threedino_pipe.stages import embed, visualize
 from threedino_pipe.training.simmim_trainer import MASK_RATIO
-
-SIMMIM = ("pretrain", "-d", "990", "--method", "simmim", "--preset", "tiny", "--iters", "20", "--batch-size", "2",
-          "--num-workers", "0", "--precision", "fp32", "--no-progress", "--snapshot-every", "0", "--probe-every", "0")
 
 
 # ----- unit: the loss, the masks, the patch order ------------------------------------------------------------
@@ -81,24 +77,6 @@ def test_patchify_orders_patches_and_voxels_as_the_patch_embedding():
     assert patchify(x, 16).shape == (2, 2 * 3 * 1, 2 * 16**3)
     with pytest.raises(ValueError, match="divisible"):
         patchify(torch.zeros(1, 1, 20, 16, 16), 16)
-
-
-# ----- the real command: one shared run (plus its split twin) -------------------------------------------------
-@pytest.fixture(scope="session")
-def simmim_runs(mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
-    """A tiny SimMIM run of 20 iterations under its default name, and the same run in two invocations
-    (``--stop-after 8``, then the same command). Read-only for the tests."""
-    results = tmp_path_factory.mktemp("simmim_results")
-    env = {**mni_preprocessed, "THREEDINO_RESULTS": str(results), "PYTHONPATH": str(REPO)}
-    whole = run_3dino(*SIMMIM, env=env)
-    assert whole.returncode == 0, whole.stderr
-    first = run_3dino(*SIMMIM, "--run", "split", "--stop-after", "8", env=env)
-    assert first.returncode == 0, first.stderr
-    second = run_3dino(*SIMMIM, "--run", "split", env=env)
-    assert second.returncode == 0, second.stderr
-    yield {"env": env, "results": results, "run": results / "pretrain" / "tiny__simmim__990",
-           "split": results / "pretrain" / "split", "stderr": (whole.stderr, first.stderr, second.stderr)}
-    shutil.rmtree(results, ignore_errors=True)
 
 
 @pytest.mark.e2e

@@ -198,25 +198,35 @@ def test_swinunetr_finetunes_from_a_swin_file_and_predicts_in_the_input_geometry
 
 
 @pytest.mark.e2e
-def test_swin_random_swin_transfer_and_3dino_train_on_the_same_cases(swin_run, tmp_path):
-    """The same --pct --fold --seed: Swin Random, Swin Transfer (the shared run) and a 3DINO-ViT file."""
-    env = swin_run["env"]
+def test_every_backbone_kind_trains_on_the_same_cases(swin_run, simmim_runs, tang_runs, hf_folders, tmp_path):
+    """The same --pct --fold --seed for every kind of backbone finetune accepts: the same subset.json cases.
+
+    Kinds: none (UNETR and SwinUNETR from scratch), a 3DINO file, SimMIM and Tang-ViT run folders (ViT), a
+    Tang-Swin run folder (Swin Transfer), transformers' Dinov2Model and DINOv3ViTModel folders (hf2d)."""
+    env = {**swin_run["env"], "THREEDINO_RESULTS": str(tmp_path / "results")}
     vit = tmp_path / "tiny_3dino.pt"
     save_backbone(build_backbone("tiny"), vit, preset="tiny", meta={"method": "dino"})
+    kinds = {"unetr__none": ("--head", "unetr", "--backbone", "none", "--preset", "tiny"),
+             "swinunetr__none": ("--head", "swinunetr", "--backbone", "none", "--preset", "tiny"),
+             "linear__tiny_3dino": ("--head", "linear", "--backbone", str(vit)),
+             "linear__simmim": ("--head", "linear", "--backbone", str(simmim_runs["run"])),
+             "linear__tang_vit": ("--head", "linear", "--backbone", str(tang_runs["vit"])),
+             "swinunetr__tang_swin": ("--head", "swinunetr", "--backbone", str(tang_runs["swin"])),
+             **{f"linear__{m}": ("--head", "linear", "--backbone", str(f)) for m, f in hf_folders.items()}}
     runner = CliRunner()
-    for args in (("--head", "swinunetr", "--backbone", "none", "--preset", "tiny"),
-                 ("--head", "linear", "--backbone", str(vit))):
-        outcome = runner.invoke(app, ["finetune", "-d", "990", *FAST, *args, "--iters", "100", "--stop-after", "1"],
-                                env=env)
-        assert outcome.exit_code == 0, (args, outcome.output, outcome.exception)
-    results = Path(env["THREEDINO_RESULTS"]) / DATASET
-    folders = [results / f"finetune__{name}__pct50__fold0__seed0" for name in
-               ("swinunetr__none", "swinunetr__swin_fd", "linear__tiny_3dino")]
-    subsets = [json.loads((f / "subset.json").read_text()) for f in folders]
-    assert subsets[0]["ids"] and all(s["ids"] == subsets[0]["ids"] and s["val_ids"] == subsets[0]["val_ids"]
-                                     for s in subsets)
-    card = json.loads((folders[0] / "run.json").read_text())["options"]
-    assert card["backbone_family"] == "swin" and card["backbone_dims"] == "tiny" and card["frozen"] is False
+    for name, args in kinds.items():
+        outcome = runner.invoke(app, ["finetune", "-d", "990", *FAST, *args, "--iters", "100", "--stop-after", "1",
+                                      "--run", name], env=env)
+        assert outcome.exit_code == 0, (name, outcome.output, outcome.exception)
+    folders = {name: tmp_path / "results" / DATASET / name for name in kinds}
+    families = {name: json.loads((f / "run.json").read_text())["options"]["backbone_family"]
+                for name, f in folders.items()}
+    assert set(families.values()) >= {"vit3d", "swin", "hf2d"}, families
+    subsets = {name: json.loads((f / "subset.json").read_text()) for name, f in folders.items()}
+    first = subsets["unetr__none"]
+    assert first["ids"] and not set(first["ids"]) & set(first["val_ids"])
+    assert {name: (s["ids"], s["val_ids"]) for name, s in subsets.items()} == {
+        name: (first["ids"], first["val_ids"]) for name in kinds}
 
 
 def test_swinunetr_patch_is_rounded_down_to_multiples_of_32_and_a_side_under_32_is_refused(tmp_path):

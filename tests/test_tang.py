@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, finetune_and_predict_from, run_3dino
+from conftest import TANG, finetune_and_predict_from
 from monai.networks.nets import SwinUNETR
 from typer.testing import CliRunner
 
@@ -29,9 +27,6 @@ from threedino_pipe.ssl.tang import (
     rotation_loss,
     tang_loss,
 )
-
-TANG = ("pretrain", "-d", "990", "--method", "tang", "--preset", "tiny", "--batch-size", "2", "--num-workers", "0",
-        "--precision", "fp32", "--no-progress", "--snapshot-every", "0", "--probe-every", "0")
 
 
 # ----- unit: each loss by hand, the views ----------------------------------------------------------------------
@@ -86,25 +81,6 @@ def test_rotations_and_cutouts():
     volume = torch.full((50, 1, 32, 32, 32), 7.0)
     out = apply_cutout(volume, masks, torch.Generator().manual_seed(0))
     assert torch.all(out[~masks] == 7.0) and out[masks].abs().max() <= 1.0 + 1e-6
-
-
-# ----- the real command: one tiny run per encoder (plus the ViT run's split twin) ---------------------------------
-@pytest.fixture(scope="session")
-def tang_runs(mni_preprocessed, tmp_path_factory) -> Iterator[dict]:
-    """A tiny ViT run of 20 iterations and the same run in two invocations (``--stop-after 8``, then again), and
-    a Swin run of 1 iteration, under their default names. Read-only for the tests."""
-    results = tmp_path_factory.mktemp("tang_results")
-    env = {**mni_preprocessed, "THREEDINO_RESULTS": str(results), "PYTHONPATH": str(REPO)}
-    outcomes = [run_3dino(*TANG, "--iters", "20", env=env),
-                run_3dino(*TANG, "--iters", "20", "--run", "split", "--stop-after", "8", env=env),
-                run_3dino(*TANG, "--iters", "20", "--run", "split", env=env),
-                run_3dino(*TANG, "--iters", "1", "--arch", "swin", env=env)]
-    for outcome in outcomes:
-        assert outcome.returncode == 0, outcome.stderr
-    runs = results / "pretrain"
-    yield {"env": env, "results": results, "vit": runs / "tiny__tang-vit__990", "split": runs / "split",
-           "swin": runs / "tiny__tang-swin__990", "stderr": [o.stderr for o in outcomes]}
-    shutil.rmtree(results, ignore_errors=True)
 
 
 def _log(folder: Path) -> list[dict]:
