@@ -63,6 +63,9 @@ class DemoSize:
     pretrain_batch: int = 4
     highres_batch: int = 2
     finetune_batch: int = 2
+    #: both sides' AdamW peak rate: finetune's default (1e-4, the paper's for 30,000 iterations) learns little
+    #: in 200; 1e-3 gave both sides their best validation Dice of the rates tried (docs/demo.md)
+    finetune_lr: float = 1e-3
 
     @property
     def seeds(self) -> list[int]:
@@ -177,11 +180,12 @@ class Stages:
                 def train(backbone: str = backbone, side: str = side, seed: int = seed) -> None:
                     self.runs[side][seed] = self.finetune.run(
                         d, pct=PCT, backbone=backbone, head=HEAD, iters=size.finetune_iters,
-                        batch_size=size.finetune_batch, seed=seed, val_every=val_every, save_every=val_every)
+                        batch_size=size.finetune_batch, lr=size.finetune_lr, seed=seed, val_every=val_every,
+                        save_every=val_every)
 
                 self.clock(f"finetune ({side}, seed {seed})", f"3dino finetune -d {d} --pct {PCT:g} --backbone "
                            f"{backbone} --head {HEAD} --iters {size.finetune_iters} --batch-size "
-                           f"{size.finetune_batch} --val-every {val_every} --seed {seed}", train)
+                           f"{size.finetune_batch} --lr {size.finetune_lr:g} --val-every {val_every} --seed {seed}", train)
 
     def predict_and_evaluate(self) -> None:
         """Predict the held-out cases with every finetune run, evaluate each, compare the sides per seed."""
