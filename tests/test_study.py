@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from conftest import THREEDINO, run_3dino
 
-from threedino_pipe.artifacts import Plans, Splits
+from threedino_pipe.artifacts import Plans, RunRecord, Splits, StudyCell, StudyRecord
 from threedino_pipe.demo.bundled_backbone import BACKBONE
 from threedino_pipe.study import slurm
 
@@ -117,8 +117,9 @@ def test_rerun_recomputes_nothing_and_a_deleted_cell_only_itself(full_study, stu
     assert done.stderr.count("done already") == 7
     listed = _study(study_env, "--dry-run")
     assert listed.returncode == 0 and listed.stderr.count("  done  ~") == 8
-    other = _study(study_env, "--name", "longer", "--iters", "4", "--dry-run")  # estimated from the runs' log.csv
+    other = _study(study_env, "--name", "longer", "--iters", "4", "--lr", "0.002", "--dry-run")  # from log.csv
     assert other.returncode == 0 and other.stderr.count("to run  ~") == 8 and "iteration time" in other.stderr
+    assert "every cell's finetune options: --iters 4 --lr 0.002 (" in other.stderr
     assert not (full_study.parent / "study__longer").exists()
 
 
@@ -132,15 +133,24 @@ def test_shares_then_collect_equal_the_full_run_and_the_slurm_task_runs_a_share(
     assert done.returncode == 0, done.stderr[-3000:]
     for name in SAME:
         assert (shares / name).read_bytes() == (full_study / name).read_bytes(), name
-    script = tmp_path / "study.sbatch"
-    assert _study(study_env, "--name", "slurm", "--emit-slurm", str(script)).returncode == 0
+    script = tmp_path / "study.sbatch"  # with finetune settings of its own: they reach the cell's run
+    settings = ("--batch-size", "1", "--lr", "0.002", "--val-every", "1")
+    assert _study(study_env, "--name", "slurm", *settings, "--emit-slurm", str(script)).returncode == 0
     text = script.read_text()
     assert "#SBATCH --array=1-8" in text and '--cells "${SLURM_ARRAY_TASK_ID}/8"' in text
+    assert "--iters 2 --batch-size 1 --lr 0.002 --val-every 1" in text
     task = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"},
                           capture_output=True, text=True, timeout=600)
     assert task.returncode == 0, task.stderr[-3000:]
     ran = sorted(p.parent.name for p in (full_study.parent / "study__slurm" / "cells").glob("*/cell.json"))
-    assert ran == [pd.read_csv(full_study / "cells.csv")["cell"][2]]  # task 3 of 8: the third cell only
+    full_cell = pd.read_csv(full_study / "cells.csv").iloc[2]
+    assert ran == [full_cell["cell"]]  # task 3 of 8: the third cell only
+    record = StudyCell.read(full_study.parent / "study__slurm" / "cells" / ran[0] / "cell.json")
+    assert record.commands[0].endswith("--iters 2 --batch-size 1 --lr 0.002 --val-every 1")
+    assert StudyRecord.read(full_study.parent / "study__slurm" / "study.json").options["lr"] == 0.002
+    run = RunRecord.read(Path(record.run_folder) / "run.json").options
+    assert (run["batch_size"], run["lr"], run["val_every"], run["iters"]) == (1, 0.002, 1, 2)
+    assert record.run_folder == full_cell["run_folder"] + "__2"  # not the full study's run: beside it
 
 
 def test_slurm_tasks_with_several_gpus_run_the_cells_finetune_under_torchrun(full_study, study_env, tmp_path):

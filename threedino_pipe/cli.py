@@ -648,6 +648,12 @@ def study(
     gpus_per_cell: Annotated[int | None, typer.Option("--gpus-per-cell", min=1, help="Run each cell's finetune under "
                              "torchrun --standalone --nproc-per-node G (G GPUs per SLURM task with --emit-slurm).")
                              ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Finetune --batch-size of every cell "
+                          "(default: finetune's).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Finetune --lr of every segmentation cell (default: "
+                  "finetune's).")] = None,
+    val_every: Annotated[int | None, typer.Option("--val-every", min=1, help="Finetune --val-every of every "
+                         "segmentation cell (default: finetune's).")] = None,
 ) -> None:
     """Label-efficiency curves: finetune, predict and evaluate each cell, then statistics.
 
@@ -658,7 +664,8 @@ def study(
     raise typer.Exit(stage.run(dataset, backbones=backbones, pct=pct, seeds=seeds, folds=folds, iters=iters,
                                name=name, on_validation=on_validation, reference=reference, dry_run_only=dry_run,
                                cells=cells, collect_only=collect, emit_slurm=emit_slurm, num_workers=num_workers,
-                               device=device, gpus_per_cell=gpus_per_cell))
+                               device=device, gpus_per_cell=gpus_per_cell, batch_size=batch_size, lr=lr,
+                               val_every=val_every))
 
 
 @app.callback(invoke_without_command=True)

@@ -3,12 +3,13 @@
 ``beside`` naming; rank 0 writes the run folder's path where the study reads it.
 
 Run as ``python -m torch.distributed.run --standalone --nproc-per-node G -m threedino_pipe.study.cell_finetune
-SPEC DATASET ITERS NUM_WORKERS DEVICE FOLDER_FILE`` (``SPEC``: the cell's :class:`StudyCellSpec` as JSON,
-``ITERS`` 0 for finetune's default).
+SPEC DATASET SETTINGS NUM_WORKERS DEVICE FOLDER_FILE`` (``SPEC``: the cell's :class:`StudyCellSpec` as JSON,
+``SETTINGS`` the study's finetune settings as JSON, :data:`SETTINGS`; those left out are finetune's defaults).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,20 +19,34 @@ from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
 
 FAILED = 2  # the exit code of a refused finetune (its message on stderr)
+#: the study's options passed to every cell's finetune, in the order of its command line (docs/study.md)
+SETTINGS = ("iters", "batch_size", "lr", "val_every")
 
 
-def finetune_arguments(spec: StudyCellSpec, dataset: str, iters: int | None, num_workers: int, device: str) -> dict:
-    """The keyword arguments of ``stages.finetune.run`` for the cell (``beside`` left out)."""
+def settings_flags(settings: dict) -> list[str]:
+    """``--iters N --batch-size B --lr LR --val-every V``: the finetune options of the given (non-None) settings."""
+    flags: list[str] = []
+    for name in SETTINGS:
+        value = settings.get(name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
+
+
+def finetune_arguments(spec: StudyCellSpec, dataset: str, settings: dict, num_workers: int, device: str) -> dict:
+    """The keyword arguments of ``stages.finetune.run`` for the cell (``beside`` left out; of ``settings``
+    (:data:`SETTINGS`) only those given, so the others are finetune's defaults)."""
     return {"dataset": dataset, "pct": spec.pct, "fold": spec.fold, "seed": spec.seed, "backbone": spec.backbone,
             "head": spec.head, "num_workers": num_workers, "device": device,
-            **({"iters": iters} if iters else {})}
+            **{k: v for k, v in settings.items() if k in SETTINGS and v is not None}}
 
 
-def command(gpus: int, spec: StudyCellSpec, dataset: str, iters: int | None, num_workers: int, device: str,
+def command(gpus: int, spec: StudyCellSpec, dataset: str, settings: dict, num_workers: int, device: str,
             folder_file: Path) -> list[str]:
     """The torchrun command line that runs the cell's finetune on ``gpus`` processes (this Python)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m",
-            __name__, spec.model_dump_json(), dataset, str(iters or 0), str(num_workers), device, str(folder_file)]
+            __name__, spec.model_dump_json(), dataset, json.dumps(settings), str(num_workers), device,
+            str(folder_file)]
 
 
 def main(argv: list[str]) -> int:
@@ -39,9 +54,10 @@ def main(argv: list[str]) -> int:
     from threedino_pipe.stages import finetune
 
     spec = StudyCellSpec.model_validate_json(argv[0])
-    dataset, iters, num_workers, device, folder_file = argv[1], int(argv[2]), int(argv[3]), argv[4], Path(argv[5])
+    dataset, settings, num_workers, device, folder_file = argv[1], json.loads(argv[2]), int(argv[3]), argv[4], Path(
+        argv[5])
     try:
-        folder = finetune.run(**finetune_arguments(spec, dataset, iters, num_workers, device), beside=True)
+        folder = finetune.run(**finetune_arguments(spec, dataset, settings, num_workers, device), beside=True)
     except UserError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         return FAILED

@@ -19,7 +19,7 @@ from threedino_pipe.artifacts import Plans, Splits, StudyCell, StudyRecord
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.stages.finetune import DEFAULT_ITERS
-from threedino_pipe.study import aggregate, slurm, test_cases
+from threedino_pipe.study import aggregate, cell_finetune, slurm, test_cases
 from threedino_pipe.study import cells as study_cells
 from threedino_pipe.study.layout import StudyLayout
 from threedino_pipe.study.runner import CellOptions, is_done, run_cell
@@ -70,19 +70,37 @@ def _reference(entries: list[study_cells.Entry], reference: str | None) -> str:
     return reference
 
 
-def _args(dataset: str, entries, pcts, seeds, folds, iters, name, on_validation, reference, num_workers,
-          device, gpus) -> list[str]:
+def _args(dataset: str, entries, pcts, seeds, folds, name, on_validation, reference, options: CellOptions
+          ) -> list[str]:
     """The study's options as command-line arguments (for the SLURM script)."""
     args = ["-d", dataset, "--backbones", *[e.text for e in entries], "--pct", *[f"{p:g}" for p in pcts],
             "--seeds", *map(str, seeds), "--folds", *map(str, folds), "--name", name, "--reference", reference,
-            "--num-workers", str(num_workers), "--device", device]
-    return (args + (["--iters", str(iters)] if iters else []) + (["--on-validation"] if on_validation else [])
-            + (["--gpus-per-cell", str(gpus)] if gpus else []))
+            "--num-workers", str(options.num_workers), "--device", options.device]
+    return (args + cell_finetune.settings_flags(options.settings) + (["--on-validation"] if on_validation else [])
+            + (["--gpus-per-cell", str(options.gpus)] if options.gpus else []))
+
+
+def _check_settings(settings: dict, task: str) -> None:
+    """``--iters``, ``--batch-size``, ``--val-every`` at least 1, ``--lr`` above 0; a classification study's probe
+    takes only ``--iters`` and ``--batch-size``.
+
+    Raises:
+        UserError: a value out of range, or ``--lr``/``--val-every`` for probe cells.
+    """
+    for name, value in settings.items():
+        flag = f"--{name.replace('_', '-')}"
+        if not (value > 0 if name == "lr" else value >= 1):
+            raise UserError(f"{flag} {value:g} is out of range", fix=f"pass {flag} above 0" if name == "lr"
+                            else f"pass {flag} 1 or more")
+        if task == "classification" and name in ("lr", "val_every"):
+            raise UserError(f"{flag}: the probe cells of a classification study choose their learning rate on the "
+                            "validation cases and take no such option", fix=f"leave {flag} out")
 
 
 def setup(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[int], folds: list[int],
           iters: int | None, name: str, on_validation: bool, reference: str | None, num_workers: int,
-          device: str, gpus_per_cell: int | None = None) -> Setup:
+          device: str, gpus_per_cell: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          val_every: int | None = None) -> Setup:
     """Check every option and find the test cases, before anything is written."""
     raw = paths.resolve_dataset(dataset)
     pre = paths.resolve_preprocessed(dataset)
@@ -90,8 +108,8 @@ def setup(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[i
     if plans.task not in ("segmentation", "classification"):
         raise UserError(f"{pre.name} is an {plans.task} dataset: a study needs labels", file=Plans.in_folder(pre),
                         fix="run the study on a labelled (segmentation or classification) dataset")
-    if iters is not None and iters < 1:
-        raise UserError(f"--iters {iters} must be at least 1", fix="pass --iters 1 or more")
+    cell_options = CellOptions(pre.name, iters, num_workers, device, gpus_per_cell, batch_size, lr, val_every)
+    _check_settings(cell_options.settings, plans.task)
     entries = study_cells.parse_entries(backbones)
     study_cells.check_heads(entries, plans.task, Plans.in_folder(pre))
     _check_gpus(gpus_per_cell, plans.task)
@@ -104,13 +122,13 @@ def setup(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[i
     source, case_ids = test_cases.find_test_cases(raw, pre, dataset, folds, on_validation)
     ref = _reference(entries, reference)
     options = {"backbones": [e.text for e in entries], "pct": pcts, "seeds": seeds, "folds": folds, "iters": iters,
-               "on_validation": on_validation, **({"gpus_per_cell": gpus_per_cell} if gpus_per_cell else {})}
+               "on_validation": on_validation, **({"gpus_per_cell": gpus_per_cell} if gpus_per_cell else {}),
+               **{k: v for k, v in cell_options.settings.items() if k != "iters"}}  # older studies: without them
     study = StudyRecord(dataset=pre.name, name=name, options=options, reference=ref, task=plans.task,
                         test_source=source, selection_biased=source == "validation", test_cases=case_ids,
                         cells=study_cells.make_cells(entries, pcts, seeds, folds))
-    args = _args(dataset, entries, pcts, seeds, folds, iters, name, on_validation, ref, num_workers, device,
-                 gpus_per_cell)
-    return Setup(study, layout, CellOptions(pre.name, iters, num_workers, device, gpus_per_cell), raw, args)
+    args = _args(dataset, entries, pcts, seeds, folds, name, on_validation, ref, cell_options)
+    return Setup(study, layout, cell_options, raw, args)
 
 
 def _open(layout: StudyLayout, study: StudyRecord) -> None:
@@ -177,6 +195,8 @@ def dry_run(setup_: Setup, console: Console) -> int:
     total = 0.0
     console.print(f"study {study.name} of {study.dataset}: {len(study.cells)} cells, test cases "
                   f"{len(study.test_cases)} ({study.test_source}), reference {study.reference}")
+    flags = " ".join(cell_finetune.settings_flags(setup_.options.settings)) or "none"
+    console.print(f"every cell's finetune options: {flags} (the others finetune's defaults)")
     for index, spec in enumerate(study.cells, 1):
         state = "done" if layout.folder.is_dir() and is_done(layout, spec.cell) else "to run"
         seconds, how = estimates.get(spec.cell, (None, ""))
@@ -224,14 +244,16 @@ def run(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[int
         folds: list[int] | None = None, iters: int | None = None, name: str = DEFAULT_NAME,
         on_validation: bool = False, reference: str | None = None, dry_run_only: bool = False,
         cells: str | None = None, collect_only: bool = False, emit_slurm: Path | None = None,
-        num_workers: int = 2, device: str = "auto", gpus_per_cell: int | None = None) -> int:
+        num_workers: int = 2, device: str = "auto", gpus_per_cell: int | None = None, batch_size: int | None = None,
+        lr: float | None = None, val_every: int | None = None) -> int:
     """Run (or list, share, collect, emit as a SLURM array) the study; returns the exit code (docs/study.md)."""
     if sum(bool(x) for x in (dry_run_only, cells, collect_only, emit_slurm)) > 1:
         raise UserError("--dry-run, --cells, --collect and --emit-slurm exclude each other", fix="pass one of them")
     console = Console(stderr=True, soft_wrap=True)
     setup_ = setup(dataset, backbones=backbones, pct=pct, seeds=list(seeds or [0]), folds=list(folds or [0]),
                    iters=iters, name=name, on_validation=on_validation, reference=reference,
-                   num_workers=num_workers, device=device, gpus_per_cell=gpus_per_cell)
+                   num_workers=num_workers, device=device, gpus_per_cell=gpus_per_cell, batch_size=batch_size, lr=lr,
+                   val_every=val_every)
     if dry_run_only:
         return dry_run(setup_, console)
     if emit_slurm is not None:

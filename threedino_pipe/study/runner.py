@@ -28,6 +28,15 @@ class CellOptions:
     num_workers: int
     device: str
     gpus: int | None = None  # --gpus-per-cell: finetune under torchrun with this many processes (None: in-process)
+    batch_size: int | None = None  # --batch-size, --lr, --val-every: None is finetune's default
+    lr: float | None = None
+    val_every: int | None = None
+
+    @property
+    def settings(self) -> dict:
+        """The study's finetune settings that are given (:data:`~threedino_pipe.study.cell_finetune.SETTINGS`)."""
+        values = {name: getattr(self, name) for name in cell_finetune.SETTINGS}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 def commands(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout: StudyLayout,
@@ -36,9 +45,9 @@ def commands(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout
     run = run_folder or "<run folder>"
     launcher = (f"torchrun --standalone --nproc-per-node {options.gpus} -m threedino_pipe.cli finetune"
                 if options.gpus else "3dino finetune")
-    finetune = (f"{launcher} -d {options.dataset} --pct {spec.pct:g} --fold {spec.fold} --seed {spec.seed} "
-                f"--backbone {spec.backbone}" + (f" --head {spec.head}" if spec.head else "")
-                + (f" --iters {options.iters}" if options.iters else ""))
+    finetune = " ".join([f"{launcher} -d {options.dataset} --pct {spec.pct:g} --fold {spec.fold} --seed {spec.seed} "
+                         f"--backbone {spec.backbone}" + (f" --head {spec.head}" if spec.head else ""),
+                         *cell_finetune.settings_flags(options.settings)])
     return [finetune,
             f"3dino predict -i {tests.input} -o {layout.predictions(spec.cell)} -m {run} --continue --no-qc",
             f"3dino evaluate -r {tests.reference} -p {layout.predictions(spec.cell)} -d {options.dataset} "
@@ -63,7 +72,7 @@ def _stages(spec: StudyCellSpec, options: CellOptions, tests: TestCases, layout:
     if options.gpus:
         ran.append(_torchrun_finetune(spec, options, layout.cell(spec.cell)))
     else:
-        ran.append(str(finetune.run(**cell_finetune.finetune_arguments(spec, options.dataset, options.iters,
+        ran.append(str(finetune.run(**cell_finetune.finetune_arguments(spec, options.dataset, options.settings,
                                                                       options.num_workers, options.device),
                                     beside=True)))
     predictions = layout.predictions(spec.cell)
@@ -87,7 +96,7 @@ def _torchrun_finetune(spec: StudyCellSpec, options: CellOptions, cell: Path) ->
     folder_file = cell / "run_folder.txt"
     folder_file.unlink(missing_ok=True)
     gpus = options.gpus
-    done = subprocess.run(cell_finetune.command(gpus, spec, options.dataset, options.iters, options.num_workers,
+    done = subprocess.run(cell_finetune.command(gpus, spec, options.dataset, options.settings, options.num_workers,
                                                 options.device, folder_file), capture_output=True, text=True)
     if done.returncode != 0 or not folder_file.is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
