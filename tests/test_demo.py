@@ -1,5 +1,5 @@
-"""``3dino demo``: refuses folders it did not make or made with other options (before any work), checks
-the bundled backbone, and summarises the comparison over finetune seeds.
+"""``3dino demo``: refuses folders it did not make, made with other options or by an older demo (before any
+work), checks the bundled backbone, runs its comparison as `3dino study` and summarises it over finetune seeds.
 
 The demo itself runs end to end in CI (``.ci/run``: ``3dino demo --quick``); its report is checked
 in a browser by ``tests/test_report_browser.py``.
@@ -8,29 +8,33 @@ in a browser by ``tests/test_report_browser.py``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_3dino
 from scipy import stats
 
 from threedino_pipe.demo.chain import bundled_backbone as bundled_backbone_and_record
-from threedino_pipe.demo.examples import build_mni_dataset
-from threedino_pipe.demo.layout import DATASET_ID, SIDES, DemoLayout
+from threedino_pipe.demo.layout import LAYOUT_VERSION, SIDES, DemoLayout
 from threedino_pipe.demo.seeds import write_seed_table
 from threedino_pipe.models.backbone_choice import resolve_backbone
-from threedino_pipe.raw_data.image_io import read_image, write_image
 from threedino_pipe.runtime.errors import UserError
-from threedino_pipe.stages import evaluate
 
 
-def test_demo_refuses_a_folder_made_with_other_options(tmp_path):
-    (tmp_path / "demo.json").write_text(json.dumps({"kind": "demo", "schema_version": 1, "options": {"quick": True}}))
+def test_demo_refuses_a_folder_made_with_other_options_or_by_an_older_demo(tmp_path):
+    demo_json = {"kind": "demo", "schema_version": 1, "options": {"layout": LAYOUT_VERSION, "quick": True}}
+    (tmp_path / "demo.json").write_text(json.dumps(demo_json))
     result = run_3dino("demo", "--out", str(tmp_path), "--no-progress")
     assert result.returncode != 0
     assert "demo.json" in result.stderr and "other options" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]  # nothing written
+    del demo_json["options"]["layout"]  # as a demo before `3dino study` ran its comparison wrote it
+    (tmp_path / "demo.json").write_text(json.dumps(demo_json))
+    result = run_3dino("demo", "--quick", "--out", str(tmp_path), "--no-progress")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "older `3dino demo`" in result.stderr and "fresh --out" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
 
 
 def test_demo_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
@@ -41,24 +45,23 @@ def test_demo_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_seed_table_gives_each_seeds_mean_dice_and_the_t_interval_of_the_difference(tmp_path, monkeypatch):
+def test_seed_table_gives_each_seeds_mean_dice_and_the_t_interval_of_the_difference(tmp_path):
+    """From a study per_case.csv: per seed and side the mean over cases of each case's mean Dice over labels."""
+    names = {"pretrained": "backbone_tiny_mni:adapter", "none": "none:adapter"}
+    dice = {"pretrained": [0.9, 0.8, 0.7], "none": [0.7, 0.7, 0.7]}  # per seed; case 2 gets dice - 0.2
+    rows = [{"backbone": names[side], "pct": 25.0, "seed": seed, "fold": 0, "case_id": case, "label": label,
+             "dice": dice[side][seed] - 0.2 * (case == "mni_002") + (0.05 if label == "grey" else -0.05),
+             "hd95_mm": 1.0}
+            for side in SIDES for seed in (0, 1, 2) for case in ("mni_001", "mni_002") for label in ("grey", "white")]
     layout = DemoLayout(tmp_path)
-    monkeypatch.setenv("THREEDINO_RAW", str(tmp_path / "raw"))
-    build_mni_dataset(tmp_path / "raw", DATASET_ID, 2, num_test=2, max_size=32)
-    labels = layout.raw / "labelsTs"
-    for seed in (0, 1, 2):
-        for side, shift in zip(SIDES, (seed, 2), strict=True):  # pretrained: shifted by 0, 1, 2 voxels; none: 2
-            for reference in sorted(labels.glob("*.nii.gz")):
-                label, geometry = read_image(reference)
-                write_image(np.roll(label, shift, axis=0), geometry, layout.predictions(side, seed) / reference.name)
-            assert evaluate.run(labels, layout.predictions(side, seed), dataset=str(DATASET_ID),
-                                output=layout.evaluation(side, seed), num_bootstrap=20, num_processes=1) == 0
-    table = write_seed_table(layout, [0, 1, 2])
+    layout.study.folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(layout.study.out("per_case.csv"), index=False)
+    table = write_seed_table(layout, names)
     assert list(table["seed"]) == ["0", "1", "2", "mean over seeds"]
-    assert table.loc[0, "pretrained"] == pytest.approx(1.0)  # a prediction equal to the reference
-    assert table.loc[2, "difference"] == pytest.approx(0.0)  # the same shift on both sides
-    differences = table["difference"].to_numpy()[:3]
-    assert differences[0] > differences[1] > 0
+    assert table.loc[0, "pretrained"] == pytest.approx(0.8) and table.loc[0, "none"] == pytest.approx(0.6)
+    assert table.loc[2, "difference"] == pytest.approx(0.0)  # the same Dice on both sides
+    differences = table["difference"].to_numpy()[:3].astype(float)
+    assert differences == pytest.approx([0.2, 0.1, 0.0])
     lo, hi = stats.t.interval(0.95, 2, loc=differences.mean(), scale=stats.sem(differences))
     assert table.loc[3, "difference"] == pytest.approx(differences.mean())
     assert table.loc[3, "ci95"] == f"[{lo:+.4f}, {hi:+.4f}]"
@@ -95,10 +98,20 @@ def test_the_bundled_backbone_is_a_tiny_vit_its_record_describes():
     assert record.probe_curve[str(record.iterations)] > record.probe_curve["0"] + 0.02
 
 
+def _seeds_from_per_case(per_case: pd.DataFrame, names: dict[str, str]) -> dict[str, list[float]]:
+    """Each side's mean Dice per seed, computed here from the study's per_case.csv (mean over labels per case,
+    then over cases)."""
+    return {side: [per_case[(per_case["backbone"] == name) & (per_case["seed"] == seed)]
+                   .groupby("case_id")["dice"].mean().mean() for seed in sorted(set(per_case["seed"]))]
+            for side, name in names.items()}
+
+
 @pytest.mark.e2e
 def test_quick_demo_with_pretrain_here_runs_every_stage_and_says_so(tmp_path):
-    """`--pretrain-here` pretrains and adapts inside the demo; the report and demo.json say which backbone was
-    used, and the folder then refuses a run with the bundled backbone (other options)."""
+    """`--pretrain-here` pretrains and adapts inside the demo; the comparison is the demo's `3dino study` (its
+    outputs exist and seeds.csv is computed from its per_case.csv); the report and demo.json say which backbone
+    was used; a rerun with the same options reuses the study's cells; the folder then refuses a run with the
+    bundled backbone (other options)."""
     out = tmp_path / "demo"
     result = run_3dino("demo", "--quick", "--pretrain-here", "--out", str(out), "--no-progress", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,9 +119,27 @@ def test_quick_demo_with_pretrain_here_runs_every_stage_and_says_so(tmp_path):
     assert (layout.pretrain_run / "backbone.pt").is_file() and (layout.highres_run / "backbone.pt").is_file()
     report = layout.report.read_text()
     assert "pretrained inside this demo (--pretrain-here)" in report and "expect the `none` side to win" in report
+    assert "3dino study -d 990 --backbones" in result.stderr and "--name demo" in result.stderr
+    for name in ("cells.csv", "per_case.csv", "summary.csv", "tests.csv", "label_efficiency.png", "report.html"):
+        assert layout.study.out(name).is_file(), name
+    cells = pd.read_csv(layout.study.out("cells.csv"))
+    assert len(cells) == 2 and (cells["status"] == "done").all()
+    assert sorted(cells["backbone"]) == ["none:adapter", "tiny__990__highres:adapter"]
+    per_case = pd.read_csv(layout.study.out("per_case.csv"))
+    assert set(per_case["case_id"]) == {p.name[: -len(".nii.gz")] for p in (layout.raw / "labelsTs").iterdir()}
     seeds = pd.read_csv(layout.seeds_summary)
     assert list(seeds["seed"].astype(str)) == ["0", "mean over seeds"]
-    assert 0.0 <= seeds["pretrained"].iloc[0] <= 1.0 and 0.0 <= seeds["none"].iloc[0] <= 1.0
+    expected = _seeds_from_per_case(per_case, {"pretrained": "tiny__990__highres:adapter", "none": "none:adapter"})
+    for side in SIDES:
+        assert 0.0 <= seeds[side].iloc[0] <= 1.0
+        assert seeds[side].iloc[0] == pytest.approx(expected[side][0], abs=1e-4)
     assert json.loads((out / "demo.json").read_text())["options"]["backbone"] == "pretrain-here"
+    runs = [Path(p) for p in cells["run_folder"]]
+    before = {str(p): p.stat().st_mtime_ns for folder in (*runs, layout.study.folder / "cells")
+              for p in folder.rglob("*") if p.is_file()}
+    again = run_3dino("demo", "--quick", "--pretrain-here", "--out", str(out), "--no-progress", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done already") == 2  # the study's cells: nothing trained, predicted or evaluated
+    assert {p: Path(p).stat().st_mtime_ns for p in before} == before
     refused = run_3dino("demo", "--quick", "--out", str(out), "--no-progress")
     assert refused.returncode != 0 and "other options" in refused.stderr and "Traceback" not in refused.stderr

@@ -1,8 +1,8 @@
 """The reports open in a real headless browser (Debian's chromium, driven by playwright) with every image shown.
 
 The demo report is built by :func:`threedino_pipe.demo.report.write` from a demo folder made in
-seconds: real MNI152 scans, predictions derived from the references, real ``evaluate`` runs and
-short training logs (no training).
+seconds: real MNI152 scans, a demo study whose cells' predictions are derived from the references, real
+``evaluate`` runs, the study's real tables and figure, and short training logs (no training).
 """
 
 from __future__ import annotations
@@ -12,20 +12,26 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib import image as mpimg
 from matplotlib.figure import Figure
 
-from threedino_pipe.artifacts import BundledBackboneRecord, DemoTimings, StageTime
+from threedino_pipe.artifacts import BundledBackboneRecord, DemoTimings, StageTime, StudyCell, StudyRecord
+from threedino_pipe.artifacts.study import StudyCellSpec
 from threedino_pipe.demo import report as demo_report
+from threedino_pipe.demo.comparison import DemoCells, read_cells
 from threedino_pipe.demo.examples import build_mni_dataset
-from threedino_pipe.demo.layout import DATASET_ID, SIDES, DemoLayout
+from threedino_pipe.demo.layout import DATASET_ID, DATASET_NAME, SIDES, STUDY_NAME, DemoLayout
 from threedino_pipe.demo.report import BackboneInfo
+from threedino_pipe.demo.seeds import write_seed_table
 from threedino_pipe.evaluation.report import png_data_uri
 from threedino_pipe.raw_data.image_io import read_image, write_image
 from threedino_pipe.stages import evaluate
+from threedino_pipe.study import aggregate
 
 SEEDS = (0, 1)
+NAMES = {"pretrained": "backbone_tiny_mni:adapter", "none": "none:adapter"}  # the sides' names in the study
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -52,31 +58,49 @@ def _figure(path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def _demo_study(layout: DemoLayout) -> DemoCells:
+    """The demo study's folder as `3dino study` leaves it: per side and seed a cell with shifted-reference
+    predictions, its evaluation and cell.json, a finetune log; then cells.csv, per_case.csv, summary.csv,
+    tests.csv, the figure and the study's report (the study's own aggregation)."""
+    labels, study = layout.raw / "labelsTs", layout.study
+    specs, records, rows = [], [], []
+    for seed in SEEDS:
+        for side, shift in zip(SIDES, (1 + seed, 3), strict=True):
+            spec = StudyCellSpec(cell=f"{side}__pct25__fold0__seed{seed}", entry=f"{side}:adapter",
+                                 label=NAMES[side], backbone=side, head="adapter", pct=25.0, seed=seed, fold=0)
+            run = layout.out / "results" / f"finetune__{side}__seed{seed}"
+            _write_log(run / "log.csv", demo_report.FINETUNE_COLUMNS)
+            for reference in sorted(labels.glob("*.nii.gz")):
+                label, geometry = read_image(reference)
+                write_image(_shifted(label, shift), geometry, study.predictions(spec.cell) / reference.name)
+            assert evaluate.run(labels, study.predictions(spec.cell), dataset=str(DATASET_ID),
+                                output=study.evaluation(spec.cell), num_bootstrap=50, num_processes=1) == 0
+            records.append(StudyCell(spec=spec, outcome="done", run_folder=str(run), wall_seconds=1.0,
+                                     commands=[f"3dino finetune -d 990 --seed {seed}"]))
+            records[-1].write(study.cell_record(spec.cell))
+            specs.append(spec)
+            rows.append({"cell": spec.cell, "backbone": spec.label, "entry": spec.entry, "head": "adapter", "pct": 25.0,
+                         "seed": seed, "fold": 0, "status": "done", "run_folder": str(run), "wall_seconds": 1.0,
+                         "error": ""})
+    record = StudyRecord(dataset=DATASET_NAME, name=STUDY_NAME, options={}, reference=NAMES["none"],
+                         test_source="imagesTs", selection_biased=False, test_cases=[], cells=specs)
+    per_case = pd.concat([aggregate.cell_per_case(study, spec) for spec in specs], ignore_index=True)
+    aggregate.write_outputs(study, record, aggregate.Collected(pd.DataFrame(rows, columns=aggregate.CELL_COLUMNS),
+                                                               records, per_case))
+    return read_cells(layout)
+
+
 @pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory, monkeypatch_module) -> tuple[DemoLayout, dict[str, dict[int, Path]], BackboneInfo]:
+def demo_folder(tmp_path_factory, monkeypatch_module) -> tuple[DemoLayout, DemoCells, BackboneInfo]:
     """A demo folder (2 seeds) with everything the report reads; predictions are shifted references."""
     out = tmp_path_factory.mktemp("demo")
     layout = DemoLayout(out)
     monkeypatch_module.setenv("THREEDINO_RAW", str(out / "raw"))
     build_mni_dataset(out / "raw", DATASET_ID, 2, num_test=4, max_size=40)
-    labels = layout.raw / "labelsTs"
-    for seed in SEEDS:
-        for side, shift in zip(SIDES, (1 + seed, 3), strict=True):
-            for reference in sorted(labels.glob("*.nii.gz")):
-                label, geometry = read_image(reference)
-                write_image(_shifted(label, shift), geometry, layout.predictions(side, seed) / reference.name)
-            assert evaluate.run(labels, layout.predictions(side, seed), dataset=str(DATASET_ID),
-                                output=layout.evaluation(side, seed), num_bootstrap=50, num_processes=1) == 0
-        assert evaluate.run(labels, compare=[str(layout.evaluation(s, seed)) for s in SIDES], names=list(SIDES),
-                            dataset=str(DATASET_ID), output=layout.evaluation("compare", seed), num_bootstrap=50,
-                            num_processes=1) == 0
+    cells = _demo_study(layout)
     for side in SIDES:  # stand-ins for the PNGs of `3dino visualize`
         for name in ("pca_rgb", "attention"):
             _figure(layout.visualize(side) / f"{name}.png")
-    runs = {side: {seed: out / "results" / f"finetune__{side}__seed{seed}" for seed in SEEDS} for side in SIDES}
-    for by_seed in runs.values():
-        for run in by_seed.values():
-            _write_log(run / "log.csv", demo_report.FINETUNE_COLUMNS)
     backbone = out / "bundled" / "backbone_tiny_mni.pt"  # stand-ins for the shipped files
     backbone.parent.mkdir()
     backbone.write_bytes(b"weights")
@@ -86,7 +110,7 @@ def demo_folder(tmp_path_factory, monkeypatch_module) -> tuple[DemoLayout, dict[
                                    machine="x86_64, 2 cores", made="2026-12-06", curves="backbone_tiny_mni_curves.png",
                                    recipe_name="auto", deviations={"peak_lr": "why"},
                                    final_signals={"target_entropy": 0.9}, probe_curve={"0": 0.8, "6000": 0.85})
-    return layout, runs, BackboneInfo(path=backbone, record=record)
+    return layout, cells, BackboneInfo(path=backbone, record=record)
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +146,30 @@ def _assert_rendered(images: list[dict], screenshot: Path, min_images: int) -> N
 
 
 def test_demo_report_renders_every_image_in_chromium(demo_folder, tmp_path):
-    layout, runs, backbone = demo_folder
+    layout, cells, backbone = demo_folder
     timings = DemoTimings(quick=True, cpu_count=2, load_average_start=[0.5, 0.5, 0.5], total_seconds=1.0,
-                          stages=[StageTime(stage="finetune", command="3dino finetune -d 990", seconds=1.0)])
-    page = demo_report.write(layout, runs, quick=True, timings=timings, backbone=backbone)
+                          stages=[StageTime(stage="study", command="3dino study -d 990", seconds=1.0)])
+    page = demo_report.write(layout, cells, write_seed_table(layout, cells.names), quick=True, timings=timings,
+                             backbone=backbone)
     text = page.read_text()
     assert "not evidence" in text and "MNI152" in text and "0.125" in text  # what the data can and cannot show
     assert "has seen this brain" in text and "6000 iterations" in text and "peak_lr" in text  # the backbone's origin
-    assert "Paired comparison over held-out cases, seed 1" in text and "mean over seeds" in text
+    assert "mean over seeds" in text and "paired tests (tests.csv)" in text and "rank_biserial" in text
+    assert "pretrained__pct25__fold0__seed1" in text  # the study's cells
     assert "http://" not in text and "https://" not in text and "src='data:image/png;base64," in text
     images = _open_in_chromium(page, tmp_path / "demo.png")
-    # 2 comparison plots, 3 overlay figures, 3 training-curve figures (shipped + 2 finetune), 2 x 2 backbone maps
-    _assert_rendered(images, tmp_path / "demo.png", min_images=12)
+    # the study's figure, 3 overlay figures, 3 training-curve figures (shipped + 2 finetune), 2 x 2 backbone maps
+    _assert_rendered(images, tmp_path / "demo.png", min_images=11)
     assert sum("reference" in img["alt"] for img in images) == 3
+    assert sum("label_efficiency.png" in img["alt"] for img in images) == 1
 
 
 def test_evaluate_compare_report_renders_in_chromium(demo_folder, tmp_path):
-    layout, _, _ = demo_folder
-    images = _open_in_chromium(layout.evaluation("compare", 0) / "report.html", tmp_path / "compare.png")
+    layout, cells, _ = demo_folder
+    sides = [str(layout.study.evaluation(cells.cells[side][0])) for side in SIDES]
+    assert evaluate.run(layout.raw / "labelsTs", compare=sides, names=list(SIDES), dataset=str(DATASET_ID),
+                        output=tmp_path / "compare", num_bootstrap=50, num_processes=1) == 0
+    images = _open_in_chromium(tmp_path / "compare" / "report.html", tmp_path / "compare.png")
     _assert_rendered(images, tmp_path / "compare.png", min_images=2)
 
 

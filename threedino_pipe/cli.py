@@ -573,7 +573,7 @@ def visualize(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, runs, predictions, evaluations, "
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's data, runs, study, "
                                       "report.html and timings.json (rerun with the same options to reuse finished "
                                       "stages).")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option("--quick", help="Smallest run, under 3 minutes on 2 CPU cores (for CI): "
@@ -586,8 +586,8 @@ def demo(
 ) -> None:
     """The whole chain on bundled real scans (MNI152), CPU-sized, with an HTML report.
 
-    plan, preprocess, the bundled pretrained backbone (or a brief pretrain), finetune --pct 25 with it and
-    with --backbone none (3 seeds), predict, evaluate --compare."""
+    plan, preprocess, the bundled pretrained backbone (or a brief pretrain), then `3dino study` of it against
+    --backbone none at 25 % labels (3 seeds: finetune, predict, evaluate, paired tests, figure)."""
     _common(verbose, no_progress)
     from threedino_pipe.demo import chain as stage
     stage.run(out=out, quick=quick, pretrain_here=pretrain_here)

@@ -3,24 +3,26 @@
 Builds a grey/white-matter dataset from the MNI152 template (``Dataset990_MNITissue``), then runs
 every stage with the ``tiny`` preset, exactly as the CLI would: plan (which verifies first),
 preprocess, the bundled pretrained backbone (or, with ``--pretrain-here``, a brief pretrain and
-adapt-highres), ``finetune --pct 25 --head adapter`` per seed with that backbone frozen and with
-``--backbone none`` on the same subset, predict on the held-out cases (``imagesTs``) with each
-model, evaluate each, ``evaluate --compare`` per seed, the table over seeds, ``visualize`` the
-pretrained backbone and the ``none`` run's (trained from scratch) on a held-out scan, and the
-demo report.
+adapt-highres), the comparison as one ``3dino study`` (:mod:`threedino_pipe.demo.comparison`: finetune
+``--pct 25 --head adapter`` per seed with that backbone frozen and with ``--backbone none``, predict and
+evaluate on the held-out cases, the study's statistics, figure and report), the table over seeds,
+``visualize`` the pretrained backbone and the ``none`` run's (trained from scratch) on a held-out scan, and
+the demo report.
 
 Everything lands under ``--out``::
 
     raw/ preprocessed/ results/         the usual THREEDINO_* folders
-    predictions/{pretrained,none}/seedS/          predict outputs
-    evaluation/{pretrained,none,compare}/seedS/   evaluate outputs; evaluation/seeds.csv over seeds
+    results/Dataset990_MNITissue/study__demo/   the study: cells/, cells.csv, per_case.csv, summary.csv,
+                                        tests.csv, label_efficiency.png/svg, report.html
+    evaluation/seeds.csv                mean Dice per seed and side over the study's per_case.csv
     visualize/{pretrained,none}/        3dino visualize of each backbone on the first held-out scan
     report.html                         one self-contained page (figures in report_figures/ too)
     timings.json                        wall time of each stage of the last invocation
     demo.json                           the demo's options (a rerun with other options refuses)
 
-Rerunning with the same options reuses finished stages: training runs report "finished
-already", predict runs with ``--continue``, evaluation and the report are redone (seconds).
+Rerunning with the same options reuses finished stages: the study's done cells are skipped (their
+runs, predictions and evaluations untouched); its tables, the seeds table, visualisations and the
+report are redone (seconds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -38,52 +40,31 @@ from threedino_pipe.artifacts import (
     DatasetJson,
     DemoRecord,
     DemoTimings,
-    EvaluationSummary,
     StageTime,
 )
-from threedino_pipe.demo.layout import DATASET_ID, PRESET, SIDES, DemoLayout
+from threedino_pipe.demo.comparison import HEAD, DemoCells, run_study, study_command
+from threedino_pipe.demo.layout import DATASET_ID, FULL, LAYOUT_VERSION, PRESET, QUICK, SIDES, DemoLayout, DemoSize
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.openmp import passive_openmp
 
-PCT = 25.0
-SEED = 0
-HEAD = "adapter"  # both sides: the comparison differs only in the backbone's initialisation
-
-
-@dataclass(frozen=True)
-class DemoSize:
-    """Case, iteration and seed counts of one demo size (chosen for 2 CPU cores, docs/demo.md)."""
-
-    train_cases: int
-    test_cases: int
-    pretrain_iters: int  # --pretrain-here only
-    highres_iters: int  # --pretrain-here only
-    finetune_iters: int
-    num_seeds: int  # finetune seeds 0 .. num_seeds - 1, each on both sides
-    pretrain_batch: int = 4
-    highres_batch: int = 2
-    finetune_batch: int = 2
-    #: both sides' AdamW peak rate: finetune's default (1e-4, the paper's for 30,000 iterations) learns little
-    #: in 200; 1e-3 gave both sides their best validation Dice of the rates tried (docs/demo.md)
-    finetune_lr: float = 1e-3
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.num_seeds))
-
-
-FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=200, num_seeds=3)
-QUICK = DemoSize(train_cases=6, test_cases=2, pretrain_iters=6, highres_iters=2, finetune_iters=20, num_seeds=1)
-
 
 def _check_options(layout: DemoLayout, options: dict) -> None:
-    """Record the demo's options in ``demo.json``; refuse a folder written with other options."""
+    """Record the demo's options in ``demo.json``; refuse a folder of another layout or other options.
+
+    Raises:
+        UserError: the folder was written by an older demo (another layout), with other options, or is not a
+            demo folder.
+    """
     path = DemoRecord.in_folder(layout.out)
     if path.is_file():
         try:
             old = DemoRecord.read(path)
         except UserError:
             old = DemoRecord(options={})
+        if old.options.get("layout") != options["layout"]:
+            raise UserError("this folder was written by an older `3dino demo` whose folder layout differs (its "
+                            "comparison did not run through `3dino study`)", file=path,
+                            fix="pass a fresh --out folder (or delete this one to start over)")
         if old.options != options:
             was = "--quick" if old.made_quick() else "without --quick"
             raise UserError(f"this folder holds a demo run with other options (made {was}, or by another "
@@ -118,12 +99,6 @@ class StageClock:
         return result
 
 
-def _exit_ok(code: int, what: str, file: Path) -> None:
-    if code != 0:
-        raise UserError(f"{what} did not succeed for every case", file=file,
-                        fix="read the listed failures, fix the cause and rerun `3dino demo` with the same options")
-
-
 def bundled_backbone() -> tuple[Path, BundledBackboneRecord]:
     """The shipped backbone file and its provenance record, the file's checksum verified.
 
@@ -149,92 +124,57 @@ class Stages:
     """The demo's stage functions on one layout and size (each is what its command line runs)."""
 
     def __init__(self, layout: DemoLayout, size: DemoSize, clock: StageClock) -> None:
-        from threedino_pipe.stages import adapt_highres, evaluate, finetune, predict, pretrain, visualize
-
         self.layout, self.size, self.clock = layout, size, clock
-        self.adapt_highres, self.evaluate, self.finetune = adapt_highres, evaluate, finetune
-        self.predict, self.pretrain, self.visualize = predict, pretrain, visualize
         self.d = str(DATASET_ID)
-        self.runs: dict[str, dict[int, Path]] = {side: {} for side in SIDES}
 
     def pretrain_here(self) -> Path:
         """The brief pretrain and adapt-highres of ``--pretrain-here``; returns the adapt-highres run."""
+        from threedino_pipe.stages import adapt_highres, pretrain
+
         layout, size, d = self.layout, self.size, self.d
         self.clock("pretrain", f"3dino pretrain -d {d} --iters {size.pretrain_iters} --batch-size "
                    f"{size.pretrain_batch} --snapshot-every 0",
-                   lambda: self.pretrain.run([d], iters=size.pretrain_iters, batch_size=size.pretrain_batch,
-                                             snapshot_every=0, save_every=max(1, size.pretrain_iters // 2)))
+                   lambda: pretrain.run([d], iters=size.pretrain_iters, batch_size=size.pretrain_batch,
+                                        snapshot_every=0, save_every=max(1, size.pretrain_iters // 2)))
         self.clock("adapt-highres", f"3dino adapt-highres --from {layout.pretrain_run} --iters {size.highres_iters} "
                    f"--batch-size {size.highres_batch} --snapshot-every 0",
-                   lambda: self.adapt_highres.run(layout.pretrain_run, iters=size.highres_iters,
-                                                  batch_size=size.highres_batch, snapshot_every=0,
-                                                  save_every=max(1, size.highres_iters // 2)))
+                   lambda: adapt_highres.run(layout.pretrain_run, iters=size.highres_iters,
+                                             batch_size=size.highres_batch, snapshot_every=0,
+                                             save_every=max(1, size.highres_iters // 2)))
         return layout.highres_run
 
-    def finetune_all(self, pretrained: Path) -> None:
-        """``finetune --pct 25`` for every seed, with the pretrained backbone and with ``none``."""
-        size, d = self.size, self.d
-        val_every = max(1, size.finetune_iters // 2)
-        for seed in size.seeds:
-            for side, backbone in zip(SIDES, (str(pretrained), "none"), strict=True):
-                def train(backbone: str = backbone, side: str = side, seed: int = seed) -> None:
-                    self.runs[side][seed] = self.finetune.run(
-                        d, pct=PCT, backbone=backbone, head=HEAD, iters=size.finetune_iters,
-                        batch_size=size.finetune_batch, lr=size.finetune_lr, seed=seed, val_every=val_every,
-                        save_every=val_every)
+    def study(self, pretrained: Path) -> DemoCells:
+        """The comparison as one ``3dino study`` (each cell: finetune, predict, evaluate; its own output prints a
+        line per cell); returns its cells by side and seed."""
+        return self.clock("study", study_command(pretrained, self.size),
+                          lambda: run_study(self.layout, pretrained, self.size))
 
-                self.clock(f"finetune ({side}, seed {seed})", f"3dino finetune -d {d} --pct {PCT:g} --backbone "
-                           f"{backbone} --head {HEAD} --iters {size.finetune_iters} --batch-size "
-                           f"{size.finetune_batch} --lr {size.finetune_lr:g} --val-every {val_every} --seed {seed}", train)
+    def visualize_backbones(self, pretrained: Path, cells: DemoCells) -> None:
+        """``visualize`` the pretrained backbone and the backbone the seed-0 ``none`` run trained (its run folder
+        from the study's cells.csv)."""
+        from threedino_pipe.stages import visualize
 
-    def predict_and_evaluate(self) -> None:
-        """Predict the held-out cases with every finetune run, evaluate each, compare the sides per seed."""
-        layout, d = self.layout, self.d
-        images, labels = layout.raw / "imagesTs", layout.raw / "labelsTs"
-        for seed in self.size.seeds:
-            for side in SIDES:
-                run, target = self.runs[side][seed], layout.predictions(side, seed)
-                self.clock(f"predict ({side}, seed {seed})", f"3dino predict -i {images} -o {target} -m {run} "
-                           "--continue",
-                           lambda run=run, target=target: _exit_ok(self.predict.run(images, target, [run], resume=True),
-                                                                   "predict", target / "failures.csv"))
-                target = layout.evaluation(side, seed)
-                self.clock(f"evaluate ({side}, seed {seed})", f"3dino evaluate -r {labels} -p "
-                           f"{layout.predictions(side, seed)} -d {d} -o {target}",
-                           lambda side=side, seed=seed, target=target: _exit_ok(
-                               self.evaluate.run(labels, layout.predictions(side, seed), dataset=d, output=target),
-                               "evaluate", EvaluationSummary.in_folder(target)))
-            compare_dir = layout.evaluation("compare", seed)
-            sides = [str(layout.evaluation(side, seed)) for side in SIDES]
-            self.clock(f"evaluate --compare (seed {seed})", f"3dino evaluate --compare {' '.join(sides)} -r {labels} "
-                       f"-d {d} --names {','.join(SIDES)} -o {compare_dir}",
-                       lambda sides=sides, compare_dir=compare_dir: _exit_ok(
-                           self.evaluate.run(labels, compare=sides, names=list(SIDES), dataset=d, output=compare_dir),
-                           "evaluate --compare", EvaluationSummary.in_folder(compare_dir)))
-
-    def visualize_backbones(self, pretrained: Path) -> None:
-        """``visualize`` the pretrained backbone and the backbone the seed-0 ``none`` run trained."""
-        models = {"pretrained": pretrained, "none": self.runs["none"][0]}
+        models = {"pretrained": pretrained, "none": cells.runs["none"][0]}
         for side in SIDES:
             target = self.layout.visualize(side)
             self.clock(f"visualize ({side})", f"3dino visualize -m {models[side]} -i {self.layout.visualized_scan} "
                        f"-o {target}",
-                       lambda side=side, target=target: self.visualize.run(models[side], self.layout.visualized_scan,
-                                                                           target))
+                       lambda side=side, target=target: visualize.run(models[side], self.layout.visualized_scan,
+                                                                      target))
 
 
-def stage_count(size: DemoSize, pretrain_here: bool) -> int:
-    """Stages the demo runs: dataset, plan, preprocess, the backbone's (1 or 2), 2 finetunes, 2 predicts,
-    2 evaluates and a compare per seed, the seeds table, 2 visualizes and the report."""
-    return 3 + (2 if pretrain_here else 1) + 7 * size.num_seeds + 4
+def stage_count(pretrain_here: bool) -> int:
+    """Stages the demo runs: dataset, plan, preprocess, the backbone's (1 or 2), the study, the seeds table,
+    2 visualizes and the report."""
+    return 3 + (2 if pretrain_here else 1) + 5
 
 
 def run(out: Path, quick: bool = False, pretrain_here: bool = False) -> Path:
     """Build the MNI example dataset under ``out`` and run the whole chain on it; returns report.html.
 
     Args:
-        out: folder for the demo's raw, preprocessed and results data, predictions, evaluations
-            and report.
+        out: folder for the demo's raw, preprocessed and results data (the study among them), seeds table,
+            visualisations and report.
         quick: the smallest run (fewer cases and iterations, one finetune seed; for CI).
         pretrain_here: pretrain and adapt-highres briefly inside the demo instead of using the
             bundled backbone (docs/demo.md).
@@ -243,7 +183,8 @@ def run(out: Path, quick: bool = False, pretrain_here: bool = False) -> Path:
     size = QUICK if quick else FULL
     bundled = None if pretrain_here else bundled_backbone()
     backbone_option = "pretrain-here" if pretrain_here else f"bundled {bundled[1].sha256[:16]}"
-    _check_options(layout, {"quick": quick, "head": HEAD, "backbone": backbone_option, **asdict(size)})
+    _check_options(layout, {"layout": LAYOUT_VERSION, "quick": quick, "head": HEAD, "backbone": backbone_option,
+                            **asdict(size)})
     passive_openmp()  # as `3dino` does; for callers of this function from Python
     console = Console(stderr=True, soft_wrap=True)
     from threedino_pipe.demo import report as demo_report
@@ -253,7 +194,7 @@ def run(out: Path, quick: bool = False, pretrain_here: bool = False) -> Path:
 
     for name in ("raw", "preprocessed", "results"):
         os.environ[f"THREEDINO_{name.upper()}"] = str(layout.out / name)
-    clock = StageClock(layout.timings, console, quick, total=stage_count(size, pretrain_here))
+    clock = StageClock(layout.timings, console, quick, total=stage_count(pretrain_here))
     stages = Stages(layout, size, clock)
     d = str(DATASET_ID)
 
@@ -271,17 +212,17 @@ def run(out: Path, quick: bool = False, pretrain_here: bool = False) -> Path:
         pretrained = bundled[0]
         clock("backbone", f"the bundled backbone {pretrained.name} (SHA-256 {bundled[1].sha256[:16]}..., "
               f"{bundled[1].iterations} iterations of `3dino pretrain`; docs/demo.md)", lambda: None)
-    stages.finetune_all(pretrained)
-    stages.predict_and_evaluate()
-    seeds = clock("seeds", f"mean Dice per seed -> {layout.seeds_summary}",
-                  lambda: write_seed_table(layout, size.seeds))
-    stages.visualize_backbones(pretrained)
+    cells = stages.study(pretrained)
+    seeds = clock("seeds", f"mean Dice per seed from {layout.study.out('per_case.csv')} -> {layout.seeds_summary}",
+                  lambda: write_seed_table(layout, cells.names))
+    stages.visualize_backbones(pretrained, cells)
     backbone = demo_report.BackboneInfo(path=pretrained, record=None if bundled is None else bundled[1])
     clock("report", f"demo report -> {layout.report}",
-          lambda: demo_report.write(layout, stages.runs, quick=quick, timings=clock.record, backbone=backbone))
+          lambda: demo_report.write(layout, cells, seeds, quick=quick, timings=clock.record, backbone=backbone))
     stdout = Console(width=None if Console().is_terminal else 120)
-    stdout.print(demo_report.terminal_table(layout.evaluation("compare", 0)))
+    stdout.print(demo_report.study_terminal_table(layout))
     stdout.print(demo_report.seeds_terminal_table(seeds))
     stdout.print(f"total {clock.record.total_seconds:.0f} s (stage times in {layout.timings})")
+    stdout.print(f"study report: {layout.study.out('report.html')}")
     stdout.print(f"report: {layout.report}")
     return layout.report

@@ -1,4 +1,4 @@
-"""Where the demo's files go (docs/demo.md): the dataset, the runs, predictions, evaluations and report."""
+"""Where the demo's files go (docs/demo.md), and the demo's sizes: the dataset, the runs, the study and the report."""
 
 from __future__ import annotations
 
@@ -6,11 +6,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts import DemoTimings
+from threedino_pipe.study.layout import StudyLayout
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_MNITissue"
 PRESET = "tiny"
 SIDES = ("pretrained", "none")
+STUDY_NAME = "demo"  # the comparison is `3dino study --name demo`
+#: the demo folder's layout; demo.json records it and a folder of another layout is refused (a fresh --out)
+LAYOUT_VERSION = 2  # 2: the comparison runs through `3dino study` (1: its own predict/evaluate folders)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """Case, iteration and seed counts of one demo size (chosen for 2 CPU cores, docs/demo.md)."""
+
+    train_cases: int
+    test_cases: int
+    pretrain_iters: int  # --pretrain-here only
+    highres_iters: int  # --pretrain-here only
+    finetune_iters: int
+    num_seeds: int  # finetune seeds 0 .. num_seeds - 1, each on both sides
+    pretrain_batch: int = 4
+    highres_batch: int = 2
+    finetune_batch: int = 2
+    #: both sides' AdamW peak rate: finetune's default (1e-4, the paper's for 30,000 iterations) learns little
+    #: in 200; 1e-3 gave both sides their best validation Dice of the rates tried (docs/demo.md)
+    finetune_lr: float = 1e-3
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.num_seeds))
+
+    @property
+    def val_every(self) -> int:
+        """Finetune validates twice: half-way and at the end."""
+        return max(1, self.finetune_iters // 2)
+
+
+FULL = DemoSize(train_cases=12, test_cases=4, pretrain_iters=24, highres_iters=8, finetune_iters=200, num_seeds=3)
+QUICK = DemoSize(train_cases=6, test_cases=2, pretrain_iters=6, highres_iters=2, finetune_iters=20, num_seeds=1)
 
 
 @dataclass(frozen=True)
@@ -31,12 +66,10 @@ class DemoLayout:
     def highres_run(self) -> Path:
         return self.pretrain_run.parent / f"{self.pretrain_run.name}__highres"
 
-    def predictions(self, side: str, seed: int) -> Path:
-        return self.out / "predictions" / side / f"seed{seed}"
-
-    def evaluation(self, side: str, seed: int) -> Path:
-        """``evaluate`` output of one side and finetune seed; side ``compare`` is the paired comparison."""
-        return self.out / "evaluation" / side / f"seed{seed}"
+    @property
+    def study(self) -> StudyLayout:
+        """The comparison's ``3dino study`` folder (``results/Dataset990_MNITissue/study__demo``)."""
+        return StudyLayout.of(self.out / "results" / DATASET_NAME, STUDY_NAME)
 
     @property
     def seeds_summary(self) -> Path:

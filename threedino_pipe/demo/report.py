@@ -1,17 +1,17 @@
 """The demo's ``report.html``: one self-contained page built from the demo's files only.
 
 Sections: what the data can and cannot show, which backbone was used and how it was made, the
-comparison over finetune seeds (pretrained vs none, same head), the paired per-case comparison
-of each seed with 95 % bootstrap CIs, each model's metrics, prediction overlays on three planes
-for a few held-out cases, the training curves (``log.csv``; the bundled backbone's shipped
-curves), the backbone visualisations (``3dino visualize``) and the stage times.
+comparison over finetune seeds (pretrained vs none, same head; ``seeds.csv``), the demo study's
+figure, paired tests and summary (``3dino study``: tests.csv, summary.csv, 95 % bootstrap CIs), each
+model's metrics, prediction overlays on three planes for a few held-out cases, the training curves
+(``log.csv``; the bundled backbone's shipped curves), the backbone visualisations (``3dino
+visualize``), the study's cells and the stage times.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ import pandas as pd
 from rich.table import Table
 
 from threedino_pipe.artifacts import BundledBackboneRecord, DemoTimings, EvaluationSummary
-from threedino_pipe.demo.layout import DemoLayout
+from threedino_pipe.demo.comparison import DemoCells
+from threedino_pipe.demo.layout import SIDES, DemoLayout
 from threedino_pipe.evaluation import report
-from threedino_pipe.evaluation.compare import segmentation_comparison_table
+from threedino_pipe.evaluation.label_efficiency import MEAN_LABEL
 from threedino_pipe.evaluation.outputs import write_text
 from threedino_pipe.evaluation.single import segmentation_table
 from threedino_pipe.raw_data.image_io import read_image
@@ -36,15 +37,14 @@ CAVEAT = ("All cases of this demo come from ONE brain: they are resamplings of t
           "frozen backbone + adapter head better features than training the same head and backbone from random "
           "initialisation, on this anatomy at 25 % labels. What it cannot show: anything about other subjects, "
           "anatomy, scanners or diseases (the comparison is not evidence about them), nor a significant per-case "
-          "test: with 4 held-out pairs the smallest two-sided Wilcoxon p is 0.125. The finetune seeds show how "
-          "much of a difference is the luck of one run.")
+          "test: with 4 held-out pairs the smallest two-sided Wilcoxon p is 0.125 (the study's tests.csv). The "
+          "finetune seeds show how much of a difference is the luck of one run.")
 BUNDLED_CAVEAT = ("The bundled backbone was pretrained on 48 other resamplings of the same template (drawn with "
                   "another seed; none of this demo's cases): it has seen this brain, though never these cases or "
                   "their labels.")
 HERE_CAVEAT = ("--pretrain-here: the backbone was pretrained inside the demo for a few iterations only, so it is "
                "still close to its random initialisation; expect the `none` side to win.")
 NUM_OVERLAY_CASES = 3
-Runs = Mapping[str, Mapping[int, Path]]  # finetune run folders by side and seed
 PRETRAIN_COLUMNS = ["loss", "dino_local", "dino_global", "ibot", "koleo", "lr"]
 FINETUNE_COLUMNS = ["loss", "val_dice", "lr"]
 
@@ -85,35 +85,26 @@ def _summary(folder: Path) -> EvaluationSummary:
     return EvaluationSummary.read(EvaluationSummary.in_folder(folder))
 
 
-def comparison_table(compare_dir: Path) -> pd.DataFrame:
-    """The comparison table (per metric and label: each side's mean and CI, B - A, Wilcoxon p) of an
-    ``evaluate --compare`` output folder."""
-    summary = _summary(compare_dir)
-    names = {key: side.name for key, side in summary.sides.items()}
-    return segmentation_comparison_table(_nan_for_none(summary.comparisons), _nan_for_none(summary.mean_over_labels),
-                                         names)
+def _study_table(layout: DemoLayout, name: str) -> pd.DataFrame:
+    """One of the demo study's CSV tables (summary.csv, tests.csv, cells.csv) as written."""
+    return pd.read_csv(layout.study.out(name))
 
 
-def _mean_ci(entry: dict) -> str:
-    mean = entry["mean"]
-    return "n/a" if mean != mean else f"{mean:.4g} {report.entry_ci_text(entry)}"
-
-
-def terminal_table(compare_dir: Path) -> Table:
-    """The comparison for the terminal: per metric and label, each side's mean [95 % CI], B - A and p."""
-    summary = _summary(compare_dir)
-    names = {key: side.name for key, side in summary.sides.items()}
-    comparisons, mean_over_labels = _nan_for_none(summary.comparisons), _nan_for_none(summary.mean_over_labels)
-    out = Table(title=f"Held-out cases, {names['a']} vs {names['b']} (a smoke test: every case comes from the "
-                "one MNI152 template)")
-    for column in ("metric", "label", f"{names['a']} mean [95% CI]", f"{names['b']} mean [95% CI]", "B - A",
-                   "Wilcoxon p", "n"):
-        out.add_column(column, justify="left" if column in ("metric", "label") else "right")
-    for metric, entries in comparisons.items():
-        for label, e in [*entries.items(), ("mean", mean_over_labels[metric])]:
-            diff, p = e["difference"]["mean"], e["p_value"]
-            out.add_row(metric, label, _mean_ci(e["a"]), _mean_ci(e["b"]), "n/a" if diff != diff else f"{diff:+.4g}",
-                        "n/a" if p != p else f"{p:.3g}", str(e["n_pairs"]))
+def study_terminal_table(layout: DemoLayout) -> Table:
+    """The study's mean Dice and HD95 over labels for the terminal: per backbone, mean [95 % CI], and the paired
+    test's p against ``none``."""
+    summary = _study_table(layout, "summary.csv")
+    tests = _study_table(layout, "tests.csv")
+    out = Table(title="Held-out cases, `3dino study` summary (seeds averaged per case; a smoke test: every case comes "
+                "from the one MNI152 template)")
+    for column in ("metric", "backbone", "mean [95% CI]", "n cases", "Wilcoxon p vs none"):
+        out.add_column(column, justify="left" if column in ("metric", "backbone") else "right")
+    for row in summary[summary["label"] == MEAN_LABEL].itertuples():
+        test = tests[(tests["metric"] == row.metric) & (tests["label"] == MEAN_LABEL)
+                     & (tests["backbone"] == row.backbone)] if len(tests) else tests
+        p = float(test["p_value"].iloc[0]) if len(test) else math.nan
+        out.add_row(row.metric, row.backbone, f"{row.mean:.4g} [{row.ci95_lo:.4g}, {row.ci95_hi:.4g}]",
+                    str(row.n_cases), "" if not len(test) else "n/a" if p != p else f"{p:.3g}")
     return out
 
 
@@ -129,18 +120,20 @@ def seeds_terminal_table(seeds: pd.DataFrame) -> Table:
     return out
 
 
-def _metrics_tables(layout: DemoLayout, runs: Runs) -> list[tuple[str, pd.DataFrame]]:
+def _metrics_tables(layout: DemoLayout, cells: DemoCells) -> list[tuple[str, pd.DataFrame]]:
+    """Each study cell's ``evaluate`` metrics with their CIs (the cell's evaluation/summary.json)."""
     tables = []
-    for side, by_seed in runs.items():
-        for seed in by_seed:
-            summary = _summary(layout.evaluation(side, seed))
-            tables.append((f"{side}, seed {seed}: {summary.cases.evaluated} held-out cases",
+    for side in SIDES:
+        for _, cell in sorted(cells.cells[side].items()):
+            summary = _summary(layout.study.evaluation(cell))
+            tables.append((f"{side} ({cell}): {summary.cases.evaluated} held-out cases",
                            segmentation_table(_nan_for_none(summary.metrics), _nan_for_none(summary.mean_over_labels))))
     return tables
 
 
-def _overlay_figures(layout: DemoLayout, sides: Sequence[str], labels: dict[str, list[int]]) -> list[tuple[str, bytes]]:
-    """Image, reference and each side's seed-0 prediction on three planes for the first few held-out cases."""
+def _overlay_figures(layout: DemoLayout, cells: DemoCells, labels: dict[str, list[int]]) -> list[tuple[str, bytes]]:
+    """Image, reference and each side's seed-0 prediction (its study cell's) on three planes for the first few
+    held-out cases."""
     figures = []
     num_labels = max((max(v) for v in labels.values()), default=1)
     references = sorted((layout.raw / "labelsTs").glob("*.nii.gz"))[:NUM_OVERLAY_CASES]
@@ -149,8 +142,8 @@ def _overlay_figures(layout: DemoLayout, sides: Sequence[str], labels: dict[str,
         image, geometry = read_image(layout.raw / "imagesTs" / f"{case}_0000.nii.gz")
         label, _ = read_image(reference)
         maps: list[tuple[str, np.ndarray | None]] = [("reference", label)]
-        for side in sides:
-            prediction = layout.predictions(side, 0) / reference.name
+        for side in SIDES:
+            prediction = layout.study.predictions(cells.cells[side][0]) / reference.name
             maps.append((f"prediction: {side}", read_image(prediction)[0] if prediction.is_file() else None))
         png = overlay_planes(image, geometry.spacing, maps, num_labels=num_labels, title=case)
         figures.append((f"{case}: image, reference and each side's seed-0 prediction on the three planes through "
@@ -165,7 +158,7 @@ def _finetune_panels(log_csv: Path) -> list:
     return [*FINETUNE_COLUMNS, *([("val_dice per class", per_class)] if per_class else [])]
 
 
-def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> list[tuple[str, bytes]]:
+def _curve_figures(layout: DemoLayout, cells: DemoCells, backbone: BackboneInfo) -> list[tuple[str, bytes]]:
     folder = layout.out / "report_figures"
     figures = []
     if backbone.record is not None and backbone.record.curves:
@@ -177,8 +170,8 @@ def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> li
     else:
         entries = [("pretrain", layout.pretrain_run, PRETRAIN_COLUMNS),
                    ("adapt-highres", layout.highres_run, PRETRAIN_COLUMNS)]
-    entries += [(f"finetune ({side}, seed 0)", by_seed[0], _finetune_panels(by_seed[0] / "log.csv"))
-                for side, by_seed in runs.items()]
+    entries += [(f"finetune ({side}, seed 0)", cells.runs[side][0], _finetune_panels(cells.runs[side][0] / "log.csv"))
+                for side in SIDES]
     for name, run, columns in entries:
         png = plot_curves(run / "log.csv", folder / f"curves_{re.sub(r'[^A-Za-z0-9-]+', '_', name).strip('_')}.png",
                           columns=columns, title=f"{name}: {run.name}")
@@ -187,10 +180,10 @@ def _curve_figures(layout: DemoLayout, runs: Runs, backbone: BackboneInfo) -> li
     return figures
 
 
-def _backbone_section(layout: DemoLayout, sides: Sequence[str], backbone: BackboneInfo) -> report.Section:
+def _backbone_section(layout: DemoLayout, backbone: BackboneInfo) -> report.Section:
     """The PNGs ``3dino visualize`` wrote for each side (PCA view and CLS attention of the last layer)."""
     figures = []
-    for side in sides:
+    for side in SIDES:
         for name, what in (("pca_rgb", "PCA of the last-layer patch features (first component thresholds the "
                             "background, the next three are RGB)"), ("attention", "last-layer CLS attention")):
             png = layout.visualize(side) / f"{name}.png"
@@ -209,56 +202,66 @@ def _timings_table(timings: DemoTimings) -> pd.DataFrame:
     return pd.DataFrame([{"stage": s.stage, "seconds": s.seconds, "command": s.command} for s in timings.stages])
 
 
-def _comparison_sections(layout: DemoLayout, seeds: Sequence[int], backbone: BackboneInfo) -> list[report.Section]:
-    from threedino_pipe.demo.seeds import seed_table
-
+def _comparison_sections(layout: DemoLayout, seeds: pd.DataFrame, backbone: BackboneInfo) -> list[report.Section]:
+    """The table over seeds, then the study's figure, paired tests and summary."""
     frozen = "the bundled backbone" if backbone.record is not None else "the backbone pretrained in this demo"
     expectation = (BUNDLED_CAVEAT if backbone.record is not None else HERE_CAVEAT)
-    sections = [report.Section("Comparison over finetune seeds: pretrained vs none", paragraphs=[
+    study = layout.study
+    figure = study.out("label_efficiency.png")
+    summary = _study_table(layout, "summary.csv")
+    return [report.Section("Comparison over finetune seeds: pretrained vs none", paragraphs=[
         f"Side pretrained: {frozen}, frozen, with the adapter head. Side none: the same architecture at random "
         "initialisation, trained end to end, with the same adapter head. Both on the same 25 % subset of fold 0 "
         "(finetune --seed S takes subset draw S), the same iterations and batch; each seed changes the subset, "
-        "crops and initialisation. Each value is the mean Dice "
-        "over labels and held-out cases; the last row is the mean over seeds with the Student-t 95 % CI of the "
-        "difference.", expectation], tables=[("", seed_table(layout, seeds))])]
-    for seed in seeds:
-        compare_dir = layout.evaluation("compare", seed)
-        figures = [(f"seed {seed}: {metric} per label, mean with 95 % bootstrap CI over the held-out cases "
-                    "(Wilcoxon p)", (compare_dir / file).read_bytes())
-                   for metric, file in (("Dice", "compare_dice.png"), ("HD95 (mm)", "compare_hd95.png"))
-                   if seed == 0 and (compare_dir / file).is_file()]
-        sections.append(report.Section(f"Paired comparison over held-out cases, seed {seed}",
-                                       tables=[("", comparison_table(compare_dir))], figures=figures))
-    return sections
+        "crops and initialisation. Each value is the mean over held-out cases of each case's mean Dice over "
+        f"labels, from the study's per_case.csv ({layout.seeds_summary}); the last row is the mean over seeds with "
+        "the Student-t 95 % CI of the difference.", expectation], tables=[("", seeds)]),
+        report.Section("The study: `3dino study --name demo`", paragraphs=[
+            f"The comparison ran as one `3dino study` ({study.folder}; its own report: {study.out('report.html')}). "
+            "Paired tests: each backbone against none, two-sided Wilcoxon signed-rank over the held-out cases (each "
+            "case's metric averaged over seeds), Holm's correction, rank-biserial effect size (tests.csv). Summary: "
+            "mean and median over held-out cases with 95 % bootstrap CIs (summary.csv)."],
+            tables=[("paired tests (tests.csv)", _study_table(layout, "tests.csv")),
+                    ("summary, mean over labels (summary.csv)", summary[summary["label"] == MEAN_LABEL]),
+                    ("summary, every label", summary[summary["label"] != MEAN_LABEL])],
+            figures=[("the study's figure: each metric at 25 % labels, mean over held-out cases with its 95 % "
+                      "bootstrap CI (label_efficiency.png)", figure.read_bytes())] if figure.is_file() else [])]
 
 
-def write(layout: DemoLayout, runs: Runs, *, quick: bool, timings: DemoTimings, backbone: BackboneInfo) -> Path:
+def _cells_table(layout: DemoLayout) -> pd.DataFrame:
+    """The study's cells.csv as the report shows it (cell, backbone, seed, status, wall time, run folder)."""
+    cells = _study_table(layout, "cells.csv")
+    return cells[["cell", "backbone", "seed", "status", "wall_seconds", "run_folder"]]
+
+
+def write(layout: DemoLayout, cells: DemoCells, seeds: pd.DataFrame, *, quick: bool, timings: DemoTimings,
+          backbone: BackboneInfo) -> Path:
     """Write ``report.html`` (self-contained, figures embedded as PNG) from the demo's files; returns its path.
 
     Args:
-        runs: finetune run folders by side (``pretrained``, ``none``) and seed.
+        cells: the demo study's cells (and finetune run folders) by side and seed.
+        seeds: the table over seeds (:func:`threedino_pipe.demo.seeds.seed_table`).
         backbone: the pretrained side's backbone and, when bundled, its provenance record.
     """
-    sides = list(runs)
-    seeds = sorted(runs[sides[0]])
-    compare_summary = _summary(layout.evaluation("compare", seeds[0]))
+    first = _summary(layout.study.evaluation(cells.cells[SIDES[0]][cells.seeds[0]]))
     load = (timings.load_average_start or [math.nan])[0]
-    info = [("dataset", f"{layout.raw} ({compare_summary.cases.reference} held-out cases)"),
+    info = [("dataset", f"{layout.raw} ({first.cases.reference} held-out cases)"),
             *[("backbone", line) for line in backbone.lines()],
             ("models", "finetune --pct 25 --head adapter, both sides on the same subset per seed, seeds "
-             f"{', '.join(map(str, seeds))}: "
-             + "; ".join(f"{side} = {', '.join(r.name for r in by_seed.values())}" for side, by_seed in runs.items())),
+             f"{', '.join(map(str, cells.seeds))}: "
+             + "; ".join(f"{side} = {', '.join(cells.runs[side][s].name for s in cells.seeds)}" for side in SIDES)),
             ("demo size", "--quick" if quick else "full"),
             ("time so far", f"{timings.total_seconds:.0f} s on {timings.cpu_count} CPU(s), load "
              f"average {load:.2f} at the start")]
     sections = [
         *_comparison_sections(layout, seeds, backbone),
-        report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, runs)),
-        report.Section("Predictions on held-out cases",
-                       figures=_overlay_figures(layout, sides, compare_summary.labels)),
-        report.Section("Training curves", figures=_curve_figures(layout, runs, backbone)),
-        _backbone_section(layout, sides, backbone),
+        report.Section("Metrics per model (95 % bootstrap CI over cases)", tables=_metrics_tables(layout, cells)),
+        report.Section("Predictions on held-out cases", figures=_overlay_figures(layout, cells, first.labels)),
+        report.Section("Training curves", figures=_curve_figures(layout, cells, backbone)),
+        _backbone_section(layout, backbone),
         report.Section("Stage times (this invocation; timings.json)", tables=[("", _timings_table(timings))]),
+        report.Section("The study's cells (cells.csv; each one's commands are in the study's report)",
+                       tables=[("", _cells_table(layout))]),
     ]
     html = report.render("threedino-pipe demo: MNI152 grey/white matter", info, [], [], notes=[CAVEAT],
                          sections=sections)

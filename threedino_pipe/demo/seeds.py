@@ -2,41 +2,45 @@
 
 Each finetune seed draws another 25 % subset (the same for both sides), other crops and another
 initialisation, so the seeds show how much of a difference between backbones is the run's luck.
-The table (``seeds.csv``) has one row per seed (each side's mean Dice over labels and held-out cases, pretrained minus
-none) and a last row with the mean over seeds and its Student-t 95 % CI (NaN with one seed).
+The table (``seeds.csv``) is computed from the demo study's ``per_case.csv``: one row per seed (each
+side's mean Dice over the held-out cases of the per-case mean over labels, pretrained minus none) and a
+last row with the mean over seeds and its Student-t 95 % CI (n/a with one seed).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import pandas as pd
 
-from threedino_pipe.artifacts import EvaluationSummary
 from threedino_pipe.demo.layout import SIDES, DemoLayout
 from threedino_pipe.evaluation.outputs import write_text
 from threedino_pipe.evaluation.statistics import t_interval
 
 
-def mean_dice(layout: DemoLayout, side: str, seed: int) -> float:
-    """Mean Dice over labels and held-out cases of one side's evaluation (NaN when undefined)."""
-    summary = EvaluationSummary.read(EvaluationSummary.in_folder(layout.evaluation(side, seed)))
-    value = (summary.mean_over_labels or {}).get("dice", {}).get("mean")
-    return math.nan if value is None else float(value)
+def mean_dice(per_case: pd.DataFrame, backbone: str, seed: int) -> float:
+    """Mean over held-out cases of each case's mean Dice over labels, of one backbone and seed (NaNs left out;
+    NaN when none is defined)."""
+    rows = per_case[(per_case["backbone"] == backbone) & (per_case["seed"] == seed)]
+    value = rows.groupby("case_id")["dice"].mean().mean()
+    return math.nan if pd.isna(value) else float(value)
 
 
-def seed_table(layout: DemoLayout, seeds: Sequence[int]) -> pd.DataFrame:
+def seed_table(per_case: pd.DataFrame, names: Mapping[str, str]) -> pd.DataFrame:
     """Rows: ``seed``, each side's mean Dice, ``difference`` (pretrained - none); last row the mean over seeds.
 
-    The last row's ``seed`` is ``mean (95% CI)`` and its ``ci95`` column holds the t-interval of
-    the per-seed differences.
+    ``per_case``: the study's per_case.csv (columns backbone, seed, case_id, dice, ...); ``names``: each side's
+    backbone name in it. The last row's ``seed`` is ``mean over seeds`` and its ``ci95`` column holds the
+    t-interval of the per-seed differences.
     """
     a, b = SIDES
-    rows = [{"seed": str(seed), a: mean_dice(layout, a, seed), b: mean_dice(layout, b, seed)} for seed in seeds]
+    seeds = sorted(int(s) for s in per_case["seed"].unique())
+    rows = [{"seed": str(seed), a: mean_dice(per_case, names[a], seed), b: mean_dice(per_case, names[b], seed)}
+            for seed in seeds]
     for row in rows:
         row["difference"] = row[a] - row[b]
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["seed", a, b, "difference"])
     lo, hi = t_interval(table["difference"].to_numpy())
     mean = {"seed": "mean over seeds", a: table[a].mean(), b: table[b].mean(), "difference": table["difference"].mean(),
             "ci95": "n/a (one seed)" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]"}
@@ -44,8 +48,8 @@ def seed_table(layout: DemoLayout, seeds: Sequence[int]) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
 
 
-def write_seed_table(layout: DemoLayout, seeds: Sequence[int]) -> pd.DataFrame:
-    """Compute :func:`seed_table` and write it to ``evaluation/seeds.csv`` (atomically); returns it."""
-    table = seed_table(layout, seeds)
+def write_seed_table(layout: DemoLayout, names: Mapping[str, str]) -> pd.DataFrame:
+    """:func:`seed_table` of the demo study's ``per_case.csv``, written to ``evaluation/seeds.csv`` (atomically)."""
+    table = seed_table(pd.read_csv(layout.study.out("per_case.csv")), names)
     write_text(table.to_csv(index=False, float_format="%.4f"), layout.seeds_summary)
     return table

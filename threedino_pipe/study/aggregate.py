@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from threedino_pipe.artifacts import StudyCell, StudyRecord
+from threedino_pipe.artifacts.study import StudyCellSpec
 from threedino_pipe.evaluation import label_efficiency as le
 from threedino_pipe.evaluation import label_efficiency_classification as lec
 from threedino_pipe.evaluation.outputs import PER_CASE_FILE, write_bytes, write_csv, write_text
@@ -49,6 +50,17 @@ def _cell_row(spec, record: StudyCell | None, done: bool) -> dict:
             "error": (record.error or "") if record is not None and not done else ""}
 
 
+def cell_per_case(layout: StudyLayout, spec: StudyCellSpec) -> pd.DataFrame:
+    """A cell's evaluation ``per_case.csv`` with its ``backbone`` (entry name), ``pct``, ``seed`` and ``fold`` in
+    front, sorted by case (and label)."""
+    table = pd.read_csv(layout.evaluation(spec.cell) / PER_CASE_FILE)
+    table.insert(0, "fold", spec.fold)
+    table.insert(0, "seed", spec.seed)
+    table.insert(0, "pct", spec.pct)
+    table.insert(0, "backbone", spec.label)
+    return table.sort_values([c for c in ("case_id", "label") if c in table.columns], kind="stable")
+
+
 def collect(layout: StudyLayout, study: StudyRecord) -> Collected:
     """Every cell's state and the per-case metrics of the done cells, in the study's cell order."""
     rows, records, tables = [], [], []
@@ -60,12 +72,7 @@ def collect(layout: StudyLayout, study: StudyRecord) -> Collected:
         if record is not None:
             records.append(record)
         if done:
-            table = pd.read_csv(layout.evaluation(spec.cell) / PER_CASE_FILE)
-            table.insert(0, "fold", spec.fold)
-            table.insert(0, "seed", spec.seed)
-            table.insert(0, "pct", spec.pct)
-            table.insert(0, "backbone", spec.label)
-            tables.append(table.sort_values([c for c in ("case_id", "label") if c in table.columns], kind="stable"))
+            tables.append(cell_per_case(layout, spec))
     empty = ["case_id"] if study.task == "classification" else ["case_id", "label", *le.METRICS]
     per_case = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["backbone", "pct", "seed", "fold", *empty])
