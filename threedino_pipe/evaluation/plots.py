@@ -127,6 +127,15 @@ def comparison_barplot(groups: Sequence[str], sides: Mapping[str, Sequence[tuple
     return _png(fig)
 
 
+def _single_point_ci(ax, rows: pd.DataFrame, colour, offset: float, entry: str) -> None:
+    """An entry's 95 % CI at a study's only % labels as an error bar, moved ``offset`` x 4 % along the log axis."""
+    x = rows["pct"].to_numpy(dtype=float) * (1.0 + 0.04 * offset)
+    mean = rows["mean"].to_numpy(dtype=float)
+    err = np.vstack([np.nan_to_num(mean - rows["ci95_lo"].to_numpy(dtype=float)),
+                     np.nan_to_num(rows["ci95_hi"].to_numpy(dtype=float) - mean)]).clip(min=0)
+    ax.errorbar(x, mean, yerr=err, fmt="o", color=colour, capsize=4, label=entry)
+
+
 def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: str | None,
                           metrics: Sequence[tuple[str, str]] = (("dice", "Dice"), ("hd95_mm", "HD95 (mm)"))
                           ) -> tuple[bytes, bytes]:
@@ -144,6 +153,10 @@ def label_efficiency_plot(summary: pd.DataFrame, entries: Sequence[str], label: 
             rows = summary[(summary["metric"] == metric) & (summary["entry"] == entry)
                            & ((summary["label"] == label) if label is not None else True)].sort_values("pct")
             colour = SIDE_COLOURS[index % len(SIDE_COLOURS)]
+            if len(pcts) == 1:  # one grid point: no band to draw, so the CI as an error bar, entries side by side
+                _single_point_ci(ax, rows, colour, index - (len(entries) - 1) / 2, entry)
+                ax.set_xlim(pcts[0] / 1.5, pcts[0] * 1.5)
+                continue
             ax.plot(rows["pct"], rows["mean"], marker="o", color=colour, label=entry)
             ax.fill_between(rows["pct"], rows["ci95_lo"], rows["ci95_hi"], color=colour, alpha=0.2, linewidth=0)
         ax.set_xscale("log")
