@@ -28,11 +28,10 @@ def study_arguments(pretrained: Path, size: DemoSize) -> dict:
 
 
 def study_command(pretrained: Path, size: DemoSize) -> str:
-    """The equivalent ``3dino study`` command line."""
-    a = study_arguments(pretrained, size)
-    return (f"3dino study -d {a['dataset']} --backbones {' '.join(a['backbones'])} --pct {PCT:g} --seeds "
-            f"{' '.join(map(str, a['seeds']))} --iters {a['iters']} --batch-size {a['batch_size']} --lr {a['lr']:g} "
-            f"--val-every {a['val_every']} --name {STUDY_NAME}")
+    """The equivalent ``3dino study`` command line of :func:`study_arguments`."""
+    return (f"3dino study -d {DATASET_ID} --backbones {pretrained}:{HEAD} none:{HEAD} --pct {PCT:g} --seeds "
+            f"{' '.join(map(str, size.seeds))} --iters {size.finetune_iters} --batch-size {size.finetune_batch} "
+            f"--lr {size.finetune_lr:g} --val-every {size.val_every} --name {STUDY_NAME}")
 
 
 def run_study(layout: DemoLayout, pretrained: Path, size: DemoSize) -> DemoCells:

@@ -19,12 +19,10 @@ from threedino_pipe.evaluation.outputs import write_text
 from threedino_pipe.evaluation.statistics import t_interval
 
 
-def mean_dice(per_case: pd.DataFrame, backbone: str, seed: int) -> float:
-    """Mean over held-out cases of each case's mean Dice over labels, of one backbone and seed (NaNs left out;
-    NaN when none is defined)."""
-    rows = per_case[(per_case["backbone"] == backbone) & (per_case["seed"] == seed)]
-    value = rows.groupby("case_id")["dice"].mean().mean()
-    return math.nan if pd.isna(value) else float(value)
+def mean_dice(per_case: pd.DataFrame) -> pd.Series:
+    """(backbone, seed) -> the mean over held-out cases of each case's mean Dice over labels (NaNs left out)."""
+    by_case = per_case.groupby(["backbone", "seed", "case_id"])["dice"].mean()
+    return by_case.groupby(level=[0, 1]).mean()
 
 
 def seed_table(per_case: pd.DataFrame, names: Mapping[str, str]) -> pd.DataFrame:
@@ -32,11 +30,12 @@ def seed_table(per_case: pd.DataFrame, names: Mapping[str, str]) -> pd.DataFrame
 
     ``per_case``: the study's per_case.csv (columns backbone, seed, case_id, dice, ...); ``names``: each side's
     backbone name in it. The last row's ``seed`` is ``mean over seeds`` and its ``ci95`` column holds the
-    t-interval of the per-seed differences.
+    t-interval of the per-seed differences; a side without a defined Dice for a seed has NaN there.
     """
     a, b = SIDES
-    seeds = sorted(int(s) for s in per_case["seed"].unique())
-    rows = [{"seed": str(seed), a: mean_dice(per_case, names[a], seed), b: mean_dice(per_case, names[b], seed)}
+    means = mean_dice(per_case)
+    seeds = sorted(int(s) for s in means.index.get_level_values(1).unique())
+    rows = [{"seed": str(seed), **{side: float(means.get((names[side], seed), math.nan)) for side in SIDES}}
             for seed in seeds]
     for row in rows:
         row["difference"] = row[a] - row[b]

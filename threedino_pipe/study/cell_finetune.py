@@ -3,13 +3,13 @@
 ``beside`` naming; rank 0 writes the run folder's path where the study reads it.
 
 Run as ``python -m torch.distributed.run --standalone --nproc-per-node G -m threedino_pipe.study.cell_finetune
-SPEC DATASET SETTINGS NUM_WORKERS DEVICE FOLDER_FILE`` (``SPEC``: the cell's :class:`StudyCellSpec` as JSON,
-``SETTINGS`` the study's finetune settings as JSON, :data:`SETTINGS`; those left out are finetune's defaults).
+SPEC DATASET ITERS BATCH_SIZE LR VAL_EVERY NUM_WORKERS DEVICE FOLDER_FILE`` (``SPEC``: the cell's
+:class:`StudyCellSpec` as JSON; ``ITERS`` ... ``VAL_EVERY`` the study's finetune settings, :data:`SETTINGS`, 0 for
+finetune's default).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -45,8 +45,8 @@ def command(gpus: int, spec: StudyCellSpec, dataset: str, settings: dict, num_wo
             folder_file: Path) -> list[str]:
     """The torchrun command line that runs the cell's finetune on ``gpus`` processes (this Python)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus), "-m",
-            __name__, spec.model_dump_json(), dataset, json.dumps(settings), str(num_workers), device,
-            str(folder_file)]
+            __name__, spec.model_dump_json(), dataset, *[str(settings.get(name) or 0) for name in SETTINGS],
+            str(num_workers), device, str(folder_file)]
 
 
 def main(argv: list[str]) -> int:
@@ -54,8 +54,10 @@ def main(argv: list[str]) -> int:
     from threedino_pipe.stages import finetune
 
     spec = StudyCellSpec.model_validate_json(argv[0])
-    dataset, settings, num_workers, device, folder_file = argv[1], json.loads(argv[2]), int(argv[3]), argv[4], Path(
-        argv[5])
+    dataset, given = argv[1], argv[2:2 + len(SETTINGS)]
+    settings = {name: (float if name == "lr" else int)(value) or None
+                for name, value in zip(SETTINGS, given, strict=True)}
+    num_workers, device, folder_file = int(argv[6]), argv[7], Path(argv[8])
     try:
         folder = finetune.run(**finetune_arguments(spec, dataset, settings, num_workers, device), beside=True)
     except UserError as exc:
