@@ -224,3 +224,5 @@ def test_no_test_list_is_refused_and_on_validation_or_imagests_are_used(study_en
     assert done.returncode == 0 and "(imagesTs)" in done.stderr and "to run" in done.stderr
     done = _study(study_env, "--reference", "nothing", "--dry-run")
     assert done.returncode == 2 and "--reference nothing" in done.stderr
+    done = _study(study_env, "--lr", "0", "--dry-run")
+    assert done.returncode == 2 and "--lr 0 is out of range" in done.stderr and "Traceback" not in done.stderr
