@@ -29,6 +29,9 @@ from threedino_pipe.training_data.augment_params import PARAMS, AugmentParams
 SPATIAL = (2, 3, 4)
 PLANES = ((2, 3), (2, 4), (3, 4))  # MONAI's spatial_axes (0, 1), (0, 2), (1, 2) of a B x C x S x S x S batch
 TRUNCATE = 4.0  # Gaussian kernels end at 4 sigma (MONAI's GaussianFilter default)
+# Device types augmented crop by crop, reading small values on the host (a CPU: no kernel launches to
+# save, and one crop's passes stay in its cache); the others (GPUs) take all chosen crops of a step at once.
+CROP_BY_CROP_DEVICES: tuple[str, ...] = ("cpu",)
 BLOCK = 16      # output rows per matrix product of the banded blur (fastest of 12-48 at 96^3, one CPU thread)
 
 
@@ -41,14 +44,20 @@ def _chosen(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def _crop_by_crop(x: torch.Tensor) -> bool:
+    """Whether ``x``'s device takes the crop-by-crop path (:data:`CROP_BY_CROP_DEVICES`)."""
+    return x.device.type in CROP_BY_CROP_DEVICES
+
+
 def _apply(x: torch.Tensor, rows: torch.Tensor, fn) -> None:
     """``x[rows] = fn(x[rows], rows)`` in place (nothing when no row is chosen); ``fn`` may work in place.
 
     On a CPU crop by crop on views of ``x``: no gather and scatter copies, and each crop's passes
-    stay in the cache. Elsewhere (a GPU) on all chosen rows at once, one kernel per step."""
+    stay in the cache. Elsewhere (a GPU) on all chosen rows at once, one kernel per step
+    (:data:`CROP_BY_CROP_DEVICES`)."""
     if not rows.numel():
         return
-    if x.device.type != "cpu":
+    if not _crop_by_crop(x):
         x[rows] = fn(x[rows], rows)
         return
     for j, row in enumerate(rows.tolist()):
@@ -114,7 +123,7 @@ def _min_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _contrast_(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """:func:`adjust_contrast` in place on ``x``."""
     low, span = _min_range(x)
-    exponent = float(gamma) if x.device.type == "cpu" and gamma.numel() == 1 else _per_sample(gamma)
+    exponent = float(gamma) if _crop_by_crop(x) and gamma.numel() == 1 else _per_sample(gamma)
     return x.sub_(low).div_(span + 1e-7).pow_(exponent).mul_(span).add_(low)  # a scalar power is faster
 
 
@@ -220,6 +229,14 @@ def _banded_product(x: torch.Tensor, matrices: torch.Tensor, tail: int) -> torch
     return out
 
 
+def _trimmed(kernels: torch.Tensor) -> torch.Tensor:
+    """``kernels`` ``[n, 2T + 1]`` without the outer taps that are zero in every kernel (both ends alike,
+    so they stay centred): the products then skip them. Reads the kernels on the host (CPU use)."""
+    used = kernels.ne(0).any(0).nonzero().flatten().tolist()
+    lead = min(used[0], kernels.shape[1] - 1 - used[-1]) if used else 0
+    return kernels[:, lead: kernels.shape[1] - lead]
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` ``[n, C, S0, S1, S2]`` with per-crop, per-axis ``sigma`` ``[n, 3]``
     (voxels, at most ``max_sigma``), zero padding.
@@ -229,9 +246,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     (benchmarks/augment_throughput.py). Each product takes the leading spatial axis and puts it last,
     so after three the axes are back in order and no transpose is ever copied."""
     n, c, *sizes = x.shape
+    all_kernels = erf_kernels(sigma.reshape(-1), max_sigma).to(x.dtype).view(n, 3, -1)
     out = x.reshape(n * c, -1)
     for axis in range(3):
-        kernels = erf_kernels(sigma[:, axis], max_sigma).to(x.dtype)
+        kernels = _trimmed(all_kernels[:, axis]) if _crop_by_crop(x) else all_kernels[:, axis]
         matrices = band_matrices(kernels, sizes[axis])
         if c > 1:
             matrices = matrices.repeat_interleave(c, 0)
