@@ -265,3 +265,18 @@ def test_blur_by_banded_matrices_equals_monai_on_a_box_shorter_than_the_kernel()
     torch.testing.assert_close(T.gaussian_blur(x, sigma, 1.5), expected, atol=1e-6, rtol=0)
     matrix = T.band_matrices(torch.tensor([[1.0, 2.0, 3.0]]), 4)[0]
     assert matrix.tolist() == [[2, 3, 0, 0], [1, 2, 3, 0], [0, 1, 2, 3], [0, 0, 1, 2]]
+
+
+def test_crop_by_crop_path_equals_the_batched_path(crops, monkeypatch):
+    """The CPU takes the chosen crops of each step one by one (views, scalar powers, kernels trimmed to
+    their own taps); GPUs take them all at once. Run here on the CPU both ways: the same crops (the
+    same draws; float32 rounding apart) on 16^3 crops and on 33^3 crops (three blur blocks, one cut short)."""
+    torch.manual_seed(4)
+    for global_crops, local_crops in ((crops[:16], crops[16:80]), (torch.rand(6, 2, 33, 33, 33) * 2 - 1, crops[:8])):
+        by_crop = T.BatchAugmenter()(global_crops, local_crops, seed=7)
+        with monkeypatch.context() as patch:
+            patch.setattr(T, "CROP_BY_CROP_DEVICES", ())
+            batched = T.BatchAugmenter()(global_crops, local_crops, seed=7)
+        for ours, theirs in zip(by_crop, batched, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+        assert not torch.equal(by_crop[0], global_crops)

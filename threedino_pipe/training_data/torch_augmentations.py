@@ -14,10 +14,15 @@ unchanged; blur kernels are MONAI's "erf" kernels truncated at 4 sigma with zero
 ringing keeps the k-space ball of radius ``(1 - alpha) * S * sqrt(2) / 2`` around MONAI's centre
 ``(S - 1) / 2`` of the shifted spectrum and takes the real part. Imports only torch (the GPU
 machines have no MONAI).
+
+On a CPU the chosen crops of each step are processed one by one, in place on views, and on a GPU
+all at once (:data:`CROP_BY_CROP_DEVICES`); the blur is a block-banded matrix product per axis.
+How this is fast, and the throughput against MONAI: docs/augmentation.md.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -28,6 +33,10 @@ from threedino_pipe.training_data.augment_params import PARAMS, AugmentParams
 SPATIAL = (2, 3, 4)
 PLANES = ((2, 3), (2, 4), (3, 4))  # MONAI's spatial_axes (0, 1), (0, 2), (1, 2) of a B x C x S x S x S batch
 TRUNCATE = 4.0  # Gaussian kernels end at 4 sigma (MONAI's GaussianFilter default)
+# Device types augmented crop by crop, reading small values on the host (a CPU: no kernel launches to
+# save, and one crop's passes stay in its cache); the others (GPUs) take all chosen crops of a step at once.
+CROP_BY_CROP_DEVICES: tuple[str, ...] = ("cpu",)
+BLOCK = 16      # output rows per matrix product of the banded blur (fastest of 12-48 at 96^3, one CPU thread)
 
 
 def _uniform(n: int, low: float | torch.Tensor, high: float | torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -39,10 +48,27 @@ def _chosen(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def _crop_by_crop(x: torch.Tensor) -> bool:
+    """Whether ``x``'s device takes the crop-by-crop path (:data:`CROP_BY_CROP_DEVICES`)."""
+    return x.device.type in CROP_BY_CROP_DEVICES
+
+
 def _apply(x: torch.Tensor, rows: torch.Tensor, fn) -> None:
-    """``x[rows] = fn(x[rows])`` in place (nothing when no row is chosen)."""
-    if rows.numel():
-        x[rows] = fn(x[rows])
+    """``x[rows] = fn(x[rows], rows)`` in place (nothing when no row is chosen); ``fn`` may work in place.
+
+    On a CPU crop by crop on views of ``x``: no gather and scatter copies, and each crop's passes
+    stay in the cache. Elsewhere (a GPU) on all chosen rows at once, one kernel per step
+    (:data:`CROP_BY_CROP_DEVICES`)."""
+    if not rows.numel():
+        return
+    if not _crop_by_crop(x):
+        x[rows] = fn(x[rows], rows)
+        return
+    for j, row in enumerate(rows.tolist()):
+        view = x[row:row + 1]
+        out = fn(view, rows[j:j + 1])
+        if out is not view:
+            view.copy_(out)
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -50,32 +76,66 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1, 1)
 
 
-def flips_and_rotations(x: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS) -> torch.Tensor:
+def _orientation(flips: list[bool], turns: list[int]) -> tuple[list[int], list[int]]:
+    """The spatial axes permutation and the flipped output axes equal to flipping the chosen axes, then
+    ``turns[i]`` quarter turns in plane ``PLANES[i]`` (``torch.rot90``: k 1 = flip the plane's second
+    axis then swap the two, k 2 = flip both, k 3 = flip the first then swap)."""
+    axes, flipped = [0, 1, 2], list(flips)
+    for (a, b), k in zip(((0, 1), (0, 2), (1, 2)), turns, strict=True):
+        if k in (1, 2):
+            flipped[b] = not flipped[b]
+        if k in (2, 3):
+            flipped[a] = not flipped[a]
+        if k in (1, 3):
+            axes[a], axes[b] = axes[b], axes[a]
+            flipped[a], flipped[b] = flipped[b], flipped[a]
+    return axes, [d for d in range(3) if flipped[d]]
+
+
+def flips_and_rotations(x: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """MONAI's ``RandFlip`` per axis (p ``flip_prob``), then ``RandRotate90(max_k=3)`` per plane (p
-    ``rotate_prob``, k uniform in 1..3 quarter turns), in place on ``x`` ``[B, C, S, S, S]``."""
+    ``rotate_prob``, k uniform in 1..3 quarter turns) of ``x`` ``[B, C, S, S, S]``: a new tensor (or ``out``).
+
+    The steps of each crop are composed into one axes permutation and one flip, so every crop is
+    copied once (twice when flipped) instead of once per step."""
     n = x.shape[0]
-    for dim in SPATIAL:
-        rows = _chosen(torch.rand(n, generator=g, device=g.device) < p.flip_prob)
-        _apply(x, rows, lambda crops, dim=dim: crops.flip(dim))
-    for plane in PLANES:
+    flips = [torch.rand(n, generator=g, device=g.device) < p.flip_prob for _ in SPATIAL]
+    turns = []
+    for _ in PLANES:
         do = torch.rand(n, generator=g, device=g.device) < p.rotate_prob
         quarter_turns = torch.randint(1, 4, (n,), generator=g, device=g.device)
-        for k in (1, 2, 3):
-            _apply(x, _chosen(do & (quarter_turns == k)), lambda crops, k=k, plane=plane: torch.rot90(crops, k, plane))
-    return x
+        turns.append(torch.where(do, quarter_turns, 0))
+    crops = []
+    for i, (crop_flips, crop_turns) in enumerate(zip(torch.stack(flips, 1).tolist(), torch.stack(turns, 1).tolist(),
+                                                     strict=True)):
+        axes, flipped = _orientation(crop_flips, crop_turns)
+        crop = x[i].permute(0, *(1 + a for a in axes))
+        crops.append(crop.flip([1 + d for d in flipped]) if flipped else crop)
+    if not crops:  # no crop at all
+        return x.clone() if out is None else out
+    return torch.stack(crops, out=out)
 
 
 def _min_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-crop minimum and max - min over all channels and voxels, ``[n, 1, 1, 1, 1]`` each."""
-    flat = x.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)
+    if x.shape[0] == 1:  # one crop (the CPU path): the whole-tensor reduction is many times faster
+        low, high = (v.view(1) for v in torch.aminmax(x))
+    else:
+        low, high = x.flatten(1).amin(1), x.flatten(1).amax(1)
     return _per_sample(low), _per_sample(high - low)
+
+
+def _contrast_(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_contrast` in place on ``x``."""
+    low, span = _min_range(x)
+    exponent = float(gamma) if _crop_by_crop(x) and gamma.numel() == 1 else _per_sample(gamma)
+    return x.sub_(low).div_(span + 1e-7).pow_(exponent).mul_(span).add_(low)  # a scalar power is faster
 
 
 def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """MONAI's ``AdjustContrast`` per crop: ``((x - min) / (range + 1e-7)) ** gamma * range + min``."""
-    low, span = _min_range(x)
-    return ((x - low) / (span + 1e-7)) ** _per_sample(gamma) * span + low
+    return _contrast_(x.clone(), gamma)
 
 
 def histogram_points(n: int, points: int, g: torch.Generator) -> torch.Tensor:
@@ -88,20 +148,35 @@ def histogram_points(n: int, points: int, g: torch.Generator) -> torch.Tensor:
     return floating
 
 
+def _histogram_shift_(x: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
+    """:func:`histogram_shift` in place on ``x``.
+
+    With ``t`` the position on the crop's min-max range in segments (0..points - 1), the map on
+    segment j is the line ``start[j] + slope[j] * t`` (both already scaled to the crop's range and
+    offset by its minimum), so each voxel needs one segment index and two gathers. A constant crop
+    has a zero range, hence slope 0 and start = its value: it comes back unchanged."""
+    low, span = _min_range(x)
+    segments = floating.shape[1] - 1
+    t = x.sub_(low).div_(torch.where(span > 0, span, torch.ones_like(span))).clamp_(0, 1).mul_(segments)
+    index = t.to(torch.int64).clamp_(max=segments - 1).flatten(1)
+    floating = floating.to(x.dtype)
+    slope = floating.diff(dim=1)
+    start = floating[:, :-1] - slope * torch.arange(segments, device=x.device, dtype=x.dtype)
+    scale = span.view(-1, 1)
+    slope, start = slope * scale, start * scale + low.view(-1, 1)
+    return t.mul_(slope.gather(1, index).view_as(x)).add_(start.gather(1, index).view_as(x))
+
+
 def histogram_shift(x: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear intensity map per crop: evenly spaced points of the crop's min-max range go to
     ``floating`` (``[n, points]`` on [0, 1], scaled to that range); a constant crop is returned unchanged."""
-    low, span = _min_range(x)
-    segments = floating.shape[1] - 1
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    t = ((x - low) / safe).clamp(0, 1) * segments
-    index = t.floor().clamp(max=segments - 1)
-    flat_index = index.long().flatten(1)
-    floating = floating.to(x.dtype)
-    left = floating.gather(1, flat_index).view_as(x)
-    right = floating.gather(1, flat_index + 1).view_as(x)
-    mapped = (left + (t - index) * (right - left)) * span + low
-    return torch.where(span > 0, mapped, x)
+    return _histogram_shift_(x.clone(), floating)
+
+
+def _noise_(x: torch.Tensor, std: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of per-crop ``std`` ``[n]`` added to ``x`` in place."""
+    noise = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
+    return x.add_(noise.mul_(_per_sample(std)))
 
 
 def intensity(x: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS) -> torch.Tensor:
@@ -113,13 +188,9 @@ def intensity(x: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS) ->
     gamma = _uniform(n, *p.gamma, g)
     noise_std = _uniform(n, 0.0, p.noise_std, g)
     floating = histogram_points(n, p.histogram_points, g)
-    rows = _chosen(do & (choice == 0))
-    _apply(x, rows, lambda crops: adjust_contrast(crops, gamma[rows]))
-    rows_noise = _chosen(do & (choice == 1))
-    _apply(x, rows_noise, lambda crops: crops + _per_sample(noise_std[rows_noise]) * torch.randn(
-        crops.shape, generator=g, device=g.device, dtype=crops.dtype))
-    rows_shift = _chosen(do & (choice == 2))
-    _apply(x, rows_shift, lambda crops: histogram_shift(crops, floating[rows_shift]))
+    _apply(x, _chosen(do & (choice == 0)), lambda crops, rows: _contrast_(crops, gamma[rows]))
+    _apply(x, _chosen(do & (choice == 1)), lambda crops, rows: _noise_(crops, noise_std[rows], g))
+    _apply(x, _chosen(do & (choice == 2)), lambda crops, rows: _histogram_shift_(crops, floating[rows]))
     return x
 
 
@@ -138,31 +209,58 @@ def erf_kernels(sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
 def band_matrices(kernels: torch.Tensor, size: int) -> torch.Tensor:
     """``[n, size, size]`` matrices ``M`` with ``M @ v`` = the zero-padded correlation of ``v`` (length
     ``size``) with each of the ``[n, 2T + 1]`` centred ``kernels``: ``M[i, j] = k[j - i + T]``."""
-    tail = kernels.shape[1] // 2
-    positions = torch.arange(size, device=kernels.device)
-    offsets = positions.view(1, -1) - positions.view(-1, 1) + tail     # [size, size]: j - i + T
-    inside = (offsets >= 0) & (offsets <= 2 * tail)
-    return kernels[:, offsets.clamp(0, 2 * tail)] * inside
+    taps, inside = _band_layout(size, kernels.shape[1] // 2, kernels.device)
+    return kernels[:, taps] * inside
+
+
+@functools.lru_cache(maxsize=64)
+def _band_layout(size: int, tail: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[size, size]`` tap index ``j - i + T`` (clamped) of each matrix entry and whether it is in the band."""
+    positions = torch.arange(size, device=device)
+    offsets = positions.view(1, -1) - positions.view(-1, 1) + tail
+    return offsets.clamp(0, 2 * tail), (offsets >= 0) & (offsets <= 2 * tail)
+
+
+def _banded_product(x: torch.Tensor, matrices: torch.Tensor, tail: int) -> torch.Tensor:
+    """``(matrices @ x)`` transposed: ``x`` ``[b, A, R]``, ``matrices`` ``[b, A, A]`` banded (half-width
+    ``tail``) -> ``[b, R, A]``. Computed ``BLOCK`` output rows at a time from the ``BLOCK + 2 tail``
+    input rows they depend on, so the band's zeros are mostly skipped; the transposed result puts
+    the blurred axis last, ready for the next axis's product to take the new leading axis."""
+    b, size, rest = x.shape
+    out = torch.empty(b, rest, size, dtype=x.dtype, device=x.device)
+    for first in range(0, size, BLOCK):
+        last = min(size, first + BLOCK)
+        low, high = max(0, first - tail), min(size, last + tail)
+        torch.matmul(x[:, low:high].mT, matrices[:, first:last, low:high].mT, out=out[:, :, first:last])
+    return out
+
+
+def _trimmed(kernels: torch.Tensor) -> torch.Tensor:
+    """``kernels`` ``[n, 2T + 1]`` without the outer taps that are zero in every kernel (both ends alike,
+    so they stay centred): the products then skip them. Reads the kernels on the host (CPU use)."""
+    used = kernels.ne(0).any(0).nonzero().flatten().tolist()
+    lead = min(used[0], kernels.shape[1] - 1 - used[-1]) if used else 0
+    return kernels[:, lead: kernels.shape[1] - lead]
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``x`` ``[n, C, S0, S1, S2]`` with per-crop, per-axis ``sigma`` ``[n, 3]``
     (voxels, at most ``max_sigma``), zero padding.
 
-    Each axis is one batched product with a banded matrix (:func:`band_matrices`): more arithmetic
-    than a grouped convolution with the 2T + 1 taps, but dense matrix products run near the CPU's
-    peak while depthwise 3D convolutions do not (benchmarks/augment_throughput.py)."""
+    Each axis is a batched product with a banded matrix (:func:`band_matrices`, :func:`_banded_product`):
+    dense matrix products run near the CPU's peak while depthwise 3D convolutions do not
+    (benchmarks/augment_throughput.py). Each product takes the leading spatial axis and puts it last,
+    so after three the axes are back in order and no transpose is ever copied."""
     n, c, *sizes = x.shape
-    out = x
+    all_kernels = erf_kernels(sigma.reshape(-1), max_sigma).to(x.dtype).view(n, 3, -1)
+    out = x.reshape(n * c, -1)
     for axis in range(3):
-        matrices = band_matrices(erf_kernels(sigma[:, axis], max_sigma).to(x.dtype), sizes[axis])
-        if axis == 0:    # [n, C, S0, S1 * S2]: M @ x
-            out = torch.matmul(matrices.unsqueeze(1), out.reshape(n, c, sizes[0], -1)).view_as(x)
-        elif axis == 1:  # [n, C * S0, S1, S2]: M @ x per plane
-            out = torch.matmul(matrices.unsqueeze(1), out.reshape(n, c * sizes[0], sizes[1], sizes[2])).view_as(x)
-        else:            # [n, C * S0 * S1, S2]: x @ M^T
-            out = torch.matmul(out.reshape(n, -1, sizes[2]), matrices.transpose(1, 2)).view_as(x)
-    return out
+        kernels = _trimmed(all_kernels[:, axis]) if _crop_by_crop(x) else all_kernels[:, axis]
+        matrices = band_matrices(kernels, sizes[axis])
+        if c > 1:
+            matrices = matrices.repeat_interleave(c, 0)
+        out = _banded_product(out.reshape(n * c, sizes[axis], -1), matrices, kernels.shape[1] // 2)
+    return out.view_as(x)
 
 
 def _sigmas(n: int, low: float | torch.Tensor, high: float | torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -175,8 +273,7 @@ def blur(x: torch.Tensor, g: torch.Generator, prob: float, p: AugmentParams = PA
     n = x.shape[0]
     do = torch.rand(n, generator=g, device=g.device) < prob
     sigma = _sigmas(n, *p.blur_sigma, g)
-    rows = _chosen(do)
-    _apply(x, rows, lambda crops: gaussian_blur(crops, sigma[rows], p.blur_sigma[1]))
+    _apply(x, _chosen(do), lambda crops, rows: gaussian_blur(crops, sigma[rows], p.blur_sigma[1]))
     return x
 
 
@@ -184,7 +281,8 @@ def sharpen(x: torch.Tensor, sigma1: torch.Tensor, sigma2: torch.Tensor, alpha: 
             max_sigma: float) -> torch.Tensor:
     """MONAI's ``GaussianSharpen`` per crop: ``b = blur(x, sigma1)``, ``b + alpha * (b - blur(b, sigma2))``."""
     blurred = gaussian_blur(x, sigma1, max_sigma)
-    return blurred + _per_sample(alpha) * (blurred - gaussian_blur(blurred, sigma2, max_sigma))
+    detail = gaussian_blur(blurred, sigma2, max_sigma).neg_().add_(blurred)  # blurred - blur(blurred)
+    return blurred.add_(detail.mul_(_per_sample(alpha)))
 
 
 def blur_or_sharpen(x: torch.Tensor, g: torch.Generator, prob: float, p: AugmentParams = PARAMS) -> torch.Tensor:
@@ -199,12 +297,25 @@ def blur_or_sharpen(x: torch.Tensor, g: torch.Generator, prob: float, p: Augment
     sigma1 = _sigmas(n, *p.sharpen_sigma1, g)
     sigma2 = _sigmas(n, p.sharpen_sigma2, sigma1, g)
     alpha = _uniform(n, *p.sharpen_alpha, g)
-    rows = _chosen(do & (choice == 0))
-    _apply(x, rows, lambda crops: gaussian_blur(crops, sigma[rows], p.blur_sigma[1]))
-    rows_sharp = _chosen(do & (choice == 1))
-    _apply(x, rows_sharp, lambda crops: sharpen(crops, sigma1[rows_sharp], sigma2[rows_sharp], alpha[rows_sharp],
-                                                max(p.sharpen_sigma1[1], p.sharpen_sigma2)))
+    max_sharpen_sigma = max(p.sharpen_sigma1[1], p.sharpen_sigma2)
+    _apply(x, _chosen(do & (choice == 0)), lambda crops, rows: gaussian_blur(crops, sigma[rows], p.blur_sigma[1]))
+    _apply(x, _chosen(do & (choice == 1)), lambda crops, rows: sharpen(crops, sigma1[rows], sigma2[rows],
+                                                                       alpha[rows], max_sharpen_sigma))
     return x
+
+
+@functools.lru_cache(maxsize=16)
+def _gibbs_distances(shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[S0, S1, S2 // 2 + 1]`` float64 distances, in the real FFT's frequency order, of frequency f and
+    of -f from MONAI's centre ``(S - 1) / 2`` of the shifted spectrum (summed as MONAI sums them)."""
+    coords = [torch.fft.ifftshift(torch.arange(s, device=device, dtype=torch.float64) - (s - 1) / 2) for s in shape]
+    mirrored = [torch.roll(c.flip(0), 1) for c in coords]  # the coordinate of -f at each f
+
+    def distance(c: list[torch.Tensor]) -> torch.Tensor:
+        return torch.sqrt(c[0].view(-1, 1, 1) ** 2 + c[1].view(1, -1, 1) ** 2
+                          + c[2][: shape[2] // 2 + 1].view(1, 1, -1) ** 2)
+
+    return distance(coords), distance(mirrored)
 
 
 def gibbs_masks(shape: tuple[int, int, int], alpha: torch.Tensor) -> torch.Tensor:
@@ -212,21 +323,16 @@ def gibbs_masks(shape: tuple[int, int, int], alpha: torch.Tensor) -> torch.Tenso
     spectrum within ``(1 - alpha) * max(S) * sqrt(2) / 2`` of ``(S - 1) / 2`` and takes the real part
     of the inverse; the real part equals the inverse of the mask's Hermitian-symmetric half
     ``(M(f) + M(-f)) / 2``, which the real FFT can use."""
-    grids = torch.meshgrid(*[torch.arange(s, device=alpha.device, dtype=torch.float64) - (s - 1) / 2
-                             for s in shape], indexing="ij")
-    distance = torch.sqrt(sum(grid ** 2 for grid in grids))
-    radius = (1 - alpha.to(torch.float64)) * max(shape) * math.sqrt(2) / 2
-    shifted = (distance.unsqueeze(0) <= radius.view(-1, 1, 1, 1)).to(torch.float32)
-    mask = torch.fft.ifftshift(shifted, dim=(1, 2, 3))  # the mask in the unshifted frequency order
-    mirrored = torch.roll(mask.flip(1, 2, 3), shifts=(1, 1, 1), dims=(1, 2, 3))  # M(-f)
-    return ((mask + mirrored) / 2)[..., : shape[2] // 2 + 1]
+    forward, backward = _gibbs_distances(tuple(shape), alpha.device)
+    radius = ((1 - alpha.to(torch.float64)) * max(shape) * math.sqrt(2) / 2).view(-1, 1, 1, 1)
+    return ((forward <= radius).to(torch.float32) + (backward <= radius).to(torch.float32)) / 2
 
 
 def gibbs_noise(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """MONAI's ``GibbsNoise`` per crop (``alpha`` ``[n]`` in [0, 1]; 0 = identity): low-pass in k-space."""
     shape = tuple(x.shape[2:])
     spectrum = torch.fft.rfftn(x, dim=SPATIAL)
-    spectrum = spectrum * gibbs_masks(shape, alpha).unsqueeze(1)
+    spectrum.mul_(gibbs_masks(shape, alpha).unsqueeze(1))
     return torch.fft.irfftn(spectrum, s=shape, dim=SPATIAL).to(x.dtype)
 
 
@@ -235,26 +341,29 @@ def gibbs(x: torch.Tensor, g: torch.Generator, prob: float, p: AugmentParams = P
     n = x.shape[0]
     do = torch.rand(n, generator=g, device=g.device) < prob
     alpha = _uniform(n, *p.gibbs_alpha, g)
-    rows = _chosen(do)
-    _apply(x, rows, lambda crops: gibbs_noise(crops, alpha[rows]))
+    _apply(x, _chosen(do), lambda crops, rows: gibbs_noise(crops, alpha[rows]))
     return x
 
 
 def _prepared(crops: torch.Tensor) -> torch.Tensor:
     if crops.dim() != 5 or not crops.shape[2] == crops.shape[3] == crops.shape[4]:
         raise ValueError(f"expected cubic crops B x C x S x S x S, got {tuple(crops.shape)}")
-    return crops.to(torch.float32, copy=True)
+    return crops.to(torch.float32)  # no copy here: flips_and_rotations makes a new tensor
 
 
-def global_view_1(crops: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS) -> torch.Tensor:
-    """First global crops ``[B, C, S, S, S]``: flips, rotations, intensity, then blur or sharpen (p 1.0)."""
-    x = intensity(flips_and_rotations(_prepared(crops), g, p), g, p)
+def global_view_1(crops: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """First global crops ``[B, C, S, S, S]``: flips, rotations, intensity, then blur or sharpen (p 1.0).
+    The result is written to ``out`` (float32, the crops' shape) when given."""
+    x = intensity(flips_and_rotations(_prepared(crops), g, p, out), g, p)
     return blur_or_sharpen(x, g, p.global1_blur_sharpen_prob, p)
 
 
-def global_view_2(crops: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS) -> torch.Tensor:
-    """Second global crops: flips, rotations, intensity, blur or sharpen (p 0.1), Gibbs ringing (p 0.2)."""
-    x = intensity(flips_and_rotations(_prepared(crops), g, p), g, p)
+def global_view_2(crops: torch.Tensor, g: torch.Generator, p: AugmentParams = PARAMS,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Second global crops: flips, rotations, intensity, blur or sharpen (p 0.1), Gibbs ringing (p 0.2);
+    written to ``out`` when given."""
+    x = intensity(flips_and_rotations(_prepared(crops), g, p, out), g, p)
     return gibbs(blur_or_sharpen(x, g, p.global2_blur_sharpen_prob, p), g, p.global2_gibbs_prob, p)
 
 
@@ -285,7 +394,8 @@ class BatchAugmenter:
         ``local_crops`` ``[nB, C, l, l, l]``, augmented with a generator seeded ``seed`` on their device."""
         generator = torch.Generator(device=global_crops.device).manual_seed(int(seed))
         half = global_crops.shape[0] // 2
-        out_global = torch.cat([global_view_1(global_crops[:half], generator, self.params),
-                                global_view_2(global_crops[half:], generator, self.params)])
+        out_global = torch.empty(global_crops.shape, dtype=torch.float32, device=global_crops.device)
+        global_view_1(global_crops[:half], generator, self.params, out=out_global[:half])
+        global_view_2(global_crops[half:], generator, self.params, out=out_global[half:])
         out_local = local_view(local_crops, generator, self.params) if local_crops.shape[0] else local_crops
         return out_global, out_local
