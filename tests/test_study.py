@@ -22,7 +22,9 @@ from conftest import THREEDINO, run_3dino
 
 from threedino_pipe.artifacts import Plans, RunRecord, Splits, StudyCell, StudyRecord
 from threedino_pipe.demo.bundled_backbone import BACKBONE
+from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.study import slurm
+from threedino_pipe.study.cells import parse_entry
 
 pytestmark = pytest.mark.e2e
 DATASET = "Dataset990_MNITissue"
@@ -64,6 +66,21 @@ def full_study(study_env) -> Path:
     done = _study(study_env)
     assert done.returncode == 0, done.stderr[-3000:]
     return Path(study_env["THREEDINO_RESULTS"]) / DATASET / "study__main"
+
+
+def test_an_entry_takes_any_head_finetune_takes_and_an_unknown_one_is_named(tmp_path):
+    """Swin Random (none:swinunetr) and Swin Transfer (RUN:swinunetr) as well as the ViT heads and the probe."""
+    run = tmp_path / "tiny__tang-swin__990"
+    run.mkdir()
+    for text, backbone, head in (("none:swinunetr", "none", "swinunetr"), (f"{run}:swinunetr", str(run), "swinunetr"),
+                                 (f"{run}:adapter", str(run), "adapter"), ("none", "none", None),
+                                 ("none:probe", "none", "probe")):
+        entry = parse_entry(text)
+        assert (entry.backbone, entry.head) == (backbone, head), text
+    assert parse_entry(f"{run}:swinunetr").label == "tiny__tang-swin__990:swinunetr"
+    with pytest.raises(UserError, match="unknown head 'segformer'") as err:
+        parse_entry("none:segformer")
+    assert "swinunetr" in err.value.fix and "adapter" in err.value.fix
 
 
 def test_study_writes_every_output_on_the_test_list(full_study):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threedino_pipe.artifacts.study import StudyCellSpec
-from threedino_pipe.models.segmentation import HEADS
+from threedino_pipe.models.segmentation import SEGMENTATION_HEADS
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.training.probe import HEAD as PROBE  # the classification head: the linear probe
 
@@ -51,7 +51,7 @@ def check_heads(entries: list[Entry], task: str, plans_file: Path) -> None:
     """
     for entry in entries:
         if entry.head is not None and (entry.head == PROBE) != (task == "classification"):
-            fitting = PROBE if task == "classification" else ", ".join(HEADS)
+            fitting = PROBE if task == "classification" else ", ".join(SEGMENTATION_HEADS)
             raise UserError(f"--backbones {entry.text}: the {entry.head} head does not fit this {task} dataset",
                             file=plans_file, fix=f"name {fitting} after the colon, or no head (finetune's default)")
 
@@ -61,12 +61,12 @@ def parse_entry(text: str) -> Entry:
     backbone, head = text, None
     if ":" in text:
         before, after = text.rsplit(":", 1)
-        if after in (*HEADS, PROBE):
+        if after in (*SEGMENTATION_HEADS, PROBE):
             backbone, head = before, after
         elif not Path(text).exists():
             raise UserError(f"--backbones {text}: unknown head {after!r}",
-                            fix=f"name one of the heads {', '.join((*HEADS, PROBE))} after the colon (RUN:adapter, "
-                                "none:unetr)")
+                            fix=f"name one of the heads {', '.join((*SEGMENTATION_HEADS, PROBE))} after the colon "
+                                "(RUN:adapter, none:unetr, SWIN_RUN:swinunetr)")
     if backbone not in ("none", "auto"):
         backbone = str(Path(backbone).absolute())  # the same entry from any folder (shares, SLURM tasks)
     label = _tag(backbone) + (f":{head}" if head else "")
