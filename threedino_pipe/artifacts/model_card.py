@@ -25,8 +25,10 @@ PROBE_ONLY = ("normalization", "input_view", "probe")
 class BackboneRecord(Record):
     """Which backbone the model started from (``source`` ``none``: random initialisation).
 
-    ``method``: how the backbone was pretrained (``dino`` = 3DINO, ``simmim``), None for random
-    initialisation, a file of unknown origin, or a card written before methods were recorded.
+    ``family``: the backbone's architecture (``vit3d``: the 3D ViT; ``swin``: MONAI's Swin encoder;
+    ``hf2d``: a transformers natural-image 2D ViT applied slice by slice). ``method``: how it was
+    pretrained (``dino`` = 3DINO, ``simmim``, ``tang``, or the 2D model's kind, e.g. ``dinov2``), None
+    for random initialisation, a file of unknown origin, or a card written before methods were recorded.
     """
 
     tag: str
