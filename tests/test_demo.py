@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from conftest import run_3dino
 from scipy import stats
+from typer.testing import CliRunner
 
+from threedino_pipe.cli import app
 from threedino_pipe.demo.chain import bundled_backbone as bundled_backbone_and_record
 from threedino_pipe.demo.layout import LAYOUT_VERSION, SIDES, DemoLayout
 from threedino_pipe.demo.seeds import write_seed_table
@@ -31,17 +33,17 @@ def test_demo_refuses_a_folder_made_with_other_options_or_by_an_older_demo(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]  # nothing written
     del demo_json["options"]["layout"]  # as a demo before `3dino study` ran its comparison wrote it
     (tmp_path / "demo.json").write_text(json.dumps(demo_json))
-    result = run_3dino("demo", "--quick", "--out", str(tmp_path), "--no-progress")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "older `3dino demo`" in result.stderr and "fresh --out" in result.stderr
+    refused = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--no-progress"])  # in-process
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "older `3dino demo`" in refused.exception.render() and "fresh --out" in refused.exception.render()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
 
 
 def test_demo_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    result = run_3dino("demo", "--quick", "--out", str(tmp_path), "--no-progress")
-    assert result.returncode != 0
-    assert "not a demo folder" in result.stderr and "Traceback" not in result.stderr
+    refused = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--no-progress"])  # in-process
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "not a demo folder" in refused.exception.render()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

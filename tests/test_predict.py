@@ -532,14 +532,15 @@ def test_export_chooses_the_format_from_the_run_and_refuses_contradictions(proje
     assert plain.returncode == 0, plain.stderr
     with zipfile.ZipFile(tmp_path / "model.zip") as archive:
         assert sorted(archive.namelist()) == ["checkpoint_best.pt", "model.json"]
-    for args, text in (((str(tmp_path / "a.pth"),), "must end in .zip"),
-                       ((str(tmp_path / "b.zip"), "--format", "3dino"), "no DINO/iBOT teacher"),
-                       ((str(tmp_path / "c.zip"), "--checkpoint", "last"), "unknown --checkpoint")):
-        refused = run_3dino("export", str(run), "-o", *args)
-        assert refused.returncode != 0 and text in refused.stderr, refused.stderr
-        assert "Traceback" not in refused.stderr and not Path(args[0]).exists()
-    nothing = run_3dino("export", str(tmp_path), "-o", str(tmp_path / "d.zip"))
-    assert nothing.returncode != 0 and "not a run folder (no model.json or run.json)" in nothing.stderr
+    refused = run_3dino("export", str(run), "-o", str(tmp_path / "a.pth"))  # the real command: exit code, no traceback
+    assert refused.returncode != 0 and "must end in .zip" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "a.pth").exists()
+    for folder, args, text in ((run, (str(tmp_path / "b.zip"), "--format", "3dino"), "no DINO/iBOT teacher"),
+                               (run, (str(tmp_path / "c.zip"), "--checkpoint", "last"), "unknown --checkpoint"),
+                               (tmp_path, (str(tmp_path / "d.zip"),), "not a run folder (no model.json or run.json)")):
+        refused = CliRunner().invoke(app, ["export", str(folder), "-o", *args])  # in-process: the same refusal
+        assert isinstance(refused.exception, UserError) and text in refused.exception.render(), refused.output
+        assert not Path(args[0]).exists()
     pretrain_run = tmp_path / "pretrain" / "small__995"  # the kind comes from run.json before any checkpoint is read
     pretrain_run.mkdir(parents=True)
     RunRecord(stage="pretrain", options={}).write(RunRecord.in_folder(pretrain_run))

@@ -19,9 +19,12 @@ import requests
 from conftest import run_3dino
 from test_dicom_pacs import identifiers, seg_instances, study_files
 from test_predict import one_thread, project  # noqa: F401 - fixtures: one torch thread; plans, runs and scans
+from typer.testing import CliRunner
 
 from threedino_pipe.artifacts import PredictLogLine, StudyKeys, read_journal
 from threedino_pipe.artifacts.journal import CRASH_EXIT_CODE, CRASH_HOOK, JournalLine
+from threedino_pipe.cli import app
+from threedino_pipe.runtime.errors import UserError
 
 pytestmark = pytest.mark.e2e
 
@@ -185,19 +188,19 @@ def test_query_selects_the_studies_to_retrieve(orthanc, dicom_studies, project, 
 
 def test_bad_query_options_are_refused_before_anything_runs(tmp_path):
     out = tmp_path / "out"
-    for args, message in [(("--query", "StudyDat=20260115"), "--query StudyDat: not a study-level key"),
-                          (("--query", "StudyDate=2026"), "is not a date YYYYMMDD or a range"),
-                          (("--query", "Modality"), "--query needs KEY=VALUE"),
-                          ((), "--from-pacs needs --study or --query")]:
-        proc = run_3dino("predict", "--from-pacs", "PACS@127.0.0.1:1", *args, "-o", str(out), "-m",
-                         str(tmp_path / "model"), env=ENV)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert message in proc.stderr and "fix:" in proc.stderr, proc.stderr
-    assert "did you mean StudyDate?" in run_3dino("predict", "--from-pacs", "PACS@127.0.0.1:1", "--query",
-                                                  "studydate=20260115", "-o", str(out), "-m", "m", env=ENV).stderr
-    proc = run_3dino("predict", "--query", "ModalitiesInStudy=CT", "-i", str(tmp_path), "-o", str(out), "-m", "m",
-                     env=ENV)
-    assert proc.returncode == 2 and "--query needs --from-pacs" in proc.stderr
+    proc = run_3dino("predict", "--from-pacs", "PACS@127.0.0.1:1", "--query", "StudyDat=20260115", "-o", str(out),
+                     "-m", str(tmp_path / "model"), env=ENV)  # the real command: exit code 2, no traceback
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--query StudyDat: not a study-level key" in proc.stderr and "fix:" in proc.stderr, proc.stderr
+    pacs = ("--from-pacs", "PACS@127.0.0.1:1")
+    for args, message in [((*pacs, "--query", "StudyDate=2026"), "is not a date YYYYMMDD or a range"),
+                          ((*pacs, "--query", "Modality"), "--query needs KEY=VALUE"),
+                          (pacs, "--from-pacs needs --study or --query"),
+                          ((*pacs, "--query", "studydate=20260115"), "did you mean StudyDate?"),
+                          (("--query", "ModalitiesInStudy=CT", "-i", str(tmp_path)), "--query needs --from-pacs")]:
+        refused = CliRunner().invoke(app, ["predict", *args, "-o", str(out), "-m", str(tmp_path / "model")], env=ENV)
+        assert isinstance(refused.exception, UserError), (args, refused.output)
+        assert message in refused.exception.render() and refused.exception.fix, refused.exception.render()
     assert not out.exists()
 
 
