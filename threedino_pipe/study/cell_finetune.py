@@ -54,10 +54,10 @@ def main(argv: list[str]) -> int:
     from threedino_pipe.stages import finetune
 
     spec = StudyCellSpec.model_validate_json(argv[0])
-    dataset, given = argv[1], argv[2:2 + len(SETTINGS)]
+    dataset, given, (num_workers, device, folder_file) = argv[1], argv[2:2 + len(SETTINGS)], argv[2 + len(SETTINGS):]
     settings = {name: (float if name == "lr" else int)(value) or None
                 for name, value in zip(SETTINGS, given, strict=True)}
-    num_workers, device, folder_file = int(argv[6]), argv[7], Path(argv[8])
+    num_workers, folder_file = int(num_workers), Path(folder_file)
     try:
         folder = finetune.run(**finetune_arguments(spec, dataset, settings, num_workers, device), beside=True)
     except UserError as exc:
