@@ -41,6 +41,12 @@ VARIANTS = {
     "auto + queue + temp 0.04 + momentum 0.8": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--teacher-temp",
                                                 "0.04", "--momentum-start", "0.8", "--peak-lr", "0.0005"],
     "auto + softmax centring": ["--recipe", "auto", "--centering", "softmax"],
+    "auto + temp 0.04": ["--recipe", "auto", "--teacher-temp", "0.04"],
+    "auto + temp 0.03": ["--recipe", "auto", "--teacher-temp", "0.03"],
+    "auto + temp 0.02": ["--recipe", "auto", "--teacher-temp", "0.02"],
+    "auto + queue 32": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "32"],
+    "auto + queue 128": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "128"],
+    "auto + queue 512": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "512"],
 }
 
 
