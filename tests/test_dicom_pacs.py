@@ -134,6 +134,58 @@ def test_dicomweb_round_trip(orthanc, dicom_studies, tmp_path, caplog):
     assert "after" not in caught.value.problem  # a 4xx is not retried
 
 
+def test_qido_reads_every_page(orthanc, dicom_studies):
+    """A search with more matches than one page holds: every page is read (a service that answers in pages of
+    its own size, or a --query matching hundreds of studies, loses none)."""
+    if not orthanc.dicomweb:
+        pytest.skip("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")
+    orthanc.clear()
+    studies = [dicom_studies[1][kind] for kind in ("mr", "ct", "compressed")]
+    web = DicomWebClient(orthanc.dicomweb_url, retry=FAST, page_size=1)
+    for study in studies:
+        web.store(study_files(study))
+    assert sorted(r["StudyInstanceUID"] for r in web.find_studies()) == sorted(s.identity.study_uid for s in studies)
+    study = studies[0]
+    assert {r["SeriesInstanceUID"] for r in web.find_series(study.identity.study_uid)} == set(study.series.values())
+    assert len(study.series) >= 2  # so the series search needed more than one page too
+
+
+def test_a_qido_service_that_ignores_offset_ends_the_paging():
+    """A service that answers every page with the same studies (it ignores ``offset``, and here ``limit`` too): the
+    search stops at the first page that brings nothing new instead of asking forever."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = [{"0020000D": {"vr": "UI", "Value": [uid]}} for uid in ("1.2.826.0.1.1", "1.2.826.0.1.2")]
+    requests: list[str] = []
+
+    class Repeating(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            requests.append(self.path)
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Repeating)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        web = DicomWebClient(f"http://127.0.0.1:{server.server_address[1]}/dicom-web", retry=FAST, page_size=1)
+        rows = web.find_studies(keys=("StudyInstanceUID",))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r["StudyInstanceUID"] for r in rows] == ["1.2.826.0.1.1", "1.2.826.0.1.2"]
+    assert len(requests) == 2 and "offset=2" in requests[1]
+
+
 def test_wado_dropped_mid_response_is_retried(orthanc, dicom_studies, tmp_path):
     if not orthanc.dicomweb:
         pytest.skip("the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)")

@@ -10,6 +10,7 @@ so that one policy governs.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import struct
@@ -72,6 +73,16 @@ def _items_problem(data: bytes) -> str:
     return "" if items >= 2 else "encapsulated pixel data without fragments"
 
 
+STUDY_UID_TAG = "0020000D"   # StudyInstanceUID in DICOM JSON
+SERIES_UID_TAG = "0020000E"  # SeriesInstanceUID
+
+
+def _uid(answer: dict, tag: str) -> str:
+    """The UID ``tag`` of one DICOM JSON answer (the whole answer as text when it lacks one)."""
+    values = answer.get(tag, {}).get("Value")
+    return str(values[0]) if values else json.dumps(answer, sort_keys=True)
+
+
 class DicomWebClient:
     """QIDO/WADO/STOW client for one DICOMweb root URL (e.g. ``http://127.0.0.1:8042/dicom-web``).
 
@@ -79,12 +90,16 @@ class DicomWebClient:
         url: the service root.
         retry: retry policy of every operation.
         timeout_s: connect and read timeout of each HTTP request.
+        page_size: matches asked for per QIDO-RS request; pages are read until one is short or brings nothing
+            new, so every match is returned whatever page size the service itself enforces.
     """
 
-    def __init__(self, url: str, *, retry: RetryPolicy | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, retry: RetryPolicy | None = None, timeout_s: float = 30.0,
+                 page_size: int = 100) -> None:
         from dicomweb_client.api import DICOMwebClient
         self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self.page_size = page_size
         self._client = DICOMwebClient(url=self.url, timeout=(timeout_s, timeout_s))
         self._client.set_http_retry_params(retry=False)
 
@@ -124,16 +139,30 @@ class DicomWebClient:
         return rows
 
     def find_studies(self, *, keys: Sequence[str] = STUDY_KEYS, **filters: str) -> list[dict]:
-        """QIDO-RS studies matching ``filters`` (keyword -> value), each a dict of ``keys``."""
-        answers = self._call("QIDO-RS studies", lambda: self._client.search_for_studies(
-            fields=list(keys), search_filters=dict(filters)))
+        """QIDO-RS studies matching ``filters`` (keyword -> value), each a dict of ``keys``; every page read."""
+        answers = self._pages("QIDO-RS studies", STUDY_UID_TAG, lambda limit, offset: self._client.search_for_studies(
+            fields=list(keys), search_filters=dict(filters), limit=limit, offset=offset))
         return self._rows(answers, keys)
 
     def find_series(self, study_uid: str, *, keys: Sequence[str] = SERIES_KEYS) -> list[dict]:
-        """QIDO-RS series of one study, each a dict of ``keys``."""
-        answers = self._call(f"QIDO-RS series of study {study_uid}", lambda: self._client.search_for_series(
-            study_instance_uid=study_uid, fields=list(keys)))
+        """QIDO-RS series of one study, each a dict of ``keys``; every page read."""
+        answers = self._pages(f"QIDO-RS series of study {study_uid}", SERIES_UID_TAG,
+                              lambda limit, offset: self._client.search_for_series(
+                                  study_instance_uid=study_uid, fields=list(keys), limit=limit, offset=offset))
         return self._rows(answers, keys)
+
+    def _pages(self, what: str, uid_tag: str, search) -> list[dict]:
+        """Every answer of a QIDO-RS search, read page by page (``search(limit, offset)``) until a page is short or
+        brings nothing new: a service that ignores ``offset`` and repeats its answer ends the loop too."""
+        answers: list[dict] = []
+        seen: set[str] = set()
+        while True:
+            page = self._call(what, lambda: search(self.page_size, len(answers)))
+            new = [a for a in page if _uid(a, uid_tag) not in seen]
+            answers.extend(new)
+            seen.update(_uid(a, uid_tag) for a in new)
+            if not new or len(page) < self.page_size:
+                return answers
 
     # --- WADO-RS -----------------------------------------------------------------------------
     def retrieve(self, dest: str | Path, study_uid: str, series_uid: str | None = None) -> WebRetrieveResult:
