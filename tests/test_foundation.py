@@ -163,3 +163,15 @@ def test_cli_makes_idle_openmp_threads_sleep_unless_the_user_chose(preset, expec
             "import torch; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == [expected, "True"]
+
+
+def test_a_message_in_a_batch_log_stays_on_one_line_however_long_its_path():
+    """stderr piped to a log (not a terminal): rich would wrap at 80 columns and split the path."""
+    import subprocess
+    import sys
+    path = "/data/" + "a_long_folder_name/" * 12 + "case_0001.nii.gz"
+    code = ("from threedino_pipe.runtime.progress import stderr_console; "
+            f"stderr_console().print('wrote {path} (2 labels)')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"wrote {path} (2 labels)"]

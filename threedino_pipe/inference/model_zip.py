@@ -14,11 +14,10 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from rich.console import Console
-
 from threedino_pipe.artifacts import ModelCard
 from threedino_pipe.runtime.atomic_files import atomic_path
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import stderr_console
 
 MODEL_JSON = ModelCard.FILE
 _RERUN = "3dino finetune"
@@ -47,7 +46,7 @@ def export_zip(run_dir: Path, output: Path, checkpoint: str = "best") -> Path:
     with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
         archive.write(run_dir / MODEL_JSON, MODEL_JSON, compress_type=zipfile.ZIP_DEFLATED)
         archive.write(run_dir / weights, weights, compress_type=zipfile.ZIP_STORED)
-    Console(stderr=True).print(f"wrote {output} ({MODEL_JSON} + {weights} of {run_dir.name})")
+    stderr_console().print(f"wrote {output} ({MODEL_JSON} + {weights} of {run_dir.name})")
     return output
 
 

@@ -39,11 +39,17 @@ class _StatusColumn(ProgressColumn):
         return Text(str(task.fields.get("status", "")), style="cyan")
 
 
+def stderr_console(quiet: bool = False):
+    """A rich console on stderr (silent with ``quiet``). Off a terminal (a batch log) a message stays on one line
+    however long its paths: rich would otherwise wrap it at 80 columns, splitting a path across lines of the log."""
+    from rich.console import Console
+    return Console(stderr=True, soft_wrap=not sys.stderr.isatty(), quiet=quiet)
+
+
 def make_progress() -> Progress:
     """A progress display with count, elapsed time, ETA and a status text, drawn on stderr."""
-    from rich.console import Console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), _StatusColumn(), console=Console(stderr=True),
+                    TimeElapsedColumn(), TimeRemainingColumn(), _StatusColumn(), console=stderr_console(),
                     disable=not enabled(), transient=False)
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from rich.console import Console
-
 from threedino_pipe.artifacts import Fingerprint, Plans, PretrainConfiguration, RunRecord
 from threedino_pipe.planning.planner import cases_passing, largest_smallest_axis
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import stderr_console
 from threedino_pipe.training.pretrain_run import train_run
 from threedino_pipe.training.run_setup import dataset_plans, run_folder, run_lock
 from threedino_pipe.training.simmim_setup import simmim_augmentations, simmim_config
@@ -60,7 +59,7 @@ def run(from_run: Path, *, iteration: int | None = None, iters: int = 12_500, ru
                              augment_device=augment_device)
     recorded = SSLRunConfig.from_options(source.options)
     checkpoint_path, plans_list, config = _sources(from_run, recorded, iteration)
-    console = Console(stderr=True)
+    console = stderr_console()
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:
@@ -118,7 +117,7 @@ def _adapt_simmim(from_run: Path, source: RunRecord, *, iteration: int | None, i
     position embedding interpolated to 7^3, the schedule restarted; returns the new run folder."""
     recorded = SimMIMRunConfig.from_options(source.options)
     checkpoint_path, plans_list, config = _sources(from_run, recorded, iteration)
-    console = Console(stderr=True)
+    console = stderr_console()
     dist = init_distributed(device)
     held = contextlib.ExitStack()
     try:

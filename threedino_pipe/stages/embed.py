@@ -31,7 +31,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from threedino_pipe.artifacts import CasePreprocessing, EmbedRecord
 from threedino_pipe.inference.features import centre_view, extract
@@ -77,7 +76,7 @@ def _output_csv(output: Path) -> Path:
 def run(model: Path, input_path: Path, output: Path, *, layers: int = MAX_LAYERS, avgpool: bool = True,
         device: str = "auto") -> Path:
     """Write the frozen features of every case of ``input_path`` to a CSV table; returns its path."""
-    console = Console(stderr=True)
+    console = progress.stderr_console()
     if not 1 <= layers <= MAX_LAYERS:
         raise UserError(f"--layers {layers} is not 1 or {MAX_LAYERS}", fix=f"pass --layers 1 or --layers {MAX_LAYERS}")
     csv_path = _output_csv(output)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from threedino_pipe.artifacts import CHECKPOINT_FILES, ModelCard, RunRecord
 from threedino_pipe.inference.model_zip import export_zip
 from threedino_pipe.models.weight_files import export_3dino
 from threedino_pipe.runtime.checkpoints import load_checkpoint
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import stderr_console
 from threedino_pipe.training.ssl_setup import source_checkpoint
 from threedino_pipe.training.ssl_trainer import load_ssl_pair, refuse_other_method
 
@@ -98,5 +97,5 @@ def export_teacher(run_dir: Path, output: Path) -> Path:
     config, _, teacher = load_ssl_pair(state)
     export_3dino(teacher.backbone, {"dino_head": teacher.dino_head, "ibot_head": teacher.ibot_head}, output,
                  meta={"run": run_dir.name, "iteration": int(state["iteration"]), "preset": config.preset})
-    Console(stderr=True).print(f"wrote {output} (teacher of {path.name}, iteration {state['iteration']})")
+    stderr_console().print(f"wrote {output} (teacher of {path.name}, iteration {state['iteration']})")
     return Path(output)

@@ -41,7 +41,7 @@ from threedino_pipe.models.segmentation import (
 )
 from threedino_pipe.models.swin import FAMILY as SWIN
 from threedino_pipe.models.swin import repeat_channels
-from threedino_pipe.runtime import paths
+from threedino_pipe.runtime import paths, progress
 from threedino_pipe.runtime.distributed import cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS, resolve_precision
@@ -123,7 +123,7 @@ def run(dataset: str, *, pct: float = 100.0, fold: int = 0, head: str | None = N
     ``<name>__3``, ... that is free or holds this very run, instead of refusing.
     """
     _check_options(head, precision, preset, overlap, iters)
-    console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
+    console = progress.stderr_console(quiet=os.environ.get("RANK", "0") != "0")  # under torchrun rank 0 speaks
     pre, plans = dataset_plans(dataset)
     if plans.task == "classification" or head == "probe":
         _check_probe(pre, plans, head)

@@ -20,6 +20,7 @@ from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.distributed import DistInfo, cleanup, init_distributed
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.precision import PRECISIONS
+from threedino_pipe.runtime.progress import stderr_console
 from threedino_pipe.training.pretrain_run import train_run
 from threedino_pipe.training.run_setup import dataset_plans, run_folder, run_lock
 from threedino_pipe.training.simmim_setup import check_method, simmim_augmentations, simmim_config
@@ -77,7 +78,7 @@ def run(datasets: list[str], *, preset: str | None = None, iters: int = 125_000,
                           "--teacher-temp": overrides.get("teacher_temp_end"), "--budget-hours": budget_hours,
                           "--intensity-prob": intensity_prob},
                  mask_ratio, arch)
-    console = Console(stderr=True)
+    console = stderr_console()
     plans_list = [dataset_plans(d) for d in datasets]
     config = pooled_configuration(plans_list, "pretrain")
     preset = preset or config.preset

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from rich.console import Console
 
 from threedino_pipe.artifacts import CasePreprocessing, ModelCard, VisualizeRecord
 from threedino_pipe.inference.input_cases import InputCase, list_entries, split_ending
@@ -284,6 +283,6 @@ def run(model: Path, scan: Path, output: Path | None = None, *, size: int = DEFA
         device=str(dev), seconds=round(time.perf_counter() - start, 3))
     result.record.write(VisualizeRecord.in_folder(output))
     written = ", ".join(p.name for p in [*result.pngs.values(), *result.niftis.values()])
-    Console(stderr=True).print(f"wrote {output}: {written}; foreground {int(pca.foreground.sum())} of "
+    progress.stderr_console().print(f"wrote {output}: {written}; foreground {int(pca.foreground.sum())} of "
                                f"{pca.foreground.size} patches ({fg_fraction:.1%} of the scan's voxels)")
     return result

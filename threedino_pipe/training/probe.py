@@ -62,6 +62,7 @@ from threedino_pipe.runtime.checkpoints import load_checkpoint, save_checkpoint
 from threedino_pipe.runtime.csv_log import CsvLog
 from threedino_pipe.runtime.device import pick_device
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import stderr_console
 from threedino_pipe.training.probe_grid import (
     LEARNING_RATES,
     GridPoint,
@@ -277,7 +278,7 @@ def run(dataset: str, *, pct: float, fold: int = 0, seed: int = 0, backbone: str
     (``run_name``: ``--run``, else the derived name; ``beside``: as finetune's, a run with other options
     there makes this one ``<name>__2``, ...)."""
     del num_workers  # see the module docstring
-    console = Console(stderr=True)
+    console = stderr_console()
     if iters < 1:
         raise UserError(f"--iters {iters} must be at least 1", fix="pass --iters 1 or more")
     if num_augmentations < 0:
