@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from threedino_pipe.runtime.openmp import passive_openmp
@@ -85,6 +86,24 @@ def run_3dino(*args: str, env: dict | None = None, cwd: Path | None = None,
     full_env.update(env or {})
     return subprocess.run([*THREEDINO, *args], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=timeout)
+
+
+def invoke_3dino(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``3dino`` in this process (typer's CliRunner), for refusals and dry runs, where a subprocess would spend
+    most of its seconds importing torch; the fields of :func:`run_3dino`'s result. A user error is printed as
+    ``3dino`` prints it (``error: ...`` on stderr) with its exit code."""
+    from typer.testing import CliRunner
+
+    from threedino_pipe.cli import app
+    from threedino_pipe.runtime.errors import UserError
+
+    result = CliRunner().invoke(app, list(args), env=env, terminal_width=400)
+    stderr, code = result.stderr, result.exit_code
+    if isinstance(result.exception, UserError):
+        stderr, code = f"{stderr}error: {result.exception.render()}\n", result.exception.exit_code
+    elif result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["3dino", *args], code, result.stdout, stderr)
 
 
 def finetune_briefly(dataset_id: int, env: dict, *, patch: str, iters: int, batch_size: int, lr: float,
@@ -238,6 +257,50 @@ def pytest_sessionfinish(session, exitstatus):
     else:
         print(text, file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ----- a briefly finetuned segmentation model of small CT-like bodies (window skipping, coarse pass) -----
+def small_body_ct_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A 64 x 64 x 24 CT-like case (HU): a small body in a corner of the field, with an organ; labels 1
+    (body), 2 (organ)."""
+    shape = (64, 64, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"), -1)
+    centre = np.array([-16.0, -16.0, 0.0]) + rng.uniform(-2, 2, 3) * [1, 1, 0]
+    body = (((grid - centre) / [7.0, 6.0, 5.0]) ** 2).sum(-1) <= 1
+    organ = body & ((((grid - centre - [2, 0, 0]) / [3.0, 3.0, 3.0]) ** 2).sum(-1) <= 1)
+    hu = np.where(body, 40.0, -1000.0) + 200.0 * organ + rng.normal(0, 10, shape)
+    return hu.astype(np.float32), (body.astype(np.uint8) + organ.astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """A generated CT-like dataset, planned with 32 x 32 x 16 windows, and a unetr model finetuned on it
+    briefly; (the run folder, the folder of a test scan, THREEDINO_* env). Shared by the window-skipping and
+    coarse-pass tests."""
+    from threedino_pipe.artifacts import DatasetJson
+    from threedino_pipe.raw_data.image_io import Geometry, write_image
+
+    root = tmp_path_factory.mktemp("window_skip")
+    raw = root / "raw" / "Dataset994_SmallBodies"
+    rng = np.random.default_rng(11)
+    geo = Geometry(size=(64, 64, 24), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
+                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    for index in range(5):
+        hu, label = small_body_ct_case(rng)
+        write_image(hu, geo, raw / "imagesTr" / f"small_{index:03d}_0000.nii.gz")
+        write_image(label, geo, raw / "labelsTr" / f"small_{index:03d}.nii.gz")
+    DatasetJson.from_data({"name": raw.name, "channel_names": {"0": "CT"}, "numTraining": 5,
+                           "labels": {"background": 0, "body": 1, "organ": 2}, "file_ending": ".nii.gz"},
+                          raw / DatasetJson.FILE).write(raw / DatasetJson.FILE)
+    hu, label = small_body_ct_case(rng)
+    write_image(hu, geo, root / "scan" / "test_0000.nii.gz")
+    env = {"THREEDINO_RAW": str(root / "raw"), "THREEDINO_PREPROCESSED": str(root / "pre"),
+           "THREEDINO_RESULTS": str(root / "results")}
+    finetune_briefly(994, env, patch="32,32,16", iters=40, batch_size=2, lr=0.003)
+    run = next((root / "results" / "Dataset994_SmallBodies").glob("finetune__unetr__*"))
+    yield run, root / "scan", env
+    shutil.rmtree(root, ignore_errors=True)
+
 
 
 # ----- one tiny run per pretraining baseline and tiny natural-image models, shared by several modules -----

@@ -7,7 +7,7 @@ corners, and just outside the body: no window that holds a structure or a voxel 
 computation labels as foreground is skipped by the coarse mask, the windows skipped are exactly those
 whose box misses the mask (and are not air), and the labels equal the full computation's. The
 command-level test runs ``3dino predict --coarse`` and ``--no-coarse`` on the briefly finetuned model of
-tests/test_window_skip.py.
+tests/conftest.py (``finetuned``), shared with tests/test_window_skip.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_predict import one_thread  # noqa: F401 - the fixture: one torch thread
-from test_window_skip import assert_same_labels, finetuned, predict_sides  # noqa: F401 - finetuned: the fixture
+from test_window_skip import assert_same_labels, predict_sides
 
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.air_windows import AirRule, WindowCounts, WindowSkip, all_background, body_mask

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, THREEDINO, run_3dino
+from conftest import REPO, THREEDINO, invoke_3dino, run_3dino
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from monai.metrics import compute_dice
 from typer.main import get_command
@@ -227,7 +227,7 @@ def test_one_percent_of_ten_cases_is_refused_with_the_minimum(mni_preprocessed, 
     assert len(splits.folds[0].train) == 10
     splits.write(dataset / "splits.json")
     env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre), "THREEDINO_RESULTS": str(tmp_path / "results")}
-    result = run_3dino("finetune", "-d", "990", "--pct", "1", "--backbone", "none", "--no-progress", env=env)
+    result = invoke_3dino("finetune", "-d", "990", "--pct", "1", "--backbone", "none", "--no-progress", env=env)
     assert result.returncode != 0
     assert "--pct 1 of the 10 training cases of fold 0 gives 0 cases" in result.stderr
     assert "pass --pct 5 or more" in result.stderr and "Traceback" not in result.stderr
@@ -240,7 +240,7 @@ def test_classification_dataset_needs_the_probe(mni_preprocessed, tmp_path):
     plans = json.loads(open(os.path.join(mni_preprocessed["THREEDINO_PREPROCESSED"], DATASET, "plans.json")).read())
     write_json(pre / "plans.json", {**plans, "task": "classification", "class_names": ["a", "b"]})
     env = {**mni_preprocessed, "THREEDINO_PREPROCESSED": str(pre.parent), "THREEDINO_RESULTS": str(tmp_path / "r")}
-    result = run_3dino("finetune", "-d", "990", "--head", "unetr", "--no-progress", env=env)
+    result = invoke_3dino("finetune", "-d", "990", "--head", "unetr", "--no-progress", env=env)
     assert result.returncode != 0 and "pass --head probe" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -260,7 +260,7 @@ def test_edited_reason_resumes_and_edited_patch_size_refuses(mni_preprocessed, t
     old = plans["configurations"]["finetune"]["patch_size"]
     plans["configurations"]["finetune"]["patch_size"] = [32, *old[1:]]
     plans_path.write_text(json.dumps(plans))
-    refused = run_3dino(*args, env=env)
+    refused = invoke_3dino(*args, env=env)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert f"patch_size: {old} -> {[32, *old[1:]]}" in refused.stderr and "--restart" in refused.stderr
 
@@ -289,7 +289,7 @@ def test_killed_run_resumes_from_checkpoint_latest(env):
     # the same command again: finished; other options: refused with the fix, nothing written
     again = run_3dino(*args, env=env)
     assert again.returncode == 0 and "finished already" in again.stderr
-    other = run_3dino(*args, "--lr", "0.01", env=env)
+    other = invoke_3dino(*args, "--lr", "0.01", env=env)
     assert other.returncode != 0 and "--restart" in other.stderr and "Traceback" not in other.stderr
     assert "lr: 0.001 -> 0.01" in other.stderr
 
@@ -351,13 +351,13 @@ def test_rerun_with_other_options_names_run_and_run_starts_a_second_run_beside_t
         assert torch.equal(value, latest["model"][key]), key
     before = sorted(p.name for p in folder.parent.iterdir())
 
-    other = run_3dino(*args, "--lr", "0.01", env=env)
+    other = invoke_3dino(*args, "--lr", "0.01", env=env)
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert f"pass --run NAME to start a second run beside {folder.name}" in other.stderr, other.stderr
     assert "--run" in {o for p in get_command(app).commands["finetune"].params for o in p.opts}
     assert sorted(p.name for p in folder.parent.iterdir()) == before  # nothing written
 
-    bad = run_3dino(*args, "--lr", "0.01", "--run", "../elsewhere", env=env)
+    bad = invoke_3dino(*args, "--lr", "0.01", "--run", "../elsewhere", env=env)
     assert bad.returncode != 0 and "is not a plain folder name" in bad.stderr and "Traceback" not in bad.stderr
     assert sorted(p.name for p in folder.parent.iterdir()) == before
 

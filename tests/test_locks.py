@@ -103,11 +103,13 @@ def test_two_pretrain_commands_into_one_run_folder(mni_preprocessed, tmp_path):
     latest = tmp_path / "results" / "pretrain" / "shared" / "checkpoint_latest.pt"
     try:
         _wait_for(latest.is_file)  # the first command holds the folder and is training
-        tick = time.monotonic()
+        first.send_signal(signal.SIGSTOP)  # frozen, still holding the folder: what changes now is the second's doing
+        folder = latest.parent
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
         second = run_3dino(*args, env=env)
         assert second.returncode != 0 and "Traceback" not in second.stderr
         assert f"process {first.pid} on" in second.stderr and "pretrain" in second.stderr
-        assert time.monotonic() - tick < 30  # refused before any training (the import of torch takes seconds)
+        assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before  # refused, nothing written
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         again = run_3dino(*args, "--stop-after", "1", env=env)  # takes the lock over and resumes

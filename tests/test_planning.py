@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import THREEDINO, run_3dino
+from conftest import THREEDINO, invoke_3dino, run_3dino
 
 from threedino_pipe.artifacts import DatasetJson, Fingerprint
 from threedino_pipe.artifacts.fingerprint import CaseGeometry, ChannelStatistics, IntensityStatistics
@@ -277,7 +277,7 @@ def test_transpose_crop_and_overrides_on_axis0_data(tmp_path, folders):
 def test_bad_options_and_broken_dataset_write_nothing(synthetic_raw, folders, tmp_path):
     env = {"THREEDINO_RAW": str(synthetic_raw)}
     for flag, value in (("--patch-size", "100,112,64"), ("--target-spacing", "0.8,abc")):
-        result = run_3dino("plan", "-d", "991", flag, value, env=env)
+        result = invoke_3dino("plan", "-d", "991", flag, value, env=env)
         assert_clean_failure(result, flag, "fix:")
     assert list(folders["preprocessed"].iterdir()) == []
 

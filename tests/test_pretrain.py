@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_3dino
+from conftest import REPO, invoke_3dino, run_3dino
 
 from threedino_pipe.models.weight_files import load_backbone
 
@@ -69,7 +69,7 @@ def test_pretrain_writes_every_artifact_resumes_and_refuses_other_options(env, t
     assert len(list(csv.DictReader((runs / "split" / "log.csv").open()))) == 6
 
     # other options in the same folder refuse, naming the difference and the fixes
-    other = run_3dino("pretrain", "-d", "990", *FAST, "--iters", "8", "--run", "once", env=env)
+    other = invoke_3dino("pretrain", "-d", "990", *FAST, "--iters", "8", "--run", "once", env=env)
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert "iters: 6 -> 8" in other.stderr and "--restart" in other.stderr
     assert "pass --run NAME to start a second run beside once" in other.stderr
@@ -138,7 +138,7 @@ def test_augment_device_torch_trains_is_recorded_and_a_resume_must_keep_it(env, 
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
     again = run_3dino(*args, env=env)  # auto: MONAI on a CPU, another random stream
     assert again.returncode != 0 and "augment_device: 'torch' -> 'cpu-monai'" in again.stderr, again.stderr
-    wrong = run_3dino(*args, "--augment-device", "gpu", env=env)
+    wrong = invoke_3dino(*args, "--augment-device", "gpu", env=env)
     assert wrong.returncode != 0 and "unknown --augment-device gpu" in wrong.stderr
     assert "Traceback" not in wrong.stderr
 
@@ -158,7 +158,7 @@ def test_edited_reason_resumes_and_edited_crop_size_refuses(mni_preprocessed, tm
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     plans["configurations"]["pretrain"]["min_axis"] = 20
     plans_path.write_text(json.dumps(plans))
-    refused = run_3dino(*args, env=env)
+    refused = invoke_3dino(*args, env=env)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "plans.Dataset990_MNITissue.min_axis: 24 -> 20" in refused.stderr and "--restart" in refused.stderr
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import THREEDINO, run_3dino
+from conftest import THREEDINO, invoke_3dino, run_3dino
 
 from threedino_pipe.artifacts import Plans, RunRecord, Splits, StudyCell, StudyRecord
 from threedino_pipe.demo.bundled_backbone import BACKBONE
@@ -55,6 +55,11 @@ def study_env(mni_raw, tmp_path_factory) -> dict[str, str]:
 
 def _study(env: dict, *args: str, backbone: Path = BACKBONE) -> subprocess.CompletedProcess:
     return run_3dino("study", "-d", "990", "--backbones", str(backbone), "none", *COMMON, *args, env=env, timeout=900)
+
+
+def _study_here(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """A dry run or a refusal of the same study, in this process (nothing is trained)."""
+    return invoke_3dino("study", "-d", "990", "--backbones", str(BACKBONE), "none", *COMMON, *args, env=env)
 
 
 def _mtimes(*folders: Path) -> dict[str, int]:
@@ -132,9 +137,9 @@ def test_rerun_recomputes_nothing_and_a_deleted_cell_only_itself(full_study, stu
     changed = {p for p in after if before.get(p) != after[p]}
     assert changed and all(f"/cells/{gone}/" in p for p in changed)  # the runs and the other cells: untouched
     assert done.stderr.count("done already") == 7
-    listed = _study(study_env, "--dry-run")
+    listed = _study_here(study_env, "--dry-run")
     assert listed.returncode == 0 and listed.stderr.count("  done  ~") == 8
-    other = _study(study_env, "--name", "longer", "--iters", "4", "--lr", "0.002", "--dry-run")  # from log.csv
+    other = _study_here(study_env, "--name", "longer", "--iters", "4", "--lr", "0.002", "--dry-run")  # from log.csv
     assert other.returncode == 0 and other.stderr.count("to run  ~") == 8 and "iteration time" in other.stderr
     assert "every cell's finetune options: --iters 4 --lr 0.002 (" in other.stderr
     assert not (full_study.parent / "study__longer").exists()
@@ -152,7 +157,7 @@ def test_shares_then_collect_equal_the_full_run_and_the_slurm_task_runs_a_share(
         assert (shares / name).read_bytes() == (full_study / name).read_bytes(), name
     script = tmp_path / "study.sbatch"  # with finetune settings of its own: they reach the cell's run
     settings = ("--batch-size", "1", "--lr", "0.002", "--val-every", "1")
-    assert _study(study_env, "--name", "slurm", *settings, "--emit-slurm", str(script)).returncode == 0
+    assert _study_here(study_env, "--name", "slurm", *settings, "--emit-slurm", str(script)).returncode == 0
     text = script.read_text()
     assert "#SBATCH --array=1-8" in text and '--cells "${SLURM_ARRAY_TASK_ID}/8"' in text
     assert "--iters 2 --batch-size 1 --lr 0.002 --val-every 1" in text
@@ -174,7 +179,8 @@ def test_slurm_tasks_with_several_gpus_run_the_cells_finetune_under_torchrun(ful
     text = slurm.script(["-d", "990", "--gpus-per-cell", "2"], 8, "study__gpus", gpus=2)
     assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --cpus-per-task=8" in text and "#SBATCH --array=1-8" in text
     script = tmp_path / "one_gpu.sbatch"  # G = 1 runs on this CPU: torchrun --standalone with one gloo process
-    assert _study(study_env, "--name", "torchrun", "--gpus-per-cell", "1", "--emit-slurm", str(script)).returncode == 0
+    emitted = _study_here(study_env, "--name", "torchrun", "--gpus-per-cell", "1", "--emit-slurm", str(script))
+    assert emitted.returncode == 0, emitted.stderr
     text = script.read_text()
     assert "#SBATCH --gres=gpu:1" in text and '--gpus-per-cell 1 --cells "${SLURM_ARRAY_TASK_ID}/8"' in text
     task = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"},
@@ -222,10 +228,10 @@ def test_no_test_list_is_refused_and_on_validation_or_imagests_are_used(study_en
     splits.test = []  # as `plan` leaves a dataset of fewer than 20 cases without --test-fraction
     splits.write(Splits.in_folder(pre))
     os.symlink(planned / "finetune", pre / "finetune")  # the same arrays: the runs of the full study are reused
-    done = _study(env, "--dry-run")
+    done = _study_here(env, "--dry-run")
     assert done.returncode == 2 and "--test-fraction" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r").exists()
-    done = _study(env, "--dry-run", "--on-validation")
+    done = _study_here(env, "--dry-run", "--on-validation")
     assert done.returncode == 0 and "(validation)" in done.stderr
     on_validation = {**env, "THREEDINO_RESULTS": study_env["THREEDINO_RESULTS"]}
     done = run_3dino("study", "-d", "990", "--backbones", str(BACKBONE), "none", "--pct", "100", "--seeds", "0",
@@ -237,9 +243,9 @@ def test_no_test_list_is_refused_and_on_validation_or_imagests_are_used(study_en
     for name in ("summary.csv", "tests.csv", "labels_needed.csv"):
         assert pd.read_csv(folder / name)["selection_biased"].all(), name
     assert "Selection-biased" in (folder / "report.html").read_text()
-    done = _study({**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "r2")}, "--dry-run")
+    done = _study_here({**mni_preprocessed, "THREEDINO_RESULTS": str(tmp_path / "r2")}, "--dry-run")
     assert done.returncode == 0 and "(imagesTs)" in done.stderr and "to run" in done.stderr
-    done = _study(study_env, "--reference", "nothing", "--dry-run")
+    done = _study_here(study_env, "--reference", "nothing", "--dry-run")
     assert done.returncode == 2 and "--reference nothing" in done.stderr
-    done = _study(study_env, "--lr", "0", "--dry-run")
+    done = _study_here(study_env, "--lr", "0", "--dry-run")
     assert done.returncode == 2 and "--lr 0 is out of range" in done.stderr and "Traceback" not in done.stderr

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import finetune_briefly, run_3dino
+from conftest import run_3dino
 from test_predict import one_thread  # noqa: F401 - the fixture: one torch thread
 
-from threedino_pipe.artifacts import DatasetJson, PredictLogLine
+from threedino_pipe.artifacts import PredictLogLine
 from threedino_pipe.inference import geometry
 from threedino_pipe.inference.air_windows import (
     AirRule,
@@ -29,7 +29,7 @@ from threedino_pipe.inference.air_windows import (
 )
 from threedino_pipe.inference.blended_rows import BlendedRows, materialise, window_starts
 from threedino_pipe.inference.predictor import EnsembleProbabilities, InferenceOptions, blended_probabilities
-from threedino_pipe.raw_data.image_io import Geometry, read_image, write_image
+from threedino_pipe.raw_data.image_io import read_image
 
 SHAPE = (64, 56, 48)
 PATCH = (16, 16, 16)
@@ -190,44 +190,7 @@ def test_the_probe_turns_skipping_off_for_a_network_that_sees_foreground_in_air(
     assert torch.equal(full.stored, fast.stored)
 
 
-# --------------------------------------------------------------------------- the command, a finetuned model
-
-
-def _ct_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A 64 x 64 x 24 CT-like case (HU): a small body in a corner of the field, with an organ; labels 1
-    (body), 2 (organ)."""
-    shape = (64, 64, 24)
-    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"), -1)
-    centre = np.array([-16.0, -16.0, 0.0]) + rng.uniform(-2, 2, 3) * [1, 1, 0]
-    body = (((grid - centre) / [7.0, 6.0, 5.0]) ** 2).sum(-1) <= 1
-    organ = body & ((((grid - centre - [2, 0, 0]) / [3.0, 3.0, 3.0]) ** 2).sum(-1) <= 1)
-    hu = np.where(body, 40.0, -1000.0) + 200.0 * organ + rng.normal(0, 10, shape)
-    return hu.astype(np.float32), (body.astype(np.uint8) + organ.astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    """A generated CT-like dataset, planned with 32 x 32 x 16 windows, and a unetr model finetuned on it
-    briefly (no session fixture holds a trained segmentation model); the run folder and a test scan."""
-    root = tmp_path_factory.mktemp("window_skip")
-    raw = root / "raw" / "Dataset994_SmallBodies"
-    rng = np.random.default_rng(11)
-    geo = Geometry(size=(64, 64, 24), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
-                   direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
-    for index in range(5):
-        hu, label = _ct_case(rng)
-        write_image(hu, geo, raw / "imagesTr" / f"small_{index:03d}_0000.nii.gz")
-        write_image(label, geo, raw / "labelsTr" / f"small_{index:03d}.nii.gz")
-    DatasetJson.from_data({"name": raw.name, "channel_names": {"0": "CT"}, "numTraining": 5,
-                           "labels": {"background": 0, "body": 1, "organ": 2}, "file_ending": ".nii.gz"},
-                          raw / DatasetJson.FILE).write(raw / DatasetJson.FILE)
-    hu, label = _ct_case(rng)
-    write_image(hu, geo, root / "scan" / "test_0000.nii.gz")
-    env = {"THREEDINO_RAW": str(root / "raw"), "THREEDINO_PREPROCESSED": str(root / "pre"),
-           "THREEDINO_RESULTS": str(root / "results")}
-    finetune_briefly(994, env, patch="32,32,16", iters=40, batch_size=2, lr=0.003)
-    run = next((root / "results" / "Dataset994_SmallBodies").glob("finetune__unetr__*"))
-    return run, root / "scan", env
+# ------------------------------------------- the command, the finetuned model of tests/conftest.py (``finetuned``)
 
 
 def predict_sides(finetuned, tmp_path, sides: dict[str, tuple[str, ...]]) -> tuple[dict, dict, dict]:
