@@ -302,7 +302,6 @@ def finetuned(tmp_path_factory) -> Iterator[tuple[Path, Path, dict[str, str]]]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-
 # ----- one tiny run per pretraining baseline and tiny natural-image models, shared by several modules -----
 SIMMIM = ("pretrain", "-d", "990", "--method", "simmim", "--preset", "tiny", "--iters", "20", "--batch-size", "2",
           "--num-workers", "0", "--precision", "fp32", "--no-progress", "--snapshot-every", "0", "--probe-every", "0")

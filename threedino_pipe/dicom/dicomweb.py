@@ -158,10 +158,13 @@ class DicomWebClient:
         seen: set[str] = set()
         while True:
             page = self._call(what, lambda: search(self.page_size, len(answers)))
-            new = [a for a in page if _uid(a, uid_tag) not in seen]
-            answers.extend(new)
-            seen.update(_uid(a, uid_tag) for a in new)
-            if not new or len(page) < self.page_size:
+            before = len(answers)
+            for answer in page:
+                uid = _uid(answer, uid_tag)
+                if uid not in seen:
+                    seen.add(uid)
+                    answers.append(answer)
+            if len(answers) == before or len(page) < self.page_size:
                 return answers
 
     # --- WADO-RS -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,10 +40,9 @@ class _StatusColumn(ProgressColumn):
         return Text(str(task.fields.get("status", "")), style="cyan")
 
 
-def stderr_console(quiet: bool = False):
+def stderr_console(quiet: bool = False) -> Console:
     """A rich console on stderr (silent with ``quiet``). Off a terminal (a batch log) a message stays on one line
     however long its paths: rich would otherwise wrap it at 80 columns, splitting a path across lines of the log."""
-    from rich.console import Console
     return Console(stderr=True, soft_wrap=not sys.stderr.isatty(), quiet=quiet)
 
 

@@ -284,5 +284,5 @@ def run(model: Path, scan: Path, output: Path | None = None, *, size: int = DEFA
     result.record.write(VisualizeRecord.in_folder(output))
     written = ", ".join(p.name for p in [*result.pngs.values(), *result.niftis.values()])
     progress.stderr_console().print(f"wrote {output}: {written}; foreground {int(pca.foreground.sum())} of "
-                               f"{pca.foreground.size} patches ({fg_fraction:.1%} of the scan's voxels)")
+                                    f"{pca.foreground.size} patches ({fg_fraction:.1%} of the scan's voxels)")
     return result
