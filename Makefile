@@ -25,6 +25,6 @@ demo-backbone: install
 test: install
 	$(BIN)/ruff check threedino_pipe tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30
 
 .PHONY: install demo demo-backbone test

@@ -17,6 +17,10 @@ import pytest
 from threedino_pipe.runtime.openmp import passive_openmp
 
 passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
+# pytest-xdist's workers set COLUMNS=80 and LINES=24: commands under test print as into a batch log, as they do
+# in a one-process session (a test that needs a width sets COLUMNS itself)
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 from threedino_pipe.demo.examples import build_mni_dataset, build_synthetic_dataset  # noqa: E402
 
@@ -219,15 +223,6 @@ def one_torch_thread() -> Iterator[None]:
 #: (pyproject.toml: tmp_path_retention_policy = "failed"); a failed test keeps its tmp_path, and then the
 #: module fixtures' folders stay too (the session fixtures above remove theirs); DEVELOPERS.md, "Tests"
 LEFT_BEHIND_LIMIT_MB = float(os.environ.get("THREEDINO_TEST_LEFT_BEHIND_MB", "300"))
-_SESSION_FOLDER: list[Path] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_folder(tmp_path_factory) -> None:
-    """Remember this session's temporary folder for :func:`pytest_sessionfinish`."""
-    _SESSION_FOLDER.append(tmp_path_factory.getbasetemp())
-
-
 def folder_megabytes(folder: Path) -> float:
     """Bytes of the files under ``folder`` (links not followed), in MB."""
     total = 0
@@ -241,13 +236,18 @@ def folder_megabytes(folder: Path) -> float:
 @pytest.hookimpl(trylast=True)  # after pytest's own clean-up of the temporary folders
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session when what it leaves under the temporary folder exceeds LEFT_BEHIND_LIMIT_MB."""
-    if not _SESSION_FOLDER or not _SESSION_FOLDER[0].is_dir() or session.config.option.basetemp:
+    if hasattr(session.config, "workerinput"):
+        return  # a pytest-xdist worker: the controller checks the whole folder, its workers' included
+    factory = getattr(session.config, "_tmp_path_factory", None)  # what the tmp_path_factory fixture returns
+    folder = getattr(factory, "_basetemp", None)  # set once a test asked for a temporary folder
+    if folder is None or not folder.is_dir() or session.config.option.basetemp:
         return  # nothing left, or a --basetemp the user chose to keep
-    folder = _SESSION_FOLDER[0]
     left = folder_megabytes(folder)
     if left <= LEFT_BEHIND_LIMIT_MB:
         return
-    largest = sorted(((folder_megabytes(p), p.name) for p in folder.iterdir() if p.is_dir()), reverse=True)[:8]
+    tops = [p for p in folder.iterdir() if p.is_dir()]
+    tops = [q for p in tops for q in (p.iterdir() if p.name.startswith("popen-gw") else [p]) if q.is_dir()]
+    largest = sorted(((folder_megabytes(p), p.name) for p in tops), reverse=True)[:8]
     listed = ", ".join(f"{name} {mb:.0f} MB" for mb, name in largest)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     text = (f"this test session leaves {left:.0f} MB in {folder}, more than the bound of {LEFT_BEHIND_LIMIT_MB:g} "

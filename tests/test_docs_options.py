@@ -45,7 +45,8 @@ CLI_PAGE = DOCS / "cli.md"
 COMMON = ("--verbose", "-v", "--no-progress")
 TOP_LEVEL = ("--version", "--help")
 # a code span starting with one of these is another program's command line, whose options are not ours
-FOREIGN_PROGRAM_RE = re.compile(r"(torchrun|srun|sbatch|#SBATCH|salloc|python3?|pip|nvidia-smi|nnUNetv2_\w+|\S+\.py)$")
+FOREIGN_PROGRAM_RE = re.compile(
+    r"(torchrun|srun|sbatch|#SBATCH|salloc|python3?|pip|pytest|nvidia-smi|nnUNetv2_\w+|\S+\.py)$")
 # pages whose prose may name options of something else than a command (their command lines are still checked)
 MENTIONS_EXEMPT = {"benchmarks.md": "names the options of the benchmarks/ scripts"}
 

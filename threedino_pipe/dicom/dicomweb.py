@@ -10,7 +10,6 @@ so that one policy governs.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import struct
@@ -80,7 +79,7 @@ SERIES_UID_TAG = "0020000E"  # SeriesInstanceUID
 def _uid(answer: dict, tag: str) -> str:
     """The UID ``tag`` of one DICOM JSON answer (the whole answer as text when it lacks one)."""
     values = answer.get(tag, {}).get("Value")
-    return str(values[0]) if values else json.dumps(answer, sort_keys=True)
+    return str(values[0]) if values else repr(sorted(answer.items()))
 
 
 class DicomWebClient:
