@@ -33,6 +33,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
+#: test files that share an expensive session fixture of this file, kept in one pytest-xdist worker (each worker
+#: builds the session fixtures its own tests use): SSL runs and transformers folders, the finetuned small-body model
+SHARED_FIXTURE_FILES = {name: group for group, names in {
+    "ssl_runs": ("test_simmim.py", "test_tang.py", "test_swin.py", "test_natural_backbone.py"),
+    "small_body_model": ("test_window_skip.py", "test_coarse_pass.py"),
+}.items() for name in names}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not loaded
+def pytest_xdist_make_scheduler(config, log):
+    """With ``--dist loadfile`` (`make test`), each file is one unit of work as usual, except that the files of
+    one SHARED_FIXTURE_FILES group form a single unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE_FILES.get(Path(path).name, path)
+
+    return SharedFixtureFileScheduling(config, log)
+
+
 @pytest.fixture
 def folders(tmp_path, monkeypatch) -> dict[str, Path]:
     """Fresh raw/preprocessed/results folders, exported as THREEDINO_* for this test."""

@@ -1,3 +1,7 @@
 """threedino-pipe: self-configuring 3D self-supervised ViT pretraining (3DINO) and finetuning."""
 
+from threedino_pipe.runtime import lean_monai
+
+lean_monai.install()  # before any module imports MONAI: it then skips transformers' BERT (6 s per command)
+
 __version__ = "0.1.0"
