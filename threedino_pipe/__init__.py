@@ -2,6 +2,6 @@
 
 from threedino_pipe.runtime import lean_monai
 
-lean_monai.install()  # before any module imports MONAI: it then skips transformers' BERT (6 s per command)
+lean_monai.install()  # before any module imports MONAI: it then skips libraries we never use (6-8 s per command)
 
 __version__ = "0.1.0"

@@ -1,13 +1,17 @@
-"""MONAI imported without the transformers models it would load at once.
+"""MONAI imported without the optional libraries of MONAI modules threedino-pipe never uses.
 
-``import monai`` runs every MONAI module; one of them (``monai.networks.nets.transchex``) imports transformers'
-BERT whenever transformers is installed (the ``natural`` extra, and the test extra), which made every command
-that imports MONAI about 6 s slower on 2 cores (torch + MONAI + SimpleITK: 14.5 s with transformers
-installed, 8.5 s without; ``benchmarks/import_time.py``). No part of threedino-pipe uses those MONAI networks,
-so :func:`install` (called by ``threedino_pipe/__init__.py``) makes transformers read as not installed while
-MONAI's own package runs its imports, and only then: afterwards ``import transformers`` works as usual
-(``models.natural2d``). MONAI's transformers-based networks then raise MONAI's "optional import" error if
-called. Where MONAI or transformers was imported before threedino_pipe, nothing changes.
+``import monai`` runs every MONAI module, and some of them import large optional libraries at once:
+``monai.networks.nets.transchex`` transformers' BERT (when transformers is installed: the ``natural`` extra,
+and the test extra), ``monai.transforms.signal`` and ``monai.data.ultrasound_confidence_map``
+``scipy.signal``, ``monai.visualize`` and ``monai.optimizers.lr_finder`` ``matplotlib.pyplot``,
+``monai.transforms.utils`` ``skimage.morphology``. Together they made every command that imports MONAI 6-8 s
+slower to start on 2 cores (``benchmarks/import_time.py``). threedino-pipe uses none of those MONAI parts (its
+MONAI imports: the intensity and flip transforms, losses, Dice, UNETR blocks, SwinUNETR, the sliding-window
+helpers), so :func:`install` (called by ``threedino_pipe/__init__.py``) makes those libraries read as not
+installed while MONAI's own package runs its imports, and only then: afterwards they import as usual
+(``models.natural2d`` imports transformers, the plots matplotlib.pyplot). The MONAI parts that needed them
+raise MONAI's "optional import" error if called. A library imported before MONAI is left as it is, and where
+MONAI was imported before threedino_pipe nothing changes.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import importlib.abc
 import sys
 from types import ModuleType
 
-_HIDDEN = "transformers"
+#: optional libraries of MONAI modules threedino-pipe does not use, hidden while MONAI's package imports
+HIDDEN = ("transformers", "scipy.signal", "matplotlib.pyplot", "skimage.morphology")
 
 
-class _HideTransformersWhileRunning(importlib.abc.Loader):
-    """Wraps MONAI's package loader: while its ``__init__`` runs, ``sys.modules["transformers"]`` is None
-    (importing it raises ImportError, which MONAI's optional imports expect)."""
+class _HideWhileRunning(importlib.abc.Loader):
+    """Wraps MONAI's package loader: while its ``__init__`` runs, ``sys.modules[name]`` is None for each name of
+    HIDDEN not imported yet (importing it raises ImportError, which MONAI's optional imports expect)."""
 
     def __init__(self, inner: importlib.abc.Loader) -> None:
         self._inner = inner
@@ -30,14 +35,15 @@ class _HideTransformersWhileRunning(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        hide = _HIDDEN not in sys.modules
-        if hide:
-            sys.modules[_HIDDEN] = None  # type: ignore[assignment]
+        hidden = [name for name in HIDDEN if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]
         try:
             self._inner.exec_module(module)
         finally:
-            if hide and sys.modules.get(_HIDDEN, ModuleType(_HIDDEN)) is None:
-                del sys.modules[_HIDDEN]
+            for name in hidden:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
 
     def __getattr__(self, name: str):  # is_package, get_resource_reader, ... of the wrapped loader
         return getattr(self._inner, name)
@@ -55,7 +61,7 @@ class _MonaiFinder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _HideTransformersWhileRunning(spec.loader)
+                    spec.loader = _HideWhileRunning(spec.loader)
                 return spec
         return None
 
