@@ -312,7 +312,7 @@ def _derived(k: int, ds) -> None:
 def test_a_chosen_series_that_cannot_be_read_falls_back_to_the_next(tree, project, tmp_path):  # noqa: F811
     """The top-ranked CT series has a slice whose pixels cannot be decoded: the study is predicted from the
     second, series_selection.csv and predict_log.jsonl say so, and QC flags series_ranked_second; a study with
-    nothing to fall back to fails as before, naming its series."""
+    nothing to fall back to fails, naming its series, and both files mark that series unreadable."""
     run = _copy_run(project["run_a"], tmp_path / "ct_run", channel_names={"0": "CT"})
     ct, inputs = tree["good"]["ct"], tmp_path / "in"
     study_uid, first = _restudy(ct, inputs / "s" / "a", "fallback-first", _cut_pixels, study_tag="fallback")
@@ -341,7 +341,10 @@ def test_a_chosen_series_that_cannot_be_read_falls_back_to_the_next(tree, projec
     failure, = _rows(out / "failures.csv")  # nothing else to read: the study fails as before
     assert failure["case"] == keys[lone_study] and lone in failure["error"]
     assert "cannot decode the pixel data" in failure["error"] and lines[keys[lone_study]].outcome == "failed"
-    assert rows[lone]["status"] == "chosen" and lines[keys[lone_study]].series_fallbacks == []
+    assert rows[lone]["status"] == "unreadable" and "cannot decode the pixel data" in rows[lone]["reason"]
+    assert "no usable series of the channel can be read, so the study failed" in rows[lone]["reason"]
+    tried, = lines[keys[lone_study]].series_fallbacks  # the failed line names the series tried, none read instead
+    assert (tried.channel, tried.series_uid, tried.read_instead, tried.rank) == ("CT", lone, "", None)
 
 
 def test_keep_patient_names_names_outputs_by_patient_id(tree, project, tmp_path):  # noqa: F811 - the fixture

@@ -3,7 +3,7 @@
 Each line is one JSON object (kind ``predict_log_line``): the case, its inputs (the chosen
 SeriesInstanceUID per channel for a DICOM study, the file per channel for image files; for a
 DICOM channel whose chosen series could not be read, ``series_fallbacks`` says why and which series
-was read instead), the
+was read instead, or on a failed case's line that none could be), the
 models' checksums, the options, start and end time (UTC, ISO 8601), the outcome (``predicted`` or
 ``failed`` with the message), the files written and, for DICOM results, their SOPInstanceUIDs;
 ``sends`` lists the result objects acknowledged by a destination; ``windows`` counts a segmented case's
@@ -83,13 +83,14 @@ class SentObject(Record):
 class SeriesFallback(Record):
     """A channel's series that could not be read (``series_uid``, ``reason``: the problem, UIDs but no patient
     data) and the series read instead (``read_instead``, of rank ``rank`` among the study's usable series of
-    its modality)."""
+    its modality; ``""`` and null on a failed case's line, when no usable series of the channel could be
+    read)."""
 
     channel: str
     series_uid: str
     reason: str
-    read_instead: str
-    rank: int = Field(ge=2)
+    read_instead: str = ""
+    rank: int | None = Field(default=None, ge=2)
 
 
 class PredictLogLine(Artifact):
@@ -102,7 +103,7 @@ class PredictLogLine(Artifact):
 
     case_id: str
     series_uids: dict[str, str] = {}  # DICOM: channel name -> SeriesInstanceUID read (after a fallback: that one)
-    series_fallbacks: list[SeriesFallback] = []  # DICOM: chosen series that could not be read, and what was instead
+    series_fallbacks: list[SeriesFallback] = []  # DICOM: series that could not be read, and what was instead
     files: dict[str, str] = {}  # image files: channel name -> path as given
     models: list[ModelIdentity] = Field(min_length=1)
     options: PredictOptions

@@ -336,17 +336,20 @@ def _study_ranks(chosen: Mapping[str, SeriesRecord], ranked: Mapping[str, Sequen
 def with_read_fallbacks(selection: StudySelection, fallbacks: Sequence[tuple[str, str, str]]) -> StudySelection:
     """``selection`` with its decisions updated after reading: each (series UID, problem, series read instead)
     of ``fallbacks`` marks that series ``unreadable`` (it was chosen or tried, and its pixels could not be
-    read) and the series read instead ``chosen`` (its reason naming the series it replaced)."""
+    read) and the series read instead ``chosen`` (its reason naming the series it replaced); with no series
+    read instead (``""``: none of the channel's could be read, the study failed) the reason says so."""
     dropped = {uid: (problem, used) for uid, problem, used in fallbacks}
     replaced: dict[str, str] = {}
     for uid, _, used in fallbacks:
-        replaced.setdefault(used, uid)  # the first series dropped for it: the one selection chose
+        if used:
+            replaced.setdefault(used, uid)  # the first series dropped for it: the one selection chose
     decisions = []
     for decision in selection.decisions:
         if decision.series_uid in dropped:
             problem, used = dropped[decision.series_uid]
-            decision = replace(decision, status="unreadable",
-                               reason=f"cannot be read ({problem}); series {used} was read instead")
+            instead = f"series {used} was read instead" if used else \
+                "no usable series of the channel can be read, so the study failed (failures.csv)"
+            decision = replace(decision, status="unreadable", reason=f"cannot be read ({problem}); {instead}")
         elif decision.series_uid in replaced:
             decision = replace(decision, status="chosen", reason=f"read instead of series "
                                f"{replaced[decision.series_uid]}, which cannot be read; {decision.reason}")

@@ -164,8 +164,7 @@ class CaseLog:
 
 
 def logged_fallbacks(path: Path) -> list[tuple[str, str, str]]:
-    """(series that could not be read, the problem, series read instead) of every case whose last line in the
-    ``predict_log.jsonl`` at ``path`` says it was predicted (for ``series_selection.csv``)."""
+    """(series that could not be read, the problem, series read instead or ``""`` when none could be) of every
+    case's last line in the ``predict_log.jsonl`` at ``path`` (for ``series_selection.csv``)."""
     last = {line.case_id: line for line in PredictLogLine.read_lines(path)}
-    return [(f.series_uid, f.reason, f.read_instead) for line in last.values() if line.outcome == "predicted"
-            for f in line.series_fallbacks]
+    return [(f.series_uid, f.reason, f.read_instead) for line in last.values() for f in line.series_fallbacks]

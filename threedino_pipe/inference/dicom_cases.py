@@ -189,12 +189,22 @@ def patient_names(dicom: DicomInput, keys: StudyKeys) -> dict[str, str]:
     return names
 
 
+class NoReadableSeries(UserError):
+    """No usable series of a study's channel can be read: ``dropped`` holds each series tried, with its problem
+    (``ReadFallback`` without a series read instead), for the case's predict_log line and series_selection.csv."""
+
+    def __init__(self, problem: str, *, file: str | None, fix: str | None,
+                 dropped: tuple[ReadFallback, ...]) -> None:
+        super().__init__(problem, file=file, fix=fix)
+        self.dropped = dropped
+
+
 def _read_channel(case: InputCase, index: int) -> tuple[SeriesRecord, SeriesVolume, list[ReadFallback]]:
     """Channel ``index`` of a DICOM study as read: its chosen series, or when that cannot be read the first of
     its alternatives (``InputCase.alternatives``) that can, with a :class:`ReadFallback` per series dropped.
 
     Raises:
-        UserError: no series of the channel can be read (the chosen one's problem, naming the others').
+        NoReadableSeries: no series of the channel can be read (the chosen one's problem, naming the others').
     """
     series = case.series[index]
     try:
@@ -212,11 +222,10 @@ def _read_channel(case: InputCase, index: int) -> tuple[SeriesRecord, SeriesVolu
                     case.case_id, series.series_uid, first.problem, index, alternative.series_uid, rank)
         return alternative, volume, [ReadFallback(index, uid, exc.problem, alternative.series_uid, rank)
                                      for uid, exc in dropped]
-    if len(dropped) == 1:
-        raise first
     others = "; ".join(f"series {uid}: {exc.problem}" for uid, exc in dropped[1:])
-    raise UserError(f"{first.problem}; no other usable series of the channel can be read either ({others})",
-                    file=first.file, fix=first.fix)
+    raise NoReadableSeries(first.problem + (f"; no other usable series of the channel can be read either ({others})"
+                                            if others else ""), file=first.file, fix=first.fix,
+                           dropped=tuple(ReadFallback(index, uid, exc.problem) for uid, exc in dropped))
 
 
 def read_study(case: InputCase) -> tuple[list[SeriesVolume], InputCase]:

@@ -39,13 +39,14 @@ _MAX_LISTED = 20
 @dataclass(frozen=True)
 class ReadFallback:
     """A channel's series that could not be read (``dropped``, with the problem) and the series read instead
-    (``used``, of rank ``rank`` among the study's usable series of its modality)."""
+    (``used``, of rank ``rank`` among the study's usable series of its modality; ``""`` and None when no usable
+    series of the channel could be read, and the study failed)."""
 
     channel: int
     dropped: str
     problem: str
-    used: str
-    rank: int
+    used: str = ""
+    rank: int | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Every case gets a line of ``predict_log.jsonl`` (inputs, models, options, times,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from dataclasses import asdict, dataclass
@@ -35,7 +36,13 @@ from threedino_pipe.evaluation.qc_report import QcBatch
 from threedino_pipe.inference import folder_runner
 from threedino_pipe.inference.case_log import CaseLog, logged_fallbacks
 from threedino_pipe.inference.case_outputs import CaseOutputs, parse_formats
-from threedino_pipe.inference.dicom_cases import DicomInput, index_dicom_input, parse_rules, select_dicom
+from threedino_pipe.inference.dicom_cases import (
+    DicomInput,
+    NoReadableSeries,
+    index_dicom_input,
+    parse_rules,
+    select_dicom,
+)
 from threedino_pipe.inference.fold_runs import runs_for_folds
 from threedino_pipe.inference.input_cases import InputCase, discover_cases
 from threedino_pipe.inference.model_loading import LoadedModel, load_models
@@ -344,10 +351,17 @@ def _run_shard(cases: list[InputCase], loaded: list[LoadedModel], inference: Inf
             rows.append(_prediction_row(result, list(card.class_names)))
             folder_runner.write_csv(predictions_path, header, rows)
 
+    def prepare(case: InputCase):
+        try:
+            return prepare_case(case_log.start(case), recipe, inference.qc)
+        except NoReadableSeries as exc:  # the failed case's line (and series_selection.csv) names each series tried
+            case_log.read(dataclasses.replace(case, fallbacks=exc.dropped))
+            raise
+
     case_log.failed_before(failed_before)
     case_log.sent_earlier_results([c for c in mine if c.case_id in done])
     outcome = folder_runner.run_cases(
-        todo, prepare=lambda case: prepare_case(case_log.start(case), recipe, inference.qc),
+        todo, prepare=prepare,
         predict=predict_and_send,
         failures_path=folder_runner.part_path(output_dir, folder_runner.FAILURES, ranks.rank, ranks.world_size),
         num_workers=num_workers, on_result=on_result, failed_before=failed_before, on_case=case_log.done)
