@@ -35,11 +35,10 @@ import statistics
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from common import invocation, machine_info, openmp_like_3dino, sync, write_json
+from common import dated_result_path, invocation, machine_info, openmp_like_3dino, sync, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from threedino_pipe.training_data.torch_augmentations import BatchAugmenter  # noqa: E402
@@ -154,9 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.volumes, args.gpu_volumes, args.global_size, args.local_size = 1, 2, 24, 16
         args.repeats, args.gpu_repeats = 1, 2
     if args.out is None:
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        name = "augment_throughput_quick.json" if args.quick else "augment_throughput.json"
-        args.out = Path(__file__).resolve().parent / "results" / date / name
+        args.out = dated_result_path("augment_throughput", args.quick)
     return args
 
 

@@ -236,6 +236,13 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def dated_result_path(name: str, quick: bool = False) -> Path:
+    """``benchmarks/results/<UTC date>/<name>.json`` (``<name>_quick.json`` for a ``--quick`` run)."""
+    from datetime import datetime, timezone
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return Path(__file__).resolve().parent / "results" / date / f"{name}{'_quick' if quick else ''}.json"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)

@@ -26,10 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from common import invocation, machine_info, write_json
+from common import dated_result_path, invocation, machine_info, write_json
 
 VARIANTS = {
     "monai as installed": "import torch, monai, SimpleITK",
@@ -55,9 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.repeats = 1
     if args.out is None:
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        name = "import_time_quick.json" if args.quick else "import_time.json"
-        args.out = Path(__file__).resolve().parent / "results" / date / name
+        args.out = dated_result_path("import_time", args.quick)
     return args
 
 
