@@ -16,6 +16,11 @@ import pytest
 
 from threedino_pipe.runtime.openmp import passive_openmp
 
+# pytest-xdist's workers share the cores: each, and every command it starts, runs cores / workers OpenMP threads
+# (torch reads OMP_NUM_THREADS when it loads; 2 threads per worker on 2 cores only made them take turns)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 passive_openmp()  # as the `3dino` command does, before anything loads torch (docs/cli.md)
 # pytest-xdist's workers set COLUMNS=80 and LINES=24: commands under test print as into a batch log, as they do
 # in a one-process session (a test that needs a width sets COLUMNS itself)
