@@ -252,6 +252,8 @@ def one_torch_thread() -> Iterator[None]:
 #: (pyproject.toml: tmp_path_retention_policy = "failed"); a failed test keeps its tmp_path, and then the
 #: module fixtures' folders stay too (the session fixtures above remove theirs); DEVELOPERS.md, "Tests"
 LEFT_BEHIND_LIMIT_MB = float(os.environ.get("THREEDINO_TEST_LEFT_BEHIND_MB", "300"))
+
+
 def folder_megabytes(folder: Path) -> float:
     """Bytes of the files under ``folder`` (links not followed), in MB."""
     total = 0
