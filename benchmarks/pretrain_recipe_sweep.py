@@ -47,6 +47,11 @@ VARIANTS = {
     "auto + queue 32": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "32"],
     "auto + queue 128": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "128"],
     "auto + queue 512": ["--recipe", "auto", "--centering", "sinkhorn_queue", "--queue-size", "512"],
+    "auto + fixed prototypes": ["--recipe", "auto", "--freeze-last-layer-iters", "1000000"],
+    "auto + fixed prototypes + temp 0.04": ["--recipe", "auto", "--freeze-last-layer-iters", "1000000",
+                                            "--teacher-temp", "0.04"],
+    "auto + fixed prototypes + queue": ["--recipe", "auto", "--freeze-last-layer-iters", "1000000", "--centering",
+                                        "sinkhorn_queue", "--ibot-centering", "sinkhorn_queue"],
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 from conftest import THREEDINO
 from dicom_fixtures import free_port
 from test_dicom_pacs import identifiers, seg_instances, study_files
-from test_predict import one_thread, project  # noqa: F401 - fixtures: one torch thread; plans, runs and scans
+from test_predict import _copy_run, one_thread, project  # noqa: F401 - fixtures: one torch thread; plans, runs, scans
 
 from threedino_pipe.artifacts import StudyKeys, read_journal
 from threedino_pipe.artifacts.journal import CRASH_EXIT_CODE, CRASH_HOOK, JournalLine
@@ -35,13 +35,15 @@ ENV = {"OMP_NUM_THREADS": "1"}
 NODE_AET = "LISTENER"
 
 
-def _start(folder: Path, port: int, model: Path, send_to: str, log: Path, crash: str | None = None
-           ) -> subprocess.Popen:
-    env = {**os.environ, **ENV}
+def _start(folder: Path, port: int, model: Path | list[str], send_to: str, log: Path, crash: str | None = None,
+           env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    """The node as a subprocess; ``model`` a run folder (-m) or the model options themselves (-d/-f ...)."""
+    env = {**os.environ, **ENV, **(env_extra or {})}
     env.pop(CRASH_HOOK, None)
     if crash:
         env[CRASH_HOOK] = crash
-    command = [*THREEDINO, "listen", "-o", str(folder), "-m", str(model), "--ae-title", NODE_AET, "--port", str(port),
+    models = ["-m", str(model)] if isinstance(model, Path) else model
+    command = [*THREEDINO, "listen", "-o", str(folder), *models, "--ae-title", NODE_AET, "--port", str(port),
                "--quiet-seconds", "2", "--send-to", send_to, "--retry-seconds", "1", "--output-format",
                "dicom-seg,rtstruct", "--device", "cpu"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("ab"), env=env)
@@ -98,7 +100,12 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
     mr, ct = dicom_studies[1]["mr"], dicom_studies[1]["ct"]
     folder, port, log = tmp_path / "node", free_port(), tmp_path / "listen_stderr.log"
     destination = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
-    node = _start(folder, port, project["run_a"], destination, log, crash="sent:1")
+    # the model chosen as predict's `-d 995 -f 0` would; probabilities kept in the results folder, not sent
+    results = tmp_path / "results"
+    _copy_run(project["run_a"], results / "Dataset995_Bodies" / "finetune__linear__none__pct100__fold0__seed0")
+    models = ["-d", "995", "-f", "0", "--save-probabilities"]
+    env = {"THREEDINO_RESULTS": str(results)}
+    node = _start(folder, port, models, destination, log, crash="sent:1", env_extra=env)
     try:
         client = DimseClient(DicomNode(NODE_AET, "127.0.0.1", port), retry=RetryPolicy(480, 0.25, 1.0, 0.25))
         client.echo()  # waits (bounded: 480 tries, 2 min) until the node listens
@@ -117,7 +124,7 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
     assert len(_events(folder, "sent", mr_key)) == 1 and not _events(folder, "done", mr_key)
     assert orthanc.rest("/statistics")["CountInstances"] == 1  # the first result object only
 
-    node = _start(folder, port, project["run_a"], destination, log)
+    node = _start(folder, port, models, destination, log, env_extra=env)
     try:
         _wait_for(lambda: _events(folder, "done", mr_key) and _events(folder, "predicted", ct_key), 300,
                   "the MR study's `done` and the CT study's `predicted`", node, folder, log)
@@ -143,6 +150,7 @@ def test_listen_killed_mid_study_and_restarted_sends_each_result_once(orthanc, d
     assert failed.outcome == "failed" and "no usable MR series" in failed.error  # the node went on
     text = (folder / "listen.log").read_text()
     assert f"study {mr_key}: done" in text and "stopped" in text
+    assert len(list((folder / "results" / mr_key).glob("*_probabilities.npz"))) == 1
     secrets = [s for s in identifiers(mr) + identifiers(ct) if s != "Test"]  # not pytest's folder names
     for path in folder.rglob("*"):
         assert not any(s in path.name for s in secrets), path
@@ -195,3 +203,15 @@ def test_journal_replay_cycles_and_a_torn_last_line(tmp_path):
     apply(replayed, Journal(path).add("started", "k", cycle=2))
     apply(replayed, Journal(path).add("predicted", "k", cycle=2, outcome="failed", error="no usable MR series"))
     assert replayed["k"].phase == "failed" and replayed["k"].results_name() == "k-2"
+
+
+def test_listen_refuses_a_half_or_double_model_selection_before_starting(project, tmp_path):  # noqa: F811
+    """-d/-f choose the node's models as for predict; a wrong selection stops it before it listens or writes."""
+    from typer.testing import CliRunner
+
+    from threedino_pipe.cli import app
+    for args, text in ((["-f", "0"], "pass -d DATASET"), (["-d", "995"], "needs -f"),
+                       (["-m", str(project["run_a"]), "-d", "995", "-f", "0"], "either -m"), ([], "no model given")):
+        result = CliRunner().invoke(app, ["listen", "-o", str(tmp_path / "node"), "--port", str(free_port()), *args])
+        assert result.exit_code != 0 and text in result.exception.render(), (args, result.output)
+    assert not (tmp_path / "node").exists()

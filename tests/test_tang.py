@@ -158,6 +158,7 @@ def test_tang_refusals(mni_preprocessed, tmp_path):
              ((*TANG, "--arch", "resnet"), "unknown --arch resnet"),
              ((*TANG, "--mask-ratio", "0.5"), "--mask-ratio is SimMIM's option (--method tang"),
              ((*TANG, "--koleo-weight", "0.2"), "--koleo-weight is a 3DINO option; --method tang"),
+             ((*TANG, "--freeze-last-layer-iters", "10"), "--freeze-last-layer-iters is a 3DINO option; --method tang"),
              ((*TANG, "--layerscale-init", "0.1"), "--method tang trains encoders without LayerScale"),
              ((*TANG, "--augment-device", "torch"), "--method tang crops in the data-loading workers")]
     runner = CliRunner()

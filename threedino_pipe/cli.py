@@ -187,6 +187,10 @@ def pretrain(
     warmup_iters: Annotated[int | None, typer.Option("--warmup-iters", min=0, help="Learning-rate warm-up in "
                                                      "iterations (default: the recipe's; the paper: a tenth of "
                                                      "--iters).")] = None,
+    freeze_last_layer_iters: Annotated[int | None, typer.Option("--freeze-last-layer-iters", min=0, help="Keep the "
+                                                                "heads' prototypes (last layers) fixed for this many "
+                                                                "iterations (default: the recipe's; the paper: the "
+                                                                "first 1 %).")] = None,
     teacher_temp: Annotated[float | None, typer.Option("--teacher-temp", min=0.001, help="Teacher temperature "
                                                        "reached after the warm-up from 0.04 (default: the "
                                                        "recipe's; the paper: 0.07).")] = None,
@@ -218,7 +222,7 @@ def pretrain(
     from threedino_pipe.stages import pretrain as stage
     overrides = {"centering": centering, "ibot_centering": ibot_centering, "queue_size": queue_size, "peak_lr": peak_lr,
                  "momentum_start": momentum_start, "layerscale_init": layerscale_init, "warmup_iters": warmup_iters,
-                 "teacher_temp_end": teacher_temp}
+                 "teacher_temp_end": teacher_temp, "freeze_last_layer_iters": freeze_last_layer_iters}
     stage.run(list(datasets) + list(more or []), preset=preset, iters=iters, batch_size=batch_size,
               run_name=run_name, stop_after=stop_after, restart=restart, seed=seed, num_workers=num_workers,
               device=device, precision=precision, drop_path=drop_path, koleo_weight=koleo_weight, base_lr=base_lr,
@@ -349,6 +353,17 @@ def embed(
     stage.run(model, input_dir, output, layers=layers, avgpool=avgpool, device=device)
 
 
+def _fold_selection(dataset: str | None, folds: list[int] | None, more_folds: list[int] | None, head: str | None,
+                    pct: float | None, seed: int | None):
+    """``-d DATASET -f F [F ...]`` (the folds after -f arrive as the FOLDS argument) as a FoldSelection."""
+    from threedino_pipe.stages.predict import FoldSelection
+    if more_folds and not folds:
+        raise UserError(f"unexpected argument(s) {' '.join(map(str, more_folds))}",
+                        fix="fold numbers follow -f (-d 501 -f 0 1 2 3 4); models follow -m")
+    return FoldSelection(dataset=dataset, folds=tuple([*(folds or []), *(more_folds or [])]), head=head, pct=pct,
+                         seed=seed)
+
+
 @app.command()
 def predict(
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
@@ -425,11 +440,7 @@ def predict(
     """Predict every case of a folder into the input's exact geometry (exit 1 if any case failed)."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import predict as stage
-    if more_folds and not folds:
-        raise UserError(f"unexpected argument(s) {' '.join(map(str, more_folds))}",
-                        fix="fold numbers follow -f (-d 501 -f 0 1 2 3 4); models follow -m")
-    selection = stage.FoldSelection(dataset=dataset, folds=tuple([*(folds or []), *(more_folds or [])]), head=head,
-                                    pct=pct, seed=seed)
+    selection = _fold_selection(dataset, folds, more_folds, head, pct, seed)
     raise typer.Exit(stage.run(input_dir, output_dir, model or [], overlap=overlap, tta=tta, resume=resume,
                                save_probabilities=save_probabilities, window_batch_size=window_batch_size,
                                device=device, precision=precision, num_workers=num_workers, checkpoint=checkpoint,
@@ -444,8 +455,17 @@ def predict(
 def listen(
     output_dir: Annotated[Path, typer.Option("--output", "-o", help="The node's folder: incoming/, results/, "
                           "journal.jsonl, listen.log (created; a restart in the same folder resumes).")],
-    model: Annotated[list[Path], typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat for "
-                     "several folds (averaged).")],
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m", help="Finetune run folder or model zip; repeat "
+                     "for several folds (averaged).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="With -f: the dataset whose finetune runs "
+                       "-f selects (id or folder name).")] = None,
+    folds: Annotated[list[int] | None, typer.Option("--fold", "-f", min=0, help="Instead of -m: the dataset's "
+                     "finetune run of each fold (-d 501 -f 0 1 2 3 4; averaged), chosen when the node starts.")] = None,
+    more_folds: Annotated[list[int] | None, typer.Argument(help="Further fold numbers after -f (-f 0 1 2 3 4).",
+                                                           show_default=False, metavar="FOLDS")] = None,
+    head: Annotated[str | None, typer.Option("--head", help="With -f: only runs of this head.")] = None,
+    pct: Annotated[float | None, typer.Option("--pct", help="With -f: only runs of this --pct.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="With -f: only runs of this --seed.")] = None,
     ae_title: Annotated[str, typer.Option("--ae-title", help="The node's AE title (also the calling AE title "
                         "towards --send-to).")] = "THREEDINO",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")] = 11112,
@@ -472,17 +492,26 @@ def listen(
     series_rule: Annotated[list[str] | None, typer.Option("--series-rule", help="CHANNEL[:MODALITY]=REGEX, the "
                            "SeriesDescription pattern of a channel's series; repeatable.")] = None,
     min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="Fewest slices of a usable series.")] = 10,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write each study's "
+                                  "<case>_probabilities.npz into its results folder (not sent).")] = False,
+    skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Skip sliding windows of air outside the body "
+                    "(as for 3dino predict).")] = True,
+    coarse: Annotated[bool, typer.Option("--coarse/--no-coarse", help="The coarse pass (as for 3dino predict).")
+                      ] = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
 ) -> None:
     """A DICOM storage node: predict each study once it is quiet, send the results on (stops on SIGINT/SIGTERM)."""
     _common(verbose, no_progress)
     from threedino_pipe.stages import listen as stage
-    raise typer.Exit(stage.run(output_dir, model, ae_title=ae_title, port=port, bind=bind, allow_ae=allow_ae or [],
+    selection = _fold_selection(dataset, folds, more_folds, head, pct, seed)
+    raise typer.Exit(stage.run(output_dir, selection.models(model or []), ae_title=ae_title, port=port, bind=bind,
+                               allow_ae=allow_ae or [],
                                quiet_seconds=quiet_seconds, send_to=send_to or [], retry_seconds=retry_seconds,
                                checkpoint=checkpoint, overlap=overlap, tta=tta, window_batch_size=window_batch_size,
                                device=device, precision=precision, output_formats=output_format,
-                               series_rules=series_rule or [], min_slices=min_slices))
+                               series_rules=series_rule or [], min_slices=min_slices,
+                               save_probabilities=save_probabilities, skip=skip, coarse=coarse))
 
 
 @app.command()

@@ -46,6 +46,7 @@ from threedino_pipe.demo.comparison import HEAD, DemoCells, run_study, study_com
 from threedino_pipe.demo.layout import DATASET_ID, FULL, LAYOUT_VERSION, PRESET, QUICK, SIDES, DemoLayout, DemoSize
 from threedino_pipe.runtime.errors import UserError
 from threedino_pipe.runtime.openmp import passive_openmp
+from threedino_pipe.runtime.progress import stderr_console
 
 
 def _check_options(layout: DemoLayout, options: dict) -> None:
@@ -186,7 +187,7 @@ def run(out: Path, quick: bool = False, pretrain_here: bool = False) -> Path:
     _check_options(layout, {"layout": LAYOUT_VERSION, "quick": quick, "head": HEAD, "backbone": backbone_option,
                             **asdict(size)})
     passive_openmp()  # as `3dino` does; for callers of this function from Python
-    console = Console(stderr=True, soft_wrap=True)
+    console = stderr_console()
     from threedino_pipe.demo import report as demo_report
     from threedino_pipe.demo.examples import build_mni_dataset
     from threedino_pipe.demo.seeds import write_seed_table

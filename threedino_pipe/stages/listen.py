@@ -67,7 +67,8 @@ def run(output_dir: Path, models: Sequence[Path], *, ae_title: str = "THREEDINO"
         bind: str = "127.0.0.1", allow_ae: Sequence[str] = (), quiet_seconds: float = 120.0,
         send_to: Sequence[str] = (), retry_seconds: float = 60.0, checkpoint: str = "best", overlap: float = 0.5,
         tta: bool = False, window_batch_size: int = 1, device: str = "auto", precision: str = "auto",
-        output_formats: Sequence[str] | None = None, series_rules: Sequence[str] = (), min_slices: int = 10) -> int:
+        output_formats: Sequence[str] | None = None, series_rules: Sequence[str] = (), min_slices: int = 10,
+        save_probabilities: bool = False, skip: bool = True, coarse: bool = False) -> int:
     """Run the node in ``output_dir`` until SIGINT or SIGTERM; returns the exit code (0).
 
     ``quiet_seconds``: a study is predicted once no file came for it this long; ``retry_seconds``: the
@@ -96,6 +97,8 @@ def run(output_dir: Path, models: Sequence[Path], *, ae_title: str = "THREEDINO"
              "--device", device, "--precision", precision, "--output-format", ",".join(formats),
              "--min-slices", str(min_slices), *(a for r in series_rules for a in ("--series-rule", r))]
     args += ["--tta"] if tta else []
+    args += ["--save-probabilities"] if save_probabilities else []
+    args += ["--skip" if skip else "--no-skip", "--coarse" if coarse else "--no-coarse"]
     options = NodeOptions(formats, args, quiet_seconds, retry_seconds, link)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

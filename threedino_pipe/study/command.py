@@ -18,6 +18,7 @@ from rich.console import Console
 from threedino_pipe.artifacts import Plans, Splits, StudyCell, StudyRecord
 from threedino_pipe.runtime import paths
 from threedino_pipe.runtime.errors import UserError
+from threedino_pipe.runtime.progress import stderr_console
 from threedino_pipe.stages.finetune import DEFAULT_ITERS
 from threedino_pipe.study import aggregate, cell_finetune, slurm, test_cases
 from threedino_pipe.study import cells as study_cells
@@ -249,7 +250,7 @@ def run(dataset: str, *, backbones: list[str], pct: list[float], seeds: list[int
     """Run (or list, share, collect, emit as a SLURM array) the study; returns the exit code (docs/study.md)."""
     if sum(bool(x) for x in (dry_run_only, cells, collect_only, emit_slurm)) > 1:
         raise UserError("--dry-run, --cells, --collect and --emit-slurm exclude each other", fix="pass one of them")
-    console = Console(stderr=True, soft_wrap=True)
+    console = stderr_console()
     setup_ = setup(dataset, backbones=backbones, pct=pct, seeds=list(seeds or [0]), folds=list(folds or [0]),
                    iters=iters, name=name, on_validation=on_validation, reference=reference,
                    num_workers=num_workers, device=device, gpus_per_cell=gpus_per_cell, batch_size=batch_size, lr=lr,

@@ -27,7 +27,8 @@ ARCHS = ("vit", "swin")  # --arch: the encoder; only --method tang trains MONAI'
 # heads or recipe
 DINO_ONLY = {"--koleo-weight": 0.1, "--base-lr": 0.002, "--prototypes": None, "--recipe": "auto",
              "--centering": None, "--queue-size": None, "--momentum-start": None, "--teacher-temp": None,
-             "--budget-hours": None, "--intensity-prob": 0.8}
+             "--ibot-centering": None, "--freeze-last-layer-iters": None, "--budget-hours": None,
+             "--intensity-prob": 0.8}
 OWN_SETTINGS = {"simmim": "--peak-lr, --warmup-iters, --layerscale-init, --drop-path, --mask-ratio",
                 "tang": "--arch, --peak-lr, --warmup-iters, --drop-path"}
 
