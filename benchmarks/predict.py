@@ -85,6 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,19 +254,27 @@ def run_ours(case_dir: Path, out_dir: Path, run: Path, overlap: float, precision
 
 
 def run_monai(network: torch.nn.Module, data: torch.Tensor, patch: tuple[int, ...], overlap: float,
-              precision: str) -> float:
-    """Seconds of MONAI's sliding window alone over ``data [1, C, X, Y, Z]`` (same blending as predict)."""
+              precision: str, softmax: bool = False, keep: list[torch.Tensor] | None = None) -> float:
+    """Seconds of MONAI's sliding window alone over ``data [1, C, X, Y, Z]`` (same blending as predict).
+
+    ``softmax``: the predictor returns each window's softmax probabilities (float32), which is what predict
+    blends, instead of the network's logits. ``keep``: a list that receives the blended output
+    (``[1, K, X, Y, Z]``) instead of it being dropped.
+    """
     device = torch.device("cpu")
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
-            return network(window)
+            logits = network(window)
+        return torch.softmax(logits.float(), 1) if softmax else logits
 
     start = time.perf_counter()
     with torch.inference_mode():
         out = sliding_window_inference(data, roi_size=patch, sw_batch_size=1, predictor=predictor, overlap=overlap,
                                        mode="gaussian", sigma_scale=SIGMA_SCALE)
     seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.append(out)
     del out
     return seconds
 
@@ -395,20 +404,32 @@ def case_and_model(work: Path, plans: dict, args: argparse.Namespace, name: str)
 
 
 def side_by_side(work: Path, case_dir: Path, run: Path, extras: dict[str, tuple[str, ...]],
-                 args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+                 args: argparse.Namespace,
+                 others: dict[str, Callable[[], tuple[float, np.ndarray]]] | None = None,
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """``3dino predict`` with each side's extra options, alternating, ``--repeats`` times: per side the wall
-    times, their median, the stages and the windows of the last run; and each side's label image."""
+    times, their median, the stages and the windows of the last run; and each side's label image.
+
+    ``others``: more sides in the same alternation (after ours in each repeat), each a function that runs
+    once and returns its seconds and its label image (e.g. MONAI's sliding window in this process).
+    """
     sides: dict[str, dict[str, Any]] = {name: {"wall_s": [], "options": list(extra)} for name, extra in extras.items()}
+    sides.update({name: {"wall_s": []} for name in others or {}})
     labels = {}
     for r in range(args.repeats):
-        for name, side in sides.items():
+        for name, extra in extras.items():
+            side = sides[name]
             out = work / f"out_{case_dir.name}_{name}"
-            m, stages = run_ours(case_dir, out, run, args.overlap, args.precision, extra=extras[name])
+            m, stages = run_ours(case_dir, out, run, args.overlap, args.precision, extra=extra)
             side["wall_s"].append(m.wall_s)
             side["stages_s"] = stages
             side["windows"] = PredictLogLine.read_lines(out / PredictLogLine.FILE)[0].windows.model_dump(mode="json")
             labels[name] = read_image(next(out.glob("*_ct.nii.gz")))[0]
             print(f"  repeat {r + 1}/{args.repeats}: {name} {m.wall_s:.1f} s, windows {side['windows']}", flush=True)
+        for name, run_other in (others or {}).items():
+            seconds, labels[name] = run_other()
+            sides[name]["wall_s"].append(seconds)
+            print(f"  repeat {r + 1}/{args.repeats}: {name} {seconds:.1f} s", flush=True)
     for side in sides.values():
         side["median_s"] = median(side["wall_s"])
     return sides, labels
@@ -473,15 +494,21 @@ def _coarse_row(coarse: dict[str, Any]) -> list[str]:
             + (", equal" if coarse["agreement_with_full"]["equal"] else "")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = invocation(argv)
+def cpu_setup(precision_option: str) -> tuple[str, dict[str, Any]]:
+    """Threads set for the CPU; the precision ``precision_option`` resolves to and the machine (printed)."""
     torch_device("cpu")  # sets the threads
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    precision = resolve_precision(precision_option, torch.device("cpu"))
     info = {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "precision": precision}
     print(f"{info['cpu_model']}, {info['nproc']} cores, torch {info['torch']}, {info['torch_threads']} threads, "
           f"{precision}, load {info['load_average_at_start']}", flush=True)
+    return precision, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = invocation(argv)
+    precision, info = cpu_setup(args.precision)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="predict_bench_"))
     results: dict[str, Any] = {}
     try:
