@@ -96,8 +96,8 @@ def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_does_no
 
     The paper's settings leave the teacher input-independent (CLS spread ~2e-4, effective rank 1) and
     its targets uniform (entropy / log K = 1.0000 at every iteration); the auto recipe's teacher
-    depends on its input, its targets dip below uniform and use many prototypes, and its features
-    beat the untrained network's in the patch probe (docs/benchmarks.md, "Pretraining that learns").
+    depends on its input, its targets end below 0.95 of log K and use more than 10 % of the prototypes, and
+    its features beat the untrained network's in the patch probe (docs/benchmarks.md, "Pretraining that learns").
     """
     common = ("pretrain", "-d", "990", "--preset", "tiny", "--iters", "60", "--prototypes", "256", "--precision",
               "fp32", "--num-workers", "0", "--probe-every", "30", "--no-progress", *NO_SNAPSHOTS)
@@ -114,10 +114,11 @@ def test_self_configured_recipe_learns_in_60_iterations_where_the_papers_does_no
     assert float(paper[-1]["teacher_cls_std"]) < 0.01 and float(paper[-1]["cls_rank"]) < 2
     assert "nothing is distilled" in stderr["paper"] and "nothing is distilled" not in stderr["auto"]
     assert float(auto[-1]["teacher_cls_std"]) > 0.1 and float(auto[-1]["cls_rank"]) > 5
-    assert min(float(r["target_entropy"]) for r in auto) < 0.97
-    assert float(auto[-1]["prototypes_used"]) > 0.10
+    # the issue's criterion, at the end of the run: targets below 0.95 of log K, more than 10 % of K in use
+    assert float(auto[-1]["target_entropy"]) < 0.95 and float(auto[-1]["prototypes_used"]) > 0.10
     record = json.loads((tmp_path / "results" / "pretrain" / "auto" / "run.json").read_text())
-    assert set(record["decisions"]["deviations_from_paper"]) == {"peak_lr", "momentum_start", "layerscale_init"}
+    assert set(record["decisions"]["deviations_from_paper"]) == {
+        "peak_lr", "momentum_start", "layerscale_init", "freeze_last_layer_iters", "teacher_temp_end"}
     paper_run = json.loads((tmp_path / "results" / "pretrain" / "paper" / "run.json").read_text())
     assert {k: paper_run["decisions"][k] for k in ("recipe", "deviations_from_paper")} == {
         "recipe": "paper", "deviations_from_paper": {}}

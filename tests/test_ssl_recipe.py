@@ -30,8 +30,18 @@ def test_cpu_scale_gives_the_documented_short_run_settings():
     recipe = configure(4, 60, 256, 0.002)
     assert recipe.peak_lr == 1e-3 and recipe.momentum_start == pytest.approx(0.9) and recipe.layerscale_init == 1.0
     assert recipe.centering == "sinkhorn" and recipe.queue_size == 0  # the paper's centring at every scale
-    assert (recipe.teacher_temp_start, recipe.teacher_temp_end, recipe.warmup_iters) == (0.04, 0.07, 6)
-    assert set(recipe.deviations) == {"peak_lr", "momentum_start", "layerscale_init"}
+    assert (recipe.teacher_temp_start, recipe.teacher_temp_end, recipe.warmup_iters) == (0.04, 0.04, 6)
+    assert recipe.freeze_last_layer_iters == 60  # the prototypes stay fixed for the whole run
+    assert set(recipe.deviations) == {"peak_lr", "momentum_start", "layerscale_init", "freeze_last_layer_iters",
+                                      "teacher_temp_end"}
+    schedules = recipe_schedules(recipe, 60, 4)
+    assert all(schedules["last_layer_lr"][i] == 0.0 for i in range(60)) and schedules["lr"][30] > 0
+    assert schedules["teacher_temp"][0] == schedules["teacher_temp"][59] == pytest.approx(0.04)
+    for batch, iters in ((255, 125_000), (4, 6_000)):  # below a total batch of 256, whatever the length
+        small = configure(batch, iters, 256, 0.002)
+        assert (small.freeze_last_layer_iters, small.teacher_temp_end) == (iters, 0.04)
+    at_256 = configure(256, 10_000, 256, 0.002)  # the paper's from a total batch of 256
+    assert (at_256.freeze_last_layer_iters, at_256.teacher_temp_end) == (100, 0.07)
     assert "0.000125" in recipe.deviations["peak_lr"] and "1 - 6 / 60" in recipe.deviations["momentum_start"]
     assert configure(4, 300, 256, 0.002).momentum_start == pytest.approx(0.98)
     assert configure(4, 750, 256, 0.002).momentum_start == pytest.approx(0.992)
