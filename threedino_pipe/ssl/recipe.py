@@ -37,12 +37,12 @@ MIN_MOMENTUM = 0.5            # ... and never below 0.5 (runs of under 12 iterat
 PEAK_LR_FLOOR = 0.5           # peak lr at least half the stage's base lr (pretrain 1e-3, adapt-highres 5e-4)
 LAYERSCALE_REACH = 1.0        # LayerScale starts at 1 unless AdamW can move a gamma this far in the first tenth ...
 EARLY_FRACTION = 0.1
-LAYERSCALE_MIN_BATCH = 256    # ... and the batch is the paper's order: at B = 4 (measured, 12,000 iterations at
-                              # lr 1e-3) the gammas reached a mean |gamma| of only 0.004-0.04 per block
+SMALL_BATCH = 256             # ... and the batch is the paper's order. Below it (measured at B = 4): LayerScale
+                              # starts at 1 (after 12,000 iterations at lr 1e-3 the gammas reached a mean |gamma|
+                              # of only 0.004-0.04 per block), the heads' prototypes are not trained (the
+                              # last-layer freeze lasts the run) and the teacher temperature stays at 0.04
 SHORT_LAYERSCALE = 1.0
-SMALL_BATCH_TEACHER_TEMP = 0.04  # below a total batch of 256 (measured at batch 4: docs/benchmarks.md) the teacher
-                                 # temperature stays at the paper's starting 0.04, and the heads' prototypes are
-                                 # not trained (the last-layer freeze lasts the whole run)
+SMALL_BATCH_TEACHER_TEMP = 0.04
 QUEUE_ROWS = 2048             # rows Sinkhorn sees with --centering sinkhorn_queue (over all ranks)
 
 
@@ -123,11 +123,11 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
                                         "student")
     length = iters if scale_iters is None else scale_iters
     reach = peak * EARLY_FRACTION * length  # AdamW moves a parameter by at most about the lr per step
-    if total_batch < LAYERSCALE_MIN_BATCH:
+    if total_batch < SMALL_BATCH:
         changes["layerscale_init"] = SHORT_LAYERSCALE
         deviations["layerscale_init"] = (
             f"LayerScale starts at {SHORT_LAYERSCALE:g}: at a total batch of {total_batch} "
-            f"(< {LAYERSCALE_MIN_BATCH}) AdamW moves a gamma far less than the lr per step (measured at batch 4: "
+            f"(< {SMALL_BATCH}) AdamW moves a gamma far less than the lr per step (measured at batch 4: "
             "after 12,000 iterations at a peak lr of 0.001 the mean |gamma| per block was 0.004-0.04), so from the "
             "paper's 1e-5 the blocks would stay near identities for the whole run")
     elif reach < LAYERSCALE_REACH:
@@ -137,11 +137,11 @@ def configure(total_batch: int, iters: int, prototypes: int, base_lr: float, wor
                                          f"{reach:.2g} < {LAYERSCALE_REACH:g}, so from the paper's 1e-5 the blocks "
                                          "would stay near identities and the teacher's output would not depend on "
                                          "its input for much of the run")
-    if total_batch < LAYERSCALE_MIN_BATCH:
+    if total_batch < SMALL_BATCH:
         changes["freeze_last_layer_iters"] = iters
         deviations["freeze_last_layer_iters"] = (
             f"the heads' prototypes stay at their random initialisation for the whole run: at a total batch of "
-            f"{total_batch} (< {LAYERSCALE_MIN_BATCH}) trained prototypes turn away from the directions in which the "
+            f"{total_batch} (< {SMALL_BATCH}) trained prototypes turn away from the directions in which the "
             "heads' outputs differ between inputs (measured at batch 4: the smallest singular value of the DINO "
             "prototypes fell from about 3 to 0.002 in 1,800 iterations), after which every target is uniform and "
             "the DINO and iBOT gradients vanish")
